@@ -1,0 +1,1 @@
+"""Hospital side: records, privacy ledger, DP-SGD trainer, Flower ClientApp."""

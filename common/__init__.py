@@ -1,0 +1,1 @@
+"""Shared by aggregator and hospitals: config, backbone, model, wire format, metrics."""

@@ -1,0 +1,178 @@
+"""The two configuration files and their schemas.
+
+`federation.yaml` belongs to the aggregator; `site.yaml` to one hospital. Site settings win
+over federation requests (a site's epsilon cap bounds whatever the aggregator asks for).
+Relative paths in a file are resolved against that file's folder.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+from .yamlconfig import load_dataclass
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedtrimmedavg", "fedmedian")
+
+
+@dataclass
+class ModelSettings:
+    n_virtual_tokens: int = 20
+    prompt_init: Literal["vocab", "labels"] = "labels"
+    pooling: Literal["mean", "cls"] = "mean"
+    max_length: int = 128
+    seed: int = 0  # deterministic initial prompt/head: every site and the server agree on it
+    # Pin the federation to one backbone; null = the aggregator's own backbone at start.
+    backbone_fingerprint: str | None = None
+
+    def validate(self) -> list[tuple[str, str]]:
+        out = []
+        if not 1 <= self.n_virtual_tokens <= 256:
+            out.append(("n_virtual_tokens", f"expected 1..256, got {self.n_virtual_tokens}"))
+        if not 8 <= self.max_length <= 512:
+            out.append(("max_length", f"expected 8..512, got {self.max_length}"))
+        return out
+
+
+@dataclass
+class TrainingSettings:
+    local_epochs: int = 1
+    batch_size: int = 16  # expected logical batch (Poisson sampling)
+    lr: float = 0.01
+    optimizer: Literal["adam", "sgd"] = "adam"
+
+    def validate(self) -> list[tuple[str, str]]:
+        out = []
+        if self.local_epochs < 1:
+            out.append(("local_epochs", f"expected >= 1, got {self.local_epochs}"))
+        if self.batch_size < 1:
+            out.append(("batch_size", f"expected >= 1, got {self.batch_size}"))
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            out.append(("lr", f"expected a positive number, got {self.lr}"))
+        return out
+
+
+@dataclass
+class PrivacyRequest:
+    """What the aggregator asks of each site for this run (sites may grant less)."""
+
+    private: bool = True
+    target_epsilon: float = 8.0  # per site, for the whole run
+    delta: float | None = None  # null: each site uses its own delta
+    max_grad_norm: float = 1.0
+
+    def validate(self) -> list[tuple[str, str]]:
+        out = []
+        if not self.target_epsilon > 0:
+            out.append(("target_epsilon", f"expected > 0, got {self.target_epsilon}"))
+        if self.delta is not None and not 0 < self.delta < 1:
+            out.append(("delta", f"expected 0 < delta < 1, got {self.delta}"))
+        if not self.max_grad_norm > 0:
+            out.append(("max_grad_norm", f"expected > 0, got {self.max_grad_norm}"))
+        return out
+
+
+@dataclass
+class StrategySettings:
+    name: Literal["fedavg", "fedprox", "fedadam", "fedtrimmedavg", "fedmedian"] = "fedavg"
+    proximal_mu: float = 0.01  # fedprox
+    trim_beta: float = 0.2  # fedtrimmedavg: fraction cut at each end
+    server_lr: float = 0.1  # fedadam
+    update_norm_bound: float = 100.0  # L2 norm of (update - global); larger replies are rejected
+
+
+@dataclass
+class FederationConfig:
+    name: str
+    labels: list[str]
+    rounds: int = 3
+    min_hospitals: int = 2
+    round_timeout: float = 600.0
+    strategy: StrategySettings = field(default_factory=StrategySettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
+    privacy: PrivacyRequest = field(default_factory=PrivacyRequest)
+    source: Path | None = field(default=None, metadata={"internal": True})  # set by load()
+
+    def validate(self) -> list[tuple[str, str]]:
+        out = []
+        if len(self.labels) < 2:
+            out.append(("labels", f"expected at least 2 labels, got {len(self.labels)}"))
+        dupes = sorted({x for x in self.labels if self.labels.count(x) > 1})
+        if dupes:
+            out.append(("labels", f"duplicate label(s): {', '.join(dupes)}"))
+        if self.rounds < 1:
+            out.append(("rounds", f"expected >= 1, got {self.rounds}"))
+        if self.min_hospitals < 1:
+            out.append(("min_hospitals", f"expected >= 1, got {self.min_hospitals}"))
+        if not self.round_timeout > 0:
+            out.append(("round_timeout", f"expected > 0 seconds, got {self.round_timeout}"))
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FederationConfig":
+        return replace(load_dataclass(cls, path), source=Path(path).resolve())
+
+
+@dataclass
+class PrivacyCap:
+    """The hospital's own promise. The aggregator can ask for more privacy, never less."""
+
+    max_epsilon: float
+    delta: float
+    min_noise_multiplier: float = 0.0
+    accountant: Literal["prv", "rdp"] = "prv"
+
+    def validate(self) -> list[tuple[str, str]]:
+        out = []
+        if not self.max_epsilon > 0:
+            out.append(("max_epsilon", f"expected > 0, got {self.max_epsilon}"))
+        if not 0 < self.delta < 1:
+            out.append(("delta", f"expected 0 < delta < 1, got {self.delta}"))
+        if self.min_noise_multiplier < 0:
+            out.append(("min_noise_multiplier", f"expected >= 0, got {self.min_noise_multiplier}"))
+        return out
+
+
+@dataclass
+class SiteConfig:
+    hospital_id: str
+    train: Path
+    privacy: PrivacyCap
+    ledger: Path
+    validation: Path | None = None
+    text_field: str = "text"
+    label_field: str = "label"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    backbone: Path | None = None  # null: the embedded default backbone
+    max_physical_batch_size: int = 32
+    allow_non_private: bool = False  # may the aggregator run this site without DP (reference runs)?
+    source: Path | None = field(default=None, metadata={"internal": True})  # set by load()
+
+    def validate(self) -> list[tuple[str, str]]:
+        out = []
+        if not self.hospital_id.replace("-", "").replace("_", "").isalnum():
+            out.append(("hospital_id", f"expected letters, digits, '-' or '_', got {self.hospital_id!r}"))
+        if self.max_physical_batch_size < 1:
+            out.append(("max_physical_batch_size", f"expected >= 1, got {self.max_physical_batch_size}"))
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SiteConfig":
+        path = Path(path).resolve()
+        cfg = load_dataclass(cls, path)
+        base = path.parent
+
+        def resolve(p: Path | None) -> Path | None:
+            return None if p is None else (p if p.is_absolute() else (base / p)).resolve()
+
+        return replace(
+            cfg,
+            train=resolve(cfg.train),
+            validation=resolve(cfg.validation),
+            ledger=resolve(cfg.ledger),
+            backbone=resolve(cfg.backbone),
+            source=path,
+        )

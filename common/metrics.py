@@ -1,0 +1,80 @@
+"""Classification metrics from per-class counts, so sites can share counts and the aggregator
+can compute the federation's exact accuracy and macro-F1 (not an average of site F1s)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+@dataclass
+class ClassCounts:
+    tp: list[int]
+    fp: list[int]
+    fn: list[int]
+    loss_sum: float = 0.0
+
+    @classmethod
+    def zeros(cls, num_labels: int) -> "ClassCounts":
+        return cls([0] * num_labels, [0] * num_labels, [0] * num_labels)
+
+    @classmethod
+    def from_predictions(cls, preds: torch.Tensor, labels: torch.Tensor, num_labels: int, loss_sum: float = 0.0) -> "ClassCounts":
+        c = cls.zeros(num_labels)
+        for k in range(num_labels):
+            p, t = preds == k, labels == k
+            c.tp[k] = int((p & t).sum())
+            c.fp[k] = int((p & ~t).sum())
+            c.fn[k] = int((~p & t).sum())
+        c.loss_sum = float(loss_sum)
+        return c
+
+    def __add__(self, other: "ClassCounts") -> "ClassCounts":
+        return ClassCounts(
+            [a + b for a, b in zip(self.tp, other.tp)],
+            [a + b for a, b in zip(self.fp, other.fp)],
+            [a + b for a, b in zip(self.fn, other.fn)],
+            self.loss_sum + other.loss_sum,
+        )
+
+    @property
+    def support(self) -> list[int]:
+        return [t + f for t, f in zip(self.tp, self.fn)]
+
+    @property
+    def n(self) -> int:
+        return sum(self.support)
+
+    def summary(self) -> dict:
+        n = self.n
+        f1 = []
+        for tp, fp, fn in zip(self.tp, self.fp, self.fn):
+            denom = 2 * tp + fp + fn
+            f1.append(2 * tp / denom if denom else 0.0)
+        present = [f for f, s in zip(f1, self.support) if s > 0] or [0.0]
+        return {
+            "num_examples": n,
+            "loss": self.loss_sum / n if n else float("nan"),
+            "accuracy": sum(self.tp) / n if n else float("nan"),
+            # macro over classes present in the evaluated labels
+            "macro_f1": sum(present) / len(present),
+            "f1_per_class": f1,
+            "support": self.support,
+        }
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset: Dataset, num_labels: int, device: torch.device | str = "cpu", batch_size: int = 64) -> ClassCounts:
+    """Loss (summed cross-entropy) and per-class counts of `model` on `dataset`."""
+    was_training = model.training
+    model.eval()
+    counts = ClassCounts.zeros(num_labels)
+    for input_ids, mask, labels in DataLoader(dataset, batch_size=batch_size):
+        logits = model(input_ids.to(device), mask.to(device)).float()
+        labels = labels.to(device)
+        loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        counts = counts + ClassCounts.from_predictions(logits.argmax(-1).cpu(), labels.cpu(), num_labels, loss)
+    model.train(was_training)
+    return counts

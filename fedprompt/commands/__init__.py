@@ -1,0 +1,1 @@
+"""One module per `fedprompt` sub-command."""

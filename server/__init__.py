@@ -1,0 +1,1 @@
+"""Aggregator side: Flower ServerApp, update validation, checkpoints, export, report."""
