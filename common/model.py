@@ -88,6 +88,7 @@ class PromptClassifier(nn.Module):
                 f"exceeds the encoder's {max_pos} positions",
             )
         self.config = config
+        self.encoder_tokenizer = backbone.tokenizer
         self.encoder = backbone.model
         self.encoder.requires_grad_(False)
         self.prompt = SoftPrompt(config.n_virtual_tokens, config.hidden_size)

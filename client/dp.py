@@ -1,0 +1,111 @@
+"""DP-SGD building blocks on Opacus 1.6: calibration, wrapping, and the batch-size guard.
+
+The trainer and the self-test share these so that what is checked is what trains.
+We assemble GradSampleModule + DPOptimizer + DPDataLoader ourselves rather than calling
+`PrivacyEngine.make_private`: that ties the sampler and the noise to one generator and keeps
+its own per-call accountant, while the site's cumulative account lives in the ledger.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from opacus import GradSampleModule
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.data_loader import DPDataLoader
+from opacus.optimizers import DPOptimizer
+from torch.utils.data import Dataset
+
+import fedprompt.common.grad_samplers  # noqa: F401  (registers the SoftPrompt sampler)
+
+
+class PerSampleGradientError(RuntimeError):
+    """A trainable parameter's per-sample gradient does not have one row per sample.
+
+    This is how a parameter broadcast over the batch (PEFT's prompt-tuning path, position
+    ids of shape [1, L]) shows up: Opacus would clip a batch-summed gradient as if it were
+    one sample and the reported epsilon would be false.
+    """
+
+
+def entropy_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded from OS entropy: re-seeding the process must not repeat the noise."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int.from_bytes(os.urandom(8), "little"))
+    return gen
+
+
+def plan_steps(num_examples: int, batch_size: int, epochs: int) -> tuple[float, int]:
+    """Poisson sample rate q and the number of logical steps for `epochs` passes."""
+    if num_examples < 1:
+        raise ValueError("no training examples")
+    q = min(1.0, batch_size / num_examples)
+    return q, epochs * int(1 / q)
+
+
+@functools.lru_cache(maxsize=64)
+def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv") -> float:
+    """Noise multiplier that spends `target_epsilon` over `steps` steps (calibrated once per run)."""
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+            epsilon_tolerance=0.01,
+        )
+    )
+
+
+def check_per_sample_shapes(params: list[torch.nn.Parameter], batch_size: int) -> None:
+    """Raise unless every trainable parameter holds exactly one gradient row per sample."""
+    for p in params:
+        gs = getattr(p, "grad_sample", None)
+        if isinstance(gs, list):  # several physical batches accumulated: check the newest
+            gs = gs[-1] if gs else None
+        if gs is None:
+            raise PerSampleGradientError(f"parameter {tuple(p.shape)} has no per-sample gradient")
+        if gs.shape[0] != batch_size or tuple(gs.shape[1:]) != tuple(p.shape):
+            raise PerSampleGradientError(
+                f"per-sample gradient of shape {tuple(gs.shape)} for a parameter {tuple(p.shape)} "
+                f"in a batch of {batch_size}: the parameter is broadcast over the batch, refusing to step"
+            )
+
+
+def noise_only_step(optimizer: DPOptimizer, params: list[torch.nn.Parameter]) -> None:
+    """An empty Poisson batch still is a DP step: clip nothing, add noise, and count it."""
+    for p in params:
+        p.grad_sample = torch.zeros(0, *p.shape, device=p.device, dtype=p.dtype)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def wrap_private(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    dataset: Dataset,
+    *,
+    sample_rate: float,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    noise_generator: torch.Generator | None = None,
+    sample_generator: torch.Generator | None = None,
+) -> tuple[GradSampleModule, DPOptimizer, DPDataLoader]:
+    """Hook the trainable layers, make the optimizer clip-and-noise, make batches Poisson."""
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
+    dp_opt = DPOptimizer(
+        optimizer,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=max(1, round(sample_rate * len(dataset))),
+        loss_reduction="mean",
+        generator=noise_generator if noise_generator is not None else entropy_generator(device),
+    )
+    loader = DPDataLoader(
+        dataset, sample_rate=sample_rate, generator=sample_generator if sample_generator is not None else entropy_generator()
+    )
+    return gsm, dp_opt, loader

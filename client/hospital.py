@@ -1,0 +1,140 @@
+"""One hospital's side of a round: checks, privacy accounting, local training, the reply.
+
+Every refusal (bad records, budget spent, backbone mismatch, ...) is a well-formed reply with
+its reason; only unexpected failures surface as Flower error replies.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import torch
+from flwr.app import RecordDict
+
+from fedprompt.common.backbone import Backbone, load_backbone
+from fedprompt.common.config import SiteConfig
+from fedprompt.common.encoding import encode
+from fedprompt.common.errors import InputError, LedgerError, PrivacyBudgetExceeded
+from fedprompt.common.metrics import evaluate
+from fedprompt.common.model import build_model
+from fedprompt.common.plan import RoundPlan
+from fedprompt.common.wire import (
+    ARRAYS,
+    EVAL_METRIC_KEYS,
+    METRICS,
+    STATUS,
+    TRAIN_METRIC_KEYS,
+    arrays_to_state,
+    metric_record,
+    refusal,
+    state_to_arrays,
+    status_record,
+)
+
+from .dp import calibrate_noise, plan_steps
+from .ledger import PrivacyLedger
+from .records import load_records
+from .trainer import TrainSettings, resolve_device, train
+
+log = logging.getLogger("fedprompt.hospital")
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_backbone(path: str | None) -> Backbone:
+    # One load per process: in simulation an actor serves many rounds; the encoder is frozen.
+    return load_backbone(path)
+
+
+class Refused(Exception):
+    """This site will not take part in this round, for the stated reason."""
+
+
+def _prepare(content: RecordDict, site_path: Path) -> tuple[SiteConfig, RoundPlan, Backbone]:
+    site = SiteConfig.load(site_path)
+    plan = RoundPlan.from_config_record(content["config"])
+    backbone = _cached_backbone(str(site.backbone) if site.backbone else None)
+    if backbone.fingerprint != plan.backbone_fingerprint:
+        raise Refused(
+            f"backbone mismatch: the federation uses {plan.backbone_fingerprint[:16]}..., this site's backbone "
+            f"({backbone.path}) is {backbone.fingerprint[:16]}...; install the federation's backbone"
+        )
+    return site, plan, backbone
+
+
+def _noise_multiplier(site: SiteConfig, plan: RoundPlan, sample_rate: float, steps_per_round: int) -> tuple[float, float]:
+    """Sigma for this run, calibrated once (deterministically) from what the site grants."""
+    target = min(plan.target_epsilon, site.privacy.max_epsilon)  # the site's cap wins
+    # The aggregator may ask for a smaller delta (more privacy), never a larger one.
+    delta = min(plan.delta, site.privacy.delta) if plan.delta > 0 else site.privacy.delta
+    sigma = calibrate_noise(target, delta, sample_rate, steps_per_round * plan.total_rounds, site.privacy.accountant)
+    return max(sigma, site.privacy.min_noise_multiplier), delta
+
+
+def train_round(content: RecordDict, site_path: Path, *, run_id: str = "", progress: bool = False) -> RecordDict:
+    hospital = Path(site_path).parent.name
+    try:
+        site, plan, backbone = _prepare(content, site_path)
+        hospital = site.hospital_id
+        records = load_records(site.train, text_field=site.text_field, label_field=site.label_field, labels=plan.labels)
+        encoded = encode(backbone.tokenizer, records.texts, records.labels, plan.max_length)
+        q, steps = plan_steps(len(encoded.dataset), plan.batch_size, plan.local_epochs)
+        metrics: dict = {"num-examples": len(encoded.dataset), "private": int(plan.private)}
+        if plan.private:
+            ledger = PrivacyLedger.for_site(site)
+            sigma, delta = _noise_multiplier(site, plan, q, steps)
+            if delta != ledger.delta:
+                raise Refused(f"the federation asks for delta {delta:g}, below this site's ledger delta {ledger.delta:g}")
+            # Durable BEFORE training: a crash from here on over-counts, never under-counts.
+            spent = ledger.record(sigma, q, steps, epsilon_cap=site.privacy.max_epsilon, run_id=run_id or plan.run_name, round=plan.round)
+            metrics.update({"noise-multiplier": sigma, "sample-rate": q, "epsilon-spent": spent, "epsilon-cap": site.privacy.max_epsilon, "delta": delta})
+        elif not site.allow_non_private:
+            raise Refused("the aggregator asked for NON-PRIVATE training and this site does not allow it (allow_non_private: false)")
+        else:
+            sigma = None
+    except (Refused, InputError, LedgerError, PrivacyBudgetExceeded) as exc:
+        log.warning("%s refuses round: %s", hospital, exc)
+        return refusal(hospital, str(exc))
+
+    device = resolve_device(site.device)
+    model = build_model(backbone, plan.prompt_config(), arrays_to_state(content[ARRAYS]))
+    settings = TrainSettings(
+        epochs=plan.local_epochs,
+        batch_size=plan.batch_size,
+        lr=plan.lr,
+        optimizer=plan.optimizer,
+        max_physical_batch_size=site.max_physical_batch_size,
+        noise_multiplier=sigma,
+        max_grad_norm=plan.max_grad_norm,
+        proximal_mu=plan.proximal_mu,
+    )
+    result = train(model, encoded.dataset, settings, device, progress=progress, progress_label=f"{hospital} r{plan.round}")
+    metrics.update({"train-loss": result.mean_loss, "steps": result.steps})
+    eps = f"eps {metrics['epsilon-spent']:.3f}/{site.privacy.max_epsilon:g}" if plan.private else "NON-PRIVATE"
+    log.info("%s round %d: %d steps, loss %.4f, %s", hospital, plan.round, result.steps, result.mean_loss, eps)
+    return RecordDict(
+        {
+            ARRAYS: state_to_arrays(model.trainable_state()),
+            METRICS: metric_record(metrics, TRAIN_METRIC_KEYS),
+            STATUS: status_record(hospital, "ok", truncated=encoded.truncated),
+        }
+    )
+
+
+def evaluate_round(content: RecordDict, site_path: Path) -> RecordDict:
+    hospital = Path(site_path).parent.name
+    try:
+        site, plan, backbone = _prepare(content, site_path)
+        hospital = site.hospital_id
+        if site.validation is None:
+            raise Refused("no validation file configured")
+        records = load_records(site.validation, text_field=site.text_field, label_field=site.label_field, labels=plan.labels)
+    except (Refused, InputError) as exc:
+        return refusal(hospital, str(exc))
+    encoded = encode(backbone.tokenizer, records.texts, records.labels, plan.max_length)
+    device = resolve_device(site.device)
+    model = build_model(backbone, plan.prompt_config(), arrays_to_state(content[ARRAYS])).to(device)
+    counts = evaluate(model, encoded.dataset, len(plan.labels), device)
+    metrics = {"num-examples": counts.n, "loss-sum": counts.loss_sum, "tp": counts.tp, "fp": counts.fp, "fn": counts.fn}
+    return RecordDict({METRICS: metric_record(metrics, EVAL_METRIC_KEYS), STATUS: status_record(hospital, "ok")})

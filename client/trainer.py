@@ -1,0 +1,180 @@
+"""Local training of prompt + head at one hospital: DP-SGD (default) or a labelled non-private mode."""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from fedprompt.common.model import PromptClassifier
+
+from .dp import check_per_sample_shapes, entropy_generator, noise_only_step, plan_steps, wrap_private
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = 1
+    batch_size: int = 16  # expected logical batch size
+    lr: float = 0.01
+    optimizer: str = "adam"
+    max_physical_batch_size: int = 32
+    # DP: None = non-private reference mode (labelled as such in every output)
+    noise_multiplier: float | None = 1.0
+    max_grad_norm: float = 1.0
+    proximal_mu: float = 0.0  # FedProx: pull towards the round's starting (global) weights
+
+    @property
+    def private(self) -> bool:
+        return self.noise_multiplier is not None
+
+
+@dataclass
+class TrainResult:
+    private: bool
+    steps: int  # logical optimizer steps (the accountant's steps)
+    sample_rate: float
+    noise_multiplier: float | None
+    mean_loss: float
+    num_examples: int
+    empty_batches: int
+    seconds: float
+
+
+def resolve_device(preference: str = "auto") -> torch.device:
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("device: cuda requested but no CUDA device is available")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=lr) if name == "adam" else torch.optim.SGD(params, lr=lr)
+
+
+class _Stats:
+    def __init__(self) -> None:
+        self.steps = self.empty = self.seen = 0
+        self.loss_sum = 0.0
+
+    def add(self, loss: torch.Tensor, n: int) -> None:
+        self.loss_sum += loss.item() * n
+        self.seen += n
+
+
+def train(
+    model: PromptClassifier,
+    dataset: Dataset,
+    settings: TrainSettings,
+    device: torch.device,
+    *,
+    progress: bool = False,
+    progress_label: str = "",
+    noise_generator: torch.Generator | None = None,
+    sample_generator: torch.Generator | None = None,
+) -> TrainResult:
+    """Train the model's prompt and head in place on `dataset` (input_ids, mask, labels)."""
+    model.to(device).train()
+    params = list(model.trainable_parameters().values())
+    optimizer = _optimizer(settings.optimizer, params, settings.lr)
+    q, planned = plan_steps(len(dataset), settings.batch_size, settings.epochs)
+    if not settings.private:
+        planned = settings.epochs * math.ceil(len(dataset) / settings.batch_size)
+    label = progress_label or ("dp-sgd" if settings.private else "NON-PRIVATE")
+    bar = tqdm(total=planned, desc=label, disable=not progress, leave=False, unit="step")
+    stats, t0 = _Stats(), time.perf_counter()
+    anchor = [p.detach().clone() for p in params]
+    try:
+        if settings.private:
+            _train_private(model, optimizer, params, anchor, dataset, q, settings, device, bar, stats, noise_generator, sample_generator)
+            if stats.steps != planned:
+                raise RuntimeError(f"took {stats.steps} DP steps, planned (and accounted) {planned}")
+        else:
+            _train_non_private(model, optimizer, params, anchor, dataset, settings, device, bar, stats, sample_generator)
+    finally:
+        bar.close()
+    return TrainResult(
+        private=settings.private,
+        steps=stats.steps,
+        sample_rate=q,
+        noise_multiplier=settings.noise_multiplier,
+        mean_loss=stats.loss_sum / max(stats.seen, 1),
+        num_examples=len(dataset),
+        empty_batches=stats.empty,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _proximal_term(params, anchor, mu: float) -> torch.Tensor:
+    return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+
+
+def _train_non_private(model, optimizer, params, anchor, dataset, settings: TrainSettings, device, bar, stats: _Stats, generator) -> None:
+    loss_fn = torch.nn.CrossEntropyLoss()
+    loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, generator=generator or entropy_generator())
+    for _ in range(settings.epochs):
+        for input_ids, mask, labels in loader:
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(input_ids.to(device), mask.to(device)), labels.to(device))
+            objective = loss + _proximal_term(params, anchor, settings.proximal_mu) if settings.proximal_mu else loss
+            objective.backward()
+            optimizer.step()
+            stats.add(loss, len(labels))
+            stats.steps += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", privacy="NONE")
+
+
+def _train_private(model, optimizer, params, anchor, dataset, q, settings: TrainSettings, device, bar, stats: _Stats, noise_gen, sample_gen) -> None:
+    loss_fn = torch.nn.CrossEntropyLoss()
+    gsm, dp_opt, dp_loader = wrap_private(
+        model,
+        optimizer,
+        dataset,
+        sample_rate=q,
+        noise_multiplier=settings.noise_multiplier,
+        max_grad_norm=settings.max_grad_norm,
+        noise_generator=noise_gen,
+        sample_generator=sample_gen,
+    )
+    if settings.proximal_mu:
+        # The proximal gradient depends on no record, so it is added after clipping and noise
+        # (post-processing). Put into the loss instead, Opacus would silently drop it: it
+        # never flows through a hooked layer, and only per-sample gradients are kept.
+        def add_proximal(opt) -> None:
+            for p, a in zip(params, anchor):
+                p.grad.add_(p.detach() - a, alpha=settings.proximal_mu)
+
+        dp_opt.attach_step_hook(add_proximal)
+    try:
+        with warnings.catch_warnings(), BatchMemoryManager(
+            data_loader=dp_loader, max_physical_batch_size=settings.max_physical_batch_size, optimizer=dp_opt
+        ) as loader:
+            # The prompt's input (frozen embeddings) needs no grad, so torch notes that the full
+            # backward hook fires on outputs only: that is exactly what the prompt sampler reads.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            for _ in range(settings.epochs):
+                for input_ids, mask, labels in loader:
+                    if len(labels) == 0:  # Poisson sampling drew nobody: still a counted step
+                        noise_only_step(dp_opt, params)
+                        stats.steps, stats.empty = stats.steps + 1, stats.empty + 1
+                        bar.update(1)
+                        continue
+                    loss = loss_fn(gsm(input_ids.to(device), mask.to(device)), labels.to(device))
+                    loss.backward()
+                    check_per_sample_shapes(params, len(labels))
+                    dp_opt.step()
+                    if not dp_opt._is_last_step_skipped:  # the logical batch is complete
+                        stats.steps += 1
+                        bar.update(1)
+                    dp_opt.zero_grad(set_to_none=True)
+                    stats.add(loss, len(labels))
+                    bar.set_postfix(loss=f"{loss.item():.3f}", sigma=f"{settings.noise_multiplier:.2f}")
+    finally:
+        gsm._close()  # remove hooks and grad_sample attributes: the next round wraps afresh

@@ -1,0 +1,82 @@
+"""The per-round instructions the aggregator sends with the global tensors (a ConfigRecord)."""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, asdict, dataclass, fields
+
+from flwr.app import ConfigRecord
+
+from .config import FederationConfig
+from .model import PromptConfig
+
+
+@dataclass
+class RoundPlan:
+    run_name: str
+    round: int  # global round number (continues across resumes)
+    total_rounds: int  # for the sites' one-off noise calibration over the whole run
+    labels: list[str]
+    hidden_size: int
+    backbone_fingerprint: str
+    n_virtual_tokens: int
+    pooling: str
+    max_length: int
+    prompt_init: str
+    seed: int
+    local_epochs: int
+    batch_size: int
+    lr: float
+    optimizer: str
+    private: bool
+    target_epsilon: float
+    delta: float  # 0.0: each site uses its own delta
+    max_grad_norm: float
+    proximal_mu: float = 0.0
+
+    @classmethod
+    def for_run(cls, fed: FederationConfig, prompt: PromptConfig, round: int = 0) -> "RoundPlan":
+        return cls(
+            run_name=fed.name,
+            round=round,
+            total_rounds=fed.rounds,
+            labels=list(prompt.labels),
+            hidden_size=prompt.hidden_size,
+            backbone_fingerprint=prompt.backbone_fingerprint,
+            n_virtual_tokens=prompt.n_virtual_tokens,
+            pooling=prompt.pooling,
+            max_length=prompt.max_length,
+            prompt_init=prompt.prompt_init,
+            seed=prompt.seed,
+            local_epochs=fed.training.local_epochs,
+            batch_size=fed.training.batch_size,
+            lr=fed.training.lr,
+            optimizer=fed.training.optimizer,
+            private=fed.privacy.private,
+            target_epsilon=fed.privacy.target_epsilon,
+            delta=fed.privacy.delta or 0.0,
+            max_grad_norm=fed.privacy.max_grad_norm,
+            proximal_mu=fed.strategy.proximal_mu if fed.strategy.name == "fedprox" else 0.0,
+        )
+
+    def prompt_config(self) -> PromptConfig:
+        return PromptConfig(
+            labels=list(self.labels),
+            hidden_size=self.hidden_size,
+            backbone_fingerprint=self.backbone_fingerprint,
+            n_virtual_tokens=self.n_virtual_tokens,
+            pooling=self.pooling,
+            max_length=self.max_length,
+            prompt_init=self.prompt_init,
+            seed=self.seed,
+            private=self.private,
+        )
+
+    def to_config_record(self) -> ConfigRecord:
+        return ConfigRecord({f"fp.{k}": v for k, v in asdict(self).items()})
+
+    @classmethod
+    def from_config_record(cls, record: ConfigRecord) -> "RoundPlan":
+        missing = [f.name for f in fields(cls) if f"fp.{f.name}" not in record and f.default is MISSING]
+        if missing:
+            raise ValueError(f"round plan lacks {missing}")
+        return cls(**{f.name: record[f"fp.{f.name}"] for f in fields(cls) if f"fp.{f.name}" in record})

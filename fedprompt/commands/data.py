@@ -1,0 +1,130 @@
+"""`fedprompt data`: prepare demo or real hospital data, download the public corpus, check a site.
+
+Light imports only (no torch/transformers): these commands must start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fedprompt.client import demo_data, download, partition
+from fedprompt.client.records import Records, load_records
+from fedprompt.client.workspace import check_empty_target, label_table, write_workspace
+from fedprompt.common.config import FederationConfig, SiteConfig
+from fedprompt.common.errors import InputError, Problem
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text}")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("data", help="prepare demo or real hospital data; check a site's records")
+    sub = parser.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+
+    p = sub.add_parser("demo", help="write a workspace of synthetic clinical notes (label-skewed hospitals)")
+    p.add_argument("--hospitals", type=_positive_int, default=3)
+    p.add_argument("--out", type=Path, required=True, help="new (or empty) workspace folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--per-hospital", type=_positive_int, default=200, help="notes per hospital, split 80/20 train/validation")
+    p.set_defaults(func=run_demo)
+
+    p = sub.add_parser("partition", help="split a real labelled corpus into a held-out test set and label-skewed hospitals")
+    p.add_argument("--input", type=Path, required=True, help="CSV or JSONL corpus")
+    p.add_argument("--text-column", required=True)
+    p.add_argument("--label-column", required=True)
+    p.add_argument("--label-names", type=Path, help="CSV mapping label values (first column) to names (second column)")
+    p.add_argument("--hospitals", type=_positive_int, default=3)
+    p.add_argument("--alpha", type=_positive_float, default=0.5, help="Dirichlet concentration: smaller = more label skew")
+    p.add_argument("--test-frac", type=_fraction, default=0.2)
+    p.add_argument("--val-frac", type=_fraction, default=0.2, help="fraction of each hospital's rows held for validation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", help="federation name (default: the --out folder's name)")
+    p.add_argument("--out", type=Path, required=True, help="new (or empty) workspace folder")
+    p.set_defaults(func=run_partition)
+
+    p = sub.add_parser("download", help="download a public corpus (checks its published sha256)")
+    p.add_argument("corpus", choices=["medical-abstracts"])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--source", default=download.DEFAULT_SOURCE, help="URL base (or local folder) holding the files")
+    p.set_defaults(func=run_download)
+
+    p = sub.add_parser("check", help="validate a site config and its record files, without training")
+    p.add_argument("--site", type=Path, required=True, help="the hospital's site.yaml")
+    p.add_argument("--federation", type=Path, help="federation.yaml (default: ../federation.yaml beside the site folder)")
+    p.set_defaults(func=run_check)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    demo = demo_data.generate_demo(hospitals=args.hospitals, per_hospital=args.per_hospital, seed=args.seed)
+    out = demo_data.write_demo_workspace(args.out, demo)
+    print(label_table(demo.labels, demo.hospitals, demo.test))
+    print(f"demo workspace written to {out}")
+    return 0
+
+
+def run_partition(args: argparse.Namespace) -> int:
+    check_empty_target(args.out)  # before reading a large corpus, not after
+    records, labels = partition.load_corpus(args.input, text_column=args.text_column, label_column=args.label_column, label_names=args.label_names)
+    split = partition.partition(records, labels, hospitals=args.hospitals, alpha=args.alpha, test_frac=args.test_frac, val_frac=args.val_frac, seed=args.seed)
+    out = write_workspace(args.out, name=args.name or args.out.resolve().name, labels=split.labels, hospitals=split.hospitals, test_rows=split.test)
+    print(label_table(split.labels, split.hospitals, split.test))
+    print(f"workspace written to {out} ({len(records)} rows from {args.input})")
+    return 0
+
+
+def run_download(args: argparse.Namespace) -> int:
+    for f in download.download_medical_abstracts(args.out, source=args.source):
+        print(f"{f.status:10} {f.name}  {f.sha256 or ''} {f.detail}".rstrip())
+    return 0
+
+
+def run_check(args: argparse.Namespace) -> int:
+    site = SiteConfig.load(args.site)
+    federation_path = args.federation
+    if federation_path is None:
+        federation_path = site.source.parent.parent / "federation.yaml"
+        if not federation_path.is_file():
+            raise InputError.at(args.site, f"no federation file at {federation_path}; pass --federation")
+    federation = FederationConfig.load(federation_path)
+    loaded: dict[str, Records] = {}
+    problems: list[Problem] = []
+    for split, path in (("train", site.train), ("validation", site.validation)):
+        if path is not None:
+            try:
+                loaded[split] = load_records(path, text_field=site.text_field, label_field=site.label_field, labels=federation.labels)
+            except InputError as exc:
+                problems += exc.problems
+    n_train = len(loaded["train"]) if "train" in loaded else None
+    # DP's delta must stay well below 1/n, or disclosing one whole record fits inside the guarantee.
+    if n_train and site.privacy.delta >= 1 / n_train:
+        problems.append(Problem(str(site.source), None, "privacy.delta", f"{site.privacy.delta} is not below 1/n = 1/{n_train} training records"))
+    if problems:
+        raise InputError(problems)
+    width = max(map(len, federation.labels))
+    print(f"{site.hospital_id}: {site.source}")
+    print(f"{'label'.ljust(width)}  " + "  ".join(f"{s:>10}" for s in loaded))
+    counts = {s: r.counts(len(federation.labels)) for s, r in loaded.items()}
+    for i, label in enumerate(federation.labels):
+        print(f"{label.ljust(width)}  " + "  ".join(f"{counts[s][i]:>10}" for s in loaded))
+    print(f"{'total'.ljust(width)}  " + "  ".join(f"{len(r):>10}" for r in loaded.values()))
+    print("ok")
+    return 0

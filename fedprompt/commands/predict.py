@@ -1,0 +1,69 @@
+"""`fedprompt predict`: classify new text locally with an exported prompt."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="classify text with an exported prompt (refuses on a different backbone)")
+    p.add_argument("--model", type=Path, required=True, help="export folder of a run (config.json + prompt.safetensors)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", action="append", help="a text to classify (repeatable)")
+    src.add_argument("--input", type=Path, help=".txt (one text per line), .csv or .jsonl file")
+    p.add_argument("--text-column", default="text", help="text column/field for .csv/.jsonl input")
+    p.add_argument("--backbone", type=Path, help="local backbone directory (default: embedded all-MiniLM-L6-v2)")
+    p.add_argument("--json", action="store_true", help="one JSON object per text")
+    p.set_defaults(func=run)
+
+
+def read_texts(path: Path, column: str) -> list[str]:
+    from fedprompt.common.errors import InputError
+
+    if not path.is_file():
+        raise InputError.at(path, "file not found")
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix == ".csv":
+        reader = csv.DictReader(text.splitlines())
+        if column not in (reader.fieldnames or []):
+            raise InputError.at(path, f"missing column (found: {', '.join(reader.fieldnames or [])})", line=1, field=column)
+        return [row[column] for row in reader]
+    if path.suffix == ".jsonl":
+        out = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    out.append(str(json.loads(line)[column]))
+                except (ValueError, KeyError, TypeError):
+                    raise InputError.at(path, f"expected a JSON object with a {column!r} field", line=i, field=column) from None
+        return out
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from fedprompt.common.backbone import load_backbone
+    from fedprompt.common.encoding import encode
+    from fedprompt.common.model import PromptClassifier
+
+    texts = args.text if args.text else read_texts(args.input, args.text_column)
+    model = PromptClassifier.from_pretrained(args.model, load_backbone(args.backbone))
+    model.eval()
+    ids, mask, _ = encode(model.encoder_tokenizer, texts, [0] * len(texts), model.config.max_length).dataset.tensors
+    labels = model.config.labels
+    with torch.no_grad():
+        probs = torch.cat([model(ids[i : i + 64], mask[i : i + 64]).softmax(-1) for i in range(0, len(texts), 64)])
+    for text, p in zip(texts, probs.tolist()):
+        best = max(range(len(p)), key=p.__getitem__)
+        if args.json:
+            print(json.dumps({"text": text, "label": labels[best], "probabilities": dict(zip(labels, p))}))
+        else:
+            print(f"{labels[best]}\t{p[best]:.3f}\t{text[:80]}")
+    if not model.config.private:
+        print("warning: this model was trained WITHOUT differential privacy", file=sys.stderr)
+    return 0

@@ -1,0 +1,81 @@
+"""Per-round checkpoint of the global tensors, round number and metrics history.
+
+`state.json` is the commit point: the tensors of round r are written first under their own
+name, then state.json is atomically replaced to point at them. A crash at any moment leaves
+the previous complete round loadable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedprompt.common.errors import InputError
+
+FORMAT = "fedprompt-checkpoint/1"
+
+
+@dataclass
+class Checkpoint:
+    round: int
+    state: dict[str, torch.Tensor]
+    history: list[dict]
+    backbone_fingerprint: str
+    run: str
+
+
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(directory: Path, ckpt: Checkpoint) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = f"global-r{ckpt.round:04d}.safetensors"
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".safetensors.tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in ckpt.state.items()}, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, directory / tensors)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    meta = {"format": FORMAT, "run": ckpt.run, "round": ckpt.round, "tensors": tensors, "backbone_fingerprint": ckpt.backbone_fingerprint, "history": ckpt.history}
+    _atomic_bytes(directory / "state.json", (json.dumps(meta, indent=1) + "\n").encode())
+    for old in directory.glob("global-r*.safetensors"):  # keep only the committed round
+        if old.name != tensors:
+            old.unlink(missing_ok=True)
+
+
+def load_checkpoint(directory: Path) -> Checkpoint | None:
+    path = directory / "state.json"
+    if not path.exists():
+        return None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"format {meta.get('format')!r} != {FORMAT!r}")
+        state = load_file(str(directory / meta["tensors"]))
+        return Checkpoint(int(meta["round"]), state, list(meta["history"]), str(meta["backbone_fingerprint"]), str(meta["run"]))
+    except (ValueError, KeyError, OSError, TypeError) as exc:
+        raise InputError.at(path, f"unreadable checkpoint: {exc}") from None

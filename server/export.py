@@ -1,0 +1,41 @@
+"""The run's deliverable: the global prompt as a model directory, with a short model card."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from fedprompt.common.model import PromptConfig, save_prompt
+
+
+def export_model(directory: Path, prompt: PromptConfig, state: dict[str, torch.Tensor], history: list[dict], run: str) -> Path:
+    last = history[-1] if history else {}
+    eps = {h: o.get("epsilon_spent") for r in history for h, o in r.get("hospitals", {}).items() if o.get("epsilon_spent") is not None}
+    extra = {"run": run, "rounds": last.get("round", 0), "epsilon_spent_per_hospital": eps}
+    save_prompt(directory, replace(prompt, extra=extra), state)
+    ev, test = last.get("evaluate") or {}, last.get("test") or {}
+    privacy = (
+        "Trained with DP-SGD at every hospital; epsilon spent per hospital (cumulative, that hospital's own ledger): "
+        + (", ".join(f"{h} {e:.3f}" for h, e in sorted(eps.items())) or "none recorded")
+        if prompt.private
+        else "**NON-PRIVATE**: trained WITHOUT differential privacy (reference run). Do not deploy on patient data."
+    )
+    card = f"""# fedprompt model: {run}
+
+Soft prompt ({prompt.n_virtual_tokens} virtual tokens x {prompt.hidden_size}) + linear head over a frozen encoder.
+
+- Labels: {", ".join(prompt.labels)}
+- Backbone fingerprint: `{prompt.backbone_fingerprint}` (use exactly this backbone; `fedprompt predict` checks)
+- Pooling: {prompt.pooling}; max length {prompt.max_length} tokens
+- Rounds: {extra["rounds"]}
+- Last federated validation: accuracy {ev.get("accuracy", float("nan")):.4f}, macro-F1 {ev.get("macro_f1", float("nan")):.4f}
+- Held-out test: accuracy {test.get("accuracy", float("nan")):.4f}, macro-F1 {test.get("macro_f1", float("nan")):.4f}
+
+Privacy: {privacy}
+
+Intended use: decision support for coding clinical text into the labels above; not a diagnosis.
+"""
+    (directory / "MODEL_CARD.md").write_text(card, encoding="utf-8")
+    return directory

@@ -1,0 +1,183 @@
+"""The aggregator's run: prepare (validate everything up front), execute rounds, finish.
+
+Checkpoints after every round; a resumed run continues the round numbering and the history.
+At the end: the export, metrics.json and the report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from flwr.app import MetricRecord
+from flwr.serverapp import Grid
+
+from fedprompt.client.records import load_records
+from fedprompt.common.backbone import Backbone, load_backbone
+from fedprompt.common.config import FederationConfig
+from fedprompt.common.encoding import encode
+from fedprompt.common.errors import InputError
+from fedprompt.common.metrics import evaluate
+from fedprompt.common.model import PromptConfig, build_model, initial_state
+from fedprompt.common.plan import RoundPlan
+from fedprompt.common.wire import arrays_to_state, state_to_arrays
+
+from .checkpoint import Checkpoint, _atomic_bytes, load_checkpoint, save_checkpoint
+from .export import export_model
+from .report import write_report
+from .strategy import ValidatedStrategy, build_strategy
+
+log = logging.getLogger("fedprompt.server")
+
+
+@dataclass
+class RunSpec:
+    federation: FederationConfig
+    out_dir: Path
+    test_path: Path | None = None  # held-out set for the aggregator's reference evaluation
+    backbone: Path | None = None  # aggregator's copy of the shared backbone (default: embedded)
+    resume: bool = False
+    stop_after: int | None = None  # rounds to run in this invocation (resume later)
+
+
+@dataclass
+class PreparedRun:
+    spec: RunSpec
+    backbone: Backbone
+    prompt: PromptConfig
+    state: dict[str, torch.Tensor]
+    done: int
+    history: list[dict] = field(default_factory=list)
+    test_set: object | None = None
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.spec.out_dir / "checkpoint"
+
+
+def prepare_run(spec: RunSpec) -> PreparedRun:
+    fed = spec.federation
+    backbone = load_backbone(spec.backbone)
+    pinned = fed.model.backbone_fingerprint
+    if pinned and pinned != backbone.fingerprint:
+        raise InputError.at(
+            fed.source or "federation.yaml",
+            f"pinned backbone {pinned[:16]}... but the aggregator's backbone ({backbone.path}) is {backbone.fingerprint[:16]}...",
+            field="model.backbone_fingerprint",
+        )
+    prompt = PromptConfig(
+        labels=list(fed.labels),
+        hidden_size=backbone.hidden_size,
+        backbone_fingerprint=backbone.fingerprint,
+        n_virtual_tokens=fed.model.n_virtual_tokens,
+        pooling=fed.model.pooling,
+        max_length=fed.model.max_length,
+        prompt_init=fed.model.prompt_init,
+        seed=fed.model.seed,
+        private=fed.privacy.private,
+    )
+    run = PreparedRun(spec, backbone, prompt, {}, 0)
+    ckpt = load_checkpoint(run.checkpoint_dir)
+    if ckpt is not None and not spec.resume:
+        raise InputError.at(spec.out_dir, f"holds a run already (checkpoint at round {ckpt.round}): pass --resume to continue it, or choose another --out")
+    if ckpt is not None:
+        if ckpt.backbone_fingerprint != backbone.fingerprint or ckpt.run != fed.name:
+            raise InputError.at(run.checkpoint_dir / "state.json", f"checkpoint is of run {ckpt.run!r} on another backbone/config; cannot resume")
+        run.state, run.done, run.history = ckpt.state, ckpt.round, ckpt.history
+    else:
+        run.state = initial_state(backbone, prompt)
+    if spec.test_path is not None:
+        records = load_records(spec.test_path, text_field="text", label_field="label", labels=prompt.labels)
+        run.test_set = encode(backbone.tokenizer, records.texts, records.labels, prompt.max_length).dataset
+    return run
+
+
+def _test_metrics(run: PreparedRun, state: dict[str, torch.Tensor]) -> dict | None:
+    if run.test_set is None:
+        return None
+    s = evaluate(build_model(run.backbone, run.prompt, state), run.test_set, run.prompt.num_labels).summary()
+    return {k: s[k] for k in ("accuracy", "macro_f1", "loss", "num_examples")}
+
+
+def execute(grid: Grid, run: PreparedRun) -> dict:
+    """Run the remaining rounds on `grid`, then export and report. Returns metrics.json's content."""
+    fed = run.spec.federation
+    remaining = fed.rounds - run.done
+    if run.spec.stop_after is not None:
+        remaining = min(remaining, run.spec.stop_after)
+    strategy = ValidatedStrategy(
+        build_strategy(fed), run.prompt, norm_bound=fed.strategy.update_norm_bound, min_hospitals=fed.min_hospitals, round_offset=run.done
+    )
+    plan = RoundPlan.for_run(fed, run.prompt).to_config_record()
+    t_round = [time.perf_counter()]
+
+    def after_round(server_round: int, arrays) -> MetricRecord | None:
+        if server_round == 0:
+            return None
+        r = strategy.global_round(server_round)
+        state = arrays_to_state(arrays)
+        hospitals = strategy.outcomes_json(server_round)
+        record = {
+            "round": r,
+            "seconds": round(time.perf_counter() - t_round[0], 3),
+            "evaluate": strategy.eval_results.get(server_round),
+            "test": _test_metrics(run, state),
+            "hospitals": hospitals,
+            "upload_bytes": sum(h["upload_bytes"] for h in hospitals.values()),
+        }
+        t_round[0] = time.perf_counter()
+        run.history.append(record)
+        run.state, run.done = state, r
+        save_checkpoint(run.checkpoint_dir, Checkpoint(r, state, run.history, run.prompt.backbone_fingerprint, fed.name))
+        _print_round(record, fed.rounds)
+        return MetricRecord({f"test-{k}": float(v) for k, v in record["test"].items()}) if record["test"] else None
+
+    if remaining > 0:
+        strategy.start(
+            grid,
+            state_to_arrays(run.state),
+            num_rounds=remaining,
+            timeout=fed.round_timeout,
+            train_config=plan,
+            evaluate_config=plan,
+            evaluate_fn=after_round,
+        )
+    return finish(run)
+
+
+def finish(run: PreparedRun) -> dict:
+    fed, out = run.spec.federation, run.spec.out_dir
+    export_dir = export_model(out / "export", run.prompt, run.state, run.history, fed.name)
+    metrics = {
+        "run": fed.name,
+        "private": fed.privacy.private,
+        "strategy": fed.strategy.name,
+        "backbone_fingerprint": run.prompt.backbone_fingerprint,
+        "labels": list(fed.labels),
+        "rounds": run.history,
+        "export": str(export_dir),
+    }
+    _atomic_bytes(out / "metrics.json", (json.dumps(metrics, indent=1) + "\n").encode())
+    write_report(metrics, out)
+    return metrics
+
+
+def _print_round(rec: dict, total: int) -> None:
+    ev, test = rec["evaluate"] or {}, rec["test"] or {}
+    status = {}
+    for o in rec["hospitals"].values():
+        status[o["status"]] = status.get(o["status"], 0) + 1
+    eps = [o["epsilon_spent"] for o in rec["hospitals"].values() if o.get("epsilon_spent") is not None]
+    parts = [f"round {rec['round']}/{total}"]
+    if ev:
+        parts.append(f"val acc {ev['accuracy']:.3f} F1 {ev['macro_f1']:.3f}")
+    if test:
+        parts.append(f"test acc {test['accuracy']:.3f} F1 {test['macro_f1']:.3f}")
+    parts.append(" ".join(f"{k}:{v}" for k, v in sorted(status.items())))
+    parts.append(f"max eps {max(eps):.2f}" if eps else "eps n/a")
+    parts.append(f"{rec['seconds']:.1f}s")
+    print("[fedprompt] " + " | ".join(parts), flush=True)

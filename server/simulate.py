@@ -1,0 +1,71 @@
+"""A whole federation on one machine: Flower's simulation engine (Ray), one virtual node per
+hospital of a workspace, the same ServerApp and ClientApp code as the deployment."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from fedprompt.client.client_app import make_client_app
+from fedprompt.client.ledger import PrivacyLedger
+from fedprompt.client.workspace import list_hospitals, load_workspace
+
+from .federation import RunSpec, prepare_run
+from .server_app import make_server_app
+
+log = logging.getLogger("fedprompt.server")
+
+
+def ensure_ledgers(workspace: Path) -> list[str]:
+    """Create the ledgers of a workspace's sites that have none yet (the operator's `privacy init`)."""
+    created = []
+    _, sites, _ = load_workspace(workspace)
+    for site in sites:
+        if not site.ledger.exists():
+            site.ledger.parent.mkdir(parents=True, exist_ok=True)
+            PrivacyLedger.create(
+                site.ledger, hospital_id=site.hospital_id, epsilon_cap=site.privacy.max_epsilon,
+                delta=site.privacy.delta, mechanism=site.privacy.accountant,
+            )
+            created.append(site.hospital_id)
+    return created
+
+
+def simulate(workspace: Path, out_dir: Path, *, rounds: int | None = None, resume: bool = False, stop_after: int | None = None,
+             backbone: Path | None = None, non_private: bool = False) -> dict:
+    fed, sites, test = load_workspace(workspace)
+    if rounds is not None:
+        fed.rounds = rounds
+    if non_private:
+        fed.privacy = replace(fed.privacy, private=False)
+    run = prepare_run(RunSpec(fed, out_dir, test, backbone, resume=resume, stop_after=stop_after))
+    if fed.privacy.private:
+        for h in ensure_ledgers(workspace):
+            print(f"[fedprompt] created privacy ledger for hospital {h}")
+    n = len(sites)
+    gpus = (1.0 / min(n, 4)) if torch.cuda.is_available() else 0.0
+    backend = {
+        "client_resources": {"num_cpus": 1, "num_gpus": gpus},
+        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "log_to_driver": True, "logging_level": logging.ERROR},
+    }
+    from flwr.simulation import run_simulation
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        run_simulation(
+            server_app=make_server_app(run),
+            client_app=make_client_app(list_hospitals(workspace), torch_threads=1),
+            num_supernodes=n,
+            backend_config=backend,
+        )
+    metrics_path = out_dir / "metrics.json"
+    if not metrics_path.exists() or (run.history and run.history[-1]["round"] < run.done):
+        raise RuntimeError("the simulation ended without finishing the run (see the log above)")
+    import json
+
+    return json.loads(metrics_path.read_text())

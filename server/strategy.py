@@ -1,0 +1,169 @@
+"""Strategy choice, and the guard every strategy runs behind.
+
+`ValidatedStrategy` wraps any Flower Message-API strategy: it checks each reply before the
+strategy sees it (a malformed reply would otherwise raise `InconsistentMessageReplies` and end
+the run), records each hospital's outcome for the report, aggregates evaluation counts
+exactly, and numbers rounds globally so a resumed run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Strategy
+
+from fedprompt.common.config import FederationConfig
+from fedprompt.common.metrics import ClassCounts
+from fedprompt.common.model import PromptConfig
+from fedprompt.common.wire import ARRAYS, EVAL_METRIC_KEYS, METRICS, STATUS, arrays_to_state, payload_bytes, validate_update
+
+log = logging.getLogger("fedprompt.server")
+
+
+def build_strategy(fed: FederationConfig) -> Strategy:
+    s = fed.strategy
+    common = dict(
+        fraction_train=1.0,
+        fraction_evaluate=1.0,
+        min_train_nodes=fed.min_hospitals,
+        min_evaluate_nodes=fed.min_hospitals,
+        min_available_nodes=fed.min_hospitals,
+    )
+    if s.name == "fedprox":
+        return FedProx(proximal_mu=s.proximal_mu, **common)
+    if s.name == "fedadam":
+        return FedAdam(eta=s.server_lr, **common)
+    if s.name == "fedtrimmedavg":
+        return FedTrimmedAvg(beta=s.trim_beta, **common)
+    if s.name == "fedmedian":
+        return FedMedian(**common)
+    return FedAvg(**common)
+
+
+@dataclass
+class HospitalOutcome:
+    status: str  # ok | refused | rejected | failed
+    reason: str = ""
+    num_examples: int = 0
+    epsilon_spent: float | None = None
+    epsilon_cap: float | None = None
+    upload_bytes: int = 0
+    train_loss: float | None = None
+
+
+def _identity(msg: Message, taken: set[str]) -> str:
+    node = f"node-{msg.metadata.src_node_id}"
+    status = msg.content.config_records.get(STATUS) if not msg.has_error() else None
+    name = status.get("hospital-id") if status is not None else None
+    name = name if isinstance(name, str) and name and len(name) <= 64 else node
+    return name if name not in taken else f"{name}@{node}"
+
+
+class ValidatedStrategy(Strategy):
+    def __init__(self, inner: Strategy, prompt: PromptConfig, *, norm_bound: float, min_hospitals: int, round_offset: int = 0):
+        self.inner = inner
+        self.shapes = prompt.shapes()
+        self.num_labels = prompt.num_labels
+        self.norm_bound = norm_bound
+        self.min_hospitals = min_hospitals
+        self.round_offset = round_offset
+        self._global: dict | None = None
+        self._sent: dict[int, set[int]] = {}
+        self.train_outcomes: dict[int, dict[str, HospitalOutcome]] = {}
+        self.eval_results: dict[int, dict | None] = {}
+
+    def global_round(self, server_round: int) -> int:
+        return self.round_offset + server_round
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._global = arrays_to_state(arrays)
+        config = ConfigRecord(dict(config))
+        config["fp.round"] = self.global_round(server_round)
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        self._sent[server_round] = {m.metadata.dst_node_id for m in messages}
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        outcomes: dict[str, HospitalOutcome] = {}
+        accepted: list[Message] = []
+        for msg in replies:
+            who = _identity(msg, set(outcomes))
+            outcome = self._judge(msg)
+            outcomes[who] = outcome
+            if outcome.status == "ok":
+                # The strategy sees only the tensors and the weight: nothing else to trip on.
+                msg.content = RecordDict({ARRAYS: msg.content[ARRAYS], METRICS: MetricRecord({"num-examples": outcome.num_examples})})
+                accepted.append(msg)
+            elif outcome.status in ("rejected", "failed"):
+                log.warning("round %d: %s update %s: %s", self.global_round(server_round), who, outcome.status, outcome.reason)
+            else:
+                log.info("round %d: %s refused: %s", self.global_round(server_round), who, outcome.reason)
+        answered = {m.metadata.src_node_id for m in replies}
+        for node in sorted(self._sent.get(server_round, set()) - answered):
+            outcomes[f"node-{node}"] = HospitalOutcome("failed", "no reply within the round timeout")
+        self.train_outcomes[server_round] = outcomes
+        if len(accepted) < self.min_hospitals:
+            log.warning(
+                "round %d: %d valid update(s), fewer than min_hospitals=%d: global model unchanged",
+                self.global_round(server_round), len(accepted), self.min_hospitals,
+            )
+            return None, None
+        arrays, _ = self.inner.aggregate_train(server_round, accepted)
+        total = sum(o.num_examples for o in outcomes.values() if o.status == "ok")
+        loss = sum(o.train_loss * o.num_examples for o in outcomes.values() if o.status == "ok") / total
+        return arrays, MetricRecord({"train-loss": loss, "hospitals-ok": len(accepted), "num-examples": total})
+
+    def _judge(self, msg: Message) -> HospitalOutcome:
+        if msg.has_error():
+            return HospitalOutcome("failed", f"error reply: {msg.error.reason}")
+        content = msg.content
+        status = content.config_records.get(STATUS)
+        if status is not None and status.get("status") == "refused":
+            return HospitalOutcome("refused", str(status.get("reason", ""))[:2000])
+        upload = payload_bytes(content[ARRAYS]) if ARRAYS in content.array_records else 0
+        reason = validate_update(content, self.shapes, self._global, self.norm_bound)
+        if reason:
+            return HospitalOutcome("rejected", reason, upload_bytes=upload)
+        m = content[METRICS]
+        return HospitalOutcome(
+            "ok",
+            num_examples=int(m["num-examples"]),
+            epsilon_spent=float(m["epsilon-spent"]) if "epsilon-spent" in m else None,
+            epsilon_cap=float(m["epsilon-cap"]) if "epsilon-cap" in m else None,
+            upload_bytes=upload,
+            train_loss=float(m["train-loss"]) if "train-loss" in m else None,
+        )
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        config = ConfigRecord(dict(config))
+        config["fp.round"] = self.global_round(server_round)
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Sum the sites' per-class counts: the federation's exact accuracy and macro-F1."""
+        total = ClassCounts.zeros(self.num_labels)
+        for msg in replies:
+            if msg.has_error() or METRICS not in msg.content.metric_records:
+                continue
+            m = msg.content[METRICS]
+            if set(m.keys()) != EVAL_METRIC_KEYS or any(len(m[k]) != self.num_labels for k in ("tp", "fp", "fn")):
+                log.warning("round %d: malformed evaluation reply ignored", self.global_round(server_round))
+                continue
+            total = total + ClassCounts(list(m["tp"]), list(m["fp"]), list(m["fn"]), float(m["loss-sum"]))
+        if total.n == 0:
+            self.eval_results[server_round] = None
+            return None
+        s = total.summary()
+        self.eval_results[server_round] = {k: s[k] for k in ("accuracy", "macro_f1", "loss", "num_examples")}
+        return MetricRecord({k: float(v) for k, v in self.eval_results[server_round].items()})
+
+    def outcomes_json(self, server_round: int) -> dict[str, dict]:
+        return {k: asdict(v) for k, v in self.train_outcomes.get(server_round, {}).items()}

@@ -1,0 +1,205 @@
+"""Core engine: backbone, fingerprint, model, exact DP-SGD, self-test checks (tiny BERT, CPU)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from opacus.accountants.utils import get_noise_multiplier
+from safetensors.torch import load_file, save_file
+from torch.utils.data import TensorDataset
+
+from fedprompt.client import selftest
+from fedprompt.client.dp import PerSampleGradientError, calibrate_noise, noise_only_step, plan_steps, wrap_private
+from fedprompt.client.trainer import TrainSettings, train
+from fedprompt.common.backbone import load_backbone
+from fedprompt.common.encoding import encode
+from fedprompt.common.errors import InputError
+from fedprompt.common.model import TRAINABLE_KEYS, PromptClassifier, PromptConfig, build_model, load_prompt
+
+from tinybert import make_tiny_backbone
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_backbone(tmp_path_factory.mktemp("tinybert"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    return load_backbone(tiny_dir)
+
+
+def _config(bb, **kw) -> PromptConfig:
+    return PromptConfig(labels=["a", "b", "c"], hidden_size=bb.hidden_size, backbone_fingerprint=bb.fingerprint, n_virtual_tokens=4, max_length=24, **kw)
+
+
+def _dataset(bb, n=12):
+    texts = ["chest pain heart blood pressure", "brain seizure nerve headache", "tumor mass carcinoma neoplasm"]
+    return encode(bb.tokenizer, [texts[i % 3] + f" case {i}" for i in range(n)], [i % 3 for i in range(n)], 24).dataset
+
+
+# --- self-test checks, each as a unit test ------------------------------------------------------
+def test_per_sample_gradients_match_one_example_loop(tiny):
+    check = selftest.check_per_sample_gradients(tiny, CPU)
+    assert check.passed and check.max_abs_diff <= 1e-6
+
+
+def test_zero_noise_dp_step_equals_manual_clip_and_average(tiny):
+    check = selftest.check_zero_noise_step(tiny, CPU)
+    assert check.passed and check.max_abs_diff <= 1e-6
+    assert "6/6 examples clipped" in check.detail  # the clipping path is really exercised
+
+
+def test_guard_catches_batch_summed_prompt_gradient(tiny):
+    check = selftest.check_broadcast_guard(tiny, CPU)
+    assert check.passed, check.detail
+    assert "(1, 4, 32)" in check.detail  # Opacus saw one batch-summed row for 6 samples
+
+
+def test_trainer_refuses_to_step_with_a_broadcast_prompt(tiny):
+    model = build_model(tiny, _config(tiny))
+    model.prompt = selftest.BroadcastPrompt(4, tiny.hidden_size)
+    model.head.requires_grad_(False)
+    # the trainer's parameter list is what the guard checks: point it at the broadcast prompt
+    model.trainable_parameters = lambda: {"prompt.weight": model.prompt.embedding.weight}
+    with pytest.raises(PerSampleGradientError, match="broadcast over the batch"):
+        train(model, _dataset(tiny), TrainSettings(epochs=1, batch_size=6, noise_multiplier=1.0), CPU)
+
+
+def test_backbone_bit_identical_after_training(tiny):
+    check = selftest.check_backbone_frozen(tiny, CPU)
+    assert check.passed and check.max_abs_diff == 0.0
+
+
+def test_selftest_cli_json(tiny_dir, capsys):
+    from fedprompt.cli import main
+
+    assert main(["selftest", "--backbone", str(tiny_dir), "--device", "cpu", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["passed"] is True and out["device"] == "cpu"
+    assert [c["name"] for c in out["checks"]] == ["per_sample_gradients", "zero_noise_dp_step", "broadcast_guard", "backbone_bit_identical"]
+    assert all(set(c) >= {"name", "passed", "max_abs_diff"} for c in out["checks"])
+
+
+# --- DP mechanics ------------------------------------------------------------------------------
+def test_empty_poisson_batch_takes_a_counted_noise_only_step(tiny):
+    model = build_model(tiny, _config(tiny))
+    ds = _dataset(tiny, n=4)
+    params = list(model.trainable_parameters().values())
+    opt = torch.optim.SGD(params, lr=1.0)
+    gsm, dp_opt, _ = wrap_private(model, opt, ds, sample_rate=0.25, noise_multiplier=1.0, max_grad_norm=1.0)
+    before = [p.detach().clone() for p in params]
+    noise_only_step(dp_opt, params)
+    gsm._close()
+    moved = [float((p.detach() - b).abs().max()) for p, b in zip(params, before)]
+    assert all(m > 0 for m in moved)  # noise was added although no sample was drawn
+    # and in the training loop: with q = 1/4 some Poisson batches are empty; all steps counted
+    gen = torch.Generator().manual_seed(3)
+    result = train(model, ds, TrainSettings(epochs=6, batch_size=1, noise_multiplier=1.0), CPU, sample_generator=gen)
+    assert result.steps == plan_steps(4, 1, 6)[1] == 24
+    assert result.empty_batches > 0
+
+
+def test_physical_batches_split_logical_ones_and_steps_are_logical(tiny):
+    model = build_model(tiny, _config(tiny))
+    result = train(model, _dataset(tiny, 24), TrainSettings(epochs=2, batch_size=12, max_physical_batch_size=3, noise_multiplier=1.0), CPU)
+    assert result.steps == 2 * int(24 / 12)
+
+
+def test_noise_calibration_agrees_with_opacus():
+    for eps, q, steps in [(8.0, 0.032, 640), (1.0, 0.1, 30), (4.0, 0.05, 120)]:
+        ours = calibrate_noise(eps, 1e-5, q, steps, "prv")
+        ref = get_noise_multiplier(target_epsilon=eps, target_delta=1e-5, sample_rate=q, steps=steps, accountant="prv", epsilon_tolerance=0.01)
+        assert ours == pytest.approx(ref, rel=1e-12)
+    assert calibrate_noise(8.0, 1e-5, 0.032, 640) == pytest.approx(0.821, abs=0.01)  # notes' reference point
+
+
+def test_noise_is_not_repeated_by_reseeding_the_process(tiny):
+    results = []
+    for _ in range(2):
+        torch.manual_seed(0)  # the global RNG must not drive DP noise
+        model = build_model(tiny, _config(tiny))
+        train(model, _dataset(tiny), TrainSettings(epochs=1, batch_size=6, noise_multiplier=1.0), CPU)
+        results.append(model.trainable_state()["prompt.weight"])
+    assert not torch.equal(results[0], results[1])
+
+
+def test_non_private_mode_trains_and_says_so(tiny):
+    model = build_model(tiny, _config(tiny))
+    result = train(model, _dataset(tiny), TrainSettings(epochs=1, batch_size=4, noise_multiplier=None), CPU)
+    assert result.private is False and result.noise_multiplier is None and result.steps == 3
+
+
+# --- backbone, fingerprint, saved form -------------------------------------------------------------
+def test_fingerprint_stable_across_loads_and_sensitive_to_one_weight(tiny_dir, tiny, tmp_path):
+    assert load_backbone(tiny_dir).fingerprint == tiny.fingerprint
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_dir, copy)
+    assert load_backbone(copy).fingerprint == tiny.fingerprint  # path does not matter
+    weights = load_file(str(copy / "model.safetensors"))
+    key = next(k for k in weights if k.endswith("attention.self.query.weight"))
+    weights[key][0, 0] += 1e-3
+    save_file(weights, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    assert load_backbone(copy).fingerprint != tiny.fingerprint
+
+
+def test_fingerprint_changes_with_tokenizer(tiny_dir, tiny, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_dir, copy)
+    cfg = json.loads((copy / "tokenizer_config.json").read_text())
+    cfg["model_max_length"] = 77
+    (copy / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert load_backbone(copy).fingerprint != tiny.fingerprint
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda d: d / "nope", "not found"),
+        (lambda d: (d / "file.txt").write_text("x") and d / "file.txt", "must be a directory"),
+        (lambda d: d, "no config.json"),
+        (lambda d: (d / "config.json").write_text('{"model_type": "gpt2"}') and d, "unsupported encoder 'gpt2'"),
+        (lambda d: (d / "config.json").write_text('{"model_type": "bert"}') and d, "no weights"),
+    ],
+)
+def test_bad_backbone_directories_are_clear_errors(tmp_path, setup, message):
+    with pytest.raises(InputError, match=message) as exc:
+        load_backbone(setup(tmp_path))
+    assert str(tmp_path) in str(exc.value)
+
+
+def test_trainable_state_has_fixed_names_and_shapes(tiny):
+    model = build_model(tiny, _config(tiny))
+    state = model.trainable_state()
+    assert tuple(state) == TRAINABLE_KEYS
+    assert {k: tuple(v.shape) for k, v in state.items()} == {"prompt.weight": (4, 32), "head.weight": (3, 32), "head.bias": (3,)}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(TRAINABLE_KEYS)
+
+
+def test_label_init_uses_label_token_embeddings(tiny):
+    cfg = _config(tiny)
+    cfg.labels = ["heart", "brain", "tumor"]
+    prompt = build_model(tiny, cfg).prompt.weight
+    table = tiny.model.get_input_embeddings().weight
+    ids = tiny.tokenizer("heart brain tumor", add_special_tokens=False)["input_ids"]
+    assert torch.equal(prompt[0], table[ids[0]]) and torch.equal(prompt[1], table[ids[1]])
+
+
+def test_save_and_load_round_trip_and_fingerprint_check(tiny, tiny_dir, tmp_path):
+    model = build_model(tiny, _config(tiny))
+    train(model, _dataset(tiny), TrainSettings(epochs=1, batch_size=6, noise_multiplier=1.0), CPU)
+    model.save_pretrained(tmp_path / "export")
+    config, state = load_prompt(tmp_path / "export")
+    assert config == model.config
+    again = PromptClassifier.from_pretrained(tmp_path / "export", tiny)
+    ids, mask, _ = _dataset(tiny).tensors
+    assert torch.equal(again.eval()(ids, mask), model.eval()(ids, mask))
+    other = load_backbone(make_tiny_backbone(tmp_path / "other", seed=1))
+    with pytest.raises(InputError, match="backbone_fingerprint"):
+        PromptClassifier.from_pretrained(tmp_path / "export", other)

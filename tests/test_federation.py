@@ -1,0 +1,240 @@
+"""Federation end to end on Flower's simulation engine (tiny BERT): learning, export, resume,
+rogue updates, budget refusal, and an audit of every byte a hospital sends."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from flwr.app import Array, ArrayRecord, Context, Message, Metadata, RecordDict
+
+from fedprompt.client.client_app import make_client_app
+from fedprompt.client.demo_data import generate_demo
+from fedprompt.client.workspace import list_hospitals, load_workspace, write_workspace
+from fedprompt.common.backbone import load_backbone
+from fedprompt.common.config import FederationConfig
+from fedprompt.common.encoding import encode
+from fedprompt.common.model import TRAINABLE_KEYS, PromptClassifier, build_model, initial_state
+from fedprompt.common.plan import RoundPlan
+from fedprompt.common.wire import ARRAYS, EVAL_METRIC_KEYS, METRICS, STATUS, TRAIN_METRIC_KEYS, state_to_arrays
+from fedprompt.server.checkpoint import load_checkpoint
+from fedprompt.server.federation import RunSpec, prepare_run
+from fedprompt.server.simulate import simulate
+
+from tinybert import make_tiny_backbone
+
+pytestmark = pytest.mark.slow
+
+FAST = {
+    "rounds": 3,
+    "model": {"n_virtual_tokens": 4, "max_length": 32},
+    "training": {"local_epochs": 2, "batch_size": 8, "lr": 0.05},
+    "privacy": {"target_epsilon": 8.0},
+}
+
+
+def make_workspace(root: Path, backbone: Path | None, *, hospitals=3, per_hospital=60, overrides=None, cap=10.0) -> Path:
+    demo = generate_demo(hospitals=hospitals, per_hospital=per_hospital, test_size=60, seed=1)
+    ws = write_workspace(root / "ws", name="t", labels=demo.labels, hospitals=demo.hospitals, test_rows=demo.test,
+                         federation_overrides=overrides or FAST, epsilon_cap=cap, allow_non_private=True)
+    for site in list_hospitals(ws):
+        data = yaml.safe_load(site.read_text())
+        data["backbone"] = str(backbone) if backbone else None
+        site.write_text(yaml.safe_dump(data, sort_keys=False))
+    return ws
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_backbone(tmp_path_factory.mktemp("tinybert"), hidden=32, layers=2)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """The product's main path on the real default backbone (all-MiniLM-L6-v2), DP at eps 8.
+
+    (A tiny random BERT gives features too weak for any learning signal to survive DP noise.)
+    """
+    root = tmp_path_factory.mktemp("run")
+    overrides = {
+        "rounds": 3,
+        "model": {"n_virtual_tokens": 8, "max_length": 48},
+        "training": {"local_epochs": 2, "batch_size": 16, "lr": 0.02},
+        "privacy": {"target_epsilon": 8.0},
+    }
+    ws = make_workspace(root, None, per_hospital=120, overrides=overrides)
+    metrics = simulate(ws, root / "out")
+    return ws, root / "out", metrics
+
+
+def test_three_hospitals_learn_together_and_export(finished_run):
+    ws, out, metrics = finished_run
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
+    for r in metrics["rounds"]:
+        assert {h: o["status"] for h, o in r["hospitals"].items()} == {"hospital-1": "ok", "hospital-2": "ok", "hospital-3": "ok"}
+        assert all(0 < o["epsilon_spent"] <= o["epsilon_cap"] for o in r["hospitals"].values())
+    f1 = [r["test"]["macro_f1"] for r in metrics["rounds"]]
+    assert f1[-1] > f1[0], f1
+    # epsilon grows monotonically per hospital, as recorded in each site's own ledger
+    eps = [[r["hospitals"][h]["epsilon_spent"] for r in metrics["rounds"]] for h in ("hospital-1", "hospital-2", "hospital-3")]
+    assert all(a < b for e in eps for a, b in zip(e, e[1:]))
+    assert metrics["private"] is True and json.loads((out / "metrics.json").read_text()) == metrics
+    assert (out / "report.html").is_file() and (out / "export" / "MODEL_CARD.md").is_file()
+
+
+def test_export_predicts_exactly_like_the_final_global_model(finished_run):
+    ws, out, metrics = finished_run
+    bb = load_backbone()
+    exported = PromptClassifier.from_pretrained(out / "export", bb).eval()
+    ckpt = load_checkpoint(out / "checkpoint")
+    assert ckpt.round == 3
+    final = build_model(bb, exported.config, ckpt.state).eval()
+    fed, _, test = load_workspace(ws)
+    texts = [line.split(",")[0] for line in test.read_text().splitlines()[1:20]]
+    ids, mask, _ = encode(bb.tokenizer, texts, [0] * len(texts), 48).dataset.tensors
+    with torch.no_grad():
+        assert torch.equal(exported(ids, mask), final(ids, mask))
+
+
+def test_predict_cli_on_the_export(finished_run, capsys):
+    from fedprompt.cli import main
+
+    ws, out, metrics = finished_run
+    assert main(["predict", "--model", str(out / "export"), "--text", "chest pain", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert row["label"] in metrics["labels"] and abs(sum(row["probabilities"].values()) - 1) < 1e-5
+    other = make_tiny_backbone(out.parent / "other", seed=7)
+    assert main(["predict", "--model", str(out / "export"), "--backbone", str(other), "--text", "x"]) == 2
+    assert "backbone_fingerprint" in capsys.readouterr().err
+
+
+def test_resume_continues_round_numbering_and_history(tmp_path, tiny_dir):
+    ws = make_workspace(tmp_path, tiny_dir, overrides={**FAST, "training": {"local_epochs": 1, "batch_size": 8, "lr": 0.05}})
+    first = simulate(ws, tmp_path / "out", backbone=tiny_dir, stop_after=2)
+    assert [r["round"] for r in first["rounds"]] == [1, 2]
+    with pytest.raises(Exception, match="--resume"):
+        prepare_run(RunSpec(FederationConfig.load(ws / "federation.yaml"), tmp_path / "out", backbone=tiny_dir))
+    resumed = simulate(ws, tmp_path / "out", backbone=tiny_dir, resume=True)
+    assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3]
+    assert resumed["rounds"][:2] == first["rounds"]
+    ledger = json.loads((ws / "hospital-1" / "ledger" / "privacy-ledger.json").read_text())
+    assert [e["round"] for e in ledger["history"]] == [1, 2, 3]
+
+
+# --- rogue hospital and exhausted budget, in one federation --------------------------------------
+def rogue_client_app(site_paths, rogue_index: int):
+    """The real ClientApp, except that one hospital corrupts its update differently each round."""
+    honest = make_client_app(site_paths, torch_threads=1)
+    from flwr.clientapp import ClientApp
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        reply = honest(msg, context)
+        if int(context.node_config["partition-id"]) == rogue_index:
+            arrays = reply.content[ARRAYS]
+            rnd = int(msg.content["config"]["fp.round"])
+            tensors = {k: arrays[k].numpy().copy() for k in arrays.keys()}
+            if rnd == 1:
+                tensors["prompt.weight"][0, 0] = np.nan
+            elif rnd == 2:
+                tensors["head.bias"] = np.zeros(7, np.float32)
+            else:
+                tensors["stolen.embeddings"] = np.ones((2, 2), np.float32)
+            reply.content[ARRAYS] = ArrayRecord({k: Array(v) for k, v in tensors.items()})
+        return reply
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return honest(msg, context)
+
+    return app
+
+
+def test_rogue_updates_rejected_and_capped_hospital_refused(tmp_path, tiny_dir):
+    from flwr.simulation import run_simulation
+
+    from fedprompt.server.server_app import make_server_app
+
+    ws = make_workspace(tmp_path, tiny_dir, hospitals=4, per_hospital=40, overrides={**FAST, "min_hospitals": 2})
+    # hospital-4 promised a tiny budget: it can pay for no round at the requested settings
+    site4 = ws / "hospital-4" / "site.yaml"
+    site4.write_text(site4.read_text().replace("max_epsilon: 10.0", "max_epsilon: 0.05"))
+    fed, sites, test = load_workspace(ws)
+    from fedprompt.server.simulate import ensure_ledgers
+
+    ensure_ledgers(ws)
+    run = prepare_run(RunSpec(fed, tmp_path / "out", test, tiny_dir))
+    run_simulation(server_app=make_server_app(run), client_app=rogue_client_app(list_hospitals(ws), rogue_index=2),
+                   num_supernodes=4, backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}})
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
+    reasons = [r["hospitals"]["hospital-3"] for r in metrics["rounds"]]
+    assert [o["status"] for o in reasons] == ["rejected"] * 3
+    assert "non-finite" in reasons[0]["reason"]
+    assert "head.bias: shape (7,)" in reasons[1]["reason"]
+    assert "stolen.embeddings" in reasons[2]["reason"]
+    for r in metrics["rounds"]:
+        assert r["hospitals"]["hospital-1"]["status"] == r["hospitals"]["hospital-2"]["status"] == "ok"
+        assert r["hospitals"]["hospital-4"]["status"] == "refused"
+        assert "cap" in r["hospitals"]["hospital-4"]["reason"]
+    ledger4 = json.loads((ws / "hospital-4" / "ledger" / "privacy-ledger.json").read_text())
+    assert ledger4["history"] == []  # refused before anything was recorded or trained
+    final = load_checkpoint(tmp_path / "out" / "checkpoint").state
+    assert all(torch.isfinite(v).all() for v in final.values())
+
+
+# --- wire audit ----------------------------------------------------------------------------------
+def wire_bytes(obj) -> bytes:
+    """Everything Flower serialises for a message: the object and all its children."""
+    return obj.deflate() + b"".join(wire_bytes(c) for c in (obj.children or {}).values())
+
+
+def test_wire_audit_only_declared_tensors_and_aggregates_leave(tmp_path):
+    # hidden 384 like the default backbone, so the payload has its real size
+    bb_dir = make_tiny_backbone(tmp_path / "bb", hidden=384, layers=1)
+    ws = make_workspace(tmp_path, bb_dir, hospitals=1, per_hospital=40,
+                        overrides={**FAST, "model": {"n_virtual_tokens": 20, "max_length": 32}, "training": {"local_epochs": 1, "batch_size": 8}})
+    fed, sites, _ = load_workspace(ws)
+    from fedprompt.server.simulate import ensure_ledgers
+
+    ensure_ledgers(ws)
+    run = prepare_run(RunSpec(fed, tmp_path / "out", None, bb_dir))
+    plan = RoundPlan.for_run(fed, run.prompt, round=1).to_config_record()
+    app = make_client_app(list_hospitals(ws))
+    ctx = Context(run_id=1, node_id=11, node_config={"partition-id": 0, "num-partitions": 1}, state=RecordDict(), run_config={})
+    replies = []
+    for kind in ("train", "evaluate"):
+        md = Metadata(run_id=1, message_id=f"m-{kind}", src_node_id=1, dst_node_id=11, reply_to_message_id="", group_id="1",
+                      created_at=0.0, ttl=3600, message_type=kind)
+        msg = Message(metadata=md, content=RecordDict({ARRAYS: state_to_arrays(run.state), "config": plan}))
+        replies.append(app(msg, ctx))
+    train_reply, eval_reply = replies
+    c = train_reply.content
+    assert set(c.keys()) == {ARRAYS, METRICS, STATUS}
+    shapes = {k: tuple(c[ARRAYS][k].shape) for k in c[ARRAYS].keys()}
+    assert shapes == {k: tuple(v) for k, v in run.prompt.shapes().items()} and tuple(shapes) == TRAINABLE_KEYS
+    assert all(c[ARRAYS][k].dtype == "float32" for k in TRAINABLE_KEYS)
+    assert set(c[METRICS].keys()) <= TRAIN_METRIC_KEYS
+    assert set(eval_reply.content.keys()) == {METRICS, STATUS} and set(eval_reply.content[METRICS].keys()) == EVAL_METRIC_KEYS
+    # no record text and no token-id sequence in the serialized bytes
+    site = sites[0]
+    rows = [line for line in site.train.read_text().splitlines()[1:]]
+    bb = load_backbone(bb_dir)
+    for reply in replies:
+        blob = wire_bytes(reply)
+        for row in rows[:40]:
+            text = row.rsplit(",", 1)[0].strip('"')
+            for word in re.findall(r"[A-Za-z]{6,}", text)[:5]:
+                assert word.encode() not in blob, word
+            ids = bb.tokenizer(text, truncation=True, max_length=32)["input_ids"][1:9]
+            for dtype in (np.int64, np.int32):
+                assert np.asarray(ids, dtype=dtype).tobytes() not in blob
+    raw = sum(v.numel() * 4 for v in initial_state(bb, run.prompt).values())
+    assert len(wire_bytes(train_reply.content)) <= 1.1 * raw, (len(wire_bytes(train_reply.content)), raw)

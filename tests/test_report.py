@@ -1,0 +1,205 @@
+"""server/report.py: report.html + three PNGs from a run's metrics.json content."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+
+from fedprompt.server.report import EPSILON_PNG, METRICS_PNG, UPLOAD_PNG, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PNGS = (METRICS_PNG, EPSILON_PNG, UPLOAD_PNG)
+EVIL = 'prompt.weight: non-finite values <script>alert("x")</script> & more'
+
+
+def _site(status, *, eps=None, cap=10.0, upload=38400, n=160, loss=None, reason=""):
+    return {
+        "status": status,
+        "reason": reason,
+        "num_examples": n if status == "ok" else 0,
+        "epsilon_spent": eps,
+        "epsilon_cap": cap if eps is not None else None,
+        "upload_bytes": upload if status in ("ok", "rejected") else 0,  # a rejected update was received
+        "train_loss": loss,
+    }
+
+
+@pytest.fixture
+def private_metrics() -> dict:
+    return {
+        "run": "demo-run",
+        "private": True,
+        "strategy": "fedavg",
+        "backbone_fingerprint": "0c41d7a9e3b2f5aa6b9c0d1e2f3a4b5c6d7e8f90",
+        "labels": ["neoplasms", "digestive", "nervous", "cardiovascular", "general"],
+        "rounds": [
+            {
+                "round": 1, "seconds": 12.34, "upload_bytes": 115200,
+                "evaluate": {"accuracy": 0.41, "macro_f1": 0.35, "loss": 1.41, "num_examples": 120},
+                "test": {"accuracy": 0.40, "macro_f1": 0.33, "loss": 1.45, "num_examples": 200},
+                "hospitals": {
+                    "h1": _site("ok", eps=2.1, loss=1.5),
+                    "h2": _site("ok", eps=1.8, cap=8.0, loss=1.6),
+                    "h3": _site("ok", eps=2.4, cap=6.0, loss=1.55),
+                },
+            },
+            {
+                "round": 2, "seconds": 11.0, "upload_bytes": 76800,
+                "evaluate": {"accuracy": 0.525, "macro_f1": 0.4812, "loss": 1.2, "num_examples": 120},
+                "hospitals": {  # no "test" key this round
+                    "h1": _site("ok", eps=4.2, loss=1.3),
+                    "h2": _site("refused", reason="privacy budget would exceed the cap (8)"),
+                    "h3": _site("ok", eps=4.6, cap=6.0, loss=1.25),
+                },
+            },
+            {
+                "round": 3, "seconds": 10.5, "upload_bytes": 76800,
+                "evaluate": {"accuracy": 0.6, "macro_f1": 0.5567, "loss": 1.05, "num_examples": 120},
+                "test": {"accuracy": 0.58, "macro_f1": 0.51, "loss": 1.1, "num_examples": 200},
+                "hospitals": {
+                    "h1": _site("ok", eps=6.3, loss=1.1),
+                    "h2": _site("refused", reason="privacy budget would exceed the cap (8)"),
+                    "h3": _site("rejected", eps=5.9, cap=6.0, reason=EVIL),
+                },
+            },
+        ],
+        "export": "/tmp/fedprompt-runs/demo-run/export",
+    }
+
+
+@pytest.fixture
+def non_private_metrics(private_metrics) -> dict:
+    metrics = copy.deepcopy(private_metrics)
+    metrics["private"] = False
+    for rnd in metrics["rounds"]:
+        for site in rnd["hospitals"].values():
+            site["epsilon_spent"] = site["epsilon_cap"] = None
+    return metrics
+
+
+def _assert_pngs(out: Path) -> None:
+    from PIL import Image
+
+    for name in PNGS:
+        path = out / name
+        assert path.is_file(), name
+        assert path.read_bytes()[:8] == PNG_MAGIC, name
+        with Image.open(path) as img:
+            img.verify()
+        with Image.open(path) as img:
+            width, height = img.size
+        assert width > 200 and height > 150, (name, img.size)
+
+
+def _row(page: str, rnd: int) -> list[str]:
+    match = re.search(rf'<tr id="round-{rnd}">(.*?)</tr>', page, re.S)
+    assert match, f"no row for round {rnd}"
+    return re.findall(r"<td[^>]*>(.*?)</td>", match.group(1), re.S)
+
+
+def test_private_report(private_metrics, tmp_path):
+    out = tmp_path / "report"
+    report = write_report(private_metrics, out)
+    assert report == out / "report.html"
+    _assert_pngs(out)
+    # Atomic writes leave no temporary files behind.
+    assert sorted(p.name for p in out.iterdir()) == sorted([*PNGS, "report.html"])
+
+    page = report.read_text(encoding="utf-8")
+    assert "NON-PRIVATE" not in page
+    assert "<title>fedprompt report: demo-run</title>" in page
+    assert "fedavg" in page
+    assert "0c41d7a9e3b2f5aa" in page and "0c41d7a9e3b2f5aa6" not in page  # first 16 chars only
+    assert "neoplasms" in page and "cardiovascular" in page
+    for name in PNGS:
+        assert f'<img src="{name}"' in page
+    assert "<script" not in page.lower()  # nothing executable, and the remote reason is escaped
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; more" in page
+    assert "privacy budget would exceed the cap (8)" in page
+
+    # round, val acc, val F1, val loss, test acc, test F1, ok, refused, rejected, failed, bytes, seconds
+    assert _row(page, 1) == ["1", "0.410", "0.350", "1.410", "0.400", "0.330", "3", "0", "0", "0", "115,200", "12.3"]
+    assert _row(page, 2) == ["2", "0.525", "0.481", "1.200", "—", "—", "2", "1", "0", "0", "76,800", "11.0"]
+    assert _row(page, 3) == ["3", "0.600", "0.557", "1.050", "0.580", "0.510", "1", "1", "1", "0", "76,800", "10.5"]
+
+    # Summary: final round's scores, largest epsilon spent (h1, 6.30 of cap 10).
+    assert "Final round 3" in page and "<b>0.557</b>" in page and "<b>0.600</b>" in page
+    assert "Max ε spent <b>6.30</b> (h1) of cap <b>10.00</b>" in page
+    assert "Closest to its cap: h3, 5.90 of 6.00 (98%)" in page
+    # Per-hospital last status.
+    hospitals = page[page.index('<table class="hospitals">'):]
+    assert re.search(r'<td class="name">h2</td><td class="st-refused">refused</td><td class="num">3</td>', hospitals)
+    assert re.search(r'<td class="name">h3</td><td class="st-rejected">rejected</td>', hospitals)
+    assert re.search(r'<td class="name">h1</td><td class="st-ok">ok</td>', hospitals)
+    # Export link, relative to the report folder.
+    href = re.search(r'Exported model: <a href="([^"]+)">', page).group(1)
+    assert not href.startswith("/")
+    assert (out / href).resolve() == Path("/tmp/fedprompt-runs/demo-run/export").resolve()
+
+
+def test_non_private_banner(non_private_metrics, tmp_path):
+    report = write_report(non_private_metrics, tmp_path)
+    _assert_pngs(tmp_path)
+    page = report.read_text(encoding="utf-8")
+    assert '<div class="banner" role="alert">NON-PRIVATE run' in page
+    # The banner is the first thing in the body.
+    assert page.index('class="banner"') < page.index("<h1>")
+    assert "ε spent / cap" not in page  # no epsilon column when there is no accounting
+
+
+def test_missing_private_flag_is_not_reported_as_private(private_metrics, tmp_path):
+    del private_metrics["private"]
+    page = write_report(private_metrics, tmp_path).read_text(encoding="utf-8")
+    assert "NON-PRIVATE run" in page
+
+
+def test_empty_rounds(private_metrics, tmp_path):
+    private_metrics["rounds"] = []
+    private_metrics["export"] = None
+    report = write_report(private_metrics, tmp_path / "empty")
+    _assert_pngs(tmp_path / "empty")  # placeholders, so stale plots never survive
+    page = report.read_text(encoding="utf-8")
+    assert "No round completed" in page
+    assert "<img" not in page and 'id="round-' not in page
+    assert "NON-PRIVATE" not in page
+
+
+def test_relative_export_link(private_metrics, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    private_metrics["export"] = "runs/demo/export"  # as the server writes it for a relative out_dir
+    page = write_report(private_metrics, Path("runs/demo")).read_text(encoding="utf-8")
+    assert 'Exported model: <a href="export">' in page
+
+
+def test_nulls_and_rewrite(private_metrics, tmp_path):
+    """Null sections/values render as dashes; a second report replaces the first in place."""
+    write_report(private_metrics, tmp_path)
+    rnd = private_metrics["rounds"][2]
+    rnd["evaluate"] = None
+    rnd["test"] = None
+    rnd["seconds"] = None
+    rnd["hospitals"]["h1"] = _site("failed", reason="connection lost")
+    page = write_report(private_metrics, tmp_path).read_text(encoding="utf-8")
+    assert _row(page, 3)[:6] == ["3", "—", "—", "—", "—", "—"]
+    assert _row(page, 3)[6:10] == ["0", "1", "1", "1"]
+    assert "no federated validation in the final round" in page
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*PNGS, "report.html"])
+
+
+def test_hostile_and_odd_values_render(private_metrics, tmp_path):
+    """Remote-supplied ids/reasons and non-finite or mistyped values never break the render."""
+    rnd = private_metrics["rounds"][0]
+    rnd["hospitals"]["cost $5 $x^{"] = _site("ok", eps=1.0, loss=float("nan"), reason="a $ b")
+    rnd["hospitals"]["_hidden"] = {"status": "weird", "reason": None, "upload_bytes": "12"}
+    rnd["hospitals"]["h9"] = None
+    rnd["evaluate"]["loss"] = float("inf")
+    rnd["test"]["accuracy"] = float("nan")
+    private_metrics["rounds"].append({"hospitals": {}})  # no round number, nothing else
+    page = write_report(private_metrics, tmp_path).read_text(encoding="utf-8")
+    _assert_pngs(tmp_path)
+    assert _row(page, 1)[3:5] == ["∞", "NaN"]
+    assert _row(page, 1)[6:10] == ["4", "0", "0", "2"]  # unknown/absent status counts as failed
+    assert 'id="round-4"' in page
