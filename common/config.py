@@ -38,9 +38,9 @@ class ModelSettings:
 
 @dataclass
 class TrainingSettings:
-    local_epochs: int = 1
+    local_epochs: int = 2
     batch_size: int = 16  # expected logical batch (Poisson sampling)
-    lr: float = 0.01
+    lr: float = 0.02
     optimizer: Literal["adam", "sgd"] = "adam"
 
     def validate(self) -> list[tuple[str, str]]:

@@ -42,6 +42,7 @@ class RunSpec:
     backbone: Path | None = None  # aggregator's copy of the shared backbone (default: embedded)
     resume: bool = False
     stop_after: int | None = None  # rounds to run in this invocation (resume later)
+    expected_hospitals: int | None = None  # wait for this many before each round (simulation: all)
 
 
 @dataclass
@@ -110,7 +111,7 @@ def execute(grid: Grid, run: PreparedRun) -> dict:
     if run.spec.stop_after is not None:
         remaining = min(remaining, run.spec.stop_after)
     strategy = ValidatedStrategy(
-        build_strategy(fed), run.prompt, norm_bound=fed.strategy.update_norm_bound, min_hospitals=fed.min_hospitals, round_offset=run.done
+        build_strategy(fed, run.spec.expected_hospitals), run.prompt, norm_bound=fed.strategy.update_norm_bound, min_hospitals=fed.min_hospitals, round_offset=run.done
     )
     plan = RoundPlan.for_run(fed, run.prompt).to_config_record()
     t_round = [time.perf_counter()]

@@ -43,7 +43,7 @@ def simulate(workspace: Path, out_dir: Path, *, rounds: int | None = None, resum
         fed.rounds = rounds
     if non_private:
         fed.privacy = replace(fed.privacy, private=False)
-    run = prepare_run(RunSpec(fed, out_dir, test, backbone, resume=resume, stop_after=stop_after))
+    run = prepare_run(RunSpec(fed, out_dir, test, backbone, resume=resume, stop_after=stop_after, expected_hospitals=len(sites)))
     if fed.privacy.private:
         for h in ensure_ledgers(workspace):
             print(f"[fedprompt] created privacy ledger for hospital {h}")

@@ -24,14 +24,17 @@ from fedprompt.common.wire import ARRAYS, EVAL_METRIC_KEYS, METRICS, STATUS, arr
 log = logging.getLogger("fedprompt.server")
 
 
-def build_strategy(fed: FederationConfig) -> Strategy:
+def build_strategy(fed: FederationConfig, wait_for: int | None = None) -> Strategy:
+    """`wait_for`: hospitals to wait for before a round starts (default: min_hospitals).
+    Flower samples whoever is connected once that many are, so a simulation waits for all."""
     s = fed.strategy
+    available = max(fed.min_hospitals, wait_for or 0)
     common = dict(
         fraction_train=1.0,
         fraction_evaluate=1.0,
-        min_train_nodes=fed.min_hospitals,
-        min_evaluate_nodes=fed.min_hospitals,
-        min_available_nodes=fed.min_hospitals,
+        min_train_nodes=available,
+        min_evaluate_nodes=available,
+        min_available_nodes=available,
     )
     if s.name == "fedprox":
         return FedProx(proximal_mu=s.proximal_mu, **common)

@@ -203,3 +203,38 @@ def test_save_and_load_round_trip_and_fingerprint_check(tiny, tiny_dir, tmp_path
     other = load_backbone(make_tiny_backbone(tmp_path / "other", seed=1))
     with pytest.raises(InputError, match="backbone_fingerprint"):
         PromptClassifier.from_pretrained(tmp_path / "export", other)
+
+
+# --- the real default backbone on real abstracts ---------------------------------------------------
+@pytest.mark.slow
+def test_dp_training_on_real_abstracts_with_default_backbone():
+    import csv
+    import random
+    from collections import Counter
+    from pathlib import Path
+
+    from fedprompt.common.metrics import evaluate
+
+    corpus = Path(__file__).resolve().parents[1].parent / "shared/data/medical-abstracts/medical_tc_test.csv"
+    if not corpus.is_file():
+        pytest.skip(f"shared corpus not found at {corpus}")
+    rows = list(csv.DictReader(corpus.open(encoding="utf-8")))
+    random.Random(0).shuffle(rows)
+    train_rows, test_rows = rows[:300], rows[300:450]
+    names = ["neoplasms", "digestive system diseases", "nervous system diseases", "cardiovascular diseases", "general pathological conditions"]
+
+    bb = load_backbone()  # embedded all-MiniLM-L6-v2
+    def ds(rs):
+        return encode(bb.tokenizer, [r["medical_abstract"] for r in rs], [int(r["condition_label"]) - 1 for r in rs], 64).dataset
+    train_ds, test_ds = ds(train_rows), ds(test_rows)
+    cfg = PromptConfig(labels=names, hidden_size=bb.hidden_size, backbone_fingerprint=bb.fingerprint, n_virtual_tokens=10, max_length=64)
+    model = build_model(bb, cfg)
+    loss_before = evaluate(model, train_ds, 5).summary()["loss"]
+    q, steps = plan_steps(len(train_ds), 32, 3)
+    sigma = calibrate_noise(8.0, 1e-4, q, steps)  # delta < 1/n
+    result = train(model, train_ds, TrainSettings(epochs=3, batch_size=32, lr=0.05, noise_multiplier=sigma), CPU)
+    assert result.private and result.steps == steps
+    assert evaluate(model, train_ds, 5).summary()["loss"] < loss_before - 0.2
+    majority = Counter(int(r["condition_label"]) for r in test_rows).most_common(1)[0][1] / len(test_rows)
+    accuracy = evaluate(model, test_ds, 5).summary()["accuracy"]
+    assert accuracy > majority + 0.05, (accuracy, majority)

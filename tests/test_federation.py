@@ -163,14 +163,19 @@ def test_rogue_updates_rejected_and_capped_hospital_refused(tmp_path, tiny_dir):
     from fedprompt.server.server_app import make_server_app
 
     ws = make_workspace(tmp_path, tiny_dir, hospitals=4, per_hospital=40, overrides={**FAST, "min_hospitals": 2})
-    # hospital-4 promised a tiny budget: it can pay for no round at the requested settings
-    site4 = ws / "hospital-4" / "site.yaml"
-    site4.write_text(site4.read_text().replace("max_epsilon: 10.0", "max_epsilon: 0.05"))
-    fed, sites, test = load_workspace(ws)
+    from fedprompt.client.ledger import PrivacyLedger
     from fedprompt.server.simulate import ensure_ledgers
 
     ensure_ledgers(ws)
-    run = prepare_run(RunSpec(fed, tmp_path / "out", test, tiny_dir))
+    # hospital-4 spent most of its budget in an earlier run, then lowered its cap to what it spent
+    site4 = ws / "hospital-4" / "site.yaml"
+    ledger4 = PrivacyLedger.open(ws / "hospital-4" / "ledger" / "privacy-ledger.json")
+    spent = ledger4.record(1.0, 0.2, 30, epsilon_cap=10.0, run_id="earlier", round=1)
+    data = yaml.safe_load(site4.read_text())
+    data["privacy"]["max_epsilon"] = round(spent + 0.01, 3)
+    site4.write_text(yaml.safe_dump(data, sort_keys=False))
+    fed, sites, test = load_workspace(ws)
+    run = prepare_run(RunSpec(fed, tmp_path / "out", test, tiny_dir, expected_hospitals=4))
     run_simulation(server_app=make_server_app(run), client_app=rogue_client_app(list_hospitals(ws), rogue_index=2),
                    num_supernodes=4, backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}})
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
@@ -184,8 +189,8 @@ def test_rogue_updates_rejected_and_capped_hospital_refused(tmp_path, tiny_dir):
         assert r["hospitals"]["hospital-1"]["status"] == r["hospitals"]["hospital-2"]["status"] == "ok"
         assert r["hospitals"]["hospital-4"]["status"] == "refused"
         assert "cap" in r["hospitals"]["hospital-4"]["reason"]
-    ledger4 = json.loads((ws / "hospital-4" / "ledger" / "privacy-ledger.json").read_text())
-    assert ledger4["history"] == []  # refused before anything was recorded or trained
+    after = json.loads((ws / "hospital-4" / "ledger" / "privacy-ledger.json").read_text())
+    assert [e["run_id"] for e in after["history"]] == ["earlier"]  # refused before recording or training
     final = load_checkpoint(tmp_path / "out" / "checkpoint").state
     assert all(torch.isfinite(v).all() for v in final.values())
 
@@ -238,3 +243,59 @@ def test_wire_audit_only_declared_tensors_and_aggregates_leave(tmp_path):
                 assert np.asarray(ids, dtype=dtype).tobytes() not in blob
     raw = sum(v.numel() * 4 for v in initial_state(bb, run.prompt).values())
     assert len(wire_bytes(train_reply.content)) <= 1.1 * raw, (len(wire_bytes(train_reply.content)), raw)
+
+
+# --- refusals are well-formed replies, never crashes -----------------------------------------------
+def _train_content(run, round_=1, **plan_changes):
+    plan = RoundPlan.for_run(run.spec.federation, run.prompt, round=round_)
+    for k, v in plan_changes.items():
+        setattr(plan, k, v)
+    return RecordDict({ARRAYS: state_to_arrays(run.state), "config": plan.to_config_record()})
+
+
+def test_site_refuses_on_backbone_mismatch_and_bad_records(tmp_path, tiny_dir):
+    from fedprompt.client.hospital import train_round
+    from fedprompt.server.simulate import ensure_ledgers
+
+    ws = make_workspace(tmp_path, tiny_dir, hospitals=1, per_hospital=20)
+    ensure_ledgers(ws)
+    fed, sites, _ = load_workspace(ws)
+    run = prepare_run(RunSpec(fed, tmp_path / "out", None, tiny_dir))
+    site_yaml = list_hospitals(ws)[0]
+    ledger = ws / "hospital-1" / "ledger" / "privacy-ledger.json"
+    before = ledger.read_bytes()
+
+    reply = train_round(_train_content(run, backbone_fingerprint="0" * 64), site_yaml)
+    assert set(reply.keys()) == {STATUS} and reply[STATUS]["status"] == "refused"
+    assert "backbone mismatch" in reply[STATUS]["reason"]
+
+    train_csv = ws / "hospital-1" / "train.csv"
+    train_csv.write_text(train_csv.read_text() + '"a note",not-a-label\n')
+    reply = train_round(_train_content(run), site_yaml)
+    assert reply[STATUS]["status"] == "refused" and "unknown label 'not-a-label'" in reply[STATUS]["reason"]
+    assert "train.csv:" in reply[STATUS]["reason"]
+    assert ledger.read_bytes() == before  # nothing recorded, nothing trained, nothing sent
+
+
+def test_partitioned_real_corpus_trains(tmp_path, tiny_dir):
+    """`fedprompt data partition` on the shared abstracts yields a workspace a federation trains on."""
+    from fedprompt.cli import main
+
+    corpus = Path(__file__).resolve().parents[1].parent / "shared/data/medical-abstracts"
+    if not (corpus / "medical_tc_test.csv").is_file():
+        pytest.skip(f"shared corpus not found at {corpus}")
+    ws = tmp_path / "ws"
+    assert main(["data", "partition", "--input", str(corpus / "medical_tc_test.csv"), "--text-column", "medical_abstract",
+                 "--label-column", "condition_label", "--label-names", str(corpus / "medical_tc_labels.csv"),
+                 "--hospitals", "3", "--alpha", "0.5", "--test-frac", "0.3", "--val-frac", "0.2", "--seed", "0", "--out", str(ws)]) == 0
+    fed = yaml.safe_load((ws / "federation.yaml").read_text())
+    fed.update(rounds=1, model={**fed["model"], "n_virtual_tokens": 4, "max_length": 32}, training={**fed["training"], "local_epochs": 1, "batch_size": 64})
+    (ws / "federation.yaml").write_text(yaml.safe_dump(fed, sort_keys=False))
+    for site in list_hospitals(ws):
+        data = yaml.safe_load(site.read_text())
+        data["backbone"] = str(tiny_dir)
+        site.write_text(yaml.safe_dump(data, sort_keys=False))
+    metrics = simulate(ws, tmp_path / "out", backbone=tiny_dir)
+    (r,) = metrics["rounds"]
+    assert {o["status"] for o in r["hospitals"].values()} == {"ok"}
+    assert sum(o["num_examples"] for o in r["hospitals"].values()) == 2888 - r["test"]["num_examples"] - r["evaluate"]["num_examples"]

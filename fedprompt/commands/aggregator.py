@@ -1,0 +1,259 @@
+"""`fedprompt aggregator`: the aggregator's daemon (SuperLink + Fleet-only proxy), enrolment, runs.
+
+    fedprompt aggregator start    --pki PKI --state STATE [--port 8000] [--fleet-port 9443]
+    fedprompt aggregator proxy    --pki PKI --listen 0.0.0.0:9443 --upstream superlink:8000
+    fedprompt aggregator register --state STATE hospital-1.pub
+    fedprompt aggregator nodes    --state STATE
+    fedprompt aggregator run      --state STATE --workspace WS --out OUT [--rounds N]
+
+`start` runs `flower-superlink` (TLS, SuperNode authentication, SQLite state, no runtime
+dependency installation) bound to the aggregator's internal address, and the Fleet-only proxy on
+the address hospitals reach. `register` and `run` talk to the Control API through the connection
+`start` writes to STATE/flwr/config.toml (also usable directly: FLWR_HOME=STATE/flwr flwr ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("aggregator", help="run the aggregator (SuperLink + Fleet-only proxy), enrol hospitals, submit runs")
+    sub = parser.add_subparsers(dest="aggregator_command", required=True, metavar="ACTION")
+
+    p = sub.add_parser("start", help="start the SuperLink (internal) and the Fleet-only proxy (for hospitals)")
+    p.add_argument("--pki", type=Path, required=True, help="folder from `fedprompt pki init`")
+    p.add_argument("--state", type=Path, required=True, help="aggregator state folder (SQLite database, apps, flwr connection)")
+    p.add_argument("--host", default="127.0.0.1", help="SuperLink bind address: the aggregator's INTERNAL network only (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="SuperLink port: Fleet + Control + Runtime APIs (default 8000)")
+    p.add_argument("--fleet-host", default="0.0.0.0", help="Fleet-only proxy bind address, reachable by hospitals (default 0.0.0.0)")
+    p.add_argument("--fleet-port", type=int, default=9443, help="Fleet-only proxy port (default 9443)")
+    p.add_argument("--no-fleet-proxy", action="store_true", help="start only the SuperLink (the proxy runs elsewhere: `aggregator proxy`)")
+    p.add_argument("--isolation", choices=("subprocess", "process"), default="subprocess",
+                   help="ServerApp in a SuperLink subprocess (default) or in a separate `flower-superexec`")
+    p.set_defaults(func=run_start)
+
+    p = sub.add_parser("proxy", help="run only the Fleet-only reverse proxy (403 for the Control and Runtime APIs)")
+    from fedprompt.server.fleet_proxy import build_parser
+
+    build_parser(p)
+    p.set_defaults(func=run_proxy)
+
+    p = sub.add_parser("register", help="register a hospital's SuperNode public key (flwr supernode register)")
+    p.add_argument("public_key", type=Path, help="the hospital's ID.pub from `fedprompt pki hospital`")
+    p.add_argument("--state", type=Path, required=True, help="aggregator state folder (as given to `start`)")
+    p.add_argument("--name", help="a name for the SuperNode (default: the key file's stem)")
+    p.set_defaults(func=run_register)
+
+    p = sub.add_parser("nodes", help="list registered SuperNodes and their status (flwr supernode ls)")
+    p.add_argument("--state", type=Path, required=True)
+    p.set_defaults(func=run_nodes)
+
+    p = sub.add_parser("run", help="submit a federation run (flwr run) and follow its log until it ends")
+    p.add_argument("--state", type=Path, required=True, help="aggregator state folder (as given to `start`)")
+    p.add_argument("--workspace", type=Path, required=True, help="folder with federation.yaml (and optional test.csv), on the aggregator")
+    p.add_argument("--out", type=Path, required=True, help="run folder on the aggregator (checkpoint, metrics.json, export, report)")
+    p.add_argument("--rounds", type=int, help="override federation.yaml's rounds")
+    p.add_argument("--app", type=Path, help="Flower app folder to submit (default: $FEDPROMPT_APP, else this project's root)")
+    p.add_argument("--detach", action="store_true", help="submit and return at once, without following the log")
+    p.add_argument("--timeout", type=float, help="give up following the log after this many seconds")
+    p.set_defaults(func=run_run)
+
+
+def _check_san(pki, host: str) -> None:
+    import ipaddress
+
+    from cryptography import x509
+
+    from fedprompt.common.errors import InputError
+    from fedprompt.server.pki import load_cert
+
+    cert = load_cert(pki.server_cert)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    names = [n.lower() for n in san.get_values_for_type(x509.DNSName)]
+    ips = [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
+    try:
+        ok = str(ipaddress.ip_address(host)) in ips
+    except ValueError:
+        ok = host.lower() in names
+    if not ok:
+        raise InputError.at(pki.server_cert, f"does not name {host!r} (it names {', '.join(names + ips)}); the proxy and `flwr` reach "
+                            f"the SuperLink as {host}: re-create the PKI with `--host {host}` among the hosts")
+
+
+def _internal_address(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
+
+
+def run_start(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from fedprompt.common.errors import InputError
+    from fedprompt.server import deploy, fleet_proxy
+    from fedprompt.server.pki import PkiPaths
+
+    pki = PkiPaths.of(args.pki)
+    pki.check_server_side()
+    for name in ("port", "fleet_port"):
+        if not (0 < getattr(args, name) < 65536):
+            raise InputError.at(f"--{name.replace('_', '-')}", f"not a port: {getattr(args, name)}")
+    internal = _internal_address(args.host)
+    _check_san(pki, internal)
+    state = args.state
+    state.mkdir(parents=True, exist_ok=True)
+    conn = deploy.write_connection(state, f"{internal}:{args.port}", pki.ca_cert)
+    argv = deploy.superlink_argv(pki, state, host=args.host, port=args.port, isolation=args.isolation)
+    print(f"[fedprompt] SuperLink on {args.host}:{args.port} (TLS, SuperNode auth, database {state / 'superlink.db'}); "
+          f"Control API connection '{deploy.CONNECTION}' in {conn}", flush=True)
+    link = subprocess.Popen(argv, env=deploy.aggregator_env(state))
+
+    def stop_link() -> int:
+        if link.poll() is None:
+            link.send_signal(signal.SIGTERM)
+            try:
+                link.wait(15)
+            except subprocess.TimeoutExpired:
+                link.kill()
+        return link.wait()
+
+    if args.no_fleet_proxy:
+        signal.signal(signal.SIGTERM, lambda *_: stop_link())
+        try:
+            return link.wait()
+        except KeyboardInterrupt:
+            return stop_link()
+        finally:
+            stop_link()
+
+    config = fleet_proxy.ProxyConfig(
+        args.fleet_host, args.fleet_port, internal, args.port,
+        server_ssl=fleet_proxy.server_context(str(pki.server_cert), str(pki.server_key)),
+        upstream_ssl=fleet_proxy.upstream_context(str(pki.ca_cert)),
+    )
+
+    async def main() -> int:
+        proxy = fleet_proxy.FleetProxy(config)
+        await proxy.start()
+        print(f"[fedprompt] Fleet-only proxy on {args.fleet_host}:{proxy.port} -> {internal}:{args.port} "
+              "(hospitals connect here; /v1/control and /v1/runtime answer 403)", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            while not stop.is_set() and link.poll() is None:
+                try:
+                    await asyncio.wait_for(stop.wait(), 0.5)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            await proxy.close()
+        return link.returncode if link.returncode is not None else 0
+
+    try:
+        rc = asyncio.run(main())
+    finally:
+        code = stop_link()
+    return rc or (code if code and code > 0 else 0)
+
+
+def run_proxy(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+    import ssl
+
+    from fedprompt.common.errors import InputError
+    from fedprompt.server import fleet_proxy
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = fleet_proxy.config_from_args(args)
+    except (ValueError, OSError, ssl.SSLError) as exc:
+        raise InputError.at("fleet proxy", str(exc)) from None
+    asyncio.run(fleet_proxy.serve(config))
+    return 0
+
+
+def _check_public_key(path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from fedprompt.common.errors import InputError
+
+    if not path.is_file():
+        raise InputError.at(path, "public key file not found")
+    try:
+        key = serialization.load_ssh_public_key(path.read_bytes())
+    except Exception as exc:  # ValueError, UnsupportedAlgorithm
+        raise InputError.at(path, f"not an OpenSSH public key: {exc}") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise InputError.at(path, f"Flower needs an EC public key on a NIST curve, got {type(key).__name__}")
+
+
+def run_register(args: argparse.Namespace) -> int:
+    from fedprompt.server import deploy
+    from fedprompt.server.pki import public_key_fingerprint
+
+    _check_public_key(args.public_key)
+    print(f"[fedprompt] registering {args.public_key} ({public_key_fingerprint(args.public_key)})", flush=True)
+    name = args.name or args.public_key.stem
+    return deploy.flwr_cli(args.state, "supernode", "register", str(args.public_key), deploy.CONNECTION, "--name", name).returncode
+
+
+def run_nodes(args: argparse.Namespace) -> int:
+    from fedprompt.server import deploy
+
+    return deploy.flwr_cli(args.state, "supernode", "ls", deploy.CONNECTION).returncode
+
+
+def default_app() -> Path | None:
+    env = os.environ.get("FEDPROMPT_APP")
+    if env:
+        return Path(env)
+    import fedprompt
+
+    root = Path(fedprompt.__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").is_file() else None
+
+
+def run_run(args: argparse.Namespace) -> int:
+    from fedprompt.client.workspace import load_workspace
+    from fedprompt.common.errors import InputError
+    from fedprompt.server import deploy
+
+    if args.rounds is not None and args.rounds < 1:
+        raise InputError.at("--rounds", f"expected >= 1, got {args.rounds}")
+    # The ServerApp reads federation.yaml from this path: validate it now, not in the SuperLink's log.
+    load_workspace(args.workspace) if any(args.workspace.glob("hospital-*/site.yaml")) else _load_federation(args.workspace)
+    if (args.out / "checkpoint").exists():
+        raise InputError.at(args.out, "holds a run already; choose another --out")
+    app = args.app or default_app()
+    if app is None or not (app / "pyproject.toml").is_file():
+        raise InputError.at(app or "--app", "no Flower app (pyproject.toml with [tool.flwr.app]); pass --app or set FEDPROMPT_APP")
+    argv = ["run", str(app), deploy.CONNECTION, "--run-config", deploy.run_config_arg(args.workspace, args.out, args.rounds)]
+    if not args.detach:
+        argv.append("--stream")
+    try:
+        rc = deploy.flwr_cli(args.state, *argv, timeout=args.timeout).returncode
+    except subprocess.TimeoutExpired:
+        print(f"[fedprompt] stopped following the run after {args.timeout:g}s (it goes on at the SuperLink)", file=sys.stderr)
+        return 1
+    if rc or args.detach:
+        return rc
+    metrics = args.out / "metrics.json"
+    if not metrics.is_file():
+        print(f"[fedprompt] the run ended without writing {metrics}: see the SuperLink's log", file=sys.stderr)
+        return 1
+    print(f"[fedprompt] run finished: {metrics}")
+    return 0
+
+
+def _load_federation(workspace: Path) -> None:
+    from fedprompt.common.config import FederationConfig
+
+    FederationConfig.load(workspace / "federation.yaml")

@@ -1,0 +1,203 @@
+"""Process wrappers for a real deployment: SuperLink (+ Fleet-only proxy), SuperNode, `flwr` CLI.
+
+Flags are those of Flower 1.42 (checked against `flower-superlink --help`, `flower-supernode
+--help` and the installed source); see docs/deployment.md for the whole picture.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedprompt.common.errors import InputError, Problem
+
+from .pki import PkiPaths, check_hospital_key, load_cert
+
+CONNECTION = "fedprompt"  # name of the Control API connection in the aggregator's flwr config
+
+
+def flower_exe(name: str) -> str:
+    """`flower-superlink` etc. from this interpreter's environment first, then PATH."""
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if not found:
+        raise InputError.at(name, "Flower executable not found (is flwr installed in this environment?)")
+    return found
+
+
+def split_address(value: str, what: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not (0 < int(port) < 65536):
+        raise InputError.at(what, f"expected HOST:PORT, got {value!r}")
+    return host, int(port)
+
+
+def _toml_str(value: str, what: str) -> str:
+    if any(c in value for c in '"\\\n\r\t') or any(ord(c) < 32 for c in value):
+        raise InputError.at(what, f"{value!r}: quotes, backslashes and control characters are not supported here")
+    return f'"{value}"'
+
+
+# ---------------------------------------------------------------- aggregator side
+
+
+def superlink_argv(pki: PkiPaths, state: Path, *, host: str = "127.0.0.1", port: int = 8000, isolation: str = "subprocess") -> list[str]:
+    return [
+        flower_exe("flower-superlink"),
+        "--ssl-certfile", str(pki.server_cert),
+        "--ssl-keyfile", str(pki.server_key),
+        "--ssl-ca-certfile", str(pki.ca_cert),
+        "--enable-supernode-auth",
+        "--database", str(state / "superlink.db"),
+        "--disable-runtime-dependency-installation",
+        "--isolation", isolation,
+        "--host", host,
+        "--port", str(port),
+    ]
+
+
+def flwr_home(state: Path) -> Path:
+    """FLWR_HOME of the aggregator's processes: the SuperLink's apps and the CLI's connection."""
+    return state / "flwr"
+
+
+def write_connection(state: Path, address: str, ca_cert: Path) -> Path:
+    """`[superlink.fedprompt]` in STATE/flwr/config.toml: where `flwr` reaches the Control API."""
+    home = flwr_home(state)
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / "config.toml"
+    text = (
+        "# Written by `fedprompt aggregator start`: the aggregator's own Control API connection.\n"
+        "# Use with: FLWR_HOME=" + str(home) + " flwr <command> ... " + CONNECTION + "\n"
+        "[superlink]\n"
+        f'default = "{CONNECTION}"\n\n'
+        f"[superlink.{CONNECTION}]\n"
+        f"address = {_toml_str(address, '--port')}\n"
+        f"root-certificates = {_toml_str(str(ca_cert.resolve()), '--pki')}\n"
+    )
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def aggregator_env(state: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["FLWR_HOME"] = str(flwr_home(state).resolve())
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    return env
+
+
+def require_connection(state: Path) -> Path:
+    path = flwr_home(state) / "config.toml"
+    if not path.is_file():
+        raise InputError.at(path, "no Control API connection here: start the aggregator first (`fedprompt aggregator start --state ...`)")
+    return path
+
+
+def flwr_cli(state: Path, *args: str, timeout: float | None = None, capture: bool = False) -> subprocess.CompletedProcess:
+    require_connection(state)
+    return subprocess.run(
+        [flower_exe("flwr"), *args], env=aggregator_env(state), timeout=timeout, text=True,
+        stdout=subprocess.PIPE if capture else None, stderr=subprocess.STDOUT if capture else None, check=False,
+    )
+
+
+def run_config_arg(workspace: Path, out: Path, rounds: int | None) -> str:
+    parts = [f"workspace={_toml_str(str(workspace.resolve()), '--workspace')}", f"out={_toml_str(str(out.resolve()), '--out')}"]
+    if rounds:
+        parts.append(f"rounds={int(rounds)}")
+    return " ".join(parts)
+
+
+# ---------------------------------------------------------------- hospital side
+
+
+@dataclass
+class HospitalCheck:
+    site_path: Path
+    hospital_id: str
+    ledger: Path
+
+
+def check_hospital(site_path: Path, key: Path, root_certificates: Path) -> HospitalCheck:
+    """Everything a hospital daemon needs, validated before the SuperNode starts (InputError)."""
+    from fedprompt.common.config import SiteConfig
+
+    problems: list[Problem] = []
+    site_path = Path(site_path)
+    site = None
+    try:
+        site = SiteConfig.load(site_path)
+    except InputError as exc:
+        problems += exc.problems
+    if site is not None:
+        if not site.ledger.is_file():
+            problems.append(Problem(str(site.ledger), None, "ledger",
+                                    f"privacy ledger not found: create it once with `fedprompt privacy init --site {site_path}` "
+                                    "(never re-create a lost ledger on a site that has trained: restore it from backup)"))
+        else:
+            from fedprompt.client.ledger import PrivacyLedger
+            from fedprompt.common.errors import LedgerError
+
+            try:
+                PrivacyLedger.for_site(site)
+            except LedgerError as exc:
+                problems.append(Problem(str(site.ledger), None, "ledger", str(exc)))
+            except InputError as exc:
+                problems += exc.problems
+        for name in ("train", "validation"):
+            p = getattr(site, name)
+            if p is not None and not Path(p).is_file():
+                problems.append(Problem(str(site_path), None, name, f"record file {p} not found"))
+        if site.backbone is not None and not (Path(site.backbone) / "config.json").is_file():
+            problems.append(Problem(str(site_path), None, "backbone", f"{site.backbone} is not a model directory (no config.json)"))
+    for check in (lambda: check_hospital_key(key), lambda: load_cert(root_certificates)):
+        try:
+            check()
+        except InputError as exc:
+            problems += exc.problems
+    if problems:
+        raise InputError(problems)
+    assert site is not None
+    return HospitalCheck(site_path.resolve(), site.hospital_id, site.ledger)
+
+
+def supernode_argv(
+    *, superlink: str, root_certificates: Path, key: Path, site_path: Path, runtime_host: str = "127.0.0.1", runtime_port: int = 9094,
+    max_retries: int | None = None, max_wait_time: float | None = None, isolation: str = "subprocess", trusted_entities: Path | None = None,
+) -> list[str]:
+    argv = [
+        flower_exe("flower-supernode"),
+        "--superlink", superlink,
+        "--root-certificates", str(Path(root_certificates).resolve()),
+        "--auth-supernode-private-key", str(Path(key).resolve()),
+        "--node-config", f"site-config={_toml_str(str(Path(site_path).resolve()), '--site')}",
+        "--isolation", isolation,
+        "--host", runtime_host,
+        "--port", str(runtime_port),
+    ]
+    if max_retries is not None:
+        argv += ["--max-retries", str(max_retries)]
+    if max_wait_time is not None:
+        argv += ["--max-wait-time", str(max_wait_time)]
+    if trusted_entities is not None:
+        argv += ["--trusted-entities", str(Path(trusted_entities).resolve())]
+    return argv
+
+
+def hospital_env(flwr_home_dir: Path | None) -> dict[str, str]:
+    env = dict(os.environ)
+    if flwr_home_dir is not None:
+        env["FLWR_HOME"] = str(Path(flwr_home_dir).resolve())
+    # The hospital never downloads anything: backbone and tokenizer are local files.
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    return env
