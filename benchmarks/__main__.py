@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     # Hidden options (tests, experiments): another backbone directory, data file, sizes.
     r.add_argument("--backbone", default=None, help=argparse.SUPPRESS)
     r.add_argument("--data", type=Path, default=DEFAULT_DATA, help=argparse.SUPPRESS)
-    for knob in ("pairs", "warmup", "batch", "max_length", "n_virtual", "n_batches", "mem_steps", "acc_rows", "acc_epochs", "acc_rounds"):
+    for knob in ("pairs", "warmup", "batch", "max_length", "n_virtual", "n_batches", "mem_steps", "breakdown_steps", "profile_steps", "acc_rows", "acc_epochs", "acc_rounds"):
         r.add_argument(f"--{knob.replace('_', '-')}", dest=knob, type=int, default=None, help=argparse.SUPPRESS)
     m = sub.add_parser("_memprobe", help=argparse.SUPPRESS)  # internal: one dp memory probe per process
     m.add_argument("spec")
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     suites = list(SUITES) if not args.suite or "all" in args.suite else list(dict.fromkeys(args.suite))
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    knobs = {k: getattr(args, k) for k in ("pairs", "warmup", "batch", "max_length", "n_virtual", "n_batches", "mem_steps", "acc_rows", "acc_epochs", "acc_rounds")}
+    knobs = {k: getattr(args, k) for k in ("pairs", "warmup", "batch", "max_length", "n_virtual", "n_batches", "mem_steps", "breakdown_steps", "profile_steps", "acc_rows", "acc_epochs", "acc_rounds")}
     ctx = Context(out=out, quick=args.quick, backbone=args.backbone, data=args.data, seed=args.seed, overrides=knobs)
     results: dict = {"meta": {**environment(), "quick": args.quick, "suites": suites, "backbone": args.backbone or "default (all-MiniLM-L6-v2)", "data": str(args.data)}, "suites": {}}
     md = [f"# fedprompt benchmarks{' (quick)' if args.quick else ''}", "", f"`{results['meta']['command']}` — {results['meta']['date_utc']}, "

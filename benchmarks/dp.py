@@ -337,8 +337,9 @@ def run(ctx: Context) -> dict:
     opt_extra = [(d["check"] + d["optimizer"]) - (n["check"] + n["optimizer"]) for d, n in zip(samples["dp"], samples["nondp"])]
 
     ctx.log("dp: optimizer-phase breakdown and torch profile")
-    breakdown = _optimizer_breakdown(bench, max(3, min(pairs, 10)))
-    profile = _torch_profile(bench, 2)
+    breakdown = _optimizer_breakdown(bench, int(ctx.knob("breakdown_steps", 10, 3)))
+    profile_steps = int(ctx.knob("profile_steps", 2, 0))
+    profile = _torch_profile(bench, profile_steps) if profile_steps else {}
 
     common = {"backbone": ctx.backbone, "data": str(ctx.data), "batch": batch, "max_length": max_length, "n_virtual": n_virtual, "seed": ctx.seed}
     ctx.log("dp: peak memory, one subprocess per mode")

@@ -10,7 +10,6 @@ import functools
 import logging
 from pathlib import Path
 
-import torch
 from flwr.app import RecordDict
 
 from fedprompt.common.backbone import Backbone, load_backbone
@@ -87,7 +86,7 @@ def train_round(content: RecordDict, site_path: Path, *, run_id: str = "", progr
             if delta != ledger.delta:
                 raise Refused(f"the federation asks for delta {delta:g}, below this site's ledger delta {ledger.delta:g}")
             # Durable BEFORE training: a crash from here on over-counts, never under-counts.
-            spent = ledger.record(sigma, q, steps, epsilon_cap=site.privacy.max_epsilon, run_id=run_id or plan.run_name, round=plan.round)
+            spent = ledger.record(sigma, q, steps, epsilon_cap=site.privacy.max_epsilon, run_id=f"{plan.run_name}/{run_id}" if run_id else plan.run_name, round=plan.round)
             metrics.update({"noise-multiplier": sigma, "sample-rate": q, "epsilon-spent": spent, "epsilon-cap": site.privacy.max_epsilon, "delta": delta})
         elif not site.allow_non_private:
             raise Refused("the aggregator asked for NON-PRIVATE training and this site does not allow it (allow_non_private: false)")

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
 from torch import nn
 
+from .atomic import atomic_write
 from .backbone import Backbone
 from .errors import InputError
 
@@ -178,31 +178,12 @@ def build_model(backbone: Backbone, config: PromptConfig, state: dict[str, torch
     return model
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_prompt(directory: str | Path, config: PromptConfig, state: dict[str, torch.Tensor]) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".safetensors.tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata={"format": FORMAT})
-        os.replace(tmp, directory / WEIGHTS_NAME)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write(directory / WEIGHTS_NAME, save_tensors({k: v.contiguous() for k, v in state.items()}, metadata={"format": FORMAT}))
     payload = {"format": FORMAT, **asdict(config)}
-    _atomic_write(directory / CONFIG_NAME, (json.dumps(payload, indent=2) + "\n").encode())
+    atomic_write(directory / CONFIG_NAME, (json.dumps(payload, indent=2) + "\n").encode())
     return directory
 
 

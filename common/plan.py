@@ -6,8 +6,24 @@ from dataclasses import MISSING, asdict, dataclass, fields
 
 from flwr.app import ConfigRecord
 
+from .backbone import Backbone
 from .config import FederationConfig
 from .model import PromptConfig
+
+
+def prompt_config(fed: FederationConfig, backbone: Backbone) -> PromptConfig:
+    """The federation's model, around this backbone."""
+    return PromptConfig(
+        labels=list(fed.labels),
+        hidden_size=backbone.hidden_size,
+        backbone_fingerprint=backbone.fingerprint,
+        n_virtual_tokens=fed.model.n_virtual_tokens,
+        pooling=fed.model.pooling,
+        max_length=fed.model.max_length,
+        prompt_init=fed.model.prompt_init,
+        seed=fed.model.seed,
+        private=fed.privacy.private,
+    )
 
 
 @dataclass
@@ -59,17 +75,8 @@ class RoundPlan:
         )
 
     def prompt_config(self) -> PromptConfig:
-        return PromptConfig(
-            labels=list(self.labels),
-            hidden_size=self.hidden_size,
-            backbone_fingerprint=self.backbone_fingerprint,
-            n_virtual_tokens=self.n_virtual_tokens,
-            pooling=self.pooling,
-            max_length=self.max_length,
-            prompt_init=self.prompt_init,
-            seed=self.seed,
-            private=self.private,
-        )
+        names = {f.name for f in fields(PromptConfig)} & {f.name for f in fields(self)}
+        return PromptConfig(**{n: getattr(self, n) for n in names})
 
     def to_config_record(self) -> ConfigRecord:
         return ConfigRecord({f"fp.{k}": v for k, v in asdict(self).items()})

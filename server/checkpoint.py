@@ -8,14 +8,14 @@ the previous complete round loadable.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
 
+from fedprompt.common.atomic import atomic_write
 from fedprompt.common.errors import InputError
 
 FORMAT = "fedprompt-checkpoint/1"
@@ -30,38 +30,12 @@ class Checkpoint:
     run: str
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(directory: Path, ckpt: Checkpoint) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     tensors = f"global-r{ckpt.round:04d}.safetensors"
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".safetensors.tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in ckpt.state.items()}, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, directory / tensors)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write(directory / tensors, save_tensors({k: v.contiguous() for k, v in ckpt.state.items()}))
     meta = {"format": FORMAT, "run": ckpt.run, "round": ckpt.round, "tensors": tensors, "backbone_fingerprint": ckpt.backbone_fingerprint, "history": ckpt.history}
-    _atomic_bytes(directory / "state.json", (json.dumps(meta, indent=1) + "\n").encode())
+    atomic_write(directory / "state.json", (json.dumps(meta, indent=1) + "\n").encode())
     for old in directory.glob("global-r*.safetensors"):  # keep only the committed round
         if old.name != tensors:
             old.unlink(missing_ok=True)

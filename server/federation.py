@@ -17,16 +17,17 @@ from flwr.app import MetricRecord
 from flwr.serverapp import Grid
 
 from fedprompt.client.records import load_records
+from fedprompt.common.atomic import atomic_write
 from fedprompt.common.backbone import Backbone, load_backbone
 from fedprompt.common.config import FederationConfig
 from fedprompt.common.encoding import encode
 from fedprompt.common.errors import InputError
 from fedprompt.common.metrics import evaluate
 from fedprompt.common.model import PromptConfig, build_model, initial_state
-from fedprompt.common.plan import RoundPlan
+from fedprompt.common.plan import RoundPlan, prompt_config
 from fedprompt.common.wire import arrays_to_state, state_to_arrays
 
-from .checkpoint import Checkpoint, _atomic_bytes, load_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .export import export_model
 from .report import write_report
 from .strategy import ValidatedStrategy, build_strategy
@@ -70,17 +71,7 @@ def prepare_run(spec: RunSpec) -> PreparedRun:
             f"pinned backbone {pinned[:16]}... but the aggregator's backbone ({backbone.path}) is {backbone.fingerprint[:16]}...",
             field="model.backbone_fingerprint",
         )
-    prompt = PromptConfig(
-        labels=list(fed.labels),
-        hidden_size=backbone.hidden_size,
-        backbone_fingerprint=backbone.fingerprint,
-        n_virtual_tokens=fed.model.n_virtual_tokens,
-        pooling=fed.model.pooling,
-        max_length=fed.model.max_length,
-        prompt_init=fed.model.prompt_init,
-        seed=fed.model.seed,
-        private=fed.privacy.private,
-    )
+    prompt = prompt_config(fed, backbone)
     run = PreparedRun(spec, backbone, prompt, {}, 0)
     ckpt = load_checkpoint(run.checkpoint_dir)
     if ckpt is not None and not spec.resume:
@@ -162,7 +153,7 @@ def finish(run: PreparedRun) -> dict:
         "rounds": run.history,
         "export": str(export_dir),
     }
-    _atomic_bytes(out / "metrics.json", (json.dumps(metrics, indent=1) + "\n").encode())
+    atomic_write(out / "metrics.json", (json.dumps(metrics, indent=1) + "\n").encode())
     write_report(metrics, out)
     return metrics
 

@@ -20,12 +20,13 @@ import io
 import math
 import os
 import re
-import tempfile
 import urllib.parse
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from fedprompt.common.atomic import atomic_write
 
 __all__ = ["write_report", "REPORT_NAME", "METRICS_PNG", "EPSILON_PNG", "UPLOAD_PNG", "STATUSES"]
 
@@ -150,29 +151,6 @@ def _fmt_eps(value: Any) -> str:
     if v is None:
         return _MISSING
     return f"{v:.2f}" if math.isfinite(v) else _fmt(v)
-
-
-# --------------------------------------------------------------------------------------------
-# Atomic file writing
-# --------------------------------------------------------------------------------------------
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory + ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is meant to be read by others
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -752,8 +730,8 @@ def write_report(metrics: dict, out_dir: Path) -> Path:
     }
     page = _render_html(metrics, rounds, xs, hospitals, out_dir).encode("utf-8")
     for name, data in plots.items():
-        _write_atomic(out_dir / name, data)
+        atomic_write(out_dir / name, data)
     report = out_dir / REPORT_NAME
-    _write_atomic(report, page)
+    atomic_write(report, page)
     _fsync_dir(out_dir)
     return report

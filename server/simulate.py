@@ -55,6 +55,10 @@ def simulate(workspace: Path, out_dir: Path, *, rounds: int | None = None, resum
     }
     from flwr.simulation import run_simulation
 
+    # Flower logs through its own handler; without this a root handler set up by a dependency
+    # prints every line twice.
+    logging.getLogger("flwr").propagate = False
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         run_simulation(

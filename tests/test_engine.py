@@ -9,7 +9,6 @@ import pytest
 import torch
 from opacus.accountants.utils import get_noise_multiplier
 from safetensors.torch import load_file, save_file
-from torch.utils.data import TensorDataset
 
 from fedprompt.client import selftest
 from fedprompt.client.dp import PerSampleGradientError, calibrate_noise, noise_only_step, plan_steps, wrap_private

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, Error, Message, Metadata, MetricRecord, RecordDict
 
 from fedprompt.common.config import FederationConfig, StrategySettings
 from fedprompt.common.model import PromptConfig

@@ -48,10 +48,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("public_key", type=Path, help="the hospital's ID.pub from `fedprompt pki hospital`")
     p.add_argument("--state", type=Path, required=True, help="aggregator state folder (as given to `start`)")
     p.add_argument("--name", help="a name for the SuperNode (default: the key file's stem)")
+    _connection_args(p)
     p.set_defaults(func=run_register)
 
     p = sub.add_parser("nodes", help="list registered SuperNodes and their status (flwr supernode ls)")
     p.add_argument("--state", type=Path, required=True)
+    _connection_args(p)
     p.set_defaults(func=run_nodes)
 
     p = sub.add_parser("run", help="submit a federation run (flwr run) and follow its log until it ends")
@@ -60,9 +62,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="run folder on the aggregator (checkpoint, metrics.json, export, report)")
     p.add_argument("--rounds", type=int, help="override federation.yaml's rounds")
     p.add_argument("--app", type=Path, help="Flower app folder to submit (default: $FEDPROMPT_APP, else this project's root)")
+    p.add_argument("--run-config", action="append", default=[], metavar="'KEY=VALUE ...'",
+                   help="extra run-config overrides passed on to `flwr run` (keys must exist in the app's [tool.flwr.app.config])")
     p.add_argument("--detach", action="store_true", help="submit and return at once, without following the log")
     p.add_argument("--timeout", type=float, help="give up following the log after this many seconds")
+    _connection_args(p)
     p.set_defaults(func=run_run)
+
+
+def _connection_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--superlink", metavar="HOST:PORT",
+                   help="the SuperLink's Control API on the aggregator's internal network (default: the connection `start` wrote to STATE)")
+    p.add_argument("--root-certificates", type=Path, help="CA certificate for --superlink (the PKI's ca.pem)")
+
+
+def _ensure_connection(args: argparse.Namespace) -> None:
+    """With --superlink: (re)write STATE/flwr/config.toml (e.g. a submitter container next to the SuperLink)."""
+    from fedprompt.common.errors import InputError
+    from fedprompt.server import deploy
+    from fedprompt.server.pki import load_cert
+
+    if args.superlink is None:
+        deploy.require_connection(args.state)
+        return
+    deploy.split_address(args.superlink, "--superlink")
+    if args.root_certificates is None:
+        raise InputError.at("--root-certificates", "required with --superlink (the SuperLink always runs with TLS)")
+    load_cert(args.root_certificates)
+    deploy.write_connection(args.state, args.superlink, args.root_certificates)
 
 
 def _check_san(pki, host: str) -> None:
@@ -200,6 +227,7 @@ def run_register(args: argparse.Namespace) -> int:
     from fedprompt.server.pki import public_key_fingerprint
 
     _check_public_key(args.public_key)
+    _ensure_connection(args)
     print(f"[fedprompt] registering {args.public_key} ({public_key_fingerprint(args.public_key)})", flush=True)
     name = args.name or args.public_key.stem
     return deploy.flwr_cli(args.state, "supernode", "register", str(args.public_key), deploy.CONNECTION, "--name", name).returncode
@@ -208,6 +236,7 @@ def run_register(args: argparse.Namespace) -> int:
 def run_nodes(args: argparse.Namespace) -> int:
     from fedprompt.server import deploy
 
+    _ensure_connection(args)
     return deploy.flwr_cli(args.state, "supernode", "ls", deploy.CONNECTION).returncode
 
 
@@ -232,10 +261,13 @@ def run_run(args: argparse.Namespace) -> int:
     load_workspace(args.workspace) if any(args.workspace.glob("hospital-*/site.yaml")) else _load_federation(args.workspace)
     if (args.out / "checkpoint").exists():
         raise InputError.at(args.out, "holds a run already; choose another --out")
+    _ensure_connection(args)
     app = args.app or default_app()
     if app is None or not (app / "pyproject.toml").is_file():
         raise InputError.at(app or "--app", "no Flower app (pyproject.toml with [tool.flwr.app]); pass --app or set FEDPROMPT_APP")
     argv = ["run", str(app), deploy.CONNECTION, "--run-config", deploy.run_config_arg(args.workspace, args.out, args.rounds)]
+    for extra in args.run_config:
+        argv += ["--run-config", extra]
     if not args.detach:
         argv.append("--stream")
     try:

@@ -1,0 +1,81 @@
+"""Seed the compose demo: one hospital's private data volume, or the aggregator's federation folder.
+
+    python docker/demo_site.py hospital --id 1 --data /data --ledger /ledger
+    python docker/demo_site.py federation --out /federation
+
+Both sides regenerate the same seeded synthetic demo and keep only their own part: a hospital
+writes only its own records, site.yaml and ledger; the aggregator only federation.yaml and the
+held-out test set. Idempotent: nothing that exists is touched (a ledger is NEVER re-created).
+A real site replaces this step by its own records and site.yaml (see docs/deployment.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+
+def _demo(tmp: Path) -> Path:
+    from fedprompt.client.demo_data import generate_demo, write_demo_workspace
+
+    return write_demo_workspace(tmp / "ws", generate_demo(hospitals=3, seed=0))
+
+
+def hospital(args: argparse.Namespace) -> int:
+    from fedprompt.client.ledger import PrivacyLedger
+    from fedprompt.common.config import SiteConfig
+
+    site_path = args.data / "site.yaml"
+    if not site_path.exists():
+        with tempfile.TemporaryDirectory() as tmp:
+            src = _demo(Path(tmp)) / f"hospital-{args.id}"
+            if not src.is_dir():
+                print(f"no demo hospital {args.id}", file=sys.stderr)
+                return 2
+            for name in ("train.csv", "val.csv"):
+                shutil.copyfile(src / name, args.data / name)
+            site = yaml.safe_load((src / "site.yaml").read_text())
+            site["ledger"] = str(args.ledger / "privacy-ledger.json")
+            site_path.write_text("# Demo hospital site config (see docs/deployment.md)\n" + yaml.safe_dump(site, sort_keys=False))
+        print(f"seeded demo data for hospital-{args.id} in {args.data}")
+    site = SiteConfig.load(site_path)
+    if not site.ledger.exists():  # `fedprompt privacy init --site ...`, once in the life of the site
+        PrivacyLedger.create(site.ledger, hospital_id=site.hospital_id, epsilon_cap=site.privacy.max_epsilon,
+                             delta=site.privacy.delta, mechanism=site.privacy.accountant)
+        print(f"created privacy ledger {site.ledger}")
+    return 0
+
+
+def federation(args: argparse.Namespace) -> int:
+    if (args.out / "federation.yaml").exists():
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        ws = _demo(Path(tmp))
+        for name in ("federation.yaml", "test.csv"):
+            shutil.copyfile(ws / name, args.out / name)
+    print(f"seeded the demo federation in {args.out}")
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="cmd", required=True)
+    h = sub.add_parser("hospital")
+    h.add_argument("--id", required=True)
+    h.add_argument("--data", type=Path, required=True)
+    h.add_argument("--ledger", type=Path, required=True)
+    h.set_defaults(func=hospital)
+    f = sub.add_parser("federation")
+    f.add_argument("--out", type=Path, required=True)
+    f.set_defaults(func=federation)
+    args = p.parse_args()
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""The deployment topology as real processes on loopback (marker `deployment`).
+
+    fedprompt pki init / pki hospital          CA + server certificate, 4 SuperNode keys
+    fedprompt aggregator start                 flower-superlink (TLS, node auth, SQLite) on 127.0.0.1:P1
+                                               + Fleet-only proxy on 127.0.0.1:P2
+    fedprompt aggregator register x3           keys of hospital-1..3 (the 4th stays unregistered)
+    fedprompt hospital start x3                flower-supernode -> proxy (P2), never the SuperLink itself
+    fedprompt aggregator run                   flwr run: 2 rounds, metrics.json + export in --out
+
+Every process runs in its own session and is killed (whole process group) at teardown; every
+wait has a deadline. The submitted Flower app is a code-free app folder (like docker/app): its
+ClientApp is the installed `fedprompt.client.client_app:app`; its ServerApp is the installed
+`fedprompt.server.server_app` plus one addition, the `backbone` run-config key (the tiny test BERT;
+`spec_from_run_config` has no backbone setting yet, see the shim below).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.deployment
+
+FEDPROMPT = [sys.executable, "-m", "fedprompt"]
+RUN_TIMEOUT = 150.0  # the 2-round run, from submission to metrics.json
+
+APP_PYPROJECT = """\
+[build-system]
+requires = ["setuptools>=69"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "fedprompt-deploy-test"
+version = "0.1.0"
+description = "fedprompt deployment test app (code comes from the installed fedprompt package)"
+license = "Apache-2.0"
+
+[tool.flwr.app]
+publisher = "fedprompt"
+
+[tool.flwr.app.components]
+serverapp = "fedprompt_deploy_shim:app"
+clientapp = "fedprompt.client.client_app:app"
+
+[tool.flwr.app.config]
+workspace = ""
+out = ""
+rounds = 0
+backbone = ""
+"""
+
+SHIM = '''\
+"""ServerApp = fedprompt.server.server_app + a `backbone` run-config key (the aggregator's backbone)."""
+from pathlib import Path
+
+from flwr.serverapp import ServerApp
+
+from fedprompt.server.federation import execute, prepare_run
+from fedprompt.server.server_app import spec_from_run_config
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid, context):
+    spec = spec_from_run_config(context.run_config)
+    if context.run_config.get("backbone"):
+        spec.backbone = Path(str(context.run_config["backbone"]))
+    execute(grid, prepare_run(spec))
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.25):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+
+
+def can_connect(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+class Processes:
+    def __init__(self, logs: Path):
+        self.logs = logs
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "wb")
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 15
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for proc in self.procs.values():
+            try:  # the group too: Flower's superexec / clientapp children
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            if proc.poll() is None:
+                proc.wait(5)
+
+
+def cli(*args: str, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*FEDPROMPT, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def make_workspace(root: Path) -> Path:
+    from fedprompt.client.demo_data import generate_demo, write_demo_workspace
+    from fedprompt.server.simulate import ensure_ledgers
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tinybert import make_tiny_backbone
+
+    ws = write_demo_workspace(root / "workspace", generate_demo(hospitals=3, per_hospital=40, test_size=30))
+    backbone = make_tiny_backbone(root / "tinybert")
+    for site in sorted(ws.glob("hospital-*/site.yaml")):
+        doc = yaml.safe_load(site.read_text())
+        doc["backbone"] = str(backbone)
+        site.write_text(yaml.safe_dump(doc, sort_keys=False))
+    fed_path = ws / "federation.yaml"
+    fed = yaml.safe_load(fed_path.read_text())
+    fed["rounds"] = 2
+    fed["round_timeout"] = 120.0
+    fed["model"].update(n_virtual_tokens=4, max_length=32)
+    fed["training"]["batch_size"] = 8
+    fed_path.write_text(yaml.safe_dump(fed, sort_keys=False))
+    assert ensure_ledgers(ws) == ["hospital-1", "hospital-2", "hospital-3"]
+    return ws
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deploy")
+    logs = root / "logs"
+    logs.mkdir()
+    procs = Processes(logs)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               FLWR_HOME=str(root / "flwr-home-unused"), PYTHONUNBUFFERED="1")
+    t0 = time.monotonic()
+    try:
+        pki, keys, state = root / "pki", root / "keys", root / "aggregator-state"
+        r = cli("pki", "init", "--out", str(pki), "--host", "localhost", "--host", "127.0.0.1", env=env)
+        assert r.returncode == 0, r.stderr
+        for i in range(1, 5):
+            r = cli("pki", "hospital", "--id", f"hospital-{i}", "--out", str(keys), env=env)
+            assert r.returncode == 0, r.stderr
+        ws = make_workspace(root)
+        app = root / "app"
+        app.mkdir()
+        (app / "pyproject.toml").write_text(APP_PYPROJECT)
+        (app / "fedprompt_deploy_shim.py").write_text(SHIM)
+
+        link_port, fleet_port = free_port(), free_port()
+        procs.start("aggregator", [*FEDPROMPT, "aggregator", "start", "--pki", str(pki), "--state", str(state),
+                                   "--port", str(link_port), "--fleet-host", "127.0.0.1", "--fleet-port", str(fleet_port)], env)
+        wait_for(lambda: can_connect(fleet_port) and can_connect(link_port), 60, "SuperLink and proxy ports")
+        for i in range(1, 4):
+            r = cli("aggregator", "register", "--state", str(state), str(keys / f"hospital-{i}.pub"), env=env)
+            assert r.returncode == 0, r.stdout + r.stderr
+        for i in range(1, 4):
+            procs.start(f"hospital-{i}", [
+                *FEDPROMPT, "hospital", "start", "--site", str(ws / f"hospital-{i}" / "site.yaml"),
+                "--superlink", f"127.0.0.1:{fleet_port}", "--root-certificates", str(pki / "ca.pem"),
+                "--key", str(keys / f"hospital-{i}.key"), "--clientappio-port", str(free_port()),
+                "--flwr-home", str(root / f"node-{i}"),
+            ], env)
+        # A fourth SuperNode with a valid but unregistered key, also through the proxy.
+        procs.start("intruder", [
+            *FEDPROMPT, "hospital", "start", "--site", str(ws / "hospital-1" / "site.yaml"),
+            "--superlink", f"127.0.0.1:{fleet_port}", "--root-certificates", str(pki / "ca.pem"),
+            "--key", str(keys / "hospital-4.key"), "--clientappio-port", str(free_port()),
+            "--flwr-home", str(root / "node-4"), "--max-retries", "1", "--max-wait-time", "30",
+        ], env)
+        out = root / "run-out"
+        procs.start("run", [*FEDPROMPT, "aggregator", "run", "--state", str(state), "--workspace", str(ws), "--out", str(out),
+                                  "--app", str(app), "--timeout", str(RUN_TIMEOUT),
+                                  # the aggregator uses the hospitals' (tiny) backbone: the app's extra key
+                                  "--run-config", f'backbone="{root / "tinybert"}"'], env)
+        yield {"root": root, "procs": procs, "pki": pki, "keys": keys, "state": state, "ws": ws, "out": out,
+               "fleet_port": fleet_port, "link_port": link_port, "t0": t0, "env": env}
+    finally:
+        procs.stop_all()
+        print(f"\n[deployment] total {time.monotonic() - t0:.1f}s; logs in {logs}")
+
+
+def https_post(port: int, path: str, ca: Path, method: str = "POST", body: bytes = b"") -> tuple[int, bytes]:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, ctx.wrap_socket(raw, server_hostname="localhost") as s:
+        s.sendall(f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/protobuf\r\n"
+                  f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), rest
+
+
+def test_control_and_runtime_apis_refused_through_proxy(deployment):
+    port, ca = deployment["fleet_port"], deployment["pki"] / "ca.pem"
+    for method, path in [("POST", "/v1/control/list-runs"), ("POST", "/v1/control/start-run"), ("POST", "/v1/runtime/get-nodes"),
+                         ("GET", "/"), ("POST", "/v1/fleet/../control/list-runs"), ("POST", "/v1/fleet/%2e%2e/control/list-runs"),
+                         ("GET", "/v1/fleet/pull-messages")]:
+        status, body = https_post(port, path, ca, method)
+        assert status == 403, (method, path, status, body)
+    # A Fleet call passes the proxy and is answered by the SuperLink itself (not 403: 401/4xx from Flower).
+    status, _ = https_post(port, "/v1/fleet/get-run", ca)
+    assert status != 403 and 400 <= status < 500
+    # The SuperLink itself still serves the Control API: on the aggregator's internal address only.
+    status, _ = https_post(deployment["link_port"], "/v1/control/list-runs", ca)
+    assert status != 403
+
+
+def test_unregistered_supernode_is_refused(deployment):
+    procs = deployment["procs"]
+    proc = procs.procs["intruder"]
+    try:
+        rc = proc.wait(60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the unregistered SuperNode is still running after 60s:\n" + procs.log("intruder")[-2000:])
+    log = procs.log("intruder")
+    assert rc != 0
+    assert "Failed to activate SuperNode" in log, log[-2000:]
+
+
+def test_hospital_start_validates_before_starting(deployment, tmp_path):
+    from fedprompt import cli as fp_cli
+
+    ws, keys, pki = deployment["ws"], deployment["keys"], deployment["pki"]
+    base = ["hospital", "start", "--superlink", "127.0.0.1:1", "--root-certificates", str(pki / "ca.pem"), "--check"]
+    assert fp_cli.main([*base, "--site", str(ws / "hospital-2" / "site.yaml"), "--key", str(keys / "hospital-2.key")]) == 0
+    # No ledger: exit 2 and the operator is told how to create it.
+    site = yaml.safe_load((ws / "hospital-2" / "site.yaml").read_text())
+    site["ledger"] = str(tmp_path / "missing" / "ledger.json")
+    for key in ("train", "validation"):
+        site[key] = str(ws / "hospital-2" / site[key])
+    bad_site = tmp_path / "site.yaml"
+    bad_site.write_text(yaml.safe_dump(site))
+    r = cli(*base, "--site", str(bad_site), "--key", str(keys / "hospital-2.key"), env=deployment["env"])
+    assert r.returncode == 2 and "fedprompt privacy init --site" in r.stderr, r.stderr
+    # A key that is not an OpenSSH EC private key (here: the public key): exit 2.
+    r = cli(*base, "--site", str(ws / "hospital-2" / "site.yaml"), "--key", str(keys / "hospital-2.pub"), env=deployment["env"])
+    assert r.returncode == 2 and "hospital-2.pub" in r.stderr, r.stderr
+
+
+def test_two_round_run_completes(deployment):
+    procs, out = deployment["procs"], deployment["out"]
+    run = procs.procs["run"]
+    try:
+        rc = run.wait(RUN_TIMEOUT + 30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("`fedprompt aggregator run` did not return:\n" + procs.log("run")[-3000:])
+    assert rc == 0, procs.log("run")[-4000:] + "\n--- hospital-1\n" + procs.log("hospital-1")[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    for rec in metrics["rounds"]:
+        assert sorted(rec["hospitals"]) == ["hospital-1", "hospital-2", "hospital-3"], rec["hospitals"]
+        assert {h["status"] for h in rec["hospitals"].values()} == {"ok"}, rec["hospitals"]
+    export = Path(metrics["export"])
+    assert export.is_dir() and any(export.iterdir())
+    # Each hospital's ledger recorded its DP-SGD steps on its own disk.
+    for i in range(1, 4):
+        ledger = json.loads(next((deployment["ws"] / f"hospital-{i}" / "ledger").glob("*.json")).read_text())
+        assert len(ledger["history"]) == 2
+    # The hospitals reached only the proxy: the SuperLink saw them via the Fleet proxy's port.
+    for i in range(1, 4):
+        assert f"127.0.0.1:{deployment['fleet_port']}" in procs.log(f"hospital-{i}")
+    print(f"\n[deployment] run finished {time.monotonic() - deployment['t0']:.1f}s after setup began")
