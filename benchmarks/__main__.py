@@ -35,6 +35,24 @@ def _json_safe(o):
     return o
 
 
+def _header(meta: dict, quick: bool) -> list[str]:
+    return [f"# fedprompt benchmarks{' (quick)' if quick else ''}", "", f"`{meta['command']}` — {meta['date_utc']}, "
+            f"{meta['cpu_model']}, {meta['nproc']} CPUs, torch {meta['torch']}, opacus {meta['opacus']}, flwr {meta['flwr']}"]
+
+
+def _render(directory: Path) -> int:
+    results = json.loads((directory / "results.json").read_text())
+    md = _header(results["meta"], results["meta"].get("quick", False))
+    plots: list[str] = []
+    for name, res in results["suites"].items():
+        mod = importlib.import_module(f".{name}", __package__)
+        md += ["", f"## {name}", "", mod.markdown(res)]
+        plots += mod.plot(res, directory)
+    md += ["", "Plots: " + ", ".join(f"`{p}`" for p in plots)]
+    (directory / "results.md").write_text("\n".join(md) + "\n")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -50,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
         r.add_argument(f"--{knob.replace('_', '-')}", dest=knob, type=int, default=None, help=argparse.SUPPRESS)
     m = sub.add_parser("_memprobe", help=argparse.SUPPRESS)  # internal: one dp memory probe per process
     m.add_argument("spec")
+    g = sub.add_parser("_render", help=argparse.SUPPRESS)  # internal: results.md + plots again from results.json
+    g.add_argument("dir", type=Path)
     return p
 
 
@@ -61,14 +81,16 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(memory_probe(json.loads(args.spec))))
         return 0
 
+    if args.cmd == "_render":
+        return _render(args.dir)
+
     suites = list(SUITES) if not args.suite or "all" in args.suite else list(dict.fromkeys(args.suite))
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     knobs = {k: getattr(args, k) for k in ("pairs", "warmup", "batch", "max_length", "n_virtual", "n_batches", "mem_steps", "breakdown_steps", "profile_steps", "acc_rows", "acc_epochs", "acc_rounds")}
     ctx = Context(out=out, quick=args.quick, backbone=args.backbone, data=args.data, seed=args.seed, overrides=knobs)
     results: dict = {"meta": {**environment(), "quick": args.quick, "suites": suites, "backbone": args.backbone or "default (all-MiniLM-L6-v2)", "data": str(args.data)}, "suites": {}}
-    md = [f"# fedprompt benchmarks{' (quick)' if args.quick else ''}", "", f"`{results['meta']['command']}` — {results['meta']['date_utc']}, "
-          f"{results['meta']['cpu_model']}, {results['meta']['nproc']} CPUs, torch {results['meta']['torch']}, opacus {results['meta']['opacus']}, flwr {results['meta']['flwr']}"]
+    md = _header(results["meta"], args.quick)
     plots: list[str] = []
     for name in suites:
         mod = importlib.import_module(f".{name}", __package__)

@@ -209,30 +209,38 @@ def _maxrss_mb() -> float:
 
 
 def memory_probe(spec: dict) -> dict:
-    """Run in a fresh process: build only `mode`'s model, then measure RSS around `steps` steps."""
+    """Run in a fresh process: build only `mode`'s model, then measure RSS around `steps` steps.
+
+    Peaks come from the kernel's per-address-space high-water mark (VmHWM), reset after setup.
+    getrusage's ru_maxrss is kept for reference only: Linux carries the forking parent's peak
+    into the child across fork + exec, so in a probe started by a large parent it reports the
+    parent's peak, not the probe's.
+    """
     mode = spec["mode"]
     bench = Bench(
         backbone=spec["backbone"], data=Path(spec["data"]), batch=spec["batch"], max_length=spec["max_length"],
         n_virtual=spec["n_virtual"], n_batches=spec["steps"], seed=spec["seed"], modes=(mode,), copy_encoder_for_ft=False,
     )
     gc.collect()
-    maxrss_setup = _maxrss_mb()
+    setup_peak = _hwm_mb()
     rss_before = _rss_now_mb()
     reset = _reset_hwm()
     for i in range(spec["steps"]):
         bench.timed(mode, i)
-    maxrss_end = _maxrss_mb()
-    hwm = _hwm_mb() if reset else None
+    train_peak = _hwm_mb() if reset else None
+    if train_peak is None:  # no VmHWM reset (not Linux >= 4.0): fall back to the whole-process peak
+        train_peak = _hwm_mb() or _maxrss_mb()
     return {
         "mode": mode,
         "steps": spec["steps"],
+        "setup_peak_mb": setup_peak,  # loading backbone, fingerprint, tokenizing, building the model
         "rss_after_setup_mb": rss_before,
-        "maxrss_setup_mb": maxrss_setup,
-        "peak_rss_mb": maxrss_end,  # getrusage ru_maxrss of the whole process (setup included)
-        "maxrss_delta_mb": maxrss_end - maxrss_setup,  # getrusage delta (0 if setup peaked higher)
-        # peak during the training steps above the settled post-setup RSS (high-water mark reset)
-        "train_peak_over_setup_mb": (hwm - rss_before) if hwm is not None else max(0.0, maxrss_end - rss_before),
+        "train_peak_rss_mb": train_peak,  # peak while the training steps ran
+        "peak_rss_mb": max(x for x in (setup_peak, train_peak) if x is not None),
+        # what training adds at its peak over the settled post-setup RSS
+        "train_peak_over_setup_mb": max(0.0, train_peak - rss_before),
         "hwm_reset": reset,
+        "ru_maxrss_mb_inherited": _maxrss_mb(),
     }
 
 
@@ -379,8 +387,9 @@ def markdown(r: dict) -> str:
     rows = []
     for m in MODES:
         s, mem = r["step_seconds"][m], r["memory"][m]
-        rows.append([LABEL[m], f"{c['trainable_params'][m]:,}", s["median"], f"{s['q1']:.3f}-{s['q3']:.3f}", r["throughput_examples_per_s"][m], mem["peak_rss_mb"], mem["train_peak_over_setup_mb"]])
-    t1 = md_table(["mode", "trainable params", "step s (median)", "step s (IQR)", "examples/s", "peak RSS MB", "training peak over setup MB"], rows)
+        rows.append([LABEL[m], f"{c['trainable_params'][m]:,}", s["median"], f"{s['q1']:.3f}-{s['q3']:.3f}", r["throughput_examples_per_s"][m],
+                     mem.get("train_peak_rss_mb", float("nan")), mem["train_peak_over_setup_mb"], mem.get("setup_peak_mb", float("nan"))])
+    t1 = md_table(["mode", "trainable params", "step s (median)", "step s (IQR)", "examples/s", "peak RSS while training, MB", "training adds, MB", "setup peak, MB"], rows)
     rr, rc = r["ratio_dp_over_nondp"], r["ratio_dp_over_nondp_cpu_time"]
     tf, tn = r["throughput_ratio_dp_over_fullft"], r["throughput_ratio_nondp_over_fullft"]
     t2 = md_table(

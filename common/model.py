@@ -197,6 +197,8 @@ def load_prompt(directory: str | Path) -> tuple[PromptConfig, dict[str, torch.Te
         raw = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise InputError.at(cfg_path, f"not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise InputError.at(cfg_path, f"expected a JSON object, got {type(raw).__name__}")
     if raw.pop("format", None) != FORMAT:
         raise InputError.at(cfg_path, f"expected format {FORMAT!r}", field="format")
     try:

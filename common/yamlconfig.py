@@ -34,13 +34,16 @@ def _node_to_python(node: yaml.Node, path: str, lines: dict[str, int], prefix: s
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_node_to_python(v, path, lines, f"{prefix}[{i}]") for i, v in enumerate(node.value)]
-    return _scalar(node)
+    return _scalar(node, path, prefix)
 
 
-def _scalar(node: yaml.ScalarNode) -> Any:
+def _scalar(node: yaml.ScalarNode, path: str, key: str) -> Any:
     loader = yaml.SafeLoader("")
     try:
         return loader.construct_object(node, deep=True)
+    except (yaml.YAMLError, ValueError, TypeError) as exc:  # e.g. `!!int lots`, `!!python/name:...`
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise InputError.at(path, f"invalid value {node.value!r} ({problem})", line=node.start_mark.line + 1, field=key or None) from None
     finally:
         loader.dispose()
 

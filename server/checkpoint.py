@@ -47,9 +47,11 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
         return None
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError("expected a JSON object")
         if meta.get("format") != FORMAT:
             raise ValueError(f"format {meta.get('format')!r} != {FORMAT!r}")
         state = load_file(str(directory / meta["tensors"]))
         return Checkpoint(int(meta["round"]), state, list(meta["history"]), str(meta["backbone_fingerprint"]), str(meta["run"]))
-    except (ValueError, KeyError, OSError, TypeError) as exc:
-        raise InputError.at(path, f"unreadable checkpoint: {exc}") from None
+    except Exception as exc:  # json, safetensors and type errors alike: the checkpoint is unusable
+        raise InputError.at(path, f"unreadable checkpoint: {type(exc).__name__}: {exc}") from None

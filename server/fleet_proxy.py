@@ -14,7 +14,8 @@ headers (public key, timestamp, signature of the timestamp), which this proxy pa
 Some responses are streamed (chunked); they are relayed chunk by chunk as they arrive.
 
 The proxy terminates TLS (the aggregator's server certificate, so hospitals verify the same CA) and
-opens its own TLS connection to the SuperLink (verified against the same CA). Every request on a
+opens its own TLS connection to the SuperLink for each request (verified against the same CA;
+one upstream connection per request, so no race with the SuperLink's keep-alive timeout). Every request on a
 kept-alive connection is checked, not just the first: the proxy parses HTTP/1.1 framing itself
 (Content-Length or chunked; both at once, duplicates, obs-fold, Upgrade and absolute-form targets
 are refused), so no request can be smuggled behind an allowed one.
@@ -157,7 +158,6 @@ class FleetProxy:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
-        upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         try:
             while True:
                 try:
@@ -184,29 +184,38 @@ class FleetProxy:
                 except BadRequest as exc:
                     await self._respond(writer, 400, "Bad Request", f"bad request: {exc}")
                     break
-                if upstream is None:
-                    try:
-                        upstream = await self._connect()
-                    except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
-                        log.warning("upstream %s:%d unreachable: %s", self.config.upstream_host, self.config.upstream_port, exc)
-                        await self._respond(writer, 502, "Bad Gateway", "the aggregator is not reachable right now")
-                        break
-                up_reader, up_writer = upstream
-                client_close = any("close" in v.lower() for v in head.get("connection"))
-                up_writer.write(_serialize(head, HOP_BY_HOP))
-                await self._relay_body(reader, up_writer, kind, length)
-                keep = await self._relay_response(up_reader, writer, method)
-                self.forwarded += 1
-                if client_close or not keep:
+                if not await self._forward(head, kind, length, reader, writer, method):
                     break
-        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, BadRequest, ssl.SSLError) as exc:
+        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, BadRequest, ssl.SSLError, ValueError, IndexError) as exc:
             log.debug("connection from %s ended: %r", peer, exc)
         finally:
-            for w in ([upstream[1]] if upstream else []) + [writer]:
-                try:
-                    w.close()
-                except Exception:  # noqa: BLE001 - best effort on teardown
-                    pass
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001 - best effort on teardown
+                pass
+
+    async def _forward(self, head: Head, kind: str, length: int, reader, writer, method: str) -> bool:
+        """One request on a fresh upstream connection (never reused: no race with the SuperLink's
+        keep-alive timeout). True if the client connection may carry another request."""
+        try:
+            up_reader, up_writer = await self._connect()
+        except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+            log.warning("upstream %s:%d unreachable: %s", self.config.upstream_host, self.config.upstream_port, exc)
+            await self._respond(writer, 502, "Bad Gateway", "the aggregator is not reachable right now")
+            return False
+        try:
+            client_close = any("close" in v.lower() for v in head.get("connection"))
+            out = _serialize(head, HOP_BY_HOP)
+            up_writer.write(out[:-2] + b"connection: close\r\n\r\n")
+            await self._relay_body(reader, up_writer, kind, length)
+            keep = await self._relay_response(up_reader, writer, method)
+            self.forwarded += 1
+            return keep and not client_close
+        finally:
+            try:
+                up_writer.close()
+            except Exception:  # noqa: BLE001
+                pass
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         c = self.config
@@ -276,7 +285,9 @@ class FleetProxy:
             break
         kind, length = body_framing(head, request=False)
         no_body = method == "HEAD" or status in (204, 304)
-        keep = kind != "close" and not any("close" in v.lower() for v in head.get("connection"))
+        # The upstream connection is per request (we sent `connection: close`); the client's
+        # connection stays open unless the body is delimited by the close itself.
+        keep = kind != "close"
         # Transfer-Encoding is kept: chunked bodies are relayed verbatim.
         drop = HOP_BY_HOP | ({"transfer-encoding"} if no_body else set())
         out = _serialize(head, drop)

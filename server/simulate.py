@@ -13,6 +13,8 @@ import torch
 
 from fedprompt.client.client_app import make_client_app
 from fedprompt.client.ledger import PrivacyLedger
+from fedprompt.client.records import load_records
+from fedprompt.common.errors import InputError
 from fedprompt.client.workspace import list_hospitals, load_workspace
 
 from .federation import RunSpec, prepare_run
@@ -36,9 +38,23 @@ def ensure_ledgers(workspace: Path) -> list[str]:
     return created
 
 
+def check_records(sites, labels: list[str]) -> None:
+    """Every site's records, validated before anything starts (the operator holds them all here)."""
+    problems = []
+    for site in sites:
+        for path in filter(None, (site.train, site.validation)):
+            try:
+                load_records(path, text_field=site.text_field, label_field=site.label_field, labels=labels)
+            except InputError as exc:
+                problems += exc.problems
+    if problems:
+        raise InputError(problems)
+
+
 def simulate(workspace: Path, out_dir: Path, *, rounds: int | None = None, resume: bool = False, stop_after: int | None = None,
              backbone: Path | None = None, non_private: bool = False) -> dict:
     fed, sites, test = load_workspace(workspace)
+    check_records(sites, fed.labels)
     if rounds is not None:
         fed.rounds = rounds
     if non_private:

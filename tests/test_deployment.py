@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +35,7 @@ import yaml
 pytestmark = pytest.mark.deployment
 
 FEDPROMPT = [sys.executable, "-m", "fedprompt"]
-RUN_TIMEOUT = 150.0  # the 2-round run, from submission to metrics.json
+RUN_TIMEOUT = 240.0  # the 2-round run, from submission to metrics.json (a generous bound: 2 cores shared)
 
 APP_PYPROJECT = """\
 [build-system]
@@ -163,15 +166,17 @@ def make_workspace(root: Path) -> Path:
     fed["rounds"] = 2
     fed["round_timeout"] = 120.0
     fed["model"].update(n_virtual_tokens=4, max_length=32)
-    fed["training"]["batch_size"] = 8
+    fed["training"].update(batch_size=8, local_epochs=1)
     fed_path.write_text(yaml.safe_dump(fed, sort_keys=False))
     assert ensure_ledgers(ws) == ["hospital-1", "hospital-2", "hospital-3"]
     return ws
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory):
-    root = tmp_path_factory.mktemp("deploy")
+def deployment():
+    # Not tmp_path_factory: a concurrent pytest session on the same machine may rotate away its
+    # numbered folders while these daemons still use them. FEDPROMPT_KEEP_DEPLOY=1 keeps the logs.
+    root = Path(tempfile.mkdtemp(prefix="fedprompt-deploy-"))
     logs = root / "logs"
     logs.mkdir()
     procs = Processes(logs)
@@ -222,6 +227,8 @@ def deployment(tmp_path_factory):
     finally:
         procs.stop_all()
         print(f"\n[deployment] total {time.monotonic() - t0:.1f}s; logs in {logs}")
+        if not os.environ.get("FEDPROMPT_KEEP_DEPLOY"):
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def https_post(port: int, path: str, ca: Path, method: str = "POST", body: bytes = b"") -> tuple[int, bytes]:
@@ -306,3 +313,29 @@ def test_two_round_run_completes(deployment):
     for i in range(1, 4):
         assert f"127.0.0.1:{deployment['fleet_port']}" in procs.log(f"hospital-{i}")
     print(f"\n[deployment] run finished {time.monotonic() - deployment['t0']:.1f}s after setup began")
+
+
+def test_proxy_checks_every_request_on_a_kept_alive_connection(deployment):
+    """A Control request pipelined behind an allowed Fleet request is refused too; framing tricks get 400."""
+    ctx = ssl.create_default_context(cafile=str(deployment["pki"] / "ca.pem"))
+
+    def exchange(payload: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", deployment["fleet_port"]), timeout=10) as raw, \
+                ctx.wrap_socket(raw, server_hostname="localhost") as s:
+            s.sendall(payload)
+            data = b""
+            try:
+                while chunk := s.recv(65536):
+                    data += chunk
+            except (TimeoutError, socket.timeout):
+                pass
+        return data
+
+    fleet = b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\nContent-Type: application/protobuf\r\nContent-Length: 0\r\n\r\n"
+    control = b"POST /v1/control/list-runs HTTP/1.1\r\nHost: x\r\nContent-Type: application/protobuf\r\nContent-Length: 0\r\n\r\n"
+    data = exchange(fleet + control)
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3})", data)
+    assert len(statuses) == 2 and statuses[0] != b"403" and statuses[1] == b"403", data[:600]
+    smuggle = (b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"0\r\n\r\n" + control)
+    assert exchange(smuggle).startswith(b"HTTP/1.1 400"), "CL+TE must be refused"

@@ -46,5 +46,5 @@ def run_hospital(args: argparse.Namespace) -> int:
     print(f"        public key    {pub}  fingerprint {public_key_fingerprint(pub)}")
     print(f"next:   send {pub.name} to the aggregator operator, who registers it with")
     print(f"        fedprompt aggregator register --state STATE_DIR {pub.name}")
-    print(f"        (check the fingerprint with them over a second channel, e.g. by phone)")
+    print("        (check the fingerprint with them over a second channel, e.g. by phone)")
     return 0

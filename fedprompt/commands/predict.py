@@ -26,7 +26,11 @@ def read_texts(path: Path, column: str) -> list[str]:
 
     if not path.is_file():
         raise InputError.at(path, "file not found")
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise InputError.at(path, f"not UTF-8 text ({exc.reason} at byte {exc.start})", line=line) from None
     if path.suffix == ".csv":
         reader = csv.DictReader(text.splitlines())
         if column not in (reader.fieldnames or []):
