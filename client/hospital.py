@@ -55,9 +55,11 @@ def _prepare(content: RecordDict, site_path: Path) -> tuple[SiteConfig, RoundPla
     plan = RoundPlan.from_config_record(content["config"])
     backbone = _cached_backbone(str(site.backbone) if site.backbone else None)
     if backbone.fingerprint != plan.backbone_fingerprint:
+        # The reason goes to the aggregator: fingerprints only, never local paths.
+        log.warning("backbone at %s has fingerprint %s, the federation's is %s", backbone.path, backbone.fingerprint, plan.backbone_fingerprint)
         raise Refused(
-            f"backbone mismatch: the federation uses {plan.backbone_fingerprint[:16]}..., this site's backbone "
-            f"({backbone.path}) is {backbone.fingerprint[:16]}...; install the federation's backbone"
+            f"backbone mismatch: the federation uses {plan.backbone_fingerprint[:16]}..., "
+            f"this site's backbone is {backbone.fingerprint[:16]}...; install the federation's backbone"
         )
     return site, plan, backbone
 

@@ -23,14 +23,16 @@ def make_server_app(run: PreparedRun | None = None) -> ServerApp:
 
 
 def spec_from_run_config(cfg) -> RunSpec:
-    """`flwr run` path: `--run-config 'workspace="/ws" out="/runs/x"'` (see pyproject.toml)."""
+    """`flwr run` path: `--run-config 'workspace="/ws" out="/runs/x"'`; keys declared in
+    pyproject.toml's [tool.flwr.app.config] (workspace, out, rounds, backbone, resume)."""
     workspace = Path(str(cfg.get("workspace") or "."))
     fed = FederationConfig.load(workspace / "federation.yaml")
     if int(cfg.get("rounds") or 0) > 0:
         fed.rounds = int(cfg["rounds"])
     test = workspace / "test.csv"
     out = Path(str(cfg.get("out") or workspace / "runs" / fed.name))
-    return RunSpec(fed, out, test if test.exists() else None, resume=bool(cfg.get("resume", False)))
+    backbone = Path(str(cfg["backbone"])) if cfg.get("backbone") else None
+    return RunSpec(fed, out, test if test.exists() else None, backbone, resume=bool(cfg.get("resume", False)))
 
 
 app = make_server_app()

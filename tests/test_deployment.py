@@ -8,10 +8,9 @@
     fedprompt aggregator run                   flwr run: 2 rounds, metrics.json + export in --out
 
 Every process runs in its own session and is killed (whole process group) at teardown; every
-wait has a deadline. The submitted Flower app is a code-free app folder (like docker/app): its
-ClientApp is the installed `fedprompt.client.client_app:app`; its ServerApp is the installed
-`fedprompt.server.server_app` plus one addition, the `backbone` run-config key (the tiny test BERT;
-`spec_from_run_config` has no backbone setting yet, see the shim below).
+wait has a deadline. The submitted Flower app is docker/app, a code-free app folder whose
+components are the installed `fedprompt.server.server_app:app` and `fedprompt.client.client_app:app`;
+the aggregator's backbone (the tiny test BERT) comes through the `backbone` run-config key.
 """
 
 from __future__ import annotations
@@ -37,50 +36,8 @@ pytestmark = pytest.mark.deployment
 FEDPROMPT = [sys.executable, "-m", "fedprompt"]
 RUN_TIMEOUT = 240.0  # the 2-round run, from submission to metrics.json (a generous bound: 2 cores shared)
 
-APP_PYPROJECT = """\
-[build-system]
-requires = ["setuptools>=69"]
-build-backend = "setuptools.build_meta"
-
-[project]
-name = "fedprompt-deploy-test"
-version = "0.1.0"
-description = "fedprompt deployment test app (code comes from the installed fedprompt package)"
-license = "Apache-2.0"
-
-[tool.flwr.app]
-publisher = "fedprompt"
-
-[tool.flwr.app.components]
-serverapp = "fedprompt_deploy_shim:app"
-clientapp = "fedprompt.client.client_app:app"
-
-[tool.flwr.app.config]
-workspace = ""
-out = ""
-rounds = 0
-backbone = ""
-"""
-
-SHIM = '''\
-"""ServerApp = fedprompt.server.server_app + a `backbone` run-config key (the aggregator's backbone)."""
-from pathlib import Path
-
-from flwr.serverapp import ServerApp
-
-from fedprompt.server.federation import execute, prepare_run
-from fedprompt.server.server_app import spec_from_run_config
-
-app = ServerApp()
-
-
-@app.main()
-def main(grid, context):
-    spec = spec_from_run_config(context.run_config)
-    if context.run_config.get("backbone"):
-        spec.backbone = Path(str(context.run_config["backbone"]))
-    execute(grid, prepare_run(spec))
-'''
+# The code-free app the containers submit: its components name the installed fedprompt package.
+APP = Path(__file__).resolve().parents[1] / "docker" / "app"
 
 
 def free_port() -> int:
@@ -192,9 +149,7 @@ def deployment():
             assert r.returncode == 0, r.stderr
         ws = make_workspace(root)
         app = root / "app"
-        app.mkdir()
-        (app / "pyproject.toml").write_text(APP_PYPROJECT)
-        (app / "fedprompt_deploy_shim.py").write_text(SHIM)
+        shutil.copytree(APP, app)  # `flwr run` builds the FAB from this folder
 
         link_port, fleet_port = free_port(), free_port()
         procs.start("aggregator", [*FEDPROMPT, "aggregator", "start", "--pki", str(pki), "--state", str(state),
@@ -220,7 +175,7 @@ def deployment():
         out = root / "run-out"
         procs.start("run", [*FEDPROMPT, "aggregator", "run", "--state", str(state), "--workspace", str(ws), "--out", str(out),
                                   "--app", str(app), "--timeout", str(RUN_TIMEOUT),
-                                  # the aggregator uses the hospitals' (tiny) backbone: the app's extra key
+                                  # the aggregator uses the hospitals' (tiny) backbone
                                   "--run-config", f'backbone="{root / "tinybert"}"'], env)
         yield {"root": root, "procs": procs, "pki": pki, "keys": keys, "state": state, "ws": ws, "out": out,
                "fleet_port": fleet_port, "link_port": link_port, "t0": t0, "env": env}

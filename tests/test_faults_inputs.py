@@ -787,8 +787,8 @@ def _id(case) -> str:
 
 
 def _params(cases: list) -> list:
-    """Plain functions become params named after them; pytest.param entries (xfail) stay as they are."""
-    return [pytest.param(c, id=_id(c)) if callable(c) else c for c in cases]
+    """Each case becomes a param named after its function."""
+    return [pytest.param(c, id=_id(c)) for c in cases]
 
 
 @pytest.mark.parametrize("case", _params(CATALOGUE))
