@@ -301,13 +301,19 @@ def _torch_profile(bench: Bench, steps: int) -> dict:
     """Top CPU ops of DP vs non-DP steps (self time), to see where any DP extra goes."""
     from torch.profiler import ProfilerActivity, profile
 
-    res = {}
-    for mode in ("dp", "nondp"):
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for i in range(steps):
+    totals: dict[str, dict[str, list[float]]] = {"dp": {}, "nondp": {}}
+    for i in range(steps):  # alternate, so that both sides see the same machine load
+        for mode in ("dp", "nondp") if i % 2 == 0 else ("nondp", "dp"):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
                 bench.timed(mode, i)
-        rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
-        res[mode] = [{"op": e.key, "self_ms_per_step": e.self_cpu_time_total / 1000 / steps, "calls_per_step": e.count / steps} for e in rows]
+            for e in prof.key_averages():
+                t = totals[mode].setdefault(e.key, [0.0, 0.0])
+                t[0] += e.self_cpu_time_total / 1000
+                t[1] += e.count
+    res = {}
+    for mode, ops in totals.items():
+        top = sorted(ops.items(), key=lambda kv: kv[1][0], reverse=True)[:12]
+        res[mode] = [{"op": k, "self_ms_per_step": v[0] / steps, "calls_per_step": v[1] / steps} for k, v in top]
     return res
 
 
@@ -327,16 +333,27 @@ def run(ctx: Context) -> dict:
         for mode in MODES:
             bench.timed(mode, i)
     samples: dict[str, list[dict]] = {m: [] for m in MODES}
+    dp_first: list[bool] = []
     t_start = time.perf_counter()
     for i in range(pairs):
-        for mode in MODES:  # interleaved: dp, nondp, fullft, dp, nondp, fullft, ...
+        # Interleaved and counterbalanced: the step right after full fine-tuning runs on a
+        # memory/cache state that FT left behind, so DP and non-DP take turns going first.
+        order = ("dp", "nondp", "fullft") if i % 2 == 0 else ("nondp", "dp", "fullft")
+        dp_first.append(i % 2 == 0)
+        for mode in order:
             samples[mode].append(bench.timed(mode, i))
+        if (i + 1) % 5 == 0:
+            ctx.log(f"dp: {i + 1}/{pairs} cycles")
     ctx.log(f"dp: timed cycles took {time.perf_counter() - t_start:.0f} s")
 
     wall = {m: [s["wall"] for s in samples[m]] for m in MODES}
     cpu = {m: [s["cpu"] for s in samples[m]] for m in MODES}
     ratio = [d / n for d, n in zip(wall["dp"], wall["nondp"])]
     ratio_cpu = [d / n for d, n in zip(cpu["dp"], cpu["nondp"])]
+    by_order = {
+        "dp_first": describe([x for x, f in zip(ratio, dp_first) if f]),
+        "nondp_first": describe([x for x, f in zip(ratio, dp_first) if not f]),
+    }
     # throughput ratio per cycle: (batch / t_dp) / (batch / t_ft) = t_ft / t_dp
     thr_dp_ft = [f / d for d, f in zip(wall["dp"], wall["fullft"])]
     thr_np_ft = [f / n for n, f in zip(wall["nondp"], wall["fullft"])]
@@ -346,7 +363,7 @@ def run(ctx: Context) -> dict:
 
     ctx.log("dp: optimizer-phase breakdown and torch profile")
     breakdown = _optimizer_breakdown(bench, int(ctx.knob("breakdown_steps", 10, 3)))
-    profile_steps = int(ctx.knob("profile_steps", 2, 0))
+    profile_steps = int(ctx.knob("profile_steps", 4, 0))
     profile = _torch_profile(bench, profile_steps) if profile_steps else {}
 
     common = {"backbone": ctx.backbone, "data": str(ctx.data), "batch": batch, "max_length": max_length, "n_virtual": n_virtual, "seed": ctx.seed}
@@ -363,13 +380,14 @@ def run(ctx: Context) -> dict:
             "optimizer": f"{bench.settings.optimizer} lr {bench.settings.lr}", "fullft_optimizer": f"adamw lr {FULLFT_LR}",
             "trainable_params": bench.params, "torch_threads": torch.get_num_threads(),
             "tokens": bench.tokens, "truncated_texts": bench.truncated,
-            "order": "interleaved per cycle: dp, nondp, fullft",
+            "order": "interleaved, counterbalanced: even cycles dp, nondp, fullft; odd cycles nondp, dp, fullft",
         },
         "step_seconds": {m: describe(wall[m]) for m in MODES},
         "step_cpu_seconds": {m: describe(cpu[m]) for m in MODES},
         "throughput_examples_per_s": {m: batch / describe(wall[m])["median"] for m in MODES},
         "ratio_dp_over_nondp": med_ratio,
         "ratio_dp_over_nondp_cpu_time": describe(ratio_cpu),
+        "ratio_dp_over_nondp_by_order": by_order,
         "throughput_ratio_dp_over_fullft": describe(thr_dp_ft),
         "throughput_ratio_nondp_over_fullft": describe(thr_np_ft),
         "phases_median_seconds": phases,
@@ -379,6 +397,8 @@ def run(ctx: Context) -> dict:
         "memory": memory,
         "target": {"dp_over_nondp_max": TARGET_RATIO, "met": med_ratio["median"] <= TARGET_RATIO},
         "raw_wall_seconds": wall,
+        "raw_cpu_seconds": cpu,
+        "raw_dp_first": dp_first,
     }
 
 
@@ -393,10 +413,12 @@ def markdown(r: dict) -> str:
     rr, rc = r["ratio_dp_over_nondp"], r["ratio_dp_over_nondp_cpu_time"]
     tf, tn = r["throughput_ratio_dp_over_fullft"], r["throughput_ratio_nondp_over_fullft"]
     t2 = md_table(
-        ["ratio (per interleaved cycle)", "median", "IQR (q1-q3)", "n"],
+        ["ratio (per cycle)", "median", "IQR (q1-q3)", "n"],
         [
             ["DP / non-DP step time (wall)", rr["median"], f"{rr['q1']:.3f}-{rr['q3']:.3f}", rr["n"]],
             ["DP / non-DP step time (process CPU time)", rc["median"], f"{rc['q1']:.3f}-{rc['q3']:.3f}", rc["n"]],
+            *[[f"DP / non-DP step time (wall), cycles with {k.replace('_', ' ')}", v["median"], f"{v['q1']:.3f}-{v['q3']:.3f}", v["n"]]
+              for k, v in r.get("ratio_dp_over_nondp_by_order", {}).items()],
             ["prompt-DP / full-FT throughput", tf["median"], f"{tf['q1']:.3f}-{tf['q3']:.3f}", tf["n"]],
             ["prompt-non-DP / full-FT throughput", tn["median"], f"{tn['q1']:.3f}-{tn['q3']:.3f}", tn["n"]],
         ],
@@ -432,12 +454,17 @@ def plot(r: dict, out: Path) -> list[str]:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     axes[0].boxplot([wall[m] for m in MODES], tick_labels=[LABEL[m] for m in MODES])
     axes[0].set_ylabel("seconds per step")
-    axes[0].set_title("step time, interleaved")
-    ratios = [d / n for d, n in zip(wall["dp"], wall["nondp"])]
-    axes[1].boxplot([ratios], tick_labels=["DP / non-DP"])
+    axes[0].set_title("step time, interleaved (median marked)")
+    ratios = [[d / n for d, n in zip(wall["dp"], wall["nondp"])]]
+    names = ["wall time"]
+    if "raw_cpu_seconds" in r:
+        cpu = r["raw_cpu_seconds"]
+        ratios.append([d / n for d, n in zip(cpu["dp"], cpu["nondp"])])
+        names.append("process CPU time")
+    axes[1].boxplot(ratios, tick_labels=names)
     axes[1].axhline(r["target"]["dp_over_nondp_max"], color="red", linestyle="--", label="target 1.10")
     axes[1].axhline(1.0, color="grey", linewidth=0.8)
-    axes[1].set_title("per-cycle step-time ratio")
+    axes[1].set_title("per-cycle DP / non-DP step-time ratio")
     axes[1].legend()
     fig.tight_layout()
     path = out / "dp_step_times.png"
