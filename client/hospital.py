@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from pathlib import Path
 
 from flwr.app import RecordDict
@@ -44,6 +45,17 @@ log = logging.getLogger("fedprompt.hospital")
 def _cached_backbone(path: str | None) -> Backbone:
     # One load per process: in simulation an actor serves many rounds; the encoder is frozen.
     return load_backbone(path)
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/])/(?:[^\s:'\",()/]+/)*([^\s:'\",()/]+)")
+
+
+def public_reason(message: str) -> str:
+    """A refusal reason fit to leave the site: local paths cut to their file names.
+
+    The full message (with paths) stays in the hospital's own log.
+    """
+    return _ABSOLUTE_PATH.sub(r"\1", message)
 
 
 class Refused(Exception):
@@ -96,7 +108,7 @@ def train_round(content: RecordDict, site_path: Path, *, run_id: str = "", progr
             sigma = None
     except (Refused, InputError, LedgerError, PrivacyBudgetExceeded) as exc:
         log.warning("%s refuses round: %s", hospital, exc)
-        return refusal(hospital, str(exc))
+        return refusal(hospital, public_reason(str(exc)))
 
     device = resolve_device(site.device)
     model = build_model(backbone, plan.prompt_config(), arrays_to_state(content[ARRAYS]))
@@ -132,7 +144,8 @@ def evaluate_round(content: RecordDict, site_path: Path) -> RecordDict:
             raise Refused("no validation file configured")
         records = load_records(site.validation, text_field=site.text_field, label_field=site.label_field, labels=plan.labels)
     except (Refused, InputError) as exc:
-        return refusal(hospital, str(exc))
+        log.warning("%s refuses evaluation: %s", hospital, exc)
+        return refusal(hospital, public_reason(str(exc)))
     encoded = encode(backbone.tokenizer, records.texts, records.labels, plan.max_length)
     device = resolve_device(site.device)
     model = build_model(backbone, plan.prompt_config(), arrays_to_state(content[ARRAYS])).to(device)

@@ -19,11 +19,9 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,102 +29,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from deploy_topology import (
+    FEDPROMPT, Processes, cli, copy_app, deploy_env, free_port, init_pki, make_workspace, register_hospital,
+    start_aggregator, start_hospital,
+)
+
 pytestmark = pytest.mark.deployment
 
-FEDPROMPT = [sys.executable, "-m", "fedprompt"]
 RUN_TIMEOUT = 240.0  # the 2-round run, from submission to metrics.json (a generous bound: 2 cores shared)
-
-# The code-free app the containers submit: its components name the installed fedprompt package.
-APP = Path(__file__).resolve().parents[1] / "docker" / "app"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-
-
-def can_connect(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-class Processes:
-    def __init__(self, logs: Path):
-        self.logs = logs
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def start(self, name: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "wb")
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        log.close()
-        self.procs[name] = proc
-        return proc
-
-    def log(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text(errors="replace")
-
-    def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + 15
-        for proc in self.procs.values():
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        for proc in self.procs.values():
-            try:  # the group too: Flower's superexec / clientapp children
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            if proc.poll() is None:
-                proc.wait(5)
-
-
-def cli(*args: str, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*FEDPROMPT, *args], capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def make_workspace(root: Path) -> Path:
-    from fedprompt.client.demo_data import generate_demo, write_demo_workspace
-    from fedprompt.server.simulate import ensure_ledgers
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from tinybert import make_tiny_backbone
-
-    ws = write_demo_workspace(root / "workspace", generate_demo(hospitals=3, per_hospital=40, test_size=30))
-    backbone = make_tiny_backbone(root / "tinybert")
-    for site in sorted(ws.glob("hospital-*/site.yaml")):
-        doc = yaml.safe_load(site.read_text())
-        doc["backbone"] = str(backbone)
-        site.write_text(yaml.safe_dump(doc, sort_keys=False))
-    fed_path = ws / "federation.yaml"
-    fed = yaml.safe_load(fed_path.read_text())
-    fed["rounds"] = 2
-    fed["round_timeout"] = 120.0
-    fed["model"].update(n_virtual_tokens=4, max_length=32)
-    fed["training"].update(batch_size=8, local_epochs=1)
-    fed_path.write_text(yaml.safe_dump(fed, sort_keys=False))
-    assert ensure_ledgers(ws) == ["hospital-1", "hospital-2", "hospital-3"]
-    return ws
 
 
 @pytest.fixture(scope="module")
@@ -137,34 +47,20 @@ def deployment():
     logs = root / "logs"
     logs.mkdir()
     procs = Processes(logs)
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               FLWR_HOME=str(root / "flwr-home-unused"), PYTHONUNBUFFERED="1")
+    env = deploy_env(root)
     t0 = time.monotonic()
     try:
-        pki, keys, state = root / "pki", root / "keys", root / "aggregator-state"
-        r = cli("pki", "init", "--out", str(pki), "--host", "localhost", "--host", "127.0.0.1", env=env)
-        assert r.returncode == 0, r.stderr
-        for i in range(1, 5):
-            r = cli("pki", "hospital", "--id", f"hospital-{i}", "--out", str(keys), env=env)
-            assert r.returncode == 0, r.stderr
+        state = root / "aggregator-state"
+        pki, keys = init_pki(root, env, keys=4)
         ws = make_workspace(root)
-        app = root / "app"
-        shutil.copytree(APP, app)  # `flwr run` builds the FAB from this folder
+        app = copy_app(root)
 
-        link_port, fleet_port = free_port(), free_port()
-        procs.start("aggregator", [*FEDPROMPT, "aggregator", "start", "--pki", str(pki), "--state", str(state),
-                                   "--port", str(link_port), "--fleet-host", "127.0.0.1", "--fleet-port", str(fleet_port)], env)
-        wait_for(lambda: can_connect(fleet_port) and can_connect(link_port), 60, "SuperLink and proxy ports")
+        link_port, fleet_port = start_aggregator(procs, pki, state, env)
         for i in range(1, 4):
-            r = cli("aggregator", "register", "--state", str(state), str(keys / f"hospital-{i}.pub"), env=env)
-            assert r.returncode == 0, r.stdout + r.stderr
+            register_hospital(state, keys / f"hospital-{i}.pub", env)
         for i in range(1, 4):
-            procs.start(f"hospital-{i}", [
-                *FEDPROMPT, "hospital", "start", "--site", str(ws / f"hospital-{i}" / "site.yaml"),
-                "--superlink", f"127.0.0.1:{fleet_port}", "--root-certificates", str(pki / "ca.pem"),
-                "--key", str(keys / f"hospital-{i}.key"), "--clientappio-port", str(free_port()),
-                "--flwr-home", str(root / f"node-{i}"),
-            ], env)
+            start_hospital(procs, f"hospital-{i}", ws / f"hospital-{i}" / "site.yaml", keys / f"hospital-{i}.key", pki,
+                           fleet_port, root / f"node-{i}", env)
         # A fourth SuperNode with a valid but unregistered key, also through the proxy.
         procs.start("intruder", [
             *FEDPROMPT, "hospital", "start", "--site", str(ws / "hospital-1" / "site.yaml"),
