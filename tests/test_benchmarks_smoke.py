@@ -54,7 +54,7 @@ def test_runner_comm_and_micro_dp(tmp_path):
     argv = [
         "run", "--suite", "comm", "--suite", "dp", "--quick", "--out", str(out),
         "--backbone", str(backbone), "--data", str(data),
-        "--pairs", "2", "--warmup", "1", "--n-batches", "2", "--mem-steps", "1", "--breakdown-steps", "1", "--profile-steps", "0",
+        "--pairs", "2", "--warmup", "0", "--n-batches", "2", "--mem-steps", "1", "--breakdown-steps", "1", "--profile-steps", "0",
     ]
     assert main(argv) == 0
 
