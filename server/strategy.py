@@ -58,8 +58,8 @@ class HospitalOutcome:
     train_loss: float | None = None
 
 
-def _identity(msg: Message, taken: set[str]) -> str:
-    node = f"node-{msg.metadata.src_node_id}"
+def _identity(msg: Message, node_id: int, taken: set[str]) -> str:
+    node = f"node-{node_id}"
     status = msg.content.config_records.get(STATUS) if not msg.has_error() else None
     name = status.get("hospital-id") if status is not None else None
     name = name if isinstance(name, str) and name and len(name) <= 64 else node
@@ -75,7 +75,7 @@ class ValidatedStrategy(Strategy):
         self.min_hospitals = min_hospitals
         self.round_offset = round_offset
         self._global: dict | None = None
-        self._sent: dict[int, set[int]] = {}
+        self._sent: dict[int, list[Message]] = {}
         self.train_outcomes: dict[int, dict[str, HospitalOutcome]] = {}
         self.eval_results: dict[int, dict | None] = {}
 
@@ -90,15 +90,27 @@ class ValidatedStrategy(Strategy):
         config = ConfigRecord(dict(config))
         config["fp.round"] = self.global_round(server_round)
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
-        self._sent[server_round] = {m.metadata.dst_node_id for m in messages}
+        self._sent[server_round] = messages
         return messages
+
+    def _destinations(self, server_round: int) -> dict[str, int]:
+        """Message id -> hospital node of this round's instructions (ids are set when sent).
+
+        Replies are attributed through `reply_to_message_id`: when a node is unavailable the
+        SuperLink answers in its place, with its own id as the sender.
+        """
+        return {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent.get(server_round, [])}
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
+        sent = self._destinations(server_round)
         outcomes: dict[str, HospitalOutcome] = {}
         accepted: list[Message] = []
+        answered: set[int] = set()
         for msg in replies:
-            who = _identity(msg, set(outcomes))
+            node = sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+            answered.add(node)
+            who = _identity(msg, node, set(outcomes))
             outcome = self._judge(msg)
             outcomes[who] = outcome
             if outcome.status == "ok":
@@ -109,8 +121,7 @@ class ValidatedStrategy(Strategy):
                 log.warning("round %d: %s update %s: %s", self.global_round(server_round), who, outcome.status, outcome.reason)
             else:
                 log.info("round %d: %s refused: %s", self.global_round(server_round), who, outcome.reason)
-        answered = {m.metadata.src_node_id for m in replies}
-        for node in sorted(self._sent.get(server_round, set()) - answered):
+        for node in sorted(set(sent.values()) - answered):
             outcomes[f"node-{node}"] = HospitalOutcome("failed", "no reply within the round timeout")
         self.train_outcomes[server_round] = outcomes
         if len(accepted) < self.min_hospitals:

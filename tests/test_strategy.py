@@ -17,8 +17,8 @@ PROMPT = PromptConfig(labels=["a", "b", "c"], hidden_size=4, backbone_fingerprin
 GLOBAL = {"prompt.weight": torch.zeros(2, 4), "head.weight": torch.zeros(3, 4), "head.bias": torch.zeros(3)}
 
 
-def reply(node: int, content: RecordDict | None = None, error: str | None = None) -> Message:
-    md = Metadata(run_id=1, message_id=f"r{node}", src_node_id=node, dst_node_id=0, reply_to_message_id=f"m{node}",
+def reply(node: int, content: RecordDict | None = None, error: str | None = None, sender: int | None = None) -> Message:
+    md = Metadata(run_id=1, message_id=f"r{node}", src_node_id=node if sender is None else sender, dst_node_id=0, reply_to_message_id=f"m{node}",
                   group_id="1", created_at=0.0, ttl=60, message_type="train")
     if error:
         return Message(metadata=md, error=Error(code=1, reason=error))
@@ -34,11 +34,18 @@ def update(value: float, n: int = 10, hospital: str = "h", **tweak) -> RecordDic
     return RecordDict({ARRAYS: arrays, METRICS: metrics, STATUS: status_record(hospital, "ok")})
 
 
+def instruction(node: int) -> Message:
+    """A train instruction as the Grid leaves it once sent (message id assigned)."""
+    md = Metadata(run_id=1, message_id=f"m{node}", src_node_id=0, dst_node_id=node, reply_to_message_id="",
+                  group_id="1", created_at=0.0, ttl=60, message_type="train")
+    return Message(metadata=md, content=RecordDict())
+
+
 def guarded(name: str, min_hospitals: int = 1, norm_bound: float = 100.0) -> ValidatedStrategy:
     fed = FederationConfig(name="t", labels=PROMPT.labels, min_hospitals=min_hospitals, strategy=StrategySettings(name=name))
     s = ValidatedStrategy(build_strategy(fed), PROMPT, norm_bound=norm_bound, min_hospitals=min_hospitals, round_offset=4)
     s._global = GLOBAL
-    s._sent[1] = {1, 2, 3, 4, 5, 6, 7, 8, 9}
+    s._sent[1] = [instruction(n) for n in range(1, 10)]
     return s
 
 
@@ -80,6 +87,16 @@ def test_missing_replies_are_reported_as_failed():
     s.aggregate_train(1, [reply(1, update(1.0, hospital="h1"))])
     outcomes = s.train_outcomes[1]
     assert outcomes["node-2"].status == "failed" and "timeout" in outcomes["node-2"].reason
+
+
+def test_superlink_answering_for_an_unavailable_node_is_one_entry_for_that_node():
+    s = guarded("fedavg")
+    s._sent[1] = [instruction(n) for n in (2, 3)]
+    # node 3 is gone: the SuperLink (node id 1) replies in its place with an error
+    s.aggregate_train(1, [reply(2, update(1.0, hospital="h2")), reply(3, error="Node Unavailable", sender=1)])
+    outcomes = s.train_outcomes[1]
+    assert set(outcomes) == {"h2", "node-3"}
+    assert outcomes["node-3"].status == "failed" and "Node Unavailable" in outcomes["node-3"].reason
 
 
 def test_below_min_hospitals_keeps_the_global_model():

@@ -61,6 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workspace", type=Path, required=True, help="folder with federation.yaml (and optional test.csv), on the aggregator")
     p.add_argument("--out", type=Path, required=True, help="run folder on the aggregator (checkpoint, metrics.json, export, report)")
     p.add_argument("--rounds", type=int, help="override federation.yaml's rounds")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--app", type=Path, help="Flower app folder to submit (default: $FEDPROMPT_APP, else this project's root)")
     p.add_argument("--run-config", action="append", default=[], metavar="'KEY=VALUE ...'",
                    help="extra run-config overrides passed on to `flwr run` (keys must exist in the app's [tool.flwr.app.config])")
@@ -259,13 +260,17 @@ def run_run(args: argparse.Namespace) -> int:
         raise InputError.at("--rounds", f"expected >= 1, got {args.rounds}")
     # The ServerApp reads federation.yaml from this path: validate it now, not in the SuperLink's log.
     load_workspace(args.workspace) if any(args.workspace.glob("hospital-*/site.yaml")) else _load_federation(args.workspace)
-    if (args.out / "checkpoint").exists():
-        raise InputError.at(args.out, "holds a run already; choose another --out")
+    if (args.out / "checkpoint").exists() and not args.resume:
+        raise InputError.at(args.out, "holds a run already: pass --resume to continue it, or choose another --out")
+    if args.resume and not (args.out / "checkpoint" / "state.json").is_file():
+        raise InputError.at(args.out, "no checkpoint to resume from")
     _ensure_connection(args)
     app = args.app or default_app()
     if app is None or not (app / "pyproject.toml").is_file():
         raise InputError.at(app or "--app", "no Flower app (pyproject.toml with [tool.flwr.app]); pass --app or set FEDPROMPT_APP")
     argv = ["run", str(app), deploy.CONNECTION, "--run-config", deploy.run_config_arg(args.workspace, args.out, args.rounds)]
+    if args.resume:
+        argv += ["--run-config", "resume=true"]
     for extra in args.run_config:
         argv += ["--run-config", extra]
     if not args.detach:
