@@ -132,21 +132,7 @@ class Bench:
             params_np = list(model_np.trainable_parameters().values())
             opt_np = torch.optim.Adam(params_np, lr=settings.lr)
 
-            def nondp_step(b):
-                x, m, y = b
-                t0 = clock()
-                opt_np.zero_grad(set_to_none=True)
-                loss = loss_fn(model_np(x, m), y)
-                t1 = clock()
-                loss.backward()
-                t2 = clock()
-                opt_np.step()
-                t4 = clock()
-                loss.item()
-                t5 = clock()
-                return {"forward": t1 - t0, "backward": t2 - t1, "check": 0.0, "optimizer": t4 - t2, "rest": t5 - t4}
-
-            self.steps["nondp"] = nondp_step
+            self.steps["nondp"] = _plain_step(model_np, opt_np, loss_fn, clock)
             self.params["nondp"] = sum(p.numel() for p in params_np)
 
         if "fullft" in modes:
@@ -155,21 +141,7 @@ class Bench:
             ft_params = [p for p in ft.parameters() if p.requires_grad]
             opt_ft = torch.optim.AdamW(ft_params, lr=FULLFT_LR)
 
-            def fullft_step(b):
-                x, m, y = b
-                t0 = clock()
-                opt_ft.zero_grad(set_to_none=True)
-                loss = loss_fn(ft(x, m), y)
-                t1 = clock()
-                loss.backward()
-                t2 = clock()
-                opt_ft.step()
-                t4 = clock()
-                loss.item()
-                t5 = clock()
-                return {"forward": t1 - t0, "backward": t2 - t1, "check": 0.0, "optimizer": t4 - t2, "rest": t5 - t4}
-
-            self.steps["fullft"] = fullft_step
+            self.steps["fullft"] = _plain_step(ft, opt_ft, loss_fn, clock)
             self.params["fullft"] = sum(p.numel() for p in ft_params)
 
     def timed(self, mode: str, i: int) -> dict:
@@ -471,3 +443,23 @@ def plot(r: dict, out: Path) -> list[str]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return [path.name]
+
+
+def _plain_step(model, optimizer, loss_fn, clock):
+    """A timed ordinary (non-DP) training step, phase by phase like the DP step."""
+
+    def step(b):
+        x, m, y = b
+        t0 = clock()
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x, m), y)
+        t1 = clock()
+        loss.backward()
+        t2 = clock()
+        optimizer.step()
+        t4 = clock()
+        loss.item()
+        t5 = clock()
+        return {"forward": t1 - t0, "backward": t2 - t1, "check": 0.0, "optimizer": t4 - t2, "rest": t5 - t4}
+
+    return step

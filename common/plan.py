@@ -55,14 +55,7 @@ class RoundPlan:
             run_name=fed.name,
             round=round,
             total_rounds=fed.rounds,
-            labels=list(prompt.labels),
-            hidden_size=prompt.hidden_size,
-            backbone_fingerprint=prompt.backbone_fingerprint,
-            n_virtual_tokens=prompt.n_virtual_tokens,
-            pooling=prompt.pooling,
-            max_length=prompt.max_length,
-            prompt_init=prompt.prompt_init,
-            seed=prompt.seed,
+            **{n: getattr(prompt, n) for n in _model_fields()},
             local_epochs=fed.training.local_epochs,
             batch_size=fed.training.batch_size,
             lr=fed.training.lr,
@@ -75,8 +68,7 @@ class RoundPlan:
         )
 
     def prompt_config(self) -> PromptConfig:
-        names = {f.name for f in fields(PromptConfig)} & {f.name for f in fields(self)}
-        return PromptConfig(**{n: getattr(self, n) for n in names})
+        return PromptConfig(private=self.private, **{n: getattr(self, n) for n in _model_fields()})
 
     def to_config_record(self) -> ConfigRecord:
         return ConfigRecord({f"fp.{k}": v for k, v in asdict(self).items()})
@@ -87,3 +79,8 @@ class RoundPlan:
         if missing:
             raise ValueError(f"round plan lacks {missing}")
         return cls(**{f.name: record[f"fp.{f.name}"] for f in fields(cls) if f"fp.{f.name}" in record})
+
+
+def _model_fields() -> set[str]:
+    """The model settings a plan carries, named as in PromptConfig (privacy is the run's, not the model's)."""
+    return ({f.name for f in fields(PromptConfig)} & {f.name for f in fields(RoundPlan)}) - {"private"}
