@@ -1,9 +1,9 @@
-"""fedprompt benchmarks: `python -m benchmarks run [--suite dp|comm|accuracy|all] [--quick] --out DIR`.
+"""fedprompt benchmarks: `python -m benchmarks run [--suite accuracy|dp|comm|round|scale|all] [--quick] --out DIR`.
 
-One module per suite (`dp`, `comm`, `accuracy`), each exposing `run(ctx) -> dict`,
+One module per suite (`accuracy`, `dp`, `comm`, `round`, `scale`), each exposing `run(ctx) -> dict`,
 `markdown(result) -> str` and `plot(result, out_dir) -> list[str]`. Shared helpers (data,
 statistics, environment) live in `benchmarks.common`. Results: `DIR/results.json`,
 `DIR/results.md` and PNG plots. See BENCHMARKS.md for the measured figures.
 """
 
-SUITES = ("dp", "comm", "accuracy")
+SUITES = ("dp", "comm", "accuracy", "round", "scale")

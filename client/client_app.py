@@ -3,19 +3,34 @@
 Which site a node is comes from its node config: `site-config` (deployment: the daemon's
 `--node-config 'site-config="/site/site.yaml"'`), or in simulation the `partition-id` Flower
 injects, mapped onto the workspace's hospitals.
+
+Every message logs one `fedprompt-timing {json}` line in the hospital's own log (process start,
+import, handler phases): Flower starts a ClientApp process per message in a deployment, and this
+is where a round's time outside training shows (benchmarks/round.py). It never leaves the site.
 """
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
+import time
 
-import torch
-from flwr.app import Context, Message
-from flwr.clientapp import ClientApp
+_IMPORT_START = time.time()  # before the heavy imports (torch, transformers, opacus, flwr)
 
-from .hospital import evaluate_round, train_round
-from .workspace import list_hospitals
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from flwr.app import Context, Message  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+
+from .hospital import evaluate_round, train_round  # noqa: E402
+from .workspace import list_hospitals  # noqa: E402
+
+_IMPORT_END = time.time()
+TIMING_TAG = "fedprompt-timing"
+log = logging.getLogger("fedprompt.client")
 
 
 def site_path(context: Context, site_paths: list[Path] | None = None) -> Path:
@@ -31,23 +46,56 @@ def site_path(context: Context, site_paths: list[Path] | None = None) -> Path:
     raise RuntimeError("node config has no 'site-config' (path to this hospital's site.yaml)")
 
 
+def process_start_time() -> float | None:
+    """Wall-clock time this process started (Linux /proc), to ~10 ms; None elsewhere."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+
+
+def _log_timing(kind: str, msg: Message, site: Path, start: float, timings: dict[str, float]) -> None:
+    config = msg.content.config_records.get("config")
+    log.info("%s %s", TIMING_TAG, json.dumps({
+        "type": kind, "site": site.parent.name, "round": int(config.get("fp.round", 0)) if config is not None else 0,
+        "pid": os.getpid(), "sent": msg.metadata.created_at, "process_start": process_start_time(),
+        "import_start": _IMPORT_START, "import_end": _IMPORT_END, "handler_start": start, "handler_end": time.time(),
+        "phases": {k: round(v, 4) for k, v in timings.items()},
+    }))
+
+
 def make_client_app(site_paths: list[Path] | None = None, torch_threads: int | None = None) -> ClientApp:
     app = ClientApp()
 
     def setup() -> None:
-        logging.getLogger("fedprompt").setLevel(logging.INFO)
+        logger = logging.getLogger("fedprompt")
+        logger.setLevel(logging.INFO)
+        # A flwr-clientapp process has no handler for our loggers: give them the daemon's stderr
+        # (unless the host process, e.g. the CLI, configured logging already).
+        if not logger.handlers and not logging.getLogger().handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+            logger.addHandler(handler)
         if torch_threads:
             torch.set_num_threads(torch_threads)  # simulated hospitals share the host's cores
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         setup()
-        return Message(content=train_round(msg.content, site_path(context, site_paths), run_id=str(msg.metadata.run_id)), reply_to=msg)
+        start, timings, site = time.time(), {}, site_path(context, site_paths)
+        content = train_round(msg.content, site, run_id=str(msg.metadata.run_id), timings=timings)
+        _log_timing("train", msg, site, start, timings)
+        return Message(content=content, reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         setup()
-        return Message(content=evaluate_round(msg.content, site_path(context, site_paths)), reply_to=msg)
+        start, timings, site = time.time(), {}, site_path(context, site_paths)
+        content = evaluate_round(msg.content, site, timings=timings)
+        _log_timing("evaluate", msg, site, start, timings)
+        return Message(content=content, reply_to=msg)
 
     return app
 

@@ -9,7 +9,10 @@ its own per-call accountant, while the site's cumulative account lives in the le
 from __future__ import annotations
 
 import functools
+import json
+import math
 import os
+from pathlib import Path
 
 import torch
 from opacus import GradSampleModule
@@ -58,6 +61,48 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
             epsilon_tolerance=0.01,
         )
     )
+
+
+class NoiseMemo:
+    """Calibrated noise multipliers remembered in a file at the site (calibration is a pure function).
+
+    A deployment starts a fresh ClientApp process for every message and one calibration takes
+    seconds (10 s on a busy 2-core host): without the file every round pays it again. A wrong
+    value could only change how fast the budget goes, never exceed the cap: the ledger accounts
+    the sigma actually used. An unreadable file means calibrating; an unwritable one is ignored.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    @staticmethod
+    def _key(args: tuple) -> str:
+        import opacus
+
+        return json.dumps([*args, opacus.__version__])
+
+    def _read(self) -> dict:
+        try:
+            known = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return known if isinstance(known, dict) else {}
+
+    def get(self, args: tuple) -> float | None:
+        """Sigma remembered for calibrate_noise(*args), or None."""
+        sigma = self._read().get(self._key(args))
+        return sigma if isinstance(sigma, float) and math.isfinite(sigma) and sigma > 0 else None
+
+    def put(self, args: tuple, sigma: float) -> None:
+        known = self._read()
+        if known.get(self._key(args)) == sigma:
+            return
+        from fedprompt.common.atomic import atomic_write
+
+        try:
+            atomic_write(self.path, json.dumps({**known, self._key(args): sigma}, indent=0).encode())
+        except OSError:
+            pass
 
 
 def check_per_sample_shapes(params: list[torch.nn.Parameter], batch_size: int) -> None:

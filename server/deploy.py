@@ -6,10 +6,12 @@ Flags are those of Flower 1.42 (checked against `flower-superlink --help`, `flow
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +51,7 @@ def _toml_str(value: str, what: str) -> str:
 
 def superlink_argv(pki: PkiPaths, state: Path, *, host: str = "127.0.0.1", port: int = 8000, isolation: str = "subprocess") -> list[str]:
     return [
-        flower_exe("flower-superlink"),
+        sys.executable, "-m", "fedprompt.server.superlink_main",  # flower-superlink, longer SQLite busy timeout
         "--ssl-certfile", str(pki.server_cert),
         "--ssl-keyfile", str(pki.server_key),
         "--ssl-ca-certfile", str(pki.ca_cert),
@@ -108,6 +110,70 @@ def flwr_cli(state: Path, *args: str, timeout: float | None = None, capture: boo
         [flower_exe("flwr"), *args], env=aggregator_env(state), timeout=timeout, text=True,
         stdout=subprocess.PIPE if capture else None, stderr=subprocess.STDOUT if capture else None, check=False,
     )
+
+
+def _json_reply(output: str) -> dict:
+    """The JSON object a `flwr ... --format json` command printed (pretty-printed, maybe after log lines)."""
+    start = output.find("{")
+    while start != -1:
+        try:
+            reply, _ = json.JSONDecoder().raw_decode(output, start)
+            if isinstance(reply, dict):
+                return reply
+        except ValueError:
+            pass
+        start = output.find("{", start + 1)
+    return {}
+
+
+def submitted_run_id(output: str) -> int | None:
+    """The run id in `flwr run --format json`'s output, or None if the run was not accepted."""
+    reply = _json_reply(output)
+    return int(reply["run-id"]) if reply.get("success") and reply.get("run-id") else None
+
+
+def run_status(state: Path, run_id: int) -> str:
+    """The SuperLink's status of a run ("running", "finished:completed", ...); "unknown" if unreadable."""
+    out = flwr_cli(state, "ls", CONNECTION, "--run-id", str(run_id), "--format", "json", capture=True, timeout=120).stdout
+    runs = _json_reply(out).get("runs") or [{}]
+    return str(runs[0].get("status", "unknown"))
+
+
+def follow_run(state: Path, run_id: int, *, timeout: float | None = None, poll: float = 5.0) -> str:
+    """Stream a run's log until the SuperLink reports it finished; returns its final status.
+
+    `flwr log --stream` returns as soon as its stream ends for any reason (flwr treats any end of
+    the stream as "all logs retrieved"), e.g. after an HTTP 500 from a SuperLink whose SQLite state
+    is busy: so the status, not the stream, says when the run is over. Raises
+    subprocess.TimeoutExpired after `timeout` seconds.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+
+    def remaining() -> float | None:
+        if deadline is None:
+            return None
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise subprocess.TimeoutExpired(["flwr", "log", str(run_id)], timeout or 0)
+        return left
+
+    flwr_cli(state, "log", str(run_id), CONNECTION, "--stream", timeout=remaining())
+    status = run_status(state, run_id)
+    if not status.startswith("finished"):
+        print(f"[fedprompt] the log stream of run {run_id} ended while the run is {status}: polling its status every {poll:g}s",
+              file=sys.stderr, flush=True)
+    while not status.startswith("finished"):
+        time.sleep(min(poll, remaining() or poll))
+        status = run_status(state, run_id)
+    return status
+
+
+def checkpoint_round(state_json: Path) -> int | None:
+    """The last complete round recorded in a run's checkpoint/state.json (None if unreadable)."""
+    try:
+        return int(json.loads(state_json.read_text())["round"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def run_config_arg(workspace: Path, out: Path, rounds: int | None) -> str:

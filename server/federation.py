@@ -105,7 +105,7 @@ def execute(grid: Grid, run: PreparedRun) -> dict:
         build_strategy(fed, run.spec.expected_hospitals), run.prompt, norm_bound=fed.strategy.update_norm_bound, min_hospitals=fed.min_hospitals, round_offset=run.done
     )
     plan = RoundPlan.for_run(fed, run.prompt).to_config_record()
-    t_round = [time.perf_counter()]
+    t_round = [time.perf_counter(), time.time()]
 
     def after_round(server_round: int, arrays) -> MetricRecord | None:
         if server_round == 0:
@@ -116,12 +116,16 @@ def execute(grid: Grid, run: PreparedRun) -> dict:
         record = {
             "round": r,
             "seconds": round(time.perf_counter() - t_round[0], 3),
+            "aggregate_seconds": strategy.aggregate_seconds.get(server_round),
+            "aggregate_cpu_seconds": strategy.aggregate_cpu_seconds.get(server_round),
             "evaluate": strategy.eval_results.get(server_round),
             "test": _test_metrics(run, state),
             "hospitals": hospitals,
             "upload_bytes": sum(h["upload_bytes"] for h in hospitals.values()),
+            # Wall-clock (epoch) phase boundaries: round start, instructions sent, replies in, round end.
+            "timing": {"start": t_round[1], **strategy.timing.get(server_round, {}), "end": time.time()},
         }
-        t_round[0] = time.perf_counter()
+        t_round[:] = [time.perf_counter(), time.time()]
         run.history.append(record)
         run.state, run.done = state, r
         save_checkpoint(run.checkpoint_dir, Checkpoint(r, state, run.history, run.prompt.backbone_fingerprint, fed.name))

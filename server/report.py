@@ -704,7 +704,9 @@ def write_report(metrics: dict, out_dir: Path) -> Path:
 
     ``metrics`` is the run's ``metrics.json`` content: ``run``, ``private``, ``strategy``,
     ``backbone_fingerprint``, ``labels``, ``export`` and ``rounds``, a list of
-    ``{"round", "seconds", "upload_bytes", "evaluate", "test", "hospitals"}`` where ``evaluate``
+    ``{"round", "seconds", "aggregate_seconds", "aggregate_cpu_seconds", "upload_bytes", "evaluate",
+    "test", "hospitals"}`` (``aggregate_*``: wall and CPU time in the strategy's aggregate_train,
+    validation included) where ``evaluate``
     and ``test`` are ``{"accuracy", "macro_f1", "loss", "num_examples"}`` or null/absent and
     ``hospitals`` maps a hospital id to ``{"status": ok|refused|rejected|failed, "reason",
     "num_examples", "epsilon_spent", "epsilon_cap", "upload_bytes", "train_loss"}``. Any value

@@ -9,6 +9,7 @@ exactly, and numbers rounds globally so a resumed run continues where it stopped
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
@@ -78,14 +79,24 @@ class ValidatedStrategy(Strategy):
         self._sent: dict[int, list[Message]] = {}
         self.train_outcomes: dict[int, dict[str, HospitalOutcome]] = {}
         self.eval_results: dict[int, dict | None] = {}
+        # Per round, time in aggregate_train (validation + the inner aggregate): wall clock, and
+        # this thread's CPU time, which a loaded host or the engine's other threads do not inflate.
+        self.aggregate_seconds: dict[int, float] = {}
+        self.aggregate_cpu_seconds: dict[int, float] = {}
+        # Wall-clock time of each phase boundary per round (metrics.json "timing"): where a round's time goes.
+        self.timing: dict[int, dict[str, float]] = {}
 
     def global_round(self, server_round: int) -> int:
         return self.round_offset + server_round
+
+    def _mark(self, server_round: int, event: str) -> None:
+        self.timing.setdefault(server_round, {})[event] = time.time()
 
     def summary(self) -> None:
         self.inner.summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._mark(server_round, "train_sent")
         self._global = arrays_to_state(arrays)
         config = ConfigRecord(dict(config))
         config["fp.round"] = self.global_round(server_round)
@@ -102,7 +113,15 @@ class ValidatedStrategy(Strategy):
         return {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent.get(server_round, [])}
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
+        self._mark(server_round, "train_received")
+        t0, cpu0 = time.perf_counter(), time.thread_time()
+        try:
+            return self._aggregate_train(server_round, list(replies))
+        finally:
+            self.aggregate_seconds[server_round] = time.perf_counter() - t0
+            self.aggregate_cpu_seconds[server_round] = time.thread_time() - cpu0
+
+    def _aggregate_train(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         sent = self._destinations(server_round)
         outcomes: dict[str, HospitalOutcome] = {}
         accepted: list[Message] = []
@@ -157,12 +176,14 @@ class ValidatedStrategy(Strategy):
         )
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._mark(server_round, "evaluate_sent")
         config = ConfigRecord(dict(config))
         config["fp.round"] = self.global_round(server_round)
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Sum the sites' per-class counts: the federation's exact accuracy and macro-F1."""
+        self._mark(server_round, "evaluate_received")
         total = ClassCounts.zeros(self.num_labels)
         for msg in replies:
             if msg.has_error() or METRICS not in msg.content.metric_records:

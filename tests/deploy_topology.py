@@ -164,9 +164,11 @@ def register_hospital(state: Path, pub: Path, env: dict) -> None:
 
 
 def start_hospital(procs: Processes, name: str, site: Path, key: Path, pki: Path, fleet_port: int, flwr_home: Path,
-                   env: dict, extra: tuple[str, ...] = ()) -> subprocess.Popen:
+                   env: dict, extra: tuple[str, ...] = (), nice: int = 0) -> subprocess.Popen:
+    """`nice` > 0 lowers the daemon's CPU priority (and its ClientApps'): many simulated hospitals on
+    one host must not starve the aggregator, which in a deployment has a host of its own."""
     return procs.start(name, [
-        *FEDPROMPT, "hospital", "start", "--site", str(site),
+        *(["nice", "-n", str(nice)] if nice else []), *FEDPROMPT, "hospital", "start", "--site", str(site),
         "--superlink", f"127.0.0.1:{fleet_port}", "--root-certificates", str(pki / "ca.pem"),
         "--key", str(key), "--clientappio-port", str(free_port()),
         "--flwr-home", str(flwr_home), *extra,

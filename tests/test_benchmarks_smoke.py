@@ -100,3 +100,103 @@ def test_runner_comm_and_micro_dp(tmp_path):
 def test_runner_rejects_unknown_suite(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["run", "--suite", "nope", "--out", str(tmp_path)])
+
+
+@pytest.mark.slow  # one Flower simulation (Ray daemons + actor processes)
+def test_runner_scale_suite_one_size(tmp_path):
+    backbone = make_tiny_backbone(tmp_path / "tinybert", hidden=32, layers=2)
+    out = tmp_path / "out"
+    argv = ["run", "--suite", "scale", "--out", str(out), "--backbone", str(backbone), "--scale-sizes", "2", "--scale-rounds", "1"]
+    assert main(argv) == 0
+
+    scale = json.loads((out / "results.json").read_text())["suites"]["scale"]
+    (size,) = scale["sizes"]
+    assert size["n"] == 2 and size["error"] is None
+    assert size["rounds_completed"] == size["rounds_requested"] == 1
+    assert size["hospitals_ok_min"] == 2
+    for key in ("first_round_seconds", "wall_s_per_round", "aggregate_s_per_round", "aggregate_cpu_s_per_round", "aggregate_ms_per_hospital"):
+        assert _positive_finite(size[key]), key
+    memory = size["memory"]
+    for key in ("peak_tree_pss_mb", "peak_tree_rss_mb", "aggregator_vmhwm_mb"):
+        assert _positive_finite(memory[key]), key
+    assert memory["max_processes"] > 2  # the Ray daemons and actors below the simulation process were counted
+    assert scale["targets"]["complete_met"] is None  # no 100-hospital run: not measured
+    assert "## scale" in (out / "results.md").read_text()
+    assert (out / "scale.png").stat().st_size > 1000
+
+
+def test_scale_growth_exponents():
+    from benchmarks.scale import growth
+
+    g = growth([10, 50, 100], [0.01, 0.05, 0.1])
+    assert g["exponent"] == pytest.approx(1.0)
+    assert [p["exponent"] for p in g["pairwise"]] == pytest.approx([1.0, 1.0])
+    assert growth([10, 100], [1.0, 1.0])["exponent"] == pytest.approx(0.0)
+    assert math.isnan(growth([10], [1.0])["exponent"])
+
+
+def _timing_line(kind: str, site: str, r: int, sent: float, train: float) -> dict:
+    """A ClientApp `fedprompt-timing` record as client/client_app.py logs it."""
+    phases = {"backbone": 0.5, "records": 0.1, "build": 0.01, **({"privacy": 0.2, "train": train, "reply": 0.01} if kind == "train" else {"evaluate": 0.3})}
+    start = sent + 6.0
+    return {"type": kind, "site": site, "round": r, "pid": hash((kind, site, r)), "sent": sent, "process_start": sent + 2.0,
+            "import_start": sent + 3.0, "import_end": start - 0.01, "handler_start": start,
+            "handler_end": start + sum(phases.values()) + 0.02, "phases": phases}
+
+
+def test_round_suite_analysis_and_report(tmp_path):
+    """The round suite's analysis on a synthetic run (the real one needs a deployment: minutes)."""
+    from benchmarks import round as round_suite
+
+    rounds, lines, t = [], [], 1000.0
+    for r in (1, 2):
+        sent = t + 0.1
+        lines += [_timing_line("train", f"hospital-{h}", r, sent, train=1.0 + h) for h in (1, 2, 3)]
+        received = max(m["handler_end"] for m in lines if m["round"] == r) + 1.5
+        ev_sent = received + 0.05
+        lines += [_timing_line("evaluate", f"hospital-{h}", r, ev_sent, train=0) for h in (1, 2, 3)]
+        ev_received = max(m["handler_end"] for m in lines if m["round"] == r and m["type"] == "evaluate") + 2.5
+        end = ev_received + 0.2
+        rounds.append({"round": r, "seconds": end - t, "timing": {"start": t, "train_sent": sent, "train_received": received,
+                                                                "evaluate_sent": ev_sent, "evaluate_received": ev_received, "end": end}})
+        t = end
+    rows = round_suite._rounds({"rounds": rounds}, lines)
+    for row in rows:
+        # The critical path's segments add up to each phase, and the overhead is wall - slowest training.
+        for phase in ("train", "evaluate"):
+            assert sum(row[phase]["segments"].values()) == pytest.approx(row[phase]["seconds"])
+        assert row["slowest_training"] == 4.0 and row["train"]["critical"] == "hospital-3"
+        assert row["overhead"] == pytest.approx(row["wall"] - 4.0)
+        assert row["wall"] == pytest.approx(row["train"]["seconds"] + row["evaluate"]["seconds"] + sum(row["server"].values()))
+    result = {"config": {"hospitals": 3, "records_per_hospital": 40, "rounds": 2, "backbone": "tiny", "target_overhead_s": 3.0},
+              **round_suite.summarize(rows), "run_wall_s": 60.0, "loadavg": {"start": [1.0], "end": [2.0]},
+              "backbone_split": {"load_with_fingerprint": {"median": 0.5}, "fingerprint": {"median": 0.1}},
+              "cold_import": {"import": {"median": 3.0}, "interpreter_total": {"median": 3.5}}}
+    assert result["process_per_message"] and not result["target_met"]
+    md = round_suite.markdown(result)
+    assert "**MISSED**" in md and "what would close it" in md
+    assert round_suite.plot(result, tmp_path) == ["round_phases.png"] and (tmp_path / "round_phases.png").stat().st_size > 0
+
+
+def test_runner_accuracy_suite_micro(tmp_path):
+    """Every accuracy mode on a tiny BERT and a synthetic corpus: well-formed results, no figures asserted."""
+    backbone = make_tiny_backbone(tmp_path / "tinybert", hidden=32, layers=2)
+    data = _corpus(tmp_path / "data", rows=90)
+    out = tmp_path / "out"
+    assert main(["run", "--suite", "accuracy", "--quick", "--out", str(out), "--backbone", str(backbone), "--data", str(data), "--acc-rounds", "2"]) == 0
+
+    acc = json.loads((out / "results.json").read_text())["suites"]["accuracy"]
+    modes = {"linear_probe", "central_prompt_nonprivate", "hospitals_alone_dp", "federated_nonprivate",
+             "federated_dp_eps1", "federated_dp_eps4", "federated_dp_eps8"}
+    assert set(acc["results"]) == modes
+    for mode, r in acc["results"].items():
+        assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["macro_f1"] <= 1.0, mode
+        assert r["num_examples"] == acc["config"]["test_rows"] == 27
+        if mode.startswith("federated") or mode == "central_prompt_nonprivate":
+            assert len(r["per_round"]) == 2 and r["per_round"][-1]["macro_f1"] == r["macro_f1"]
+    for eps in (1, 4, 8):
+        for h, p in acc["results"][f"federated_dp_eps{eps}"]["per_hospital_privacy"].items():
+            # the noise was calibrated to spend the budget over both rounds, and no more
+            assert eps * 0.95 <= p["epsilon_spent"] <= eps * 1.0001, (eps, h, p)
+    assert [t["met"] in (True, False) for t in acc["targets"]] == [True] * 3
+    assert {"accuracy.png", "accuracy_vs_epsilon.png", "accuracy_per_round.png"} <= {p.name for p in out.glob("*.png")}

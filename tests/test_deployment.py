@@ -190,3 +190,16 @@ def test_proxy_checks_every_request_on_a_kept_alive_connection(deployment):
     smuggle = (b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
                b"0\r\n\r\n" + control)
     assert exchange(smuggle).startswith(b"HTTP/1.1 400"), "CL+TE must be refused"
+
+
+def test_run_id_and_status_are_read_from_flwr_json_output():
+    """`aggregator run` follows a run by id and decides its end by the SuperLink's status, so
+    the JSON flwr prints (pretty, possibly after log lines) must be read exactly."""
+    from fedprompt.server.deploy import _json_reply, submitted_run_id
+
+    accepted = 'INFO : Starting\n{\n  "success": true,\n  "run-id": "4777088481461087582",\n  "fab-hash": "a8a08a5a"\n}\n'
+    assert submitted_run_id(accepted) == 4777088481461087582
+    assert submitted_run_id('{\n  "success": false,\n  "error-message": "Run was not created"\n}') is None
+    assert submitted_run_id("Traceback (most recent call last): {oops\n") is None
+    listed = '{"success": true, "runs": [{"run-id": "1", "status": "finished:failed", "status-details": "x"}]}'
+    assert _json_reply(listed)["runs"][0]["status"] == "finished:failed"

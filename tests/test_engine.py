@@ -237,3 +237,18 @@ def test_dp_training_on_real_abstracts_with_default_backbone():
     majority = Counter(int(r["condition_label"]) for r in test_rows).most_common(1)[0][1] / len(test_rows)
     accuracy = evaluate(model, test_ds, 5).summary()["accuracy"]
     assert accuracy > majority + 0.05, (accuracy, majority)
+
+
+def test_noise_memo_remembers_and_survives_a_bad_file(tmp_path):
+    from fedprompt.client.dp import NoiseMemo
+
+    memo = NoiseMemo(tmp_path / "ledger.json.noise-memo")
+    args = (8.0, 1e-5, 0.5, 12, "prv")
+    assert memo.get(args) is None
+    memo.put(args, 1.25)
+    assert NoiseMemo(memo.path).get(args) == 1.25  # another process (a new ClientApp) reads it
+    assert memo.get((8.0, 1e-5, 0.5, 13, "prv")) is None  # any other argument: calibrate again
+    memo.path.write_text("{not json")
+    assert memo.get(args) is None
+    memo.path.write_text(json.dumps({NoiseMemo._key(args): -1.0}))
+    assert memo.get(args) is None  # never a non-positive sigma

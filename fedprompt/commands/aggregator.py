@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -67,6 +68,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="extra run-config overrides passed on to `flwr run` (keys must exist in the app's [tool.flwr.app.config])")
     p.add_argument("--detach", action="store_true", help="submit and return at once, without following the log")
     p.add_argument("--timeout", type=float, help="give up following the log after this many seconds")
+    p.add_argument("--retries", type=int, default=0, metavar="N",
+                   help="if the run fails after a checkpoint, resubmit it from that checkpoint up to N times (default 0)")
     _connection_args(p)
     p.set_defaults(func=run_run)
 
@@ -258,6 +261,8 @@ def run_run(args: argparse.Namespace) -> int:
 
     if args.rounds is not None and args.rounds < 1:
         raise InputError.at("--rounds", f"expected >= 1, got {args.rounds}")
+    if args.retries < 0:
+        raise InputError.at("--retries", f"expected >= 0, got {args.retries}")
     # The ServerApp reads federation.yaml from this path: validate it now, not in the SuperLink's log.
     load_workspace(args.workspace) if any(args.workspace.glob("hospital-*/site.yaml")) else _load_federation(args.workspace)
     if (args.out / "checkpoint").exists() and not args.resume:
@@ -268,26 +273,43 @@ def run_run(args: argparse.Namespace) -> int:
     app = args.app or default_app()
     if app is None or not (app / "pyproject.toml").is_file():
         raise InputError.at(app or "--app", "no Flower app (pyproject.toml with [tool.flwr.app]); pass --app or set FEDPROMPT_APP")
-    argv = ["run", str(app), deploy.CONNECTION, "--run-config", deploy.run_config_arg(args.workspace, args.out, args.rounds)]
-    if args.resume:
-        argv += ["--run-config", "resume=true"]
-    for extra in args.run_config:
-        argv += ["--run-config", extra]
-    if not args.detach:
-        argv.append("--stream")
-    try:
-        rc = deploy.flwr_cli(args.state, *argv, timeout=args.timeout).returncode
-    except subprocess.TimeoutExpired:
-        print(f"[fedprompt] stopped following the run after {args.timeout:g}s (it goes on at the SuperLink)", file=sys.stderr)
-        return 1
-    if rc or args.detach:
-        return rc
-    metrics = args.out / "metrics.json"
-    if not metrics.is_file():
-        print(f"[fedprompt] the run ended without writing {metrics}: see the SuperLink's log", file=sys.stderr)
-        return 1
-    print(f"[fedprompt] run finished: {metrics}")
-    return 0
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    checkpoint = args.out / "checkpoint" / "state.json"
+    resume, attempt = args.resume, 0
+    while True:
+        argv = ["run", str(app), deploy.CONNECTION, "--run-config", deploy.run_config_arg(args.workspace, args.out, args.rounds)]
+        if resume:
+            argv += ["--run-config", "resume=true"]
+        for extra in args.run_config:
+            argv += ["--run-config", extra]
+        submitted = deploy.flwr_cli(args.state, *argv, "--format", "json", capture=True)
+        run_id = deploy.submitted_run_id(submitted.stdout)
+        if run_id is None:
+            print(submitted.stdout, end="", file=sys.stderr)
+            print("[fedprompt] the SuperLink did not accept the run (above: what flwr said)", file=sys.stderr)
+            return submitted.returncode or 1
+        if args.detach:
+            print(f"[fedprompt] run {run_id} submitted; follow it with: FLWR_HOME={deploy.flwr_home(args.state)} flwr log {run_id} {deploy.CONNECTION}")
+            return 0
+        try:
+            status = deploy.follow_run(args.state, run_id, timeout=None if deadline is None else max(deadline - time.monotonic(), 0.001))
+        except subprocess.TimeoutExpired:
+            print(f"[fedprompt] stopped following run {run_id} after {args.timeout:g}s (it goes on at the SuperLink)", file=sys.stderr)
+            return 1
+        metrics = args.out / "metrics.json"
+        if status == "finished:completed" and metrics.is_file():
+            print(f"[fedprompt] run finished: {metrics}")
+            return 0
+        print(f"[fedprompt] run {run_id} ended {status}" + ("" if metrics.is_file() else f" without writing {metrics}") + ": see the SuperLink's log",
+              file=sys.stderr)
+        if status != "finished:failed" or attempt >= args.retries or not checkpoint.is_file():
+            return 1
+        # A ServerApp can fail on a transient SuperLink error (an HTTP 500 under load): go on
+        # from the last complete round, as `--resume` would. Hospitals that trained in the lost
+        # round have recorded it already: their ledgers over-count, never under-count.
+        attempt, resume = attempt + 1, True
+        print(f"[fedprompt] resubmitting from the round-{deploy.checkpoint_round(checkpoint)} checkpoint (retry {attempt} of {args.retries})",
+              file=sys.stderr, flush=True)
 
 
 def _load_federation(workspace: Path) -> None:
