@@ -120,7 +120,7 @@ def run(ctx: Context) -> dict:
     from fedprompt.common.model import PromptConfig, build_model, initial_state
 
     rows = int(ctx.knob("acc_rows", 10**9, 240))
-    passes = int(ctx.knob("acc_rounds", 3, 1))
+    passes = int(ctx.knob("acc_rounds", 2, 1))
     max_length = int(ctx.knob("max_length", MAX_LENGTH, MAX_LENGTH))
     n_virtual = int(ctx.knob("n_virtual", N_VIRTUAL, N_VIRTUAL))
     cpu = torch.device("cpu")
@@ -324,6 +324,7 @@ def plot(r: dict, out: Path) -> list[str]:
         ax.axhline(res[key]["macro_f1"], linestyle=style, color="grey", label=NAMES[key])
     ax.plot([r["config"]["alone_epsilon"]], [res["hospitals_alone_dp"]["best_macro_f1"]], "s", color="red", label="best hospital alone, DP")
     ax.set_xscale("log")
+    ax.minorticks_off()
     ax.set_xticks(eps, [f"{e:g}" for e in eps])
     ax.set_xlabel("epsilon per hospital")
     ax.set_ylabel("macro-F1 (global test)")
