@@ -14,7 +14,6 @@ transport, to keep it cheap.
 
 from __future__ import annotations
 
-import random
 import time
 import warnings
 from pathlib import Path
@@ -37,26 +36,6 @@ MAX_GRAD_NORM = 1.0
 NONPRIVATE = {"batch_size": 16, "optimizer": "adam", "lr": 0.01}
 PRIVATE = {"batch_size": 64, "optimizer": "sgd", "lr": 2.0}
 README_PROBE = {"accuracy": 0.588, "macro_f1": 0.572}  # data README: full file, 70/30 split, seed 0
-
-
-def _stratified_subset(labels: list[int], n: int, seed: int) -> list[int]:
-    """n row indices with every class in proportion (all rows when n >= len)."""
-    if n >= len(labels):
-        return list(range(len(labels)))
-    from fedprompt.client.partition import _apportion  # the project's own largest-remainder split
-
-    rng = random.Random(seed)
-    by_class: dict[int, list[int]] = {}
-    for i, y in enumerate(labels):
-        by_class.setdefault(y, []).append(i)
-    classes = sorted(by_class)
-    quota = _apportion(n, [len(by_class[c]) for c in classes])
-    out: list[int] = []
-    for c, q in zip(classes, quota):
-        ix = by_class[c][:]
-        rng.shuffle(ix)
-        out += ix[:q]
-    return sorted(out)
 
 
 def _summary(counts) -> dict:
@@ -110,8 +89,7 @@ def run(ctx: Context) -> dict:
     warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")  # RDP side of calibration
     from fedprompt.client.dp import calibrate_noise, plan_steps
     from fedprompt.client.ledger import compute_epsilon
-    from fedprompt.client.partition import partition
-    from fedprompt.client.records import Records
+    from fedprompt.client.partition import partition, stratified_subset
     from fedprompt.client.trainer import TrainSettings, train
     from fedprompt.client.workspace import site_delta
     from fedprompt.common.backbone import load_backbone
@@ -127,8 +105,7 @@ def run(ctx: Context) -> dict:
     torch.manual_seed(ctx.seed)
 
     records, labels = load_corpus(ctx.data)
-    keep = _stratified_subset(records.labels, rows, ctx.seed)
-    subset = Records([records.texts[i] for i in keep], [records.labels[i] for i in keep], records.path)
+    subset = stratified_subset(records, rows, ctx.seed)
     part = partition(subset, labels, hospitals=HOSPITALS, alpha=ALPHA, test_frac=TEST_FRAC, val_frac=0.0, seed=ctx.seed, min_train=8)
     index = {name: i for i, name in enumerate(labels)}
     bb = load_backbone(ctx.backbone)

@@ -77,6 +77,25 @@ def _stratified_take(rng: random.Random, indices_by_class: list[list[int]], n: i
     return taken, rest
 
 
+def stratified_subset(records: Records, n: int, seed: int) -> Records:
+    """`n` rows with every class in proportion, in corpus order (all rows when n >= len): a
+    smaller corpus with the same label mix, for quick runs."""
+    if n >= len(records):
+        return records
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(records.labels):
+        by_class.setdefault(y, []).append(i)
+    classes = sorted(by_class)
+    keep: list[int] = []
+    for c, q in zip(classes, _apportion(n, [len(by_class[c]) for c in classes])):
+        ix = by_class[c][:]
+        rng.shuffle(ix)
+        keep += ix[:q]
+    keep.sort()
+    return Records([records.texts[i] for i in keep], [records.labels[i] for i in keep], records.path)
+
+
 @dataclass
 class Partition:
     labels: list[str]  # label names, the federation's label space

@@ -202,6 +202,21 @@ def test_partition_real_medical_abstracts(tmp_path, data_cli, capsys):
         assert data_cli(["data", "check", "--site", str(site)]) == 0
 
 
+def test_stratified_subset_keeps_the_label_mix_and_corpus_order():
+    from fedprompt.client.partition import stratified_subset
+    from fedprompt.client.records import Records
+
+    labels = [0] * 600 + [1] * 300 + [2] * 100  # 60 / 30 / 10 %
+    records = Records([f"note {i}" for i in range(1000)], labels, Path("corpus.csv"))
+    small = stratified_subset(records, 101, seed=3)
+    assert len(small) == 101 and Counter(small.labels) == {0: 61, 1: 30, 2: 10}  # largest remainder
+    order = [int(t.split()[1]) for t in small.texts]
+    assert order == sorted(order) and all(labels[i] == y for i, y in zip(order, small.labels))
+    assert stratified_subset(records, 101, seed=3).texts == small.texts  # same seed, same rows
+    assert stratified_subset(records, 101, seed=4).texts != small.texts
+    assert stratified_subset(records, 5000, seed=3) is records  # asking for more than there is: all of it
+
+
 # --- workspace ------------------------------------------------------------------------------
 
 

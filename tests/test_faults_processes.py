@@ -2,12 +2,12 @@
 (markers `faults` and `heavy`: not in the default run; `python -m pytest -m heavy`).
 
 Each test starts its own topology (tests/deploy_topology.py: PKI, SuperLink with TLS + node auth +
-SQLite, the Fleet-only proxy, hospital daemons) and submits a run with `fedprompt aggregator run`
-(or, for the resumed run, `flwr run ... resume=true`, see scenario 2), then injects its fault:
+SQLite, the Fleet-only proxy, hospital daemons) and submits a run with `fedprompt aggregator run`,
+then injects its fault:
 
 1. a hospital's SuperNode process group is SIGKILLed while its ClientApp trains, then restarted;
 2. the aggregator (SuperLink, proxy, superexec, ServerApp) is SIGKILLed after round 1's
-   checkpoint, restarted on the same SQLite state, and the run is resubmitted with `resume=true`;
+   checkpoint, restarted on the same SQLite state, and the run is resubmitted with `aggregator run --resume`;
 3. a hospital is cut off mid-round (SIGSTOP of its process group), and let go (SIGCONT) after the
    round has timed out;
 8. many hospital daemons against one aggregator; the aggregator's RSS is recorded per round.
@@ -166,10 +166,9 @@ class Topology:
         return proc
 
     def checkpoint_round(self) -> int:
-        try:
-            return int(json.loads((self.out / "checkpoint" / "state.json").read_text())["round"])
-        except (OSError, ValueError, KeyError):
-            return 0
+        from fedprompt.server.deploy import checkpoint_round
+
+        return checkpoint_round(self.out / "checkpoint" / "state.json") or 0
 
     def wait_run(self, name: str = "run", timeout: float = RUN_DEADLINE + 30) -> dict:
         proc = self.procs.procs[name]
@@ -361,9 +360,7 @@ def test_hospital_killed_mid_training_rejoins_and_its_ledger_over_counts(topolog
 
 def test_aggregator_killed_after_round_1_resumes_from_checkpoint(topology_root):
     """Scenario 2: SIGKILL the whole aggregator after round 1's checkpoint; restart it on the same
-    SQLite state; resubmit with resume=true."""
-    from fedprompt.server.deploy import aggregator_env, flower_exe
-
+    SQLite state; resubmit with `fedprompt aggregator run --resume`."""
     topo = topology_root(3, rounds=3, round_timeout=ROUND_TIMEOUT, min_hospitals=2, max_epsilon=50.0)
     topo.start_aggregator()
     topo.register_all()
@@ -384,14 +381,10 @@ def test_aggregator_killed_after_round_1_resumes_from_checkpoint(topology_root):
 
     # Same ports, same SQLite state: the hospitals reconnect by themselves (same node ids).
     topo.start_aggregator(name="aggregator-2")
-    # `fedprompt aggregator run` refuses an --out that holds a checkpoint (see docs/reliability.md), so
-    # the resumed run is submitted with flwr itself, as `aggregator run` would, plus resume=true.
-    cfg = (f'workspace="{topo.ws}" out="{topo.out}" backbone="{topo.root / "tinybert"}" resume=true')
-    topo.tracked.add(topo.procs.start("run-2", [flower_exe("flwr"), "run", str(topo.app), "fedprompt", "--run-config", cfg, "--stream"],
-                                      aggregator_env(topo.state) | {"PYTHONUNBUFFERED": "1"}).pid)
-    wait_for(lambda: (topo.out / "metrics.json").is_file(), RUN_DEADLINE, "the resumed run's metrics.json", interval=0.5)
+    # The operator resumes as the docs say: the same command, plus --resume.
+    topo.submit("run-2", extra=("--resume",))
+    metrics = topo.wait_run("run-2")  # exit 0: the SuperLink reported the run finished:completed
     t_done = time.monotonic()
-    metrics = json.loads((topo.out / "metrics.json").read_text())
     rounds = metrics["rounds"]
     assert [r["round"] for r in rounds] == [1, 2, 3]  # none counted twice, none missing
     assert rounds[0] == ckpt1["history"][0]  # round 1 is the pre-kill one, not a re-run

@@ -253,16 +253,21 @@ def _train_content(run, round_=1, **plan_changes):
     return RecordDict({ARRAYS: state_to_arrays(run.state), "config": plan.to_config_record()})
 
 
-def test_site_refuses_on_backbone_mismatch_and_bad_records(tmp_path, tiny_dir):
-    from fedprompt.client.hospital import train_round
+def one_site(tmp_path: Path, tiny_dir: Path):
+    """A prepared run and a single hospital with its ledger: (workspace, run, site.yaml, ledger path)."""
     from fedprompt.server.simulate import ensure_ledgers
 
     ws = make_workspace(tmp_path, tiny_dir, hospitals=1, per_hospital=20)
     ensure_ledgers(ws)
-    fed, sites, _ = load_workspace(ws)
+    fed, _, _ = load_workspace(ws)
     run = prepare_run(RunSpec(fed, tmp_path / "out", None, tiny_dir))
-    site_yaml = list_hospitals(ws)[0]
-    ledger = ws / "hospital-1" / "ledger" / "privacy-ledger.json"
+    return ws, run, list_hospitals(ws)[0], ws / "hospital-1" / "ledger" / "privacy-ledger.json"
+
+
+def test_site_refuses_on_backbone_mismatch_and_bad_records(tmp_path, tiny_dir):
+    from fedprompt.client.hospital import train_round
+
+    ws, run, site_yaml, ledger = one_site(tmp_path, tiny_dir)
     before = ledger.read_bytes()
 
     reply = train_round(_train_content(run, backbone_fingerprint="0" * 64), site_yaml)
@@ -275,6 +280,36 @@ def test_site_refuses_on_backbone_mismatch_and_bad_records(tmp_path, tiny_dir):
     assert reply[STATUS]["status"] == "refused" and "unknown label 'not-a-label'" in reply[STATUS]["reason"]
     assert "train.csv:" in reply[STATUS]["reason"]
     assert ledger.read_bytes() == before  # nothing recorded, nothing trained, nothing sent
+
+
+def test_tampered_noise_memo_changes_only_what_the_ledger_accounts(tmp_path, tiny_dir):
+    """The noise memo beside the ledger can be edited by anyone who can edit the ledger. A smaller
+    sigma there must be refused by the cap before training; a larger one must be the sigma both
+    trained with and recorded."""
+    from fedprompt.client.hospital import train_round
+    from fedprompt.client.ledger import PrivacyLedger
+
+    _, run, site_yaml, ledger = one_site(tmp_path, tiny_dir)
+    memo = ledger.with_name(ledger.name + ".noise-memo")
+
+    honest = train_round(_train_content(run, round_=1), site_yaml)
+    assert honest[STATUS]["status"] == "ok"
+    sigma = honest[METRICS]["noise-multiplier"]
+    (key,) = json.loads(memo.read_text())  # one calibration remembered, written after the ledger entry
+    assert json.loads(memo.read_text())[key] == sigma
+
+    memo.write_text(json.dumps({key: sigma / 50}))  # far less noise than the budget allows
+    before = ledger.read_bytes()
+    reply = train_round(_train_content(run, round_=2), site_yaml)
+    assert reply[STATUS]["status"] == "refused" and "over the site's cap" in reply[STATUS]["reason"], reply[STATUS]
+    assert ARRAYS not in reply and ledger.read_bytes() == before  # nothing trained, sent or recorded
+
+    memo.write_text(json.dumps({key: 2 * sigma}))  # more noise than needed: spends less, and says so
+    reply = train_round(_train_content(run, round_=2), site_yaml)
+    assert reply[STATUS]["status"] == "ok" and reply[METRICS]["noise-multiplier"] == 2 * sigma
+    book = PrivacyLedger.open(ledger)
+    assert [e.noise_multiplier for e in book.history] == [sigma, 2 * sigma]
+    assert reply[METRICS]["epsilon-spent"] == pytest.approx(book.epsilon_spent())
 
 
 def test_partitioned_real_corpus_trains(tmp_path, tiny_dir):
