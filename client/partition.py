@@ -82,17 +82,11 @@ def stratified_subset(records: Records, n: int, seed: int) -> Records:
     smaller corpus with the same label mix, for quick runs."""
     if n >= len(records):
         return records
-    rng = random.Random(seed)
     by_class: dict[int, list[int]] = {}
     for i, y in enumerate(records.labels):
         by_class.setdefault(y, []).append(i)
-    classes = sorted(by_class)
-    keep: list[int] = []
-    for c, q in zip(classes, _apportion(n, [len(by_class[c]) for c in classes])):
-        ix = by_class[c][:]
-        rng.shuffle(ix)
-        keep += ix[:q]
-    keep.sort()
+    taken, _ = _stratified_take(random.Random(seed), [by_class[c] for c in sorted(by_class)], n)
+    keep = sorted(taken)
     return Records([records.texts[i] for i in keep], [records.labels[i] for i in keep], records.path)
 
 
