@@ -115,24 +115,22 @@ def train_round(content: RecordDict, site_path: Path, *, run_id: str = "", progr
             encoded = encode(backbone.tokenizer, records.texts, records.labels, plan.max_length)
         q, steps = plan_steps(len(encoded.dataset), plan.batch_size, plan.local_epochs)
         metrics: dict = {"num-examples": len(encoded.dataset), "private": int(plan.private)}
-        t_privacy = time.perf_counter()
-        if plan.private:
-            ledger = PrivacyLedger.for_site(site)
-            args, memo = _calibration(site, plan, q, steps), _noise_memo(site)
-            calibrated = memo.get(args) or calibrate_noise(*args)
-            sigma, delta = max(calibrated, site.privacy.min_noise_multiplier), args[1]
-            if delta != ledger.delta:
-                raise Refused(f"the federation asks for delta {delta:g}, below this site's ledger delta {ledger.delta:g}")
-            # Durable BEFORE training: a crash from here on over-counts, never under-counts.
-            spent = ledger.record(sigma, q, steps, epsilon_cap=site.privacy.max_epsilon, run_id=f"{plan.run_name}/{run_id}" if run_id else plan.run_name, round=plan.round)
-            memo.put(args, calibrated)  # only once the entry is durable: a refused round writes nothing else
-            metrics.update({"noise-multiplier": sigma, "sample-rate": q, "epsilon-spent": spent, "epsilon-cap": site.privacy.max_epsilon, "delta": delta})
-        elif not site.allow_non_private:
-            raise Refused("the aggregator asked for NON-PRIVATE training and this site does not allow it (allow_non_private: false)")
-        else:
-            sigma = None
-        if timings is not None:
-            timings["privacy"] = time.perf_counter() - t_privacy  # noise calibration + durable ledger entry
+        with _timed(timings, "privacy"):  # noise calibration + durable ledger entry
+            if plan.private:
+                ledger = PrivacyLedger.for_site(site)
+                args, memo = _calibration(site, plan, q, steps), _noise_memo(site)
+                calibrated = memo.get(args) or calibrate_noise(*args)
+                sigma, delta = max(calibrated, site.privacy.min_noise_multiplier), args[1]
+                if delta != ledger.delta:
+                    raise Refused(f"the federation asks for delta {delta:g}, below this site's ledger delta {ledger.delta:g}")
+                # Durable BEFORE training: a crash from here on over-counts, never under-counts.
+                spent = ledger.record(sigma, q, steps, epsilon_cap=site.privacy.max_epsilon, run_id=f"{plan.run_name}/{run_id}" if run_id else plan.run_name, round=plan.round)
+                memo.put(args, calibrated)  # only once the entry is durable: a refused round writes nothing else
+                metrics.update({"noise-multiplier": sigma, "sample-rate": q, "epsilon-spent": spent, "epsilon-cap": site.privacy.max_epsilon, "delta": delta})
+            elif not site.allow_non_private:
+                raise Refused("the aggregator asked for NON-PRIVATE training and this site does not allow it (allow_non_private: false)")
+            else:
+                sigma = None
     except (Refused, InputError, LedgerError, PrivacyBudgetExceeded) as exc:
         log.warning("%s refuses round: %s", hospital, exc)
         return refusal(hospital, public_reason(str(exc)))
