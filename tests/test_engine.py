@@ -207,6 +207,12 @@ def test_save_and_load_round_trip_and_fingerprint_check(tiny, tiny_dir, tmp_path
 # --- the real default backbone on real abstracts ---------------------------------------------------
 @pytest.mark.slow
 def test_dp_training_on_real_abstracts_with_default_backbone():
+    """DP-SGD at epsilon 8 on 600 real abstracts learns what a majority guess cannot.
+
+    Margins sized from six seeds (noise and sampling generators 100+k / 200+k): held-out accuracy
+    0.51-0.57 against a majority share of 0.30, macro-F1 0.48-0.56. The generators are seeded so a
+    failure reproduces; the product draws both from OS entropy.
+    """
     import csv
     import random
     from collections import Counter
@@ -219,7 +225,7 @@ def test_dp_training_on_real_abstracts_with_default_backbone():
         pytest.skip(f"shared corpus not found at {corpus}")
     rows = list(csv.DictReader(corpus.open(encoding="utf-8")))
     random.Random(0).shuffle(rows)
-    train_rows, test_rows = rows[:300], rows[300:450]
+    train_rows, test_rows = rows[:600], rows[600:900]
     names = ["neoplasms", "digestive system diseases", "nervous system diseases", "cardiovascular diseases", "general pathological conditions"]
 
     bb = load_backbone()  # embedded all-MiniLM-L6-v2
@@ -231,12 +237,15 @@ def test_dp_training_on_real_abstracts_with_default_backbone():
     loss_before = evaluate(model, train_ds, 5).summary()["loss"]
     q, steps = plan_steps(len(train_ds), 32, 3)
     sigma = calibrate_noise(8.0, 1e-4, q, steps)  # delta < 1/n
-    result = train(model, train_ds, TrainSettings(epochs=3, batch_size=32, lr=0.05, noise_multiplier=sigma), CPU)
+    settings = TrainSettings(epochs=3, batch_size=32, lr=0.05, noise_multiplier=sigma)
+    seeded = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+    result = train(model, train_ds, settings, CPU, noise_generator=seeded(100), sample_generator=seeded(200))
     assert result.private and result.steps == steps
-    assert evaluate(model, train_ds, 5).summary()["loss"] < loss_before - 0.2
+    assert evaluate(model, train_ds, 5).summary()["loss"] < loss_before - 0.3
     majority = Counter(int(r["condition_label"]) for r in test_rows).most_common(1)[0][1] / len(test_rows)
-    accuracy = evaluate(model, test_ds, 5).summary()["accuracy"]
-    assert accuracy > majority + 0.05, (accuracy, majority)
+    held_out = evaluate(model, test_ds, 5).summary()
+    assert held_out["accuracy"] > majority + 0.15, (held_out, majority)
+    assert held_out["macro_f1"] > 0.4, held_out  # a majority guess scores 0.09 here
 
 
 def test_noise_memo_remembers_and_survives_a_bad_file(tmp_path):
