@@ -238,8 +238,8 @@ def test_dp_training_on_real_abstracts_with_default_backbone():
     q, steps = plan_steps(len(train_ds), 32, 3)
     sigma = calibrate_noise(8.0, 1e-4, q, steps)  # delta < 1/n
     settings = TrainSettings(epochs=3, batch_size=32, lr=0.05, noise_multiplier=sigma)
-    seeded = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
-    result = train(model, train_ds, settings, CPU, noise_generator=seeded(100), sample_generator=seeded(200))
+    noise, sampling = torch.Generator().manual_seed(100), torch.Generator().manual_seed(200)
+    result = train(model, train_ds, settings, CPU, noise_generator=noise, sample_generator=sampling)
     assert result.private and result.steps == steps
     assert evaluate(model, train_ds, 5).summary()["loss"] < loss_before - 0.3
     majority = Counter(int(r["condition_label"]) for r in test_rows).most_common(1)[0][1] / len(test_rows)
