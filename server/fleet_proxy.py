@@ -188,6 +188,10 @@ class FleetProxy:
                     break
         except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, BadRequest, ssl.SSLError, ValueError, IndexError) as exc:
             log.debug("connection from %s ended: %r", peer, exc)
+        except asyncio.CancelledError:
+            # Shutdown cancels open connections. End this handler normally: Python 3.11's stream
+            # callback calls exception() on a cancelled handler task and logs a traceback per connection.
+            log.debug("connection from %s closed at shutdown", peer)
         finally:
             try:
                 writer.close()

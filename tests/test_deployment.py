@@ -19,24 +19,28 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 import yaml
 
 from deploy_topology import (
-    FEDPROMPT, Processes, cli, copy_app, deploy_env, free_port, init_pki, make_workspace, register_hospital,
-    start_aggregator, start_hospital,
+    FEDPROMPT, Processes, can_connect, cli, copy_app, deploy_env, free_port, init_pki, make_workspace, register_hospital,
+    start_aggregator, start_hospital, wait_for,
 )
 
 pytestmark = pytest.mark.deployment
 
 RUN_TIMEOUT = 900.0  # the 2-round run, from submission to metrics.json (a generous bound: 2 cores shared)
+# How Flower 1.42 words a daemon it declared gone (SuperNode or ClientApp heartbeat missed).
+FLOWER_LIVENESS = ("Node Unavailable", "ClientApp stopped responding")
 
 
 @pytest.fixture(scope="module")
@@ -151,15 +155,32 @@ def test_two_round_run_completes(deployment):
     assert rc == 0, procs.log("run")[-4000:] + "\n--- hospital-1\n" + procs.log("hospital-1")[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    hospitals = ["hospital-1", "hospital-2", "hospital-3"]
+    ok_rounds = dict.fromkeys(hospitals, 0)
+    lapses = []
     for rec in metrics["rounds"]:
-        assert sorted(rec["hospitals"]) == ["hospital-1", "hospital-2", "hospital-3"], rec["hospitals"]
-        assert {h["status"] for h in rec["hospitals"].values()} == {"ok"}, rec["hospitals"]
+        seen = json.dumps(rec["hospitals"], indent=1)  # whole, with each failure's reason
+        assert len(rec["hospitals"]) == 3, seen
+        for name, h in rec["hospitals"].items():
+            if h["status"] == "ok":
+                assert name in ok_rounds, seen
+                ok_rounds[name] += 1
+            else:
+                # Only Flower declaring a daemon gone is tolerated: on a loaded shared host its
+                # 2 x 30 s heartbeat windows can lapse, and the round must go on without it.
+                assert h["status"] == "failed" and any(s in h["reason"] for s in FLOWER_LIVENESS), seen
+                lapses.append((rec["round"], name, h["reason"]))
+    assert len(lapses) <= 1, lapses
+    if lapses:
+        warnings.warn(f"a hospital missed one round on Flower's liveness check: {lapses}")
+    assert min(ok_rounds.values()) >= 1, (ok_rounds, lapses)
     export = Path(metrics["export"])
     assert export.is_dir() and any(export.iterdir())
-    # Each hospital's ledger recorded its DP-SGD steps on its own disk.
-    for i in range(1, 4):
-        ledger = json.loads(next((deployment["ws"] / f"hospital-{i}" / "ledger").glob("*.json")).read_text())
-        assert len(ledger["history"]) == 2
+    # Each hospital's ledger recorded its DP-SGD steps on its own disk (before training: a daemon
+    # declared gone after recording has spent that round's budget without contributing).
+    for name in hospitals:
+        ledger = json.loads(next((deployment["ws"] / name / "ledger").glob("*.json")).read_text())
+        assert ok_rounds[name] <= len(ledger["history"]) <= 2, (name, ledger["history"], lapses)
     # The hospitals reached only the proxy: the SuperLink saw them via the Fleet proxy's port.
     for i in range(1, 4):
         assert f"127.0.0.1:{deployment['fleet_port']}" in procs.log(f"hospital-{i}")
@@ -203,3 +224,22 @@ def test_run_id_and_status_are_read_from_flwr_json_output():
     assert submitted_run_id("Traceback (most recent call last): {oops\n") is None
     listed = '{"success": true, "runs": [{"run-id": "1", "status": "finished:failed", "status-details": "x"}]}'
     assert _json_reply(listed)["runs"][0]["status"] == "finished:failed"
+
+
+def test_proxy_stops_cleanly_with_connections_open(tmp_path):
+    """SIGTERM with hospitals' connections still open: exit 0, no traceback in the aggregator's log."""
+    env, port = deploy_env(tmp_path), free_port()
+    proc = subprocess.Popen([*FEDPROMPT, "aggregator", "proxy", "--listen", f"127.0.0.1:{port}", "--upstream", "127.0.0.1:1",
+                             "--insecure", "--upstream-insecure"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: can_connect(port), 60, "the proxy's port")
+        conns = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
+        time.sleep(0.5)  # let the proxy accept them
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    for c in conns:
+        c.close()
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out and "fleet proxy stopped" in out, out
