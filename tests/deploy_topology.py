@@ -154,7 +154,7 @@ def start_aggregator(procs: Processes, pki: Path, state: Path, env: dict, *, nam
     link_port, fleet_port = link_port or free_port(), fleet_port or free_port()
     procs.start(name, [*FEDPROMPT, "aggregator", "start", "--pki", str(pki), "--state", str(state),
                        "--port", str(link_port), "--fleet-host", "127.0.0.1", "--fleet-port", str(fleet_port)], env)
-    wait_for(lambda: can_connect(fleet_port) and can_connect(link_port), 60, "SuperLink and proxy ports")
+    wait_for(lambda: can_connect(fleet_port) and can_connect(link_port), 180, "SuperLink and proxy ports")
     return link_port, fleet_port
 
 
