@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     # Hidden options (tests, experiments): another backbone directory, data file, sizes.
     r.add_argument("--backbone", default=None, help=argparse.SUPPRESS)
     r.add_argument("--data", type=Path, default=DEFAULT_DATA, help=argparse.SUPPRESS)
-    for knob in ("pairs", "warmup", "batch", "max_length", "n_virtual", "n_batches", "mem_steps", "breakdown_steps", "profile_steps", "acc_rows", "acc_rounds", "scale_rounds"):
+    for knob in ("pairs", "warmup", "batch", "max_length", "n_virtual", "n_batches", "mem_steps", "breakdown_steps", "profile_steps", "acc_rows", "acc_rounds", "acc_seeds", "acc_prompt_epochs", "scale_rounds"):
         r.add_argument(f"--{knob.replace('_', '-')}", dest=knob, type=int, default=None, help=argparse.SUPPRESS)
     r.add_argument("--scale-sizes", dest="scale_sizes", type=int, nargs="+", default=None, help=argparse.SUPPRESS)
     m = sub.add_parser("_memprobe", help=argparse.SUPPRESS)  # internal: one dp memory probe per process
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     suites = list(SUITES) if not args.suite or "all" in args.suite else list(dict.fromkeys(args.suite))
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    knobs = {k: getattr(args, k) for k in ("pairs", "warmup", "batch", "max_length", "n_virtual", "n_batches", "mem_steps", "breakdown_steps", "profile_steps", "acc_rows", "acc_rounds", "scale_rounds", "scale_sizes")}
+    knobs = {k: getattr(args, k) for k in ("pairs", "warmup", "batch", "max_length", "n_virtual", "n_batches", "mem_steps", "breakdown_steps", "profile_steps", "acc_rows", "acc_rounds", "acc_seeds", "acc_prompt_epochs", "scale_rounds", "scale_sizes")}
     ctx = Context(out=out, quick=args.quick, backbone=args.backbone, data=args.data, seed=args.seed, overrides=knobs)
     results: dict = {"meta": {**environment(), "quick": args.quick, "suites": suites, "backbone": args.backbone or "default (all-MiniLM-L6-v2)", "data": str(args.data)}, "suites": {}}
     md = _header(results["meta"], args.quick)

@@ -141,6 +141,8 @@ def _rounds(metrics: dict, lines: list[dict]) -> list[dict]:
     rows = []
     for rec in metrics["rounds"]:
         tm, r = rec["timing"], rec["round"]
+        if r == 0:  # the zero-shot start: an evaluation only, no training to compare against
+            continue
         train = [m for m in lines if m["type"] == "train" and m["round"] == r]
         ev = [m for m in lines if m["type"] == "evaluate" and m["round"] == r]
         slowest = max(m["phases"].get("train", 0.0) for m in train)

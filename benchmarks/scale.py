@@ -147,7 +147,8 @@ def one_size(spec: dict) -> dict:
     except Exception as exc:  # the parent reports it; the rounds that did finish are still read below
         error = f"{type(exc).__name__}: {exc}"
     metrics_path = work / "run" / "metrics.json"
-    rounds = json.loads(metrics_path.read_text())["rounds"] if metrics_path.exists() else []
+    # round 0 (the zero-shot start) trains nothing: only training rounds are timed
+    rounds = [r for r in json.loads(metrics_path.read_text())["rounds"] if r["round"] > 0] if metrics_path.exists() else []
     return {
         "setup_seconds": setup,
         "simulate_seconds": time.perf_counter() - t0 - setup,

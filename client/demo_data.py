@@ -10,7 +10,7 @@ Everything is drawn from one seeded generator: the same seed gives byte-identica
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .workspace import Row, write_workspace
@@ -139,6 +139,7 @@ class DemoData:
     labels: list[str]
     hospitals: dict[str, tuple[list[Row], list[Row]]]  # id -> (train, validation)
     test: list[Row]
+    local_tests: dict[str, list[Row]] = field(default_factory=dict)  # id -> its own held-out notes
 
 
 def _dirichlet(rng: random.Random, alpha: float, k: int) -> list[float]:
@@ -147,23 +148,34 @@ def _dirichlet(rng: random.Random, alpha: float, k: int) -> list[float]:
     return [d / total for d in draws]
 
 
-def generate_demo(*, hospitals: int = 3, per_hospital: int = 200, test_size: int = 200, seed: int = 0, alpha: float = 1.0) -> DemoData:
+def generate_demo(
+    *, hospitals: int = 3, per_hospital: int = 200, test_size: int = 200, seed: int = 0, alpha: float = 1.0, local_test: int = 40
+) -> DemoData:
     """`hospitals` label-skewed sites (Dirichlet(alpha) class mix each), each with `per_hospital`
-    notes split 80/20 into train/validation, plus a class-balanced held-out test set."""
-    if hospitals < 1 or per_hospital < 1 or test_size < 0 or alpha <= 0:
-        raise ValueError("need hospitals >= 1, per_hospital >= 1, test_size >= 0 and alpha > 0")
+    notes split 80/20 into train/validation and `local_test` more notes of its own mix held out,
+    plus a class-balanced held-out test set."""
+    if hospitals < 1 or per_hospital < 1 or test_size < 0 or alpha <= 0 or local_test < 0:
+        raise ValueError("need hospitals >= 1, per_hospital >= 1, test_size >= 0, local_test >= 0 and alpha > 0")
     rng = random.Random(seed)
     k = len(LABELS)
     sites: dict[str, tuple[list[Row], list[Row]]] = {}
+    mixes: dict[str, list[float]] = {}
     for h in range(1, hospitals + 1):
-        mix = _dirichlet(rng, alpha, k)
+        mixes[str(h)] = mix = _dirichlet(rng, alpha, k)
         ys = rng.choices(range(k), weights=mix, k=per_hospital)
         rows = [(demo_note(rng, y), LABELS[y]) for y in ys]
         n_val = per_hospital // 5
         sites[str(h)] = (rows[n_val:], rows[:n_val])
     test_ys = [i % k for i in range(test_size)]
     rng.shuffle(test_ys)
-    return DemoData(list(LABELS), sites, [(demo_note(rng, y), LABELS[y]) for y in test_ys])
+    test = [(demo_note(rng, y), LABELS[y]) for y in test_ys]
+    # Drawn last, from the same generator: the sites' train/validation and the test set stay the
+    # notes a seed gave before local tests existed.
+    local_tests = {}
+    for hid, mix in mixes.items():
+        ys = rng.choices(range(k), weights=mix, k=local_test)
+        local_tests[hid] = [(demo_note(rng, y), LABELS[y]) for y in ys]
+    return DemoData(list(LABELS), sites, test, local_tests)
 
 
 def write_demo_workspace(out_dir: str | Path, demo: DemoData) -> Path:
@@ -174,5 +186,6 @@ def write_demo_workspace(out_dir: str | Path, demo: DemoData) -> Path:
         labels=demo.labels,
         hospitals=demo.hospitals,
         test_rows=demo.test,
+        local_tests=demo.local_tests,
         allow_non_private=True,
     )

@@ -40,11 +40,16 @@ def entropy_generator(device: torch.device | str = "cpu") -> torch.Generator:
     return gen
 
 
-def plan_steps(num_examples: int, batch_size: int, epochs: int) -> tuple[float, int]:
-    """Poisson sample rate q and the number of logical steps for `epochs` passes."""
+def plan_steps(num_examples: int, batch_size: int | None, epochs: int, sample_rate: float = 1.0) -> tuple[float, int]:
+    """Poisson sample rate q and the number of logical steps for `epochs` passes.
+
+    The rule every site follows: q = batch_size / n when an expected batch is fixed, else the
+    federation's `sample_rate` (then the expected batch q x n grows with the site, and a round
+    is epochs / q steps at every site).
+    """
     if num_examples < 1:
         raise ValueError("no training examples")
-    q = min(1.0, batch_size / num_examples)
+    q = min(1.0, batch_size / num_examples) if batch_size else sample_rate
     return q, epochs * int(1 / q)
 
 

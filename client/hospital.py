@@ -39,7 +39,7 @@ from fedprompt.common.wire import (
 from .dp import NoiseMemo, calibrate_noise, plan_steps
 from .ledger import PrivacyLedger
 from .records import load_records
-from .trainer import TrainSettings, resolve_device, train
+from .trainer import local_update, resolve_device
 
 log = logging.getLogger("fedprompt.hospital")
 
@@ -113,7 +113,7 @@ def train_round(content: RecordDict, site_path: Path, *, run_id: str = "", progr
         with _timed(timings, "records"):
             records = load_records(site.train, text_field=site.text_field, label_field=site.label_field, labels=plan.labels)
             encoded = encode(backbone.tokenizer, records.texts, records.labels, plan.max_length)
-        q, steps = plan_steps(len(encoded.dataset), plan.batch_size, plan.local_epochs)
+        q, steps = plan_steps(len(encoded.dataset), plan.batch_size, plan.local_epochs, plan.sample_rate)
         metrics: dict = {"num-examples": len(encoded.dataset), "private": int(plan.private)}
         with _timed(timings, "privacy"):  # noise calibration + durable ledger entry
             if plan.private:
@@ -138,18 +138,9 @@ def train_round(content: RecordDict, site_path: Path, *, run_id: str = "", progr
     device = resolve_device(site.device)
     with _timed(timings, "build"):
         model = build_model(backbone, plan.prompt_config(), arrays_to_state(content[ARRAYS]))
-    settings = TrainSettings(
-        epochs=plan.local_epochs,
-        batch_size=plan.batch_size,
-        lr=plan.lr,
-        optimizer=plan.optimizer,
-        max_physical_batch_size=site.max_physical_batch_size,
-        noise_multiplier=sigma,
-        max_grad_norm=plan.max_grad_norm,
-        proximal_mu=plan.proximal_mu,
-    )
-    with _timed(timings, "train"):
-        result = train(model, encoded.dataset, settings, device, progress=progress, progress_label=f"{hospital} r{plan.round}")
+    with _timed(timings, "train"):  # (frozen features included: computed once per prompt and process)
+        result = local_update(model, encoded.dataset, plan, sigma, device, max_physical_batch_size=site.max_physical_batch_size,
+                              progress=progress, progress_label=f"{hospital} r{plan.round}")
     metrics.update({"train-loss": result.mean_loss, "steps": result.steps})
     eps = f"eps {metrics['epsilon-spent']:.3f}/{site.privacy.max_epsilon:g}" if plan.private else "NON-PRIVATE"
     log.info("%s round %d: %d steps, loss %.4f, %s", hospital, plan.round, result.steps, result.mean_loss, eps)

@@ -1,14 +1,14 @@
 """Split a real labelled corpus into a federation: a stratified held-out test set, then the rest
 over hospitals with Dirichlet(alpha) label skew (small alpha: each hospital sees few classes, as
-a cancer centre and a cardiology clinic would). Every row is used exactly once; same seed, same
-split.
+a cancer centre and a cardiology clinic would), each hospital's rows split into train /
+validation / local test. Every row is used exactly once; same seed, same split.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedprompt.common.errors import InputError, Problem
@@ -95,6 +95,9 @@ class Partition:
     labels: list[str]  # label names, the federation's label space
     hospitals: dict[str, tuple[list[Row], list[Row]]]  # id -> (train, validation)
     test: list[Row]
+    # id -> the hospital's own held-out rows (same label mix as its train rows), for measuring
+    # personalisation where it happens; empty lists when local_test_frac is 0.
+    local_tests: dict[str, list[Row]] = field(default_factory=dict)
 
 
 def load_corpus(path: str | Path, *, text_column: str, label_column: str, label_names: str | Path | None) -> tuple[Records, list[str]]:
@@ -116,10 +119,17 @@ def partition(
     val_frac: float,
     seed: int,
     min_train: int = 20,
+    local_test_frac: float = 0.0,
 ) -> Partition:
     """Held-out stratified test set (round(test_frac * n) rows), then Dirichlet(alpha) label skew
     over `hospitals`, redrawn until each has `min_train` training rows; each hospital's own rows
-    are split stratified into train/validation by `val_frac`."""
+    are split stratified into validation (`val_frac` of them), local test (`local_test_frac` of
+    them, taken after validation) and train (the rest).
+
+    With local_test_frac 0 no random draw is added, so the split is exactly the one made before
+    local tests existed (same seed, same rows): recorded benchmark splits stay valid."""
+    if not (0 <= val_frac < 1 and 0 <= local_test_frac < 1 and val_frac + local_test_frac < 1):
+        raise ValueError(f"need val_frac, local_test_frac >= 0 with val_frac + local_test_frac < 1, got {val_frac} and {local_test_frac}")
     rng = random.Random(seed)
     by_class = [[i for i, y in enumerate(records.labels) if y == c] for c in range(len(labels))]
     test_ix, pool = _stratified_take(rng, by_class, round(test_frac * len(records)))
@@ -127,28 +137,34 @@ def partition(
     for _ in range(MAX_DRAWS):
         shares = [_apportion(len(ix), [rng.gammavariate(alpha, 1.0) + 1e-12 for _ in range(hospitals)]) for ix in pool]
         sizes = [sum(s[h] for s in shares) for h in range(hospitals)]
-        if all(size - round(val_frac * size) >= min_train for size in sizes):
+        if all(size - round(val_frac * size) - round(local_test_frac * size) >= min_train for size in sizes):
             break
     else:
         raise InputError.at(
             records.path,
             f"{sum(map(len, pool))} rows outside the test set cannot give each of {hospitals} hospitals "
             f"{min_train} training rows at alpha {alpha} (tried {MAX_DRAWS} draws): raise --alpha, "
-            "lower --hospitals or lower --test-frac",
+            "lower --hospitals, --test-frac or --local-test-frac",
         )
 
     def rows(ix: list[int]) -> list[Row]:
         return [(records.texts[i], labels[records.labels[i]]) for i in ix]
 
     sites: dict[str, tuple[list[Row], list[Row]]] = {}
+    local_tests: dict[str, list[Row]] = {}
     starts = [0] * len(pool)
     for h in range(hospitals):
         mine = []
         for c, ix in enumerate(pool):
             mine.append(ix[starts[c] : starts[c] + shares[c][h]])
             starts[c] += shares[c][h]
-        val_ix, train_by_class = _stratified_take(rng, mine, round(val_frac * sum(map(len, mine))))
+        size = sum(map(len, mine))
+        val_ix, train_by_class = _stratified_take(rng, mine, round(val_frac * size))
+        local_ix: list[int] = []
+        if local_test_frac > 0:  # no draw at 0: keeps the split of the code before local tests
+            local_ix, train_by_class = _stratified_take(rng, train_by_class, round(local_test_frac * size))
         train_ix = [i for ix in train_by_class for i in ix]
         rng.shuffle(train_ix)
         sites[str(h + 1)] = (rows(train_ix), rows(val_ix))
-    return Partition(list(labels), sites, rows(test_ix))
+        local_tests[str(h + 1)] = rows(local_ix)
+    return Partition(list(labels), sites, rows(test_ix), local_tests)

@@ -1,4 +1,9 @@
-"""Local training of prompt + head at one hospital: DP-SGD (default) or a labelled non-private mode."""
+"""Local training at one hospital: DP-SGD (default) or a labelled non-private mode.
+
+One loop serves both recipes: the whole PromptClassifier on token batches (prompt + head), or
+its head alone on frozen-feature batches. A batch is `(*inputs, labels)`; the trainable
+parameters are the module's parameters that require grad (the encoder is frozen).
+"""
 
 from __future__ import annotations
 
@@ -12,15 +17,20 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from fedprompt.common.features import cached_features
 from fedprompt.common.model import PromptClassifier
+from fedprompt.common.plan import RoundPlan
 
 from .dp import check_per_sample_shapes, entropy_generator, noise_only_step, plan_steps, wrap_private
+
+HEAD_PHYSICAL_BATCH = 4096  # frozen features are a few KB a batch: no memory limit needed for the head
 
 
 @dataclass
 class TrainSettings:
     epochs: int = 1
-    batch_size: int = 16  # expected logical batch size
+    batch_size: int | None = None  # expected logical batch size; None: sample_rate decides
+    sample_rate: float = 0.25
     lr: float = 0.01
     optimizer: str = "adam"
     max_physical_batch_size: int = 32
@@ -69,7 +79,7 @@ class _Stats:
 
 
 def train(
-    model: PromptClassifier,
+    model: torch.nn.Module,
     dataset: Dataset,
     settings: TrainSettings,
     device: torch.device,
@@ -79,13 +89,14 @@ def train(
     noise_generator: torch.Generator | None = None,
     sample_generator: torch.Generator | None = None,
 ) -> TrainResult:
-    """Train the model's prompt and head in place on `dataset` (input_ids, mask, labels)."""
+    """Train `model`'s trainable parameters in place on `dataset` ((*inputs, labels) rows)."""
     model.to(device).train()
-    params = list(model.trainable_parameters().values())
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(settings.optimizer, params, settings.lr)
-    q, planned = plan_steps(len(dataset), settings.batch_size, settings.epochs)
+    q, planned = plan_steps(len(dataset), settings.batch_size, settings.epochs, settings.sample_rate)
+    batch = settings.batch_size or max(1, round(q * len(dataset)))
     if not settings.private:
-        planned = settings.epochs * math.ceil(len(dataset) / settings.batch_size)
+        planned = settings.epochs * math.ceil(len(dataset) / batch)
     label = progress_label or ("dp-sgd" if settings.private else "NON-PRIVATE")
     bar = tqdm(total=planned, desc=label, disable=not progress, leave=False, unit="step")
     stats, t0 = _Stats(), time.perf_counter()
@@ -96,7 +107,7 @@ def train(
             if stats.steps != planned:
                 raise RuntimeError(f"took {stats.steps} DP steps, planned (and accounted) {planned}")
         else:
-            _train_non_private(model, optimizer, params, anchor, dataset, settings, device, bar, stats, sample_generator)
+            _train_non_private(model, optimizer, params, anchor, dataset, batch, settings, device, bar, stats, sample_generator)
     finally:
         bar.close()
     return TrainResult(
@@ -111,17 +122,50 @@ def train(
     )
 
 
+def local_update(
+    model: PromptClassifier,
+    encoded: Dataset,
+    plan: RoundPlan,
+    noise_multiplier: float | None,
+    device: torch.device,
+    *,
+    max_physical_batch_size: int = 32,
+    progress: bool = False,
+    progress_label: str = "",
+    noise_generator: torch.Generator | None = None,
+    sample_generator: torch.Generator | None = None,
+) -> TrainResult:
+    """One site's training for one round, as the federation's plan says: the prompt and head on
+    token batches (`train_prompt`), or the head alone on the frozen features of the prompt as
+    received (the encoder then runs once per record, and once per run with the feature cache).
+    The hospital daemon and the benchmarks both train through here."""
+    settings = TrainSettings(
+        epochs=plan.local_epochs,
+        batch_size=plan.batch_size or None,
+        sample_rate=plan.sample_rate,
+        lr=plan.lr,
+        optimizer=plan.optimizer,
+        max_physical_batch_size=max_physical_batch_size if plan.train_prompt else HEAD_PHYSICAL_BATCH,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=plan.max_grad_norm,
+        proximal_mu=plan.proximal_mu,
+    )
+    module, data = (model, encoded) if plan.train_prompt else (model.head, cached_features(model, encoded, device))
+    return train(module, data, settings, device, progress=progress, progress_label=progress_label,
+                 noise_generator=noise_generator, sample_generator=sample_generator)
+
+
 def _proximal_term(params, anchor, mu: float) -> torch.Tensor:
     return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
 
 
-def _train_non_private(model, optimizer, params, anchor, dataset, settings: TrainSettings, device, bar, stats: _Stats, generator) -> None:
+def _train_non_private(model, optimizer, params, anchor, dataset, batch: int, settings: TrainSettings, device, bar, stats: _Stats, generator) -> None:
     loss_fn = torch.nn.CrossEntropyLoss()
-    loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, generator=generator or entropy_generator())
+    loader = DataLoader(dataset, batch_size=batch, shuffle=True, generator=generator or entropy_generator())
     for _ in range(settings.epochs):
-        for input_ids, mask, labels in loader:
+        for *inputs, labels in loader:
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(input_ids.to(device), mask.to(device)), labels.to(device))
+            loss = loss_fn(model(*(x.to(device) for x in inputs)), labels.to(device))
             objective = loss + _proximal_term(params, anchor, settings.proximal_mu) if settings.proximal_mu else loss
             objective.backward()
             optimizer.step()
@@ -160,13 +204,13 @@ def _train_private(model, optimizer, params, anchor, dataset, q, settings: Train
             # backward hook fires on outputs only: that is exactly what the prompt sampler reads.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             for _ in range(settings.epochs):
-                for input_ids, mask, labels in loader:
+                for *inputs, labels in loader:
                     if len(labels) == 0:  # Poisson sampling drew nobody: still a counted step
                         noise_only_step(dp_opt, params)
                         stats.steps, stats.empty = stats.steps + 1, stats.empty + 1
                         bar.update(1)
                         continue
-                    loss = loss_fn(gsm(input_ids.to(device), mask.to(device)), labels.to(device))
+                    loss = loss_fn(gsm(*(x.to(device) for x in inputs)), labels.to(device))
                     loss.backward()
                     check_per_sample_shapes(params, len(labels))
                     dp_opt.step()

@@ -2,6 +2,7 @@
 
     federation.yaml
     hospital-<id>/site.yaml, train.csv, val.csv
+    hospital-<id>/test.csv  (optional: the hospital's own held-out set, to measure personalisation)
     test.csv              (optional: held-out set for the aggregator's reference evaluation)
 
 A workspace is written whole into a temporary folder beside its target and renamed into place,
@@ -79,11 +80,13 @@ def write_workspace(
     labels: list[str],
     hospitals: Mapping[str, tuple[Sequence[Row], Sequence[Row]]],
     test_rows: Sequence[Row] | None = None,
+    local_tests: Mapping[str, Sequence[Row]] | None = None,
     federation_overrides: Mapping[str, Any] | None = None,
     epsilon_cap: float = 10.0,
     allow_non_private: bool = False,
 ) -> Path:
-    """Write a workspace; `hospitals` maps an id ("1") to its (train rows, validation rows).
+    """Write a workspace; `hospitals` maps an id ("1") to its (train rows, validation rows),
+    `local_tests` an id to that hospital's own held-out rows (written as its test.csv).
 
     Each site gets `max_epsilon: epsilon_cap` and a delta below 1/n_train. `allow_non_private`
     is for demo workspaces only. Returns the workspace path.
@@ -92,7 +95,11 @@ def write_workspace(
     empty = [hid for hid, (train, _) in hospitals.items() if not train]
     if empty:
         raise ValueError(f"hospitals without training rows: {empty}")
-    row_sets = [rows for pair in hospitals.values() for rows in pair] + [test_rows or []]
+    local_tests = local_tests or {}
+    strangers = sorted(set(local_tests) - set(hospitals))
+    if strangers:
+        raise ValueError(f"local test rows for unknown hospitals: {strangers}")
+    row_sets = [rows for pair in hospitals.values() for rows in pair] + [test_rows or [], *local_tests.values()]
     bad = {label for rows in row_sets for _, label in rows} - set(labels)
     if bad:
         raise ValueError(f"rows with labels outside the label space: {sorted(bad)}")
@@ -113,10 +120,14 @@ def write_workspace(
             _write_csv(folder / "train.csv", train)
             if val:
                 _write_csv(folder / "val.csv", val)
+            local = local_tests.get(hid)
+            if local:
+                _write_csv(folder / TEST_FILE, local)
             site = SiteConfig(
                 hospital_id=f"{HOSPITAL_PREFIX}{hid}",
                 train=Path("train.csv"),
                 validation=Path("val.csv") if val else None,
+                test=Path(TEST_FILE) if local else None,
                 privacy=PrivacyCap(max_epsilon=epsilon_cap, delta=site_delta(len(train))),
                 ledger=Path("ledger/privacy-ledger.json"),
                 allow_non_private=allow_non_private,
@@ -169,9 +180,19 @@ def load_workspace(workspace: str | Path) -> tuple[FederationConfig, list[SiteCo
     return federation, sites, (test.resolve() if test.is_file() else None)
 
 
-def label_table(labels: list[str], hospitals: Mapping[str, tuple[Sequence[Row], Sequence[Row]]], test_rows: Sequence[Row] | None) -> str:
-    """Per-label counts: one column per hospital (train/val) and one for the test set."""
-    columns: list[tuple[str, list[Sequence[Row]]]] = [(f"{HOSPITAL_PREFIX}{hid}", [tr, va]) for hid, (tr, va) in hospitals.items()]
+def label_table(
+    labels: list[str],
+    hospitals: Mapping[str, tuple[Sequence[Row], Sequence[Row]]],
+    test_rows: Sequence[Row] | None,
+    local_tests: Mapping[str, Sequence[Row]] | None = None,
+) -> str:
+    """Per-label counts: one column per hospital (train/val, plus /local test when there are
+    local tests) and one for the test set."""
+    local_tests = local_tests or {}
+    local = any(local_tests.values())
+    columns: list[tuple[str, list[Sequence[Row]]]] = [
+        (f"{HOSPITAL_PREFIX}{hid}", [tr, va, *([local_tests.get(hid, [])] if local else [])]) for hid, (tr, va) in hospitals.items()
+    ]
     if test_rows:
         columns.append(("test", [test_rows]))
 
@@ -183,4 +204,4 @@ def label_table(labels: list[str], hospitals: Mapping[str, tuple[Sequence[Row], 
     body.append(["total", *(cell(parts, None) for _, parts in columns)])
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in [header, *body]]
-    return "\n".join(lines) + "\n(hospital columns: train/val)"
+    return "\n".join(lines) + f"\n(hospital columns: train/val{'/local test' if local else ''})"

@@ -19,10 +19,17 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedtrimmedavg", "fedmedian")
 
 @dataclass
 class ModelSettings:
-    n_virtual_tokens: int = 20
+    # 4 label-word vectors: 20 measurably blurred the frozen features the private head learns on
+    # (BENCHMARKS.md "Choosing the private recipe"), and fewer values mean less noise if trained.
+    n_virtual_tokens: int = 4
     prompt_init: Literal["vocab", "labels"] = "labels"
     pooling: Literal["mean", "cls"] = "mean"
-    max_length: int = 128
+    max_length: int = 256  # all-MiniLM-L6-v2 was trained on 256 tokens; abstracts average ~250
+    # Head: a cosine classifier whose rows start as the label texts' normalised features x
+    # logit_scale, so the model before round 1 is the zero-shot classifier (BENCHMARKS.md).
+    normalize: bool = True
+    head_init: Literal["prototypes", "random"] = "prototypes"
+    logit_scale: float = 10.0
     seed: int = 0  # deterministic initial prompt/head: every site and the server agree on it
     # Pin the federation to one backbone; null = the aggregator's own backbone at start.
     backbone_fingerprint: str | None = None
@@ -33,22 +40,38 @@ class ModelSettings:
             out.append(("n_virtual_tokens", f"expected 1..256, got {self.n_virtual_tokens}"))
         if not 8 <= self.max_length <= 512:
             out.append(("max_length", f"expected 8..512, got {self.max_length}"))
+        if not (self.logit_scale > 0 and math.isfinite(self.logit_scale)):
+            out.append(("logit_scale", f"expected a positive number, got {self.logit_scale}"))
         return out
 
 
 @dataclass
 class TrainingSettings:
-    local_epochs: int = 2
-    batch_size: int = 16  # expected logical batch (Poisson sampling)
-    lr: float = 0.02
-    optimizer: Literal["adam", "sgd"] = "adam"
+    """The private recipe (chosen on the public corpus, BENCHMARKS.md "Choosing the private recipe").
+
+    Each site samples records with probability `sample_rate` per step (Poisson), so the expected
+    batch grows with the site (q x n) and a round is `local_epochs / sample_rate` steps whatever
+    the site's size; `batch_size`, if set, fixes the expected batch instead (q = batch_size / n).
+    `train_prompt: false` trains the head on frozen features (the encoder runs once per record):
+    under DP on a few thousand records the noise on 7,680 prompt values costs more than the
+    prompt brings, while the head (5 x 384) learns well.
+    """
+
+    local_epochs: int = 1
+    sample_rate: float = 0.25
+    batch_size: int | None = None
+    lr: float = 8.0
+    optimizer: Literal["adam", "sgd"] = "sgd"
+    train_prompt: bool = False
 
     def validate(self) -> list[tuple[str, str]]:
         out = []
         if self.local_epochs < 1:
             out.append(("local_epochs", f"expected >= 1, got {self.local_epochs}"))
-        if self.batch_size < 1:
-            out.append(("batch_size", f"expected >= 1, got {self.batch_size}"))
+        if not 0 < self.sample_rate <= 1:
+            out.append(("sample_rate", f"expected 0 < sample_rate <= 1, got {self.sample_rate}"))
+        if self.batch_size is not None and self.batch_size < 1:
+            out.append(("batch_size", f"expected >= 1 (or null: use sample_rate), got {self.batch_size}"))
         if not (self.lr > 0 and math.isfinite(self.lr)):
             out.append(("lr", f"expected a positive number, got {self.lr}"))
         return out
@@ -84,10 +107,22 @@ class StrategySettings:
 
 
 @dataclass
+class LabelSpec:
+    """A label with a public description: the description sharpens its zero-shot prototype."""
+
+    name: str
+    description: str = ""
+
+    @property
+    def text(self) -> str:
+        return f"{self.name}: {self.description}" if self.description else self.name
+
+
+@dataclass
 class FederationConfig:
     name: str
-    labels: list[str]
-    rounds: int = 3
+    labels: list[str | LabelSpec]  # names, or {name, description} mappings
+    rounds: int = 20
     min_hospitals: int = 2
     round_timeout: float = 600.0
     strategy: StrategySettings = field(default_factory=StrategySettings)
@@ -96,11 +131,21 @@ class FederationConfig:
     privacy: PrivacyRequest = field(default_factory=PrivacyRequest)
     source: Path | None = field(default=None, metadata={"internal": True})  # set by load()
 
+    @property
+    def label_names(self) -> list[str]:
+        return [x.name if isinstance(x, LabelSpec) else x for x in self.labels]
+
+    @property
+    def label_texts(self) -> list[str]:
+        """What each label's zero-shot prototype is computed from."""
+        return [x.text if isinstance(x, LabelSpec) else x for x in self.labels]
+
     def validate(self) -> list[tuple[str, str]]:
         out = []
-        if len(self.labels) < 2:
-            out.append(("labels", f"expected at least 2 labels, got {len(self.labels)}"))
-        dupes = sorted({x for x in self.labels if self.labels.count(x) > 1})
+        names = self.label_names
+        if len(names) < 2:
+            out.append(("labels", f"expected at least 2 labels, got {len(names)}"))
+        dupes = sorted({x for x in names if names.count(x) > 1})
         if dupes:
             out.append(("labels", f"duplicate label(s): {', '.join(dupes)}"))
         if self.rounds < 1:
@@ -143,6 +188,7 @@ class SiteConfig:
     privacy: PrivacyCap
     ledger: Path
     validation: Path | None = None
+    test: Path | None = None  # the site's own held-out records (personalisation's local test split)
     text_field: str = "text"
     label_field: str = "label"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -172,6 +218,7 @@ class SiteConfig:
             cfg,
             train=resolve(cfg.train),
             validation=resolve(cfg.validation),
+            test=resolve(cfg.test),
             ledger=resolve(cfg.ledger),
             backbone=resolve(cfg.backbone),
             source=path,

@@ -67,14 +67,27 @@ class ClassCounts:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset: Dataset, num_labels: int, device: torch.device | str = "cpu", batch_size: int = 64) -> ClassCounts:
-    """Loss (summed cross-entropy) and per-class counts of `model` on `dataset`."""
-    was_training = model.training
-    model.eval()
+    """Loss (summed cross-entropy) and per-class counts of a PromptClassifier on encoded records.
+
+    The encoder runs once per record and prompt (common/features.cached_features); the head,
+    applied to those features, gives exactly the model's logits.
+    """
+    from .features import cached_features
+
+    feats = cached_features(model, dataset, device)
+    return evaluate_head(model.head, feats, num_labels, device, batch_size=max(batch_size, 4096))
+
+
+@torch.no_grad()
+def evaluate_head(head: torch.nn.Module, features: Dataset, num_labels: int, device: torch.device | str = "cpu", batch_size: int = 4096) -> ClassCounts:
+    """Loss and per-class counts of a head on (features, labels)."""
+    was_training = head.training
+    head.eval()
     counts = ClassCounts.zeros(num_labels)
-    for input_ids, mask, labels in DataLoader(dataset, batch_size=batch_size):
-        logits = model(input_ids.to(device), mask.to(device)).float()
+    for x, labels in DataLoader(features, batch_size=batch_size):
+        logits = head(x.to(device)).float()
         labels = labels.to(device)
         loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         counts = counts + ClassCounts.from_predictions(logits.argmax(-1).cpu(), labels.cpu(), num_labels, loss)
-    model.train(was_training)
+    head.train(was_training)
     return counts

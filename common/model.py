@@ -37,6 +37,11 @@ class PromptConfig:
     pooling: str = "mean"
     max_length: int = 128
     prompt_init: str = "labels"
+    # L2-normalise the pooled representation: the head is then a cosine classifier (its rows
+    # start as label prototypes, so round 0 is the zero-shot classifier) and every record's
+    # feature has norm 1, which bounds a head gradient before DP clipping. Absent in exports
+    # written before it existed: those were trained on raw pooled features.
+    normalize: bool = False
     seed: int = 0
     private: bool = True
     extra: dict = field(default_factory=dict)  # provenance (rounds, epsilons, run name)
@@ -102,6 +107,10 @@ class PromptClassifier(nn.Module):
         return self
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(input_ids, attention_mask))
+
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """What the head sees: the pooled encoder output over prompt + text (normalised if configured)."""
         # Inputs are padded to max_length; cut to the longest real sequence in this batch.
         longest = max(int(attention_mask.sum(dim=1).max().item()), 1) if attention_mask.numel() else 1
         input_ids, attention_mask = input_ids[:, :longest], attention_mask[:, :longest]
@@ -116,7 +125,7 @@ class PromptClassifier(nn.Module):
         else:  # mean over real tokens (how all-MiniLM-L6-v2 was trained)
             m = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden[:, n:] * m).sum(1) / m.sum(1).clamp(min=1.0)
-        return self.head(pooled)
+        return nn.functional.normalize(pooled, dim=-1) if self.config.normalize else pooled
 
     # --- trainable state -------------------------------------------------------------------
     def trainable_parameters(self) -> dict[str, nn.Parameter]:

@@ -14,13 +14,14 @@ from .model import PromptConfig
 def prompt_config(fed: FederationConfig, backbone: Backbone) -> PromptConfig:
     """The federation's model, around this backbone."""
     return PromptConfig(
-        labels=list(fed.labels),
+        labels=fed.label_names,
         hidden_size=backbone.hidden_size,
         backbone_fingerprint=backbone.fingerprint,
         n_virtual_tokens=fed.model.n_virtual_tokens,
         pooling=fed.model.pooling,
         max_length=fed.model.max_length,
         prompt_init=fed.model.prompt_init,
+        normalize=fed.model.normalize,
         seed=fed.model.seed,
         private=fed.privacy.private,
     )
@@ -38,11 +39,14 @@ class RoundPlan:
     pooling: str
     max_length: int
     prompt_init: str
+    normalize: bool
     seed: int
     local_epochs: int
-    batch_size: int
+    sample_rate: float
+    batch_size: int  # 0: use sample_rate (a ConfigRecord has no null)
     lr: float
     optimizer: str
+    train_prompt: bool
     private: bool
     target_epsilon: float
     delta: float  # 0.0: each site uses its own delta
@@ -57,9 +61,11 @@ class RoundPlan:
             total_rounds=fed.rounds,
             **{n: getattr(prompt, n) for n in _model_fields()},
             local_epochs=fed.training.local_epochs,
-            batch_size=fed.training.batch_size,
+            sample_rate=fed.training.sample_rate,
+            batch_size=fed.training.batch_size or 0,
             lr=fed.training.lr,
             optimizer=fed.training.optimizer,
+            train_prompt=fed.training.train_prompt,
             private=fed.privacy.private,
             target_epsilon=fed.privacy.target_epsilon,
             delta=fed.privacy.delta or 0.0,

@@ -76,7 +76,8 @@ def _type_name(tp: Any) -> str:
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in get_args(tp) if a is not type(None)) + " (or null)"
+        names = " or ".join(_type_name(a) for a in get_args(tp) if a is not type(None))
+        return names + (" (or null)" if type(None) in get_args(tp) else "")
     if origin is list:
         return f"a list of {_type_name(get_args(tp)[0])}"
     if dataclasses.is_dataclass(tp):
@@ -109,7 +110,12 @@ def _convert(value: Any, tp: Any, key: str, ctx: _Ctx) -> Any:
         args = [a for a in get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _convert(value, args[0], key, ctx)
+        # `str | SomeDataclass`: a mapping is the dataclass, anything else the first plain type.
+        mapped = [a for a in args if dataclasses.is_dataclass(a)]
+        plain = [a for a in args if not dataclasses.is_dataclass(a)]
+        if mapped and (isinstance(value, dict) or not plain):
+            return _convert(value, mapped[0], key, ctx)
+        return _convert(value, (plain or args)[0], key, ctx)
     bad = f"expected {_type_name(tp)}, got {value!r}"
     if origin is Literal:
         if value not in get_args(tp):

@@ -23,9 +23,10 @@ from fedprompt.common.config import FederationConfig
 from fedprompt.common.encoding import encode
 from fedprompt.common.errors import InputError
 from fedprompt.common.metrics import evaluate
-from fedprompt.common.model import PromptConfig, build_model, initial_state
+from fedprompt.common.model import PromptConfig, build_model
 from fedprompt.common.plan import RoundPlan, prompt_config
 from fedprompt.common.wire import arrays_to_state, state_to_arrays
+from fedprompt.common.zeroshot import initial_global_state
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .export import export_model
@@ -81,7 +82,9 @@ def prepare_run(spec: RunSpec) -> PreparedRun:
             raise InputError.at(run.checkpoint_dir / "state.json", f"checkpoint is of run {ckpt.run!r} on another backbone/config; cannot resume")
         run.state, run.done, run.history = ckpt.state, ckpt.round, ckpt.history
     else:
-        run.state = initial_state(backbone, prompt)
+        run.state = initial_global_state(
+            backbone, prompt, label_texts=fed.label_texts, head_init=fed.model.head_init, logit_scale=fed.model.logit_scale
+        )
     if spec.test_path is not None:
         records = load_records(spec.test_path, text_field="text", label_field="label", labels=prompt.labels)
         run.test_set = encode(backbone.tokenizer, records.texts, records.labels, prompt.max_length).dataset
@@ -106,9 +109,10 @@ def execute(grid: Grid, run: PreparedRun) -> dict:
     )
     plan = RoundPlan.for_run(fed, run.prompt).to_config_record()
     t_round = [time.perf_counter(), time.time()]
+    start_at_zero = not any(h["round"] == 0 for h in run.history)  # a resumed run has its round 0 already
 
     def after_round(server_round: int, arrays) -> MetricRecord | None:
-        if server_round == 0:
+        if server_round == 0 and not start_at_zero:
             return None
         r = strategy.global_round(server_round)
         state = arrays_to_state(arrays)
@@ -132,6 +136,10 @@ def execute(grid: Grid, run: PreparedRun) -> dict:
         _print_round(record, fed.rounds)
         return MetricRecord({f"test-{k}": float(v) for k, v in record["test"].items()}) if record["test"] else None
 
+    if start_at_zero and remaining > 0:
+        # Round 0: the hospitals validate the initial (zero-shot) model before anyone trains.
+        replies = grid.send_and_receive(strategy.configure_evaluate(0, state_to_arrays(run.state), plan, grid), timeout=fed.round_timeout)
+        strategy.aggregate_evaluate(0, replies)
     if remaining > 0:
         strategy.start(
             grid,
@@ -153,7 +161,7 @@ def finish(run: PreparedRun) -> dict:
         "private": fed.privacy.private,
         "strategy": fed.strategy.name,
         "backbone_fingerprint": run.prompt.backbone_fingerprint,
-        "labels": list(fed.labels),
+        "labels": fed.label_names,
         "rounds": run.history,
         "export": str(export_dir),
     }
@@ -168,12 +176,13 @@ def _print_round(rec: dict, total: int) -> None:
     for o in rec["hospitals"].values():
         status[o["status"]] = status.get(o["status"], 0) + 1
     eps = [o["epsilon_spent"] for o in rec["hospitals"].values() if o.get("epsilon_spent") is not None]
-    parts = [f"round {rec['round']}/{total}"]
+    parts = [f"round {rec['round']}/{total}" + (" (zero-shot start, no training)" if rec["round"] == 0 else "")]
     if ev:
         parts.append(f"val acc {ev['accuracy']:.3f} F1 {ev['macro_f1']:.3f}")
     if test:
         parts.append(f"test acc {test['accuracy']:.3f} F1 {test['macro_f1']:.3f}")
-    parts.append(" ".join(f"{k}:{v}" for k, v in sorted(status.items())))
-    parts.append(f"max eps {max(eps):.2f}" if eps else "eps n/a")
+    if rec["round"] > 0:
+        parts.append(" ".join(f"{k}:{v}" for k, v in sorted(status.items())))
+        parts.append(f"max eps {max(eps):.2f}" if eps else "eps n/a")
     parts.append(f"{rec['seconds']:.1f}s")
     print("[fedprompt] " + " | ".join(parts), flush=True)

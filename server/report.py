@@ -513,6 +513,10 @@ def _final_quality(rounds: list[Mapping[str, Any]], xs: list[int]) -> str:
     test = _dict(last.get("test"))
     if test:
         parts.append(f"test {describe(test)}")
+    start = _dict(rounds[0].get("test")) or _dict(rounds[0].get("evaluate")) if xs[0] == 0 and last_x != 0 else {}
+    if start:
+        which = "test" if _dict(rounds[0].get("test")) else "validation"
+        parts.append(f"against the zero-shot start (round 0, {which}): {describe(start)}")
     return f"Final round {last_x}: " + "; ".join(parts) + "."
 
 
@@ -635,9 +639,16 @@ def _export_link(export: Any, out_dir: Path) -> str:
     return f'<p>Exported model: <a href="{_esc(href)}"><code>{_esc(path)}</code></a></p>'
 
 
+def _trained(rounds: list[Mapping[str, Any]], xs: list[int]) -> tuple[list[Mapping[str, Any]], list[int]]:
+    """The training rounds: round 0 (the zero-shot start, before anyone trains) has no hospitals."""
+    kept = [(r, x) for r, x in zip(rounds, xs) if x != 0]
+    return [r for r, _ in kept], [x for _, x in kept]
+
+
 def _render_html(metrics: Mapping[str, Any], rounds: list[Mapping[str, Any]], xs: list[int],
                  hospitals: list[str], out_dir: Path) -> str:
     private = _is_private(metrics)
+    trained, trained_xs = _trained(rounds, xs)
     run = _str(metrics.get("run")) or "(unnamed run)"
     fingerprint = _str(metrics.get("backbone_fingerprint"))
     labels = [str(label) for label in (metrics.get("labels") or []) if label is not None]
@@ -664,15 +675,15 @@ def _render_html(metrics: Mapping[str, Any], rounds: list[Mapping[str, Any]], xs
     out.append(f"<dt>Strategy</dt><dd>{_esc(metrics.get('strategy')) or _MISSING}</dd>")
     out.append(f"<dt>Backbone</dt><dd>{fp}</dd>")
     out.append(f"<dt>Labels ({len(labels)})</dt><dd>{label_text}</dd>")
-    out.append(f"<dt>Rounds completed</dt><dd>{len(rounds)}</dd>")
+    out.append(f"<dt>Rounds completed</dt><dd>{len(trained)}" + (" (+ round 0, the zero-shot start)" if len(trained) < len(rounds) else "") + "</dd>")
     out.append(f"<dt>Hospitals</dt><dd>{len(hospitals)}</dd>")
     out.append("</dl>")
 
-    if not rounds:
+    if not trained:
         out.append('<p class="summary"><b>No round completed.</b> There are no metrics, privacy '
                    "spending or uploads to report.</p>")
     else:
-        out.append(f'<p class="summary">{_final_quality(rounds, xs)}<br>{_epsilon_summary(rounds, hospitals, private)}</p>')
+        out.append(f'<p class="summary">{_final_quality(rounds, xs)}<br>{_epsilon_summary(trained, hospitals, private)}</p>')
         alt_eps = "NON-PRIVATE run: epsilon not tracked" if not private else "cumulative epsilon spent per hospital per round"
         for name, caption, alt in (
             (METRICS_PNG, "Federated validation (solid) and test (dashed) scores; loss below.", "macro-F1, accuracy and loss per round"),
@@ -684,7 +695,7 @@ def _render_html(metrics: Mapping[str, Any], rounds: list[Mapping[str, Any]], xs
         out.append("<h2>Rounds</h2>")
         out.append(_round_table(rounds, xs))
         out.append("<h2>Hospitals</h2>")
-        out.append(_hospital_table(rounds, xs, hospitals, private))
+        out.append(_hospital_table(trained, trained_xs, hospitals, private))
 
     out.append("<h2>Export</h2>")
     out.append(_export_link(metrics.get("export"), out_dir))
@@ -725,10 +736,11 @@ def write_report(metrics: dict, out_dir: Path) -> Path:
     hospitals = _hospitals(rounds)
     private = _is_private(metrics)
 
+    trained, trained_xs = _trained(rounds, xs)
     plots = {
         METRICS_PNG: _plot_metrics(rounds, xs),
-        EPSILON_PNG: _plot_epsilon(rounds, xs, hospitals, private),
-        UPLOAD_PNG: _plot_upload(rounds, xs, hospitals),
+        EPSILON_PNG: _plot_epsilon(trained, trained_xs, hospitals, private),
+        UPLOAD_PNG: _plot_upload(trained, trained_xs, hospitals),
     }
     page = _render_html(metrics, rounds, xs, hospitals, out_dir).encode("utf-8")
     for name, data in plots.items():

@@ -3,6 +3,7 @@ hospital of a workspace, the same ServerApp and ClientApp code as the deployment
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -12,12 +13,16 @@ from pathlib import Path
 import torch
 
 from fedprompt.client.client_app import make_client_app
+from fedprompt.client.comparison import compare_site
 from fedprompt.client.ledger import PrivacyLedger
 from fedprompt.client.records import load_records
+from fedprompt.common.atomic import atomic_write
+from fedprompt.common.config import SiteConfig
 from fedprompt.common.errors import InputError
+from fedprompt.common.zeroshot import initial_global_state
 from fedprompt.client.workspace import list_hospitals, load_workspace
 
-from .federation import RunSpec, prepare_run
+from .federation import PreparedRun, RunSpec, prepare_run
 from .server_app import make_server_app
 
 log = logging.getLogger("fedprompt.server")
@@ -42,7 +47,7 @@ def check_records(sites, labels: list[str]) -> None:
     """Every site's records, validated before anything starts (the operator holds them all here)."""
     problems = []
     for site in sites:
-        for path in filter(None, (site.train, site.validation)):
+        for path in filter(None, (site.train, site.validation, site.test)):
             try:
                 load_records(path, text_field=site.text_field, label_field=site.label_field, labels=labels)
             except InputError as exc:
@@ -54,7 +59,7 @@ def check_records(sites, labels: list[str]) -> None:
 def simulate(workspace: Path, out_dir: Path, *, rounds: int | None = None, resume: bool = False, stop_after: int | None = None,
              backbone: Path | None = None, non_private: bool = False) -> dict:
     fed, sites, test = load_workspace(workspace)
-    check_records(sites, fed.labels)
+    check_records(sites, fed.label_names)
     if rounds is not None:
         fed.rounds = rounds
     if non_private:
@@ -86,6 +91,15 @@ def simulate(workspace: Path, out_dir: Path, *, rounds: int | None = None, resum
     metrics_path = out_dir / "metrics.json"
     if not metrics_path.exists() or (run.history and run.history[-1]["round"] < run.done):
         raise RuntimeError("the simulation ended without finishing the run (see the log above)")
-    import json
+    metrics = json.loads(metrics_path.read_text())
+    metrics["hospital_comparison"] = compare_hospitals(run, sites)
+    atomic_write(out_dir / "comparison.json", (json.dumps(metrics["hospital_comparison"], indent=1) + "\n").encode())
+    return metrics
 
-    return json.loads(metrics_path.read_text())
+
+def compare_hospitals(run: PreparedRun, sites: list[SiteConfig]) -> list[dict]:
+    """Each site with a local test split: zero-shot, alone, federated, personalised (client/comparison.py).
+    The simulation's operator holds every site's records, so it can measure what each one gains."""
+    fed = run.spec.federation
+    initial = initial_global_state(run.backbone, run.prompt, label_texts=fed.label_texts, head_init=fed.model.head_init, logit_scale=fed.model.logit_scale)
+    return [row for site in sites if (row := compare_site(site, run.backbone, run.prompt, initial, run.state)) is not None]

@@ -183,20 +183,28 @@ def test_runner_accuracy_suite_micro(tmp_path):
     backbone = make_tiny_backbone(tmp_path / "tinybert", hidden=32, layers=2)
     data = _corpus(tmp_path / "data", rows=90)
     out = tmp_path / "out"
-    assert main(["run", "--suite", "accuracy", "--quick", "--out", str(out), "--backbone", str(backbone), "--data", str(data), "--acc-rounds", "2"]) == 0
+    assert main(["run", "--suite", "accuracy", "--quick", "--out", str(out), "--backbone", str(backbone), "--data", str(data), "--acc-rounds", "2", "--max-length", "64"]) == 0
 
     acc = json.loads((out / "results.json").read_text())["suites"]["accuracy"]
-    modes = {"linear_probe", "central_prompt_nonprivate", "hospitals_alone_dp", "federated_nonprivate",
-             "federated_dp_eps1", "federated_dp_eps4", "federated_dp_eps8"}
+    modes = {"zero_shot", "linear_probe", "hospitals_alone_nonprivate", "hospitals_alone_dp", "federated_nonprivate",
+             "federated_dp_eps1", "federated_dp_eps4", "federated_dp_eps8", "central_prompt_nonprivate", "federated_prompt_nonprivate",
+             "personalized"}
     assert set(acc["results"]) == modes
     for mode, r in acc["results"].items():
+        if mode == "personalized":
+            continue
         assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["macro_f1"] <= 1.0, mode
         assert r["num_examples"] == acc["config"]["test_rows"] == 27
-        if mode.startswith("federated") or mode == "central_prompt_nonprivate":
-            assert len(r["per_round"]) == 2 and r["per_round"][-1]["macro_f1"] == r["macro_f1"]
+        if mode.startswith("federated"):
+            rounds = 1 if "prompt" in mode else 2  # --quick: one prompt-tuning round
+            # round 0 (the zero-shot start) first, then one entry per round
+            assert len(r["per_round"]) == rounds + 1 and r["per_round"][-1]["macro_f1"] == r["macro_f1"]
+            assert r["per_round"][0] == {k: acc["results"]["zero_shot"][k] for k in ("accuracy", "macro_f1", "num_examples")}
     for eps in (1, 4, 8):
         for h, p in acc["results"][f"federated_dp_eps{eps}"]["per_hospital_privacy"].items():
             # the noise was calibrated to spend the budget over both rounds, and no more
             assert eps * 0.95 <= p["epsilon_spent"] <= eps * 1.0001, (eps, h, p)
-    assert [t["met"] in (True, False) for t in acc["targets"]] == [True] * 3
-    assert {"accuracy.png", "accuracy_vs_epsilon.png", "accuracy_per_round.png"} <= {p.name for p in out.glob("*.png")}
+    for h, p in acc["results"]["personalized"]["per_hospital"].items():
+        assert p["method"] in ("global", "prior", "local_head") and p["n_local_test"] > 0, h
+    assert [t["met"] in (True, False) for t in acc["targets"]] == [True] * 4
+    assert {"accuracy.png", "accuracy_vs_epsilon.png", "accuracy_per_round.png", "personalization.png"} <= {p.name for p in out.glob("*.png")}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import math
 import re
 import shutil
@@ -30,9 +32,10 @@ def rows(path: Path) -> list[tuple[str, str]]:
         return [(r["text"], r["label"]) for r in csv.DictReader(f)]
 
 
-def workspace_rows(ws: Path) -> tuple[dict[str, tuple[list, list]], list]:
+def workspace_rows(ws: Path) -> tuple[dict[str, tuple[list, list, list]], list]:
+    """(hospital id -> (train, validation, local test) rows, global test rows)."""
     _, sites, test = load_workspace(ws)
-    per_site = {s.hospital_id: (rows(s.train), rows(s.validation) if s.validation else []) for s in sites}
+    per_site = {s.hospital_id: (rows(s.train), rows(s.validation) if s.validation else [], rows(s.test) if s.test else []) for s in sites}
     return per_site, rows(test) if test else []
 
 
@@ -42,17 +45,17 @@ def workspace_rows(ws: Path) -> tuple[dict[str, tuple[list, list]], list]:
 def test_demo_is_deterministic_and_loads(tmp_path, data_cli, capsys):
     assert data_cli(["data", "demo", "--hospitals", "3", "--out", str(tmp_path / "a"), "--seed", "7"]) == 0
     table = capsys.readouterr().out
-    assert "hospital-3" in table and "160/40" in table and "neoplasms" in table
+    assert "hospital-3" in table and "160/40/40" in table and "neoplasms" in table and "train/val/local test" in table
     assert data_cli(["data", "demo", "--hospitals", "3", "--out", str(tmp_path / "b"), "--seed", "7"]) == 0
     assert data_cli(["data", "demo", "--hospitals", "3", "--out", str(tmp_path / "c"), "--seed", "8"]) == 0
     a, b, c = (tree(tmp_path / x) for x in "abc")
     assert a == b and a != c
     assert sorted(a) == sorted(
-        ["federation.yaml", "test.csv"] + [f"hospital-{i}/{f}" for i in (1, 2, 3) for f in ("site.yaml", "train.csv", "val.csv")]
+        ["federation.yaml", "test.csv"] + [f"hospital-{i}/{f}" for i in (1, 2, 3) for f in ("site.yaml", "train.csv", "val.csv", "test.csv")]
     )
 
     federation, sites, test = load_workspace(tmp_path / "a")
-    assert federation.labels == LABELS and federation.min_hospitals == 3 and federation.rounds == 3
+    assert federation.labels == LABELS and federation.min_hospitals == 3 and federation.rounds == 20
     assert federation.name == "demo" and federation == FederationConfig.load(tmp_path / "a" / "federation.yaml")
     assert [s.hospital_id for s in sites] == ["hospital-1", "hospital-2", "hospital-3"]
     for site in sites:
@@ -61,6 +64,7 @@ def test_demo_is_deterministic_and_loads(tmp_path, data_cli, capsys):
         train = load_records(site.train, text_field=site.text_field, label_field=site.label_field, labels=federation.labels)
         assert len(train) == 160 and site.privacy.delta < 1 / len(train)
         assert len(rows(site.validation)) == 40
+        assert site.test == tmp_path / "a" / site.hospital_id / "test.csv" and len(rows(site.test)) == 40
     assert len(rows(test)) == 200 and Counter(y for _, y in rows(test)) == {y: 40 for y in LABELS}
 
 
@@ -124,8 +128,8 @@ def _partition(data_cli, corpus, names, out, *extra) -> int:
 def _check_partition(corpus_rows: list[tuple[str, str]], ws: Path, test_frac: float, min_train: int = 20) -> dict:
     per_site, test = workspace_rows(ws)
     used = Counter(test)
-    for train, val in per_site.values():
-        used.update(train + val)
+    for train, val, local in per_site.values():
+        used.update(train + val + local)
         assert len(train) >= min_train
     assert used == Counter(corpus_rows)  # every row exactly once
     n = len(corpus_rows)
@@ -147,7 +151,7 @@ def test_partition_deterministic_exact_and_skewed(tmp_path, data_cli, capsys):
     mapping = dict(zip("12345", LABELS))
     corpus_rows = [(r["medical_abstract"], mapping[r["condition_label"]]) for r in csv.DictReader(corpus.open(encoding="utf-8", newline=""))]
     per_site = _check_partition(corpus_rows, tmp_path / "a", 0.3)
-    mixes = [Counter(y for _, y in train + val) for train, val in per_site.values()]
+    mixes = [Counter(y for _, y in train + val + local) for train, val, local in per_site.values()]
     shares = [[m[y] / sum(m.values()) for y in LABELS] for m in mixes]
     assert max(abs(a - b) for y in range(5) for a, b in [(shares[0][y], shares[1][y]), (shares[1][y], shares[2][y])]) > 0.15
     assert FederationConfig.load(tmp_path / "a" / "federation.yaml").labels == LABELS
@@ -202,6 +206,71 @@ def test_partition_real_medical_abstracts(tmp_path, data_cli, capsys):
         assert data_cli(["data", "check", "--site", str(site)]) == 0
 
 
+def _records(n: int = 600):
+    from fedprompt.client.records import Records
+
+    return Records([f"abstract number {i}" for i in range(n)], [int("1112233445555"[i % 13]) - 1 for i in range(n)], Path("corpus.csv"))
+
+
+def test_partition_without_local_tests_is_the_split_made_before_they_existed():
+    from fedprompt.client.partition import partition
+
+    args = dict(hospitals=3, alpha=0.5, test_frac=0.3, val_frac=0.2, seed=3)
+    before = partition(_records(), LABELS, **args)
+    # sha256 of this split as the code before local tests made it (benchmark splits stay valid)
+    digest = hashlib.sha256(json.dumps([before.labels, before.hospitals, before.test]).encode()).hexdigest()
+    assert digest == "3d87dc7a1c5d812745994a89da54994ec9f0e8cd7d5b2d50d2a259f4b625e613"
+    assert partition(_records(), LABELS, **args, local_test_frac=0.0) == before
+    assert before.local_tests == {"1": [], "2": [], "3": []}
+
+
+def test_partition_local_tests_are_stratified_disjoint_and_use_every_row_once():
+    from fedprompt.client.partition import partition
+
+    records = _records()
+    split = partition(records, LABELS, hospitals=3, alpha=0.5, test_frac=0.3, val_frac=0.2, seed=3, local_test_frac=0.2)
+    used = Counter(split.test)
+    for hid, (train, val) in split.hospitals.items():
+        local = split.local_tests[hid]
+        size = len(train) + len(val) + len(local)
+        assert len(val) == round(0.2 * size) and len(local) == round(0.2 * size) and len(train) >= 20
+        mine, held = Counter(y for _, y in train + val + local), Counter(y for _, y in local)
+        assert all(abs(held[y] - 0.2 * mine[y]) <= 2 for y in LABELS), (mine, held)  # the hospital's own mix
+        used.update(train + val + local)
+    assert used == Counter(zip(records.texts, (LABELS[y] for y in records.labels)))  # disjoint, every row once
+    with pytest.raises(ValueError, match="val_frac \\+ local_test_frac < 1"):
+        partition(records, LABELS, hospitals=3, alpha=0.5, test_frac=0.3, val_frac=0.5, seed=3, local_test_frac=0.5)
+
+
+def test_partition_writes_each_hospitals_local_test(tmp_path, data_cli, capsys):
+    corpus, names = _corpus(tmp_path)
+    assert _partition(data_cli, corpus, names, tmp_path / "ws", "--local-test-frac", "0.2") == 0
+    assert "train/val/local test" in capsys.readouterr().out
+    mapping = dict(zip("12345", LABELS))
+    corpus_rows = [(r["medical_abstract"], mapping[r["condition_label"]]) for r in csv.DictReader(corpus.open(encoding="utf-8", newline=""))]
+    per_site = _check_partition(corpus_rows, tmp_path / "ws", 0.3)
+    for site_file in list_hospitals(tmp_path / "ws"):
+        assert "test: test.csv" in site_file.read_text(encoding="utf-8").splitlines()
+        site = SiteConfig.load(site_file)
+        assert site.test == site_file.parent / "test.csv"
+        train, val, local = per_site[site.hospital_id]
+        assert len(local) == round(0.2 * (len(train) + len(val) + len(local))) > 0
+        assert rows(site.test) == local and not set(local) & set(train + val)
+        assert data_cli(["data", "check", "--site", str(site_file)]) == 0
+    assert "test" in capsys.readouterr().out  # `data check` validates the local test file too
+
+    assert _partition(data_cli, corpus, names, tmp_path / "none", "--local-test-frac", "0") == 0
+    assert not list((tmp_path / "none").glob("hospital-*/test.csv"))
+    assert all(SiteConfig.load(f).test is None for f in list_hospitals(tmp_path / "none"))
+
+
+def test_partition_refuses_fractions_leaving_no_training_rows(tmp_path, data_cli, capsys):
+    corpus, names = _corpus(tmp_path)
+    assert _partition(data_cli, corpus, names, tmp_path / "out", "--local-test-frac", "0.8") == 2
+    assert "--local-test-frac: --val-frac 0.2 + --local-test-frac 0.8 leaves no training rows" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_stratified_subset_keeps_the_label_mix_and_corpus_order():
     from fedprompt.client.partition import stratified_subset
     from fedprompt.client.records import Records
@@ -248,7 +317,7 @@ def test_hospitals_sorted_naturally_and_overrides_applied(tmp_path):
     ws = write_workspace(tmp_path / "ws", name="n", labels=["a", "b"], hospitals=hospitals, federation_overrides={"rounds": 7, "training": {"lr": 0.05}})
     assert [p.parent.name for p in list_hospitals(ws)] == ["hospital-1", "hospital-2", "hospital-10"]
     federation, sites, test = load_workspace(ws)
-    assert federation.rounds == 7 and federation.training.lr == 0.05 and federation.training.batch_size == 16
+    assert federation.rounds == 7 and federation.training.lr == 0.05 and federation.training.batch_size is None
     assert federation.min_hospitals == 3 and test is None
     assert all(s.validation is None for s in sites)
     site = SiteConfig.load(ws / "hospital-10" / "site.yaml")

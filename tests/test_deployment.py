@@ -154,11 +154,12 @@ def test_two_round_run_completes(deployment):
         pytest.fail("`fedprompt aggregator run` did not return:\n" + procs.log("run")[-3000:])
     assert rc == 0, procs.log("run")[-4000:] + "\n--- hospital-1\n" + procs.log("hospital-1")[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]  # round 0: the zero-shot start, evaluated only
+    assert metrics["rounds"][0]["hospitals"] == {} and metrics["rounds"][0]["evaluate"]["num_examples"] > 0
     hospitals = ["hospital-1", "hospital-2", "hospital-3"]
     ok_rounds = dict.fromkeys(hospitals, 0)
     lapses = []
-    for rec in metrics["rounds"]:
+    for rec in metrics["rounds"][1:]:
         seen = json.dumps(rec["hospitals"], indent=1)  # whole, with each failure's reason
         assert len(rec["hospitals"]) == 3, seen
         for name, h in rec["hospitals"].items():

@@ -227,7 +227,7 @@ def no_training(monkeypatch) -> list[str]:
 
     from fedprompt.client import selftest, trainer
 
-    monkeypatch.setattr(hospital, "train", guard("trainer.train"))
+    monkeypatch.setattr(hospital, "local_update", guard("trainer.local_update"))
     monkeypatch.setattr(trainer, "train", guard("trainer.train"))
     monkeypatch.setattr(selftest, "run_selftest", guard("selftest.run_selftest"))
     monkeypatch.setattr(flwr.simulation, "run_simulation", guard("flwr.simulation.run_simulation"))
@@ -995,7 +995,7 @@ def test_cap_reached_mid_run_refuses_later_rounds(ctx: Ctx, prepared, monkeypatc
 
     site = SiteConfig.load(ctx.site)
     plan = RoundPlan.for_run(prepared.spec.federation, prepared.prompt, round=1)
-    q, steps = plan_steps(16, plan.batch_size, plan.local_epochs)
+    q, steps = plan_steps(16, plan.batch_size, plan.local_epochs, plan.sample_rate)
     # The site's sigma for this run: calibrated on the federation's request (below every cap used here).
     sigma = calibrate_noise(TARGET_EPSILON, site.privacy.delta, q, steps * plan.total_rounds, site.privacy.accountant)
 
@@ -1009,8 +1009,8 @@ def test_cap_reached_mid_run_refuses_later_rounds(ctx: Ctx, prepared, monkeypatc
     ctx.yaml(ctx.site, lambda d: d["privacy"].update(max_epsilon=cap))
 
     trained = []
-    real_train = hospital.train
-    monkeypatch.setattr(hospital, "train", lambda *a, **k: trained.append(1) or real_train(*a, **k))
+    real_update = hospital.local_update
+    monkeypatch.setattr(hospital, "local_update", lambda *a, **k: trained.append(1) or real_update(*a, **k))
     spent, replies = [e0], []
     last = ctx.ledger.read_bytes()
     for r in (1, 2, 3):

@@ -334,7 +334,7 @@ def test_hospital_killed_mid_training_rejoins_and_its_ledger_over_counts(topolog
 
     metrics = topo.wait_run()
     t_done = time.monotonic()
-    rounds = metrics["rounds"]
+    rounds = metrics["rounds"][1:]  # after round 0, the zero-shot start (no training)
     assert [r["round"] for r in rounds] == [1, 2, 3]
     r1 = statuses(rounds[0])
     failed = check_fault_round(rounds[0], ["hospital-2", "hospital-3"], "hospital-1")
@@ -385,9 +385,9 @@ def test_aggregator_killed_after_round_1_resumes_from_checkpoint(topology_root):
     topo.submit("run-2", extra=("--resume",))
     metrics = topo.wait_run("run-2")  # exit 0: the SuperLink reported the run finished:completed
     t_done = time.monotonic()
-    rounds = metrics["rounds"]
+    rounds = metrics["rounds"][1:]  # after round 0, the zero-shot start (no training)
     assert [r["round"] for r in rounds] == [1, 2, 3]  # none counted twice, none missing
-    assert rounds[0] == ckpt1["history"][0]  # round 1 is the pre-kill one, not a re-run
+    assert rounds[0] == ckpt1["history"][1]  # round 1 is the pre-kill one, not a re-run
     for r in rounds:
         ok = [k for k, s in statuses(r).items() if s == "ok"]
         assert len(ok) >= 2, statuses(r)
@@ -421,7 +421,7 @@ def test_hospital_cut_off_mid_round_comes_back(topology_root):
     topo.procs.signal_group("hospital-3", signal.SIGCONT)
     metrics = topo.wait_run()
     t_done = time.monotonic()
-    rounds = metrics["rounds"]
+    rounds = metrics["rounds"][1:]  # after round 0, the zero-shot start (no training)
     assert [r["round"] for r in rounds] == [1, 2, 3]
     r1 = statuses(rounds[0])
     failed = check_fault_round(rounds[0], ["hospital-1", "hospital-2"], "hospital-3")
@@ -468,7 +468,7 @@ def test_many_hospitals_every_round_completes_and_aggregator_memory_stays_flat(t
         time.sleep(0.5)
     metrics = topo.wait_run(timeout=30)
     elapsed = time.monotonic() - t0
-    rounds = metrics["rounds"]
+    rounds = metrics["rounds"][1:]  # after round 0, the zero-shot start (no training)
     assert [r["round"] for r in rounds] == list(range(1, total + 1))
     for rec in rounds:
         st = statuses(rec)

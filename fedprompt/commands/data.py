@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--hospitals", type=_positive_int, default=3)
     p.add_argument("--out", type=Path, required=True, help="new (or empty) workspace folder")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--per-hospital", type=_positive_int, default=200, help="notes per hospital, split 80/20 train/validation")
+    p.add_argument("--per-hospital", type=_positive_int, default=200, help="notes per hospital, split 80/20 train/validation (plus 40 more held out as its local test.csv)")
     p.set_defaults(func=run_demo)
 
     p = sub.add_parser("partition", help="split a real labelled corpus into a held-out test set and label-skewed hospitals")
@@ -56,6 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=_positive_float, default=0.5, help="Dirichlet concentration: smaller = more label skew")
     p.add_argument("--test-frac", type=_fraction, default=0.2)
     p.add_argument("--val-frac", type=_fraction, default=0.2, help="fraction of each hospital's rows held for validation")
+    p.add_argument("--local-test-frac", type=_fraction, default=0.2,
+                   help="fraction of each hospital's rows held out as its own test set (hospital-N/test.csv), to measure personalisation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", help="federation name (default: the --out folder's name)")
     p.add_argument("--out", type=Path, required=True, help="new (or empty) workspace folder")
@@ -76,17 +78,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     demo = demo_data.generate_demo(hospitals=args.hospitals, per_hospital=args.per_hospital, seed=args.seed)
     out = demo_data.write_demo_workspace(args.out, demo)
-    print(label_table(demo.labels, demo.hospitals, demo.test))
+    print(label_table(demo.labels, demo.hospitals, demo.test, demo.local_tests))
     print(f"demo workspace written to {out}")
     return 0
 
 
 def run_partition(args: argparse.Namespace) -> int:
+    if args.val_frac + args.local_test_frac >= 1:
+        raise InputError.at("--local-test-frac", f"--val-frac {args.val_frac} + --local-test-frac {args.local_test_frac} leaves no training rows (their sum must be below 1)")
     check_empty_target(args.out)  # before reading a large corpus, not after
     records, labels = partition.load_corpus(args.input, text_column=args.text_column, label_column=args.label_column, label_names=args.label_names)
-    split = partition.partition(records, labels, hospitals=args.hospitals, alpha=args.alpha, test_frac=args.test_frac, val_frac=args.val_frac, seed=args.seed)
-    out = write_workspace(args.out, name=args.name or args.out.resolve().name, labels=split.labels, hospitals=split.hospitals, test_rows=split.test)
-    print(label_table(split.labels, split.hospitals, split.test))
+    split = partition.partition(
+        records, labels, hospitals=args.hospitals, alpha=args.alpha, test_frac=args.test_frac, val_frac=args.val_frac, seed=args.seed,
+        local_test_frac=args.local_test_frac,
+    )
+    out = write_workspace(
+        args.out, name=args.name or args.out.resolve().name, labels=split.labels, hospitals=split.hospitals, test_rows=split.test,
+        local_tests=split.local_tests,
+    )
+    print(label_table(split.labels, split.hospitals, split.test, split.local_tests))
     print(f"workspace written to {out} ({len(records)} rows from {args.input})")
     return 0
 
@@ -107,10 +117,10 @@ def run_check(args: argparse.Namespace) -> int:
     federation = FederationConfig.load(federation_path)
     loaded: dict[str, Records] = {}
     problems: list[Problem] = []
-    for split, path in (("train", site.train), ("validation", site.validation)):
+    for split, path in (("train", site.train), ("validation", site.validation), ("test", site.test)):
         if path is not None:
             try:
-                loaded[split] = load_records(path, text_field=site.text_field, label_field=site.label_field, labels=federation.labels)
+                loaded[split] = load_records(path, text_field=site.text_field, label_field=site.label_field, labels=federation.label_names)
             except InputError as exc:
                 problems += exc.problems
     n_train = len(loaded["train"]) if "train" in loaded else None
@@ -119,11 +129,11 @@ def run_check(args: argparse.Namespace) -> int:
         problems.append(Problem(str(site.source), None, "privacy.delta", f"{site.privacy.delta} is not below 1/n = 1/{n_train} training records"))
     if problems:
         raise InputError(problems)
-    width = max(map(len, federation.labels))
+    width = max(map(len, federation.label_names))
     print(f"{site.hospital_id}: {site.source}")
     print(f"{'label'.ljust(width)}  " + "  ".join(f"{s:>10}" for s in loaded))
-    counts = {s: r.counts(len(federation.labels)) for s, r in loaded.items()}
-    for i, label in enumerate(federation.labels):
+    counts = {s: r.counts(len(federation.label_names)) for s, r in loaded.items()}
+    for i, label in enumerate(federation.label_names):
         print(f"{label.ljust(width)}  " + "  ".join(f"{counts[s][i]:>10}" for s in loaded))
     print(f"{'total'.ljust(width)}  " + "  ".join(f"{len(r):>10}" for r in loaded.values()))
     print("ok")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="classify text with an exported prompt (refuses on a different backbone)")
-    p.add_argument("--model", type=Path, required=True, help="export folder of a run (config.json + prompt.safetensors)")
+    p.add_argument("--model", type=Path, required=True, help="export folder of a run, or a personalised model (config.json + prompt.safetensors)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", action="append", help="a text to classify (repeatable)")
     src.add_argument("--input", type=Path, help=".txt (one text per line), .csv or .jsonl file")
@@ -51,6 +51,7 @@ def read_texts(path: Path, column: str) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from fedprompt.client.personalize import EXTRA_KEY, METHODS
     from fedprompt.common.backbone import load_backbone
     from fedprompt.common.encoding import encode
     from fedprompt.common.model import PromptClassifier
@@ -68,6 +69,9 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps({"text": text, "label": labels[best], "probabilities": dict(zip(labels, p))}))
         else:
             print(f"{labels[best]}\t{p[best]:.3f}\t{text[:80]}")
+    personal = model.config.extra.get(EXTRA_KEY)
+    if isinstance(personal, dict):
+        print(f"personalised for {personal.get('hospital_id')} ({METHODS.get(personal.get('method'), personal.get('method'))})", file=sys.stderr)
     if not model.config.private:
         print("warning: this model was trained WITHOUT differential privacy", file=sys.stderr)
     return 0

@@ -21,6 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fedprompt.client.comparison import format_comparison
     from fedprompt.client.demo_data import generate_demo, write_demo_workspace
     from fedprompt.common.errors import InputError
     from fedprompt.server.simulate import simulate
@@ -41,9 +42,16 @@ def run(args: argparse.Namespace) -> int:
     last = metrics["rounds"][-1] if metrics["rounds"] else {}
     print(f"\n[fedprompt] run {metrics['run']!r} finished: {len(metrics['rounds'])} round(s), "
           f"{'DP-SGD at every hospital' if metrics['private'] else 'NON-PRIVATE reference run'}")
+    first = metrics["rounds"][0] if metrics["rounds"] and metrics["rounds"][0]["round"] == 0 else {}
     for key in ("evaluate", "test"):
         if last.get(key):
-            print(f"  {key:<9} accuracy {last[key]['accuracy']:.3f}  macro-F1 {last[key]['macro_f1']:.3f}")
+            start = f"  (round 0, zero-shot: {first[key]['macro_f1']:.3f})" if first.get(key) else ""
+            print(f"  {key:<9} accuracy {last[key]['accuracy']:.3f}  macro-F1 {last[key]['macro_f1']:.3f}{start}")
+    if metrics.get("hospital_comparison"):
+        print("  per hospital, on its own local test split (zero-shot: no data; alone: its own non-private model;")
+        print("  federated: the private global model; personalized: the global model adapted at the site):")
+        for row in metrics["hospital_comparison"]:
+            print(format_comparison(row))
     print(f"  metrics   {out / 'metrics.json'}\n  report    {out / 'report.html'}\n  export    {metrics['export']}")
     print(f"  try       fedprompt predict --model {metrics['export']} --text \"chest pain radiating to the left arm\"")
     return 0

@@ -1,0 +1,53 @@
+"""The zero-shot start: a head whose rows are the label texts' embeddings, so that the global model
+before any training is a cosine classifier between a record's feature and each label's.
+
+A record's feature comes through the model (initial prompt included); a label's embedding is
+the plain backbone's pooled output, without the prompt: measured on the public corpus, that
+pairing is the better zero-shot classifier (BENCHMARKS.md, "Zero-shot start"). No record is
+involved: the initial model is public, computed from the label space alone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backbone import Backbone
+from .model import HEAD_BIAS_KEY, HEAD_WEIGHT_KEY, PromptConfig, initial_state
+
+
+@torch.no_grad()
+def label_prototypes(backbone: Backbone, config: PromptConfig, label_texts: list[str]) -> torch.Tensor:
+    """[num_labels, hidden]: each label text's pooled backbone embedding (no prompt), unit length."""
+    enc = backbone.tokenizer(label_texts, truncation=True, max_length=config.max_length, padding=True, return_tensors="pt")
+    was_training = backbone.model.training
+    backbone.model.eval()
+    hidden = backbone.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state.float()
+    backbone.model.train(was_training)
+    if config.pooling == "cls":
+        pooled = hidden[:, 0]
+    else:
+        m = enc["attention_mask"].unsqueeze(-1).float()
+        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def initial_global_state(
+    backbone: Backbone, config: PromptConfig, *, label_texts: list[str] | None = None, head_init: str = "prototypes", logit_scale: float = 10.0
+) -> dict[str, torch.Tensor]:
+    """The federation's round-0 tensors: the initial prompt, and the zero-shot head (or a random one).
+
+    logits = logit_scale x cos(feature, prototype) when the model normalises its features: the
+    scale only sets how confident round 0 is (its argmax is the zero-shot classifier's).
+    """
+    state = initial_state(backbone, config)
+    if head_init == "prototypes":
+        protos = label_prototypes(backbone, config, label_texts or list(config.labels))
+        state[HEAD_WEIGHT_KEY] = protos * logit_scale
+        state[HEAD_BIAS_KEY] = torch.zeros(config.num_labels)
+    return state
+
+
+@torch.no_grad()
+def cosine_predictions(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """The zero-shot classifier itself: the label whose prototype is nearest in cosine."""
+    return (torch.nn.functional.normalize(features, dim=-1) @ prototypes.T).argmax(-1)
