@@ -1,9 +1,9 @@
-"""fedprompt benchmarks: `python -m benchmarks run [--suite accuracy|dp|comm|round|scale|all] [--quick] --out DIR`.
+"""fedprompt benchmarks: `python -m benchmarks run [--suite accuracy|recipe|dp|comm|round|scale|all] [--quick] --out DIR`.
 
-One module per suite (`accuracy`, `dp`, `comm`, `round`, `scale`), each exposing `run(ctx) -> dict`,
+One module per suite (`accuracy`, `recipe`, `dp`, `comm`, `round`, `scale`), each exposing `run(ctx) -> dict`,
 `markdown(result) -> str` and `plot(result, out_dir) -> list[str]`. Shared helpers (data,
 statistics, environment) live in `benchmarks.common`. Results: `DIR/results.json`,
 `DIR/results.md` and PNG plots. See BENCHMARKS.md for the measured figures.
 """
 
-SUITES = ("dp", "comm", "accuracy", "round", "scale")
+SUITES = ("dp", "comm", "accuracy", "recipe", "round", "scale")

@@ -64,15 +64,43 @@ def _settled(curve: list[dict], last: int = 3) -> float:
     return statistics.fmean(p["macro_f1"] for p in curve[-last:])
 
 
+def run_federation(bb, config, state0: dict, site_sets: dict, round_plan, eps: float | None, rounds: int, seed: int, score) -> tuple[list[dict], dict, dict]:
+    """The product's rounds in-process: every site trains from the global state through
+    `client/trainer.local_update` with the noise it would calibrate, then FedAvg. Returns the
+    per-round `score(state)` curve (round 0 first), the final state and each site's privacy figures."""
+    from fedprompt.client.dp import calibrate_noise, plan_steps
+    from fedprompt.client.ledger import compute_epsilon
+    from fedprompt.client.trainer import local_update
+    from fedprompt.client.workspace import site_delta
+    from fedprompt.common.model import build_model
+
+    cpu = torch.device("cpu")
+    privacy = {}
+    for h, ds in site_sets.items():
+        q, steps = plan_steps(len(ds), round_plan.batch_size or None, round_plan.local_epochs, round_plan.sample_rate)
+        delta = site_delta(len(ds))
+        sigma = None if eps is None else calibrate_noise(eps, delta, q, steps * rounds, "prv")
+        privacy[h] = {"sigma": sigma, "sample_rate": q, "steps": steps * rounds, "delta": delta, "n_train": len(ds),
+                      "epsilon_spent": None if sigma is None else compute_epsilon("prv", [(sigma, q, steps)] * rounds, delta)}
+    state, curve = {k: v.clone() for k, v in state0.items()}, [score(state0)]
+    for r in range(rounds):
+        states, weights = [], []
+        for h, ds in site_sets.items():
+            model = build_model(bb, config, state)
+            local_update(model, ds, round_plan, privacy[h]["sigma"], cpu, **_generators(seed * 1000 + 10 * (r + 1) + int(h)))
+            states.append(model.trainable_state())
+            weights.append(len(ds))
+        state = _fedavg(states, weights)
+        curve.append(score(state))
+    return curve, state, privacy
+
+
 def run(ctx: Context) -> dict:
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")  # RDP side of calibration
-    from fedprompt.client.dp import calibrate_noise, plan_steps
-    from fedprompt.client.ledger import compute_epsilon
     from fedprompt.client.partition import partition, stratified_subset
     from fedprompt.client.personalize import GLOBAL, own_model_features, personalize_features, scores
     from fedprompt.client.trainer import local_update
-    from fedprompt.client.workspace import site_delta
     from fedprompt.common.backbone import load_backbone
     from fedprompt.common.config import FederationConfig
     from fedprompt.common.encoding import encode
@@ -121,27 +149,8 @@ def run(ctx: Context) -> dict:
     def features(ds):
         return cached_features(build_model(bb, config, state0), ds, cpu)  # the initial prompt: what head-only training sees
 
-    def federate(site_sets: dict, round_plan: RoundPlan, eps: float | None, rounds: int, seed: int, on=test) -> tuple[list[dict], dict, dict]:
-        """The product's rounds: every site trains from the global state, FedAvg. Returns the
-        per-round curve (round 0 first), the final state and each site's privacy figures."""
-        privacy = {}
-        for h, ds in site_sets.items():
-            q, steps = plan_steps(len(ds), round_plan.batch_size or None, round_plan.local_epochs, round_plan.sample_rate)
-            delta = site_delta(len(ds))
-            sigma = None if eps is None else calibrate_noise(eps, delta, q, steps * rounds, "prv")
-            privacy[h] = {"sigma": sigma, "sample_rate": q, "steps": steps * rounds, "delta": delta, "n_train": len(ds),
-                          "epsilon_spent": None if sigma is None else compute_epsilon("prv", [(sigma, q, steps)] * rounds, delta)}
-        state, curve = {k: v.clone() for k, v in state0.items()}, [score(state0, on)]
-        for r in range(rounds):
-            states, weights = [], []
-            for h, ds in site_sets.items():
-                model = build_model(bb, config, state)
-                local_update(model, ds, round_plan, privacy[h]["sigma"], cpu, **_generators(seed * 1000 + 10 * (r + 1) + int(h)))
-                states.append(model.trainable_state())
-                weights.append(len(ds))
-            state = _fedavg(states, weights)
-            curve.append(score(state, on))
-        return curve, state, privacy
+    def federate(site_sets: dict, round_plan: RoundPlan, eps: float | None, rounds: int, seed: int, on=test):
+        return run_federation(bb, config, state0, site_sets, round_plan, eps, rounds, seed, lambda state: score(state, on))
 
     def seeded(key: str, site_sets: dict, round_plan: RoundPlan, eps: float | None, note: str = "") -> dict:
         t = time.perf_counter()

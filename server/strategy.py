@@ -13,7 +13,9 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Strategy
 
@@ -149,10 +151,25 @@ class ValidatedStrategy(Strategy):
                 self.global_round(server_round), len(accepted), self.min_hospitals,
             )
             return None, None
+        untouched = self._untouched(accepted)  # before the inner strategy, which may consume the replies
         arrays, _ = self.inner.aggregate_train(server_round, accepted)
+        if arrays is not None:
+            for key in untouched:
+                arrays[key] = Array(np.ascontiguousarray(self._global[key].numpy().astype(np.float32)))
         total = sum(o.num_examples for o in outcomes.values() if o.status == "ok")
         loss = sum(o.train_loss * o.num_examples for o in outcomes.values() if o.status == "ok") / total
         return arrays, MetricRecord({"train-loss": loss, "hospitals-ok": len(accepted), "num-examples": total})
+
+    def _untouched(self, accepted: list[Message]) -> list[str]:
+        """The tensors no hospital changed: they stay bit-identical to the ones sent.
+
+        Any average of equal values is that value, but float rounding in the weighted sum moves
+        it by an ulp: with a frozen prompt (head-only training) that would make every site
+        recompute its frozen features each round, and drift the prompt for nothing.
+        """
+        assert self._global is not None
+        replies = [arrays_to_state(m.content[ARRAYS]) for m in accepted]
+        return [key for key, sent in self._global.items() if all(torch.equal(r[key], sent) for r in replies)]
 
     def _judge(self, msg: Message) -> HospitalOutcome:
         if msg.has_error():

@@ -208,3 +208,16 @@ def test_runner_accuracy_suite_micro(tmp_path):
         assert p["method"] in ("global", "prior", "local_head") and p["n_local_test"] > 0, h
     assert [t["met"] in (True, False) for t in acc["targets"]] == [True] * 4
     assert {"accuracy.png", "accuracy_vs_epsilon.png", "accuracy_per_round.png", "personalization.png"} <= {p.name for p in out.glob("*.png")}
+
+
+def test_runner_recipe_suite_micro(tmp_path):
+    """The recipe sweep on a tiny BERT: every point through the product's path, well-formed."""
+    backbone = make_tiny_backbone(tmp_path / "tinybert", hidden=32, layers=2)
+    data = _corpus(tmp_path / "data", rows=90)
+    out = tmp_path / "out"
+    assert main(["run", "--suite", "recipe", "--quick", "--out", str(out), "--backbone", str(backbone), "--data", str(data), "--max-length", "64"]) == 0
+    rec = json.loads((out / "results.json").read_text())["suites"]["recipe"]
+    assert len(rec["points"]) == 2 and {p["lr"] for p in rec["points"]} == {8.0, 2.0}
+    for p in rec["points"]:
+        assert 0.0 <= p["last3"] <= 1.0 and p["max_length"] == 64 and p["rounds"] == rec["config"]["defaults"]["rounds"]
+    assert (out / "recipe.png").is_file() and "**default**" in (out / "results.md").read_text()

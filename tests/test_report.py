@@ -203,3 +203,19 @@ def test_hostile_and_odd_values_render(private_metrics, tmp_path):
     assert _row(page, 1)[3:5] == ["∞", "NaN"]
     assert _row(page, 1)[6:10] == ["4", "0", "0", "2"]  # unknown/absent status counts as failed
     assert 'id="round-4"' in page
+
+
+def test_round_zero_is_shown_as_the_zero_shot_start(private_metrics, tmp_path):
+    """Round 0 (validated and tested, nobody trained) is in the scores, not in the hospitals' tables."""
+    start = {"round": 0, "seconds": 3.0, "upload_bytes": 0, "hospitals": {},
+             "evaluate": {"accuracy": 0.30, "macro_f1": 0.247, "loss": 1.6, "num_examples": 120},
+             "test": {"accuracy": 0.31, "macro_f1": 0.235, "loss": 1.6, "num_examples": 200}}
+    private_metrics["rounds"].insert(0, start)
+    html = write_report(private_metrics, tmp_path).read_text()
+    assert "Rounds completed</dt><dd>3 (+ round 0, the zero-shot start)" in html
+    assert "against the zero-shot start (round 0, test): macro-F1 <b>0.235</b>" in html
+    rounds_table = html.split('<table class="rounds">')[1].split("</table>")[0]
+    assert "0.247" in rounds_table  # round 0's validation score is a row of the rounds table
+    hospitals_table = html.split("<h2>Hospitals</h2>")[1].split("</table>")[0]
+    assert "/ 3" in hospitals_table and "/ 4" not in hospitals_table  # ok rounds count training rounds only
+    assert all((tmp_path / name).read_bytes().startswith(PNG_MAGIC) for name in PNGS)

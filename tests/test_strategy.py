@@ -137,3 +137,26 @@ def test_evaluation_is_exact_from_summed_counts():
 def test_round_numbers_continue_after_resume():
     s = guarded("fedavg")
     assert s.global_round(1) == 5
+
+
+def test_a_tensor_no_hospital_changed_stays_bit_identical():
+    """With a frozen prompt every site returns the prompt it received: FedAvg's weighted sum
+    would move it by float rounding (and make every site recompute its frozen features)."""
+    prompt = PromptConfig(labels=["a", "b", "c"], hidden_size=8, backbone_fingerprint="f", n_virtual_tokens=3)
+    gen = torch.Generator().manual_seed(0)
+    sent = {k: torch.randn(*shape, generator=gen) for k, shape in prompt.shapes().items()}
+    strategy = ValidatedStrategy(build_strategy(FederationConfig(name="t", labels=prompt.labels), 3), prompt, norm_bound=1e3, min_hospitals=1)
+    strategy._global = sent
+    replies = []
+    for i, n in enumerate((7, 11, 13)):
+        state = {**sent, "head.weight": sent["head.weight"] + 0.1 * (i + 1)}  # the head moves, the prompt does not
+        md = Metadata(run_id=1, message_id=f"r{i}", src_node_id=i + 1, dst_node_id=0, reply_to_message_id=f"m{i}", group_id="1",
+                      created_at=0.0, ttl=60, message_type="train")
+        metrics = MetricRecord({"num-examples": n, "train-loss": 1.0})
+        replies.append(Message(metadata=md, content=RecordDict({ARRAYS: state_to_arrays(state), METRICS: metrics, STATUS: status_record(f"h{i}", "ok")})))
+    strategy._sent[1] = [instruction(i) for i in range(3)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert np.array_equal(arrays["prompt.weight"].numpy(), sent["prompt.weight"].numpy())
+    expected = sent["head.weight"] + (0.1 * 7 + 0.2 * 11 + 0.3 * 13) / 31
+    assert np.allclose(arrays["head.weight"].numpy(), expected.numpy(), atol=1e-6)
+    assert not np.array_equal(arrays["head.weight"].numpy(), sent["head.weight"].numpy())
