@@ -55,7 +55,7 @@ def _generators(seed: int) -> dict:
     return {"noise_generator": torch.Generator().manual_seed(seed), "sample_generator": torch.Generator().manual_seed(seed + 1)}
 
 
-def _fedavg(states: list[dict], weights: list[int]) -> dict:
+def _fedavg(states: list[dict], weights: list[float]) -> dict:
     total = sum(weights)
     return {k: sum(s[k] * (n / total) for s, n in zip(states, weights)) for k in states[0]}
 
@@ -71,7 +71,7 @@ def run_federation(bb, config, state0: dict, site_sets: dict, round_plan, eps: f
     from fedprompt.client.dp import calibrate_noise, plan_steps
     from fedprompt.client.ledger import compute_epsilon
     from fedprompt.client.trainer import local_update
-    from fedprompt.client.workspace import site_delta
+    from fedprompt.client.workspace import declared_weight, site_delta
     from fedprompt.common.model import build_model
 
     cpu = torch.device("cpu")
@@ -89,7 +89,7 @@ def run_federation(bb, config, state0: dict, site_sets: dict, round_plan, eps: f
             model = build_model(bb, config, state)
             local_update(model, ds, round_plan, privacy[h]["sigma"], cpu, **_generators(seed * 1000 + 10 * (r + 1) + int(h)))
             states.append(model.trainable_state())
-            weights.append(len(ds))
+            weights.append(declared_weight(len(ds)))  # what a workspace's site.yaml declares (client/workspace.py)
         state = _fedavg(states, weights)
         curve.append(score(state))
     return curve, state, privacy

@@ -86,7 +86,6 @@ def _label_names(data: Path) -> list[str]:
 def run(ctx: Context) -> dict:
     from flwr.app import ConfigRecord, RecordDict
 
-    from fedprompt.client.dp import plan_steps
     from fedprompt.common.model import PromptConfig, initial_state
     from fedprompt.common.plan import RoundPlan
     from fedprompt.common.wire import ARRAYS, CONFIG, EVAL_METRIC_KEYS, METRICS, STATUS, TRAIN_METRIC_KEYS, metric_record, payload_bytes, state_to_arrays, status_record
@@ -104,8 +103,9 @@ def run(ctx: Context) -> dict:
     # --- the aggregator's train instruction (download) --------------------------------------------
     plan = RoundPlan(
         run_name="benchmark", round=1, total_rounds=10, labels=labels, hidden_size=H, backbone_fingerprint=bb.fingerprint,
-        n_virtual_tokens=n_virtual, pooling="mean", max_length=128, prompt_init="labels", seed=0, local_epochs=1,
-        batch_size=16, lr=0.01, optimizer="adam", private=True, target_epsilon=8.0, delta=0.0, max_grad_norm=1.0,
+        n_virtual_tokens=n_virtual, pooling="mean", max_length=128, prompt_init="labels", normalize=True, seed=0, local_epochs=1,
+        sample_rate=0.25, batch_size=0, lr=8.0, optimizer="sgd", train_prompt=False, private=True, target_epsilon=8.0, delta=0.0,
+        max_grad_norm=1.0,
     )
     config = ConfigRecord(dict(plan.to_config_record()))
     config["fp.round"] = 1  # ValidatedStrategy.configure_train
@@ -113,20 +113,18 @@ def run(ctx: Context) -> dict:
     down_train = RecordDict({ARRAYS: state_to_arrays(state), CONFIG: config})
 
     # --- the hospital's train reply (upload), as client/hospital.py train_round builds it ---------
-    n_train = 700
-    q, steps = plan_steps(n_train, 16, 1)
-    metrics = {
-        "num-examples": n_train, "private": 1, "noise-multiplier": 0.8731, "sample-rate": q,
-        "epsilon-spent": 2.71828, "epsilon-cap": 8.0, "delta": 1e-5, "train-loss": 1.2345, "steps": steps,
-    }
+    # (the declared weight, the privacy fields and a status record: docs/deployment.md section 5)
+    metrics = {"num-examples": 1.0, "private": 1, "epsilon-spent": 2.71828, "epsilon-cap": 8.0, "delta": 1e-5}
     up_train = RecordDict({
         ARRAYS: state_to_arrays(state),
         METRICS: metric_record(metrics, TRAIN_METRIC_KEYS),
-        STATUS: status_record("hospital-1", "ok", truncated=123),
+        STATUS: status_record("hospital-1", "ok"),
     })
     # --- evaluate round trip (evaluate_round's reply; Flower sends arrays + config again) ---------
+    # The largest evaluate reply: a site that shares noised per-class counts (the default sends
+    # the status record alone).
     down_eval = RecordDict({ARRAYS: state_to_arrays(state), CONFIG: config})
-    eval_metrics = {"num-examples": 300, "loss-sum": 321.5, "tp": [10] * C, "fp": [3] * C, "fn": [4] * C}
+    eval_metrics = {"tp": [10.123456789] * C, "fp": [3.123456789] * C, "fn": [4.123456789] * C}
     up_eval = RecordDict({METRICS: metric_record(eval_metrics, EVAL_METRIC_KEYS), STATUS: status_record("hospital-1", "ok")})
 
     msgs = {

@@ -20,7 +20,6 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 
 from .accuracy import ALPHA, HOSPITALS, TEST_FRAC, _settled, run_federation
 from .common import Context, load_corpus, md_table

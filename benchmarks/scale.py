@@ -143,7 +143,8 @@ def one_size(spec: dict) -> dict:
     setup = time.perf_counter() - t0
     error = None
     try:
-        simulate(ws, work / "run", backbone=Path(spec["backbone"]))
+        # the workspace was written just above: its ledgers are new (simulate never creates them itself)
+        simulate(ws, work / "run", backbone=Path(spec["backbone"]), create_ledgers=True)
     except Exception as exc:  # the parent reports it; the rounds that did finish are still read below
         error = f"{type(exc).__name__}: {exc}"
     metrics_path = work / "run" / "metrics.json"

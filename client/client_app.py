@@ -4,6 +4,10 @@ Which site a node is comes from its node config: `site-config` (deployment: the 
 `--node-config 'site-config="/site/site.yaml"'`), or in simulation the `partition-id` Flower
 injects, mapped onto the workspace's hospitals.
 
+Any exception in a handler becomes a well-formed refusal of category "internal" (traceback in
+the hospital's log), never Flower's error reply, which would carry the exception's text (a
+record line, a label, a path) to the aggregator.
+
 Every message logs one `fedprompt-timing {json}` line in the hospital's own log (process start,
 import, handler phases): Flower starts a ClientApp process per message in a deployment, and this
 is where a round's time outside training shows (benchmarks/round.py). It never leaves the site.
@@ -24,6 +28,8 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 from flwr.app import Context, Message  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
+
+from fedprompt.common.wire import MAX_HOSPITAL_ID, refusal  # noqa: E402
 
 from .hospital import evaluate_round, train_round  # noqa: E402
 from .workspace import list_hospitals  # noqa: E402
@@ -66,6 +72,14 @@ def _log_timing(kind: str, msg: Message, site: Path, start: float, timings: dict
     }))
 
 
+def _fallback_id(site: Path | None, context: Context) -> str:
+    """Who this node is, for an "internal" refusal, without reading anything that could fail."""
+    name = context.node_config.get("hospital-id") if isinstance(context.node_config, dict) else None
+    if not isinstance(name, str) and site is not None:
+        name = site.parent.name
+    return name if isinstance(name, str) and 0 < len(name) <= MAX_HOSPITAL_ID else "unknown"
+
+
 def make_client_app(site_paths: list[Path] | None = None, torch_threads: int | None = None) -> ClientApp:
     app = ClientApp()
 
@@ -81,21 +95,28 @@ def make_client_app(site_paths: list[Path] | None = None, torch_threads: int | N
         if torch_threads:
             torch.set_num_threads(torch_threads)  # simulated hospitals share the host's cores
 
+    def handle(kind: str, handler, msg: Message, context: Context) -> Message:
+        site: Path | None = None
+        try:
+            setup()
+            start, timings, site = time.time(), {}, site_path(context, site_paths)
+            content = handler(msg.content, site, run_id=str(msg.metadata.run_id), timings=timings)
+        except Exception:  # noqa: BLE001 - whatever it is, its text must not leave the site
+            log.exception("%s: %s message failed; replying with an 'internal' refusal (details only in this log)", _fallback_id(site, context), kind)
+            return Message(content=refusal(_fallback_id(site, context), "internal"), reply_to=msg)
+        try:
+            _log_timing(kind, msg, site, start, timings)
+        except Exception:  # noqa: BLE001 - the timing line is diagnostics: never lose a reply over it
+            log.exception("could not log the %s timing line", kind)
+        return Message(content=content, reply_to=msg)
+
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        setup()
-        start, timings, site = time.time(), {}, site_path(context, site_paths)
-        content = train_round(msg.content, site, run_id=str(msg.metadata.run_id), timings=timings)
-        _log_timing("train", msg, site, start, timings)
-        return Message(content=content, reply_to=msg)
+        return handle("train", train_round, msg, context)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        setup()
-        start, timings, site = time.time(), {}, site_path(context, site_paths)
-        content = evaluate_round(msg.content, site, timings=timings)
-        _log_timing("evaluate", msg, site, start, timings)
-        return Message(content=content, reply_to=msg)
+        return handle("evaluate", evaluate_round, msg, context)
 
     return app
 

@@ -1,26 +1,30 @@
 """One hospital's side of a round: checks, privacy accounting, local training, the reply.
 
-Every refusal (bad records, budget spent, backbone mismatch, ...) is a well-formed reply with
-its reason; only unexpected failures surface as Flower error replies.
+Every refusal (bad records, budget spent, backbone mismatch, ...) is a well-formed reply that
+names only a category (common/wire.REFUSAL_CATEGORIES); the detail (file, line, label, path)
+goes to the hospital's own log. Unexpected failures become an "internal" refusal in
+client/client_app.py. Training loss, record counts, truncation and validation metrics are
+logged here and never sent (docs/deployment.md section 5).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import re
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from flwr.app import RecordDict
 
 from fedprompt.common.backbone import Backbone, load_backbone
 from fedprompt.common.config import SiteConfig
 from fedprompt.common.encoding import encode
 from fedprompt.common.errors import InputError, LedgerError, PrivacyBudgetExceeded
-from fedprompt.common.metrics import evaluate
+from fedprompt.common.metrics import ClassCounts, evaluate
 from fedprompt.common.model import build_model
 from fedprompt.common.plan import RoundPlan
 from fedprompt.common.wire import (
@@ -36,8 +40,8 @@ from fedprompt.common.wire import (
     status_record,
 )
 
-from .dp import NoiseMemo, calibrate_noise, plan_steps
-from .ledger import PrivacyLedger
+from .dp import NoiseMemo, calibrate_noise, entropy_generator, plan_steps
+from .ledger import PrivacyLedger, file_sha256, state_sha256
 from .records import load_records
 from .trainer import local_update, resolve_device
 
@@ -50,19 +54,30 @@ def _cached_backbone(path: str | None) -> Backbone:
     return load_backbone(path)
 
 
-_ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/])/(?:[^\s:'\",()/]+/)*([^\s:'\",()/]+)")
-
-
-def public_reason(message: str) -> str:
-    """A refusal reason fit to leave the site: local paths cut to their file names.
-
-    The full message (with paths) stays in the hospital's own log.
-    """
-    return _ABSOLUTE_PATH.sub(r"\1", message)
-
-
 class Refused(Exception):
-    """This site will not take part in this round, for the stated reason."""
+    """This site will not take part in this round. `category` (common/wire.REFUSAL_CATEGORIES) is
+    all that leaves; the message stays in the hospital's log."""
+
+    def __init__(self, message: str, category: str = "configuration"):
+        super().__init__(message)
+        self.category = category
+
+
+@contextmanager
+def _refuse_as(category: str, *also: type[Exception]) -> Iterator[None]:
+    """Bad input in the block (InputError: file, line, field; or the `also` types) refuses the round in `category`."""
+    try:
+        yield
+    except (InputError, *also) as exc:
+        raise Refused(str(exc), category) from exc
+
+
+def _category(exc: Exception) -> str:
+    if isinstance(exc, Refused):
+        return exc.category
+    if isinstance(exc, (LedgerError, PrivacyBudgetExceeded)):
+        return "budget"  # the cap is reached, or the ledger cannot account for the round
+    return "configuration"
 
 
 @contextmanager
@@ -77,16 +92,17 @@ def _timed(timings: dict[str, float] | None, phase: str) -> Iterator[None]:
 
 
 def _prepare(content: RecordDict, site_path: Path, timings: dict[str, float] | None = None) -> tuple[SiteConfig, RoundPlan, Backbone]:
-    site = SiteConfig.load(site_path)
-    plan = RoundPlan.from_config_record(content["config"])
-    with _timed(timings, "backbone"):  # load + fingerprint, once per process
+    with _refuse_as("configuration"):
+        site = SiteConfig.load(site_path)
+    with _refuse_as("configuration", KeyError, TypeError, ValueError):  # the aggregator's round plan
+        plan = RoundPlan.from_config_record(content["config"])
+    with _timed(timings, "backbone"), _refuse_as("backbone"):  # load + fingerprint, once per process
         backbone = _cached_backbone(str(site.backbone) if site.backbone else None)
     if backbone.fingerprint != plan.backbone_fingerprint:
-        # The reason goes to the aggregator: fingerprints only, never local paths.
-        log.warning("backbone at %s has fingerprint %s, the federation's is %s", backbone.path, backbone.fingerprint, plan.backbone_fingerprint)
         raise Refused(
             f"backbone mismatch: the federation uses {plan.backbone_fingerprint[:16]}..., "
-            f"this site's backbone is {backbone.fingerprint[:16]}...; install the federation's backbone"
+            f"this site's backbone is {backbone.fingerprint[:16]}... (at {backbone.path}); install the federation's backbone",
+            "backbone",
         )
     return site, plan, backbone
 
@@ -103,6 +119,12 @@ def _noise_memo(site: SiteConfig) -> NoiseMemo:
     return NoiseMemo(site.ledger.with_name(site.ledger.name + ".noise-memo"))  # the ledger's volume: the site's writable one
 
 
+def _ledger_binding(site: SiteConfig, plan: RoundPlan, content: RecordDict, run_id: str) -> dict:
+    """What a round's ledger entry binds: run, round, the records file it trains on, the model it received."""
+    return {"run_id": f"{plan.run_name}/{run_id}" if run_id else plan.run_name, "round": plan.round,
+            "records_sha256": file_sha256(site.train), "model_in_sha256": state_sha256(arrays_to_state(content[ARRAYS]))}
+
+
 def train_round(content: RecordDict, site_path: Path, *, run_id: str = "", progress: bool = False,
                 timings: dict[str, float] | None = None) -> RecordDict:
     """`timings`, if given, receives the seconds of each phase (backbone, records, privacy, build, train, reply)."""
@@ -110,11 +132,12 @@ def train_round(content: RecordDict, site_path: Path, *, run_id: str = "", progr
     try:
         site, plan, backbone = _prepare(content, site_path, timings)
         hospital = site.hospital_id
-        with _timed(timings, "records"):
+        with _timed(timings, "records"), _refuse_as("records"):
             records = load_records(site.train, text_field=site.text_field, label_field=site.label_field, labels=plan.labels)
             encoded = encode(backbone.tokenizer, records.texts, records.labels, plan.max_length)
         q, steps = plan_steps(len(encoded.dataset), plan.batch_size, plan.local_epochs, plan.sample_rate)
-        metrics: dict = {"num-examples": len(encoded.dataset), "private": int(plan.private)}
+        # The FedAvg weight is the one the site declares, never len(records) (docs/deployment.md 5).
+        metrics: dict = {"num-examples": site.weight, "private": int(plan.private)}
         with _timed(timings, "privacy"):  # noise calibration + durable ledger entry
             if plan.private:
                 ledger = PrivacyLedger.for_site(site)
@@ -124,16 +147,21 @@ def train_round(content: RecordDict, site_path: Path, *, run_id: str = "", progr
                 if delta != ledger.delta:
                     raise Refused(f"the federation asks for delta {delta:g}, below this site's ledger delta {ledger.delta:g}")
                 # Durable BEFORE training: a crash from here on over-counts, never under-counts.
-                spent = ledger.record(sigma, q, steps, epsilon_cap=site.privacy.max_epsilon, run_id=f"{plan.run_name}/{run_id}" if run_id else plan.run_name, round=plan.round)
+                spent = ledger.record(sigma, q, steps, epsilon_cap=site.privacy.max_epsilon, **_ledger_binding(site, plan, content, run_id))
                 memo.put(args, calibrated)  # only once the entry is durable: a refused round writes nothing else
-                metrics.update({"noise-multiplier": sigma, "sample-rate": q, "epsilon-spent": spent, "epsilon-cap": site.privacy.max_epsilon, "delta": delta})
+                metrics.update({"epsilon-spent": spent, "epsilon-cap": site.privacy.max_epsilon, "delta": delta})
             elif not site.allow_non_private:
-                raise Refused("the aggregator asked for NON-PRIVATE training and this site does not allow it (allow_non_private: false)")
+                raise Refused("the aggregator asked for NON-PRIVATE training and this site does not allow it (allow_non_private: false)", "non-private refused")
             else:
                 sigma = None
+                # Recorded too, durably BEFORE training: from this entry on the site's epsilon is
+                # infinite, for good (`privacy show`), and its cap refuses every later private round.
+                ledger = PrivacyLedger.for_site(site)
+                ledger.record_non_private(q, steps, epsilon_cap=site.privacy.max_epsilon, **_ledger_binding(site, plan, content, run_id))
     except (Refused, InputError, LedgerError, PrivacyBudgetExceeded) as exc:
-        log.warning("%s refuses round: %s", hospital, exc)
-        return refusal(hospital, public_reason(str(exc)))
+        category = _category(exc)
+        log.warning("%s refuses round [%s]: %s", hospital, category, exc)  # the detail stays here
+        return refusal(hospital, category)
 
     device = resolve_device(site.device)
     with _timed(timings, "build"):
@@ -141,38 +169,90 @@ def train_round(content: RecordDict, site_path: Path, *, run_id: str = "", progr
     with _timed(timings, "train"):  # (frozen features included: computed once per prompt and process)
         result = local_update(model, encoded.dataset, plan, sigma, device, max_physical_batch_size=site.max_physical_batch_size,
                               progress=progress, progress_label=f"{hospital} r{plan.round}")
-    metrics.update({"train-loss": result.mean_loss, "steps": result.steps})
-    eps = f"eps {metrics['epsilon-spent']:.3f}/{site.privacy.max_epsilon:g}" if plan.private else "NON-PRIVATE"
-    log.info("%s round %d: %d steps, loss %.4f, %s", hospital, plan.round, result.steps, result.mean_loss, eps)
+    try:  # the update that leaves, bound to this round's entry durably BEFORE the reply (else nothing is sent)
+        with _timed(timings, "privacy"):
+            ledger.complete(state_sha256(model.trainable_state()))
+    except LedgerError as exc:
+        log.warning("%s refuses round [%s]: %s", hospital, _category(exc), exc)  # the round stays counted
+        return refusal(hospital, _category(exc))
+    # Loss, record count, truncation, steps, sigma and q: the hospital's log only, never the reply.
+    eps = f"sigma {sigma:.4g}, q {q:.4g}, eps {metrics['epsilon-spent']:.3f}/{site.privacy.max_epsilon:g}" if plan.private else "NON-PRIVATE"
+    log.info("%s round %d (local log, not sent): %d records (%d truncated at %d tokens), %d steps, loss %.4f, %s",
+             hospital, plan.round, len(encoded.dataset), encoded.truncated, plan.max_length, result.steps, result.mean_loss, eps)
     with _timed(timings, "reply"):
         return RecordDict(
             {
                 ARRAYS: state_to_arrays(model.trainable_state()),
                 METRICS: metric_record(metrics, TRAIN_METRIC_KEYS),
-                STATUS: status_record(hospital, "ok", truncated=encoded.truncated),
+                STATUS: status_record(hospital, "ok"),
             }
         )
 
 
-def evaluate_round(content: RecordDict, site_path: Path, *, timings: dict[str, float] | None = None) -> RecordDict:
-    """`timings`, if given, receives the seconds of each phase (backbone, records, build, evaluate)."""
+# Adding or removing one validation record changes its class's tp by 1 (right), or its class's fn
+# and its predicted class's fp by 1 each (wrong): the per-class counts have L2 sensitivity sqrt(2).
+EVAL_COUNT_SENSITIVITY = math.sqrt(2.0)
+
+
+def noised_counts(counts: ClassCounts, sigma: float, generator: torch.Generator) -> dict[str, list[float]]:
+    """tp, fp, fn per class plus Gaussian noise of std sigma x sensitivity: one Gaussian mechanism
+    release, which the ledger accounts as one step of the subsampled Gaussian at q = 1."""
+    std = sigma * EVAL_COUNT_SENSITIVITY
+    out = {}
+    for key in ("tp", "fp", "fn"):
+        values = getattr(counts, key)
+        noise = torch.randn(len(values), generator=generator, dtype=torch.float64) * std
+        out[key] = [float(v) + float(z) for v, z in zip(values, noise)]
+    return out
+
+
+def evaluate_round(content: RecordDict, site_path: Path, *, run_id: str = "", timings: dict[str, float] | None = None) -> RecordDict:
+    """The site evaluates the received model on its validation records and LOGS the result.
+
+    With `share_evaluation: none` (the default) the reply is the status record alone: exact counts
+    back for any tensors the aggregator chooses to send would be an unlimited oracle on the
+    records. With `share_evaluation: noised` it carries per-class counts plus Gaussian noise,
+    `evaluation_epsilon` charged to the ledger first (durably, before anything is sent).
+    `timings`, if given, receives the seconds of each phase (backbone, records, build, evaluate, privacy).
+    """
     hospital = Path(site_path).parent.name
     try:
         site, plan, backbone = _prepare(content, site_path, timings)
         hospital = site.hospital_id
         if site.validation is None:
-            raise Refused("no validation file configured")
-        with _timed(timings, "records"):
+            raise Refused("no validation file configured (site.yaml: validation)", "configuration")
+        with _timed(timings, "records"), _refuse_as("records"):
             records = load_records(site.validation, text_field=site.text_field, label_field=site.label_field, labels=plan.labels)
+            encoded = encode(backbone.tokenizer, records.texts, records.labels, plan.max_length)
     except (Refused, InputError) as exc:
-        log.warning("%s refuses evaluation: %s", hospital, exc)
-        return refusal(hospital, public_reason(str(exc)))
-    with _timed(timings, "records"):
-        encoded = encode(backbone.tokenizer, records.texts, records.labels, plan.max_length)
+        category = _category(exc)
+        log.warning("%s refuses evaluation [%s]: %s", hospital, category, exc)  # the detail stays here
+        return refusal(hospital, category)
     device = resolve_device(site.device)
     with _timed(timings, "build"):
         model = build_model(backbone, plan.prompt_config(), arrays_to_state(content[ARRAYS])).to(device)
     with _timed(timings, "evaluate"):
         counts = evaluate(model, encoded.dataset, len(plan.labels), device)
-    metrics = {"num-examples": counts.n, "loss-sum": counts.loss_sum, "tp": counts.tp, "fp": counts.fp, "fn": counts.fn}
-    return RecordDict({METRICS: metric_record(metrics, EVAL_METRIC_KEYS), STATUS: status_record(hospital, "ok")})
+    s = counts.summary()
+    log.info("%s round %d validation (local log, not sent): %d records, accuracy %.4f, macro-F1 %.4f, loss %.4f, F1 per class %s",
+             hospital, plan.round, s["num_examples"], s["accuracy"], s["macro_f1"], s["loss"], [round(f, 4) for f in s["f1_per_class"]])
+    if site.share_evaluation != "noised":
+        return RecordDict({STATUS: status_record(hospital, "ok")})
+    with _timed(timings, "privacy"):
+        try:
+            ledger = PrivacyLedger.for_site(site)
+            args, memo = (site.evaluation_epsilon, ledger.delta, 1.0, 1, site.privacy.accountant), _noise_memo(site)
+            calibrated = memo.get(args) or calibrate_noise(*args)
+            sigma = max(calibrated, site.privacy.min_noise_multiplier)
+            base = f"{plan.run_name}/{run_id}" if run_id else plan.run_name
+            # Durable BEFORE the counts leave: a crash from here on over-counts, never under-counts.
+            spent = ledger.record(sigma, 1.0, 1, epsilon_cap=site.privacy.max_epsilon, run_id=f"{base}/evaluation", round=plan.round,
+                                  records_sha256=file_sha256(site.validation), model_in_sha256=state_sha256(arrays_to_state(content[ARRAYS])))
+            memo.put(args, calibrated)
+        except (LedgerError, PrivacyBudgetExceeded) as exc:
+            log.warning("%s refuses to share its evaluation [budget]: %s", hospital, exc)
+            return refusal(hospital, "budget")
+    log.info("%s round %d: sends noised validation counts (sigma %.4g, std %.4g per count), eps %.3f/%g",
+             hospital, plan.round, sigma, sigma * EVAL_COUNT_SENSITIVITY, spent, site.privacy.max_epsilon)
+    noised = noised_counts(counts, sigma, entropy_generator())
+    return RecordDict({METRICS: metric_record(noised, EVAL_METRIC_KEYS), STATUS: status_record(hospital, "ok")})

@@ -8,30 +8,61 @@ error, not an empty one), and never corrupts (atomic replace + fsync, strict val
 Epsilon is what Opacus's own accountant reports for the same history: consecutive entries with
 the same (noise_multiplier, sample_rate) are merged, exactly as the accountant's own `step()`
 merges them, so a site that trained for many rounds with one sigma is accounted as one long run.
+
+A tamper-evident audit trail (schema "fedprompt-ledger/2"):
+- `history`: one entry per round, written BEFORE training, never changed afterwards: run_id, round,
+  noise_multiplier (sigma; null for a non-private round), sample_rate (q), steps, non_private,
+  epsilon_cap (the cap it was checked against), records_sha256 (the records file it trains on),
+  model_in_sha256 (the model it received, `state_sha256`), recorded_at, `prev` (the hash of the
+  entry before it; the first entry: the hash of the header) and `hash` (its own hash).
+- `completions`: the out-hash of each update that left, appended after training and before the reply
+  (`complete`): entry (index), entry_hash, model_out_sha256, completed_at, prev (the completion before
+  it; the first: the header hash), hash. A separate append-only chain, so that `history` stays one
+  immutable entry per round; an entry without a completion was recorded but its update never left
+  (crash, refusal after recording) -- or it predates this schema, or it charged an evaluation.
+- Every hash is `record_hash`: sha256 of the canonical JSON (sorted keys, no whitespace) of the
+  object without its own "hash" key; the header is schema, hospital_id, mechanism, delta,
+  created_at, migrated_from. The top-level `epsilon_cap` (the cap at the last record) is not hashed.
+- A "fedprompt-ledger/1" ledger is read as if migrated (its entries chained from a header with
+  migrated_from {"schema": "fedprompt-ledger/1", "entries": N}, their new hash fields null); the
+  next write stores it so. Deterministic: every process computes the same hashes.
+- The chain has no secret: it shows a deleted, edited, inserted or reordered entry (with its
+  index), not a chain rewritten from scratch. The ANCHOR does that: a small file (site.yaml
+  `ledger_anchor`, default `<ledger>.anchor`; best on another volume) holding the entry and
+  completion counts and heads, rewritten atomically after every ledger write (ledger first, then
+  anchor) and checked on every open and before every record: a ledger with fewer entries than its
+  anchor, or another entry where the anchor's head was, is an older copy restored (rollback) and is
+  refused. A ledger AHEAD of its anchor is accepted (a crash between the two writes).
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import math
 import os
+import re
 import stat
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from fedprompt.common.errors import LedgerError, PrivacyBudgetExceeded
 
 if TYPE_CHECKING:
     from fedprompt.common.config import SiteConfig
 
-SCHEMA = "fedprompt-ledger/1"
+SCHEMA = "fedprompt-ledger/2"
+SCHEMA_V1 = "fedprompt-ledger/1"  # still read; migrated on the next write
+ANCHOR_SCHEMA = "fedprompt-ledger-anchor/1"
 MECHANISMS = ("prv", "rdp")
 # How long `record` waits for another process holding the ledger (it may be computing a PRV).
 LOCK_TIMEOUT_S = 300.0
@@ -40,24 +71,122 @@ LOCK_TIMEOUT_S = 300.0
 # which is also a valid upper bound, so the ledger still never under-counts.
 PRV_CEILING = 100.0
 
-_TOP_KEYS = ("schema", "hospital_id", "mechanism", "delta", "epsilon_cap", "created_at", "history")
-_ENTRY_KEYS = ("noise_multiplier", "sample_rate", "steps", "run_id", "round", "recorded_at")
+_TOP_KEYS_V1 = ("schema", "hospital_id", "mechanism", "delta", "epsilon_cap", "created_at", "history")
+_TOP_KEYS = (*_TOP_KEYS_V1, "migrated_from", "completions")
+_ENTRY_KEYS_V1 = ("noise_multiplier", "sample_rate", "steps", "run_id", "round", "recorded_at")
+_ENTRY_KEYS = (*_ENTRY_KEYS_V1, "non_private", "epsilon_cap", "records_sha256", "model_in_sha256", "prev", "hash")
+_COMPLETION_KEYS = ("entry", "entry_hash", "model_out_sha256", "completed_at", "prev", "hash")
+_ANCHOR_KEYS = ("schema", "hospital_id", "entries", "head", "completions", "completions_head", "updated_at")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _NEVER_RECREATE = (
     "Never recreate a ledger for a site that has trained: that forgets the epsilon it already spent; "
     "restore the file from a backup instead."
 )
 
 
+class LedgerIntegrityError(LedgerError):
+    """A ledger that cannot be trusted, with where: `kind` is one of missing, unreadable, corrupted,
+    chain, identity, anchor, rollback; `where` ("history", "completions" or None) and `index` locate it."""
+
+    def __init__(self, message: str, *, kind: str, where: str | None = None, index: int | None = None):
+        super().__init__(message)
+        self.kind, self.where, self.index = kind, where, index
+
+
+# --- hashes -------------------------------------------------------------------------------------
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Sorted keys, no whitespace, ASCII: the bytes every hash of the ledger is taken over."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
+
+
+def record_hash(obj: Mapping[str, Any]) -> str:
+    """sha256 of an entry, completion or header: its canonical JSON without its own "hash" key.
+
+    The one function used to write and to verify the chain.
+    """
+    return hashlib.sha256(canonical_json({k: v for k, v in obj.items() if k != "hash"})).hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (the records file a round trains on)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def state_sha256(state: Mapping[str, Any]) -> str:
+    """Canonical hash of a model's tensors (torch tensors, numpy arrays or Flower Arrays by name).
+
+    sha256 over the canonical JSON of [[name, shape], ...] in sorted name order, a newline, then
+    each tensor's float32 little-endian C-order bytes in the same order. The shapes make the byte
+    stream unambiguous; float32 is what goes on the wire (common/wire.state_to_arrays), so the hash
+    of the tensors a site sends equals the hash of what the aggregator receives.
+    """
+    names = sorted(state)
+    arrays = []
+    for name in names:
+        value = state[name]
+        if hasattr(value, "detach"):  # torch.Tensor (bfloat16 has no numpy view: go through float32)
+            value = value.detach().to("cpu").float().numpy()
+        elif not isinstance(value, np.ndarray) and hasattr(value, "numpy"):  # flwr Array
+            value = value.numpy()
+        arrays.append(np.ascontiguousarray(np.asarray(value, dtype="<f4")))
+    digest = hashlib.sha256(canonical_json([[n, list(a.shape)] for n, a in zip(names, arrays)]) + b"\n")
+    for a in arrays:
+        digest.update(a.tobytes())
+    return digest.hexdigest()
+
+
+# --- the ledger's contents ----------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class LedgerEntry:
-    """One planned training round, recorded before it ran."""
+    """One planned round (or a charged evaluation), recorded before it ran; never changed afterwards."""
 
-    noise_multiplier: float
+    noise_multiplier: float | None  # None: a non-private round (infinite epsilon)
     sample_rate: float
     steps: int
     run_id: str
     round: int
     recorded_at: str
+    non_private: bool = False
+    epsilon_cap: float | None = None  # the cap it was checked against (None: recorded before schema 2)
+    records_sha256: str | None = None
+    model_in_sha256: str | None = None
+    prev: str = ""
+    hash: str = ""
+
+    def to_doc(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def linked(self, prev: str) -> "LedgerEntry":
+        """This entry chained after `prev`, with its own hash."""
+        body = replace(self, prev=prev, hash="")
+        return replace(body, hash=record_hash(body.to_doc()))
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The hash of the update that left for history[entry], written after training, before the reply."""
+
+    entry: int
+    entry_hash: str
+    model_out_sha256: str
+    completed_at: str
+    prev: str = ""
+    hash: str = ""
+
+    def to_doc(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def linked(self, prev: str) -> "Completion":
+        body = replace(self, prev=prev, hash="")
+        return replace(body, hash=record_hash(body.to_doc()))
 
 
 @dataclass(frozen=True)
@@ -68,16 +197,32 @@ class _State:
     epsilon_cap: float
     created_at: str
     history: tuple[LedgerEntry, ...]
+    completions: tuple[Completion, ...] = ()
+    migrated_from: dict[str, Any] | None = None
+    stored_schema: str = SCHEMA  # as read from disk: SCHEMA_V1 until the next write migrates it
+
+    def header(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, "hospital_id": self.hospital_id, "mechanism": self.mechanism, "delta": self.delta,
+                "created_at": self.created_at, "migrated_from": self.migrated_from}
+
+    def header_hash(self) -> str:
+        return record_hash(self.header())
+
+    def head(self, n: int | None = None) -> str:
+        """Hash of the chain of the first n entries (all by default): the header's hash for none."""
+        n = len(self.history) if n is None else n
+        return self.history[n - 1].hash if n else self.header_hash()
+
+    def completions_head(self, n: int | None = None) -> str:
+        n = len(self.completions) if n is None else n
+        return self.completions[n - 1].hash if n else self.header_hash()
 
     def to_doc(self) -> dict[str, Any]:
         return {
-            "schema": SCHEMA,
-            "hospital_id": self.hospital_id,
-            "mechanism": self.mechanism,
-            "delta": self.delta,
+            **self.header(),
             "epsilon_cap": self.epsilon_cap,
-            "created_at": self.created_at,
-            "history": [{k: getattr(e, k) for k in _ENTRY_KEYS} for e in self.history],
+            "history": [e.to_doc() for e in self.history],
+            "completions": [c.to_doc() for c in self.completions],
         }
 
 
@@ -92,8 +237,14 @@ def accountant_history(steps: Iterable[tuple[float, float, int]]) -> list[tuple[
     return merged
 
 
-def compute_epsilon(mechanism: str, steps: Iterable[tuple[float, float, int]], delta: float) -> float:
-    """Epsilon of a (sigma, q, steps) history at `delta`, by Opacus's PRV or RDP accountant."""
+def compute_epsilon(mechanism: str, steps: Iterable[tuple[float | None, float, int]], delta: float) -> float:
+    """Epsilon of a (sigma, q, steps) history at `delta`, by Opacus's PRV or RDP accountant.
+
+    A sigma of None is a non-private round: the epsilon is infinite, whatever else the history holds.
+    """
+    steps = list(steps)
+    if any(sigma is None for sigma, _, _ in steps):
+        return math.inf
     history = accountant_history(steps)
     if not history:
         return 0.0
@@ -111,7 +262,7 @@ def compute_epsilon(mechanism: str, steps: Iterable[tuple[float, float, int]], d
     return prv_eps if math.isfinite(prv_eps) else rdp_eps
 
 
-def _triples(history: Iterable[LedgerEntry]) -> list[tuple[float, float, int]]:
+def _triples(history: Iterable[LedgerEntry]) -> list[tuple[float | None, float, int]]:
     return [(e.noise_multiplier, e.sample_rate, e.steps) for e in history]
 
 
@@ -127,13 +278,16 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_step_args(noise_multiplier: float, sample_rate: float, steps: int) -> None:
-    if _is_number(noise_multiplier) and noise_multiplier == 0:
+def _check_step_args(noise_multiplier: float | None, sample_rate: float, steps: int, *, non_private: bool = False) -> None:
+    if non_private:
+        if noise_multiplier is not None:
+            raise ValueError(f"a non-private round has no noise_multiplier (null), got {noise_multiplier!r}")
+    elif _is_number(noise_multiplier) and noise_multiplier == 0:
         raise ValueError(
             "noise_multiplier 0 is non-private training: it spends infinite epsilon, is a separate, "
-            "labelled mode, and is never recorded in the privacy ledger"
+            "labelled mode, and is recorded only by `record_non_private`"
         )
-    if not (_is_number(noise_multiplier) and noise_multiplier > 0):
+    elif not (_is_number(noise_multiplier) and noise_multiplier > 0):
         raise ValueError(f"noise_multiplier must be a finite number > 0, got {noise_multiplier!r}")
     if not (_is_number(sample_rate) and 0 < sample_rate <= 1):
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
@@ -146,24 +300,26 @@ def _check_cap(epsilon_cap: float) -> None:
         raise ValueError(f"epsilon_cap must be a finite number > 0, got {epsilon_cap!r}")
 
 
-def _corrupt(path: Path, detail: str) -> LedgerError:
-    return LedgerError(
+def _corrupt(path: Path, detail: str, *, kind: str = "corrupted", where: str | None = None, index: int | None = None) -> LedgerIntegrityError:
+    return LedgerIntegrityError(
         f"privacy ledger {path} is corrupted ({detail}). It was NOT reset and nothing may be trained "
-        f"until it is repaired. {_NEVER_RECREATE}"
+        f"until it is repaired. {_NEVER_RECREATE}",
+        kind=kind, where=where, index=index,
     )
 
 
 def _read_state(path: Path) -> _State:
-    """Load and strictly validate a ledger file; any doubt is a LedgerError, never a fresh ledger."""
+    """Load and strictly validate a ledger file, its chain included; any doubt is a LedgerError, never a fresh ledger."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise LedgerError(
+        raise LedgerIntegrityError(
             f"no privacy ledger at {path}. For a site that has never trained, create one with "
-            f"`fedprompt privacy init --site site.yaml`. {_NEVER_RECREATE}"
+            f"`fedprompt privacy init --site site.yaml`. {_NEVER_RECREATE}",
+            kind="missing",
         ) from None
     except OSError as exc:
-        raise LedgerError(f"cannot read privacy ledger {path}: {exc.strerror or exc}") from exc
+        raise LedgerIntegrityError(f"cannot read privacy ledger {path}: {exc.strerror or exc}", kind="unreadable") from exc
     try:
         # NaN/Infinity/1e999 parse, but every number then goes through a finiteness check.
         doc = json.loads(raw.decode("utf-8"))
@@ -175,9 +331,11 @@ def _read_state(path: Path) -> _State:
 def _parse(doc: Any, path: Path) -> _State:
     if not isinstance(doc, dict):
         raise _corrupt(path, f"expected a JSON object, got {type(doc).__name__}")
-    if doc.get("schema") != SCHEMA:
-        raise _corrupt(path, f"schema is {doc.get('schema')!r}, expected {SCHEMA!r}")
-    _check_keys(doc, _TOP_KEYS, "top level", path)
+    schema = doc.get("schema")
+    if schema not in (SCHEMA, SCHEMA_V1):
+        raise _corrupt(path, f"schema is {schema!r}, expected {SCHEMA!r} (or {SCHEMA_V1!r}, migrated on the next write)")
+    v1 = schema == SCHEMA_V1
+    _check_keys(doc, _TOP_KEYS_V1 if v1 else _TOP_KEYS, "top level", path)
     hospital_id, mechanism, delta, cap = doc["hospital_id"], doc["mechanism"], doc["delta"], doc["epsilon_cap"]
     if not (isinstance(hospital_id, str) and hospital_id):
         raise _corrupt(path, f"hospital_id must be a non-empty string, got {hospital_id!r}")
@@ -190,18 +348,43 @@ def _parse(doc: Any, path: Path) -> _State:
     _check_timestamp(doc["created_at"], "created_at", path)
     if not isinstance(doc["history"], list):
         raise _corrupt(path, "history must be a list")
+    header = (hospital_id, mechanism, float(delta), float(cap), doc["created_at"])
+    if v1:
+        # Read as if migrated: chained from a header saying so. Deterministic, so every process agrees.
+        entries = [_parse_entry(e, i, path, v1=True) for i, e in enumerate(doc["history"])]
+        state = _State(*header, (), (), {"schema": SCHEMA_V1, "entries": len(entries)}, SCHEMA_V1)
+        linked: list[LedgerEntry] = []
+        for e in entries:
+            linked.append(e.linked(linked[-1].hash if linked else state.header_hash()))
+        return replace(state, history=tuple(linked))
+    migrated = doc["migrated_from"]
+    if migrated is not None and not (
+        isinstance(migrated, dict) and set(migrated) == {"schema", "entries"} and migrated["schema"] == SCHEMA_V1
+        and _is_int(migrated["entries"]) and 0 <= migrated["entries"] <= len(doc["history"])
+    ):
+        raise _corrupt(path, f"migrated_from must be null or {{\"schema\": {SCHEMA_V1!r}, \"entries\": N}}, got {migrated!r}")
+    if not isinstance(doc["completions"], list):
+        raise _corrupt(path, "completions must be a list")
     history = tuple(_parse_entry(e, i, path) for i, e in enumerate(doc["history"]))
-    return _State(hospital_id, mechanism, float(delta), float(cap), doc["created_at"], history)
+    completions = tuple(_parse_completion(c, i, path) for i, c in enumerate(doc["completions"]))
+    state = _State(*header, history, completions, migrated, SCHEMA)
+    _verify_chain(state, path)
+    return state
 
 
-def _parse_entry(entry: Any, i: int, path: Path) -> LedgerEntry:
+def _parse_entry(entry: Any, i: int, path: Path, *, v1: bool = False) -> LedgerEntry:
     where = f"history[{i}]"
     if not isinstance(entry, dict):
         raise _corrupt(path, f"{where} must be an object")
-    _check_keys(entry, _ENTRY_KEYS, where, path)
+    # Unknown keys and the accounting fields first (a NaN sigma is named as such), the other keys at the end.
+    allowed = _ENTRY_KEYS_V1 if v1 else _ENTRY_KEYS
+    _check_keys({k: v for k, v in entry.items() if k in _ENTRY_KEYS_V1 or k not in allowed}, _ENTRY_KEYS_V1, where, path)
+    non_private = entry.get("non_private", False)
+    if not isinstance(non_private, bool):
+        raise _corrupt(path, f"{where}.non_private must be true or false, got {non_private!r}")
     sigma, q, steps = entry["noise_multiplier"], entry["sample_rate"], entry["steps"]
     try:
-        _check_step_args(sigma, q, steps)
+        _check_step_args(sigma, q, steps, non_private=non_private)
     except ValueError as exc:
         raise _corrupt(path, f"{where}: {exc}") from None
     if not (isinstance(entry["run_id"], str) and entry["run_id"]):
@@ -209,7 +392,66 @@ def _parse_entry(entry: Any, i: int, path: Path) -> LedgerEntry:
     if not (_is_int(entry["round"]) and entry["round"] >= 0):
         raise _corrupt(path, f"{where}.round must be an integer >= 0, got {entry['round']!r}")
     _check_timestamp(entry["recorded_at"], f"{where}.recorded_at", path)
-    return LedgerEntry(float(sigma), float(q), steps, entry["run_id"], entry["round"], entry["recorded_at"])
+    parsed = LedgerEntry(None if non_private else float(sigma), float(q), steps, entry["run_id"], entry["round"], entry["recorded_at"])
+    if v1:
+        return parsed
+    _check_keys(entry, _ENTRY_KEYS, where, path)
+    cap = entry["epsilon_cap"]
+    if cap is not None and not (_is_number(cap) and cap > 0):
+        raise _corrupt(path, f"{where}.epsilon_cap must be null or a finite number > 0, got {cap!r}")
+    for key in ("records_sha256", "model_in_sha256"):
+        _check_sha256(entry[key], f"{where}.{key}", path, nullable=True)
+    for key in ("prev", "hash"):
+        _check_sha256(entry[key], f"{where}.{key}", path)
+    return replace(parsed, non_private=non_private, epsilon_cap=None if cap is None else float(cap),
+                   records_sha256=entry["records_sha256"], model_in_sha256=entry["model_in_sha256"], prev=entry["prev"], hash=entry["hash"])
+
+
+def _parse_completion(c: Any, i: int, path: Path) -> Completion:
+    where = f"completions[{i}]"
+    if not isinstance(c, dict):
+        raise _corrupt(path, f"{where} must be an object")
+    _check_keys(c, _COMPLETION_KEYS, where, path)
+    if not (_is_int(c["entry"]) and c["entry"] >= 0):
+        raise _corrupt(path, f"{where}.entry must be an integer >= 0, got {c['entry']!r}")
+    for key in ("entry_hash", "model_out_sha256", "prev", "hash"):
+        _check_sha256(c[key], f"{where}.{key}", path)
+    _check_timestamp(c["completed_at"], f"{where}.completed_at", path)
+    return Completion(c["entry"], c["entry_hash"], c["model_out_sha256"], c["completed_at"], c["prev"], c["hash"])
+
+
+def _check_sha256(value: Any, where: str, path: Path, *, nullable: bool = False) -> None:
+    if value is None and nullable:
+        return
+    if not (isinstance(value, str) and _SHA256.fullmatch(value)):
+        raise _corrupt(path, f"{where} must be {'null or ' if nullable else ''}a sha256 (64 lowercase hex digits), got {value!r}")
+
+
+def _verify_chain(state: _State, path: Path) -> None:
+    """Each entry's prev is the hash before it and its hash is its own; the same for completions,
+    each of which must complete an existing entry (by index and hash), once."""
+
+    def broken(where: str, i: int, detail: str) -> LedgerIntegrityError:
+        return _corrupt(path, f"{where}[{i}]: {detail}", kind="chain", where=where, index=i)
+
+    header = state.header_hash()
+    for where, items in (("history", state.history), ("completions", state.completions)):
+        expected = header
+        for i, item in enumerate(items):
+            if item.prev != expected:
+                before = "the header" if i == 0 else f"{where}[{i - 1}]"
+                raise broken(where, i, f"its prev is not the hash of {before}: an entry before it was deleted, inserted or "
+                                       f"reordered{', or the header was edited' if i == 0 else ''}")
+            if item.hash != record_hash(item.to_doc()):
+                raise broken(where, i, "its contents do not match its hash: it was edited")
+            expected = item.hash
+    completed: set[int] = set()
+    for i, c in enumerate(state.completions):
+        if c.entry >= len(state.history) or state.history[c.entry].hash != c.entry_hash:
+            raise broken("completions", i, f"it completes history[{c.entry}], which is not there or is another entry")
+        if c.entry in completed:
+            raise broken("completions", i, f"history[{c.entry}] is completed twice")
+        completed.add(c.entry)
 
 
 def _check_keys(obj: dict, expected: Sequence[str], where: str, path: Path) -> None:
@@ -252,8 +494,11 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
         os.close(fd)  # releases the flock
 
 
-def _write_atomic(path: Path, doc: dict[str, Any]) -> None:
-    """Replace `path` with `doc` so that a crash leaves either the old file or the new one, durably."""
+def _write_atomic(path: Path, doc: dict[str, Any], *, anchor: bool = False) -> None:
+    """Replace `path` with `doc` so that a crash leaves either the old file or the new one, durably.
+
+    The one writer of both files: the ledger, and (`anchor=True`) its anchor, always right after it.
+    """
     data = (json.dumps(doc, indent=2, allow_nan=False) + "\n").encode("utf-8")
     try:
         # Keep the file's mode across rewrites; a new ledger is world-readable for audits (no personal data).
@@ -271,6 +516,11 @@ def _write_atomic(path: Path, doc: dict[str, Any]) -> None:
                 os.unlink(tmp)
             raise
     except OSError as exc:
+        if anchor:
+            raise LedgerError(
+                f"cannot write the ledger anchor {path}: {exc.strerror or exc}; the ledger itself was written (its new entry "
+                "counts), but nothing may be trained or sent until its anchor can be written"
+            ) from exc
         raise LedgerError(
             f"cannot write privacy ledger {path}: {exc.strerror or exc}; nothing was recorded, so nothing may be trained or sent"
         ) from exc
@@ -282,22 +532,129 @@ def _write_atomic(path: Path, doc: dict[str, Any]) -> None:
             os.close(dir_fd)
     except OSError as exc:
         # The new file is in place but may not survive a power cut: stop; the entry counts if it does.
-        raise LedgerError(f"privacy ledger {path} was written but its directory could not be synced: {exc.strerror or exc}") from exc
+        what = "ledger anchor" if anchor else "privacy ledger"
+        raise LedgerError(f"{what} {path} was written but its directory could not be synced: {exc.strerror or exc}") from exc
+
+
+# --- the anchor: rollback detection across processes --------------------------------------------
+
+
+def default_anchor(ledger: str | Path) -> Path:
+    """Where the anchor lives when site.yaml names none: `<ledger>.anchor`, beside the ledger."""
+    ledger = Path(ledger)
+    return ledger.with_name(ledger.name + ".anchor")
+
+
+@dataclass(frozen=True)
+class _Anchor:
+    hospital_id: str
+    entries: int
+    head: str
+    completions: int
+    completions_head: str
+
+
+def _anchor_doc(state: _State) -> dict[str, Any]:
+    return {"schema": ANCHOR_SCHEMA, "hospital_id": state.hospital_id, "entries": len(state.history), "head": state.head(),
+            "completions": len(state.completions), "completions_head": state.completions_head(), "updated_at": _now()}
+
+
+def _read_anchor(path: Path) -> _Anchor | None:
+    """The anchor, None if there is none; an unreadable or malformed one is an error."""
+    def bad(detail: str) -> LedgerIntegrityError:
+        return LedgerIntegrityError(
+            f"the privacy ledger's anchor {path} is unusable ({detail}); nothing may be trained until it is restored "
+            "(or, only if you are sure the ledger is the latest, re-created with `fedprompt privacy anchor --site site.yaml`)",
+            kind="anchor",
+        )
+
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise bad(f"cannot read it: {exc.strerror or exc}") from exc
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise bad(f"not valid JSON: {exc}") from None
+    if not (isinstance(doc, dict) and doc.get("schema") == ANCHOR_SCHEMA):
+        raise bad(f"not a {ANCHOR_SCHEMA} object")
+    if set(doc) != set(_ANCHOR_KEYS):
+        raise bad(f"expected the keys {', '.join(_ANCHOR_KEYS)}")
+    if not (isinstance(doc["hospital_id"], str) and all(_is_int(doc[k]) and doc[k] >= 0 for k in ("entries", "completions"))
+            and all(isinstance(doc[k], str) and _SHA256.fullmatch(doc[k]) for k in ("head", "completions_head"))):
+        raise bad("malformed counts or hashes")
+    return _Anchor(doc["hospital_id"], doc["entries"], doc["head"], doc["completions"], doc["completions_head"])
+
+
+def _check_anchor(state: _State, anchor: _Anchor | None, anchor_path: Path, path: Path) -> str:
+    """Refuse a ledger older than its anchor (a restored copy); returns "in step", "ahead" (a crash
+    between the ledger write and the anchor write: accepted) or "none" (no anchor yet)."""
+    if anchor is None:
+        if state.stored_schema == SCHEMA_V1 or not (state.history or state.completions):
+            return "none"  # written at the next write (a schema-1 ledger predates anchors; an empty one has nothing to lose)
+        raise LedgerIntegrityError(
+            f"the anchor of privacy ledger {path} is missing ({anchor_path}) but the ledger holds {len(state.history)} entries: "
+            "an anchor is written with every entry, so it was lost, moved, or this ledger was put in another's place. "
+            "Nothing may be trained until the anchor is restored (or site.yaml `ledger_anchor` points at it); only if you "
+            "are sure this ledger is the latest, re-create it with `fedprompt privacy anchor --site site.yaml`",
+            kind="anchor",
+        )
+    if anchor.hospital_id != state.hospital_id:
+        raise LedgerIntegrityError(
+            f"the anchor {anchor_path} belongs to hospital {anchor.hospital_id!r}, the privacy ledger {path} to "
+            f"{state.hospital_id!r}; nothing may be trained", kind="anchor")
+    for where, items, n, head, heads in (("history", state.history, anchor.entries, anchor.head, state.head),
+                                         ("completions", state.completions, anchor.completions, anchor.completions_head, state.completions_head)):
+        if len(items) < n:
+            raise LedgerIntegrityError(
+                f"privacy ledger {path} was rolled back: its {where} has {len(items)} entries but its anchor {anchor_path} "
+                f"recorded {n} (entries from {where}[{len(items)}] on are missing): an older copy was restored. Nothing may be trained: "
+                f"restore the latest ledger. {_NEVER_RECREATE}",
+                kind="rollback", where=where, index=len(items),
+            )
+        if heads(n) != head:
+            at = f"{where}[{n - 1}] differs from the entry" if n else "its header differs from the one"
+            raise LedgerIntegrityError(
+                f"privacy ledger {path} was rolled back or replaced: {at} its anchor {anchor_path} recorded. "
+                f"Nothing may be trained: restore the latest ledger. {_NEVER_RECREATE}",
+                kind="rollback", where=where if n else None, index=n - 1 if n else None,
+            )
+    return "in step" if (anchor.entries, anchor.completions) == (len(state.history), len(state.completions)) else "ahead"
+
+
+def json_epsilon(epsilon: float) -> float | str:
+    """An epsilon fit for JSON: the number, or the string "inf" once a site trained without DP."""
+    return "inf" if epsilon == math.inf else epsilon
+
+
+def _non_private_note(state: _State) -> str:
+    first = next((e for e in state.history if e.non_private), None)
+    if first is None:
+        return ""
+    return f" (this site trained WITHOUT differential privacy in run {first.run_id!r} round {first.round}: its epsilon is infinite, for good)"
 
 
 class PrivacyLedger:
     """One hospital's cumulative DP accounting. Construct with `create`, `open` or `for_site`."""
 
-    def __init__(self, path: Path, state: _State):
+    def __init__(self, path: Path, state: _State, anchor_path: Path | None = None):
         self.path = path
+        self.anchor_path = anchor_path if anchor_path is not None else default_anchor(path)
         self._state = state
-        self._cache: dict[tuple[tuple[float, float, int], ...], float] = {}
+        self._cache: dict[tuple[tuple[float | None, float, int], ...], float] = {}
+        self._pending: int | None = None  # the entry this object recorded last, until `complete`
+        self._found: tuple[_Anchor | None, LedgerIntegrityError | None] = (None, None)
+        self.anchor_status = "in step"  # as of the last open/record: "in step", "ahead" or "none"
 
     # --- construction ---------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, path: str | Path, *, hospital_id: str, epsilon_cap: float, delta: float, mechanism: str = "prv") -> "PrivacyLedger":
-        """A new, empty ledger. Refuses if the file exists: an existing ledger is never overwritten."""
+    def create(cls, path: str | Path, *, hospital_id: str, epsilon_cap: float, delta: float, mechanism: str = "prv",
+               anchor: str | Path | None = None) -> "PrivacyLedger":
+        """A new, empty ledger and its anchor. Refuses if the ledger exists (it is never overwritten) or
+        if the anchor says the site's ledger already held entries (the site has trained: restore it)."""
         if not (isinstance(hospital_id, str) and hospital_id):
             raise ValueError(f"hospital_id must be a non-empty string, got {hospital_id!r}")
         _check_cap(epsilon_cap)
@@ -306,37 +663,79 @@ class PrivacyLedger:
         if mechanism not in MECHANISMS:
             raise ValueError(f"mechanism must be one of {MECHANISMS}, got {mechanism!r}")
         path = Path(path)
+        anchor_path = Path(anchor) if anchor is not None else default_anchor(path)
         state = _State(hospital_id, mechanism, float(delta), float(epsilon_cap), _now(), ())
         # Check-then-write under the lock: every writer takes it, so no one can slip in between.
         with _exclusive_lock(path):
             if os.path.lexists(path):
                 raise LedgerError(f"privacy ledger {path} already exists; refusing to overwrite it. {_NEVER_RECREATE}")
+            if not anchor_path.parent.is_dir():  # e.g. its volume is not mounted: never create it somewhere else
+                raise LedgerError(f"the folder of the ledger anchor {anchor_path} does not exist; nothing was created")
+            previous = _read_anchor(anchor_path)
+            if previous is not None and (previous.entries or previous.completions):
+                raise LedgerIntegrityError(
+                    f"refusing to create privacy ledger {path}: its anchor {anchor_path} says the ledger of hospital "
+                    f"{previous.hospital_id!r} held {previous.entries} entries, so this site has trained. {_NEVER_RECREATE}",
+                    kind="rollback",
+                )
             _write_atomic(path, state.to_doc())
-        return cls(path, state)
+            _write_atomic(anchor_path, _anchor_doc(state), anchor=True)
+        return cls(path, state, anchor_path)
 
     @classmethod
-    def open(cls, path: str | Path, *, hospital_id: str | None = None, delta: float | None = None) -> "PrivacyLedger":
-        """An existing ledger, validated; optionally checked to belong to `hospital_id` at `delta`."""
+    def open(cls, path: str | Path, *, hospital_id: str | None = None, delta: float | None = None,
+             anchor: str | Path | None = None) -> "PrivacyLedger":
+        """An existing ledger, validated (chain included) and checked against its anchor (default
+        `<ledger>.anchor`); optionally checked to belong to `hospital_id` at `delta`."""
+        ledger = cls._load(path, anchor, hospital_id=hospital_id, delta=delta)
+        ledger._check_found_anchor()
+        return ledger
+
+    @classmethod
+    def for_site(cls, site: SiteConfig, *, anchored: bool = True) -> "PrivacyLedger":
+        """The site's ledger, checked against its site.yaml and (unless `anchored` is false: only to
+        repair the anchor, `reanchor`) against its anchor."""
+        ledger = cls._load(site.ledger, site.ledger_anchor, hospital_id=site.hospital_id, delta=site.privacy.delta,
+                           mechanism=site.privacy.accountant, source=site.source)
+        if anchored:
+            ledger._check_found_anchor()
+        return ledger
+
+    @classmethod
+    def _load(cls, path: str | Path, anchor: str | Path | None, *, hospital_id: str | None = None, delta: float | None = None,
+              mechanism: str | None = None, source: Path | None = None) -> "PrivacyLedger":
+        """Ledger and anchor as they are on disk, the ledger validated; the anchor is compared by `_check_found_anchor`."""
         path = Path(path)
+        anchor_path = Path(anchor) if anchor is not None else default_anchor(path)
+        # The anchor BEFORE the ledger: writers write the ledger, then its anchor, so an anchor read
+        # first is never ahead of the ledger read after it (no false rollback without the lock).
+        try:
+            found: tuple[_Anchor | None, LedgerIntegrityError | None] = (_read_anchor(anchor_path), None)
+        except LedgerIntegrityError as exc:
+            found = (None, exc)  # reported after the ledger's own problems
         state = _read_state(path)
         if hospital_id is not None and state.hospital_id != hospital_id:
-            raise LedgerError(f"privacy ledger {path} belongs to hospital {state.hospital_id!r}, not {hospital_id!r}")
+            raise LedgerIntegrityError(f"privacy ledger {path} belongs to hospital {state.hospital_id!r}, not {hospital_id!r}", kind="identity")
         if delta is not None and state.delta != delta:
-            raise LedgerError(
+            raise LedgerIntegrityError(
                 f"privacy ledger {path} accounts at delta {state.delta:g}, but delta {delta:g} was asked for: "
-                "epsilons at different deltas are not comparable"
+                "epsilons at different deltas are not comparable", kind="identity",
             )
-        return cls(path, state)
-
-    @classmethod
-    def for_site(cls, site: SiteConfig) -> "PrivacyLedger":
-        ledger = cls.open(site.ledger, hospital_id=site.hospital_id, delta=site.privacy.delta)
-        if ledger.mechanism != site.privacy.accountant:
-            raise LedgerError(
-                f"privacy ledger {ledger.path} uses the {ledger.mechanism!r} accountant but {site.source or 'site.yaml'} "
-                f"says {site.privacy.accountant!r}: epsilons from different accountants are not comparable"
+        if mechanism is not None and state.mechanism != mechanism:
+            raise LedgerIntegrityError(
+                f"privacy ledger {path} uses the {state.mechanism!r} accountant but {source or 'site.yaml'} "
+                f"says {mechanism!r}: epsilons from different accountants are not comparable", kind="identity",
             )
+        ledger = cls(path, state, anchor_path)
+        ledger._found = found
         return ledger
+
+    def _check_found_anchor(self) -> str:
+        anchor, error = self._found
+        if error is not None:
+            raise error
+        self.anchor_status = _check_anchor(self._state, anchor, self.anchor_path, self.path)
+        return self.anchor_status
 
     # --- state ----------------------------------------------------------------------------------
 
@@ -365,7 +764,26 @@ class PrivacyLedger:
     def history(self) -> list[LedgerEntry]:
         return list(self._state.history)
 
-    def _epsilon(self, steps: Iterable[tuple[float, float, int]]) -> float:
+    @property
+    def completions(self) -> list[Completion]:
+        return list(self._state.completions)
+
+    @property
+    def head(self) -> str:
+        """The hash of the last entry (of the header if there is none)."""
+        return self._state.head()
+
+    @property
+    def stored_schema(self) -> str:
+        """The schema of the file as read: SCHEMA_V1 until the next write migrates it."""
+        return self._state.stored_schema
+
+    @property
+    def non_private(self) -> bool:
+        """Has this site ever trained without DP? Then its epsilon is infinite, for good."""
+        return any(e.non_private for e in self._state.history)
+
+    def _epsilon(self, steps: Iterable[tuple[float | None, float, int]]) -> float:
         key = tuple(accountant_history(steps))
         if key not in self._cache:
             if len(self._cache) >= 64:  # projections with ever-new arguments must not grow memory without bound
@@ -376,6 +794,7 @@ class PrivacyLedger:
     # --- accounting -----------------------------------------------------------------------------
 
     def epsilon_spent(self) -> float:
+        """math.inf once the site has trained without DP."""
         return self._epsilon(_triples(self._state.history))
 
     def project(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
@@ -383,56 +802,162 @@ class PrivacyLedger:
         _check_step_args(noise_multiplier, sample_rate, steps)
         return self._epsilon([*_triples(self._state.history), (float(noise_multiplier), float(sample_rate), steps)])
 
-    def record(self, noise_multiplier: float, sample_rate: float, steps: int, *, epsilon_cap: float, run_id: str, round: int) -> float:
+    def record(self, noise_multiplier: float, sample_rate: float, steps: int, *, epsilon_cap: float, run_id: str, round: int,
+               records_sha256: str | None = None, model_in_sha256: str | None = None) -> float:
         """Durably add planned steps, or refuse; returns the new epsilon_spent.
 
         Call BEFORE training or sending: a crash afterwards over-counts, never under-counts.
+        `records_sha256` (`file_sha256` of the records) and `model_in_sha256` (`state_sha256` of the
+        model received) bind the entry to what it trains; `complete` adds the update that leaves.
         """
         _check_step_args(noise_multiplier, sample_rate, steps)
+        return self._append(float(noise_multiplier), float(sample_rate), steps, epsilon_cap=epsilon_cap, run_id=run_id, round=round,
+                            records_sha256=records_sha256, model_in_sha256=model_in_sha256)
+
+    def record_non_private(self, sample_rate: float, steps: int, *, epsilon_cap: float, run_id: str, round: int,
+                           records_sha256: str | None = None, model_in_sha256: str | None = None) -> float:
+        """Durably record a round trained WITHOUT DP (a site with allow_non_private), before it runs.
+
+        Never refused by the cap; returns math.inf, which `epsilon_spent` stays at for good, so the
+        site's cap check refuses every later private round.
+        """
+        _check_step_args(None, sample_rate, steps, non_private=True)
+        return self._append(None, float(sample_rate), steps, epsilon_cap=epsilon_cap, run_id=run_id, round=round,
+                            records_sha256=records_sha256, model_in_sha256=model_in_sha256)
+
+    def _append(self, sigma: float | None, q: float, steps: int, *, epsilon_cap: float, run_id: str, round: int,
+                records_sha256: str | None, model_in_sha256: str | None) -> float:
         _check_cap(epsilon_cap)
         if not (isinstance(run_id, str) and run_id):
             raise ValueError(f"run_id must be a non-empty string, got {run_id!r}")
         if not (_is_int(round) and round >= 0):
             raise ValueError(f"round must be an integer >= 0, got {round!r}")
+        for name, value in (("records_sha256", records_sha256), ("model_in_sha256", model_in_sha256)):
+            if value is not None and not (isinstance(value, str) and _SHA256.fullmatch(value)):
+                raise ValueError(f"{name} must be None or a sha256 hex digest, got {value!r}")
         with _exclusive_lock(self.path):
             disk = self._reread()
-            projected = self._epsilon([*_triples(disk.history), (float(noise_multiplier), float(sample_rate), steps)])
-            if projected > epsilon_cap:
-                raise PrivacyBudgetExceeded(
-                    f"hospital {disk.hospital_id}: epsilon spent {self._epsilon(_triples(disk.history)):.4f}, this round "
-                    f"(sigma {noise_multiplier:g}, q {sample_rate:g}, {steps} steps) would bring it to {projected:.4f}, "
-                    f"over the site's cap {epsilon_cap:g} (delta {disk.delta:g}, accountant {disk.mechanism}); nothing was recorded"
-                )
-            entry = LedgerEntry(float(noise_multiplier), float(sample_rate), steps, run_id, round, _now())
-            new = replace(disk, epsilon_cap=float(epsilon_cap), history=(*disk.history, entry))
-            _write_atomic(self.path, new.to_doc())
-            self._state = new  # only now: a failed write leaves this object as it was
+            if sigma is None:
+                projected = math.inf
+            else:
+                projected = self._epsilon([*_triples(disk.history), (sigma, q, steps)])
+                if projected > epsilon_cap:
+                    raise PrivacyBudgetExceeded(
+                        f"hospital {disk.hospital_id}: epsilon spent {self._epsilon(_triples(disk.history)):.4f}{_non_private_note(disk)}, "
+                        f"this round (sigma {sigma:g}, q {q:g}, {steps} steps) would bring it to {projected:.4f}, "
+                        f"over the site's cap {epsilon_cap:g} (delta {disk.delta:g}, accountant {disk.mechanism}); nothing was recorded"
+                    )
+            entry = LedgerEntry(sigma, q, steps, run_id, round, _now(), non_private=sigma is None, epsilon_cap=float(epsilon_cap),
+                                records_sha256=records_sha256, model_in_sha256=model_in_sha256).linked(disk.head())
+            self._commit(replace(disk, epsilon_cap=float(epsilon_cap), history=(*disk.history, entry), stored_schema=SCHEMA))
+            self._pending = len(self._state.history) - 1
         return projected
 
+    def complete(self, model_out_sha256: str) -> Completion:
+        """Durably bind the update that leaves (`state_sha256` of its tensors) to the entry this object
+        recorded last. Call after training, BEFORE the reply: if it fails, nothing may be sent."""
+        if self._pending is None:
+            raise ValueError("nothing to complete: call record() (or record_non_private()) on this ledger object first")
+        if not (isinstance(model_out_sha256, str) and _SHA256.fullmatch(model_out_sha256)):
+            raise ValueError(f"model_out_sha256 must be a sha256 hex digest, got {model_out_sha256!r}")
+        with _exclusive_lock(self.path):
+            disk = self._reread()  # history extends ours, so history[pending] is still our entry
+            index = self._pending
+            if any(c.entry == index for c in disk.completions):
+                raise LedgerError(f"privacy ledger {self.path}: history[{index}] is already completed")
+            done = Completion(index, disk.history[index].hash, model_out_sha256, _now()).linked(disk.completions_head())
+            self._commit(replace(disk, completions=(*disk.completions, done), stored_schema=SCHEMA))
+            self._pending = None
+        return done
+
+    def reanchor(self) -> str:
+        """Rewrite the anchor from the ledger as it is now, its chain verified: for a lost or moved
+        anchor. Never over a rollback: an anchor that shows one stays (restore the latest ledger)."""
+        with _exclusive_lock(self.path):
+            fresh = type(self)._load(self.path, self.anchor_path)
+            anchor, error = fresh._found
+            if error is not None:
+                before = "unusable"
+            elif anchor is None:
+                before = "missing"
+            else:
+                before = _check_anchor(fresh._state, anchor, self.anchor_path, self.path)  # raises on a rollback
+            _write_atomic(self.anchor_path, _anchor_doc(fresh._state), anchor=True)
+            self._state, self._cache = fresh._state, {}
+            self.anchor_status = "in step"
+        return before
+
+    def _commit(self, new: _State) -> None:
+        """Write the ledger, then its anchor (in that order: see `_load`); under the lock."""
+        _write_atomic(self.path, new.to_doc())
+        self._state = new  # only now: a failed write leaves this object as it was
+        _write_atomic(self.anchor_path, _anchor_doc(new), anchor=True)
+        self.anchor_status = "in step"
+
     def _reread(self) -> _State:
-        """The file as it is now, which must extend what this process already saw."""
-        disk = _read_state(self.path)
+        """The file as it is now, which must extend what this process already saw and its anchor."""
+        fresh = type(self)._load(self.path, self.anchor_path)
+        disk = fresh._state
         # Another process may have written: never trust an epsilon computed before this reload.
         self._cache.clear()
         ours = self._state
         if (disk.hospital_id, disk.mechanism, disk.delta) != (ours.hospital_id, ours.mechanism, ours.delta):
-            raise LedgerError(
+            raise LedgerIntegrityError(
                 f"privacy ledger {self.path} was replaced by another ledger (hospital {disk.hospital_id!r}, "
-                f"accountant {disk.mechanism}, delta {disk.delta:g}) while in use"
+                f"accountant {disk.mechanism}, delta {disk.delta:g}) while in use", kind="identity",
             )
-        if disk.history[: len(ours.history)] != ours.history:
-            raise LedgerError(
+        if disk.history[: len(ours.history)] != ours.history or disk.completions[: len(ours.completions)] != ours.completions:
+            raise LedgerIntegrityError(
                 f"privacy ledger {self.path} lost entries this process had already seen: it was reset or "
-                f"replaced; refusing to record. {_NEVER_RECREATE}"
+                f"replaced; refusing to record. {_NEVER_RECREATE}", kind="rollback",
             )
+        self.anchor_status = fresh._check_found_anchor()
         return disk
 
     def to_json(self) -> dict[str, Any]:
+        """epsilon_spent is "inf" (a string: JSON has no infinity) once the site trained without DP
+        (`non_private` true); a non-private entry's sigma is null in `history`."""
         return {
             "hospital_id": self.hospital_id,
             "mechanism": self.mechanism,
             "delta": self.delta,
-            "epsilon_spent": self.epsilon_spent(),
+            "epsilon_spent": json_epsilon(self.epsilon_spent()),
             "epsilon_cap": self.epsilon_cap,
+            "non_private": self.non_private,
             "history": [[e.noise_multiplier, e.sample_rate, e.steps] for e in self._state.history],
         }
+
+
+def verify_ledger(path: str | Path, *, anchor: str | Path | None = None, hospital_id: str | None = None, delta: float | None = None,
+                  mechanism: str | None = None, source: Path | None = None) -> dict[str, Any]:
+    """`fedprompt privacy verify`'s verdict (JSON-safe): the chain, the anchor, the identity, and the
+    epsilon recomputed from the entries. Never raises for a bad ledger: `ok` false and `failure`
+    {kind, where, index, message} say what and where (index: the first bad entry of `where`)."""
+    path = Path(path)
+    anchor_path = Path(anchor) if anchor is not None else default_anchor(path)
+    verdict: dict[str, Any] = {"ok": False, "ledger": str(path), "anchor": str(anchor_path), "failure": None}
+    try:
+        ledger = PrivacyLedger._load(path, anchor_path, hospital_id=hospital_id, delta=delta, mechanism=mechanism, source=source)
+        anchor_status = ledger._check_found_anchor()
+    except LedgerIntegrityError as exc:
+        verdict["failure"] = {"kind": exc.kind, "where": exc.where, "index": exc.index, "message": str(exc)}
+        return verdict
+    state = ledger._state
+    completed = {c.entry for c in state.completions}
+    verdict.update(
+        ok=True,
+        schema=state.stored_schema,
+        migration_pending=state.stored_schema != SCHEMA,
+        hospital_id=state.hospital_id,
+        mechanism=state.mechanism,
+        delta=state.delta,
+        entries=len(state.history),
+        completions=len(state.completions),
+        head=state.head(),
+        completions_head=state.completions_head(),
+        anchor_status=anchor_status,
+        incomplete=[i for i in range(len(state.history)) if i not in completed],
+        non_private=ledger.non_private,
+        epsilon_spent=json_epsilon(ledger.epsilon_spent()),
+    )
+    return verdict

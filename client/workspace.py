@@ -45,6 +45,13 @@ def site_delta(n_train: int) -> float:
     return min(float(f"{digit}e{exponent}"), 1e-5)
 
 
+def declared_weight(n_train: int) -> float:
+    """The FedAvg weight a generated site.yaml declares: its training-set size to 2 significant
+    digits (581 -> 580, 1002 -> 1000). Declared once, in the site's file: the daemon sends this
+    constant, never a count read from the records (docs/deployment.md section 5)."""
+    return float(f"{n_train:.2g}")
+
+
 def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in overrides.items():
@@ -131,6 +138,7 @@ def write_workspace(
                 privacy=PrivacyCap(max_epsilon=epsilon_cap, delta=site_delta(len(train))),
                 ledger=Path("ledger/privacy-ledger.json"),
                 allow_non_private=allow_non_private,
+                weight=declared_weight(len(train)),
             )
             plain = to_plain(site)
             del plain["source"]

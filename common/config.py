@@ -187,6 +187,9 @@ class SiteConfig:
     train: Path
     privacy: PrivacyCap
     ledger: Path
+    # Rollback detection: the ledger's head hash and entry count, rewritten after every ledger write;
+    # best on another volume than the ledger. null: `<ledger>.anchor`, beside it (client/ledger.py).
+    ledger_anchor: Path | None = None
     validation: Path | None = None
     test: Path | None = None  # the site's own held-out records (personalisation's local test split)
     text_field: str = "text"
@@ -195,6 +198,17 @@ class SiteConfig:
     backbone: Path | None = None  # null: the embedded default backbone
     max_physical_batch_size: int = 32
     allow_non_private: bool = False  # may the aggregator run this site without DP (reference runs)?
+    # The FedAvg weight this site declares (sent as `num-examples`): a constant the site chooses,
+    # never read from its records. 1.0 everywhere = equal weights. Workspaces written by fedprompt
+    # declare the training-set size rounded to 2 significant digits (client/workspace.declared_weight):
+    # weighting by size is worth 2 points of macro-F1 on the benchmark (BENCHMARKS.md), and a
+    # hospital's approximate size is a fact about the hospital, not about a patient (docs/deployment.md 5).
+    weight: float = 1.0
+    # Validation results: "none" = computed and logged at the site only, nothing sent (default);
+    # "noised" = per-class counts with Gaussian noise sent, each evaluation charged
+    # `evaluation_epsilon` to the privacy ledger (on top of training: leave room under max_epsilon).
+    share_evaluation: Literal["none", "noised"] = "none"
+    evaluation_epsilon: float = 0.1
     source: Path | None = field(default=None, metadata={"internal": True})  # set by load()
 
     def validate(self) -> list[tuple[str, str]]:
@@ -203,6 +217,14 @@ class SiteConfig:
             out.append(("hospital_id", f"expected letters, digits, '-' or '_', got {self.hospital_id!r}"))
         if self.max_physical_batch_size < 1:
             out.append(("max_physical_batch_size", f"expected >= 1, got {self.max_physical_batch_size}"))
+        if self.ledger_anchor is not None and self.ledger_anchor == self.ledger:
+            out.append(("ledger_anchor", f"must not be the ledger itself ({self.ledger})"))
+        if not (math.isfinite(self.weight) and 0 < self.weight <= 1e9):
+            out.append(("weight", f"expected a number in (0, 1e9], got {self.weight}"))
+        if not (math.isfinite(self.evaluation_epsilon) and self.evaluation_epsilon > 0):
+            out.append(("evaluation_epsilon", f"expected a number > 0, got {self.evaluation_epsilon}"))
+        elif self.share_evaluation == "noised" and self.evaluation_epsilon > self.privacy.max_epsilon:
+            out.append(("evaluation_epsilon", f"{self.evaluation_epsilon} is above privacy.max_epsilon {self.privacy.max_epsilon}"))
         return out
 
     @classmethod
@@ -220,6 +242,7 @@ class SiteConfig:
             validation=resolve(cfg.validation),
             test=resolve(cfg.test),
             ledger=resolve(cfg.ledger),
+            ledger_anchor=resolve(cfg.ledger_anchor),
             backbone=resolve(cfg.backbone),
             source=path,
         )

@@ -122,7 +122,7 @@ def execute(grid: Grid, run: PreparedRun) -> dict:
             "seconds": round(time.perf_counter() - t_round[0], 3),
             "aggregate_seconds": strategy.aggregate_seconds.get(server_round),
             "aggregate_cpu_seconds": strategy.aggregate_cpu_seconds.get(server_round),
-            "evaluate": strategy.eval_results.get(server_round),
+            "evaluate": strategy.eval_results.get(server_round),  # null unless some site shares noised counts
             "test": _test_metrics(run, state),
             "hospitals": hospitals,
             "upload_bytes": sum(h["upload_bytes"] for h in hospitals.values()),
@@ -137,7 +137,8 @@ def execute(grid: Grid, run: PreparedRun) -> dict:
         return MetricRecord({f"test-{k}": float(v) for k, v in record["test"].items()}) if record["test"] else None
 
     if start_at_zero and remaining > 0:
-        # Round 0: the hospitals validate the initial (zero-shot) model before anyone trains.
+        # Round 0: the hospitals validate the initial (zero-shot) model before anyone trains, each
+        # in its own log; only sites with `share_evaluation: noised` send (noised) counts back.
         replies = grid.send_and_receive(strategy.configure_evaluate(0, state_to_arrays(run.state), plan, grid), timeout=fed.round_timeout)
         strategy.aggregate_evaluate(0, replies)
     if remaining > 0:
@@ -177,8 +178,8 @@ def _print_round(rec: dict, total: int) -> None:
         status[o["status"]] = status.get(o["status"], 0) + 1
     eps = [o["epsilon_spent"] for o in rec["hospitals"].values() if o.get("epsilon_spent") is not None]
     parts = [f"round {rec['round']}/{total}" + (" (zero-shot start, no training)" if rec["round"] == 0 else "")]
-    if ev:
-        parts.append(f"val acc {ev['accuracy']:.3f} F1 {ev['macro_f1']:.3f}")
+    if ev:  # only from sites that share noised counts; by default each site logs its own validation
+        parts.append(f"val{' (noised)' if ev.get('noised') else ''} acc {ev['accuracy']:.3f} F1 {ev['macro_f1']:.3f}")
     if test:
         parts.append(f"test acc {test['accuracy']:.3f} F1 {test['macro_f1']:.3f}")
     if rec["round"] > 0:

@@ -263,31 +263,15 @@ def _plot_metrics(rounds: list[Mapping[str, Any]], xs: list[int]) -> bytes:
         ax_loss.plot(*known(val_loss), color="tab:red", linestyle="-", marker="o", markersize=4, label="loss (fed. validation)")
     if has(test_loss):
         ax_loss.plot(*known(test_loss), color="tab:red", linestyle="--", marker="s", markersize=4, label="loss (test)")
-    train_loss = _mean_train_loss(rounds)
-    if has(train_loss):
-        ax_loss.plot(*known(train_loss), color="tab:gray", linestyle=":", marker=".", label="train loss (mean of ok sites)")
     ax_loss.set_ylabel("loss")
     ax_loss.set_xlabel("round")
     ax_loss.grid(True, alpha=0.3)
-    if has(val_loss) or has(test_loss) or has(train_loss):
+    if has(val_loss) or has(test_loss):
         _outside_legend(ax_loss)
     else:
         ax_loss.text(0.5, 0.5, "no loss reported", ha="center", va="center", color="0.4", transform=ax_loss.transAxes)
     _integer_rounds_axis(ax_loss, xs)
     return _png_bytes(fig)
-
-
-def _mean_train_loss(rounds: list[Mapping[str, Any]]) -> list[float]:
-    out: list[float] = []
-    for rnd in rounds:
-        losses = []
-        for entry in _dict(rnd.get("hospitals")).values():
-            entry = _dict(entry)
-            loss = _num(entry.get("train_loss"))
-            if _status(entry) == "ok" and loss is not None and math.isfinite(loss):
-                losses.append(loss)
-        out.append(sum(losses) / len(losses) if losses else math.nan)
-    return out
 
 
 def _plot_label(name: str, limit: int = 40) -> str:
@@ -718,9 +702,11 @@ def write_report(metrics: dict, out_dir: Path) -> Path:
     ``{"round", "seconds", "aggregate_seconds", "aggregate_cpu_seconds", "upload_bytes", "evaluate",
     "test", "hospitals"}`` (``aggregate_*``: wall and CPU time in the strategy's aggregate_train,
     validation included) where ``evaluate``
-    and ``test`` are ``{"accuracy", "macro_f1", "loss", "num_examples"}`` or null/absent and
-    ``hospitals`` maps a hospital id to ``{"status": ok|refused|rejected|failed, "reason",
-    "num_examples", "epsilon_spent", "epsilon_cap", "upload_bytes", "train_loss"}``. Any value
+    and ``test`` are ``{"accuracy", "macro_f1", "loss", "num_examples"}`` or null/absent
+    (``evaluate`` is null unless some hospital shares noised validation counts; then its loss is
+    null) and ``hospitals`` maps a hospital id to ``{"status": ok|refused|rejected|failed,
+    "reason", "weight", "epsilon_spent", "epsilon_cap", "upload_bytes"}`` (a hospital's training
+    loss and record count never leave it). Any value
     may be null. ``epsilon_spent`` is the hospital's cumulative (ledger) total, not the
     round's increment.
 

@@ -18,7 +18,7 @@ from fedprompt.client.ledger import PrivacyLedger
 from fedprompt.client.records import load_records
 from fedprompt.common.atomic import atomic_write
 from fedprompt.common.config import SiteConfig
-from fedprompt.common.errors import InputError
+from fedprompt.common.errors import InputError, Problem
 from fedprompt.common.zeroshot import initial_global_state
 from fedprompt.client.workspace import list_hospitals, load_workspace
 
@@ -29,7 +29,11 @@ log = logging.getLogger("fedprompt.server")
 
 
 def ensure_ledgers(workspace: Path) -> list[str]:
-    """Create the ledgers of a workspace's sites that have none yet (the operator's `privacy init`)."""
+    """Create the ledgers of a workspace's sites that have none yet (the operator's `privacy init`).
+
+    Only for a workspace written moments ago by the same command (the fresh demo of `fedprompt
+    simulate`) or by a test: anywhere else a missing ledger may be a LOST one (`check_ledgers`).
+    """
     created = []
     _, sites, _ = load_workspace(workspace)
     for site in sites:
@@ -37,10 +41,24 @@ def ensure_ledgers(workspace: Path) -> list[str]:
             site.ledger.parent.mkdir(parents=True, exist_ok=True)
             PrivacyLedger.create(
                 site.ledger, hospital_id=site.hospital_id, epsilon_cap=site.privacy.max_epsilon,
-                delta=site.privacy.delta, mechanism=site.privacy.accountant,
+                delta=site.privacy.delta, mechanism=site.privacy.accountant, anchor=site.ledger_anchor,
             )
             created.append(site.hospital_id)
     return created
+
+
+def check_ledgers(sites: list[SiteConfig]) -> None:
+    """Every site must already have its ledger: one is created once in a site's life, by its
+    operator; silently creating it here would forget the epsilon of a site whose ledger was lost.
+    (Bad input, exit 2, like `fedprompt hospital start` on a site without a ledger.)"""
+    problems = [
+        Problem(str(site.ledger), None, "ledger",
+                f"hospital {site.hospital_id} has no privacy ledger: create it once with `fedprompt privacy init --site "
+                f"{site.source}` (never re-create a lost ledger on a site that has trained: restore it from backup)")
+        for site in sites if not os.path.lexists(site.ledger)
+    ]
+    if problems:
+        raise InputError(problems)
 
 
 def check_records(sites, labels: list[str]) -> None:
@@ -57,7 +75,9 @@ def check_records(sites, labels: list[str]) -> None:
 
 
 def simulate(workspace: Path, out_dir: Path, *, rounds: int | None = None, resume: bool = False, stop_after: int | None = None,
-             backbone: Path | None = None, non_private: bool = False) -> dict:
+             backbone: Path | None = None, non_private: bool = False, create_ledgers: bool = False) -> dict:
+    """`create_ledgers`: only for a workspace this same command has just written (the fresh demo);
+    otherwise a site without its ledger stops the run before anything trains (`check_ledgers`)."""
     fed, sites, test = load_workspace(workspace)
     check_records(sites, fed.label_names)
     if rounds is not None:
@@ -65,9 +85,12 @@ def simulate(workspace: Path, out_dir: Path, *, rounds: int | None = None, resum
     if non_private:
         fed.privacy = replace(fed.privacy, private=False)
     run = prepare_run(RunSpec(fed, out_dir, test, backbone, resume=resume, stop_after=stop_after, expected_hospitals=len(sites)))
-    if fed.privacy.private:
+    # Private or not: a non-private round is recorded in the ledger too (epsilon infinite from then on).
+    if create_ledgers:
         for h in ensure_ledgers(workspace):
             print(f"[fedprompt] created privacy ledger for hospital {h}")
+    else:
+        check_ledgers(sites)
     n = len(sites)
     gpus = (1.0 / min(n, 4)) if torch.cuda.is_available() else 0.0
     backend = {

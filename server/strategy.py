@@ -1,9 +1,11 @@
 """Strategy choice, and the guard every strategy runs behind.
 
-`ValidatedStrategy` wraps any Flower Message-API strategy: it checks each reply before the
-strategy sees it (a malformed reply would otherwise raise `InconsistentMessageReplies` and end
-the run), records each hospital's outcome for the report, aggregates evaluation counts
-exactly, and numbers rounds globally so a resumed run continues where it stopped.
+`ValidatedStrategy` wraps any Flower Message-API strategy: it checks every field of each reply
+before anything reads it (a malformed reply is "rejected", never a crash, and never reaches the
+strategy, which would raise `InconsistentMessageReplies` and end the run), records each
+hospital's outcome for the report, sums the noised evaluation counts of the sites that share
+them (none by default: sites evaluate locally), and numbers rounds globally so a resumed run
+continues where it stopped.
 """
 
 from __future__ import annotations
@@ -22,7 +24,16 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrim
 from fedprompt.common.config import FederationConfig
 from fedprompt.common.metrics import ClassCounts
 from fedprompt.common.model import PromptConfig
-from fedprompt.common.wire import ARRAYS, EVAL_METRIC_KEYS, METRICS, STATUS, arrays_to_state, payload_bytes, validate_update
+from fedprompt.common.wire import (
+    ARRAYS,
+    METRICS,
+    STATUS,
+    arrays_to_state,
+    payload_bytes,
+    validate_evaluation,
+    validate_refusal,
+    validate_update,
+)
 
 log = logging.getLogger("fedprompt.server")
 
@@ -53,12 +64,11 @@ def build_strategy(fed: FederationConfig, wait_for: int | None = None) -> Strate
 @dataclass
 class HospitalOutcome:
     status: str  # ok | refused | rejected | failed
-    reason: str = ""
-    num_examples: int = 0
+    reason: str = ""  # refused: the site's category (common/wire.REFUSAL_CATEGORIES); else the aggregator's own words
+    weight: float = 0.0  # the FedAvg weight the site declared (its site.yaml `weight`), not a record count
     epsilon_spent: float | None = None
     epsilon_cap: float | None = None
     upload_bytes: int = 0
-    train_loss: float | None = None
 
 
 def _identity(msg: Message, node_id: int, taken: set[str]) -> str:
@@ -136,7 +146,7 @@ class ValidatedStrategy(Strategy):
             outcomes[who] = outcome
             if outcome.status == "ok":
                 # The strategy sees only the tensors and the weight: nothing else to trip on.
-                msg.content = RecordDict({ARRAYS: msg.content[ARRAYS], METRICS: MetricRecord({"num-examples": outcome.num_examples})})
+                msg.content = RecordDict({ARRAYS: msg.content[ARRAYS], METRICS: MetricRecord({"num-examples": outcome.weight})})
                 accepted.append(msg)
             elif outcome.status in ("rejected", "failed"):
                 log.warning("round %d: %s update %s: %s", self.global_round(server_round), who, outcome.status, outcome.reason)
@@ -156,9 +166,8 @@ class ValidatedStrategy(Strategy):
         if arrays is not None:
             for key in untouched:
                 arrays[key] = Array(np.ascontiguousarray(self._global[key].numpy().astype(np.float32)))
-        total = sum(o.num_examples for o in outcomes.values() if o.status == "ok")
-        loss = sum(o.train_loss * o.num_examples for o in outcomes.values() if o.status == "ok") / total
-        return arrays, MetricRecord({"train-loss": loss, "hospitals-ok": len(accepted), "num-examples": total})
+        total = sum(o.weight for o in outcomes.values() if o.status == "ok")
+        return arrays, MetricRecord({"hospitals-ok": len(accepted), "weight": float(total)})
 
     def _untouched(self, accepted: list[Message]) -> list[str]:
         """The tensors no hospital changed: they stay bit-identical to the ones sent.
@@ -177,19 +186,24 @@ class ValidatedStrategy(Strategy):
         content = msg.content
         status = content.config_records.get(STATUS)
         if status is not None and status.get("status") == "refused":
-            return HospitalOutcome("refused", str(status.get("reason", ""))[:2000])
-        upload = payload_bytes(content[ARRAYS]) if ARRAYS in content.array_records else 0
+            reason = validate_refusal(content)
+            if reason:
+                return HospitalOutcome("rejected", f"malformed refusal: {reason}")
+            return HospitalOutcome("refused", status["reason"])
+        try:
+            upload = payload_bytes(content[ARRAYS]) if ARRAYS in content.array_records else 0
+        except Exception:  # noqa: BLE001 - a hostile Array may not even have bytes
+            upload = 0
         reason = validate_update(content, self.shapes, self._global, self.norm_bound)
         if reason:
             return HospitalOutcome("rejected", reason, upload_bytes=upload)
-        m = content[METRICS]
+        m = content[METRICS]  # every field present and typed: validate_update checked them
         return HospitalOutcome(
             "ok",
-            num_examples=int(m["num-examples"]),
+            weight=float(m["num-examples"]),
             epsilon_spent=float(m["epsilon-spent"]) if "epsilon-spent" in m else None,
             epsilon_cap=float(m["epsilon-cap"]) if "epsilon-cap" in m else None,
             upload_bytes=upload,
-            train_loss=float(m["train-loss"]) if "train-loss" in m else None,
         )
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -199,23 +213,38 @@ class ValidatedStrategy(Strategy):
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Sum the sites' per-class counts: the federation's exact accuracy and macro-F1."""
+        """Sum the noised per-class counts of the sites that share them (`share_evaluation: noised`).
+
+        By default no site shares (each evaluates and logs locally): the result is None, and the
+        run's quality is the aggregator's own test-set evaluation. Noised counts are summed, then
+        each total clipped at 0; there is no loss (no site sends one).
+        """
         self._mark(server_round, "evaluate_received")
         total = ClassCounts.zeros(self.num_labels)
+        sharing = 0
         for msg in replies:
-            if msg.has_error() or METRICS not in msg.content.metric_records:
+            if msg.has_error():
                 continue
+            reason = validate_evaluation(msg.content, self.num_labels)
+            if reason:
+                log.warning("round %d: malformed evaluation reply ignored: %s", self.global_round(server_round), reason)
+                continue
+            if METRICS not in msg.content.metric_records:
+                continue  # refused, or evaluated locally (the default)
             m = msg.content[METRICS]
-            if set(m.keys()) != EVAL_METRIC_KEYS or any(len(m[k]) != self.num_labels for k in ("tp", "fp", "fn")):
-                log.warning("round %d: malformed evaluation reply ignored", self.global_round(server_round))
-                continue
-            total = total + ClassCounts(list(m["tp"]), list(m["fp"]), list(m["fn"]), float(m["loss-sum"]))
-        if total.n == 0:
+            total = total + ClassCounts([float(v) for v in m["tp"]], [float(v) for v in m["fp"]], [float(v) for v in m["fn"]])
+            sharing += 1
+        clipped = ClassCounts(*([max(0.0, v) for v in getattr(total, k)] for k in ("tp", "fp", "fn")))
+        if sharing == 0 or clipped.n <= 0:
             self.eval_results[server_round] = None
             return None
-        s = total.summary()
-        self.eval_results[server_round] = {k: s[k] for k in ("accuracy", "macro_f1", "loss", "num_examples")}
-        return MetricRecord({k: float(v) for k, v in self.eval_results[server_round].items()})
+        s = clipped.summary()
+        self.eval_results[server_round] = {
+            "accuracy": s["accuracy"], "macro_f1": s["macro_f1"], "loss": None, "num_examples": round(s["num_examples"]),
+            "noised": True, "hospitals": sharing,
+        }
+        return MetricRecord({k: float(v) for k, v in self.eval_results[server_round].items()
+                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
 
     def outcomes_json(self, server_round: int) -> dict[str, dict]:
         return {k: asdict(v) for k, v in self.train_outcomes.get(server_round, {}).items()}

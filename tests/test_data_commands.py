@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fedprompt.client.demo_data import LABELS, generate_demo
+from fedprompt.client.demo_data import LABELS, PER_HOSPITAL, generate_demo
 from fedprompt.client.download import FILES, TEST_FILE
 from fedprompt.client.records import load_records
 from fedprompt.client.workspace import list_hospitals, load_workspace, site_delta, write_workspace
@@ -45,7 +45,7 @@ def workspace_rows(ws: Path) -> tuple[dict[str, tuple[list, list, list]], list]:
 def test_demo_is_deterministic_and_loads(tmp_path, data_cli, capsys):
     assert data_cli(["data", "demo", "--hospitals", "3", "--out", str(tmp_path / "a"), "--seed", "7"]) == 0
     table = capsys.readouterr().out
-    assert "hospital-3" in table and "160/40/40" in table and "neoplasms" in table and "train/val/local test" in table
+    assert "hospital-3" in table and "480/120/40" in table and "neoplasms" in table and "train/val/local test" in table
     assert data_cli(["data", "demo", "--hospitals", "3", "--out", str(tmp_path / "b"), "--seed", "7"]) == 0
     assert data_cli(["data", "demo", "--hospitals", "3", "--out", str(tmp_path / "c"), "--seed", "8"]) == 0
     a, b, c = (tree(tmp_path / x) for x in "abc")
@@ -62,8 +62,8 @@ def test_demo_is_deterministic_and_loads(tmp_path, data_cli, capsys):
         assert site.allow_non_private and site.privacy.max_epsilon == 10.0
         assert site.ledger == tmp_path / "a" / site.hospital_id / "ledger" / "privacy-ledger.json" and not site.ledger.parent.exists()
         train = load_records(site.train, text_field=site.text_field, label_field=site.label_field, labels=federation.labels)
-        assert len(train) == 160 and site.privacy.delta < 1 / len(train)
-        assert len(rows(site.validation)) == 40
+        assert len(train) == 480 and site.privacy.delta < 1 / len(train)
+        assert len(rows(site.validation)) == 120
         assert site.test == tmp_path / "a" / site.hospital_id / "test.csv" and len(rows(site.test)) == 40
     assert len(rows(test)) == 200 and Counter(y for _, y in rows(test)) == {y: 40 for y in LABELS}
 
@@ -72,7 +72,7 @@ def test_demo_is_label_skewed_across_hospitals():
     demo = generate_demo(hospitals=3, seed=0)
     mixes = [Counter(y for _, y in train + val) for train, val in demo.hospitals.values()]
     # Total variation distance between hospitals' label mixes: IID sites would be near 0.
-    tv = [0.5 * sum(abs(a[y] - b[y]) / 200 for y in LABELS) for a, b in [(mixes[0], mixes[1]), (mixes[0], mixes[2]), (mixes[1], mixes[2])]]
+    tv = [0.5 * sum(abs(a[y] - b[y]) / PER_HOSPITAL for y in LABELS) for a, b in [(mixes[0], mixes[1]), (mixes[0], mixes[2]), (mixes[1], mixes[2])]]
     assert max(tv) > 0.3, tv
 
 

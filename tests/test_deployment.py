@@ -155,7 +155,8 @@ def test_two_round_run_completes(deployment):
     assert rc == 0, procs.log("run")[-4000:] + "\n--- hospital-1\n" + procs.log("hospital-1")[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]  # round 0: the zero-shot start, evaluated only
-    assert metrics["rounds"][0]["hospitals"] == {} and metrics["rounds"][0]["evaluate"]["num_examples"] > 0
+    # each hospital validates locally (its log): nothing of it reaches metrics.json by default
+    assert metrics["rounds"][0]["hospitals"] == {} and all(r["evaluate"] is None for r in metrics["rounds"])
     hospitals = ["hospital-1", "hospital-2", "hospital-3"]
     ok_rounds = dict.fromkeys(hospitals, 0)
     lapses = []

@@ -15,15 +15,14 @@ PNGS = (METRICS_PNG, EPSILON_PNG, UPLOAD_PNG)
 EVIL = 'prompt.weight: non-finite values <script>alert("x")</script> & more'
 
 
-def _site(status, *, eps=None, cap=10.0, upload=38400, n=160, loss=None, reason=""):
+def _site(status, *, eps=None, cap=10.0, upload=38400, reason=""):
     return {
         "status": status,
         "reason": reason,
-        "num_examples": n if status == "ok" else 0,
+        "weight": 1.0 if status == "ok" else 0.0,  # the site's declared FedAvg weight (no record count, no loss)
         "epsilon_spent": eps,
         "epsilon_cap": cap if eps is not None else None,
         "upload_bytes": upload if status in ("ok", "rejected") else 0,  # a rejected update was received
-        "train_loss": loss,
     }
 
 
@@ -41,18 +40,18 @@ def private_metrics() -> dict:
                 "evaluate": {"accuracy": 0.41, "macro_f1": 0.35, "loss": 1.41, "num_examples": 120},
                 "test": {"accuracy": 0.40, "macro_f1": 0.33, "loss": 1.45, "num_examples": 200},
                 "hospitals": {
-                    "h1": _site("ok", eps=2.1, loss=1.5),
-                    "h2": _site("ok", eps=1.8, cap=8.0, loss=1.6),
-                    "h3": _site("ok", eps=2.4, cap=6.0, loss=1.55),
+                    "h1": _site("ok", eps=2.1),
+                    "h2": _site("ok", eps=1.8, cap=8.0),
+                    "h3": _site("ok", eps=2.4, cap=6.0),
                 },
             },
             {
                 "round": 2, "seconds": 11.0, "upload_bytes": 76800,
                 "evaluate": {"accuracy": 0.525, "macro_f1": 0.4812, "loss": 1.2, "num_examples": 120},
                 "hospitals": {  # no "test" key this round
-                    "h1": _site("ok", eps=4.2, loss=1.3),
-                    "h2": _site("refused", reason="privacy budget would exceed the cap (8)"),
-                    "h3": _site("ok", eps=4.6, cap=6.0, loss=1.25),
+                    "h1": _site("ok", eps=4.2),
+                    "h2": _site("refused", reason="budget"),
+                    "h3": _site("ok", eps=4.6, cap=6.0),
                 },
             },
             {
@@ -60,8 +59,8 @@ def private_metrics() -> dict:
                 "evaluate": {"accuracy": 0.6, "macro_f1": 0.5567, "loss": 1.05, "num_examples": 120},
                 "test": {"accuracy": 0.58, "macro_f1": 0.51, "loss": 1.1, "num_examples": 200},
                 "hospitals": {
-                    "h1": _site("ok", eps=6.3, loss=1.1),
-                    "h2": _site("refused", reason="privacy budget would exceed the cap (8)"),
+                    "h1": _site("ok", eps=6.3),
+                    "h2": _site("refused", reason="budget"),
                     "h3": _site("rejected", eps=5.9, cap=6.0, reason=EVIL),
                 },
             },
@@ -118,7 +117,7 @@ def test_private_report(private_metrics, tmp_path):
         assert f'<img src="{name}"' in page
     assert "<script" not in page.lower()  # nothing executable, and the remote reason is escaped
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; more" in page
-    assert "privacy budget would exceed the cap (8)" in page
+    assert "budget" in page  # a refusal names its category only
 
     # round, val acc, val F1, val loss, test acc, test F1, ok, refused, rejected, failed, bytes, seconds
     assert _row(page, 1) == ["1", "0.410", "0.350", "1.410", "0.400", "0.330", "3", "0", "0", "0", "115,200", "12.3"]
@@ -192,7 +191,7 @@ def test_nulls_and_rewrite(private_metrics, tmp_path):
 def test_hostile_and_odd_values_render(private_metrics, tmp_path):
     """Remote-supplied ids/reasons and non-finite or mistyped values never break the render."""
     rnd = private_metrics["rounds"][0]
-    rnd["hospitals"]["cost $5 $x^{"] = _site("ok", eps=1.0, loss=float("nan"), reason="a $ b")
+    rnd["hospitals"]["cost $5 $x^{"] = _site("ok", eps=1.0, reason="a $ b")
     rnd["hospitals"]["_hidden"] = {"status": "weird", "reason": None, "upload_bytes": "12"}
     rnd["hospitals"]["h9"] = None
     rnd["evaluate"]["loss"] = float("inf")

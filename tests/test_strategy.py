@@ -1,16 +1,18 @@
 """The aggregator's guard: every malformed update is rejected with its reason, the round goes on,
-and each strategy aggregates only the accepted tensors (no simulation needed: real Messages)."""
+and each strategy aggregates only the accepted tensors (no simulation needed: real Messages).
+Every field of a reply is type-checked: each missing, and each of a wrong type, is "rejected",
+never a crash."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 
 from fedprompt.common.config import FederationConfig, StrategySettings
 from fedprompt.common.model import PromptConfig
-from fedprompt.common.wire import ARRAYS, METRICS, STATUS, refusal, state_to_arrays, status_record
+from fedprompt.common.wire import ARRAYS, METRICS, REFUSAL_CATEGORIES, STATUS, refusal, state_to_arrays, status_record
 from fedprompt.server.strategy import ValidatedStrategy, build_strategy
 
 PROMPT = PromptConfig(labels=["a", "b", "c"], hidden_size=4, backbone_fingerprint="f" * 64, n_virtual_tokens=2)
@@ -30,7 +32,7 @@ def update(value: float, n: int = 10, hospital: str = "h", **tweak) -> RecordDic
     arrays = state_to_arrays(state)
     for key, arr in tweak.items():
         arrays[key.replace("__", ".")] = Array(arr)
-    metrics = MetricRecord({"num-examples": n, "train-loss": 1.0, "epsilon-spent": 1.5, "epsilon-cap": 8.0})
+    metrics = MetricRecord({"num-examples": n, "private": 1, "epsilon-spent": 1.5, "epsilon-cap": 8.0, "delta": 1e-5})
     return RecordDict({ARRAYS: arrays, METRICS: metrics, STATUS: status_record(hospital, "ok")})
 
 
@@ -63,7 +65,7 @@ def test_every_kind_of_bad_update_is_rejected_and_the_round_completes():
         reply(5, update(1.0, hospital="extra", stolen__tokens=np.arange(6, dtype=np.float32))),
         reply(6, update(1000.0, hospital="scaled")),
         reply(7, update(1.0, hospital="f64", head__weight=np.ones((3, 4), np.float64))),
-        reply(8, refusal("capped", "privacy budget: would exceed the cap")),
+        reply(8, refusal("capped", "budget")),
         reply(9, error="ClientApp crashed"),
     ]
     arrays, metrics = s.aggregate_train(1, replies)
@@ -74,12 +76,12 @@ def test_every_kind_of_bad_update_is_rejected_and_the_round_completes():
     assert got["extra"][0] == "rejected" and "stolen.tokens" in got["extra"][1]
     assert got["scaled"][0] == "rejected" and "exceeds the bound 50" in got["scaled"][1]
     assert got["f64"] == ("rejected", "head.weight: dtype float64 != float32")
-    assert got["capped"] == ("refused", "privacy budget: would exceed the cap")
+    assert got["capped"] == ("refused", "budget")
     assert got["node-9"][0] == "failed" and "ClientApp crashed" in got["node-9"][1]
-    # FedAvg over the two valid updates, weighted 10:30
+    # FedAvg over the two valid updates, weighted 10:30 (the weights the sites declared)
     for key in GLOBAL:
         np.testing.assert_allclose(arrays[key].numpy(), 2.5)
-    assert metrics["hospitals-ok"] == 2 and metrics["num-examples"] == 40
+    assert dict(metrics) == {"hospitals-ok": 2, "weight": 40.0}  # no loss: no site sends one
 
 
 def test_missing_replies_are_reported_as_failed():
@@ -121,17 +123,38 @@ def test_fedprox_and_fedadam_build_and_aggregate():
         assert set(arrays.keys()) == set(GLOBAL)
 
 
-def test_evaluation_is_exact_from_summed_counts():
+def _eval_reply(node: int, metrics: dict | None = None, hospital: str = "h") -> Message:
+    content = RecordDict({STATUS: status_record(hospital, "ok")})
+    if metrics is not None:
+        content[METRICS] = MetricRecord(metrics)
+    return reply(node, content)
+
+
+def test_evaluation_stays_local_by_default_so_there_is_nothing_to_aggregate():
+    """Sites evaluate locally and reply with their status alone: the round's "evaluate" is null."""
     s = guarded("fedavg")
-    def ev(node, tp, fp, fn, loss):
-        m = MetricRecord({"num-examples": sum(tp) + sum(fn), "loss-sum": loss, "tp": tp, "fp": fp, "fn": fn})
-        return reply(node, RecordDict({METRICS: m, STATUS: status_record("h", "ok")}))
-    out = s.aggregate_evaluate(1, [ev(1, [5, 0, 0], [0, 5, 0], [0, 0, 5], 10.0), ev(2, [0, 5, 0], [0, 0, 0], [5, 0, 0], 5.0)])
-    # summed: tp [5,5,0], fp [0,5,0], fn [5,0,5]; n = 20
-    assert out["accuracy"] == pytest.approx(10 / 20)
+    out = s.aggregate_evaluate(1, [_eval_reply(1), _eval_reply(2), reply(3, refusal("h3", "records")), reply(4, error="gone")])
+    assert out is None and s.eval_results[1] is None
+
+
+def test_noised_evaluation_counts_are_summed_and_clipped():
+    """Sites with `share_evaluation: noised` send noised per-class counts (floats, maybe < 0):
+    the aggregator sums them, clips each total at 0, and reports no loss (none is sent)."""
+    s = guarded("fedavg")
+    out = s.aggregate_evaluate(1, [
+        _eval_reply(1, {"tp": [5.0, 0.0, 0.0], "fp": [0.0, 5.0, 0.0], "fn": [0.0, 0.0, 5.0]}),
+        _eval_reply(2, {"tp": [0.0, 5.0, -0.5], "fp": [0.0, 0.0, 0.0], "fn": [5.0, 0.0, 5.0]}),
+        _eval_reply(3),  # evaluated locally only
+        _eval_reply(4, {"tp": [1.0, 2.0], "fp": [0.0, 0.0], "fn": [0.0, 0.0]}),  # wrong length: ignored
+        _eval_reply(5, {"tp": [1.0] * 3, "fp": [0.0] * 3, "fn": [0.0] * 3, "loss-sum": 3.0}),  # a loss: ignored
+    ])
+    # summed: tp [5, 5, -0.5 -> 0], fp [0, 5, 0], fn [5, 0, 10]; n = 25
+    assert s.eval_results[1]["accuracy"] == pytest.approx(10 / 25)
     f1 = [10 / 15, 10 / 15, 0.0]
-    assert out["macro_f1"] == pytest.approx(sum(f1) / 3)
-    assert out["loss"] == pytest.approx(15 / 20)
+    assert s.eval_results[1]["macro_f1"] == pytest.approx(sum(f1) / 3)
+    assert s.eval_results[1]["loss"] is None and s.eval_results[1]["num_examples"] == 25
+    assert s.eval_results[1]["noised"] is True and s.eval_results[1]["hospitals"] == 2
+    assert "loss" not in out and out["accuracy"] == pytest.approx(0.4)
 
 
 def test_round_numbers_continue_after_resume():
@@ -152,7 +175,7 @@ def test_a_tensor_no_hospital_changed_stays_bit_identical():
         state = {**sent, "head.weight": sent["head.weight"] + 0.1 * (i + 1)}  # the head moves, the prompt does not
         md = Metadata(run_id=1, message_id=f"r{i}", src_node_id=i + 1, dst_node_id=0, reply_to_message_id=f"m{i}", group_id="1",
                       created_at=0.0, ttl=60, message_type="train")
-        metrics = MetricRecord({"num-examples": n, "train-loss": 1.0})
+        metrics = MetricRecord({"num-examples": n, "private": 0})
         replies.append(Message(metadata=md, content=RecordDict({ARRAYS: state_to_arrays(state), METRICS: metrics, STATUS: status_record(f"h{i}", "ok")})))
     strategy._sent[1] = [instruction(i) for i in range(3)]
     arrays, _ = strategy.aggregate_train(1, replies)
@@ -160,3 +183,149 @@ def test_a_tensor_no_hospital_changed_stays_bit_identical():
     expected = sent["head.weight"] + (0.1 * 7 + 0.2 * 11 + 0.3 * 13) / 31
     assert np.allclose(arrays["head.weight"].numpy(), expected.numpy(), atol=1e-6)
     assert not np.array_equal(arrays["head.weight"].numpy(), sent["head.weight"].numpy())
+
+
+# --- every field of a reply: missing or of a wrong type is "rejected", never a crash -----------------
+def _del(record: str, key: str | None = None):
+    def change(c: RecordDict) -> None:
+        if key is None:
+            del c[record]
+        else:
+            del c[record][key]
+    return change
+
+
+def _set(record: str, key: str, value):
+    def change(c: RecordDict) -> None:
+        c[record][key] = value
+    return change
+
+
+def _swap(record: str, new_record):
+    def change(c: RecordDict) -> None:
+        del c[record]
+        c[record] = new_record
+    return change
+
+
+def _raw_array(dtype: str, shape: tuple, data: bytes) -> Array:
+    return Array(dtype=dtype, shape=shape, stype="numpy.ndarray", data=data)
+
+
+TRAIN_FIELDS = [  # (what, how the reply is changed, a fragment of the rejection reason)
+    # records
+    ("missing: tensors record", _del(ARRAYS), "ArrayRecord"),
+    ("missing: metrics record", _del(METRICS), "MetricRecord"),
+    ("missing: status record", _del(STATUS), "ConfigRecord"),
+    ("type: tensors record is a MetricRecord", _swap(ARRAYS, MetricRecord({"x": 1.0})), "ArrayRecord"),
+    ("type: metrics record is a ConfigRecord", _swap(METRICS, ConfigRecord({"num-examples": 10, "private": 1})), "MetricRecord"),
+    ("type: status record is a MetricRecord", _swap(STATUS, MetricRecord({"status": 1})), "Record"),
+    ("extra: a second ConfigRecord", lambda c: c.__setitem__("notes", ConfigRecord({"text": "chest pain"})), "ConfigRecord"),
+    # tensors
+    *[(f"missing: {k}", _del(ARRAYS, k), "tensor keys") for k in GLOBAL],
+    ("type: prompt.weight int32", _set(ARRAYS, "prompt.weight", Array(np.zeros((2, 4), np.int32))), "dtype"),
+    ("type: head.weight float64", _set(ARRAYS, "head.weight", Array(np.zeros((3, 4), np.float64))), "dtype"),
+    ("type: head.bias undecodable bytes", _set(ARRAYS, "head.bias", _raw_array("float32", (3,), b"garbage")), "undecodable"),
+    ("type: head.bias bytes of another shape", _set(ARRAYS, "head.bias", _raw_array("float32", (3,), Array(np.zeros(5, np.float32)).data)), "shape"),
+    # metrics
+    *[(f"missing: {k}", _del(METRICS, k), k) for k in ("num-examples", "private")],
+    *[(f"missing: {k}", _del(METRICS, k), "lacks") for k in ("epsilon-spent", "epsilon-cap", "delta")],
+    ("type: num-examples a list", _set(METRICS, "num-examples", [10]), "num-examples"),
+    ("type: num-examples NaN", _set(METRICS, "num-examples", float("nan")), "num-examples"),
+    ("value: num-examples 0", _set(METRICS, "num-examples", 0), "num-examples"),
+    ("value: num-examples negative", _set(METRICS, "num-examples", -3.0), "num-examples"),
+    ("value: num-examples huge", _set(METRICS, "num-examples", 1e300), "num-examples"),
+    ("type: private a float", _set(METRICS, "private", 1.0), "private"),
+    ("type: private a list", _set(METRICS, "private", [1]), "private"),
+    ("value: private 2", _set(METRICS, "private", 2), "private"),
+    ("type: epsilon-spent a list", _set(METRICS, "epsilon-spent", [1.5]), "epsilon-spent"),
+    ("type: epsilon-spent NaN", _set(METRICS, "epsilon-spent", float("nan")), "epsilon-spent"),
+    ("type: epsilon-cap a list", _set(METRICS, "epsilon-cap", [8.0]), "epsilon-cap"),
+    ("type: epsilon-cap inf", _set(METRICS, "epsilon-cap", float("inf")), "epsilon-cap"),
+    ("type: delta a list", _set(METRICS, "delta", [1e-5]), "delta"),
+    ("value: delta 1", _set(METRICS, "delta", 1), "delta"),
+    ("value: epsilon-spent over the cap", _set(METRICS, "epsilon-spent", 9.0), "exceeds the site's own epsilon-cap"),
+    ("extra: train-loss (private data)", _set(METRICS, "train-loss", 1.0), "not allowed"),
+    ("extra: noise-multiplier (reveals N)", _set(METRICS, "noise-multiplier", 0.9), "not allowed"),
+    ("extra: privacy fields on a non-private update", _set(METRICS, "private", 0), "non-private update carries"),
+    # status
+    *[(f"missing: status {k}", _del(STATUS, k), "status keys") for k in ("hospital-id", "status", "reason")],
+    ("type: hospital-id an int", _set(STATUS, "hospital-id", 7), "hospital-id"),
+    ("type: hospital-id bytes", _set(STATUS, "hospital-id", b"h1"), "hospital-id"),
+    ("value: hospital-id empty", _set(STATUS, "hospital-id", ""), "hospital-id"),
+    ("value: hospital-id too long", _set(STATUS, "hospital-id", "h" * 65), "hospital-id"),
+    ("type: status a bool", _set(STATUS, "status", True), "status must be"),
+    ("value: status unknown", _set(STATUS, "status", "fine"), "status must be"),
+    ("type: reason a list", _set(STATUS, "reason", ["x"]), "reason"),
+    ("value: reason text on an ok update", _set(STATUS, "reason", "train.csv:17: label"), "reason"),
+    ("extra: status truncated (private data)", _set(STATUS, "truncated", 12), "status keys"),
+]
+
+
+@pytest.mark.parametrize("change, fragment", [pytest.param(c, f, id=w) for w, c, f in TRAIN_FIELDS])
+def test_each_field_of_a_train_reply_missing_or_mistyped_is_rejected(change, fragment):
+    s = guarded("fedavg")
+    bad = update(2.0, hospital="bad")
+    change(bad)
+    arrays, metrics = s.aggregate_train(1, [reply(1, update(1.0, hospital="h1")), reply(2, bad)])
+    outcomes = s.train_outcomes[1]
+    bad_outcome = outcomes.get("bad") or outcomes["node-2"]  # named by its hospital-id when that is well-formed
+    assert bad_outcome.status == "rejected" and fragment in bad_outcome.reason, bad_outcome
+    assert outcomes["h1"].status == "ok" and metrics["hospitals-ok"] == 1
+    for key in GLOBAL:  # the round completed with the hospital that answered well
+        np.testing.assert_allclose(arrays[key].numpy(), 1.0)
+
+
+REFUSALS = [
+    ("free text with a record line and a label", _set(STATUS, "reason", "train.csv:17: label: unknown label 'x'"), "refusal reason"),
+    ("reason an int", _set(STATUS, "reason", 3), "reason"),
+    ("missing reason", _del(STATUS, "reason"), "status keys"),
+    ("missing hospital-id", _del(STATUS, "hospital-id"), "status keys"),
+    ("hospital-id a list", _set(STATUS, "hospital-id", ["h"]), "hospital-id"),
+    ("carries tensors", lambda c: c.__setitem__(ARRAYS, state_to_arrays(GLOBAL)), "ArrayRecord"),
+    ("carries metrics", lambda c: c.__setitem__(METRICS, MetricRecord({"num-examples": 40})), "MetricRecord"),
+]
+
+
+@pytest.mark.parametrize("change, fragment", [pytest.param(c, f, id=w) for w, c, f in REFUSALS])
+def test_a_refusal_carries_only_a_category_or_is_rejected(change, fragment):
+    s = guarded("fedavg")
+    bad = refusal("bad", "records")
+    change(bad)
+    s.aggregate_train(1, [reply(1, update(1.0, hospital="h1")), reply(2, bad)])
+    outcome = s.train_outcomes[1].get("bad") or s.train_outcomes[1]["node-2"]  # named by its hospital-id when that is well-formed
+    assert outcome.status == "rejected" and "malformed refusal" in outcome.reason and fragment in outcome.reason, outcome
+
+
+@pytest.mark.parametrize("category", REFUSAL_CATEGORIES)
+def test_every_refusal_category_is_a_well_formed_refusal(category):
+    s = guarded("fedavg")
+    s.aggregate_train(1, [reply(1, update(1.0, hospital="h1")), reply(2, refusal("h2", category))])
+    assert (s.train_outcomes[1]["h2"].status, s.train_outcomes[1]["h2"].reason) == ("refused", category)
+    with pytest.raises(ValueError):
+        refusal("h2", "train.csv:17: label: unknown label 'x'")  # free text cannot even be built
+
+
+EVALUATIONS = [
+    ("metrics without status", lambda c: c.__delitem__(STATUS), "ConfigRecord"),
+    ("status reason text", _set(STATUS, "reason", "val.csv:3"), "reason"),
+    ("tensors in an evaluate reply", lambda c: c.__setitem__(ARRAYS, state_to_arrays(GLOBAL)), "ArrayRecord"),
+    ("missing tp", _del(METRICS, "tp"), "evaluation metric keys"),
+    ("extra num-examples (exact N)", _set(METRICS, "num-examples", 30), "evaluation metric keys"),
+    ("extra loss-sum", _set(METRICS, "loss-sum", 3.0), "evaluation metric keys"),
+    ("tp a scalar", _set(METRICS, "tp", 5.0), "tp must be"),
+    ("fp wrong length", _set(METRICS, "fp", [1.0]), "fp must be"),
+    ("fn with NaN", _set(METRICS, "fn", [1.0, float("nan"), 0.0]), "fn must be"),
+]
+
+
+@pytest.mark.parametrize("change, fragment", [pytest.param(c, f, id=w) for w, c, f in EVALUATIONS])
+def test_each_field_of_an_evaluate_reply_missing_or_mistyped_is_ignored(change, fragment, caplog):
+    s = guarded("fedavg")
+    good = _eval_reply(1, {"tp": [5.0, 5.0, 5.0], "fp": [0.0] * 3, "fn": [0.0] * 3})
+    bad = _eval_reply(2, {"tp": [0.0, 0.0, 0.0], "fp": [9.0] * 3, "fn": [9.0] * 3})
+    change(bad.content)
+    with caplog.at_level("WARNING", logger="fedprompt.server"):
+        s.aggregate_evaluate(1, [good, bad])
+    assert s.eval_results[1]["accuracy"] == 1.0 and s.eval_results[1]["hospitals"] == 1  # only the good one counted
+    assert any("malformed evaluation reply" in r.getMessage() and fragment in r.getMessage() for r in caplog.records), caplog.text

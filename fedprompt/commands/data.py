@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--hospitals", type=_positive_int, default=3)
     p.add_argument("--out", type=Path, required=True, help="new (or empty) workspace folder")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--per-hospital", type=_positive_int, default=200, help="notes per hospital, split 80/20 train/validation (plus 40 more held out as its local test.csv)")
+    p.add_argument("--per-hospital", type=_positive_int, default=demo_data.PER_HOSPITAL, help="notes per hospital, split 80/20 train/validation (plus 40 more held out as its local test.csv)")
     p.set_defaults(func=run_demo)
 
     p = sub.add_parser("partition", help="split a real labelled corpus into a held-out test set and label-skewed hospitals")

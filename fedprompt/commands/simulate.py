@@ -29,15 +29,18 @@ def run(args: argparse.Namespace) -> int:
     if args.rounds is not None and args.rounds < 1:
         raise InputError.at("--rounds", f"expected >= 1, got {args.rounds}")
     out = args.out or Path("runs") / f"{'demo' if args.workspace is None else args.workspace.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    workspace = args.workspace
+    workspace, fresh = args.workspace, False
     if workspace is None:
         workspace = out / "workspace"
         if not (args.resume and workspace.exists()):
             write_demo_workspace(workspace, generate_demo(hospitals=3, seed=args.seed))
+            fresh = True
             print(f"[fedprompt] demo workspace (3 hospitals, synthetic notes) written to {workspace}")
+    # Ledgers are created only for the demo written just now; any other site must have its own
+    # (`fedprompt privacy init --site ...`): a missing ledger may be a lost one.
     metrics = simulate(
         workspace, out, rounds=args.rounds, resume=args.resume, stop_after=args.stop_after,
-        backbone=args.backbone, non_private=args.non_private,
+        backbone=args.backbone, non_private=args.non_private, create_ledgers=fresh,
     )
     last = metrics["rounds"][-1] if metrics["rounds"] else {}
     print(f"\n[fedprompt] run {metrics['run']!r} finished: {len(metrics['rounds'])} round(s), "
