@@ -25,7 +25,7 @@ from .accuracy import ALPHA, HOSPITALS, TEST_FRAC, _settled, run_federation
 from .common import Context, load_corpus, md_table
 
 # (n_virtual_tokens, max_length): the default first.
-FEATURES = ((4, 256), (20, 256), (4, 128), (20, 128))
+FEATURES = ((4, 256), (20, 256), (4, 128))
 
 
 def _grid(quick: bool) -> list[dict]:
@@ -33,10 +33,9 @@ def _grid(quick: bool) -> list[dict]:
     max_grad_norm, epsilon)."""
     if quick:
         return [{"epsilon": 8.0}, {"epsilon": 8.0, "lr": 2.0}]
-    points = [{"epsilon": 8.0, "sample_rate": q, "lr": lr, "rounds": r} for q in (0.1, 0.25, 0.5) for lr in (2.0, 4.0, 8.0, 16.0) for r in (10, 20)]
-    points += [{"epsilon": 8.0, "max_grad_norm": 0.5, "lr": lr} for lr in (8.0, 16.0, 32.0)]
-    points += [{"epsilon": 8.0, "local_epochs": 2, "lr": lr} for lr in (4.0, 8.0)]
-    points += [{"epsilon": 1.0, "lr": lr, "rounds": r} for lr in (1.0, 2.0, 4.0, 8.0) for r in (10, 20)]
+    points = [{"epsilon": 8.0, "sample_rate": q, "lr": lr} for q in (0.1, 0.25, 0.5) for lr in (4.0, 8.0, 16.0)]
+    points += [{"epsilon": 8.0, "rounds": 10}, {"epsilon": 8.0, "max_grad_norm": 0.5, "lr": 16.0}, {"epsilon": 8.0, "local_epochs": 2}]
+    points += [{"epsilon": 1.0, "lr": lr} for lr in (2.0, 8.0)]
     return points
 
 

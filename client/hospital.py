@@ -132,10 +132,16 @@ def train_round(content: RecordDict, site_path: Path, *, run_id: str = "", progr
     try:
         site, plan, backbone = _prepare(content, site_path, timings)
         hospital = site.hospital_id
+        if site.patient_field is not None and plan.train_prompt:
+            raise Refused(f"{site.source}: patient_field: patient-level DP is supported for the head-only recipe "
+                          "(train_prompt: false) only; the federation trains the prompt", "configuration")
         with _timed(timings, "records"), _refuse_as("records"):
-            records = load_records(site.train, text_field=site.text_field, label_field=site.label_field, labels=plan.labels)
+            records = load_records(site.train, text_field=site.text_field, label_field=site.label_field, labels=plan.labels,
+                                   patient_field=site.patient_field)
             encoded = encode(backbone.tokenizer, records.texts, records.labels, plan.max_length)
-        q, steps = plan_steps(len(encoded.dataset), plan.batch_size, plan.local_epochs, plan.sample_rate)
+        # The DP unit: a record, or with patient_field a patient (all of its records together).
+        units = len(encoded.dataset) if records.patients is None else len(set(records.patients))
+        q, steps = plan_steps(units, plan.batch_size, plan.local_epochs, plan.sample_rate)
         # The FedAvg weight is the one the site declares, never len(records) (docs/deployment.md 5).
         metrics: dict = {"num-examples": site.weight, "private": int(plan.private)}
         with _timed(timings, "privacy"):  # noise calibration + durable ledger entry
@@ -168,7 +174,7 @@ def train_round(content: RecordDict, site_path: Path, *, run_id: str = "", progr
         model = build_model(backbone, plan.prompt_config(), arrays_to_state(content[ARRAYS]))
     with _timed(timings, "train"):  # (frozen features included: computed once per prompt and process)
         result = local_update(model, encoded.dataset, plan, sigma, device, max_physical_batch_size=site.max_physical_batch_size,
-                              progress=progress, progress_label=f"{hospital} r{plan.round}")
+                              progress=progress, progress_label=f"{hospital} r{plan.round}", patients=records.patients)
     try:  # the update that leaves, bound to this round's entry durably BEFORE the reply (else nothing is sent)
         with _timed(timings, "privacy"):
             ledger.complete(state_sha256(model.trainable_state()))
@@ -177,8 +183,9 @@ def train_round(content: RecordDict, site_path: Path, *, run_id: str = "", progr
         return refusal(hospital, _category(exc))
     # Loss, record count, truncation, steps, sigma and q: the hospital's log only, never the reply.
     eps = f"sigma {sigma:.4g}, q {q:.4g}, eps {metrics['epsilon-spent']:.3f}/{site.privacy.max_epsilon:g}" if plan.private else "NON-PRIVATE"
-    log.info("%s round %d (local log, not sent): %d records (%d truncated at %d tokens), %d steps, loss %.4f, %s",
-             hospital, plan.round, len(encoded.dataset), encoded.truncated, plan.max_length, result.steps, result.mean_loss, eps)
+    unit = "" if records.patients is None else f" of {units} patients (patient-level DP)"
+    log.info("%s round %d (local log, not sent): %d records%s (%d truncated at %d tokens), %d steps, loss %.4f, %s",
+             hospital, plan.round, len(encoded.dataset), unit, encoded.truncated, plan.max_length, result.steps, result.mean_loss, eps)
     with _timed(timings, "reply"):
         return RecordDict(
             {

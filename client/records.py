@@ -25,6 +25,7 @@ class Records:
     texts: list[str]
     labels: list[int]  # index into the federation's label space
     path: Path
+    patients: list[str] | None = None  # each record's patient id (site.yaml: patient_field), if asked for
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -41,6 +42,7 @@ class _Row:
     line: int
     text: str
     label: str
+    patient: str | None = None
 
 
 class _Problems:
@@ -123,7 +125,7 @@ def csv_rows(path: str | Path, text: str) -> Iterator[tuple[int, list[str]]]:
         start = reader.line_num + 1
 
 
-def _csv(path: Path, text: str, text_field: str, label_field: str, problems: _Problems) -> Iterator[_Row]:
+def _csv(path: Path, text: str, text_field: str, label_field: str, problems: _Problems, patient_field: str | None = None) -> Iterator[_Row]:
     rows_in = csv_rows(path, text)
     try:
         first = next(rows_in, None)
@@ -131,7 +133,7 @@ def _csv(path: Path, text: str, text_field: str, label_field: str, problems: _Pr
             return  # blank file: reported by the caller
         header_line, header = first
         found = ", ".join(repr(c) for c in header)
-        for name in dict.fromkeys((text_field, label_field)):
+        for name in dict.fromkeys(f for f in (text_field, label_field, patient_field) if f is not None):
             if name not in header:
                 problems.add(header_line, name, f"missing column (found columns: {found})")
             elif header.count(name) > 1:
@@ -139,17 +141,18 @@ def _csv(path: Path, text: str, text_field: str, label_field: str, problems: _Pr
         if problems.items:
             return
         ti, li = header.index(text_field), header.index(label_field)
+        pi = None if patient_field is None else header.index(patient_field)
         for line, row in rows_in:
             if len(row) != len(header):
                 problems.add(line, None, f"expected {len(header)} fields (as in the header), got {len(row)}")
                 continue
-            yield _Row(line, row[ti], row[li])
+            yield _Row(line, row[ti], row[li], None if pi is None else row[pi])
     except InputError as exc:  # a CSV syntax error ends the parse; keep what was found before it
         for p in exc.problems:
             problems.add(p.line, p.field, p.message)
 
 
-def _jsonl(text: str, text_field: str, label_field: str, problems: _Problems) -> Iterator[_Row]:
+def _jsonl(text: str, text_field: str, label_field: str, problems: _Problems, patient_field: str | None = None) -> Iterator[_Row]:
     # Only "\n" ends a record: JSON strings may hold other Unicode line separators.
     for line, raw in enumerate(text.split("\n"), 1):
         if not raw.strip():
@@ -162,7 +165,7 @@ def _jsonl(text: str, text_field: str, label_field: str, problems: _Problems) ->
         if not isinstance(obj, dict):
             problems.add(line, None, f"expected a JSON object, got {type(obj).__name__}")
             continue
-        missing = [name for name in dict.fromkeys((text_field, label_field)) if name not in obj]
+        missing = [name for name in dict.fromkeys(f for f in (text_field, label_field, patient_field) if f is not None) if name not in obj]
         for name in missing:
             found = ", ".join(repr(k) for k in obj) or "none"
             problems.add(line, name, f"missing field (found fields: {found})")
@@ -176,11 +179,20 @@ def _jsonl(text: str, text_field: str, label_field: str, problems: _Problems) ->
         if isinstance(label, bool) or not isinstance(label, (str, int)):
             problems.add(line, label_field, f"expected a string, got {json.dumps(label)[:40]}")
             continue
-        yield _Row(line, text, str(label))
+        patient = None
+        if patient_field is not None:
+            patient = obj[patient_field]
+            if isinstance(patient, bool) or not isinstance(patient, (str, int)):
+                problems.add(line, patient_field, f"expected a patient id (string or integer), got {json.dumps(patient)[:40]}")
+                continue
+            patient = str(patient)
+        yield _Row(line, text, str(label), patient)
 
 
-def _read_rows(path: Path, text_field: str, label_field: str, labels: list[str] | None, max_problems: int) -> list[_Row]:
-    """Rows with a non-empty text and a label (from `labels` if given); InputError lists every problem."""
+def _read_rows(path: Path, text_field: str, label_field: str, labels: list[str] | None, max_problems: int,
+               patient_field: str | None = None) -> list[_Row]:
+    """Rows with a non-empty text and a label (from `labels` if given), and a non-empty patient id
+    if `patient_field` is given; InputError lists every problem."""
     suffix = path.suffix.lower()
     if suffix not in FORMATS:
         raise InputError.at(path, f"unsupported file type {suffix or '(none)'!r} (expected {' or '.join(FORMATS)})")
@@ -189,7 +201,8 @@ def _read_rows(path: Path, text_field: str, label_field: str, labels: list[str] 
         expected = f"a header row with columns {text_field!r} and {label_field!r}" if suffix == ".csv" else "one JSON object per line"
         raise InputError.at(path, f"empty file (expected {expected})")
     problems = _Problems(path, max_problems)
-    parsed = _csv(path, text, text_field, label_field, problems) if suffix == ".csv" else _jsonl(text, text_field, label_field, problems)
+    parsed = (_csv(path, text, text_field, label_field, problems, patient_field) if suffix == ".csv"
+              else _jsonl(text, text_field, label_field, problems, patient_field))
     known = None if labels is None else set(labels)
     rows = []
     for row in parsed:
@@ -203,8 +216,12 @@ def _read_rows(path: Path, text_field: str, label_field: str, labels: list[str] 
         elif known is not None and label not in known:
             problems.add(row.line, label_field, f"unknown label {label!r} (expected one of: {describe_labels(labels)})")
             ok = False
+        patient = None if patient_field is None else row.patient.strip()
+        if patient_field is not None and not patient:
+            problems.add(row.line, patient_field, "empty patient id (patient-level DP needs every record's patient)")
+            ok = False
         if ok:
-            rows.append(_Row(row.line, row.text, label))
+            rows.append(_Row(row.line, row.text, label, patient))
     problems.raise_any()
     if not rows:
         what = "the file has a header but no rows" if suffix == ".csv" else "the file has no JSON lines"
@@ -212,12 +229,15 @@ def _read_rows(path: Path, text_field: str, label_field: str, labels: list[str] 
     return rows
 
 
-def load_records(path: str | Path, *, text_field: str, label_field: str, labels: list[str], max_problems: int = 20) -> Records:
-    """Load and validate a record file; each label must be a name from `labels` (exact match)."""
+def load_records(path: str | Path, *, text_field: str, label_field: str, labels: list[str], max_problems: int = 20,
+                 patient_field: str | None = None) -> Records:
+    """Load and validate a record file; each label must be a name from `labels` (exact match).
+    With `patient_field`, every record must name its patient (Records.patients)."""
     path = Path(path)
-    rows = _read_rows(path, text_field, label_field, labels, max_problems)
+    rows = _read_rows(path, text_field, label_field, labels, max_problems, patient_field)
     index = {name: i for i, name in enumerate(labels)}
-    return Records([r.text for r in rows], [index[r.label] for r in rows], path)
+    patients = None if patient_field is None else [r.patient for r in rows]
+    return Records([r.text for r in rows], [index[r.label] for r in rows], path, patients)
 
 
 def load_labelled(path: str | Path, *, text_field: str, label_field: str, max_problems: int = 20) -> tuple[Records, list[str]]:

@@ -17,7 +17,8 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from fedprompt.common.features import cached_features
+from fedprompt.common.errors import InputError
+from fedprompt.common.features import PAD_LABEL, cached_features, group_by_patient
 from fedprompt.common.model import PromptClassifier
 from fedprompt.common.plan import RoundPlan
 
@@ -62,6 +63,21 @@ def resolve_device(preference: str = "auto") -> torch.device:
             raise RuntimeError("device: cuda requested but no CUDA device is available")
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+def patient_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Patient-level loss on [patients, records, classes] logits (padding labelled PAD_LABEL): the
+    SUM of each patient's records' cross-entropies, averaged over the patients of the batch.
+
+    With Opacus's loss_reduction="mean" (backprops x batch of patients), each patient's per-sample
+    gradient is then exactly the sum of its records' gradients; padding contributes zero.
+    """
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=PAD_LABEL, reduction="sum") / logits.shape[0]
+
+
+def _loss_for(dataset: Dataset):
+    """Record-level cross-entropy on [B] labels; patient_loss on grouped [B, T] labels."""
+    return patient_loss if torch.as_tensor(dataset[0][-1]).dim() == 1 else torch.nn.CrossEntropyLoss()
 
 
 def _optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
@@ -134,11 +150,20 @@ def local_update(
     progress_label: str = "",
     noise_generator: torch.Generator | None = None,
     sample_generator: torch.Generator | None = None,
+    patients: list[str] | None = None,
 ) -> TrainResult:
     """One site's training for one round, as the federation's plan says: the prompt and head on
     token batches (`train_prompt`), or the head alone on the frozen features of the prompt as
     received (the encoder then runs once per record, and once per run with the feature cache).
-    The hospital daemon and the benchmarks both train through here."""
+    The hospital daemon and the benchmarks both train through here.
+
+    `patients` (each record's patient id, site.yaml: patient_field): patient-level DP, head-only
+    recipe only. The frozen features are grouped by patient (group_by_patient), so the Poisson
+    sample, the clipped unit and the expected batch are patients, and the result's num_examples
+    and steps count patients' batches."""
+    if patients is not None and plan.train_prompt:
+        raise InputError.at("site.yaml", "patient-level DP is supported for the head-only recipe (train_prompt: false) only",
+                            field="patient_field")
     settings = TrainSettings(
         epochs=plan.local_epochs,
         batch_size=plan.batch_size or None,
@@ -151,6 +176,10 @@ def local_update(
         proximal_mu=plan.proximal_mu,
     )
     module, data = (model, encoded) if plan.train_prompt else (model.head, cached_features(model, encoded, device))
+    if patients is not None:
+        data = group_by_patient(data, list(patients))
+        # Keep a physical batch about as large (in records) as the record-level one.
+        settings.max_physical_batch_size = max(1, HEAD_PHYSICAL_BATCH // data.tensors[1].shape[1])
     return train(module, data, settings, device, progress=progress, progress_label=progress_label,
                  noise_generator=noise_generator, sample_generator=sample_generator)
 
@@ -160,7 +189,7 @@ def _proximal_term(params, anchor, mu: float) -> torch.Tensor:
 
 
 def _train_non_private(model, optimizer, params, anchor, dataset, batch: int, settings: TrainSettings, device, bar, stats: _Stats, generator) -> None:
-    loss_fn = torch.nn.CrossEntropyLoss()
+    loss_fn = _loss_for(dataset)
     loader = DataLoader(dataset, batch_size=batch, shuffle=True, generator=generator or entropy_generator())
     for _ in range(settings.epochs):
         for *inputs, labels in loader:
@@ -176,7 +205,7 @@ def _train_non_private(model, optimizer, params, anchor, dataset, batch: int, se
 
 
 def _train_private(model, optimizer, params, anchor, dataset, q, settings: TrainSettings, device, bar, stats: _Stats, noise_gen, sample_gen) -> None:
-    loss_fn = torch.nn.CrossEntropyLoss()
+    loss_fn = _loss_for(dataset)
     gsm, dp_opt, dp_loader = wrap_private(
         model,
         optimizer,

@@ -194,6 +194,10 @@ class SiteConfig:
     test: Path | None = None  # the site's own held-out records (personalisation's local test split)
     text_field: str = "text"
     label_field: str = "label"
+    # Patient-level DP: the records' column/field naming the patient. Set, the patient (all of
+    # its records together) is the sampling and clipping unit, and the ledger's epsilon protects
+    # a whole patient; null: each record is the unit (docs/deployment.md section 4).
+    patient_field: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     backbone: Path | None = None  # null: the embedded default backbone
     max_physical_batch_size: int = 32
@@ -215,6 +219,8 @@ class SiteConfig:
         out = []
         if not self.hospital_id.replace("-", "").replace("_", "").isalnum():
             out.append(("hospital_id", f"expected letters, digits, '-' or '_', got {self.hospital_id!r}"))
+        if self.patient_field is not None and not (isinstance(self.patient_field, str) and self.patient_field.strip()):
+            out.append(("patient_field", f"expected a non-empty column/field name (or null), got {self.patient_field!r}"))
         if self.max_physical_batch_size < 1:
             out.append(("max_physical_batch_size", f"expected >= 1, got {self.max_physical_batch_size}"))
         if self.ledger_anchor is not None and self.ledger_anchor == self.ledger:

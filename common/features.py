@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .model import PromptClassifier
 
+PAD_LABEL = -100  # a padding position of a patient's records (cross_entropy's ignore_index)
 CACHE_ENTRIES = 16  # a site's train, validation and test splits, the aggregator's test set, a few prompts back
 
 
@@ -56,3 +57,27 @@ def cached_features(model: PromptClassifier, dataset: TensorDataset, device: tor
     while len(_cache) > CACHE_ENTRIES:
         _cache.popitem(last=False)
     return out
+
+
+def group_by_patient(features: TensorDataset, patients: list[str]) -> TensorDataset:
+    """Per-record (features, labels) grouped by patient, for patient-level DP on the head:
+    features [patients, max_records, hidden] (zero-padded), labels [patients, max_records]
+    (padded with PAD_LABEL). Patients in order of first appearance, records in file order.
+
+    One row per patient is what Poisson sampling and clipping then act on; nn.Linear's per-sample
+    gradient on a 3-D input sums over the records axis, i.e. it is the patient's summed gradient.
+    """
+    x, y = features.tensors
+    if len(patients) != len(y):
+        raise ValueError(f"{len(patients)} patient ids for {len(y)} records")
+    rows: dict[str, list[int]] = {}
+    for i, patient in enumerate(patients):
+        rows.setdefault(patient, []).append(i)
+    width = max((len(r) for r in rows.values()), default=1)
+    xs = torch.zeros(len(rows), width, x.shape[-1], dtype=x.dtype)
+    ys = torch.full((len(rows), width), PAD_LABEL, dtype=torch.long)
+    for j, idx in enumerate(rows.values()):
+        index = torch.tensor(idx, dtype=torch.long)
+        xs[j, : len(idx)] = x[index]
+        ys[j, : len(idx)] = y[index]
+    return TensorDataset(xs, ys)

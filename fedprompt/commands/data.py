@@ -119,14 +119,21 @@ def run_check(args: argparse.Namespace) -> int:
     problems: list[Problem] = []
     for split, path in (("train", site.train), ("validation", site.validation), ("test", site.test)):
         if path is not None:
-            try:
-                loaded[split] = load_records(path, text_field=site.text_field, label_field=site.label_field, labels=federation.label_names)
+            try:  # the patient field is what training reads: checked on the training records
+                loaded[split] = load_records(path, text_field=site.text_field, label_field=site.label_field, labels=federation.label_names,
+                                             patient_field=site.patient_field if split == "train" else None)
             except InputError as exc:
                 problems += exc.problems
     n_train = len(loaded["train"]) if "train" in loaded else None
+    unit = "training records"
+    if n_train and loaded["train"].patients is not None:  # patient-level DP: the patient is the unit
+        n_train, unit = len(set(loaded["train"].patients)), "patients"
+    if site.patient_field is not None and federation.training.train_prompt:
+        problems.append(Problem(str(site.source), None, "patient_field",
+                                "patient-level DP is supported for the head-only recipe (train_prompt: false) only; the federation trains the prompt"))
     # DP's delta must stay well below 1/n, or disclosing one whole record fits inside the guarantee.
     if n_train and site.privacy.delta >= 1 / n_train:
-        problems.append(Problem(str(site.source), None, "privacy.delta", f"{site.privacy.delta} is not below 1/n = 1/{n_train} training records"))
+        problems.append(Problem(str(site.source), None, "privacy.delta", f"{site.privacy.delta} is not below 1/n = 1/{n_train} {unit}"))
     if problems:
         raise InputError(problems)
     width = max(map(len, federation.label_names))
@@ -136,5 +143,7 @@ def run_check(args: argparse.Namespace) -> int:
     for i, label in enumerate(federation.label_names):
         print(f"{label.ljust(width)}  " + "  ".join(f"{counts[s][i]:>10}" for s in loaded))
     print(f"{'total'.ljust(width)}  " + "  ".join(f"{len(r):>10}" for r in loaded.values()))
+    if unit == "patients":
+        print(f"patients (train, the DP unit: {site.patient_field})  {n_train}")
     print("ok")
     return 0
