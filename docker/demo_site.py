@@ -5,7 +5,8 @@
 
 Both sides regenerate the same seeded synthetic demo and keep only their own part: a hospital
 writes only its own records, site.yaml and ledger; the aggregator only federation.yaml and the
-held-out test set. Idempotent: nothing that exists is touched (a ledger is NEVER re-created).
+held-out test set. Idempotent: nothing that exists is touched. A ledger is created only for a site seeded in the
+same call; a seeded site whose ledger has gone is refused (exit 3), never given a new one.
 A real site replaces this step by its own records and site.yaml (see docs/deployment.md).
 """
 
@@ -31,7 +32,8 @@ def hospital(args: argparse.Namespace) -> int:
     from fedprompt.common.config import SiteConfig
 
     site_path = args.data / "site.yaml"
-    if not site_path.exists():
+    seeded = not site_path.exists()
+    if seeded:
         with tempfile.TemporaryDirectory() as tmp:
             src = _demo(Path(tmp)) / f"hospital-{args.id}"
             if not src.is_dir():
@@ -44,10 +46,18 @@ def hospital(args: argparse.Namespace) -> int:
             site_path.write_text("# Demo hospital site config (see docs/deployment.md)\n" + yaml.safe_dump(site, sort_keys=False))
         print(f"seeded demo data for hospital-{args.id} in {args.data}")
     site = SiteConfig.load(site_path)
-    if not site.ledger.exists():  # `fedprompt privacy init --site ...`, once in the life of the site
-        PrivacyLedger.create(site.ledger, hospital_id=site.hospital_id, epsilon_cap=site.privacy.max_epsilon,
-                             delta=site.privacy.delta, mechanism=site.privacy.accountant)
-        print(f"created privacy ledger {site.ledger}")
+    if site.ledger.exists():
+        return 0
+    if not seeded:
+        # A site seeded earlier whose ledger is gone (a lost volume): re-creating it would forget the
+        # epsilon it spent. Refuse, as the hospital daemon does; restore the ledger from a backup.
+        print(f"privacy ledger {site.ledger} is missing for a site seeded earlier: restore it from a backup "
+              "(never re-create the ledger of a site that has trained)", file=sys.stderr)
+        return 3
+    # `fedprompt privacy init --site ...`, once in the life of the site: the site was seeded just now
+    PrivacyLedger.create(site.ledger, hospital_id=site.hospital_id, epsilon_cap=site.privacy.max_epsilon,
+                         delta=site.privacy.delta, mechanism=site.privacy.accountant)
+    print(f"created privacy ledger {site.ledger}")
     return 0
 
 

@@ -123,3 +123,29 @@ def test_docker_compose_config_is_valid(profile):
     argv = [exe, "-f", str(COMPOSE)] + (["--profile", profile] if profile else []) + ["config", "-q"]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 0, r.stderr
+
+
+def test_demo_seeding_never_recreates_a_lost_ledger(tmp_path):
+    """The compose demo's seeding step creates a hospital's ledger only when it seeds the site in
+    the same call; a site seeded earlier whose ledger volume is gone is refused (exit 3)."""
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "docker" / "demo_site.py"
+    data, ledger = tmp_path / "data", tmp_path / "ledger"
+    data.mkdir()
+    ledger.mkdir()
+
+    def seed() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(script), "hospital", "--id", "1", "--data", str(data), "--ledger", str(ledger)],
+                              capture_output=True, text=True, timeout=300)
+
+    first = seed()
+    assert first.returncode == 0, first.stderr
+    book = ledger / "privacy-ledger.json"
+    assert book.is_file() and (data / "site.yaml").is_file()
+    kept = book.read_bytes()
+    assert seed().returncode == 0 and book.read_bytes() == kept  # idempotent: nothing touched
+    book.unlink()
+    lost = seed()
+    assert lost.returncode == 3 and "restore it from a backup" in lost.stderr
+    assert not book.exists()
