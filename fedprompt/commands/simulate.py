@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
         backbone=args.backbone, non_private=args.non_private, create_ledgers=fresh,
     )
     last = metrics["rounds"][-1] if metrics["rounds"] else {}
-    print(f"\n[fedprompt] run {metrics['run']!r} finished: {len(metrics['rounds'])} round(s), "
+    trained = sum(1 for r in metrics["rounds"] if r["round"] > 0)  # round 0 is the zero-shot start
+    print(f"\n[fedprompt] run {metrics['run']!r} finished: {trained} round(s), "
           f"{'DP-SGD at every hospital' if metrics['private'] else 'NON-PRIVATE reference run'}")
     first = metrics["rounds"][0] if metrics["rounds"] and metrics["rounds"][0]["round"] == 0 else {}
     for key in ("evaluate", "test"):
