@@ -46,10 +46,11 @@ def site_delta(n_train: int) -> float:
 
 
 def declared_weight(n_train: int) -> float:
-    """The FedAvg weight a generated site.yaml declares: its training-set size to 2 significant
-    digits (581 -> 580, 1002 -> 1000). Declared once, in the site's file: the daemon sends this
-    constant, never a count read from the records (docs/deployment.md section 5)."""
-    return float(f"{n_train:.2g}")
+    """The FedAvg weight a generated site.yaml declares: its training-set size to 1 significant
+    digit (581 -> 600, 439 -> 400, 1002 -> 1000, 32 -> 30), an order of magnitude rather than a
+    count. Declared once, in the site's file: the daemon sends this constant, never a count read
+    from the records (docs/deployment.md section 5)."""
+    return float(f"{n_train:.1g}")
 
 
 def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:

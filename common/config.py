@@ -204,7 +204,7 @@ class SiteConfig:
     allow_non_private: bool = False  # may the aggregator run this site without DP (reference runs)?
     # The FedAvg weight this site declares (sent as `num-examples`): a constant the site chooses,
     # never read from its records. 1.0 everywhere = equal weights. Workspaces written by fedprompt
-    # declare the training-set size rounded to 2 significant digits (client/workspace.declared_weight):
+    # declare the training-set size rounded to 1 significant digit (client/workspace.declared_weight):
     # weighting by size is worth 2 points of macro-F1 on the benchmark (BENCHMARKS.md), and a
     # hospital's approximate size is a fact about the hospital, not about a patient (docs/deployment.md 5).
     weight: float = 1.0

@@ -259,7 +259,8 @@ def test_wire_audit_only_declared_tensors_and_aggregates_leave(tmp_path, monkeyp
     assert all(c[ARRAYS][k].dtype == "float32" for k in TRAINABLE_KEYS)
     # train: the declared weight (not the record count), the privacy fields; no loss, steps, sigma, q
     assert set(c[METRICS].keys()) == DEFAULT_TRAIN_FIELDS
-    assert c[METRICS]["num-examples"] == 1.0 and c[METRICS]["private"] == 1
+    # 32 training records: the site.yaml fedprompt wrote declares 30 (one significant digit)
+    assert c[METRICS]["num-examples"] == 30.0 and c[METRICS]["private"] == 1
     assert dict(c[STATUS]) == {"hospital-id": "hospital-1", "status": "ok", "reason": ""}  # no truncation count
     # evaluate: the status record alone (the site validated locally and logged it)
     assert set(eval_reply.content.keys()) == {STATUS} and dict(eval_reply.content[STATUS])["reason"] == ""
@@ -415,7 +416,8 @@ def test_partitioned_real_corpus_trains(tmp_path, tiny_dir):
     held = sum(count(site.train) + count(site.validation) + count(site.test) for site in sites)
     assert held + r["test"]["num_examples"] == 2888  # every record in exactly one split
     # no record count left any site: each declared the default weight, and validated locally
-    assert [o["weight"] for o in r["hospitals"].values()] == [1.0] * 3 and r["evaluate"] is None
+    declared = [s.weight for s in load_workspace(ws)[1]]  # what each site.yaml declares, not a count
+    assert [o["weight"] for o in r["hospitals"].values()] == declared and r["evaluate"] is None
     # every hospital with a local test split gets the comparison the demo prints
     assert [row["hospital"] for row in metrics["hospital_comparison"]] == ["hospital-1", "hospital-2", "hospital-3"]
 
@@ -472,7 +474,7 @@ def test_record_count_never_leaves_the_weight_is_declared(tmp_path, tiny_dir):
     run = prepare_run(RunSpec(fed, tmp_path / "out", None, tiny_dir))
     big, little = (train_round(_train_content(run), path) for path in list_hospitals(ws))
     assert big[STATUS]["status"] == little[STATUS]["status"] == "ok"
-    assert big[METRICS]["num-examples"] == 1.0 and little[METRICS]["num-examples"] == 2.5
+    assert big[METRICS]["num-examples"] == 30.0 and little[METRICS]["num-examples"] == 2.5  # as declared
     assert {**dict(big[METRICS]), "num-examples": 0} == {**dict(little[METRICS]), "num-examples": 0}
 
 
