@@ -15,7 +15,11 @@ def export_model(directory: Path, prompt: PromptConfig, state: dict[str, torch.T
     eps = {h: o.get("epsilon_spent") for r in history for h, o in r.get("hospitals", {}).items() if o.get("epsilon_spent") is not None}
     extra = {"run": run, "rounds": last.get("round", 0), "epsilon_spent_per_hospital": eps}
     save_prompt(directory, replace(prompt, extra=extra), state)
-    ev, test = last.get("evaluate") or {}, last.get("test") or {}
+    start = history[0] if history and history[0].get("round") == 0 else {}
+
+    def scores(section: dict | None, what: str) -> str:
+        return f"accuracy {section['accuracy']:.4f}, macro-F1 {section['macro_f1']:.4f}" if section else f"none ({what})"
+
     privacy = (
         "Trained with DP-SGD at every hospital; epsilon spent per hospital (cumulative, that hospital's own ledger): "
         + (", ".join(f"{h} {e:.3f}" for h, e in sorted(eps.items())) or "none recorded")
@@ -30,8 +34,9 @@ Soft prompt ({prompt.n_virtual_tokens} virtual tokens x {prompt.hidden_size}) + 
 - Backbone fingerprint: `{prompt.backbone_fingerprint}` (use exactly this backbone; `fedprompt predict` checks)
 - Pooling: {prompt.pooling}; max length {prompt.max_length} tokens
 - Rounds: {extra["rounds"]}
-- Last federated validation: accuracy {ev.get("accuracy", float("nan")):.4f}, macro-F1 {ev.get("macro_f1", float("nan")):.4f}
-- Held-out test: accuracy {test.get("accuracy", float("nan")):.4f}, macro-F1 {test.get("macro_f1", float("nan")):.4f}
+- Zero-shot start (round 0, aggregator's held-out test): {scores(start.get("test"), "no held-out test set")}
+- Held-out test, last round: {scores(last.get("test"), "no held-out test set")}
+- Federated validation, last round: {scores(last.get("evaluate"), "the hospitals validate locally and share nothing by default")}
 
 Privacy: {privacy}
 

@@ -218,3 +218,20 @@ def test_round_zero_is_shown_as_the_zero_shot_start(private_metrics, tmp_path):
     hospitals_table = html.split("<h2>Hospitals</h2>")[1].split("</table>")[0]
     assert "/ 3" in hospitals_table and "/ 4" not in hospitals_table  # ok rounds count training rounds only
     assert all((tmp_path / name).read_bytes().startswith(PNG_MAGIC) for name in PNGS)
+
+
+def test_model_card_shows_the_zero_shot_start_and_no_nan(tmp_path):
+    """The export's card: round 0 next to the last round, and a plain sentence (never "nan")
+    when the hospitals share no validation (the default)."""
+    import torch
+
+    from fedprompt.common.model import PromptConfig
+    from fedprompt.server.export import export_model
+
+    prompt = PromptConfig(labels=["a", "b"], hidden_size=4, backbone_fingerprint="f" * 64, n_virtual_tokens=2, normalize=True)
+    history = [{"round": 0, "test": {"accuracy": 0.5, "macro_f1": 0.4}, "evaluate": None, "hospitals": {}},
+               {"round": 1, "test": {"accuracy": 0.6, "macro_f1": 0.55}, "evaluate": None, "hospitals": {"h1": {"epsilon_spent": 2.0}}}]
+    card = (export_model(tmp_path, prompt, {k: torch.zeros(*s) for k, s in prompt.shapes().items()}, history, "r") / "MODEL_CARD.md").read_text()
+    assert "Zero-shot start (round 0, aggregator's held-out test): accuracy 0.5000, macro-F1 0.4000" in card
+    assert "Held-out test, last round: accuracy 0.6000, macro-F1 0.5500" in card
+    assert "validate locally" in card and "nan" not in card.lower() and "h1 2.000" in card
