@@ -119,10 +119,12 @@ def _noise_memo(site: SiteConfig) -> NoiseMemo:
     return NoiseMemo(site.ledger.with_name(site.ledger.name + ".noise-memo"))  # the ledger's volume: the site's writable one
 
 
-def _ledger_binding(site: SiteConfig, plan: RoundPlan, content: RecordDict, run_id: str) -> dict:
-    """What a round's ledger entry binds: run, round, the records file it trains on, the model it received."""
-    return {"run_id": f"{plan.run_name}/{run_id}" if run_id else plan.run_name, "round": plan.round,
-            "records_sha256": file_sha256(site.train), "model_in_sha256": state_sha256(arrays_to_state(content[ARRAYS]))}
+def _ledger_binding(plan: RoundPlan, content: RecordDict, run_id: str, records: Path, release: str = "") -> dict:
+    """What a ledger entry binds: run (and which release: "" training, "/evaluation"), round, the
+    records file it was computed on, the model it received."""
+    base = f"{plan.run_name}/{run_id}" if run_id else plan.run_name
+    return {"run_id": base + release, "round": plan.round,
+            "records_sha256": file_sha256(records), "model_in_sha256": state_sha256(arrays_to_state(content[ARRAYS]))}
 
 
 def train_round(content: RecordDict, site_path: Path, *, run_id: str = "", progress: bool = False,
@@ -153,7 +155,7 @@ def train_round(content: RecordDict, site_path: Path, *, run_id: str = "", progr
                 if delta != ledger.delta:
                     raise Refused(f"the federation asks for delta {delta:g}, below this site's ledger delta {ledger.delta:g}")
                 # Durable BEFORE training: a crash from here on over-counts, never under-counts.
-                spent = ledger.record(sigma, q, steps, epsilon_cap=site.privacy.max_epsilon, **_ledger_binding(site, plan, content, run_id))
+                spent = ledger.record(sigma, q, steps, epsilon_cap=site.privacy.max_epsilon, **_ledger_binding(plan, content, run_id, site.train))
                 memo.put(args, calibrated)  # only once the entry is durable: a refused round writes nothing else
                 metrics.update({"epsilon-spent": spent, "epsilon-cap": site.privacy.max_epsilon, "delta": delta})
             elif not site.allow_non_private:
@@ -163,7 +165,7 @@ def train_round(content: RecordDict, site_path: Path, *, run_id: str = "", progr
                 # Recorded too, durably BEFORE training: from this entry on the site's epsilon is
                 # infinite, for good (`privacy show`), and its cap refuses every later private round.
                 ledger = PrivacyLedger.for_site(site)
-                ledger.record_non_private(q, steps, epsilon_cap=site.privacy.max_epsilon, **_ledger_binding(site, plan, content, run_id))
+                ledger.record_non_private(q, steps, epsilon_cap=site.privacy.max_epsilon, **_ledger_binding(plan, content, run_id, site.train))
     except (Refused, InputError, LedgerError, PrivacyBudgetExceeded) as exc:
         category = _category(exc)
         log.warning("%s refuses round [%s]: %s", hospital, category, exc)  # the detail stays here
@@ -251,10 +253,9 @@ def evaluate_round(content: RecordDict, site_path: Path, *, run_id: str = "", ti
             args, memo = (site.evaluation_epsilon, ledger.delta, 1.0, 1, site.privacy.accountant), _noise_memo(site)
             calibrated = memo.get(args) or calibrate_noise(*args)
             sigma = max(calibrated, site.privacy.min_noise_multiplier)
-            base = f"{plan.run_name}/{run_id}" if run_id else plan.run_name
             # Durable BEFORE the counts leave: a crash from here on over-counts, never under-counts.
-            spent = ledger.record(sigma, 1.0, 1, epsilon_cap=site.privacy.max_epsilon, run_id=f"{base}/evaluation", round=plan.round,
-                                  records_sha256=file_sha256(site.validation), model_in_sha256=state_sha256(arrays_to_state(content[ARRAYS])))
+            spent = ledger.record(sigma, 1.0, 1, epsilon_cap=site.privacy.max_epsilon,
+                                  **_ledger_binding(plan, content, run_id, site.validation, "/evaluation"))
             memo.put(args, calibrated)
         except (LedgerError, PrivacyBudgetExceeded) as exc:
             log.warning("%s refuses to share its evaluation [budget]: %s", hospital, exc)

@@ -30,12 +30,9 @@ from fedprompt.client.audit import (
 )
 from fedprompt.client.workspace import write_workspace
 
-from tinybert import make_tiny_backbone
+from tinybert import TOY_KEYWORDS, TOY_LABELS, TOY_NEUTRAL, make_tiny_backbone
 
-LABELS = ["tumour", "digestive", "neuro"]
-KEYWORDS = [["tumor", "cancer", "mass", "carcinoma", "neoplasm"], ["stomach", "liver", "bowel", "gastric", "colon"],
-            ["brain", "seizure", "stroke", "nerve", "neurologic"]]
-NEUTRAL = ["the", "patient", "pain", "fever", "history", "exam", "normal", "denies", "reports"]
+LABELS, KEYWORDS, NEUTRAL = TOY_LABELS, TOY_KEYWORDS, TOY_NEUTRAL
 HIDDEN = 128  # room for 83 canaries next to 3 labels (canary_capacity)
 
 

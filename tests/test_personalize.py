@@ -36,12 +36,9 @@ from fedprompt.common.errors import InputError
 from fedprompt.common.features import extract_features
 from fedprompt.common.model import HEAD_BIAS_KEY, HEAD_WEIGHT_KEY, PROMPT_KEY, PromptClassifier, PromptConfig, build_model, initial_state, load_prompt, save_prompt
 
-from tinybert import make_tiny_backbone
+from tinybert import TOY_KEYWORDS, TOY_LABELS, TOY_NEUTRAL, make_tiny_backbone
 
-LABELS = ["tumour", "digestive", "neuro"]
-KEYWORDS = [["tumor", "cancer", "mass", "carcinoma", "neoplasm"], ["stomach", "liver", "bowel", "gastric", "colon"],
-            ["brain", "seizure", "stroke", "nerve", "neurologic"]]
-NEUTRAL = ["the", "patient", "pain", "fever", "history", "exam", "normal", "denies", "reports"]
+LABELS, KEYWORDS, NEUTRAL = TOY_LABELS, TOY_KEYWORDS, TOY_NEUTRAL
 FEDERATION_MIX = [0.8, 0.1, 0.1]  # what the global model learnt from
 SITE_MIX = [0.1, 0.1, 0.8]  # this hospital: mostly neurology
 

@@ -15,6 +15,14 @@ WORDS = (
 ).split()
 
 
+# A three-class toy label space over words the tiny vocabulary holds whole: each class's keywords,
+# and words that say nothing about the class (tests/test_audit.py, tests/test_personalize.py).
+TOY_LABELS = ["tumour", "digestive", "neuro"]
+TOY_KEYWORDS = [["tumor", "cancer", "mass", "carcinoma", "neoplasm"], ["stomach", "liver", "bowel", "gastric", "colon"],
+                ["brain", "seizure", "stroke", "nerve", "neurologic"]]
+TOY_NEUTRAL = ["the", "patient", "pain", "fever", "history", "exam", "normal", "denies", "reports"]
+
+
 def make_tiny_backbone(directory: Path, seed: int = 0, hidden: int = 32, layers: int = 2, words: list[str] | None = None, init_range: float = 0.02) -> Path:
     """`words` extends the vocabulary (e.g. with a corpus' frequent words) so that short
     max_length settings still cover whole sentences instead of single characters."""
