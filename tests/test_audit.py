@@ -4,12 +4,9 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import random
-import socket
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,6 +27,7 @@ from fedprompt.client.audit import (
 )
 from fedprompt.client.workspace import write_workspace
 
+from site_isolation import watched
 from tinybert import TOY_KEYWORDS, TOY_LABELS, TOY_NEUTRAL, make_tiny_backbone
 
 LABELS, KEYWORDS, NEUTRAL = TOY_LABELS, TOY_KEYWORDS, TOY_NEUTRAL
@@ -172,31 +170,6 @@ def test_a_noise_bug_fails_the_audit(inputs):
 
 
 # --- the command -----------------------------------------------------------------------------------
-def snapshot(root: Path) -> dict[str, tuple[str, int] | None]:
-    """Every file (sha256, mtime) and folder (None) under root."""
-    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns) if p.is_file() else None
-            for p in root.rglob("*")}
-
-
-_listening = False
-_events: list[str] = []  # socket audit events, and files opened for writing, while a test listens
-
-
-def _audit_hook(event: str, args: tuple) -> None:
-    if not _listening:
-        return
-    if event.startswith("socket."):  # also a socket made without the patched module attribute
-        _events.append(event)
-    elif event == "open" and len(args) >= 2 and isinstance(args[0], (str, Path)):
-        mode, flags = args[1], args[2] if len(args) > 2 else 0
-        writing = any(c in str(mode or "") for c in "wax+") or bool(isinstance(flags, int) and flags & 0o3)
-        if writing:
-            _events.append(f"write {args[0]}")
-
-
-sys.addaudithook(_audit_hook)
-
-
 @pytest.fixture
 def cli(monkeypatch):
     from fedprompt import cli
@@ -213,34 +186,17 @@ def test_the_command_is_registered():
 
 
 def test_command_writes_nothing_spends_nothing_and_opens_no_socket(world, cli, capsys):
-    global _listening
     site = world / "ws" / "hospital-1"
     assert cli(["privacy", "init", "--site", str(site / "site.yaml")]) == 0
     ledger = site / "ledger" / "privacy-ledger.json"
     ledger_bytes = ledger.read_bytes()
     capsys.readouterr()
-    dials: list[tuple] = []
-
-    def forbidden(*args, **kwargs):
-        dials.append(args)
-        raise OSError("audit must not open a socket")
-
-    before = snapshot(world)
-    patch = pytest.MonkeyPatch()
-    patch.setattr(socket, "socket", forbidden)
-    patch.setattr(socket, "create_connection", forbidden)
-    _events.clear()
-    _listening = True
-    try:
+    with watched(world) as watch:
         code = cli(["audit", "--site", str(site / "site.yaml"), "--federation", str(world / "ws" / "federation.yaml"), "--json"])
-    finally:
-        _listening = False
-        patch.undo()
-    assert snapshot(world) == before
+    assert watch.changed == set()
     assert ledger.read_bytes() == ledger_bytes
-    assert dials == [] and [e for e in _events if e.startswith("socket.")] == []
-    writes = [e for e in _events if e.startswith("write ")]
-    assert writes == [], writes
+    assert watch.dials == [] and watch.sockets == []
+    assert watch.written == [], watch.written
     out = capsys.readouterr().out
     report = json.loads(out)
     assert code == 0, report["reasons"]

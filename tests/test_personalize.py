@@ -7,8 +7,6 @@ import hashlib
 import json
 import random
 import shutil
-import socket
-import sys
 from pathlib import Path
 
 import pytest
@@ -36,6 +34,7 @@ from fedprompt.common.errors import InputError
 from fedprompt.common.features import extract_features
 from fedprompt.common.model import HEAD_BIAS_KEY, HEAD_WEIGHT_KEY, PROMPT_KEY, PromptClassifier, PromptConfig, build_model, initial_state, load_prompt, save_prompt
 
+from site_isolation import watched
 from tinybert import TOY_KEYWORDS, TOY_LABELS, TOY_NEUTRAL, make_tiny_backbone
 
 LABELS, KEYWORDS, NEUTRAL = TOY_LABELS, TOY_KEYWORDS, TOY_NEUTRAL
@@ -91,57 +90,21 @@ def cli(monkeypatch):
     return cli.main
 
 
-def snapshot(root: Path) -> dict[str, tuple[str, int] | None]:
-    """Every file (sha256, mtime) and folder (None) under root."""
-    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns) if p.is_file() else None
-            for p in root.rglob("*")}
-
-
-_opened: list[str] | None = None  # paths opened while a test listens (an audit hook cannot be removed)
-_sockets: list[str] = []  # socket audit events (creation, connect, bind, name lookups) while listening
-
-
-def _audit(event: str, args: tuple) -> None:
-    if _opened is None:
-        return
-    if event == "open" and isinstance(args[0], (str, Path)):
-        _opened.append(str(Path(args[0]).resolve()))
-    elif event.startswith("socket."):  # also a socket made without the patched module attribute
-        _sockets.append(event)
-
-
-sys.addaudithook(_audit)
-
-
 @pytest.fixture(scope="module")
 def personalized(world) -> dict:
     """One `fedprompt personalize` of hospital-1, run with sockets forbidden and every opened file
     recorded: what it opened, tried to connect, printed, and changed under the world's root."""
     from fedprompt import cli
 
-    global _opened
-    dials: list[tuple] = []
-
-    def forbidden(*args, **kwargs):
-        dials.append(args)
-        raise OSError("personalize must not open a socket")
-
-    before = snapshot(world)
     patch = pytest.MonkeyPatch()
-    patch.setattr(socket, "socket", forbidden)
-    patch.setattr(socket, "create_connection", forbidden)
     patch.setattr(cli, "COMMANDS", ("personalize",))
-    _opened = []
+    site, out = world / "ws" / "hospital-1" / "site.yaml", world / "out"
     try:
-        site, out = world / "ws" / "hospital-1" / "site.yaml", world / "out"
-        code = cli.main(["personalize", "--site", str(site), "--model", str(world / "export"), "--out", str(out)])
-        opened = _opened
+        with watched(world) as watch:
+            code = cli.main(["personalize", "--site", str(site), "--model", str(world / "export"), "--out", str(out)])
     finally:
-        _opened = None
         patch.undo()
-    after = snapshot(world)
-    changed = {k for k in before.keys() | after.keys() if before.get(k, "gone") != after.get(k, "new")}
-    return {"code": code, "out": out, "dials": dials, "sockets": list(_sockets), "opened": opened, "changed": changed,
+    return {"code": code, "out": out, "dials": watch.dials, "sockets": watch.sockets, "opened": watch.opened, "changed": watch.changed,
             "report": json.loads((out / "personalize.json").read_text()) if code == 0 else None}
 
 
