@@ -1,16 +1,16 @@
 """The hospital's Flower ClientApp: a thin layer over client/hospital.py.
 
-Which site a node is comes from its node config: `site-config` (deployment: the daemon's
+`answer()` is the one entry for a message's reply: the ClientApp calls it in simulation (and in
+a deployment run with `hospital start --executor flower`), the warm worker (client/worker.py)
+calls it in a deployment. Any exception in a handler becomes a well-formed refusal of category
+"internal" (traceback in the hospital's log), never Flower's error reply, which would carry the
+exception's text (a record line, a label, a path) to the aggregator.
+
+Which site a node is comes from its node config: `site-config` (the daemon's
 `--node-config 'site-config="/site/site.yaml"'`), or in simulation the `partition-id` Flower
-injects, mapped onto the workspace's hospitals.
-
-Any exception in a handler becomes a well-formed refusal of category "internal" (traceback in
-the hospital's log), never Flower's error reply, which would carry the exception's text (a
-record line, a label, a path) to the aggregator.
-
-Every message logs one `fedprompt-timing {json}` line in the hospital's own log (process start,
-import, handler phases): Flower starts a ClientApp process per message in a deployment, and this
-is where a round's time outside training shows (benchmarks/round.py). It never leaves the site.
+injects, mapped onto the workspace's hospitals. A ClientApp process logs one
+`fedprompt-timing {json}` line per message in the hospital's own log (process start, import,
+handler phases); it never leaves the site.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ _IMPORT_START = time.time()  # before the heavy imports (torch, transformers, op
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
-import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from flwr.app import Context, Message  # noqa: E402
+from flwr.app import Context, Message, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
+from fedprompt.common.logs import ensure_handler  # noqa: E402
 from fedprompt.common.wire import MAX_HOSPITAL_ID, refusal  # noqa: E402
 
 from .hospital import evaluate_round, train_round  # noqa: E402
@@ -80,30 +80,43 @@ def _fallback_id(site: Path | None, context: Context) -> str:
     return name if isinstance(name, str) and 0 < len(name) <= MAX_HOSPITAL_ID else "unknown"
 
 
+HANDLERS = {"train": train_round, "evaluate": evaluate_round}
+
+
+def answer(kind: str, content: RecordDict, site: Path, *, run_id: str = "") -> tuple[RecordDict, dict[str, float]]:
+    """The reply to one message and the seconds of its phases: what the ClientApp (simulation,
+    Flower's own executor) and the warm worker (client/worker.py) both call.
+
+    Any exception becomes an "internal" refusal: its text (a record line, a label, a path) must
+    not leave the site, so the traceback goes to this site's log only.
+    """
+    timings: dict[str, float] = {}
+    try:
+        return HANDLERS[kind](content, site, run_id=run_id, timings=timings), timings
+    except Exception:  # noqa: BLE001 - whatever it is, its text must not leave the site
+        fallback = site.parent.name if 0 < len(site.parent.name) <= MAX_HOSPITAL_ID else "unknown"
+        log.exception("%s: %s message failed; replying with an 'internal' refusal (details only in this log)", fallback, kind)
+        return refusal(fallback, "internal"), timings
+
+
 def make_client_app(site_paths: list[Path] | None = None, torch_threads: int | None = None) -> ClientApp:
     app = ClientApp()
 
     def setup() -> None:
-        logger = logging.getLogger("fedprompt")
-        logger.setLevel(logging.INFO)
-        # A flwr-clientapp process has no handler for our loggers: give them the daemon's stderr
-        # (unless the host process, e.g. the CLI, configured logging already).
-        if not logger.handlers and not logging.getLogger().handlers:
-            handler = logging.StreamHandler(sys.stderr)
-            handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-            logger.addHandler(handler)
+        ensure_handler()  # a flwr-clientapp process or a Ray actor: the hospital's log is its stderr
         if torch_threads:
             torch.set_num_threads(torch_threads)  # simulated hospitals share the host's cores
 
-    def handle(kind: str, handler, msg: Message, context: Context) -> Message:
+    def handle(kind: str, msg: Message, context: Context) -> Message:
         site: Path | None = None
         try:
             setup()
-            start, timings, site = time.time(), {}, site_path(context, site_paths)
-            content = handler(msg.content, site, run_id=str(msg.metadata.run_id), timings=timings)
-        except Exception:  # noqa: BLE001 - whatever it is, its text must not leave the site
+            site = site_path(context, site_paths)
+        except Exception:  # noqa: BLE001 - as in answer(): the text stays here
             log.exception("%s: %s message failed; replying with an 'internal' refusal (details only in this log)", _fallback_id(site, context), kind)
             return Message(content=refusal(_fallback_id(site, context), "internal"), reply_to=msg)
+        start = time.time()
+        content, timings = answer(kind, msg.content, site, run_id=str(msg.metadata.run_id))
         try:
             _log_timing(kind, msg, site, start, timings)
         except Exception:  # noqa: BLE001 - the timing line is diagnostics: never lose a reply over it
@@ -112,11 +125,11 @@ def make_client_app(site_paths: list[Path] | None = None, torch_threads: int | N
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return handle("train", train_round, msg, context)
+        return handle("train", msg, context)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return handle("evaluate", evaluate_round, msg, context)
+        return handle("evaluate", msg, context)
 
     return app
 

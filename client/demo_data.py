@@ -184,8 +184,10 @@ def generate_demo(
     return DemoData(list(LABELS), sites, test, local_tests)
 
 
-def write_demo_workspace(out_dir: str | Path, demo: DemoData) -> Path:
-    """A ready-to-run demo workspace (sites may run without DP for reference runs)."""
+def write_demo_workspace(out_dir: str | Path, demo: DemoData, *, allow_non_private: bool = False, backbone: Path | None = None) -> Path:
+    """A ready-to-run demo workspace, its sites with the recommended private settings (lifetime cap
+    8, no non-private rounds) unless `allow_non_private` lets them run reference runs without DP;
+    `backbone`: the sites' local backbone directory (default: the embedded one)."""
     return write_workspace(
         out_dir,
         name="demo",
@@ -193,5 +195,6 @@ def write_demo_workspace(out_dir: str | Path, demo: DemoData) -> Path:
         hospitals=demo.hospitals,
         test_rows=demo.test,
         local_tests=demo.local_tests,
-        allow_non_private=True,
+        allow_non_private=allow_non_private,
+        backbone=backbone,
     )

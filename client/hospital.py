@@ -18,11 +18,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from flwr.app import RecordDict
+from flwr.app import MetricRecord, RecordDict
 
 from fedprompt.common.backbone import Backbone, load_backbone
 from fedprompt.common.config import SiteConfig
-from fedprompt.common.encoding import encode
+from fedprompt.common.encoding import Encoded, encode
 from fedprompt.common.errors import InputError, LedgerError, PrivacyBudgetExceeded
 from fedprompt.common.metrics import ClassCounts, evaluate
 from fedprompt.common.model import build_model
@@ -30,6 +30,7 @@ from fedprompt.common.plan import RoundPlan
 from fedprompt.common.wire import (
     ARRAYS,
     EVAL_METRIC_KEYS,
+    EVALUATION,
     METRICS,
     STATUS,
     TRAIN_METRIC_KEYS,
@@ -42,16 +43,35 @@ from fedprompt.common.wire import (
 
 from .dp import NoiseMemo, calibrate_noise, entropy_generator, plan_steps
 from .ledger import PrivacyLedger, file_sha256, state_sha256
-from .records import load_records
+from .records import Records, load_records
 from .trainer import local_update, resolve_device
 
 log = logging.getLogger("fedprompt.hospital")
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_backbone(path: str | None) -> Backbone:
-    # One load per process: in simulation an actor serves many rounds; the encoder is frozen.
+def cached_backbone(path: str | None) -> Backbone:
+    # One load per process: the warm worker and a simulation actor serve many rounds; the encoder is frozen.
     return load_backbone(path)
+
+
+_ENCODED: dict[tuple, tuple[Records, Encoded]] = {}
+_ENCODED_MAX = 4  # train + validation of the current run, and the previous run's
+
+
+def encoded_records(path: Path, sha256: str, site: SiteConfig, plan: RoundPlan, backbone: Backbone, *,
+                    patients: bool = False) -> tuple[Records, Encoded]:
+    """The records file read, validated and tokenised once per content: keyed by its sha256, so a
+    changed file is read and validated again; a long-lived process (the warm worker) pays once."""
+    key = (str(path), sha256, site.text_field, site.label_field, site.patient_field if patients else None,
+           tuple(plan.labels), plan.max_length, backbone.fingerprint)
+    if key not in _ENCODED:
+        records = load_records(path, text_field=site.text_field, label_field=site.label_field, labels=plan.labels,
+                               patient_field=site.patient_field if patients else None)
+        if len(_ENCODED) >= _ENCODED_MAX:
+            _ENCODED.pop(next(iter(_ENCODED)))
+        _ENCODED[key] = records, encode(backbone.tokenizer, records.texts, records.labels, plan.max_length)
+    return _ENCODED[key]
 
 
 class Refused(Exception):
@@ -97,7 +117,7 @@ def _prepare(content: RecordDict, site_path: Path, timings: dict[str, float] | N
     with _refuse_as("configuration", KeyError, TypeError, ValueError):  # the aggregator's round plan
         plan = RoundPlan.from_config_record(content["config"])
     with _timed(timings, "backbone"), _refuse_as("backbone"):  # load + fingerprint, once per process
-        backbone = _cached_backbone(str(site.backbone) if site.backbone else None)
+        backbone = cached_backbone(str(site.backbone) if site.backbone else None)
     if backbone.fingerprint != plan.backbone_fingerprint:
         raise Refused(
             f"backbone mismatch: the federation uses {plan.backbone_fingerprint[:16]}..., "
@@ -119,12 +139,12 @@ def _noise_memo(site: SiteConfig) -> NoiseMemo:
     return NoiseMemo(site.ledger.with_name(site.ledger.name + ".noise-memo"))  # the ledger's volume: the site's writable one
 
 
-def _ledger_binding(plan: RoundPlan, content: RecordDict, run_id: str, records: Path, release: str = "") -> dict:
+def _ledger_binding(plan: RoundPlan, content: RecordDict, run_id: str, records_sha256: str, release: str = "") -> dict:
     """What a ledger entry binds: run (and which release: "" training, "/evaluation"), round, the
     records file it was computed on, the model it received."""
     base = f"{plan.run_name}/{run_id}" if run_id else plan.run_name
     return {"run_id": base + release, "round": plan.round,
-            "records_sha256": file_sha256(records), "model_in_sha256": state_sha256(arrays_to_state(content[ARRAYS]))}
+            "records_sha256": records_sha256, "model_in_sha256": state_sha256(arrays_to_state(content[ARRAYS]))}
 
 
 def train_round(content: RecordDict, site_path: Path, *, run_id: str = "", progress: bool = False,
@@ -137,10 +157,16 @@ def train_round(content: RecordDict, site_path: Path, *, run_id: str = "", progr
         if site.patient_field is not None and plan.train_prompt:
             raise Refused(f"{site.source}: patient_field: patient-level DP is supported for the head-only recipe "
                           "(train_prompt: false) only; the federation trains the prompt", "configuration")
-        with _timed(timings, "records"), _refuse_as("records"):
-            records = load_records(site.train, text_field=site.text_field, label_field=site.label_field, labels=plan.labels,
-                                   patient_field=site.patient_field)
-            encoded = encode(backbone.tokenizer, records.texts, records.labels, plan.max_length)
+        with _timed(timings, "records"), _refuse_as("records", OSError):
+            train_sha256 = file_sha256(site.train)
+            records, encoded = encoded_records(site.train, train_sha256, site, plan, backbone, patients=True)
+        # One message per round: the model received is validated here (before training changes it).
+        shared = None
+        if plan.evaluate_in_train and site.validation is not None:
+            with _timed(timings, "records"), _refuse_as("records", OSError):
+                validation_sha256 = file_sha256(site.validation)
+                _, validation = encoded_records(site.validation, validation_sha256, site, plan, backbone)
+            shared = _validate_received(site, plan, backbone, content, run_id, validation, validation_sha256, timings)
         # The DP unit: a record, or with patient_field a patient (all of its records together).
         units = len(encoded.dataset) if records.patients is None else len(set(records.patients))
         q, steps = plan_steps(units, plan.batch_size, plan.local_epochs, plan.sample_rate)
@@ -155,8 +181,9 @@ def train_round(content: RecordDict, site_path: Path, *, run_id: str = "", progr
                 if delta != ledger.delta:
                     raise Refused(f"the federation asks for delta {delta:g}, below this site's ledger delta {ledger.delta:g}")
                 # Durable BEFORE training: a crash from here on over-counts, never under-counts.
-                spent = ledger.record(sigma, q, steps, epsilon_cap=site.privacy.max_epsilon, **_ledger_binding(plan, content, run_id, site.train))
+                spent = ledger.record(sigma, q, steps, epsilon_cap=site.privacy.max_epsilon, **_ledger_binding(plan, content, run_id, train_sha256))
                 memo.put(args, calibrated)  # only once the entry is durable: a refused round writes nothing else
+                _NEXT_ROUND[site.source] = (sigma, q, steps)
                 metrics.update({"epsilon-spent": spent, "epsilon-cap": site.privacy.max_epsilon, "delta": delta})
             elif not site.allow_non_private:
                 raise Refused("the aggregator asked for NON-PRIVATE training and this site does not allow it (allow_non_private: false)", "non-private refused")
@@ -165,7 +192,7 @@ def train_round(content: RecordDict, site_path: Path, *, run_id: str = "", progr
                 # Recorded too, durably BEFORE training: from this entry on the site's epsilon is
                 # infinite, for good (`privacy show`), and its cap refuses every later private round.
                 ledger = PrivacyLedger.for_site(site)
-                ledger.record_non_private(q, steps, epsilon_cap=site.privacy.max_epsilon, **_ledger_binding(plan, content, run_id, site.train))
+                ledger.record_non_private(q, steps, epsilon_cap=site.privacy.max_epsilon, **_ledger_binding(plan, content, run_id, train_sha256))
     except (Refused, InputError, LedgerError, PrivacyBudgetExceeded) as exc:
         category = _category(exc)
         log.warning("%s refuses round [%s]: %s", hospital, category, exc)  # the detail stays here
@@ -189,13 +216,28 @@ def train_round(content: RecordDict, site_path: Path, *, run_id: str = "", progr
     log.info("%s round %d (local log, not sent): %d records%s (%d truncated at %d tokens), %d steps, loss %.4f, %s",
              hospital, plan.round, len(encoded.dataset), unit, encoded.truncated, plan.max_length, result.steps, result.mean_loss, eps)
     with _timed(timings, "reply"):
-        return RecordDict(
+        reply = RecordDict(
             {
                 ARRAYS: state_to_arrays(model.trainable_state()),
                 METRICS: metric_record(metrics, TRAIN_METRIC_KEYS),
                 STATUS: status_record(hospital, "ok"),
             }
         )
+        if shared is not None:
+            reply[EVALUATION] = shared
+        return reply
+
+
+_NEXT_ROUND: dict[Path | None, tuple[float, float, int]] = {}  # a site's last private round's (sigma, q, steps)
+
+
+def project_next_round(site_path: Path) -> None:
+    """While idle, compute the epsilon the site's next round of the same run would reach (the ledger's
+    accountant memoises it in this process): the next round's cap check then costs nothing. Pure
+    computation, nothing written; the check itself still runs on the ledger as it is then."""
+    site = SiteConfig.load(site_path)
+    if site.source in _NEXT_ROUND:
+        PrivacyLedger.for_site(site).project(*_NEXT_ROUND[site.source])
 
 
 # Adding or removing one validation record changes its class's tp by 1 (right), or its class's fn
@@ -215,52 +257,62 @@ def noised_counts(counts: ClassCounts, sigma: float, generator: torch.Generator)
     return out
 
 
-def evaluate_round(content: RecordDict, site_path: Path, *, run_id: str = "", timings: dict[str, float] | None = None) -> RecordDict:
-    """The site evaluates the received model on its validation records and LOGS the result.
+def _validate_received(site: SiteConfig, plan: RoundPlan, backbone: Backbone, content: RecordDict, run_id: str,
+                       encoded: Encoded, records_sha256: str, timings: dict[str, float] | None) -> MetricRecord | None:
+    """Validate the model received on the site's validation records and LOG the result.
 
-    With `share_evaluation: none` (the default) the reply is the status record alone: exact counts
-    back for any tensors the aggregator chooses to send would be an unlimited oracle on the
-    records. With `share_evaluation: noised` it carries per-class counts plus Gaussian noise,
-    `evaluation_epsilon` charged to the ledger first (durably, before anything is sent).
-    `timings`, if given, receives the seconds of each phase (backbone, records, build, evaluate, privacy).
+    Returns None with `share_evaluation: none` (the default): exact counts back for any tensors
+    the aggregator chooses to send would be an unlimited oracle on the records. With `noised`:
+    per-class counts plus Gaussian noise, `evaluation_epsilon` charged to the ledger first
+    (durably, before anything is sent); LedgerError / PrivacyBudgetExceeded if it cannot be.
     """
-    hospital = Path(site_path).parent.name
-    try:
-        site, plan, backbone = _prepare(content, site_path, timings)
-        hospital = site.hospital_id
-        if site.validation is None:
-            raise Refused("no validation file configured (site.yaml: validation)", "configuration")
-        with _timed(timings, "records"), _refuse_as("records"):
-            records = load_records(site.validation, text_field=site.text_field, label_field=site.label_field, labels=plan.labels)
-            encoded = encode(backbone.tokenizer, records.texts, records.labels, plan.max_length)
-    except (Refused, InputError) as exc:
-        category = _category(exc)
-        log.warning("%s refuses evaluation [%s]: %s", hospital, category, exc)  # the detail stays here
-        return refusal(hospital, category)
     device = resolve_device(site.device)
     with _timed(timings, "build"):
         model = build_model(backbone, plan.prompt_config(), arrays_to_state(content[ARRAYS])).to(device)
     with _timed(timings, "evaluate"):
         counts = evaluate(model, encoded.dataset, len(plan.labels), device)
     s = counts.summary()
-    log.info("%s round %d validation (local log, not sent): %d records, accuracy %.4f, macro-F1 %.4f, loss %.4f, F1 per class %s",
-             hospital, plan.round, s["num_examples"], s["accuracy"], s["macro_f1"], s["loss"], [round(f, 4) for f in s["f1_per_class"]])
+    log.info("%s round %d validation of the model received (local log, not sent): %d records, accuracy %.4f, macro-F1 %.4f, "
+             "loss %.4f, F1 per class %s", site.hospital_id, plan.round, s["num_examples"], s["accuracy"], s["macro_f1"], s["loss"],
+             [round(f, 4) for f in s["f1_per_class"]])
     if site.share_evaluation != "noised":
-        return RecordDict({STATUS: status_record(hospital, "ok")})
+        return None
     with _timed(timings, "privacy"):
-        try:
-            ledger = PrivacyLedger.for_site(site)
-            args, memo = (site.evaluation_epsilon, ledger.delta, 1.0, 1, site.privacy.accountant), _noise_memo(site)
-            calibrated = memo.get(args) or calibrate_noise(*args)
-            sigma = max(calibrated, site.privacy.min_noise_multiplier)
-            # Durable BEFORE the counts leave: a crash from here on over-counts, never under-counts.
-            spent = ledger.record(sigma, 1.0, 1, epsilon_cap=site.privacy.max_epsilon,
-                                  **_ledger_binding(plan, content, run_id, site.validation, "/evaluation"))
-            memo.put(args, calibrated)
-        except (LedgerError, PrivacyBudgetExceeded) as exc:
-            log.warning("%s refuses to share its evaluation [budget]: %s", hospital, exc)
-            return refusal(hospital, "budget")
+        ledger = PrivacyLedger.for_site(site)
+        args, memo = (site.evaluation_epsilon, ledger.delta, 1.0, 1, site.privacy.accountant), _noise_memo(site)
+        calibrated = memo.get(args) or calibrate_noise(*args)
+        sigma = max(calibrated, site.privacy.min_noise_multiplier)
+        # Durable BEFORE the counts leave: a crash from here on over-counts, never under-counts.
+        spent = ledger.record(sigma, 1.0, 1, epsilon_cap=site.privacy.max_epsilon,
+                              **_ledger_binding(plan, content, run_id, records_sha256, "/evaluation"))
+        memo.put(args, calibrated)
     log.info("%s round %d: sends noised validation counts (sigma %.4g, std %.4g per count), eps %.3f/%g",
-             hospital, plan.round, sigma, sigma * EVAL_COUNT_SENSITIVITY, spent, site.privacy.max_epsilon)
-    noised = noised_counts(counts, sigma, entropy_generator())
-    return RecordDict({METRICS: metric_record(noised, EVAL_METRIC_KEYS), STATUS: status_record(hospital, "ok")})
+             site.hospital_id, plan.round, sigma, sigma * EVAL_COUNT_SENSITIVITY, spent, site.privacy.max_epsilon)
+    return metric_record(noised_counts(counts, sigma, entropy_generator()), EVAL_METRIC_KEYS)
+
+
+def evaluate_round(content: RecordDict, site_path: Path, *, run_id: str = "", timings: dict[str, float] | None = None) -> RecordDict:
+    """A separate evaluate message (federation `evaluation: separate`): the site validates the
+    received model (_validate_received); the reply is the status record, plus noised counts if the
+    site shares them. `timings`, if given, receives the seconds of each phase."""
+    hospital = Path(site_path).parent.name
+    try:
+        site, plan, backbone = _prepare(content, site_path, timings)
+        hospital = site.hospital_id
+        if site.validation is None:
+            raise Refused("no validation file configured (site.yaml: validation)", "configuration")
+        with _timed(timings, "records"), _refuse_as("records", OSError):
+            validation_sha256 = file_sha256(site.validation)
+            _, encoded = encoded_records(site.validation, validation_sha256, site, plan, backbone)
+    except (Refused, InputError) as exc:
+        category = _category(exc)
+        log.warning("%s refuses evaluation [%s]: %s", hospital, category, exc)  # the detail stays here
+        return refusal(hospital, category)
+    try:
+        shared = _validate_received(site, plan, backbone, content, run_id, encoded, validation_sha256, timings)
+    except (LedgerError, PrivacyBudgetExceeded) as exc:
+        log.warning("%s refuses to share its evaluation [budget]: %s", hospital, exc)
+        return refusal(hospital, "budget")
+    if shared is None:
+        return RecordDict({STATUS: status_record(hospital, "ok")})
+    return RecordDict({METRICS: shared, STATUS: status_record(hospital, "ok")})

@@ -38,6 +38,7 @@ A tamper-evident audit trail (schema "fedprompt-ledger/2"):
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import math
@@ -636,6 +637,13 @@ def _non_private_note(state: _State) -> str:
     return f" (this site trained WITHOUT differential privacy in run {first.run_id!r} round {first.round}: its epsilon is infinite, for good)"
 
 
+@functools.lru_cache(maxsize=256)
+def _epsilon_of(mechanism: str, history: tuple, delta: float) -> float:
+    """compute_epsilon is a pure function of the grouped history: remembered in this process, so a
+    long-lived worker that projected the next round while idle (PrivacyLedger.project) finds it."""
+    return compute_epsilon(mechanism, history, delta)
+
+
 class PrivacyLedger:
     """One hospital's cumulative DP accounting. Construct with `create`, `open` or `for_site`."""
 
@@ -643,7 +651,6 @@ class PrivacyLedger:
         self.path = path
         self.anchor_path = anchor_path if anchor_path is not None else default_anchor(path)
         self._state = state
-        self._cache: dict[tuple[tuple[float | None, float, int], ...], float] = {}
         self._pending: int | None = None  # the entry this object recorded last, until `complete`
         self._found: tuple[_Anchor | None, LedgerIntegrityError | None] = (None, None)
         self.anchor_status = "in step"  # as of the last open/record: "in step", "ahead" or "none"
@@ -784,12 +791,7 @@ class PrivacyLedger:
         return any(e.non_private for e in self._state.history)
 
     def _epsilon(self, steps: Iterable[tuple[float | None, float, int]]) -> float:
-        key = tuple(accountant_history(steps))
-        if key not in self._cache:
-            if len(self._cache) >= 64:  # projections with ever-new arguments must not grow memory without bound
-                self._cache.clear()
-            self._cache[key] = compute_epsilon(self.mechanism, key, self.delta)
-        return self._cache[key]
+        return _epsilon_of(self.mechanism, tuple(accountant_history(steps)), self.delta)
 
     # --- accounting -----------------------------------------------------------------------------
 
@@ -883,7 +885,7 @@ class PrivacyLedger:
             else:
                 before = _check_anchor(fresh._state, anchor, self.anchor_path, self.path)  # raises on a rollback
             _write_atomic(self.anchor_path, _anchor_doc(fresh._state), anchor=True)
-            self._state, self._cache = fresh._state, {}
+            self._state = fresh._state
             self.anchor_status = "in step"
         return before
 
@@ -898,8 +900,6 @@ class PrivacyLedger:
         """The file as it is now, which must extend what this process already saw and its anchor."""
         fresh = type(self)._load(self.path, self.anchor_path)
         disk = fresh._state
-        # Another process may have written: never trust an epsilon computed before this reload.
-        self._cache.clear()
         ours = self._state
         if (disk.hospital_id, disk.mechanism, disk.delta) != (ours.hospital_id, ours.mechanism, ours.delta):
             raise LedgerIntegrityError(

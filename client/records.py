@@ -240,10 +240,12 @@ def load_records(path: str | Path, *, text_field: str, label_field: str, labels:
     return Records([r.text for r in rows], [index[r.label] for r in rows], path, patients)
 
 
-def load_labelled(path: str | Path, *, text_field: str, label_field: str, max_problems: int = 20) -> tuple[Records, list[str]]:
+def load_labelled(path: str | Path, *, text_field: str, label_field: str, max_problems: int = 20,
+                  patient_field: str | None = None) -> tuple[Records, list[str]]:
     """Load a corpus whose label space is whatever it holds: its distinct labels, naturally sorted."""
     path = Path(path)
-    rows = _read_rows(path, text_field, label_field, None, max_problems)
+    rows = _read_rows(path, text_field, label_field, None, max_problems, patient_field)
     labels = sorted({r.label for r in rows}, key=natural_key)
     index = {name: i for i, name in enumerate(labels)}
-    return Records([r.text for r in rows], [index[r.label] for r in rows], path), labels
+    patients = None if patient_field is None else [r.patient for r in rows]
+    return Records([r.text for r in rows], [index[r.label] for r in rows], path, patients), labels

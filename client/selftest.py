@@ -3,7 +3,9 @@
 (a) per-sample gradients of prompt and head equal a one-example-at-a-time loop;
 (b) one DP step with zero noise equals a manual clip-and-average;
 (c) the batch-size guard fires on a parameter broadcast over the batch (PEFT's failure);
-(d) the frozen backbone is bit-identical after DP training steps.
+(d) the frozen backbone is bit-identical after DP training steps;
+(e) the frozen features in the precision this device computes them (bf16 on CUDA, common/features.py)
+    against float32: the head's input may differ by at most FEATURE_TOLERANCE.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from torch.utils.data import TensorDataset
 
 from fedprompt.common.backbone import Backbone
 from fedprompt.common.encoding import encode
+from fedprompt.common.features import extract_features, feature_dtype
 from fedprompt.common.model import PromptClassifier, PromptConfig, build_model
 
 from .dp import PerSampleGradientError, check_per_sample_shapes, wrap_private
 from .trainer import TrainSettings, train
 
 TOLERANCE = 1e-6  # fp32
+FEATURE_TOLERANCE = 2e-2  # bf16 has 8 bits of mantissa: ~4e-3 relative per value on normalised features
 TEXTS = [
     "Patient reports crushing chest pain radiating to the left arm; troponin elevated.",
     "Biopsy of the breast mass shows invasive ductal carcinoma, no nodal spread.",
@@ -157,13 +161,25 @@ def check_backbone_frozen(backbone: Backbone, device: torch.device) -> Check:
     return Check("backbone_bit_identical", same, diff, f"after {result.steps} DP steps")
 
 
+def check_feature_precision(backbone: Backbone, device: torch.device) -> Check:
+    dtype = feature_dtype(device)
+    model = _model(backbone, device)
+    ids, mask, labels = _batch(backbone, device)
+    dataset = TensorDataset(ids.cpu(), mask.cpu(), labels.cpu())
+    reduced = extract_features(model, dataset, device, dtype=dtype).tensors[0]
+    full = extract_features(model, dataset, device, dtype=torch.float32).tensors[0]
+    diff = (reduced - full).abs().max().item()
+    return Check("feature_precision", diff <= FEATURE_TOLERANCE, diff, f"encoder forward in {str(dtype).removeprefix('torch.')} vs float32")
+
+
 def run_selftest(backbone: Backbone, device: torch.device) -> dict:
     checks = []
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        for fn in (check_per_sample_gradients, check_zero_noise_step, check_broadcast_guard, check_backbone_frozen):
+        for fn in (check_per_sample_gradients, check_zero_noise_step, check_broadcast_guard, check_backbone_frozen, check_feature_precision):
             try:
                 checks.append(fn(backbone, device))
             except Exception as exc:  # a crash is a failed check, reported like the others
                 checks.append(Check(fn.__name__.removeprefix("check_"), False, None, f"error: {type(exc).__name__}: {exc}"))
-    return {"checks": [asdict(c) for c in checks], "passed": all(c.passed for c in checks), "device": str(device), "backbone": backbone.fingerprint}
+    return {"checks": [asdict(c) for c in checks], "passed": all(c.passed for c in checks), "device": str(device),
+            "dtype": str(feature_dtype(device)).removeprefix("torch."), "backbone": backbone.fingerprint}

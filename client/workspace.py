@@ -90,14 +90,17 @@ def write_workspace(
     test_rows: Sequence[Row] | None = None,
     local_tests: Mapping[str, Sequence[Row]] | None = None,
     federation_overrides: Mapping[str, Any] | None = None,
-    epsilon_cap: float = 10.0,
+    epsilon_cap: float = 8.0,
     allow_non_private: bool = False,
+    backbone: Path | None = None,
 ) -> Path:
     """Write a workspace; `hospitals` maps an id ("1") to its (train rows, validation rows),
     `local_tests` an id to that hospital's own held-out rows (written as its test.csv).
 
-    Each site gets `max_epsilon: epsilon_cap` and a delta below 1/n_train. `allow_non_private`
-    is for demo workspaces only. Returns the workspace path.
+    Each site gets `max_epsilon: epsilon_cap` (default: docs/deployment.md's recommended lifetime
+    cap, which the default federation's target of 8 per run spends in one run) and a delta below
+    1/n_train. `allow_non_private` is for throwaway demo workspaces only. `backbone`: every site's
+    local backbone directory (default: the embedded one). Returns the workspace path.
     """
     out = check_empty_target(out_dir)
     empty = [hid for hid, (train, _) in hospitals.items() if not train]
@@ -140,6 +143,7 @@ def write_workspace(
                 ledger=Path("ledger/privacy-ledger.json"),
                 allow_non_private=allow_non_private,
                 weight=declared_weight(len(train)),
+                backbone=backbone,
             )
             plain = to_plain(site)
             del plain["source"]

@@ -125,6 +125,10 @@ class FederationConfig:
     rounds: int = 20
     min_hospitals: int = 2
     round_timeout: float = 600.0
+    # "in_train": one message per round; each site validates the model it receives inside the
+    # train message (its log; noised counts in the reply if it shares them). "separate": an
+    # evaluate message after each round, as Flower's strategies send by default (one more round trip).
+    evaluation: Literal["in_train", "separate"] = "in_train"
     strategy: StrategySettings = field(default_factory=StrategySettings)
     model: ModelSettings = field(default_factory=ModelSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
@@ -213,6 +217,10 @@ class SiteConfig:
     # `evaluation_epsilon` to the privacy ledger (on top of training: leave room under max_epsilon).
     share_evaluation: Literal["none", "noised"] = "none"
     evaluation_epsilon: float = 0.1
+    # App bundles this site accepts besides the code-free one naming the installed fedprompt: sha256
+    # hex digests of bundles the site has reviewed. Even for these, the installed code is what runs
+    # (client/bundle.py); anything else is refused as "untrusted app".
+    trusted_apps: list[str] = field(default_factory=list)
     source: Path | None = field(default=None, metadata={"internal": True})  # set by load()
 
     def validate(self) -> list[tuple[str, str]]:
@@ -227,6 +235,9 @@ class SiteConfig:
             out.append(("ledger_anchor", f"must not be the ledger itself ({self.ledger})"))
         if not (math.isfinite(self.weight) and 0 < self.weight <= 1e9):
             out.append(("weight", f"expected a number in (0, 1e9], got {self.weight}"))
+        bad = [d for d in self.trusted_apps if not (isinstance(d, str) and len(d) == 64 and all(c in "0123456789abcdef" for c in d))]
+        if bad:
+            out.append(("trusted_apps", f"expected sha256 hex digests (64 lowercase hex characters), got {bad[0]!r}"))
         if not (math.isfinite(self.evaluation_epsilon) and self.evaluation_epsilon > 0):
             out.append(("evaluation_epsilon", f"expected a number > 0, got {self.evaluation_epsilon}"))
         elif self.share_evaluation == "noised" and self.evaluation_epsilon > self.privacy.max_epsilon:

@@ -52,6 +52,10 @@ class RoundPlan:
     delta: float  # 0.0: each site uses its own delta
     max_grad_norm: float
     proximal_mu: float = 0.0
+    # The aggregator waits this long for replies: a site's executor refuses before it (client/executor.py).
+    round_timeout: float = 0.0
+    # Validate the received model inside the train message (one message per round), or not (a separate evaluate message).
+    evaluate_in_train: bool = False
 
     @classmethod
     def for_run(cls, fed: FederationConfig, prompt: PromptConfig, round: int = 0) -> "RoundPlan":
@@ -71,6 +75,8 @@ class RoundPlan:
             delta=fed.privacy.delta or 0.0,
             max_grad_norm=fed.privacy.max_grad_norm,
             proximal_mu=fed.strategy.proximal_mu if fed.strategy.name == "fedprox" else 0.0,
+            round_timeout=fed.round_timeout or 0.0,
+            evaluate_in_train=fed.evaluation == "in_train",
         )
 
     def prompt_config(self) -> PromptConfig:

@@ -15,12 +15,13 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from .model import TRAINABLE_KEYS
+from .model import HEAD_BIAS_KEY, TRAINABLE_KEYS
 
 ARRAYS = "arrays"  # Flower strategies' default record keys
 METRICS = "metrics"
 CONFIG = "config"
 STATUS = "fedprompt.status"
+EVALUATION = "fedprompt.evaluation"  # a train reply's noised validation counts (one message per round)
 
 # What a train reply's MetricRecord may carry (docs/deployment.md section 5 says what each costs).
 # `num-examples` is Flower's FedAvg weight key: it carries the weight the site DECLARES in its
@@ -39,7 +40,8 @@ REFUSAL_CATEGORIES = (
     "configuration",  # the site's or the federation's configuration is invalid or incompatible
     "non-private refused",  # the aggregator asked for training without DP and the site does not allow it
     "internal",  # an unexpected failure at the site (its log has the traceback)
-    "untrusted app",  # reserved: the code asked to run is not the site's installed, reviewed fedprompt
+    "untrusted app",  # the submitted app bundle is not a code-free bundle naming the installed fedprompt (client/bundle.py)
+    "worker unavailable",  # the site's warm worker died or hung on this message (it is restarted for the next)
 )
 MAX_HOSPITAL_ID = 64
 MAX_WEIGHT = 1e9  # a declared FedAvg weight above this is rejected (a sum of them must stay finite)
@@ -159,9 +161,12 @@ def validate_update(
 
     Every field is checked for presence and type, so that nothing downstream can trip on it.
     """
-    reason = _check_records(content, {ARRAYS}, {METRICS}, {STATUS})
+    shared = {EVALUATION} if EVALUATION in content.metric_records else set()  # the model received, validated (opt-in, noised)
+    reason = _check_records(content, {ARRAYS}, {METRICS} | shared, {STATUS})
     if reason:
         return reason
+    if shared and (reason := validate_counts(content[EVALUATION], expected_shapes[HEAD_BIAS_KEY][0])):
+        return f"evaluation: {reason}"
     arrays = content[ARRAYS]
     if set(arrays.keys()) != set(expected_shapes):
         return f"tensor keys {sorted(arrays.keys())} != expected {sorted(expected_shapes)}"
@@ -205,7 +210,11 @@ def validate_evaluation(content: RecordDict, num_labels: int) -> str | None:
     reason = _check_records(content, set(), metrics, {STATUS}) or validate_status(content, ("ok",))
     if reason or not metrics:
         return reason
-    m = content[METRICS]
+    return validate_counts(content[METRICS], num_labels)
+
+
+def validate_counts(m: MetricRecord, num_labels: int) -> str | None:
+    """Why noised per-class counts are malformed, or None: exactly tp, fp, fn, each `num_labels` finite numbers."""
     if set(m.keys()) != EVAL_METRIC_KEYS:
         return f"evaluation metric keys {sorted(m.keys())} != expected {sorted(EVAL_METRIC_KEYS)}"
     for key in sorted(EVAL_METRIC_KEYS):

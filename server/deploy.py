@@ -7,6 +7,7 @@ Flags are those of Flower 1.42 (checked against `flower-superlink --help`, `flow
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -15,11 +16,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import tomli_w
+
+from fedprompt.common.atomic import atomic_write
 from fedprompt.common.errors import InputError, Problem
 
 from .pki import PkiPaths, check_hospital_key, load_cert
 
 CONNECTION = "fedprompt"  # name of the Control API connection in the aggregator's flwr config
+log = logging.getLogger("fedprompt.deploy")
 
 
 def flower_exe(name: str) -> str:
@@ -74,18 +79,13 @@ def write_connection(state: Path, address: str, ca_cert: Path) -> Path:
     home = flwr_home(state)
     home.mkdir(parents=True, exist_ok=True)
     path = home / "config.toml"
+    connection = {"address": address, "root-certificates": str(ca_cert.resolve())}
     text = (
         "# Written by `fedprompt aggregator start`: the aggregator's own Control API connection.\n"
-        "# Use with: FLWR_HOME=" + str(home) + " flwr <command> ... " + CONNECTION + "\n"
-        "[superlink]\n"
-        f'default = "{CONNECTION}"\n\n'
-        f"[superlink.{CONNECTION}]\n"
-        f"address = {_toml_str(address, '--port')}\n"
-        f"root-certificates = {_toml_str(str(ca_cert.resolve()), '--pki')}\n"
+        f"# Use with: FLWR_HOME={home} flwr <command> ... {CONNECTION}\n"
+        + tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}})
     )
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, text.encode("utf-8"))
     return path
 
 
@@ -160,8 +160,7 @@ def follow_run(state: Path, run_id: int, *, timeout: float | None = None, poll: 
     flwr_cli(state, "log", str(run_id), CONNECTION, "--stream", timeout=remaining())
     status = run_status(state, run_id)
     if not status.startswith("finished"):
-        print(f"[fedprompt] the log stream of run {run_id} ended while the run is {status}: polling its status every {poll:g}s",
-              file=sys.stderr, flush=True)
+        log.warning("the log stream of run %s ended while the run is %s: polling its status every %gs", run_id, status, poll)
     while not status.startswith("finished"):
         time.sleep(min(poll, remaining() or poll))
         status = run_status(state, run_id)
@@ -191,6 +190,7 @@ class HospitalCheck:
     site_path: Path
     hospital_id: str
     ledger: Path
+    trusted_apps: list[str]
 
 
 def check_hospital(site_path: Path, key: Path, root_certificates: Path) -> HospitalCheck:
@@ -233,7 +233,7 @@ def check_hospital(site_path: Path, key: Path, root_certificates: Path) -> Hospi
     if problems:
         raise InputError(problems)
     assert site is not None
-    return HospitalCheck(site_path.resolve(), site.hospital_id, site.ledger)
+    return HospitalCheck(site_path.resolve(), site.hospital_id, site.ledger, list(site.trusted_apps))
 
 
 def supernode_argv(
@@ -241,7 +241,7 @@ def supernode_argv(
     max_retries: int | None = None, max_wait_time: float | None = None, isolation: str = "subprocess", trusted_entities: Path | None = None,
 ) -> list[str]:
     argv = [
-        flower_exe("flower-supernode"),
+        sys.executable, "-m", "fedprompt.client.supernode_main",  # flower-supernode, idle poll 1 s (not 3 s)
         "--superlink", superlink,
         "--root-certificates", str(Path(root_certificates).resolve()),
         "--auth-supernode-private-key", str(Path(key).resolve()),
@@ -259,10 +259,24 @@ def supernode_argv(
     return argv
 
 
-def hospital_env(flwr_home_dir: Path | None) -> dict[str, str]:
+def flwr_home_of(env: dict[str, str]) -> Path:
+    """The FLWR_HOME a daemon started with `env` uses (Flower's default: ~/.flwr)."""
+    return Path(env["FLWR_HOME"]) if env.get("FLWR_HOME") else Path.home() / ".flwr"
+
+
+def site_flwr_home(ledger: Path) -> Path:
+    """A hospital daemon's FLWR_HOME unless `--flwr-home` says otherwise: `LEDGER.flwr-home/`, beside
+    the site's privacy ledger (like `LEDGER.anchor` and `LEDGER.noise-memo`). Per site: a ledger
+    belongs to one hospital, so two daemons on one host never share it, as they would share ~/.flwr
+    or an inherited $FLWR_HOME. Writable: the daemon writes the ledger's folder anyway, while
+    site.yaml and the records may be read-only. What Flower keeps there (installed app bundles,
+    caches) is disposable and needs no backup."""
+    return ledger.with_name(ledger.name + ".flwr-home")
+
+
+def hospital_env(flwr_home_dir: Path) -> dict[str, str]:
     env = dict(os.environ)
-    if flwr_home_dir is not None:
-        env["FLWR_HOME"] = str(Path(flwr_home_dir).resolve())
+    env["FLWR_HOME"] = str(Path(flwr_home_dir).resolve())
     # The hospital never downloads anything: backbone and tokenizer are local files.
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")

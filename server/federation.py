@@ -1,7 +1,8 @@
 """The aggregator's run: prepare (validate everything up front), execute rounds, finish.
 
-Checkpoints after every round; a resumed run continues the round numbering and the history.
-At the end: the export, metrics.json and the report.
+Checkpoints and rewrites the report after every round (an operator can watch a run in a
+browser); a resumed run continues the round numbering and the history. At the end: the export, metrics.json and the report; a run in which no hospital trained gets no
+export, and metrics.json and the report say why (server/outcome.py).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from fedprompt.common.backbone import Backbone, load_backbone
 from fedprompt.common.config import FederationConfig
 from fedprompt.common.encoding import encode
 from fedprompt.common.errors import InputError
+from fedprompt.common.logs import PROGRESS
 from fedprompt.common.metrics import evaluate
 from fedprompt.common.model import PromptConfig, build_model
 from fedprompt.common.plan import RoundPlan, prompt_config
@@ -30,6 +33,7 @@ from fedprompt.common.zeroshot import initial_global_state
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .export import export_model
+from .outcome import RUNNING, TRAINED, run_outcome
 from .report import write_report
 from .strategy import ValidatedStrategy, build_strategy
 
@@ -104,8 +108,10 @@ def execute(grid: Grid, run: PreparedRun) -> dict:
     remaining = fed.rounds - run.done
     if run.spec.stop_after is not None:
         remaining = min(remaining, run.spec.stop_after)
+    in_train = fed.evaluation == "in_train"
     strategy = ValidatedStrategy(
-        build_strategy(fed, run.spec.expected_hospitals), run.prompt, norm_bound=fed.strategy.update_norm_bound, min_hospitals=fed.min_hospitals, round_offset=run.done
+        build_strategy(fed, run.spec.expected_hospitals), run.prompt, norm_bound=fed.strategy.update_norm_bound,
+        min_hospitals=fed.min_hospitals, round_offset=run.done, evaluate_in_train=in_train,
     )
     plan = RoundPlan.for_run(fed, run.prompt).to_config_record()
     t_round = [time.perf_counter(), time.time()]
@@ -122,7 +128,9 @@ def execute(grid: Grid, run: PreparedRun) -> dict:
             "seconds": round(time.perf_counter() - t_round[0], 3),
             "aggregate_seconds": strategy.aggregate_seconds.get(server_round),
             "aggregate_cpu_seconds": strategy.aggregate_cpu_seconds.get(server_round),
-            "evaluate": strategy.eval_results.get(server_round),  # null unless some site shares noised counts
+            # null unless some site shares noised counts; its `model_round` is the model they validated
+            # (with `evaluation: in_train`, the one this round started from)
+            "evaluate": strategy.eval_results.get(server_round),
             "test": _test_metrics(run, state),
             "hospitals": hospitals,
             "upload_bytes": sum(h["upload_bytes"] for h in hospitals.values()),
@@ -133,12 +141,17 @@ def execute(grid: Grid, run: PreparedRun) -> dict:
         run.history.append(record)
         run.state, run.done = state, r
         save_checkpoint(run.checkpoint_dir, Checkpoint(r, state, run.history, run.prompt.backbone_fingerprint, fed.name))
-        _print_round(record, fed.rounds)
+        log.info("%s", round_line(record, fed.rounds), extra=PROGRESS)
+        try:
+            write_report(run_metrics(run, RUNNING), run.spec.out_dir)
+        except Exception:  # noqa: BLE001 - the report is a view of the checkpoint: never lose a round over it
+            log.exception("could not rewrite the report after round %d", r)
         return MetricRecord({f"test-{k}": float(v) for k, v in record["test"].items()}) if record["test"] else None
 
-    if start_at_zero and remaining > 0:
+    if start_at_zero and remaining > 0 and not in_train:
         # Round 0: the hospitals validate the initial (zero-shot) model before anyone trains, each
         # in its own log; only sites with `share_evaluation: noised` send (noised) counts back.
+        # (With `evaluation: in_train` they do so inside round 1's train message.)
         replies = grid.send_and_receive(strategy.configure_evaluate(0, state_to_arrays(run.state), plan, grid), timeout=fed.round_timeout)
         strategy.aggregate_evaluate(0, replies)
     if remaining > 0:
@@ -156,34 +169,49 @@ def execute(grid: Grid, run: PreparedRun) -> dict:
 
 def finish(run: PreparedRun) -> dict:
     fed, out = run.spec.federation, run.spec.out_dir
-    export_dir = export_model(out / "export", run.prompt, run.state, run.history, fed.name)
-    metrics = {
+    outcome, why = run_outcome(run.history)
+    export_dir = export_model(out / "export", run.prompt, run.state, run.history, fed.name) if outcome == TRAINED else None
+    metrics = run_metrics(run, outcome, why, export_dir)
+    atomic_write(out / "metrics.json", (json.dumps(metrics, indent=1) + "\n").encode())
+    write_report(metrics, out)
+    if why is not None:
+        log.info("%s: %s; no export written (the per-round reasons are in %s)", outcome, why, out / "metrics.json")
+    return metrics
+
+
+def run_metrics(run: PreparedRun, outcome: str, why: str | None = None, export_dir: Path | None = None) -> dict:
+    """metrics.json's content (and the report's input): the run's history and how it ended."""
+    fed = run.spec.federation
+    return {
         "run": fed.name,
+        "outcome": outcome,
+        "outcome_reason": why,
         "private": fed.privacy.private,
         "strategy": fed.strategy.name,
         "backbone_fingerprint": run.prompt.backbone_fingerprint,
         "labels": fed.label_names,
         "rounds": run.history,
-        "export": str(export_dir),
+        "export": None if export_dir is None else str(export_dir),
     }
-    atomic_write(out / "metrics.json", (json.dumps(metrics, indent=1) + "\n").encode())
-    write_report(metrics, out)
-    return metrics
 
 
-def _print_round(rec: dict, total: int) -> None:
-    ev, test = rec["evaluate"] or {}, rec["test"] or {}
-    status = {}
-    for o in rec["hospitals"].values():
-        status[o["status"]] = status.get(o["status"], 0) + 1
-    eps = [o["epsilon_spent"] for o in rec["hospitals"].values() if o.get("epsilon_spent") is not None]
+def round_line(rec: dict, total: int) -> str:
+    """One round for the operator: scores, each hospital's status and epsilon (counts beyond a few
+    hospitals), seconds."""
+    ev, test, sites = rec["evaluate"] or {}, rec["test"] or {}, rec["hospitals"]
     parts = [f"round {rec['round']}/{total}" + (" (zero-shot start, no training)" if rec["round"] == 0 else "")]
     if ev:  # only from sites that share noised counts; by default each site logs its own validation
         parts.append(f"val{' (noised)' if ev.get('noised') else ''} acc {ev['accuracy']:.3f} F1 {ev['macro_f1']:.3f}")
     if test:
         parts.append(f"test acc {test['accuracy']:.3f} F1 {test['macro_f1']:.3f}")
-    if rec["round"] > 0:
-        parts.append(" ".join(f"{k}:{v}" for k, v in sorted(status.items())))
+    if rec["round"] > 0 and len(sites) <= 4:
+        parts.append(", ".join(
+            f"{h} {o['status']}" + (f" ({o['reason']})" if o["status"] != "ok" and o.get("reason") else "")
+            + (f" eps {o['epsilon_spent']:.2f}" if o.get("epsilon_spent") is not None else "")
+            for h, o in sorted(sites.items())))
+    elif rec["round"] > 0:
+        eps = [o["epsilon_spent"] for o in sites.values() if o.get("epsilon_spent") is not None]
+        parts.append(" ".join(f"{k}:{v}" for k, v in sorted(Counter(o["status"] for o in sites.values()).items())))
         parts.append(f"max eps {max(eps):.2f}" if eps else "eps n/a")
     parts.append(f"{rec['seconds']:.1f}s")
-    print("[fedprompt] " + " | ".join(parts), flush=True)
+    return " | ".join(parts)

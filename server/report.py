@@ -2,8 +2,10 @@
 
 Input is the run's ``metrics.json`` content (see ``write_report``). The report is static: plain
 HTML with inline CSS and relative ``<img>`` links to the PNGs written next to it; no JavaScript,
-no external stylesheet or font. Every string that reaches the HTML is escaped, since hospital
-ids and refusal/rejection reasons come from remote sites.
+no external stylesheet or font. The page is the Jinja2 template ``templates/report.html.j2``,
+rendered with autoescaping: every value is escaped, since hospital ids and refusal/rejection
+reasons come from remote sites. The aggregator rewrites the report after every round (outcome
+"running"; the page then reloads itself every 30 s), so that a run can be watched in a browser.
 
 Every file is written to a temporary name in ``out_dir`` and moved into place with
 ``os.replace``; the HTML goes last, so a crash never leaves a half-written file and a new
@@ -15,7 +17,6 @@ backend switch, no display needed, nothing left open in pyplot's figure registry
 
 from __future__ import annotations
 
-import html
 import io
 import math
 import os
@@ -26,7 +27,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import jinja2
+
 from fedprompt.common.atomic import atomic_write
+
+from .outcome import RUNNING
 
 __all__ = ["write_report", "REPORT_NAME", "METRICS_PNG", "EPSILON_PNG", "UPLOAD_PNG", "STATUSES"]
 
@@ -120,10 +125,6 @@ def _is_private(metrics: Mapping[str, Any]) -> bool:
 # --------------------------------------------------------------------------------------------
 # Formatting
 # --------------------------------------------------------------------------------------------
-
-
-def _esc(value: Any) -> str:
-    return html.escape(_str(value), quote=True)
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -438,37 +439,16 @@ def _plot_upload(rounds: list[Mapping[str, Any]], xs: list[int], hospitals: list
 
 
 # --------------------------------------------------------------------------------------------
-# HTML
+# HTML: templates/report.html.j2, with autoescaping; the view below holds plain values only
 # --------------------------------------------------------------------------------------------
 
-_CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif;
-       margin: 0 auto; max-width: 1100px; padding: 0 1.2em 2em; color: #1b1b1b; line-height: 1.4; }
-.banner { background: #b00020; color: #fff; font-weight: 700; font-size: 1.25em; padding: .8em 1em;
-          margin: 0 -1.2em 1em; letter-spacing: .02em; }
-h1 { margin: .6em 0 .2em; }
-dl.meta { display: grid; grid-template-columns: max-content auto; gap: .15em 1em; margin: .4em 0 1em; }
-dl.meta dt { font-weight: 600; color: #555; }
-dl.meta dd { margin: 0; }
-code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; background: #f3f3f3; padding: 0 .25em; }
-.summary { font-size: 1.1em; background: #f5f7fa; padding: .6em .9em; border-radius: 4px; }
-figure { margin: 1.2em 0; }
-figure img { max-width: 100%; height: auto; border: 1px solid #ddd; }
-table { border-collapse: collapse; margin: .6em 0 1.4em; font-size: .92em; }
-th, td { border: 1px solid #ccc; padding: .25em .55em; }
-th { background: #eef1f5; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-td.reason { max-width: 40em; overflow-wrap: anywhere; }
-.st-ok { color: #2e7d32; font-weight: 600; }
-.st-refused { color: #8d6e00; font-weight: 600; }
-.st-rejected, .st-failed { color: #b00020; font-weight: 600; }
-.over { color: #b00020; font-weight: 700; }
-footer { color: #777; font-size: .85em; margin-top: 2em; }
-"""
-
-
-def _td(text: str, cls: str = "num") -> str:
-    return f'<td class="{cls}">{text}</td>'
+_TEMPLATES = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
 
 
 def _status_counts(rnd: Mapping[str, Any]) -> dict[str, int]:
@@ -478,35 +458,33 @@ def _status_counts(rnd: Mapping[str, Any]) -> dict[str, int]:
     return counts
 
 
-def _final_quality(rounds: list[Mapping[str, Any]], xs: list[int]) -> str:
+def _scores(section: Mapping[str, Any]) -> dict[str, str]:
+    return {"f1": _fmt(section.get("macro_f1")), "acc": _fmt(section.get("accuracy"))}
+
+
+def _final_quality(rounds: list[Mapping[str, Any]], xs: list[int]) -> dict:
     last, last_x = rounds[-1], xs[-1]
-
-    def describe(section: Mapping[str, Any]) -> str:
-        return f"macro-F1 <b>{_fmt(section.get('macro_f1'))}</b>, accuracy <b>{_fmt(section.get('accuracy'))}</b>"
-
-    parts = []
+    parts: list[dict] = []
     val = _dict(last.get("evaluate"))
     if val:
-        parts.append(f"federated validation {describe(val)}")
+        parts.append({"text": "federated validation", "scores": _scores(val)})
     else:
-        parts.append("no federated validation in the final round")
-        for rnd, x in zip(reversed(rounds), reversed(xs)):
-            if _dict(rnd.get("evaluate")):
-                parts[-1] += f" (latest, round {x}: {describe(_dict(rnd.get('evaluate')))})"
-                break
+        latest = next(({"round": x, "scores": _scores(_dict(r.get("evaluate")))}
+                       for r, x in zip(reversed(rounds), reversed(xs)) if _dict(r.get("evaluate"))), None)
+        parts.append({"text": "no federated validation in the final round", "latest": latest})
     test = _dict(last.get("test"))
     if test:
-        parts.append(f"test {describe(test)}")
+        parts.append({"text": "test", "scores": _scores(test)})
     start = _dict(rounds[0].get("test")) or _dict(rounds[0].get("evaluate")) if xs[0] == 0 and last_x != 0 else {}
     if start:
         which = "test" if _dict(rounds[0].get("test")) else "validation"
-        parts.append(f"against the zero-shot start (round 0, {which}): {describe(start)}")
-    return f"Final round {last_x}: " + "; ".join(parts) + "."
+        parts.append({"text": f"against the zero-shot start (round 0, {which}):", "scores": _scores(start)})
+    return {"round": last_x, "parts": [{"scores": None, "latest": None, **part} for part in parts]}
 
 
-def _epsilon_summary(rounds: list[Mapping[str, Any]], hospitals: list[str], private: bool) -> str:
-    if not private:
-        return '<span class="over">NON-PRIVATE: no differential-privacy guarantee, epsilon not tracked.</span>'
+def _epsilon_summary(rounds: list[Mapping[str, Any]], hospitals: list[str]) -> dict | None:
+    """The largest epsilon spent, the hospital closest to its cap and any over it; None when no
+    hospital reported any."""
     best: tuple[float, str, float | None] | None = None  # (spent, hospital, cap)
     tightest: tuple[float, str, float, float] | None = None  # (spent/cap, hospital, spent, cap)
     over: list[str] = []
@@ -531,45 +509,35 @@ def _epsilon_summary(rounds: list[Mapping[str, Any]], hospitals: list[str], priv
         if best is None or spent_max > best[0]:
             best = (spent_max, hospital, cap)
     if best is None:
-        return '<span class="over">Private run, but no hospital reported any \u03b5 spent.</span>'
+        return None
     spent, hospital, cap = best
-    text = f"Max \u03b5 spent <b>{_fmt_eps(spent)}</b> ({_esc(hospital)}) of cap <b>{_fmt_eps(cap)}</b>."
+    closest = None
     if tightest is not None and tightest[1] != hospital:  # caps differ: the largest spend is not the closest call
         ratio, name, t_spent, t_cap = tightest
-        text += f" Closest to its cap: {_esc(name)}, {_fmt_eps(t_spent)} of {_fmt_eps(t_cap)} ({ratio:.0%})."
-    if over:
-        text += f' <span class="over">Over cap: {_esc(", ".join(over))}.</span>'
-    return text
+        closest = {"hospital": name, "spent": _fmt_eps(t_spent), "cap": _fmt_eps(t_cap), "ratio": f"{ratio:.0%}"}
+    return {"spent": _fmt_eps(spent), "hospital": hospital, "cap": _fmt_eps(cap), "tightest": closest, "over": over}
 
 
-def _round_table(rounds: list[Mapping[str, Any]], xs: list[int]) -> str:
-    head = (
-        "<tr><th rowspan=2>Round</th><th colspan=3>Federated validation</th><th colspan=2>Test</th>"
-        "<th colspan=4>Hospitals</th><th rowspan=2>Upload bytes</th><th rowspan=2>Seconds</th></tr>"
-        "<tr><th>acc</th><th>macro-F1</th><th>loss</th><th>acc</th><th>macro-F1</th>"
-        "<th>ok</th><th>refused</th><th>rejected</th><th>failed</th></tr>"
-    )
+def _round_rows(rounds: list[Mapping[str, Any]], xs: list[int]) -> list[dict]:
     rows = []
     for rnd, x in zip(rounds, xs):
         val, test, counts = _dict(rnd.get("evaluate")), _dict(rnd.get("test")), _status_counts(rnd)
         cells = [
-            _td(str(x)),
-            _td(_fmt(val.get("accuracy"))),
-            _td(_fmt(val.get("macro_f1"))),
-            _td(_fmt(val.get("loss"))),
-            _td(_fmt(test.get("accuracy"))),
-            _td(_fmt(test.get("macro_f1"))),
-            *(_td(str(counts[s])) for s in STATUSES),
-            _td(_fmt_int(_round_upload(rnd))),
-            _td(_fmt(rnd.get("seconds"), 1)),
+            str(x),
+            _fmt(val.get("accuracy")),
+            _fmt(val.get("macro_f1")),
+            _fmt(val.get("loss")),
+            _fmt(test.get("accuracy")),
+            _fmt(test.get("macro_f1")),
+            *(str(counts[s]) for s in STATUSES),
+            _fmt_int(_round_upload(rnd)),
+            _fmt(rnd.get("seconds"), 1),
         ]
-        rows.append(f'<tr id="round-{x}">' + "".join(cells) + "</tr>")
-    return '<table class="rounds">\n' + head + "\n" + "\n".join(rows) + "\n</table>"
+        rows.append({"round": x, "cells": cells})
+    return rows
 
 
-def _hospital_table(rounds: list[Mapping[str, Any]], xs: list[int], hospitals: list[str], private: bool) -> str:
-    eps_head = "<th>\u03b5 spent / cap</th>" if private else ""
-    head = f"<tr><th>Hospital</th><th>Last status</th><th>In round</th><th>Reason</th>{eps_head}<th>Rounds ok</th></tr>"
+def _hospital_rows(rounds: list[Mapping[str, Any]], xs: list[int], hospitals: list[str]) -> list[dict]:
     rows = []
     for hospital in hospitals:
         last: Mapping[str, Any] | None = None
@@ -591,27 +559,22 @@ def _hospital_table(rounds: list[Mapping[str, Any]], xs: list[int], hospitals: l
         assert last is not None  # hospitals come from the rounds
         status = _status(last)
         raw_status = _str(last.get("status"))
-        status_text = _esc(raw_status) if raw_status.strip().lower() == status else f"{status} ({_esc(raw_status) or 'no status'})"
-        eps_cell = ""
-        if private:
-            cls = "num over" if spent is not None and cap is not None and spent > cap else "num"
-            eps_cell = _td(f"{_fmt_eps(spent)} / {_fmt_eps(cap)}", cls)
-        rows.append(
-            "<tr>"
-            + _td(_esc(hospital), "name")
-            + _td(status_text, f"st-{status}")
-            + _td(str(last_x))
-            + _td(_esc(last.get("reason")) or "", "reason")
-            + eps_cell
-            + _td(f"{ok_rounds} / {len(rounds)}")
-            + "</tr>"
-        )
-    return '<table class="hospitals">\n' + head + "\n" + "\n".join(rows) + "\n</table>"
+        rows.append({
+            "name": hospital,
+            "status": status,
+            "status_text": raw_status if raw_status.strip().lower() == status else f"{status} ({raw_status or 'no status'})",
+            "last_round": last_x,
+            "reason": _str(last.get("reason")),
+            "eps": f"{_fmt_eps(spent)} / {_fmt_eps(cap)}",
+            "over": spent is not None and cap is not None and spent > cap,
+            "ok_rounds": ok_rounds,
+        })
+    return rows
 
 
-def _export_link(export: Any, out_dir: Path) -> str:
+def _export_link(export: Any, out_dir: Path) -> dict | None:
     if not export:
-        return "<p>No export was written for this run.</p>"
+        return None
     path = Path(str(export))
     # A relative export path is relative to the working directory of the run (the process
     # writing this report); the link is made relative to the report so the run folder can move.
@@ -619,8 +582,7 @@ def _export_link(export: Any, out_dir: Path) -> str:
         href_path = os.path.relpath(os.path.abspath(path), os.path.abspath(out_dir))
     except ValueError:  # different drive (Windows)
         href_path = os.path.abspath(path)
-    href = urllib.parse.quote(Path(href_path).as_posix(), safe="/._-~")
-    return f'<p>Exported model: <a href="{_esc(href)}"><code>{_esc(path)}</code></a></p>'
+    return {"href": urllib.parse.quote(Path(href_path).as_posix(), safe="/._-~"), "path": str(path)}
 
 
 def _trained(rounds: list[Mapping[str, Any]], xs: list[int]) -> tuple[list[Mapping[str, Any]], list[int]]:
@@ -633,60 +595,42 @@ def _render_html(metrics: Mapping[str, Any], rounds: list[Mapping[str, Any]], xs
                  hospitals: list[str], out_dir: Path) -> str:
     private = _is_private(metrics)
     trained, trained_xs = _trained(rounds, xs)
-    run = _str(metrics.get("run")) or "(unnamed run)"
-    fingerprint = _str(metrics.get("backbone_fingerprint"))
-    labels = [str(label) for label in (metrics.get("labels") or []) if label is not None]
-    out: list[str] = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>fedprompt report: {_esc(run)}</title>",
-        f"<style>{_CSS}</style></head><body>",
-    ]
+    non_private_detail = None
     if not private:
-        detail = (
+        non_private_detail = (
             "the run did not record whether it was private"
             if "private" not in metrics or metrics.get("private") is None
             else "hospitals trained WITHOUT differential privacy; the prompt may memorise patient records"
         )
-        out.append(f'<div class="banner" role="alert">NON-PRIVATE run: {_esc(detail)}.</div>')
-    out.append(f"<h1>fedprompt run <code>{_esc(run)}</code></h1>")
-    privacy = "private (per-hospital differential privacy)" if private else '<span class="over">NON-PRIVATE</span>'
-    fp = f"<code>{_esc(fingerprint[:16])}</code>" + ("\u2026" if len(fingerprint) > 16 else "") if fingerprint else _MISSING
-    label_text = ", ".join(f"<code>{_esc(label)}</code>" for label in labels) or _MISSING
-    out.append('<dl class="meta">')
-    out.append(f"<dt>Privacy</dt><dd>{privacy}</dd>")
-    out.append(f"<dt>Strategy</dt><dd>{_esc(metrics.get('strategy')) or _MISSING}</dd>")
-    out.append(f"<dt>Backbone</dt><dd>{fp}</dd>")
-    out.append(f"<dt>Labels ({len(labels)})</dt><dd>{label_text}</dd>")
-    out.append(f"<dt>Rounds completed</dt><dd>{len(trained)}" + (" (+ round 0, the zero-shot start)" if len(trained) < len(rounds) else "") + "</dd>")
-    out.append(f"<dt>Hospitals</dt><dd>{len(hospitals)}</dd>")
-    out.append("</dl>")
-
-    if not trained:
-        out.append('<p class="summary"><b>No round completed.</b> There are no metrics, privacy '
-                   "spending or uploads to report.</p>")
-    else:
-        out.append(f'<p class="summary">{_final_quality(rounds, xs)}<br>{_epsilon_summary(trained, hospitals, private)}</p>')
-        alt_eps = "NON-PRIVATE run: epsilon not tracked" if not private else "cumulative epsilon spent per hospital per round"
-        for name, caption, alt in (
-            (METRICS_PNG, "Federated validation (solid) and test (dashed) scores; loss below.", "macro-F1, accuracy and loss per round"),
-            (EPSILON_PNG, "Cumulative \u03b5 per hospital; dotted lines are each hospital's cap; open squares = refused, "
-                          "crosses = rejected, triangles = failed.", alt_eps),
-            (UPLOAD_PNG, "Bytes uploaded per round, stacked by hospital.", "upload bytes per round by hospital"),
-        ):
-            out.append(f'<figure><img src="{name}" alt="{_esc(alt)}"><figcaption>{_esc(caption)}</figcaption></figure>')
-        out.append("<h2>Rounds</h2>")
-        out.append(_round_table(rounds, xs))
-        out.append("<h2>Hospitals</h2>")
-        out.append(_hospital_table(trained, trained_xs, hospitals, private))
-
-    out.append("<h2>Export</h2>")
-    out.append(_export_link(metrics.get("export"), out_dir))
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    out.append(f"<footer>Generated by fedprompt on {stamp}.</footer>")
-    out.append("</body></html>\n")
-    return "\n".join(out)
+    outcome = _str(metrics.get("outcome"))
+    alt_eps = "NON-PRIVATE run: epsilon not tracked" if not private else "cumulative epsilon spent per hospital per round"
+    figures = [
+        (METRICS_PNG, "Federated validation (solid) and test (dashed) scores; loss below.", "macro-F1, accuracy and loss per round"),
+        (EPSILON_PNG, "Cumulative \u03b5 per hospital; dotted lines are each hospital's cap; open squares = refused, "
+                      "crosses = rejected, triangles = failed.", alt_eps),
+        (UPLOAD_PNG, "Bytes uploaded per round, stacked by hospital.", "upload bytes per round by hospital"),
+    ]
+    return _TEMPLATES.get_template("report.html.j2").render(
+        run=_str(metrics.get("run")) or "(unnamed run)",
+        private=private,
+        non_private_detail=non_private_detail,
+        outcome=outcome,
+        outcome_reason=_str(metrics.get("outcome_reason")),  # set only for a run that produced no model (server/outcome.py)
+        running=outcome == RUNNING,
+        strategy=_str(metrics.get("strategy")) or _MISSING,
+        fingerprint=_str(metrics.get("backbone_fingerprint")),
+        labels=[str(label) for label in (metrics.get("labels") or []) if label is not None],
+        trained_rounds=len(trained),
+        zero_shot_round=len(trained) < len(rounds),
+        hospitals=hospitals,
+        final=_final_quality(rounds, xs) if trained else None,
+        eps=_epsilon_summary(trained, hospitals) if trained and private else None,
+        figures=[{"name": name, "caption": caption, "alt": alt} for name, caption, alt in figures],
+        round_rows=_round_rows(rounds, xs),
+        hospital_rows=_hospital_rows(trained, trained_xs, hospitals),
+        export=_export_link(metrics.get("export"), out_dir),
+        stamp=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -697,7 +641,8 @@ def _render_html(metrics: Mapping[str, Any], rounds: list[Mapping[str, Any]], xs
 def write_report(metrics: dict, out_dir: Path) -> Path:
     """Write ``out_dir/report.html`` and its three PNG plots; return the HTML path.
 
-    ``metrics`` is the run's ``metrics.json`` content: ``run``, ``private``, ``strategy``,
+    ``metrics`` is the run's ``metrics.json`` content: ``run``, ``outcome`` ("trained" or "no
+    hospital trained"), ``outcome_reason`` (why nothing trained, else null), ``private``, ``strategy``,
     ``backbone_fingerprint``, ``labels``, ``export`` and ``rounds``, a list of
     ``{"round", "seconds", "aggregate_seconds", "aggregate_cpu_seconds", "upload_bytes", "evaluate",
     "test", "hospitals"}`` (``aggregate_*``: wall and CPU time in the strategy's aggregate_train,

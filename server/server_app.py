@@ -6,10 +6,13 @@ from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid.http_grid import HttpGrid  # flwr 1.42's deployment Grid (server/grid.py)
 
 from fedprompt.common.config import FederationConfig
+from fedprompt.common.logs import ensure_handler
 
 from .federation import PreparedRun, RunSpec, execute, prepare_run
+from .grid import PromptGrid
 
 
 def make_server_app(run: PreparedRun | None = None) -> ServerApp:
@@ -17,6 +20,9 @@ def make_server_app(run: PreparedRun | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        ensure_handler()  # a deployment's flwr-serverapp: the rounds' lines go to the run's log
+        if isinstance(grid, HttpGrid):  # a deployment: Flower's Grid waits 3 s between pulls for replies
+            grid = PromptGrid(grid)
         execute(grid, run if run is not None else prepare_run(spec_from_run_config(context.run_config)))
 
     return app
@@ -24,7 +30,7 @@ def make_server_app(run: PreparedRun | None = None) -> ServerApp:
 
 def spec_from_run_config(cfg) -> RunSpec:
     """`flwr run` path: `--run-config 'workspace="/ws" out="/runs/x"'`; keys declared in
-    pyproject.toml's [tool.flwr.app.config] (workspace, out, rounds, backbone, resume)."""
+    fedprompt/app/pyproject.toml's [tool.flwr.app.config] (workspace, out, rounds, backbone, resume)."""
     workspace = Path(str(cfg.get("workspace") or "."))
     fed = FederationConfig.load(workspace / "federation.yaml")
     if int(cfg.get("rounds") or 0) > 0:

@@ -3,10 +3,10 @@ hospital of a workspace, the same ServerApp and ClientApp code as the deployment
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
-import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,13 +19,30 @@ from fedprompt.client.records import load_records
 from fedprompt.common.atomic import atomic_write
 from fedprompt.common.config import SiteConfig
 from fedprompt.common.errors import InputError, Problem
+from fedprompt.common.logs import CONSOLE, captured_output
 from fedprompt.common.zeroshot import initial_global_state
 from fedprompt.client.workspace import list_hospitals, load_workspace
 
 from .federation import PreparedRun, RunSpec, prepare_run
+from .outcome import TRAINED
 from .server_app import make_server_app
 
 log = logging.getLogger("fedprompt.server")
+
+
+LOG_NAME = "simulate.log"  # in RUN_DIR/logs/: Flower's, Ray's and the simulated hospitals' output
+
+
+def require_ray() -> None:
+    """Flower's simulation engine runs on Ray, an optional dependency (hospitals and the aggregator
+    never need it)."""
+    if importlib.util.find_spec("ray") is None:
+        raise InputError.at("fedprompt simulate", "needs Ray (Flower's simulation engine), which is not installed here: "
+                            "install fedprompt[simulation] (pip install 'fedprompt[simulation]')")
+
+
+def _not_run_simulation_deprecation(record: logging.LogRecord) -> bool:
+    return "`run_simulation` function is deprecated" not in record.getMessage()
 
 
 def ensure_ledgers(workspace: Path) -> list[str]:
@@ -75,9 +92,14 @@ def check_records(sites, labels: list[str]) -> None:
 
 
 def simulate(workspace: Path, out_dir: Path, *, rounds: int | None = None, resume: bool = False, stop_after: int | None = None,
-             backbone: Path | None = None, non_private: bool = False, create_ledgers: bool = False) -> dict:
+             backbone: Path | None = None, non_private: bool = False, create_ledgers: bool = False, verbose: bool = False) -> dict:
     """`create_ledgers`: only for a workspace this same command has just written (the fresh demo);
-    otherwise a site without its ledger stops the run before anything trains (`check_ledgers`)."""
+    otherwise a site without its ledger stops the run before anything trains (`check_ledgers`).
+    Flower's, Ray's and the hospitals' output goes to OUT/logs/simulate.log, and with `verbose`
+    to the console too (common/logs.captured_output).
+    Returns metrics.json's content; when no hospital trained (`outcome` is not TRAINED) there is
+    no export and no per-hospital comparison."""
+    require_ray()
     fed, sites, test = load_workspace(workspace)
     check_records(sites, fed.label_names)
     if rounds is not None:
@@ -88,34 +110,50 @@ def simulate(workspace: Path, out_dir: Path, *, rounds: int | None = None, resum
     # Private or not: a non-private round is recorded in the ledger too (epsilon infinite from then on).
     if create_ledgers:
         for h in ensure_ledgers(workspace):
-            print(f"[fedprompt] created privacy ledger for hospital {h}")
+            log.info("created privacy ledger for hospital %s", h, extra=CONSOLE)
     else:
         check_ledgers(sites)
     n = len(sites)
     gpus = (1.0 / min(n, 4)) if torch.cuda.is_available() else 0.0
     backend = {
         "client_resources": {"num_cpus": 1, "num_gpus": gpus},
-        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "log_to_driver": True, "logging_level": logging.ERROR},
+        # log_to_driver: the actors' (hospitals') output comes to this process, which files it.
+        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "log_to_driver": True, "logging_level": logging.WARNING},
     }
     from flwr.simulation import run_simulation
 
+    # Before the capture: Ray binds its log handler to the console at import (captured_output
+    # detaches it); and the run's log keeps every hospital's lines, which Ray would merge by default.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    import ray  # noqa: F401
+
     # Flower logs through its own handler; without this a root handler set up by a dependency
     # prints every line twice.
-    logging.getLogger("flwr").propagate = False
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        run_simulation(
-            server_app=make_server_app(run),
-            client_app=make_client_app(list_hospitals(workspace), torch_threads=1),
-            num_supernodes=n,
-            backend_config=backend,
-        )
-    metrics_path = out_dir / "metrics.json"
-    if not metrics_path.exists() or (run.history and run.history[-1]["round"] < run.done):
-        raise RuntimeError("the simulation ended without finishing the run (see the log above)")
-    metrics = json.loads(metrics_path.read_text())
-    metrics["hospital_comparison"] = compare_hospitals(run, sites)
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.propagate = False
+    log_file = out_dir / "logs" / LOG_NAME
+    with captured_output(log_file, verbose=verbose):
+        # Flower 1.42 deprecates run_simulation for `flwr run`, which starts a packaged app in other
+        # processes (flwr-simulation, then this same engine). This command hands the ServerApp a run
+        # it has validated here (workspace, records, ledgers, backbone) and reads the outcome in this
+        # process, so it keeps the engine's Python entry and drops the notice.
+        flwr_logger.addFilter(_not_run_simulation_deprecation)
+        try:
+            run_simulation(
+                server_app=make_server_app(run),
+                client_app=make_client_app(list_hospitals(workspace), torch_threads=1),
+                num_supernodes=n,
+                backend_config=backend,
+            )
+        finally:
+            flwr_logger.removeFilter(_not_run_simulation_deprecation)
+        metrics_path = out_dir / "metrics.json"
+        if not metrics_path.exists() or (run.history and run.history[-1]["round"] < run.done):
+            raise RuntimeError(f"the simulation ended without finishing the run (see {log_file})")
+        metrics = json.loads(metrics_path.read_text())
+        if metrics["outcome"] != TRAINED:  # no federated model to compare: metrics.json says why
+            return metrics
+        metrics["hospital_comparison"] = compare_hospitals(run, sites)
     atomic_write(out_dir / "comparison.json", (json.dumps(metrics["hospital_comparison"], indent=1) + "\n").encode())
     return metrics
 

@@ -26,6 +26,7 @@ from fedprompt.common.metrics import ClassCounts
 from fedprompt.common.model import PromptConfig
 from fedprompt.common.wire import (
     ARRAYS,
+    EVALUATION,
     METRICS,
     STATUS,
     arrays_to_state,
@@ -80,8 +81,12 @@ def _identity(msg: Message, node_id: int, taken: set[str]) -> str:
 
 
 class ValidatedStrategy(Strategy):
-    def __init__(self, inner: Strategy, prompt: PromptConfig, *, norm_bound: float, min_hospitals: int, round_offset: int = 0):
+    def __init__(self, inner: Strategy, prompt: PromptConfig, *, norm_bound: float, min_hospitals: int, round_offset: int = 0,
+                 evaluate_in_train: bool = False):
         self.inner = inner
+        # One message per round: no evaluate messages; sites validate the model received inside
+        # the train message, and those that share send noised counts with their update.
+        self.evaluate_in_train = evaluate_in_train
         self.shapes = prompt.shapes()
         self.num_labels = prompt.num_labels
         self.norm_bound = norm_bound
@@ -138,6 +143,7 @@ class ValidatedStrategy(Strategy):
         outcomes: dict[str, HospitalOutcome] = {}
         accepted: list[Message] = []
         answered: set[int] = set()
+        shared: list[MetricRecord] = []
         for msg in replies:
             node = sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             answered.add(node)
@@ -145,6 +151,8 @@ class ValidatedStrategy(Strategy):
             outcome = self._judge(msg)
             outcomes[who] = outcome
             if outcome.status == "ok":
+                if EVALUATION in msg.content.metric_records:  # validated with the update by _judge
+                    shared.append(msg.content[EVALUATION])
                 # The strategy sees only the tensors and the weight: nothing else to trip on.
                 msg.content = RecordDict({ARRAYS: msg.content[ARRAYS], METRICS: MetricRecord({"num-examples": outcome.weight})})
                 accepted.append(msg)
@@ -155,6 +163,8 @@ class ValidatedStrategy(Strategy):
         for node in sorted(set(sent.values()) - answered):
             outcomes[f"node-{node}"] = HospitalOutcome("failed", "no reply within the round timeout")
         self.train_outcomes[server_round] = outcomes
+        if self.evaluate_in_train:
+            self.eval_results[server_round] = self._sum_counts(shared, model_round=self.global_round(server_round) - 1)
         if len(accepted) < self.min_hospitals:
             log.warning(
                 "round %d: %d valid update(s), fewer than min_hospitals=%d: global model unchanged",
@@ -208,6 +218,8 @@ class ValidatedStrategy(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._mark(server_round, "evaluate_sent")
+        if self.evaluate_in_train:
+            return []
         config = ConfigRecord(dict(config))
         config["fp.round"] = self.global_round(server_round)
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
@@ -220,8 +232,9 @@ class ValidatedStrategy(Strategy):
         each total clipped at 0; there is no loss (no site sends one).
         """
         self._mark(server_round, "evaluate_received")
-        total = ClassCounts.zeros(self.num_labels)
-        sharing = 0
+        if self.evaluate_in_train:
+            return None  # the counts came with the updates (aggregate_train)
+        shared = []
         for msg in replies:
             if msg.has_error():
                 continue
@@ -229,22 +242,25 @@ class ValidatedStrategy(Strategy):
             if reason:
                 log.warning("round %d: malformed evaluation reply ignored: %s", self.global_round(server_round), reason)
                 continue
-            if METRICS not in msg.content.metric_records:
-                continue  # refused, or evaluated locally (the default)
-            m = msg.content[METRICS]
+            if METRICS in msg.content.metric_records:  # else refused, or evaluated locally (the default)
+                shared.append(msg.content[METRICS])
+        self.eval_results[server_round] = result = self._sum_counts(shared, model_round=self.global_round(server_round))
+        if result is None:
+            return None
+        return MetricRecord({k: float(v) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+
+    def _sum_counts(self, shared: list[MetricRecord], model_round: int) -> dict | None:
+        """The sum of the sites' noised per-class counts (validated), each total clipped at 0;
+        None if no site shared. `model_round`: the global model they evaluated."""
+        total = ClassCounts.zeros(self.num_labels)
+        for m in shared:
             total = total + ClassCounts([float(v) for v in m["tp"]], [float(v) for v in m["fp"]], [float(v) for v in m["fn"]])
-            sharing += 1
         clipped = ClassCounts(*([max(0.0, v) for v in getattr(total, k)] for k in ("tp", "fp", "fn")))
-        if sharing == 0 or clipped.n <= 0:
-            self.eval_results[server_round] = None
+        if not shared or clipped.n <= 0:
             return None
         s = clipped.summary()
-        self.eval_results[server_round] = {
-            "accuracy": s["accuracy"], "macro_f1": s["macro_f1"], "loss": None, "num_examples": round(s["num_examples"]),
-            "noised": True, "hospitals": sharing,
-        }
-        return MetricRecord({k: float(v) for k, v in self.eval_results[server_round].items()
-                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        return {"accuracy": s["accuracy"], "macro_f1": s["macro_f1"], "loss": None, "num_examples": round(s["num_examples"]),
+                "noised": True, "hospitals": len(shared), "model_round": model_round}
 
     def outcomes_json(self, server_round: int) -> dict[str, dict]:
         return {k: asdict(v) for k, v in self.train_outcomes.get(server_round, {}).items()}

@@ -23,10 +23,13 @@ from pathlib import Path
 
 import yaml
 
+from fedprompt.commands.aggregator import packaged_app
+
 FEDPROMPT = [sys.executable, "-m", "fedprompt"]
 
-# The code-free app the containers submit: its components name the installed fedprompt package.
-APP = Path(__file__).resolve().parents[1] / "docker" / "app"
+# The code-free app `aggregator run` submits by default (package data, as in the containers):
+# its components name the installed fedprompt package.
+APP = packaged_app()
 
 
 def free_port() -> int:

@@ -112,6 +112,8 @@ def test_dockerfiles():
         assert users and users[-1] not in ("root", "0"), name
         assert "HEALTHCHECK" in text and "HF_HUB_OFFLINE=1" in text and "TRANSFORMERS_OFFLINE=1" in text
         assert "load_backbone()" in text  # the embedded backbone is checked at build time
+        # the app the submitter sends is the one installed with the package (fedprompt/app), no copy of it
+        assert "default_app()" in text and "docker/app" not in text and "FEDPROMPT_APP" not in text, name
     assert "whl/cu" in (ROOT / "docker" / "Dockerfile.cuda").read_text()
 
 

@@ -59,7 +59,7 @@ def test_demo_is_deterministic_and_loads(tmp_path, data_cli, capsys):
     assert federation.name == "demo" and federation == FederationConfig.load(tmp_path / "a" / "federation.yaml")
     assert [s.hospital_id for s in sites] == ["hospital-1", "hospital-2", "hospital-3"]
     for site in sites:
-        assert site.allow_non_private and site.privacy.max_epsilon == 10.0
+        assert not site.allow_non_private and site.privacy.max_epsilon == 8.0  # docs/deployment.md's recommendation
         assert site.ledger == tmp_path / "a" / site.hospital_id / "ledger" / "privacy-ledger.json" and not site.ledger.parent.exists()
         train = load_records(site.train, text_field=site.text_field, label_field=site.label_field, labels=federation.labels)
         assert len(train) == 480 and site.privacy.delta < 1 / len(train)

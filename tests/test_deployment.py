@@ -8,7 +8,7 @@
     fedprompt aggregator run                   flwr run: 2 rounds, metrics.json + export in --out
 
 Every process runs in its own session and is killed (whole process group) at teardown; every
-wait has a deadline. The submitted Flower app is docker/app, a code-free app folder whose
+wait has a deadline. The submitted Flower app is fedprompt/app (the default), a code-free app folder whose
 components are the installed `fedprompt.server.server_app:app` and `fedprompt.client.client_app:app`;
 the aggregator's backbone (the tiny test BERT) comes through the `backbone` run-config key.
 """
@@ -32,7 +32,7 @@ import pytest
 import yaml
 
 from deploy_topology import (
-    FEDPROMPT, Processes, can_connect, cli, copy_app, deploy_env, free_port, init_pki, make_workspace, register_hospital,
+    APP, FEDPROMPT, Processes, can_connect, cli, copy_app, deploy_env, free_port, init_pki, make_workspace, register_hospital,
     start_aggregator, start_hospital, wait_for,
 )
 
@@ -176,6 +176,7 @@ def test_two_round_run_completes(deployment):
     if lapses:
         warnings.warn(f"a hospital missed one round on Flower's liveness check: {lapses}")
     assert min(ok_rounds.values()) >= 1, (ok_rounds, lapses)
+    assert metrics["outcome"] == "trained" and metrics["outcome_reason"] is None
     export = Path(metrics["export"])
     assert export.is_dir() and any(export.iterdir())
     # Each hospital's ledger recorded its DP-SGD steps on its own disk (before training: a daemon
@@ -187,6 +188,36 @@ def test_two_round_run_completes(deployment):
     for i in range(1, 4):
         assert f"127.0.0.1:{deployment['fleet_port']}" in procs.log(f"hospital-{i}")
     print(f"\n[deployment] run finished {time.monotonic() - deployment['t0']:.1f}s after setup began")
+
+
+def test_a_bundle_with_code_is_refused_at_every_hospital(deployment):
+    """Only installed code runs at a hospital: a run whose bundle brings its own ClientApp (one
+    that would copy the records) is refused by every site as "untrusted app", nothing of it runs,
+    and `aggregator run` exits 5 without an export."""
+    procs, root, env = deployment["procs"], deployment["root"], deployment["env"]
+    run = procs.procs["run"]
+    run.wait(RUN_TIMEOUT + 30)  # after the two-round run (its hospitals, its ledgers)
+    evil = root / "evil-app"
+    (evil / "evil").mkdir(parents=True)
+    marker = root / "evil-ran"
+    train = deployment["ws"] / "hospital-1" / "train.csv"
+    (evil / "evil" / "__init__.py").write_text("")
+    (evil / "evil" / "client_app.py").write_text(  # flwr checks statically (AST) that `app` is assigned
+        f"open({str(marker)!r}, 'w').write(open({str(train)!r}).read())\nfrom flwr.clientapp import ClientApp\n\napp = ClientApp()\n")
+    (evil / "pyproject.toml").write_text((APP / "pyproject.toml").read_text().replace(
+        "fedprompt.client.client_app:app", "evil.client_app:app"))
+    out = root / "evil-out"
+    r = cli("aggregator", "run", "--state", str(deployment["state"]), "--workspace", str(deployment["ws"]), "--out", str(out),
+            "--app", str(evil), "--rounds", "1", "--timeout", str(RUN_TIMEOUT), "--run-config", f'backbone="{root / "tinybert"}"',
+            env=env, timeout=RUN_TIMEOUT + 60)
+    assert r.returncode == 5, r.stdout[-3000:] + r.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    outcomes = metrics["rounds"][-1]["hospitals"]
+    assert metrics["outcome"] == "no hospital trained" and metrics["export"] is None, metrics
+    assert len(outcomes) == 3 and all(h["status"] == "refused" and h["reason"] == "untrusted app" for h in outcomes.values()), outcomes
+    assert not marker.exists()
+    for i in range(1, 4):
+        assert "untrusted app" in procs.log(f"hospital-{i}") and "evil/client_app.py" in procs.log(f"hospital-{i}")
 
 
 def test_proxy_checks_every_request_on_a_kept_alive_connection(deployment):

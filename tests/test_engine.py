@@ -80,8 +80,10 @@ def test_selftest_cli_json(tiny_dir, capsys):
 
     assert main(["selftest", "--backbone", str(tiny_dir), "--device", "cpu", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["passed"] is True and out["device"] == "cpu"
-    assert [c["name"] for c in out["checks"]] == ["per_sample_gradients", "zero_noise_dp_step", "broadcast_guard", "backbone_bit_identical"]
+    assert out["passed"] is True and out["device"] == "cpu" and out["dtype"] == "float32"  # bf16 only on CUDA
+    assert [c["name"] for c in out["checks"]] == ["per_sample_gradients", "zero_noise_dp_step", "broadcast_guard", "backbone_bit_identical",
+                                                  "feature_precision"]
+    assert out["checks"][-1]["max_abs_diff"] == 0.0  # float32 against float32 on the CPU
     assert all(set(c) >= {"name", "passed", "max_abs_diff"} for c in out["checks"])
 
 

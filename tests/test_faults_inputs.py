@@ -389,8 +389,8 @@ def _fed_missing_name(c: Ctx):
 
 
 def _fed_missing_file(c: Ctx):
-    c.fed.unlink()
-    return c.check(), BAD, [at(c.site) + " no federation file at " + re.escape(str(c.fed))]
+    c.fed.unlink()  # without a federation, `data check` checks the site alone; named, it must exist
+    return [*c.check(), "--federation", str(c.fed)], BAD, [at(c.fed) + " file not found"]
 
 
 def _records_label_space_mismatch(c: Ctx):
@@ -957,7 +957,7 @@ def _chattr(path: Path, flag: str) -> bool:
 
 @pytest.mark.parametrize("fault", [*DISK_FAULTS, "immutable-ledger-folder"])
 def test_unwritable_ledger_refuses_before_any_update_leaves(fault, ctx: Ctx, prepared, no_training, monkeypatch, caplog):
-    hospital._cached_backbone(str(ctx.tiny))  # warm: the fault hits the ledger write, nothing else
+    hospital.cached_backbone(str(ctx.tiny))  # warm: the fault hits the ledger write, nothing else
     # Noise calibration is not under test here (test_engine covers it) and costs seconds: pin sigma.
     monkeypatch.setattr(hospital, "calibrate_noise", lambda *args, **kwargs: 3.0)
     before_bytes = ctx.ledger.read_bytes()

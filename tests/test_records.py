@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fedprompt.client.records import load_records
 from fedprompt.client.workspace import write_workspace
@@ -215,12 +216,49 @@ def test_check_bad_records_exits_2_and_writes_nothing(workspace, data_cli, capsy
     assert tree(workspace) == before and not (site / "ledger").exists()
 
 
-def test_check_needs_a_federation_file(workspace, data_cli, capsys, tmp_path):
+def test_check_without_a_federation_checks_the_site_alone(workspace, data_cli, capsys, tmp_path):
+    """A hospital holds its site.yaml, not the aggregator's federation.yaml: `data check` checks
+    what the site can alone and says what it could not (the labels against the label space)."""
     (workspace / "federation.yaml").rename(tmp_path / "federation.yaml")
-    site = str(workspace / "hospital-1" / "site.yaml")
-    assert data_cli(["data", "check", "--site", site]) == 2
-    assert "pass --federation" in capsys.readouterr().err
-    assert data_cli(["data", "check", "--site", site, "--federation", str(tmp_path / "federation.yaml")]) == 0
+    site = workspace / "hospital-1"
+    assert data_cli(["data", "check", "--site", str(site / "site.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "not checked: the labels above against the federation's label space: pass --federation" in out
+    assert "neoplasms" in out and "ledger: not created yet" in out and out.rstrip().endswith("ok")
+    # A label outside the label space passes alone (it is listed), and is caught with --federation.
+    with (site / "train.csv").open("a", encoding="utf-8") as f:
+        f.write("x,cancer\n")
+    assert data_cli(["data", "check", "--site", str(site / "site.yaml")]) == 0
+    assert "cancer" in capsys.readouterr().out
+    assert data_cli(["data", "check", "--site", str(site / "site.yaml"), "--federation", str(tmp_path / "federation.yaml")]) == 2
+    assert f"{site / 'train.csv'}:22: label: unknown label 'cancer'" in capsys.readouterr().err
+    # What the site can check alone is still checked: columns, empty texts, delta, backbone, ledger.
+    (site / "val.csv").write_text("text,diagnosis\nx,neoplasms\n", encoding="utf-8")
+    doc = yaml.safe_load((site / "site.yaml").read_text(encoding="utf-8"))
+    doc["privacy"]["delta"], doc["backbone"] = 0.1, str(tmp_path)
+    (site / "site.yaml").write_text(yaml.safe_dump(doc), encoding="utf-8")
+    (site / "ledger").mkdir()
+    (site / "ledger" / "privacy-ledger.json").write_text("{}", encoding="utf-8")
+    before = tree(workspace)
+    assert data_cli(["data", "check", "--site", str(site / "site.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert f"{site / 'val.csv'}:1: label: missing column" in err
+    assert "privacy.delta: 0.1 is not below 1/n = 1/21" in err and f"backbone: {tmp_path} is not a model directory" in err
+    assert f"{site / 'ledger' / 'privacy-ledger.json'}: ledger: privacy ledger" in err and "corrupted" in err
+    assert tree(workspace) == before
+
+
+def test_check_opens_the_ledger_as_the_daemon_does(workspace, data_cli, capsys):
+    from fedprompt.server.simulate import ensure_ledgers
+
+    site = workspace / "hospital-1" / "site.yaml"
+    assert ensure_ledgers(workspace) == ["hospital-1"]  # `privacy init`
+    assert data_cli(["data", "check", "--site", str(site)]) == 0
+    assert "privacy-ledger.json: 0 round(s) recorded; lifetime cap epsilon 8" in capsys.readouterr().out
+    # A ledger that belongs to another hospital's site.yaml is bad input, named with its file.
+    site.write_text(site.read_text(encoding="utf-8").replace("hospital_id: hospital-1", "hospital_id: hospital-9"), encoding="utf-8")
+    assert data_cli(["data", "check", "--site", str(site)]) == 2
+    assert "belongs to hospital 'hospital-1', not 'hospital-9'" in capsys.readouterr().err
 
 
 def test_check_refuses_a_delta_too_large_for_the_site(workspace, data_cli, capsys):

@@ -116,7 +116,7 @@ def test_private_report(private_metrics, tmp_path):
     for name in PNGS:
         assert f'<img src="{name}"' in page
     assert "<script" not in page.lower()  # nothing executable, and the remote reason is escaped
-    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; more" in page
+    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt; &amp; more" in page  # MarkupSafe's escapes
     assert "budget" in page  # a refusal names its category only
 
     # round, val acc, val F1, val loss, test acc, test F1, ok, refused, rejected, failed, bytes, seconds
@@ -202,6 +202,36 @@ def test_hostile_and_odd_values_render(private_metrics, tmp_path):
     assert _row(page, 1)[3:5] == ["∞", "NaN"]
     assert _row(page, 1)[6:10] == ["4", "0", "0", "2"]  # unknown/absent status counts as failed
     assert 'id="round-4"' in page
+
+
+def test_hostile_hospital_id_and_reason_are_escaped_everywhere(private_metrics, tmp_path):
+    """A remote site controls its id and (through a rejection) the reason text: neither may open a
+    tag or leave an attribute, in the tables, the summary or the export link."""
+    hostile = '"><script>alert(1)</script><img src=x onerror=alert(2)>'
+    rnd = private_metrics["rounds"][2]
+    rnd["hospitals"][hostile] = _site("rejected", eps=9.5, cap=8.0, reason=hostile)
+    private_metrics["run"] = hostile
+    private_metrics["labels"].append(hostile)
+    private_metrics["export"] = f"/tmp/{hostile}"
+    page = write_report(private_metrics, tmp_path).read_text(encoding="utf-8")
+    assert "<script" not in page.lower() and "<img src=x" not in page and 'onerror=alert(2)>' not in page
+    escaped = "&#34;&gt;&lt;script&gt;alert(1)&lt;/script&gt;&lt;img src=x onerror=alert(2)&gt;"
+    assert f'<td class="name">{escaped}</td>' in page and f'<td class="reason">{escaped}</td>' in page
+    assert f"Max ε spent <b>9.50</b> ({escaped}) of cap <b>8.00</b>" in page  # the largest spender is the hostile site
+    assert f'<span class="over">Over cap: {escaped}.</span>' in page
+    assert f"<title>fedprompt report: {escaped}</title>" in page and f"<code>{escaped}</code>" in page
+    assert f"<code>/tmp/{escaped}</code>" in page  # the export path as text; its href is URL-quoted
+    assert re.search(r'Exported model: <a href="[^"<>]*%22%3E%3Cscript%3E[^"<>]*">', page)
+
+
+def test_report_of_a_running_run_reloads_and_promises_the_export(private_metrics, tmp_path):
+    """Rewritten after every round (server/federation.py): the page says the run is running,
+    reloads itself, and has no export yet."""
+    private_metrics.update(outcome="running", outcome_reason=None, export=None)
+    page = write_report(private_metrics, tmp_path).read_text(encoding="utf-8")
+    assert '<meta http-equiv="refresh" content="30">' in page
+    assert "<dt>Outcome</dt><dd>running (this page is rewritten after every round)</dd>" in page
+    assert "The model is exported when the run ends." in page and 'role="alert"' not in page
 
 
 def test_round_zero_is_shown_as_the_zero_shot_start(private_metrics, tmp_path):

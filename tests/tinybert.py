@@ -23,7 +23,8 @@ TOY_KEYWORDS = [["tumor", "cancer", "mass", "carcinoma", "neoplasm"], ["stomach"
 TOY_NEUTRAL = ["the", "patient", "pain", "fever", "history", "exam", "normal", "denies", "reports"]
 
 
-def make_tiny_backbone(directory: Path, seed: int = 0, hidden: int = 32, layers: int = 2, words: list[str] | None = None, init_range: float = 0.02) -> Path:
+def make_tiny_backbone(directory: Path, seed: int = 0, hidden: int = 32, layers: int = 2, words: list[str] | None = None, init_range: float = 0.02,
+                       max_positions: int = 256) -> Path:
     """`words` extends the vocabulary (e.g. with a corpus' frequent words) so that short
     max_length settings still cover whole sentences instead of single characters."""
     directory = Path(directory)
@@ -39,7 +40,7 @@ def make_tiny_backbone(directory: Path, seed: int = 0, hidden: int = 32, layers:
         num_hidden_layers=layers,
         num_attention_heads=2,
         intermediate_size=2 * hidden,
-        max_position_embeddings=256,
+        max_position_embeddings=max_positions,
         initializer_range=init_range,
     )
     BertModel(config).save_pretrained(directory)

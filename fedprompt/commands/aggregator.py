@@ -15,6 +15,8 @@ the address hospitals reach. `register` and `run` talk to the Control API throug
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
 import signal
 import subprocess
@@ -22,8 +24,19 @@ import sys
 import time
 from pathlib import Path
 
+log = logging.getLogger("fedprompt.aggregator")
+
+RUN_EXIT_CODES = """exit status:
+  0  the run finished and at least one hospital trained (export in OUT/export); with --detach: submitted
+  1  the run was not accepted, failed (after --retries), or --timeout stopped following it
+  2  bad input (workspace, --out, connection, app); nothing was submitted
+  5  the run finished but no hospital trained in any round (all refused, rejected or failed): no export;
+     OUT/metrics.json ("outcome", "outcome_reason") and OUT/report.html say why"""
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from fedprompt.common.logs import add_log_format_argument
+
     parser = subparsers.add_parser("aggregator", help="run the aggregator (SuperLink + Fleet-only proxy), enrol hospitals, submit runs")
     sub = parser.add_subparsers(dest="aggregator_command", required=True, metavar="ACTION")
 
@@ -37,12 +50,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-fleet-proxy", action="store_true", help="start only the SuperLink (the proxy runs elsewhere: `aggregator proxy`)")
     p.add_argument("--isolation", choices=("subprocess", "process"), default="subprocess",
                    help="ServerApp in a SuperLink subprocess (default) or in a separate `flower-superexec`")
+    add_log_format_argument(p)
     p.set_defaults(func=run_start)
 
     p = sub.add_parser("proxy", help="run only the Fleet-only reverse proxy (403 for the Control and Runtime APIs)")
     from fedprompt.server.fleet_proxy import build_parser
 
     build_parser(p)
+    add_log_format_argument(p)
     p.set_defaults(func=run_proxy)
 
     p = sub.add_parser("register", help="register a hospital's SuperNode public key (flwr supernode register)")
@@ -57,13 +72,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _connection_args(p)
     p.set_defaults(func=run_nodes)
 
-    p = sub.add_parser("run", help="submit a federation run (flwr run) and follow its log until it ends")
+    p = sub.add_parser("run", help="submit a federation run (flwr run) and follow its log until it ends",
+                       epilog=RUN_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--state", type=Path, required=True, help="aggregator state folder (as given to `start`)")
     p.add_argument("--workspace", type=Path, required=True, help="folder with federation.yaml (and optional test.csv), on the aggregator")
     p.add_argument("--out", type=Path, required=True, help="run folder on the aggregator (checkpoint, metrics.json, export, report)")
     p.add_argument("--rounds", type=int, help="override federation.yaml's rounds")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--app", type=Path, help="Flower app folder to submit (default: $FEDPROMPT_APP, else this project's root)")
+    p.add_argument("--app", type=Path,
+                   help="Flower app folder to submit (default: $FEDPROMPT_APP, else the code-free app installed with fedprompt)")
     p.add_argument("--run-config", action="append", default=[], metavar="'KEY=VALUE ...'",
                    help="extra run-config overrides passed on to `flwr run` (keys must exist in the app's [tool.flwr.app.config])")
     p.add_argument("--detach", action="store_true", help="submit and return at once, without following the log")
@@ -125,9 +142,11 @@ def run_start(args: argparse.Namespace) -> int:
     import asyncio
 
     from fedprompt.common.errors import InputError
+    from fedprompt.common.logs import configure_logging
     from fedprompt.server import deploy, fleet_proxy
     from fedprompt.server.pki import PkiPaths
 
+    configure_logging(args.log_format)  # this process's lines and the proxy's refusals
     pki = PkiPaths.of(args.pki)
     pki.check_server_side()
     for name in ("port", "fleet_port"):
@@ -139,8 +158,8 @@ def run_start(args: argparse.Namespace) -> int:
     state.mkdir(parents=True, exist_ok=True)
     conn = deploy.write_connection(state, f"{internal}:{args.port}", pki.ca_cert)
     argv = deploy.superlink_argv(pki, state, host=args.host, port=args.port, isolation=args.isolation)
-    print(f"[fedprompt] SuperLink on {args.host}:{args.port} (TLS, SuperNode auth, database {state / 'superlink.db'}); "
-          f"Control API connection '{deploy.CONNECTION}' in {conn}", flush=True)
+    log.info("SuperLink on %s:%d (TLS, SuperNode auth, database %s); Control API connection '%s' in %s",
+             args.host, args.port, state / "superlink.db", deploy.CONNECTION, conn)
     link = subprocess.Popen(argv, env=deploy.aggregator_env(state))
 
     def stop_link() -> int:
@@ -170,8 +189,8 @@ def run_start(args: argparse.Namespace) -> int:
     async def main() -> int:
         proxy = fleet_proxy.FleetProxy(config)
         await proxy.start()
-        print(f"[fedprompt] Fleet-only proxy on {args.fleet_host}:{proxy.port} -> {internal}:{args.port} "
-              "(hospitals connect here; /v1/control and /v1/runtime answer 403)", flush=True)
+        log.info("Fleet-only proxy on %s:%d -> %s:%d (hospitals connect here; /v1/control and /v1/runtime answer 403)",
+                 args.fleet_host, proxy.port, internal, args.port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -195,13 +214,13 @@ def run_start(args: argparse.Namespace) -> int:
 
 def run_proxy(args: argparse.Namespace) -> int:
     import asyncio
-    import logging
     import ssl
 
     from fedprompt.common.errors import InputError
+    from fedprompt.common.logs import configure_logging
     from fedprompt.server import fleet_proxy
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_format)
     try:
         config = fleet_proxy.config_from_args(args)
     except (ValueError, OSError, ssl.SSLError) as exc:
@@ -244,20 +263,25 @@ def run_nodes(args: argparse.Namespace) -> int:
     return deploy.flwr_cli(args.state, "supernode", "ls", deploy.CONNECTION).returncode
 
 
-def default_app() -> Path | None:
-    env = os.environ.get("FEDPROMPT_APP")
-    if env:
-        return Path(env)
+def packaged_app() -> Path:
+    """The code-free Flower app shipped in the fedprompt package (fedprompt/app/pyproject.toml,
+    package data): its components name the installed fedprompt modules, so the FAB that travels
+    to the hospitals is that one file and every site runs the fedprompt it installed itself."""
     import fedprompt
 
-    root = Path(fedprompt.__file__).resolve().parent.parent
-    return root if (root / "pyproject.toml").is_file() else None
+    return Path(fedprompt.__file__).resolve().parent / "app"
+
+
+def default_app() -> Path:
+    env = os.environ.get("FEDPROMPT_APP")
+    return Path(env) if env else packaged_app()
 
 
 def run_run(args: argparse.Namespace) -> int:
     from fedprompt.client.workspace import load_workspace
     from fedprompt.common.errors import InputError
     from fedprompt.server import deploy
+    from fedprompt.server.outcome import EXIT_NOTHING_TRAINED, NOTHING_TRAINED
 
     if args.rounds is not None and args.rounds < 1:
         raise InputError.at("--rounds", f"expected >= 1, got {args.rounds}")
@@ -271,8 +295,8 @@ def run_run(args: argparse.Namespace) -> int:
         raise InputError.at(args.out, "no checkpoint to resume from")
     _ensure_connection(args)
     app = args.app or default_app()
-    if app is None or not (app / "pyproject.toml").is_file():
-        raise InputError.at(app or "--app", "no Flower app (pyproject.toml with [tool.flwr.app]); pass --app or set FEDPROMPT_APP")
+    if not (app / "pyproject.toml").is_file():
+        raise InputError.at(app, "not a Flower app folder (no pyproject.toml with [tool.flwr.app]): pass --app DIR or set FEDPROMPT_APP")
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     checkpoint = args.out / "checkpoint" / "state.json"
     resume, attempt = args.resume, 0
@@ -298,6 +322,11 @@ def run_run(args: argparse.Namespace) -> int:
             return 1
         metrics = args.out / "metrics.json"
         if status == "finished:completed" and metrics.is_file():
+            done = json.loads(metrics.read_text(encoding="utf-8"))
+            if done.get("outcome") == NOTHING_TRAINED:
+                print(f"[fedprompt] run {run_id} ended without training: {done.get('outcome_reason')}; no export written "
+                      f"(see {metrics} and {args.out / 'report.html'})", file=sys.stderr)
+                return EXIT_NOTHING_TRAINED
             print(f"[fedprompt] run finished: {metrics}")
             return 0
         print(f"[fedprompt] run {run_id} ended {status}" + ("" if metrics.is_file() else f" without writing {metrics}") + ": see the SuperLink's log",

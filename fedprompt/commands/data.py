@@ -6,13 +6,14 @@ Light imports only (no torch/transformers): these commands must start fast.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from fedprompt.client import demo_data, download, partition
-from fedprompt.client.records import Records, load_records
+from fedprompt.client.records import Records, load_labelled, load_records, natural_key
 from fedprompt.client.workspace import check_empty_target, label_table, write_workspace
 from fedprompt.common.config import FederationConfig, SiteConfig
-from fedprompt.common.errors import InputError, Problem
+from fedprompt.common.errors import InputError, LedgerError, Problem
 
 
 def _positive_int(text: str) -> int:
@@ -69,9 +70,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--source", default=download.DEFAULT_SOURCE, help="URL base (or local folder) holding the files")
     p.set_defaults(func=run_download)
 
-    p = sub.add_parser("check", help="validate a site config and its record files, without training")
+    p = sub.add_parser("check", help="validate a site config, its record files and its ledger, without training")
     p.add_argument("--site", type=Path, required=True, help="the hospital's site.yaml")
-    p.add_argument("--federation", type=Path, help="federation.yaml (default: ../federation.yaml beside the site folder)")
+    p.add_argument("--federation", type=Path,
+                   help="the aggregator's federation.yaml: also check the labels against its label space "
+                        "(default: ../federation.yaml if the site is in a workspace; without one the labels are not checked)")
     p.set_defaults(func=run_check)
 
 
@@ -110,40 +113,78 @@ def run_download(args: argparse.Namespace) -> int:
 def run_check(args: argparse.Namespace) -> int:
     site = SiteConfig.load(args.site)
     federation_path = args.federation
-    if federation_path is None:
-        federation_path = site.source.parent.parent / "federation.yaml"
-        if not federation_path.is_file():
-            raise InputError.at(args.site, f"no federation file at {federation_path}; pass --federation")
-    federation = FederationConfig.load(federation_path)
+    if federation_path is None:  # a workspace (`data demo` / `data partition`) keeps it above hospital-N/
+        beside = site.source.parent.parent / "federation.yaml"
+        federation_path = beside if beside.is_file() else None
+    federation = None if federation_path is None else FederationConfig.load(federation_path)
     loaded: dict[str, Records] = {}
+    names: dict[str, list[str]] = {}  # each split's label names: the federation's, or else those the file holds
     problems: list[Problem] = []
     for split, path in (("train", site.train), ("validation", site.validation), ("test", site.test)):
         if path is not None:
-            try:  # the patient field is what training reads: checked on the training records
-                loaded[split] = load_records(path, text_field=site.text_field, label_field=site.label_field, labels=federation.label_names,
-                                             patient_field=site.patient_field if split == "train" else None)
+            # The patient field is what training reads: checked on the training records.
+            patient_field = site.patient_field if split == "train" else None
+            try:
+                if federation is None:
+                    loaded[split], names[split] = load_labelled(path, text_field=site.text_field, label_field=site.label_field,
+                                                                patient_field=patient_field)
+                else:
+                    names[split] = federation.label_names
+                    loaded[split] = load_records(path, text_field=site.text_field, label_field=site.label_field,
+                                                 labels=federation.label_names, patient_field=patient_field)
             except InputError as exc:
                 problems += exc.problems
     n_train = len(loaded["train"]) if "train" in loaded else None
     unit = "training records"
     if n_train and loaded["train"].patients is not None:  # patient-level DP: the patient is the unit
         n_train, unit = len(set(loaded["train"].patients)), "patients"
-    if site.patient_field is not None and federation.training.train_prompt:
+    if site.patient_field is not None and federation is not None and federation.training.train_prompt:
         problems.append(Problem(str(site.source), None, "patient_field",
                                 "patient-level DP is supported for the head-only recipe (train_prompt: false) only; the federation trains the prompt"))
     # DP's delta must stay well below 1/n, or disclosing one whole record fits inside the guarantee.
     if n_train and site.privacy.delta >= 1 / n_train:
         problems.append(Problem(str(site.source), None, "privacy.delta", f"{site.privacy.delta} is not below 1/n = 1/{n_train} {unit}"))
+    if site.backbone is not None and not (site.backbone / "config.json").is_file():
+        problems.append(Problem(str(site.source), None, "backbone", f"{site.backbone} is not a model directory (no config.json)"))
+    ledger = _check_ledger(site, problems)
     if problems:
         raise InputError(problems)
-    width = max(map(len, federation.label_names))
+    labels = federation.label_names if federation is not None else sorted({n for v in names.values() for n in v}, key=natural_key)
+    counts = {s: dict(zip(names[s], r.counts(len(names[s])))) for s, r in loaded.items()}
+    width = max(map(len, [*labels, "total"]))
     print(f"{site.hospital_id}: {site.source}")
     print(f"{'label'.ljust(width)}  " + "  ".join(f"{s:>10}" for s in loaded))
-    counts = {s: r.counts(len(federation.label_names)) for s, r in loaded.items()}
-    for i, label in enumerate(federation.label_names):
-        print(f"{label.ljust(width)}  " + "  ".join(f"{counts[s][i]:>10}" for s in loaded))
+    for label in labels:
+        print(f"{label.ljust(width)}  " + "  ".join(f"{counts[s].get(label, 0):>10}" for s in loaded))
     print(f"{'total'.ljust(width)}  " + "  ".join(f"{len(r):>10}" for r in loaded.values()))
     if unit == "patients":
         print(f"patients (train, the DP unit: {site.patient_field})  {n_train}")
+    print(ledger)
+    if federation is None:
+        unchecked = "the labels above against the federation's label space"
+        if site.patient_field is not None:
+            unchecked += ", and patient_field against the federation's recipe (train_prompt)"
+        print(f"not checked: {unchecked}: pass --federation FILE (the aggregator's federation.yaml; it holds no secrets)")
+    else:
+        print(f"labels checked against the label space of {federation.source}")
     print("ok")
     return 0
+
+
+def _check_ledger(site: SiteConfig, problems: list[Problem]) -> str:
+    """The site's privacy ledger, opened as the daemon opens it before every round (if it exists
+    yet: `data check` comes before `privacy init`); a line to print, or the problem appended."""
+    if not os.path.lexists(site.ledger):
+        return (f"ledger: not created yet; create it once in the life of the site: fedprompt privacy init --site {site.source} "
+                "(never re-create a lost ledger on a site that has trained: restore it from backup)")
+    from fedprompt.client.ledger import PrivacyLedger  # numpy only; the epsilon (opacus) is `privacy show`'s job
+
+    try:
+        entries = len(PrivacyLedger.for_site(site).history)
+    except LedgerError as exc:
+        problems.append(Problem(str(site.ledger), None, "ledger", str(exc)))
+        return ""
+    except InputError as exc:
+        problems += exc.problems
+        return ""
+    return f"ledger: {site.ledger}: {entries} round(s) recorded; lifetime cap epsilon {site.privacy.max_epsilon:g}"

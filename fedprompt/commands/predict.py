@@ -49,29 +49,19 @@ def read_texts(path: Path, column: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from fedprompt.client.personalize import EXTRA_KEY, METHODS
-    from fedprompt.common.backbone import load_backbone
-    from fedprompt.common.encoding import encode
-    from fedprompt.common.model import PromptClassifier
+    from fedprompt.api import load_model
+    from fedprompt.client.personalize import METHODS
 
     texts = args.text if args.text else read_texts(args.input, args.text_column)
-    model = PromptClassifier.from_pretrained(args.model, load_backbone(args.backbone))
-    model.eval()
-    ids, mask, _ = encode(model.encoder_tokenizer, texts, [0] * len(texts), model.config.max_length).dataset.tensors
-    labels = model.config.labels
-    with torch.no_grad():
-        probs = torch.cat([model(ids[i : i + 64], mask[i : i + 64]).softmax(-1) for i in range(0, len(texts), 64)])
-    for text, p in zip(texts, probs.tolist()):
-        best = max(range(len(p)), key=p.__getitem__)
+    model = load_model(args.model, args.backbone)
+    for p in model.predict(texts):
         if args.json:
-            print(json.dumps({"text": text, "label": labels[best], "probabilities": dict(zip(labels, p))}))
+            print(json.dumps({"text": p.text, "label": p.label, "probabilities": p.probabilities}))
         else:
-            print(f"{labels[best]}\t{p[best]:.3f}\t{text[:80]}")
-    personal = model.config.extra.get(EXTRA_KEY)
-    if isinstance(personal, dict):
-        print(f"personalised for {personal.get('hospital_id')} ({METHODS.get(personal.get('method'), personal.get('method'))})", file=sys.stderr)
-    if not model.config.private:
+            print(f"{p.label}\t{p.probabilities[p.label]:.3f}\t{p.text[:80]}")
+    if model.personalized is not None:
+        method = model.personalized.get("method")
+        print(f"personalised for {model.personalized.get('hospital_id')} ({METHODS.get(method, method)})", file=sys.stderr)
+    if not model.private:
         print("warning: this model was trained WITHOUT differential privacy", file=sys.stderr)
     return 0

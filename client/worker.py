@@ -1,0 +1,97 @@
+"""The warm hospital worker: one long-lived process that answers this site's messages.
+
+Flower 1.42 starts a fresh `flwr-clientapp` process per message, which imports torch,
+transformers and opacus, loads the backbone and re-reads the records every time (tens of
+seconds a round). The worker does that once: it holds the imported libraries, the backbone (on
+the site's GPU when it has one), the tokenised records (cached by the file's sha256, so a
+changed file is re-read and re-validated) and the frozen features, and serves the installed
+fedprompt's handlers (client/client_app.answer, the very function simulation calls).
+
+It speaks only to its supervisor (client/daemon.py), over a socket pair inherited at spawn: no
+address, no file, nothing another local user could open. Requests and replies are Flower
+RecordDicts serialised with Flower's own protobuf codec.
+
+    supervisor -> worker   ("message", kind, run_id, RecordDict protobuf bytes)
+    worker -> supervisor   ("ready", info) once warm; ("reply", RecordDict bytes, timing) per message
+
+Run by the daemon only: `python -m fedprompt.client.worker --site SITE --fd N`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+from fedprompt.common.logs import FORMAT_ENV, configure_logging
+
+log = logging.getLogger("fedprompt.worker")
+
+
+def encode_content(content) -> bytes:
+    return recorddict_to_proto(content).SerializeToString()
+
+
+def decode_content(data: bytes):
+    proto = ProtoRecordDict()
+    proto.ParseFromString(data)
+    return recorddict_from_proto(proto)
+
+
+def warm_up(site_path: Path) -> dict:
+    """Import the training stack and load the site's backbone before the first message arrives."""
+    from fedprompt.client.hospital import cached_backbone
+    from fedprompt.client.trainer import resolve_device
+    from fedprompt.common.config import SiteConfig
+
+    site = SiteConfig.load(site_path)
+    backbone = cached_backbone(str(site.backbone) if site.backbone else None)
+    device = resolve_device(site.device)
+    backbone.model.to(device)  # stays there across rounds
+    return {"pid": os.getpid(), "hospital": site.hospital_id, "device": str(device), "backbone": backbone.fingerprint[:16]}
+
+
+def serve(conn: Connection, site_path: Path) -> int:
+    from fedprompt.client.client_app import answer
+    from fedprompt.client.hospital import project_next_round
+
+    try:
+        info = warm_up(site_path)
+    except Exception:  # noqa: BLE001 - whatever fails, the supervisor answers "worker unavailable"
+        log.exception("the worker could not start for %s", site_path)
+        return 1
+    log.info("worker ready (pid %d, %s on %s, backbone %s...)", info["pid"], info["hospital"], info["device"], info["backbone"])
+    conn.send(("ready", info))
+    while True:
+        try:
+            request = conn.recv()
+        except (EOFError, OSError):
+            return 0  # the supervisor is gone: so is the site's daemon
+        _, kind, run_id, data = request
+        start = time.time()
+        content, timings = answer(kind, decode_content(data), site_path, run_id=run_id)
+        conn.send(("reply", encode_content(content), {"handler_start": start, "handler_end": time.time(), "phases": timings}))
+        try:
+            project_next_round(site_path)  # between rounds, off the round's critical path
+        except Exception:  # noqa: BLE001 - an optimisation: the next round computes it itself if this fails
+            log.debug("could not project the next round's epsilon", exc_info=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedprompt-worker", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--site", type=Path, required=True)
+    parser.add_argument("--fd", type=int, required=True, help="the socket inherited from the supervisor")
+    args = parser.parse_args(argv)
+    configure_logging(os.environ.get(FORMAT_ENV, "text"))  # the daemon's --log-format
+    return serve(Connection(args.fd), args.site)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

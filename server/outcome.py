@@ -1,0 +1,43 @@
+"""Did a run produce a model? Its `outcome` in metrics.json, and the exit status when it did not.
+
+A run in which no hospital's update was accepted in any round (every site refused, e.g. its
+privacy budget spent, or was rejected or failed) has nothing to deliver: its global model is
+still the zero-shot start. It must not pass for a finished run: no export is written, metrics.json
+and the report say why, and `fedprompt aggregator run` / `fedprompt simulate` exit with
+EXIT_NOTHING_TRAINED. Kept free of heavy imports: the operator's CLI reads it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+TRAINED = "trained"  # at least one hospital's update was accepted in at least one round
+NOTHING_TRAINED = "no hospital trained"  # every training reply of every round was a refusal, rejection or failure
+RUNNING = "running"  # the report rewritten after each round, before the run ends
+# Distinct from the other exit codes: 1 run failed, 2 bad input, 3 privacy ledger, 4 audit failed.
+EXIT_NOTHING_TRAINED = 5
+
+
+def run_outcome(history: list[dict]) -> tuple[str, str | None]:
+    """(outcome, why) of a run from its whole history (a resumed run's earlier rounds count).
+
+    `why` is None for a TRAINED run; for NOTHING_TRAINED it tallies every training reply of every
+    round by status, refusals by their category ("refused 6 (budget 6)"): the per-round, per-hospital
+    detail is in metrics.json's rounds.
+    """
+    replies = [o for r in history if r.get("round", 0) > 0 for o in r.get("hospitals", {}).values()]
+    if any(o["status"] == "ok" for o in replies):
+        return TRAINED, None
+    training_rounds = sum(1 for r in history if r.get("round", 0) > 0)
+    if not replies:
+        return NOTHING_TRAINED, f"no hospital was asked to train in {training_rounds} training round(s)" if training_rounds else "no training round ran"
+    statuses = Counter(o["status"] for o in replies)
+    refusals = Counter(o["reason"] for o in replies if o["status"] == "refused")
+
+    def tally(status: str, n: int) -> str:
+        if status != "refused":
+            return f"{status} {n}"
+        return f"refused {n} (" + ", ".join(f"{category} {c}" for category, c in sorted(refusals.items())) + ")"
+
+    return NOTHING_TRAINED, (f"no hospital's update was accepted in {training_rounds} training round(s): "
+                             + "; ".join(tally(status, n) for status, n in sorted(statuses.items())))
