@@ -27,7 +27,6 @@ from __future__ import annotations
 import statistics
 import time
 import warnings
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -121,11 +120,11 @@ def run(ctx: Context) -> dict:
     bb = load_backbone(ctx.backbone)
     fed = FederationConfig(name="benchmark", labels=labels)  # the product's defaults, nothing else
     if ctx.overrides.get("acc_rounds"):
-        fed.rounds = int(ctx.overrides["acc_rounds"])
+        fed = fed.replaced(rounds=int(ctx.overrides["acc_rounds"]))
     elif ctx.quick:
-        fed.rounds = 3
+        fed = fed.replaced(rounds=3)
     if ctx.overrides.get("max_length"):
-        fed.model.max_length = int(ctx.overrides["max_length"])
+        fed = fed.replaced(model=fed.model.replaced(max_length=int(ctx.overrides["max_length"])))
     config = prompt_config(fed, bb)
     plan = RoundPlan.for_run(fed, config)
     state0 = initial_global_state(bb, config, label_texts=fed.label_texts, head_init=fed.model.head_init, logit_scale=fed.model.logit_scale)
@@ -196,13 +195,13 @@ def run(ctx: Context) -> dict:
         }
 
     # 3. federated: the product recipe without noise, then DP at each epsilon
-    non_private = replace(plan, private=False)
+    non_private = plan.replaced(private=False)
     results["federated_nonprivate"] = seeded("federated_nonprivate", sites, non_private, None, "the product recipe without noise (head on frozen features)")
     for eps in EPSILONS:
         results[f"federated_dp_eps{eps:g}"] = seeded(f"federated_dp_eps{eps:g}", sites, plan, eps)
 
     # 4. prompt tuning, non-private references: centralised (epochs) and federated (rounds of one local epoch)
-    tuning = replace(non_private, **PROMPT_TUNING)
+    tuning = non_private.replaced(**PROMPT_TUNING)
     t = time.perf_counter()
     model, curve = build_model(bb, config, state0), [results["zero_shot"]]
     for epoch in range(prompt_epochs):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import statistics
 import time
 import warnings
-from dataclasses import replace
 from pathlib import Path
 
 
@@ -43,7 +42,7 @@ def run(ctx: Context) -> dict:
     warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
     from fedprompt.client.partition import partition, stratified_subset
     from fedprompt.common.backbone import load_backbone
-    from fedprompt.common.config import FederationConfig
+    from fedprompt.common.config import FederationConfig, ModelSettings
     from fedprompt.common.encoding import encode
     from fedprompt.common.metrics import evaluate
     from fedprompt.common.model import build_model
@@ -65,8 +64,7 @@ def run(ctx: Context) -> dict:
 
     for n_virtual, max_length in features:
         t = time.perf_counter()
-        fed = FederationConfig(name="recipe", labels=labels)
-        fed.model.n_virtual_tokens, fed.model.max_length = n_virtual, max_length
+        fed = FederationConfig(name="recipe", labels=labels, model=ModelSettings(n_virtual_tokens=n_virtual, max_length=max_length))
         config = prompt_config(fed, bb)
         state0 = initial_global_state(bb, config, label_texts=fed.label_texts, head_init=fed.model.head_init, logit_scale=fed.model.logit_scale)
 
@@ -85,7 +83,7 @@ def run(ctx: Context) -> dict:
         for point in (_grid(ctx.quick) if is_default else [{"epsilon": 8.0}]):
             training = {k: v for k, v in point.items() if k in ("sample_rate", "lr", "local_epochs")}
             rounds = point.get("rounds", fed.rounds)
-            plan = replace(RoundPlan.for_run(fed, config), **training, max_grad_norm=point.get("max_grad_norm", fed.privacy.max_grad_norm))
+            plan = RoundPlan.for_run(fed, config).replaced(**training, max_grad_norm=point.get("max_grad_norm", fed.privacy.max_grad_norm))
             runs = [run_federation(bb, config, state0, sites, plan, point["epsilon"], rounds, ctx.seed + s, score)[0] for s in range(seeds)]
             settled = [_settled(c) for c in runs]
             points.append({

@@ -239,7 +239,7 @@ def _where(r: dict) -> list[str]:
         "(`start_client_internal.py`, a constant): a round's instruction waits 1.5 s on average, up to 3 s. The floor of "
         "this design; only Flower polling faster or long-polling would lower it.",
         f"**Inputs {seg['pull']:.1f} s**: the SuperNode fetches the message's objects from the aggregator after creating "
-        "the task; the executor retries every 0.05-0.1 s (Flower's own client waits 1 s, then 2 s).",
+        "the task; the executor retries every 0.05-0.25 s (Flower: 1 s, then 2 s, ...).",
         f"**Handler {sum(seg.get(k, 0.0) for k in ('dispatch', 'records', 'privacy', 'build', 'evaluate', 'reply', 'handler_other')):.1f} s "
         f"besides training** in the warm worker (privacy {seg['privacy']:.1f} s: the ledger's epsilon projection each round, "
         "the noise calibration once per run).",

@@ -428,7 +428,7 @@ def prepare_site(site_path: str | Path, *, federation_path: str | Path | None = 
     if fed.training.train_prompt:
         raise InputError.at(fed.source or "federation.yaml", "the audit covers the head-only recipe (train_prompt: false)", field="training.train_prompt")
     if epsilon is not None:
-        fed.privacy.target_epsilon = epsilon
+        fed = fed.replaced(privacy=fed.privacy.replaced(target_epsilon=epsilon, origin="--epsilon"))
     backbone = load_backbone(site.backbone)
     canaries = resolve_canaries(canaries, backbone.hidden_size, len(fed.label_names))  # before the minute of features
     timings["load"] = time.perf_counter() - t

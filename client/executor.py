@@ -55,6 +55,7 @@ from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_f
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
+from fedprompt.common.flower_polling import BACKOFF_CAP_S, INITIAL_BACKOFF_S
 from fedprompt.common.wire import refusal
 
 from .bundle import untrusted_reason
@@ -69,15 +70,10 @@ DEADLINE_MARGIN_S = 10.0  # refuse this long before the aggregator stops waiting
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-# The SuperNode creates the task before it has fetched the message's objects from the aggregator:
-# Flower's defaults wait 1 s, then 2 s more for an object not there yet (3 s of a round, each
-# round); polling every 0.05-0.1 s on loopback finds it as soon as it lands.
-PULL_BACKOFF_S, PULL_BACKOFF_CAP_S = 0.05, 0.1
-
-
 def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, object, object, object]:
     """The task's message, context, run and bundle, as flwr-clientapp pulls them (same Runtime
-    API calls), with a short backoff for message objects still arriving at the SuperNode."""
+    API calls), with a short backoff for message objects still arriving at the SuperNode: it
+    creates the task before it has fetched them from the aggregator (common/flower_polling.py)."""
     res = client.PullTaskInput(PullTaskInputRequest())
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = res.task_id, res.run.run_id, res.context.node_id
     context, run, fab = context_from_proto(res.context), run_from_proto(res.run), fab_from_proto(res.fab)
@@ -88,7 +84,7 @@ def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, object, object,
     message = pull_and_inflate_object_from_tree(
         tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
         make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
-        return_type=Message, initial_backoff=PULL_BACKOFF_S, backoff_cap=PULL_BACKOFF_CAP_S,
+        return_type=Message, initial_backoff=INITIAL_BACKOFF_S, backoff_cap=BACKOFF_CAP_S,
     )
     message.metadata.__dict__["_message_id"] = tree.object_id  # a deflated message does not carry its own id
     return message, context, run, fab
@@ -122,7 +118,7 @@ class WorkerHandle:
     def start(self) -> None:
         ours, theirs = socket.socketpair()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fedprompt.client.worker", "--site", str(self.site), "--fd", str(theirs.fileno())],
+            [sys.executable, "-P", "-m", "fedprompt.client.worker", "--site", str(self.site), "--fd", str(theirs.fileno())],
             pass_fds=(theirs.fileno(),), env=self.env, preexec_fn=die_with_parent,
         )
         theirs.close()

@@ -9,13 +9,14 @@ filled in by hand; `SiteConfig.load` then accepts the file and `fedprompt data c
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
+
+from pydantic_core import PydanticUndefined
 
 from fedprompt.common.atomic import atomic_write
 from fedprompt.common.config import PrivacyCap, SiteConfig
@@ -86,12 +87,12 @@ HEADER = """\
 
 
 def _defaults() -> dict[str, object]:
-    """Each field's default (dotted names), dataclasses.MISSING for the required ones."""
+    """Each field's default (dotted names), PydanticUndefined for the required ones."""
     out: dict[str, object] = {}
     for cls, prefix in ((SiteConfig, ""), (PrivacyCap, "privacy.")):
-        for f in dataclasses.fields(cls):
-            if not (f.metadata.get("internal") or f.name == "privacy"):  # privacy: its fields, below
-                out[prefix + f.name] = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        for name, f in cls.model_fields.items():
+            if name != "privacy":  # privacy: its fields, below
+                out[prefix + name] = f.get_default(call_default_factory=True)
     return out
 
 
@@ -117,11 +118,11 @@ def render(values: Mapping[str, object], name: str = "site.yaml", path: str = "s
             lines += ["", *textwrap.wrap(meaning, 100, initial_indent="# ", subsequent_indent="# "), "privacy:"]
             continue
         default = defaults[key]
-        value = values.get(key, RECOMMENDED.get(key, None if default is dataclasses.MISSING else default))
-        if value is None and default is dataclasses.MISSING:
+        value = values.get(key, RECOMMENDED.get(key, None if default is PydanticUndefined else default))
+        if value is None and default is PydanticUndefined:
             note, text = "REQUIRED.", "null"
             required.append(key)
-        elif default is dataclasses.MISSING:
+        elif default is PydanticUndefined:
             note, text = f"Required; recommended: {_scalar(RECOMMENDED[key])}." if key in RECOMMENDED else "Required.", _scalar(value)
         else:
             note, text = f"Default: {_scalar(default)}.", _scalar(value)
@@ -138,10 +139,11 @@ def check_values(values: Mapping[str, object]) -> None:
 
     problems = [Problem(flag(key), None, None, f"expected a non-empty value without control characters, got {str(value)!r}")
                 for key, value in values.items() if not str(value).strip() or any(ord(c) < 32 for c in str(value))]
-    probe = SiteConfig(hospital_id=str(values.get("hospital_id", "probe")), train=Path("train.csv"),
-                       privacy=PrivacyCap(max_epsilon=RECOMMENDED["privacy.max_epsilon"], delta=RECOMMENDED["privacy.delta"]),
-                       ledger=Path("ledger.json"))
-    problems += [Problem(flag(key), None, None, message) for key, message in probe.validate() if key in values]
+    probe = {"hospital_id": "probe", "train": "train.csv", "ledger": "ledger.json",
+             "privacy": {"max_epsilon": RECOMMENDED["privacy.max_epsilon"], "delta": RECOMMENDED["privacy.delta"]}, **values}
+    flagged = {p.path for p in problems}  # one problem per flag: the blank ones are named above
+    problems += [Problem(flag(key), None, None, message) for key, message in SiteConfig.issues_of(probe)
+                 if key in values and flag(key) not in flagged]
     if problems:
         raise InputError(problems)
 

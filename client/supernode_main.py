@@ -6,8 +6,8 @@ Flower 1.42's SuperNode loop (`flwr/supernode/start_client_internal.py`) sleeps 
 after every pull that finds no message, and checks its local state for the site's reply every
 0.5 s. With a warm worker those two waits are most of a round's overhead (a round instruction
 waits 1.5 s on average before a hospital even sees it; benchmarks/round.py). This wrapper gives
-that module a `time` whose `sleep` shortens exactly those two waits; everything else in Flower
-is unchanged. Pinned to flwr 1.42 (pyproject.toml): a Flower upgrade must re-check the literals.
+that module a `time` whose `sleep` shortens exactly those two waits, and a short backoff for
+the message objects it fetches (common/flower_polling.py); everything else in Flower is unchanged. Pinned to flwr 1.42 (pyproject.toml): a Flower upgrade must re-check the literals.
 Cost: one Fleet pull per POLL_S per hospital at the aggregator's proxy while idle.
 """
 
@@ -33,6 +33,8 @@ def _sleep(seconds: float) -> None:
 
 def main() -> int:
     from flwr.supernode import start_client_internal
+
+    from fedprompt.common.flower_polling import shorten_object_pull_backoff
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     if not 0.05 <= POLL_S <= 60:
@@ -41,6 +43,7 @@ def main() -> int:
     patched = types.SimpleNamespace(**{name: getattr(time, name) for name in dir(time) if not name.startswith("_")})
     patched.sleep = _sleep
     start_client_internal.time = patched  # only this module's waits; time.time & co. unchanged
+    shorten_object_pull_backoff(start_client_internal)  # the message's objects, fetched from the aggregator
     sys.argv[0] = "flower-supernode"
     flower_supernode()
     return 0

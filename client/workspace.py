@@ -24,7 +24,6 @@ import yaml
 
 from fedprompt.common.config import FederationConfig, PrivacyCap, SiteConfig
 from fedprompt.common.errors import InputError, Problem
-from fedprompt.common.yamlconfig import to_plain
 
 from .records import natural_key
 
@@ -114,8 +113,7 @@ def write_workspace(
     bad = {label for rows in row_sets for _, label in rows} - set(labels)
     if bad:
         raise ValueError(f"rows with labels outside the label space: {sorted(bad)}")
-    federation = to_plain(FederationConfig(name=name, labels=list(labels), min_hospitals=len(hospitals)))
-    del federation["source"]
+    federation = FederationConfig(name=name, labels=list(labels), min_hospitals=len(hospitals)).model_dump(mode="json")
     federation = _merge(federation, federation_overrides or {})
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -145,9 +143,8 @@ def write_workspace(
                 weight=declared_weight(len(train)),
                 backbone=backbone,
             )
-            plain = to_plain(site)
-            del plain["source"]
-            _write_yaml(folder / SITE_FILE, "Hospital site config: its own privacy cap wins over the aggregator's requests.", plain)
+            _write_yaml(folder / SITE_FILE, "Hospital site config: its own privacy cap wins over the aggregator's requests.",
+                        site.model_dump(mode="json"))
         load_workspace(tmp)  # what we wrote must load: fail here, not at the first training round
         os.replace(tmp, out)
     except BaseException:

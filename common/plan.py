@@ -1,14 +1,25 @@
-"""The per-round instructions the aggregator sends with the global tensors (a ConfigRecord)."""
+"""The per-round instructions the aggregator sends with the global tensors (a ConfigRecord).
+
+A site validates what it receives with the same model the aggregator built it from: a malformed
+plan (a missing key, a wrong type, a value out of range) is refused with the reason in its log.
+"""
 
 from __future__ import annotations
 
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import fields
+from typing import Annotated
 
 from flwr.app import ConfigRecord
+from pydantic import AfterValidator, Field, ValidationError
 
 from .backbone import Backbone
-from .config import FederationConfig
+from .config import (FederationConfig, MaxLength, NonNegative, NVirtualTokens, Optimizer, Pooling, Positive, PromptInit,
+                     SampleRate, Seed, distinct_labels)
+from .errors import InputError, Problem
 from .model import PromptConfig
+from .schema import NonEmptyStr, Schema, Sha256, issues
+
+PREFIX = "fp."  # the plan's keys in the ConfigRecord (Flower adds its own, e.g. "server-round")
 
 
 def prompt_config(fed: FederationConfig, backbone: Backbone) -> PromptConfig:
@@ -27,33 +38,32 @@ def prompt_config(fed: FederationConfig, backbone: Backbone) -> PromptConfig:
     )
 
 
-@dataclass
-class RoundPlan:
-    run_name: str
-    round: int  # global round number (continues across resumes)
-    total_rounds: int  # for the sites' one-off noise calibration over the whole run
-    labels: list[str]
-    hidden_size: int
-    backbone_fingerprint: str
-    n_virtual_tokens: int
-    pooling: str
-    max_length: int
-    prompt_init: str
+class RoundPlan(Schema):
+    run_name: NonEmptyStr
+    round: Annotated[int, Field(ge=0)]  # global round number (continues across resumes)
+    total_rounds: Annotated[int, Field(ge=1)]  # for the sites' one-off noise calibration over the whole run
+    labels: Annotated[list[NonEmptyStr], Field(min_length=2), AfterValidator(distinct_labels)]
+    hidden_size: Annotated[int, Field(ge=1)]
+    backbone_fingerprint: Sha256
+    n_virtual_tokens: NVirtualTokens
+    pooling: Pooling
+    max_length: MaxLength
+    prompt_init: PromptInit
     normalize: bool
-    seed: int
-    local_epochs: int
-    sample_rate: float
-    batch_size: int  # 0: use sample_rate (a ConfigRecord has no null)
-    lr: float
-    optimizer: str
+    seed: Seed
+    local_epochs: Annotated[int, Field(ge=1)]
+    sample_rate: SampleRate
+    batch_size: Annotated[int, Field(ge=0)]  # 0: use sample_rate (a ConfigRecord has no null)
+    lr: Positive
+    optimizer: Optimizer
     train_prompt: bool
     private: bool
-    target_epsilon: float
-    delta: float  # 0.0: each site uses its own delta
-    max_grad_norm: float
-    proximal_mu: float = 0.0
-    # The aggregator waits this long for replies: a site's executor refuses before it (client/executor.py).
-    round_timeout: float = 0.0
+    target_epsilon: Positive
+    delta: Annotated[float, Field(ge=0, lt=1)]  # 0.0: each site uses its own delta
+    max_grad_norm: Positive
+    proximal_mu: NonNegative = 0.0
+    # The aggregator waits this long for replies: a site's executor refuses before it (client/executor.py). 0: no limit.
+    round_timeout: NonNegative = 0.0
     # Validate the received model inside the train message (one message per round), or not (a separate evaluate message).
     evaluate_in_train: bool = False
 
@@ -75,7 +85,7 @@ class RoundPlan:
             delta=fed.privacy.delta or 0.0,
             max_grad_norm=fed.privacy.max_grad_norm,
             proximal_mu=fed.strategy.proximal_mu if fed.strategy.name == "fedprox" else 0.0,
-            round_timeout=fed.round_timeout or 0.0,
+            round_timeout=fed.round_timeout,
             evaluate_in_train=fed.evaluation == "in_train",
         )
 
@@ -83,16 +93,18 @@ class RoundPlan:
         return PromptConfig(private=self.private, **{n: getattr(self, n) for n in _model_fields()})
 
     def to_config_record(self) -> ConfigRecord:
-        return ConfigRecord({f"fp.{k}": v for k, v in asdict(self).items()})
+        return ConfigRecord({f"{PREFIX}{k}": v for k, v in self.model_dump().items()})
 
     @classmethod
     def from_config_record(cls, record: ConfigRecord) -> "RoundPlan":
-        missing = [f.name for f in fields(cls) if f"fp.{f.name}" not in record and f.default is MISSING]
-        if missing:
-            raise ValueError(f"round plan lacks {missing}")
-        return cls(**{f.name: record[f"fp.{f.name}"] for f in fields(cls) if f"fp.{f.name}" in record})
+        """The plan in `record`, validated; InputError names each bad key (`fp.lr: expected 0 < ...`)."""
+        data = {k.removeprefix(PREFIX): v for k, v in record.items() if k.startswith(PREFIX)}
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise InputError([Problem("the aggregator's round plan", None, PREFIX + key, message) for key, message in issues(cls, exc)]) from None
 
 
 def _model_fields() -> set[str]:
     """The model settings a plan carries, named as in PromptConfig (privacy is the run's, not the model's)."""
-    return ({f.name for f in fields(PromptConfig)} & {f.name for f in fields(RoundPlan)}) - {"private"}
+    return ({f.name for f in fields(PromptConfig)} & set(RoundPlan.model_fields)) - {"private"}

@@ -113,12 +113,12 @@ def simulate(workspace: str | Path | None = None, out: str | Path | None = None,
     hospitals' output to OUT/logs/simulate.log (and with `verbose` to the console too).
     """
     from fedprompt.client.demo_data import generate_demo, write_demo_workspace
-    from fedprompt.common.errors import InputError
+    from fedprompt.common.config import FederationConfig
     from fedprompt.common.logs import CONSOLE, console
     from fedprompt.server import simulate as engine
 
-    if rounds is not None and rounds < 1:
-        raise InputError.at("--rounds", f"expected >= 1, got {rounds}")
+    if rounds is not None:  # before the demo is written; the engine applies it by the same rule
+        FederationConfig.check_field("rounds", rounds, origin="--rounds")
     engine.require_ray()
     workspace = None if workspace is None else Path(workspace)
     backbone = None if backbone is None else Path(backbone).resolve()

@@ -18,7 +18,7 @@ from safetensors.torch import save as save_tensors
 from fedprompt.common.atomic import atomic_write
 from fedprompt.common.errors import InputError
 
-FORMAT = "fedprompt-checkpoint/1"
+from .history import CHECKPOINT_FORMAT, CheckpointState, read_checkpoint_state
 
 
 @dataclass
@@ -33,9 +33,10 @@ class Checkpoint:
 def save_checkpoint(directory: Path, ckpt: Checkpoint) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     tensors = f"global-r{ckpt.round:04d}.safetensors"
+    meta = CheckpointState(format=CHECKPOINT_FORMAT, run=ckpt.run, round=ckpt.round, tensors=tensors,
+                           backbone_fingerprint=ckpt.backbone_fingerprint, history=ckpt.history)  # validated before anything is written
     atomic_write(directory / tensors, save_tensors({k: v.contiguous() for k, v in ckpt.state.items()}))
-    meta = {"format": FORMAT, "run": ckpt.run, "round": ckpt.round, "tensors": tensors, "backbone_fingerprint": ckpt.backbone_fingerprint, "history": ckpt.history}
-    atomic_write(directory / "state.json", (json.dumps(meta, indent=1) + "\n").encode())
+    atomic_write(directory / "state.json", (json.dumps(meta.model_dump(), indent=1) + "\n").encode())
     for old in directory.glob("global-r*.safetensors"):  # keep only the committed round
         if old.name != tensors:
             old.unlink(missing_ok=True)
@@ -45,13 +46,9 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
     path = directory / "state.json"
     if not path.exists():
         return None
+    meta = read_checkpoint_state(path)
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(meta, dict):
-            raise ValueError("expected a JSON object")
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"format {meta.get('format')!r} != {FORMAT!r}")
-        state = load_file(str(directory / meta["tensors"]))
-        return Checkpoint(int(meta["round"]), state, list(meta["history"]), str(meta["backbone_fingerprint"]), str(meta["run"]))
-    except Exception as exc:  # json, safetensors and type errors alike: the checkpoint is unusable
+        state = load_file(str(directory / meta.tensors))
+    except Exception as exc:  # missing, truncated or not safetensors: the checkpoint is unusable
         raise InputError.at(path, f"unreadable checkpoint: {type(exc).__name__}: {exc}") from None
+    return Checkpoint(meta.round, state, [r.model_dump() for r in meta.history], meta.backbone_fingerprint, meta.run)

@@ -169,9 +169,11 @@ def follow_run(state: Path, run_id: int, *, timeout: float | None = None, poll: 
 
 def checkpoint_round(state_json: Path) -> int | None:
     """The last complete round recorded in a run's checkpoint/state.json (None if unreadable)."""
+    from .history import read_checkpoint_state  # pydantic: only when a run is followed
+
     try:
-        return int(json.loads(state_json.read_text())["round"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return read_checkpoint_state(state_json).round
+    except InputError:
         return None
 
 
@@ -241,7 +243,7 @@ def supernode_argv(
     max_retries: int | None = None, max_wait_time: float | None = None, isolation: str = "subprocess", trusted_entities: Path | None = None,
 ) -> list[str]:
     argv = [
-        sys.executable, "-m", "fedprompt.client.supernode_main",  # flower-supernode, idle poll 1 s (not 3 s)
+        sys.executable, "-P", "-m", "fedprompt.client.supernode_main",  # flower-supernode, idle poll 1 s (not 3 s)
         "--superlink", superlink,
         "--root-certificates", str(Path(root_certificates).resolve()),
         "--auth-supernode-private-key", str(Path(key).resolve()),

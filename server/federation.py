@@ -33,6 +33,7 @@ from fedprompt.common.zeroshot import initial_global_state
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .export import export_model
+from .history import RunMetrics
 from .outcome import RUNNING, TRAINED, run_outcome
 from .report import write_report
 from .strategy import ValidatedStrategy, build_strategy
@@ -182,17 +183,17 @@ def finish(run: PreparedRun) -> dict:
 def run_metrics(run: PreparedRun, outcome: str, why: str | None = None, export_dir: Path | None = None) -> dict:
     """metrics.json's content (and the report's input): the run's history and how it ended."""
     fed = run.spec.federation
-    return {
-        "run": fed.name,
-        "outcome": outcome,
-        "outcome_reason": why,
-        "private": fed.privacy.private,
-        "strategy": fed.strategy.name,
-        "backbone_fingerprint": run.prompt.backbone_fingerprint,
-        "labels": fed.label_names,
-        "rounds": run.history,
-        "export": None if export_dir is None else str(export_dir),
-    }
+    return RunMetrics(
+        run=fed.name,
+        outcome=outcome,
+        outcome_reason=why,
+        private=fed.privacy.private,
+        strategy=fed.strategy.name,
+        backbone_fingerprint=run.prompt.backbone_fingerprint,
+        labels=fed.label_names,
+        rounds=run.history,
+        export=None if export_dir is None else str(export_dir),
+    ).model_dump()
 
 
 def round_line(rec: dict, total: int) -> str:

@@ -6,9 +6,11 @@ from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid import http_grid
 from flwr.superlink.grid.http_grid import HttpGrid  # flwr 1.42's deployment Grid (server/grid.py)
 
 from fedprompt.common.config import FederationConfig
+from fedprompt.common.flower_polling import shorten_object_pull_backoff
 from fedprompt.common.logs import ensure_handler
 
 from .federation import PreparedRun, RunSpec, execute, prepare_run
@@ -23,6 +25,7 @@ def make_server_app(run: PreparedRun | None = None) -> ServerApp:
         ensure_handler()  # a deployment's flwr-serverapp: the rounds' lines go to the run's log
         if isinstance(grid, HttpGrid):  # a deployment: Flower's Grid waits 3 s between pulls for replies
             grid = PromptGrid(grid)
+            shorten_object_pull_backoff(http_grid)  # and 1 s, 2 s, ... for the objects of a reply
         execute(grid, run if run is not None else prepare_run(spec_from_run_config(context.run_config)))
 
     return app
@@ -34,7 +37,7 @@ def spec_from_run_config(cfg) -> RunSpec:
     workspace = Path(str(cfg.get("workspace") or "."))
     fed = FederationConfig.load(workspace / "federation.yaml")
     if int(cfg.get("rounds") or 0) > 0:
-        fed.rounds = int(cfg["rounds"])
+        fed = fed.replaced(rounds=int(cfg["rounds"]), origin="run config 'rounds'")
     test = workspace / "test.csv"
     out = Path(str(cfg.get("out") or workspace / "runs" / fed.name))
     backbone = Path(str(cfg["backbone"])) if cfg.get("backbone") else None

@@ -7,7 +7,6 @@ import importlib.util
 import json
 import logging
 import os
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from fedprompt.common.zeroshot import initial_global_state
 from fedprompt.client.workspace import list_hospitals, load_workspace
 
 from .federation import PreparedRun, RunSpec, prepare_run
+from .history import read_metrics
 from .outcome import TRAINED
 from .server_app import make_server_app
 
@@ -103,9 +103,9 @@ def simulate(workspace: Path, out_dir: Path, *, rounds: int | None = None, resum
     fed, sites, test = load_workspace(workspace)
     check_records(sites, fed.label_names)
     if rounds is not None:
-        fed.rounds = rounds
+        fed = fed.replaced(rounds=rounds, origin="--rounds")
     if non_private:
-        fed.privacy = replace(fed.privacy, private=False)
+        fed = fed.replaced(privacy=fed.privacy.replaced(private=False))
     run = prepare_run(RunSpec(fed, out_dir, test, backbone, resume=resume, stop_after=stop_after, expected_hospitals=len(sites)))
     # Private or not: a non-private round is recorded in the ledger too (epsilon infinite from then on).
     if create_ledgers:
@@ -150,7 +150,7 @@ def simulate(workspace: Path, out_dir: Path, *, rounds: int | None = None, resum
         metrics_path = out_dir / "metrics.json"
         if not metrics_path.exists() or (run.history and run.history[-1]["round"] < run.done):
             raise RuntimeError(f"the simulation ended without finishing the run (see {log_file})")
-        metrics = json.loads(metrics_path.read_text())
+        metrics = read_metrics(metrics_path)
         if metrics["outcome"] != TRAINED:  # no federated model to compare: metrics.json says why
             return metrics
         metrics["hospital_comparison"] = compare_hospitals(run, sites)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -35,6 +35,8 @@ from fedprompt.common.wire import (
     validate_refusal,
     validate_update,
 )
+
+from .history import HospitalOutcome
 
 log = logging.getLogger("fedprompt.server")
 
@@ -60,16 +62,6 @@ def build_strategy(fed: FederationConfig, wait_for: int | None = None) -> Strate
     if s.name == "fedmedian":
         return FedMedian(**common)
     return FedAvg(**common)
-
-
-@dataclass
-class HospitalOutcome:
-    status: str  # ok | refused | rejected | failed
-    reason: str = ""  # refused: the site's category (common/wire.REFUSAL_CATEGORIES); else the aggregator's own words
-    weight: float = 0.0  # the FedAvg weight the site declared (its site.yaml `weight`), not a record count
-    epsilon_spent: float | None = None
-    epsilon_cap: float | None = None
-    upload_bytes: int = 0
 
 
 def _identity(msg: Message, node_id: int, taken: set[str]) -> str:

@@ -9,6 +9,8 @@ import pytest
 
 from tinybert import make_tiny_backbone
 
+pytestmark = pytest.mark.slow  # a whole demo federation (3 x 600 notes) on Ray, minutes on a loaded 2-core host
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -38,5 +40,5 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     for p in predictions:
         assert p.label == max(p.probabilities, key=p.probabilities.get) and list(p.probabilities) == model.labels
         assert sum(p.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
-    assert printed[-2:] == [f"{p.label} {round(p.probabilities[p.label], 3)}" for p in predictions] or len(printed) >= 2
+    assert all(any(line.startswith(f"{label} 0.") or line.startswith(f"{label} 1.") for label in model.labels) for line in printed[-2:])
     assert model.private and model.personalized is None and model.predict([]) == []

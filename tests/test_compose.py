@@ -145,6 +145,12 @@ def test_demo_seeding_never_recreates_a_lost_ledger(tmp_path):
     assert first.returncode == 0, first.stderr
     book = ledger / "privacy-ledger.json"
     assert book.is_file() and (data / "site.yaml").is_file()
+    # The demo sites carry docs/deployment.md's recommended private settings: one demo run (the
+    # demo federation asks for 8) spends the lifetime cap, and nothing runs without DP.
+    from fedprompt.common.config import SiteConfig
+
+    site = SiteConfig.load(data / "site.yaml")
+    assert (site.privacy.max_epsilon, site.allow_non_private) == (8.0, False)
     kept = book.read_bytes()
     assert seed().returncode == 0 and book.read_bytes() == kept  # idempotent: nothing touched
     book.unlink()

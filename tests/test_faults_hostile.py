@@ -25,7 +25,6 @@ that variable names a folder (the recorded run: docs/results/hostile.json).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -132,7 +131,7 @@ def run_federation(fx: dict, monkeypatch, strategy: str, attack: str | None, nor
     """`rounds` rounds; the global macro-F1 on the held-out test set after each round. `attack`:
     None (hospital-5 honest), "scaled", "noise", or "absent" (hospital-5 never replies)."""
     fed, prompt, backbone = fx["fed"], fx["prompt"], fx["backbone"]
-    guard = ValidatedStrategy(build_strategy(dataclasses.replace(fed, strategy=StrategySettings(name=strategy))), prompt,
+    guard = ValidatedStrategy(build_strategy(fed.replaced(strategy=StrategySettings(name=strategy))), prompt,
                               norm_bound=norm_bound, min_hospitals=HOSPITALS - 1)
     state = initial_state(backbone, prompt)
     out: dict = {"strategy": strategy, "attack": attack or "none", "norm_bound": norm_bound, "rounds": []}

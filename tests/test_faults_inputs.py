@@ -105,10 +105,10 @@ def prepared(template, tiny_dir):
 
 
 def train_content(run, round_: int = 1, **plan_changes) -> RecordDict:
-    plan = RoundPlan.for_run(run.spec.federation, run.prompt, round=round_)
-    for k, v in plan_changes.items():
-        setattr(plan, k, v)
-    return RecordDict({ARRAYS: state_to_arrays(run.state), "config": plan.to_config_record()})
+    """`plan_changes` are written into the plan's ConfigRecord as they are: a malformed plan too."""
+    config = RoundPlan.for_run(run.spec.federation, run.prompt, round=round_).to_config_record()
+    config.update({f"fp.{k}": v for k, v in plan_changes.items()})
+    return RecordDict({ARRAYS: state_to_arrays(run.state), "config": config})
 
 
 class Ctx:
@@ -860,6 +860,12 @@ def _refuse_non_private_request(c: Ctx, run):
     return train_content(run, private=False), ["NON-PRIVATE"]
 
 
+def _refuse_malformed_plan(c: Ctx, run):
+    # The aggregator's round plan goes through the same validation as federation.yaml.
+    return train_content(run, lr=-1.0, optimizer="lbfgs"), [
+        r"the aggregator's round plan: fp\.lr: expected > 0, got -1\.0", r"fp\.optimizer: expected one of 'adam', 'sgd'"]
+
+
 def _refuse_yaml_tag(c: Ctx, run):
     c.site.write_text(c.site.read_text().replace("max_physical_batch_size: 32", "max_physical_batch_size: !!int lots"))
     return train_content(run), [at(c.site)]
@@ -868,7 +874,7 @@ def _refuse_yaml_tag(c: Ctx, run):
 REFUSALS = [
     _refuse_backbone_mismatch, _refuse_label_space, _refuse_corrupted_ledger, _refuse_missing_ledger,
     _refuse_other_hospitals_ledger, _refuse_bad_site_yaml, _refuse_binary_records, _refuse_backbone_not_hf,
-    _refuse_non_private_request,
+    _refuse_non_private_request, _refuse_malformed_plan,
     _refuse_yaml_tag,
 ]
 # What the aggregator learns of each: a category (common/wire.REFUSAL_CATEGORIES), nothing more.
@@ -876,7 +882,7 @@ REFUSAL_CATEGORY = {
     _refuse_backbone_mismatch: "backbone", _refuse_label_space: "records", _refuse_corrupted_ledger: "budget",
     _refuse_missing_ledger: "budget", _refuse_other_hospitals_ledger: "budget", _refuse_bad_site_yaml: "configuration",
     _refuse_binary_records: "records", _refuse_backbone_not_hf: "backbone", _refuse_non_private_request: "non-private refused",
-    _refuse_yaml_tag: "configuration",
+    _refuse_yaml_tag: "configuration", _refuse_malformed_plan: "configuration",
 }
 
 

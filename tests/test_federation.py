@@ -266,7 +266,7 @@ def test_wire_audit_only_declared_tensors_and_aggregates_leave(tmp_path, monkeyp
     assert set(eval_reply.content.keys()) == {STATUS} and dict(eval_reply.content[STATUS])["reason"] == ""
     # what stayed behind is in the hospital's own log
     assert "loss" in local_log and "truncated" in local_log and f"{n_train} records" in local_log
-    assert "validation (local log, not sent)" in local_log and f"{n_val} records" in local_log
+    assert "validation of the model received (local log, not sent)" in local_log and f"{n_val} records" in local_log
 
     # refusals: a category only. Bad records (line, label), then an unexpected failure (traceback).
     bad_line = len(site.train.read_text().splitlines()) + 1
@@ -501,7 +501,7 @@ def test_evaluation_shared_only_noised_and_charged_to_the_ledger(tmp_path, tiny_
     assert (entry.noise_multiplier, entry.sample_rate, entry.steps, entry.round) == (sigma, 1.0, 1, 1)
     assert entry.run_id == "t/7/evaluation"
     assert compute_epsilon("prv", [(sigma, 1.0, 1)], delta) == pytest.approx(0.5, rel=0.02)
-    assert "validation (local log, not sent)" in caplog.text
+    assert "validation of the model received (local log, not sent)" in caplog.text
 
     data["privacy"]["max_epsilon"] = 0.6  # a second release (0.5 more) would pass the cap
     site_yaml.write_text(yaml.safe_dump(data, sort_keys=False))

@@ -795,8 +795,7 @@ def one_hospital(tmp_path, tiny, monkeypatch):
     monkeypatch.setattr(hospital, "calibrate_noise", lambda *a, **k: 3.0)  # calibration is not under test (seconds)
 
     def content(round_: int, private: bool = True) -> RecordDict:
-        plan = RoundPlan.for_run(fed, run.prompt, round=round_)
-        plan.private = private
+        plan = RoundPlan.for_run(fed, run.prompt, round=round_).replaced(private=private)
         return RecordDict({ARRAYS: state_to_arrays(run.state), "config": plan.to_config_record()})
 
     return list_hospitals(ws)[0], site, run, content, trained

@@ -197,10 +197,14 @@ def test_deployment_guide_walkthrough(flavour, shared, monkeypatch):
         out_dir = root / "srv-runs-a"
         run = procs.start("run", fp.argv("aggregator", "run", "--state", state, "--workspace", federation, "--out", out_dir,
                                          "--rounds", "1", "--run-config", f'backbone="{backbone}"', "--timeout", RUN_TIMEOUT), env)
-        try:
-            rc = run.wait(RUN_TIMEOUT + 60)
-        except subprocess.TimeoutExpired:
-            pytest.fail("`fedprompt aggregator run` did not return:\n" + procs.log("run")[-3000:])
+        deadline = time.monotonic() + RUN_TIMEOUT + 60
+        while (rc := run.poll()) is None:  # a daemon that dies fails the walk-through now, not at the deadline
+            dead = [name for name in ("aggregator", *HOSPITALS) if procs.procs[name].poll() is not None]
+            if dead:
+                pytest.fail(f"{dead[0]} exited with {procs.procs[dead[0]].returncode} during the run:\n" + procs.log(dead[0])[-3000:])
+            if time.monotonic() > deadline:
+                pytest.fail("`fedprompt aggregator run` did not return:\n" + procs.log("run")[-3000:])
+            time.sleep(1)
         logs = {name: procs.log(name) for name in ("aggregator", "run", *HOSPITALS)}
         assert rc == 0, logs["run"][-4000:] + "\n--- hospital-1\n" + logs["hospital-1"][-3000:]
         run_log = logs["run"]

@@ -54,7 +54,7 @@ def _zero_shot_by_hand(bb, fed: FederationConfig, prompt: torch.Tensor, texts: l
 
 def test_round_zero_is_the_zero_shot_classifier(bb):
     fed = FederationConfig(
-        name="z", labels=[LabelSpec("cardiovascular", "heart and blood pressure"), "neoplasms", LabelSpec("nervous", "brain, seizure, stroke"), "general"],
+        name="z", labels=[LabelSpec(name="cardiovascular", description="heart and blood pressure"), "neoplasms", LabelSpec(name="nervous", description="brain, seizure, stroke"), "general"],
         model=ModelSettings(max_length=32),
     )
     config = prompt_config(fed, bb)
@@ -72,7 +72,7 @@ def test_round_zero_is_the_zero_shot_classifier(bb):
 
 def test_label_descriptions_shape_the_prototypes(bb):
     plain = FederationConfig(name="p", labels=["cardiovascular", "neoplasms"], model=ModelSettings(max_length=32))
-    described = FederationConfig(name="d", labels=[LabelSpec("cardiovascular", "heart and blood pressure"), "neoplasms"], model=ModelSettings(max_length=32))
+    described = FederationConfig(name="d", labels=[LabelSpec(name="cardiovascular", description="heart and blood pressure"), "neoplasms"], model=ModelSettings(max_length=32))
     assert described.label_names == plain.label_names == ["cardiovascular", "neoplasms"]
     assert described.label_texts == ["cardiovascular: heart and blood pressure", "neoplasms"]
     heads = [initial_global_state(bb, prompt_config(f, bb), label_texts=f.label_texts)[HEAD_WEIGHT_KEY] for f in (plain, described)]

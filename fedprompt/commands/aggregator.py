@@ -15,7 +15,6 @@ the address hospitals reach. `register` and `run` talk to the Control API throug
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -281,6 +280,7 @@ def run_run(args: argparse.Namespace) -> int:
     from fedprompt.client.workspace import load_workspace
     from fedprompt.common.errors import InputError
     from fedprompt.server import deploy
+    from fedprompt.server.history import read_metrics
     from fedprompt.server.outcome import EXIT_NOTHING_TRAINED, NOTHING_TRAINED
 
     if args.rounds is not None and args.rounds < 1:
@@ -322,9 +322,9 @@ def run_run(args: argparse.Namespace) -> int:
             return 1
         metrics = args.out / "metrics.json"
         if status == "finished:completed" and metrics.is_file():
-            done = json.loads(metrics.read_text(encoding="utf-8"))
-            if done.get("outcome") == NOTHING_TRAINED:
-                print(f"[fedprompt] run {run_id} ended without training: {done.get('outcome_reason')}; no export written "
+            done = read_metrics(metrics)
+            if done["outcome"] == NOTHING_TRAINED:
+                print(f"[fedprompt] run {run_id} ended without training: {done['outcome_reason']}; no export written "
                       f"(see {metrics} and {args.out / 'report.html'})", file=sys.stderr)
                 return EXIT_NOTHING_TRAINED
             print(f"[fedprompt] run finished: {metrics}")

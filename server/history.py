@@ -1,0 +1,129 @@
+"""The run's history as the aggregator writes it (checkpoint/state.json, metrics.json) and reads it back.
+
+One model per file, used by the writer (nothing is written that does not validate) and by every
+reader (a resume, `fedprompt aggregator run`, the simulation), so the two cannot drift apart.
+Kept free of heavy imports: the operator's CLI reads these files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass
+
+from fedprompt.common.config import StrategyName
+from fedprompt.common.errors import InputError
+from fedprompt.common.schema import NonEmptyStr, Schema, Sha256, issues
+
+from .outcome import NOTHING_TRAINED, RUNNING, TRAINED
+
+CHECKPOINT_FORMAT = "fedprompt-checkpoint/1"
+# Scores are the run's facts: a NaN loss (nothing to evaluate) or an infinite epsilon (a site that
+# trained without DP) is information, kept as it is.
+_FACTS = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=True)
+NonNegativeInt = Annotated[int, Field(ge=0)]
+
+
+@dataclass(config=_FACTS)
+class HospitalOutcome:
+    """What became of one hospital's reply in one round (server/strategy.py judges it)."""
+
+    status: Literal["ok", "refused", "rejected", "failed"]
+    reason: str = ""  # refused: the site's category (common/wire.REFUSAL_CATEGORIES); else the aggregator's own words
+    weight: float = 0.0  # the FedAvg weight the site declared (its site.yaml `weight`), not a record count
+    epsilon_spent: float | None = None
+    epsilon_cap: float | None = None
+    upload_bytes: NonNegativeInt = 0
+
+
+def _outcome(value: Any) -> Any:
+    # A strict model takes only instances of a dataclass; a file gives mappings, validated by its constructor.
+    return HospitalOutcome(**value) if isinstance(value, dict) else value
+
+
+class HeldOutScores(Schema):
+    """The aggregator's own evaluation on its held-out test set."""
+
+    model_config = _FACTS
+    accuracy: float
+    macro_f1: float
+    loss: float
+    num_examples: NonNegativeInt
+
+
+class SharedEvaluation(Schema):
+    """The sum of the noised per-class counts the sites that share them sent (server/strategy.py)."""
+
+    model_config = _FACTS
+    accuracy: float
+    macro_f1: float
+    loss: None = None  # no site sends a loss
+    num_examples: NonNegativeInt
+    noised: Literal[True]
+    hospitals: Annotated[int, Field(ge=1)]
+    model_round: NonNegativeInt  # the global model the sites validated
+
+
+class RoundRecord(Schema):
+    """One round of metrics.json's "rounds" (and of the checkpoint's history)."""
+
+    model_config = _FACTS
+    round: NonNegativeInt
+    seconds: Annotated[float, Field(ge=0)]
+    aggregate_seconds: float | None = None
+    aggregate_cpu_seconds: float | None = None
+    evaluate: SharedEvaluation | None
+    test: HeldOutScores | None
+    hospitals: dict[str, Annotated[HospitalOutcome, BeforeValidator(_outcome)]]
+    upload_bytes: NonNegativeInt
+    timing: dict[str, float] = {}  # wall-clock (epoch) phase boundaries of the round
+
+
+class RunMetrics(Schema):
+    """metrics.json: the run's history and how it ended (server/outcome.py)."""
+
+    model_config = _FACTS
+    run: NonEmptyStr
+    outcome: Literal[TRAINED, NOTHING_TRAINED, RUNNING]
+    outcome_reason: str | None
+    private: bool
+    strategy: StrategyName
+    backbone_fingerprint: Sha256
+    labels: list[NonEmptyStr]
+    rounds: list[RoundRecord]
+    export: str | None
+
+
+class CheckpointState(Schema):
+    """checkpoint/state.json, the checkpoint's commit point (server/checkpoint.py)."""
+
+    model_config = _FACTS
+    format: Literal[CHECKPOINT_FORMAT]
+    run: NonEmptyStr
+    round: NonNegativeInt
+    tensors: Annotated[str, Field(pattern=r"^global-r[0-9]{4,}\.safetensors$")]  # a file beside it, never a path elsewhere
+    backbone_fingerprint: Sha256
+    history: list[RoundRecord]
+
+
+def _read(model: type[Schema], path: Path, what: str) -> Any:
+    try:
+        doc = json.loads(path.read_bytes().decode("utf-8"))
+        return model.model_validate(doc)
+    except ValidationError as exc:
+        detail = "; ".join(f"{key}: {message}" if key else message for key, message in issues(model, exc))
+        raise InputError.at(path, f"unreadable {what}: {detail}") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise InputError.at(path, f"unreadable {what}: {type(exc).__name__}: {exc}") from None
+
+
+def read_checkpoint_state(path: Path) -> CheckpointState:
+    return _read(CheckpointState, path, "checkpoint")
+
+
+def read_metrics(path: Path) -> dict:
+    """metrics.json, validated; as plain data (the report's and the API's input)."""
+    return _read(RunMetrics, path, "metrics").model_dump()

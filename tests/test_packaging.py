@@ -1,0 +1,43 @@
+"""Dependencies by role (pyproject.toml, docker/) and the files the aggregator writes with a library."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _project() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+
+
+def test_ray_only_where_simulation_runs():
+    project = _project()
+    core = project["project"]["dependencies"]
+    extras = project["project"]["optional-dependencies"]
+    assert "flwr==1.42.*" in core and not any("simulation" in d or d.startswith("ray") for d in core)
+    assert extras["simulation"] == ["flwr[simulation]==1.42.*"]
+    assert "fedprompt[simulation]" in extras["test"]  # README's test command installs what the tests run
+    assert any(d.startswith("jinja2") for d in core) and any(d.startswith("matplotlib") for d in core)  # the report
+    for dockerfile in (ROOT / "docker").glob("Dockerfile*"):  # hospital and aggregator images: no Ray
+        text = dockerfile.read_text(encoding="utf-8")
+        assert "pip install ." in text and "[simulation]" not in text and not re.search(r"\bray\b", text, re.IGNORECASE), dockerfile
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert 'pip install -e ".[simulation]" && fedprompt simulate --out runs/demo' in readme
+
+
+def test_report_template_ships_as_package_data():
+    data = _project()["tool"]["setuptools"]["package-data"]["fedprompt.server"]
+    assert data == ["templates/*.j2"] and list((ROOT / "server" / "templates").glob("*.j2"))
+
+
+def test_connection_file_is_toml_whatever_the_path(tmp_path):
+    from fedprompt.server import deploy
+
+    ca = tmp_path / 'odd "dir" \\ name' / "ca.pem"
+    path = deploy.write_connection(tmp_path / "state", "10.0.0.5:8000", ca)
+    doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    assert doc["superlink"] == {"default": deploy.CONNECTION,
+                                deploy.CONNECTION: {"address": "10.0.0.5:8000", "root-certificates": str(ca.resolve())}}
