@@ -60,7 +60,7 @@ def _topology():
 
 def _workspace(root: Path, backbone: str | None, rounds: int) -> Path:
     from fedprompt.client.demo_data import generate_demo, write_demo_workspace
-    from fedprompt.server.simulate import ensure_ledgers
+    from fedprompt.simulation import ensure_ledgers
 
     ws = write_demo_workspace(root / "workspace", generate_demo(hospitals=HOSPITALS, per_hospital=PER_HOSPITAL, test_size=30))
     if backbone is not None:

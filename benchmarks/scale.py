@@ -1,7 +1,7 @@
 """How a simulated federation grows with the number of hospitals: wall time and aggregation time
 per round, peak memory, at N = 10, 50, 100 hospitals on a tiny random BERT.
 
-Each N runs the product's real simulation path (server/simulate.py `simulate`: Flower's
+Each N runs the product's real simulation path (fedprompt/simulation.py `simulate`: Flower's
 `run_simulation` with the project's ServerApp and ClientApp, DP on) in a fresh process, so that
 every figure is per-N. Flower's Ray backend runs the virtual hospitals in actor processes below
 that process (one actor per core, plus Ray's own daemons), so memory is sampled over the whole
@@ -129,7 +129,7 @@ def one_size(spec: dict) -> dict:
 
     from fedprompt.client.demo_data import generate_demo
     from fedprompt.client.workspace import list_hospitals, write_workspace
-    from fedprompt.server.simulate import simulate
+    from fedprompt.simulation import simulate
 
     n, work = spec["n"], Path(spec["work"])
     t0 = time.perf_counter()

@@ -10,7 +10,7 @@ What is audited is the federation's default private recipe exactly as a hospital
 head (one Linear layer) trained with DP-SGD on the frozen features of the round-0 model, through
 `client/trainer.train` (Opacus: Poisson sampling, per-sample clipping at C, Gaussian noise
 sigma x C), `local_epochs` per round for `rounds` rounds, with sigma calibrated as the site calibrates
-it for a run (`client/hospital._calibration`: the target epsilon capped by the site's cap, the
+it for a run (`client/hospital.site_noise`: the target epsilon capped by the site's cap, the
 site's delta and accountant, its minimum noise). The site is audited as if it were the only
 hospital (the global model after each round is its own head): every update it sends is then seen
 whole, the strongest position for an adversary watching the wire.
@@ -401,12 +401,12 @@ def prepare_site(site_path: str | Path, *, federation_path: str | Path | None = 
     from fedprompt.common.features import extract_features
     from fedprompt.common.model import HEAD_BIAS_KEY, HEAD_WEIGHT_KEY, build_model
     from fedprompt.common.plan import RoundPlan, prompt_config
+    from fedprompt.common.records import load_labelled, load_records
     from fedprompt.common.zeroshot import initial_global_state
 
-    from .dp import calibrate_noise, plan_steps
-    from .hospital import _calibration, _noise_memo
+    from .dp import plan_steps
+    from .hospital import site_noise
     from .ledger import compute_epsilon
-    from .records import load_labelled, load_records
     from .trainer import resolve_device
 
     timings: dict[str, float] = {}
@@ -448,17 +448,16 @@ def prepare_site(site_path: str | Path, *, federation_path: str | Path | None = 
     t = time.perf_counter()
     plan = RoundPlan.for_run(fed, config)
     q, steps = plan_steps(len(feats), plan.batch_size or None, plan.local_epochs, plan.sample_rate)
-    args = _calibration(site, plan, q, steps)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        calibrated = _noise_memo(site).get(args) or calibrate_noise(*args)  # the memo is read, never written
-        sigma, delta = max(calibrated, site.privacy.min_noise_multiplier), args[1]
+        noise = site_noise(site, plan, q, steps)  # the memo is read, never written
+        sigma, delta = noise.sigma, noise.calibration.delta
         accounted = compute_epsilon(site.privacy.accountant, [(sigma, q, steps * plan.total_rounds)], delta)
     timings["calibration"] = time.perf_counter() - t
     recipe = Recipe(
         rounds=plan.total_rounds, local_epochs=plan.local_epochs, sample_rate=q, steps_per_round=steps, lr=plan.lr, optimizer=plan.optimizer,
         max_grad_norm=plan.max_grad_norm, proximal_mu=plan.proximal_mu, noise_multiplier=sigma, delta=delta,
-        accountant=site.privacy.accountant, target_epsilon=args[0], accounted_epsilon=accounted,
+        accountant=site.privacy.accountant, target_epsilon=noise.calibration.target_epsilon, accounted_epsilon=accounted,
     )
     head = {"weight": state[HEAD_WEIGHT_KEY], "bias": state[HEAD_BIAS_KEY]}
     return SiteAuditInputs(site.hospital_id, fed.label_names, feats, head, recipe, device, canaries, timings)

@@ -80,9 +80,6 @@ def _fallback_id(site: Path | None, context: Context) -> str:
     return name if isinstance(name, str) and 0 < len(name) <= MAX_HOSPITAL_ID else "unknown"
 
 
-HANDLERS = {"train": train_round, "evaluate": evaluate_round}
-
-
 def answer(kind: str, content: RecordDict, site: Path, *, run_id: str = "") -> tuple[RecordDict, dict[str, float]]:
     """The reply to one message and the seconds of its phases: what the ClientApp (simulation,
     Flower's own executor) and the warm worker (client/worker.py) both call.
@@ -92,7 +89,8 @@ def answer(kind: str, content: RecordDict, site: Path, *, run_id: str = "") -> t
     """
     timings: dict[str, float] = {}
     try:
-        return HANDLERS[kind](content, site, run_id=run_id, timings=timings), timings
+        handler = {"train": train_round, "evaluate": evaluate_round}[kind]  # looked up per call (tests patch them)
+        return handler(content, site, run_id=run_id, timings=timings), timings
     except Exception:  # noqa: BLE001 - whatever it is, its text must not leave the site
         fallback = site.parent.name if 0 < len(site.parent.name) <= MAX_HOSPITAL_ID else "unknown"
         log.exception("%s: %s message failed; replying with an 'internal' refusal (details only in this log)", fallback, kind)

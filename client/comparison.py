@@ -17,9 +17,9 @@ from fedprompt.common.config import SiteConfig
 from fedprompt.common.encoding import encode
 from fedprompt.common.features import cached_features
 from fedprompt.common.model import PromptConfig, build_model
+from fedprompt.common.records import load_records
 
 from .personalize import Head, own_model_features, personalize_features, scores
-from .records import load_records
 
 MODELS = ("zero_shot", "alone", "federated", "personalized")
 

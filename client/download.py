@@ -1,19 +1,20 @@
 """Download the public Medical Abstracts corpus (Schopf et al., CC BY-SA 3.0).
 
-Each file goes to a temporary file beside its target and is renamed into place only when whole
-(and, for the test split, only when its sha256 matches the published one). An existing file is
+Each file is written through common/atomic.atomic_file: it appears only when whole (and, for
+the test split, only when its sha256 matches the published one). An existing file is
 kept, never overwritten; an existing test split is still checked.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
+from fedprompt.common.atomic import atomic_file
 from fedprompt.common.errors import InputError, Problem
 
 DEFAULT_SOURCE = "https://raw.githubusercontent.com/sebischair/Medical-Abstracts-TC-Corpus/main/"
@@ -52,14 +53,18 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fetch(url: str, target: Path) -> str:
-    """Stream `url` into `target` (a temp name: a stale one is ours to overwrite); return its sha256."""
+def _fetch(url: str, out: BinaryIO) -> str:
+    """Stream `url` into `out`; return its sha256."""
     digest = hashlib.sha256()
-    with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response, target.open("wb") as out:
+    with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
         for chunk in iter(lambda: response.read(1 << 20), b""):
             digest.update(chunk)
             out.write(chunk)
     return digest.hexdigest()
+
+
+class _Mismatch(Exception):
+    """A downloaded file is not the published one: raised inside `atomic_file`, so it is not saved."""
 
 
 def download_medical_abstracts(out_dir: str | Path, *, source: str = DEFAULT_SOURCE) -> list[Fetched]:
@@ -78,22 +83,21 @@ def download_medical_abstracts(out_dir: str | Path, *, source: str = DEFAULT_SOU
                 problems.append(Problem(str(target), None, None, f"existing file has sha256 {digest}, expected {expected}; remove it and download again"))
             results.append(Fetched(name, "kept", digest))
             continue
-        tmp = out / f".{name}.part-{os.getpid()}"
         try:
-            digest = _fetch(base + name, tmp)
+            with atomic_file(target) as f:
+                digest = _fetch(base + name, f)
+                if expected and digest != expected:
+                    raise _Mismatch
+        except _Mismatch:
+            problems.append(Problem(base + name, None, None, f"sha256 mismatch: got {digest}, expected {expected}; the file was not saved"))
+            results.append(Fetched(name, "missing", digest, "sha256 mismatch"))
+            continue
         except (urllib.error.URLError, OSError) as exc:
-            tmp.unlink(missing_ok=True)
             reason = getattr(exc, "reason", None) or exc
             results.append(Fetched(name, "missing", None, f"not fetched from {base + name}: {reason}"))
             if name in REQUIRED:
                 problems.append(Problem(base + name, None, None, f"could not download: {reason}"))
             continue
-        if expected and digest != expected:
-            tmp.unlink()
-            problems.append(Problem(base + name, None, None, f"sha256 mismatch: got {digest}, expected {expected}; the file was not saved"))
-            results.append(Fetched(name, "missing", digest, "sha256 mismatch"))
-            continue
-        os.replace(tmp, target)
         results.append(Fetched(name, "downloaded", digest))
     if problems:
         raise InputError(problems)

@@ -15,7 +15,9 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from flwr.app import MetricRecord, RecordDict
@@ -27,6 +29,7 @@ from fedprompt.common.errors import InputError, LedgerError, PrivacyBudgetExceed
 from fedprompt.common.metrics import ClassCounts, evaluate
 from fedprompt.common.model import build_model
 from fedprompt.common.plan import RoundPlan
+from fedprompt.common.records import Records, load_records
 from fedprompt.common.wire import (
     ARRAYS,
     EVAL_METRIC_KEYS,
@@ -43,7 +46,6 @@ from fedprompt.common.wire import (
 
 from .dp import NoiseMemo, calibrate_noise, entropy_generator, plan_steps
 from .ledger import PrivacyLedger, file_sha256, state_sha256
-from .records import Records, load_records
 from .trainer import local_update, resolve_device
 
 log = logging.getLogger("fedprompt.hospital")
@@ -127,12 +129,50 @@ def _prepare(content: RecordDict, site_path: Path, timings: dict[str, float] | N
     return site, plan, backbone
 
 
-def _calibration(site: SiteConfig, plan: RoundPlan, sample_rate: float, steps_per_round: int) -> tuple:
-    """calibrate_noise's arguments for this run: what the site grants (sigma is calibrated once per run)."""
+def check_plan(site: SiteConfig, plan: RoundPlan) -> None:
+    """Refusals decided by site.yaml and the aggregator's plan alone, before any record is read
+    (Refused); train_round and `fedprompt plan` ask the same."""
+    if site.patient_field is not None and plan.train_prompt:
+        raise Refused(f"{site.source}: patient_field: patient-level DP is supported for the head-only recipe "
+                      "(train_prompt: false) only; the federation trains the prompt", "configuration")
+    if not plan.private and not site.allow_non_private:
+        raise Refused("the aggregator asked for NON-PRIVATE training and this site does not allow it (allow_non_private: false)", "non-private refused")
+    if plan.private and 0 < plan.delta < site.privacy.delta:  # the ledger accounts at the site's delta (PrivacyLedger.for_site)
+        raise Refused(f"the federation asks for delta {plan.delta:g}, below this site's ledger delta {site.privacy.delta:g}")
+
+
+def dp_units(records: Records) -> int:
+    """The DP unit: a record, or with patient_field a patient (all of its records together)."""
+    return len(records) if records.patients is None else len(set(records.patients))
+
+
+class Calibration(NamedTuple):
+    """calibrate_noise's arguments for a site's run (also the key of its noise memo)."""
+
+    target_epsilon: float
+    delta: float
+    sample_rate: float
+    steps: int  # of the whole run
+    accountant: str
+
+
+@dataclass(frozen=True)
+class Noise:
+    calibration: Calibration
+    calibrated: float  # calibrate_noise(*calibration)
+    sigma: float  # what trains: the calibrated sigma, or the site's min_noise_multiplier if larger
+
+
+def site_noise(site: SiteConfig, plan: RoundPlan, sample_rate: float, steps_per_round: int) -> Noise:
+    """The noise of the site's private rounds of this run, calibrated once per run on what the site
+    grants. One function for train_round, `fedprompt plan` and the audit; the noise memo is read
+    here and written only by train_round, once its ledger entry is durable."""
     target = min(plan.target_epsilon, site.privacy.max_epsilon)  # the site's cap wins
     # The aggregator may ask for a smaller delta (more privacy), never a larger one.
     delta = min(plan.delta, site.privacy.delta) if plan.delta > 0 else site.privacy.delta
-    return target, delta, sample_rate, steps_per_round * plan.total_rounds, site.privacy.accountant
+    args = Calibration(target, delta, sample_rate, steps_per_round * plan.total_rounds, site.privacy.accountant)
+    calibrated = _noise_memo(site).get(args) or calibrate_noise(*args)
+    return Noise(args, calibrated, max(calibrated, site.privacy.min_noise_multiplier))
 
 
 def _noise_memo(site: SiteConfig) -> NoiseMemo:
@@ -154,9 +194,7 @@ def train_round(content: RecordDict, site_path: Path, *, run_id: str = "", progr
     try:
         site, plan, backbone = _prepare(content, site_path, timings)
         hospital = site.hospital_id
-        if site.patient_field is not None and plan.train_prompt:
-            raise Refused(f"{site.source}: patient_field: patient-level DP is supported for the head-only recipe "
-                          "(train_prompt: false) only; the federation trains the prompt", "configuration")
+        check_plan(site, plan)
         with _timed(timings, "records"), _refuse_as("records", OSError):
             train_sha256 = file_sha256(site.train)
             records, encoded = encoded_records(site.train, train_sha256, site, plan, backbone, patients=True)
@@ -167,26 +205,21 @@ def train_round(content: RecordDict, site_path: Path, *, run_id: str = "", progr
                 validation_sha256 = file_sha256(site.validation)
                 _, validation = encoded_records(site.validation, validation_sha256, site, plan, backbone)
             shared = _validate_received(site, plan, backbone, content, run_id, validation, validation_sha256, timings)
-        # The DP unit: a record, or with patient_field a patient (all of its records together).
-        units = len(encoded.dataset) if records.patients is None else len(set(records.patients))
+        units = dp_units(records)
         q, steps = plan_steps(units, plan.batch_size, plan.local_epochs, plan.sample_rate)
         # The FedAvg weight is the one the site declares, never len(records) (docs/deployment.md 5).
         metrics: dict = {"num-examples": site.weight, "private": int(plan.private)}
         with _timed(timings, "privacy"):  # noise calibration + durable ledger entry
             if plan.private:
                 ledger = PrivacyLedger.for_site(site)
-                args, memo = _calibration(site, plan, q, steps), _noise_memo(site)
-                calibrated = memo.get(args) or calibrate_noise(*args)
-                sigma, delta = max(calibrated, site.privacy.min_noise_multiplier), args[1]
-                if delta != ledger.delta:
-                    raise Refused(f"the federation asks for delta {delta:g}, below this site's ledger delta {ledger.delta:g}")
+                noise = site_noise(site, plan, q, steps)
+                sigma, delta = noise.sigma, noise.calibration.delta
                 # Durable BEFORE training: a crash from here on over-counts, never under-counts.
                 spent = ledger.record(sigma, q, steps, epsilon_cap=site.privacy.max_epsilon, **_ledger_binding(plan, content, run_id, train_sha256))
-                memo.put(args, calibrated)  # only once the entry is durable: a refused round writes nothing else
+                # Only once the entry is durable: a refused round writes nothing else.
+                _noise_memo(site).put(noise.calibration, noise.calibrated)
                 _NEXT_ROUND[site.source] = (sigma, q, steps)
                 metrics.update({"epsilon-spent": spent, "epsilon-cap": site.privacy.max_epsilon, "delta": delta})
-            elif not site.allow_non_private:
-                raise Refused("the aggregator asked for NON-PRIVATE training and this site does not allow it (allow_non_private: false)", "non-private refused")
             else:
                 sigma = None
                 # Recorded too, durably BEFORE training: from this entry on the site's epsilon is

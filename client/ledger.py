@@ -45,18 +45,20 @@ import math
 import os
 import re
 import stat
-import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self, get_args
 
 import numpy as np
+from pydantic import AfterValidator, Field, ValidationError, model_validator
 
+from fedprompt.common.atomic import DirectorySyncError, atomic_write
 from fedprompt.common.errors import LedgerError, PrivacyBudgetExceeded
+from fedprompt.common.schema import SHA256_PATTERN, Schema, Sha256, issues
 
 if TYPE_CHECKING:
     from fedprompt.common.config import SiteConfig
@@ -64,7 +66,8 @@ if TYPE_CHECKING:
 SCHEMA = "fedprompt-ledger/2"
 SCHEMA_V1 = "fedprompt-ledger/1"  # still read; migrated on the next write
 ANCHOR_SCHEMA = "fedprompt-ledger-anchor/1"
-MECHANISMS = ("prv", "rdp")
+Mechanism = Literal["prv", "rdp"]
+MECHANISMS = get_args(Mechanism)
 # How long `record` waits for another process holding the ledger (it may be computing a PRV).
 LOCK_TIMEOUT_S = 300.0
 # Above this RDP epsilon the guarantee is meaningless and Opacus's PRV discretisation needs
@@ -72,13 +75,7 @@ LOCK_TIMEOUT_S = 300.0
 # which is also a valid upper bound, so the ledger still never under-counts.
 PRV_CEILING = 100.0
 
-_TOP_KEYS_V1 = ("schema", "hospital_id", "mechanism", "delta", "epsilon_cap", "created_at", "history")
-_TOP_KEYS = (*_TOP_KEYS_V1, "migrated_from", "completions")
-_ENTRY_KEYS_V1 = ("noise_multiplier", "sample_rate", "steps", "run_id", "round", "recorded_at")
-_ENTRY_KEYS = (*_ENTRY_KEYS_V1, "non_private", "epsilon_cap", "records_sha256", "model_in_sha256", "prev", "hash")
-_COMPLETION_KEYS = ("entry", "entry_hash", "model_out_sha256", "completed_at", "prev", "hash")
-_ANCHOR_KEYS = ("schema", "hospital_id", "entries", "head", "completions", "completions_head", "updated_at")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
+_SHA256 = re.compile(SHA256_PATTERN)
 _NEVER_RECREATE = (
     "Never recreate a ledger for a site that has trained: that forgets the epsilon it already spent; "
     "restore the file from a backup instead."
@@ -142,52 +139,123 @@ def state_sha256(state: Mapping[str, Any]) -> str:
     return digest.hexdigest()
 
 
-# --- the ledger's contents ----------------------------------------------------------------------
+# --- the ledger's contents: validated on read by these models (common/schema.py) ------------------
 
 
-@dataclass(frozen=True)
-class LedgerEntry:
+def _iso8601(value: str) -> str:
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"expected an ISO 8601 timestamp, got {value!r}") from None
+    return value
+
+
+Timestamp = Annotated[str, AfterValidator(_iso8601)]
+Count = Annotated[int, Field(ge=0)]
+PositiveNumber = Annotated[float, Field(gt=0)]
+NonEmpty = Annotated[str, Field(min_length=1)]
+
+
+class _Chained:
+    """An entry or completion: a link of its chain (`prev`: the hash before it; `hash`: its own)."""
+
+    def to_doc(self) -> dict[str, Any]:
+        """What is stored and hashed: the same keys and values as the file holds."""
+        return self.model_dump()
+
+    def linked(self, prev: str) -> Self:
+        """This record chained after `prev`, with its own hash."""
+        body = self.model_copy(update={"prev": prev, "hash": ""})
+        return body.model_copy(update={"hash": record_hash(body.to_doc())})
+
+
+class _EntryV1(Schema):
+    """A round as schema "fedprompt-ledger/1" recorded it (always private)."""
+
+    noise_multiplier: PositiveNumber
+    sample_rate: Annotated[float, Field(gt=0, le=1)]
+    steps: Annotated[int, Field(ge=1)]
+    run_id: NonEmpty
+    round: Count
+    recorded_at: Timestamp
+
+
+class LedgerEntry(_Chained, _EntryV1):
     """One planned round (or a charged evaluation), recorded before it ran; never changed afterwards."""
 
-    noise_multiplier: float | None  # None: a non-private round (infinite epsilon)
-    sample_rate: float
-    steps: int
-    run_id: str
-    round: int
-    recorded_at: str
+    noise_multiplier: PositiveNumber | None  # None: a non-private round (infinite epsilon)
     non_private: bool = False
-    epsilon_cap: float | None = None  # the cap it was checked against (None: recorded before schema 2)
-    records_sha256: str | None = None
-    model_in_sha256: str | None = None
+    epsilon_cap: PositiveNumber | None = None  # the cap it was checked against (None: recorded before schema 2)
+    records_sha256: Sha256 | None = None
+    model_in_sha256: Sha256 | None = None
     prev: str = ""
     hash: str = ""
 
-    def to_doc(self) -> dict[str, Any]:
-        return asdict(self)
+    @model_validator(mode="after")
+    def _null_sigma_is_non_private(self) -> Self:
+        if self.non_private != (self.noise_multiplier is None):
+            raise ValueError(f"non_private is {str(self.non_private).lower()} but noise_multiplier is {self.noise_multiplier!r}: "
+                             "exactly the non-private rounds have a null noise_multiplier")
+        return self
 
-    def linked(self, prev: str) -> "LedgerEntry":
-        """This entry chained after `prev`, with its own hash."""
-        body = replace(self, prev=prev, hash="")
-        return replace(body, hash=record_hash(body.to_doc()))
+
+class _StoredEntry(LedgerEntry):
+    """An entry as schema 2 stores it: every key present, chained."""
+
+    non_private: bool
+    epsilon_cap: PositiveNumber | None
+    records_sha256: Sha256 | None
+    model_in_sha256: Sha256 | None
+    prev: Sha256
+    hash: Sha256
 
 
-@dataclass(frozen=True)
-class Completion:
+class Completion(_Chained, Schema):
     """The hash of the update that left for history[entry], written after training, before the reply."""
 
-    entry: int
-    entry_hash: str
-    model_out_sha256: str
-    completed_at: str
+    entry: Count
+    entry_hash: Sha256
+    model_out_sha256: Sha256
+    completed_at: Timestamp
     prev: str = ""
     hash: str = ""
 
-    def to_doc(self) -> dict[str, Any]:
-        return asdict(self)
 
-    def linked(self, prev: str) -> "Completion":
-        body = replace(self, prev=prev, hash="")
-        return replace(body, hash=record_hash(body.to_doc()))
+class _StoredCompletion(Completion):
+    prev: Sha256
+    hash: Sha256
+
+
+class _Migration(Schema):
+    schema_: Literal["fedprompt-ledger/1"] = Field(alias="schema")
+    entries: Count
+
+
+class _LedgerV1(Schema):
+    """A "fedprompt-ledger/1" file: read as if migrated, stored as schema 2 at the next write."""
+
+    schema_: Literal["fedprompt-ledger/1"] = Field(alias="schema")
+    hospital_id: NonEmpty
+    mechanism: Mechanism
+    delta: Annotated[float, Field(gt=0, lt=1)]
+    epsilon_cap: PositiveNumber  # the cap at the last record (not hashed)
+    created_at: Timestamp
+    history: list[_EntryV1]
+
+
+class _LedgerV2(_LedgerV1):
+    """A "fedprompt-ledger/2" file (the module's docstring)."""
+
+    schema_: Literal["fedprompt-ledger/2"] = Field(alias="schema")
+    history: list[_StoredEntry]
+    migrated_from: _Migration | None
+    completions: list[_StoredCompletion]
+
+    @model_validator(mode="after")
+    def _migrated_entries_exist(self) -> Self:
+        if self.migrated_from is not None and self.migrated_from.entries > len(self.history):
+            raise ValueError(f"migrated_from names {self.migrated_from.entries} migrated entries, the history holds {len(self.history)}")
+        return self
 
 
 @dataclass(frozen=True)
@@ -335,97 +403,26 @@ def _parse(doc: Any, path: Path) -> _State:
     schema = doc.get("schema")
     if schema not in (SCHEMA, SCHEMA_V1):
         raise _corrupt(path, f"schema is {schema!r}, expected {SCHEMA!r} (or {SCHEMA_V1!r}, migrated on the next write)")
-    v1 = schema == SCHEMA_V1
-    _check_keys(doc, _TOP_KEYS_V1 if v1 else _TOP_KEYS, "top level", path)
-    hospital_id, mechanism, delta, cap = doc["hospital_id"], doc["mechanism"], doc["delta"], doc["epsilon_cap"]
-    if not (isinstance(hospital_id, str) and hospital_id):
-        raise _corrupt(path, f"hospital_id must be a non-empty string, got {hospital_id!r}")
-    if mechanism not in MECHANISMS:
-        raise _corrupt(path, f"mechanism must be one of {MECHANISMS}, got {mechanism!r}")
-    if not (_is_number(delta) and 0 < delta < 1):
-        raise _corrupt(path, f"delta must be in (0, 1), got {delta!r}")
-    if not (_is_number(cap) and cap > 0):
-        raise _corrupt(path, f"epsilon_cap must be a finite number > 0, got {cap!r}")
-    _check_timestamp(doc["created_at"], "created_at", path)
-    if not isinstance(doc["history"], list):
-        raise _corrupt(path, "history must be a list")
-    header = (hospital_id, mechanism, float(delta), float(cap), doc["created_at"])
-    if v1:
+    model = _LedgerV1 if schema == SCHEMA_V1 else _LedgerV2
+    try:
+        parsed = model.model_validate(doc)
+    except ValidationError as exc:
+        raise _corrupt(path, "; ".join(f"{key}: {message}" if key else message for key, message in issues(model, exc))) from None
+    header = (parsed.hospital_id, parsed.mechanism, parsed.delta, parsed.epsilon_cap, parsed.created_at)
+    # As LedgerEntry/Completion, equal to what this process records (a stored form is another type).
+    entries = tuple(LedgerEntry(**e.model_dump()) for e in parsed.history)
+    if schema == SCHEMA_V1:
         # Read as if migrated: chained from a header saying so. Deterministic, so every process agrees.
-        entries = [_parse_entry(e, i, path, v1=True) for i, e in enumerate(doc["history"])]
         state = _State(*header, (), (), {"schema": SCHEMA_V1, "entries": len(entries)}, SCHEMA_V1)
         linked: list[LedgerEntry] = []
         for e in entries:
             linked.append(e.linked(linked[-1].hash if linked else state.header_hash()))
         return replace(state, history=tuple(linked))
-    migrated = doc["migrated_from"]
-    if migrated is not None and not (
-        isinstance(migrated, dict) and set(migrated) == {"schema", "entries"} and migrated["schema"] == SCHEMA_V1
-        and _is_int(migrated["entries"]) and 0 <= migrated["entries"] <= len(doc["history"])
-    ):
-        raise _corrupt(path, f"migrated_from must be null or {{\"schema\": {SCHEMA_V1!r}, \"entries\": N}}, got {migrated!r}")
-    if not isinstance(doc["completions"], list):
-        raise _corrupt(path, "completions must be a list")
-    history = tuple(_parse_entry(e, i, path) for i, e in enumerate(doc["history"]))
-    completions = tuple(_parse_completion(c, i, path) for i, c in enumerate(doc["completions"]))
-    state = _State(*header, history, completions, migrated, SCHEMA)
+    migrated = None if parsed.migrated_from is None else parsed.migrated_from.model_dump(by_alias=True)
+    completions = tuple(Completion(**c.model_dump()) for c in parsed.completions)
+    state = _State(*header, entries, completions, migrated, SCHEMA)
     _verify_chain(state, path)
     return state
-
-
-def _parse_entry(entry: Any, i: int, path: Path, *, v1: bool = False) -> LedgerEntry:
-    where = f"history[{i}]"
-    if not isinstance(entry, dict):
-        raise _corrupt(path, f"{where} must be an object")
-    # Unknown keys and the accounting fields first (a NaN sigma is named as such), the other keys at the end.
-    allowed = _ENTRY_KEYS_V1 if v1 else _ENTRY_KEYS
-    _check_keys({k: v for k, v in entry.items() if k in _ENTRY_KEYS_V1 or k not in allowed}, _ENTRY_KEYS_V1, where, path)
-    non_private = entry.get("non_private", False)
-    if not isinstance(non_private, bool):
-        raise _corrupt(path, f"{where}.non_private must be true or false, got {non_private!r}")
-    sigma, q, steps = entry["noise_multiplier"], entry["sample_rate"], entry["steps"]
-    try:
-        _check_step_args(sigma, q, steps, non_private=non_private)
-    except ValueError as exc:
-        raise _corrupt(path, f"{where}: {exc}") from None
-    if not (isinstance(entry["run_id"], str) and entry["run_id"]):
-        raise _corrupt(path, f"{where}.run_id must be a non-empty string")
-    if not (_is_int(entry["round"]) and entry["round"] >= 0):
-        raise _corrupt(path, f"{where}.round must be an integer >= 0, got {entry['round']!r}")
-    _check_timestamp(entry["recorded_at"], f"{where}.recorded_at", path)
-    parsed = LedgerEntry(None if non_private else float(sigma), float(q), steps, entry["run_id"], entry["round"], entry["recorded_at"])
-    if v1:
-        return parsed
-    _check_keys(entry, _ENTRY_KEYS, where, path)
-    cap = entry["epsilon_cap"]
-    if cap is not None and not (_is_number(cap) and cap > 0):
-        raise _corrupt(path, f"{where}.epsilon_cap must be null or a finite number > 0, got {cap!r}")
-    for key in ("records_sha256", "model_in_sha256"):
-        _check_sha256(entry[key], f"{where}.{key}", path, nullable=True)
-    for key in ("prev", "hash"):
-        _check_sha256(entry[key], f"{where}.{key}", path)
-    return replace(parsed, non_private=non_private, epsilon_cap=None if cap is None else float(cap),
-                   records_sha256=entry["records_sha256"], model_in_sha256=entry["model_in_sha256"], prev=entry["prev"], hash=entry["hash"])
-
-
-def _parse_completion(c: Any, i: int, path: Path) -> Completion:
-    where = f"completions[{i}]"
-    if not isinstance(c, dict):
-        raise _corrupt(path, f"{where} must be an object")
-    _check_keys(c, _COMPLETION_KEYS, where, path)
-    if not (_is_int(c["entry"]) and c["entry"] >= 0):
-        raise _corrupt(path, f"{where}.entry must be an integer >= 0, got {c['entry']!r}")
-    for key in ("entry_hash", "model_out_sha256", "prev", "hash"):
-        _check_sha256(c[key], f"{where}.{key}", path)
-    _check_timestamp(c["completed_at"], f"{where}.completed_at", path)
-    return Completion(c["entry"], c["entry_hash"], c["model_out_sha256"], c["completed_at"], c["prev"], c["hash"])
-
-
-def _check_sha256(value: Any, where: str, path: Path, *, nullable: bool = False) -> None:
-    if value is None and nullable:
-        return
-    if not (isinstance(value, str) and _SHA256.fullmatch(value)):
-        raise _corrupt(path, f"{where} must be {'null or ' if nullable else ''}a sha256 (64 lowercase hex digits), got {value!r}")
 
 
 def _verify_chain(state: _State, path: Path) -> None:
@@ -453,21 +450,6 @@ def _verify_chain(state: _State, path: Path) -> None:
         if c.entry in completed:
             raise broken("completions", i, f"history[{c.entry}] is completed twice")
         completed.add(c.entry)
-
-
-def _check_keys(obj: dict, expected: Sequence[str], where: str, path: Path) -> None:
-    missing = [k for k in expected if k not in obj]
-    unknown = sorted(k for k in obj if k not in expected)
-    if missing or unknown:
-        parts = ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unknown {', '.join(unknown)}"] if unknown else [])
-        raise _corrupt(path, f"{where}: {'; '.join(parts)}")
-
-
-def _check_timestamp(value: Any, where: str, path: Path) -> None:
-    try:
-        datetime.fromisoformat(value)
-    except (TypeError, ValueError):
-        raise _corrupt(path, f"{where} must be an ISO 8601 timestamp, got {value!r}") from None
 
 
 @contextmanager
@@ -504,18 +486,11 @@ def _write_atomic(path: Path, doc: dict[str, Any], *, anchor: bool = False) -> N
     try:
         # Keep the file's mode across rewrites; a new ledger is world-readable for audits (no personal data).
         mode = stat.S_IMODE(os.stat(path).st_mode) if path.exists() else 0o644
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fchmod(f.fileno(), mode)
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with suppress(OSError):
-                os.unlink(tmp)
-            raise
+        atomic_write(path, data, mode=mode)
+    except DirectorySyncError as exc:
+        # The new file is in place but may not survive a power cut: stop; the entry counts if it does.
+        what = "ledger anchor" if anchor else "privacy ledger"
+        raise LedgerError(f"{what} {path} was written but its directory could not be synced: {exc.strerror or exc}") from exc
     except OSError as exc:
         if anchor:
             raise LedgerError(
@@ -525,16 +500,6 @@ def _write_atomic(path: Path, doc: dict[str, Any], *, anchor: bool = False) -> N
         raise LedgerError(
             f"cannot write privacy ledger {path}: {exc.strerror or exc}; nothing was recorded, so nothing may be trained or sent"
         ) from exc
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as exc:
-        # The new file is in place but may not survive a power cut: stop; the entry counts if it does.
-        what = "ledger anchor" if anchor else "privacy ledger"
-        raise LedgerError(f"{what} {path} was written but its directory could not be synced: {exc.strerror or exc}") from exc
 
 
 # --- the anchor: rollback detection across processes --------------------------------------------
@@ -546,18 +511,19 @@ def default_anchor(ledger: str | Path) -> Path:
     return ledger.with_name(ledger.name + ".anchor")
 
 
-@dataclass(frozen=True)
-class _Anchor:
+class _Anchor(Schema):
+    schema_: Literal["fedprompt-ledger-anchor/1"] = Field(alias="schema")
     hospital_id: str
-    entries: int
-    head: str
-    completions: int
-    completions_head: str
+    entries: Count
+    head: Sha256
+    completions: Count
+    completions_head: Sha256
+    updated_at: Timestamp
 
 
 def _anchor_doc(state: _State) -> dict[str, Any]:
-    return {"schema": ANCHOR_SCHEMA, "hospital_id": state.hospital_id, "entries": len(state.history), "head": state.head(),
-            "completions": len(state.completions), "completions_head": state.completions_head(), "updated_at": _now()}
+    return _Anchor(schema=ANCHOR_SCHEMA, hospital_id=state.hospital_id, entries=len(state.history), head=state.head(),
+                   completions=len(state.completions), completions_head=state.completions_head(), updated_at=_now()).model_dump(by_alias=True)
 
 
 def _read_anchor(path: Path) -> _Anchor | None:
@@ -579,14 +545,10 @@ def _read_anchor(path: Path) -> _Anchor | None:
         doc = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise bad(f"not valid JSON: {exc}") from None
-    if not (isinstance(doc, dict) and doc.get("schema") == ANCHOR_SCHEMA):
-        raise bad(f"not a {ANCHOR_SCHEMA} object")
-    if set(doc) != set(_ANCHOR_KEYS):
-        raise bad(f"expected the keys {', '.join(_ANCHOR_KEYS)}")
-    if not (isinstance(doc["hospital_id"], str) and all(_is_int(doc[k]) and doc[k] >= 0 for k in ("entries", "completions"))
-            and all(isinstance(doc[k], str) and _SHA256.fullmatch(doc[k]) for k in ("head", "completions_head"))):
-        raise bad("malformed counts or hashes")
-    return _Anchor(doc["hospital_id"], doc["entries"], doc["head"], doc["completions"], doc["completions_head"])
+    try:
+        return _Anchor.model_validate(doc)
+    except ValidationError as exc:
+        raise bad("; ".join(f"{key}: {message}" if key else message for key, message in issues(_Anchor, exc))) from None
 
 
 def _check_anchor(state: _State, anchor: _Anchor | None, anchor_path: Path, path: Path) -> str:
@@ -849,8 +811,9 @@ class PrivacyLedger:
                         f"this round (sigma {sigma:g}, q {q:g}, {steps} steps) would bring it to {projected:.4f}, "
                         f"over the site's cap {epsilon_cap:g} (delta {disk.delta:g}, accountant {disk.mechanism}); nothing was recorded"
                     )
-            entry = LedgerEntry(sigma, q, steps, run_id, round, _now(), non_private=sigma is None, epsilon_cap=float(epsilon_cap),
-                                records_sha256=records_sha256, model_in_sha256=model_in_sha256).linked(disk.head())
+            entry = LedgerEntry(noise_multiplier=sigma, sample_rate=q, steps=steps, run_id=run_id, round=round, recorded_at=_now(),
+                                non_private=sigma is None, epsilon_cap=float(epsilon_cap), records_sha256=records_sha256,
+                                model_in_sha256=model_in_sha256).linked(disk.head())
             self._commit(replace(disk, epsilon_cap=float(epsilon_cap), history=(*disk.history, entry), stored_schema=SCHEMA))
             self._pending = len(self._state.history) - 1
         return projected
@@ -867,7 +830,8 @@ class PrivacyLedger:
             index = self._pending
             if any(c.entry == index for c in disk.completions):
                 raise LedgerError(f"privacy ledger {self.path}: history[{index}] is already completed")
-            done = Completion(index, disk.history[index].hash, model_out_sha256, _now()).linked(disk.completions_head())
+            done = Completion(entry=index, entry_hash=disk.history[index].hash, model_out_sha256=model_out_sha256,
+                              completed_at=_now()).linked(disk.completions_head())
             self._commit(replace(disk, completions=(*disk.completions, done), stored_schema=SCHEMA))
             self._pending = None
         return done

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedprompt.common.errors import InputError, Problem
+from fedprompt.common.records import Records, csv_rows, load_labelled, load_records, read_text
 
-from .records import Records, csv_rows, load_labelled, load_records, read_text
 from .workspace import Row
 
 MAX_DRAWS = 1000  # Dirichlet redraws before giving up on the minimum hospital size

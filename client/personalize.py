@@ -37,8 +37,8 @@ from fedprompt.common.errors import InputError
 from fedprompt.common.features import extract_features
 from fedprompt.common.metrics import ClassCounts
 from fedprompt.common.model import CONFIG_NAME, HEAD_BIAS_KEY, HEAD_WEIGHT_KEY, WEIGHTS_NAME, PromptClassifier, PromptConfig, load_prompt, save_prompt
+from fedprompt.common.records import load_records
 
-from .records import load_records
 from .trainer import resolve_device
 from .workspace import check_empty_target
 

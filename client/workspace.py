@@ -5,27 +5,26 @@
     hospital-<id>/test.csv  (optional: the hospital's own held-out set, to measure personalisation)
     test.csv              (optional: held-out set for the aggregator's reference evaluation)
 
-A workspace is written whole into a temporary folder beside its target and renamed into place,
-so a reader never sees half of one, and an existing non-empty folder is never overwritten.
+A workspace is written whole into a temporary folder beside its target and renamed into place
+(common/atomic.atomic_directory), so a reader never sees half of one, and an existing non-empty
+folder is never overwritten.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import math
-import os
-import secrets
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from fedprompt.common.atomic import atomic_directory, atomic_write
 from fedprompt.common.config import FederationConfig, PrivacyCap, SiteConfig
 from fedprompt.common.errors import InputError, Problem
-
-from .records import natural_key
+from fedprompt.common.records import natural_key
 
 Row = tuple[str, str]  # (text, label name)
 
@@ -61,15 +60,16 @@ def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]
 
 def _write_yaml(path: Path, header: str, data: dict[str, Any]) -> None:
     body = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
-    path.write_text(f"# {header}\n{body}", encoding="utf-8")
+    atomic_write(path, f"# {header}\n{body}")
 
 
 def _write_csv(path: Path, rows: Sequence[Row]) -> None:
+    text = io.StringIO()
     # Fixed "\n" line ends: the same rows give byte-identical files on every platform.
-    with path.open("w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["text", "label"])
-        writer.writerows(rows)
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["text", "label"])
+    writer.writerows(rows)
+    atomic_write(path, text.getvalue())
 
 
 def check_empty_target(out_dir: str | Path) -> Path:
@@ -117,9 +117,7 @@ def write_workspace(
     federation = _merge(federation, federation_overrides or {})
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()  # plain mkdir (not mkdtemp): the folder gets the user's usual permissions
-    try:
+    with atomic_directory(out) as tmp:
         _write_yaml(tmp / FEDERATION_FILE, "Federation (aggregator side). Edit the knobs below; `fedprompt data check` validates.", federation)
         if test_rows:
             _write_csv(tmp / TEST_FILE, test_rows)
@@ -146,10 +144,6 @@ def write_workspace(
             _write_yaml(folder / SITE_FILE, "Hospital site config: its own privacy cap wins over the aggregator's requests.",
                         site.model_dump(mode="json"))
         load_workspace(tmp)  # what we wrote must load: fail here, not at the first training round
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

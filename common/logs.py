@@ -49,18 +49,27 @@ def _formatter(fmt: str) -> logging.Formatter:
     return JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT)
 
 
+def _is_console(handler: logging.Handler) -> bool:
+    return isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+
+
 def add_log_format_argument(parser) -> None:
     parser.add_argument("--log-format", choices=LOG_FORMATS, default="text",
                         help="text (default): timestamped lines; json: one JSON object per line (time, level, logger, message)")
 
 
 def configure_logging(fmt: str = "text") -> None:
-    """A daemon's logging: records at INFO and above, one line each on stderr (unless the process
-    has configured logging already), and the format for the processes it starts afterwards."""
+    """A daemon's logging: records at INFO and above, one line each on stderr, and the format for
+    the processes it starts afterwards. It replaces any console handler of the root logger (Opacus
+    calls logging.basicConfig when imported); others (a test's log capture) stay."""
     os.environ[FORMAT_ENV] = fmt
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if _is_console(h)]:
+        root.removeHandler(old)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_formatter(fmt))
-    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
 
 
 def ensure_handler() -> None:
@@ -112,11 +121,16 @@ class ConsoleHandler(logging.Handler):
 
 @contextmanager
 def console(stream: TextIO | None = None, *, in_place: bool | None = None) -> Iterator[ConsoleHandler]:
-    """fedprompt's console lines on `stream` (default: stdout) while the block runs."""
+    """fedprompt's console lines on `stream` (default: stdout) while the block runs, and only
+    there: the root logger's console handlers are detached meanwhile (Opacus calls
+    logging.basicConfig when imported, which would print each line again, on stderr)."""
     stream = stream or sys.stdout
     handler = ConsoleHandler(stream, stream.isatty() if in_place is None else in_place)
-    logger = logging.getLogger("fedprompt")
+    logger, root = logging.getLogger("fedprompt"), logging.getLogger()
     level = logger.level
+    detached = [h for h in root.handlers if _is_console(h)]
+    for h in detached:
+        root.removeHandler(h)
     logger.setLevel(logging.INFO)
     logger.addHandler(handler)
     try:
@@ -125,10 +139,8 @@ def console(stream: TextIO | None = None, *, in_place: bool | None = None) -> It
         logger.removeHandler(handler)
         handler.close()
         logger.setLevel(level)
-
-
-def _is_console(handler: logging.Handler) -> bool:
-    return isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+        for h in detached:
+            root.addHandler(h)
 
 
 @contextmanager

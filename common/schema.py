@@ -230,8 +230,13 @@ def issues(cls: type[BaseModel], exc: ValidationError) -> list[tuple[str, str]]:
     return [(dotted(err["loc"]), _message(err, cls, err["loc"])) for err in exc.errors()]
 
 
-def _models_in(annotation: Any) -> list[type[BaseModel]]:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+def _fields_of(model: Any) -> dict[str, Any]:
+    """A model's or pydantic dataclass's fields, by the names its files use (aliases)."""
+    return {f.alias or name: f for name, f in getattr(model, "__pydantic_fields__", {}).items()}
+
+
+def _models_in(annotation: Any) -> list[type]:
+    if isinstance(annotation, type) and hasattr(annotation, "__pydantic_fields__"):
         return [annotation]
     return [m for arg in get_args(annotation) for m in _models_in(arg)]
 
@@ -242,16 +247,22 @@ def _literals_in(annotation: Any) -> tuple:
     return tuple(v for arg in get_args(annotation) for v in _literals_in(arg))
 
 
-def _walk(cls: type[BaseModel], loc: Iterable[Any]) -> tuple[type[BaseModel] | None, Any]:
-    """The model `loc` points into (for a nested mapping) and the FieldInfo of its last key (None where unknown)."""
-    model: type[BaseModel] | None = cls
+def _walk(cls: type[BaseModel], loc: Iterable[Any]) -> tuple[type | None, Any]:
+    """The model `loc` points into (for a nested mapping) and the FieldInfo of its last key (None where unknown).
+
+    A mapping's keys (`hospitals.<id>`) are stepped over: they are not fields.
+    """
+    model: type | None = cls
     info = None
     for part in loc:
         if isinstance(part, int) or part in UNION_TAGS:
             continue
-        if model is None or part not in model.model_fields:
+        fields = _fields_of(model)
+        if part not in fields:
+            if info is not None and get_origin(info.annotation) is dict:
+                continue
             return None, None
-        info = model.model_fields[part]
+        info = fields[part]
         models = _models_in(info.annotation)
         model = models[0] if models else None
     return model, info
@@ -293,7 +304,7 @@ def _message(err: Mapping[str, Any], cls: type[BaseModel], loc: tuple) -> str:
         return "missing required key"
     if kind == "extra_forbidden":
         holder, _ = _walk(cls, loc[:-1])
-        allowed = sorted(holder.model_fields) if holder is not None else []
+        allowed = sorted(_fields_of(holder))
         return "unknown key" + (f" (expected one of: {', '.join(allowed)})" if allowed else "")
     if kind in _TYPE_NAMES:
         return f"expected {_TYPE_NAMES[kind]}{got}"
@@ -308,6 +319,8 @@ def _message(err: Mapping[str, Any], cls: type[BaseModel], loc: tuple) -> str:
         return _range(info, name, f"expected {_BOUND_OPS[kind]} {_number(bound)}") + got
     if kind == "too_short":
         return f"expected at least {ctx['min_length']} item(s), got {ctx['actual_length']}"
+    if kind == "string_too_short":
+        return f"expected a non-empty string{got}"
     if kind == "too_long":
         return f"expected at most {ctx['max_length']} item(s), got {ctx['actual_length']}"
     if kind == "string_pattern_mismatch":

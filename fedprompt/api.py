@@ -112,10 +112,10 @@ def simulate(workspace: str | Path | None = None, out: str | Path | None = None,
     fedprompt's lines (rounds, hospitals, epsilon) go to stdout; Flower's, Ray's and the
     hospitals' output to OUT/logs/simulate.log (and with `verbose` to the console too).
     """
+    from fedprompt import simulation as engine
     from fedprompt.client.demo_data import generate_demo, write_demo_workspace
     from fedprompt.common.config import FederationConfig
     from fedprompt.common.logs import CONSOLE, console
-    from fedprompt.server import simulate as engine
 
     if rounds is not None:  # before the demo is written; the engine applies it by the same rule
         FederationConfig.check_field("rounds", rounds, origin="--rounds")

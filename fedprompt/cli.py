@@ -9,7 +9,7 @@ import sys
 from fedprompt import __version__
 
 # name -> module in fedprompt.commands exposing `register(subparsers)`; each sets `func(args) -> int`.
-COMMANDS = ("simulate", "data", "privacy", "selftest", "audit", "predict", "personalize", "pki", "aggregator", "hospital")
+COMMANDS = ("simulate", "plan", "data", "privacy", "selftest", "audit", "predict", "personalize", "pki", "aggregator", "hospital")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,27 +1,26 @@
-"""Process wrappers for a real deployment: SuperLink (+ Fleet-only proxy), SuperNode, `flwr` CLI.
+"""The aggregator's process wrappers for a real deployment: SuperLink (+ Fleet-only proxy), `flwr` CLI.
+A hospital's (its checks, its SuperNode) are in client/deploy.py.
 
-Flags are those of Flower 1.42 (checked against `flower-superlink --help`, `flower-supernode
---help` and the installed source); see docs/deployment.md for the whole picture.
+Flags are those of Flower 1.42 (checked against `flower-superlink --help` and the installed
+source); see docs/deployment.md for the whole picture.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import tomli_w
 
 from fedprompt.common.atomic import atomic_write
-from fedprompt.common.errors import InputError, Problem
-
-from .pki import PkiPaths, check_hospital_key, load_cert
+from fedprompt.common.deploy import flower_env, toml_str
+from fedprompt.common.errors import InputError
+from fedprompt.common.pki import PkiPaths
 
 CONNECTION = "fedprompt"  # name of the Control API connection in the aggregator's flwr config
 log = logging.getLogger("fedprompt.deploy")
@@ -36,22 +35,6 @@ def flower_exe(name: str) -> str:
     if not found:
         raise InputError.at(name, "Flower executable not found (is flwr installed in this environment?)")
     return found
-
-
-def split_address(value: str, what: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not (0 < int(port) < 65536):
-        raise InputError.at(what, f"expected HOST:PORT, got {value!r}")
-    return host, int(port)
-
-
-def _toml_str(value: str, what: str) -> str:
-    if any(c in value for c in '"\\\n\r\t') or any(ord(c) < 32 for c in value):
-        raise InputError.at(what, f"{value!r}: quotes, backslashes and control characters are not supported here")
-    return f'"{value}"'
-
-
-# ---------------------------------------------------------------- aggregator side
 
 
 def superlink_argv(pki: PkiPaths, state: Path, *, host: str = "127.0.0.1", port: int = 8000, isolation: str = "subprocess") -> list[str]:
@@ -90,11 +73,7 @@ def write_connection(state: Path, address: str, ca_cert: Path) -> Path:
 
 
 def aggregator_env(state: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["FLWR_HOME"] = str(flwr_home(state).resolve())
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TRANSFORMERS_OFFLINE", "1")
-    return env
+    return flower_env(flwr_home(state))
 
 
 def require_connection(state: Path) -> Path:
@@ -178,108 +157,7 @@ def checkpoint_round(state_json: Path) -> int | None:
 
 
 def run_config_arg(workspace: Path, out: Path, rounds: int | None) -> str:
-    parts = [f"workspace={_toml_str(str(workspace.resolve()), '--workspace')}", f"out={_toml_str(str(out.resolve()), '--out')}"]
+    parts = [f"workspace={toml_str(str(workspace.resolve()), '--workspace')}", f"out={toml_str(str(out.resolve()), '--out')}"]
     if rounds:
         parts.append(f"rounds={int(rounds)}")
     return " ".join(parts)
-
-
-# ---------------------------------------------------------------- hospital side
-
-
-@dataclass
-class HospitalCheck:
-    site_path: Path
-    hospital_id: str
-    ledger: Path
-    trusted_apps: list[str]
-
-
-def check_hospital(site_path: Path, key: Path, root_certificates: Path) -> HospitalCheck:
-    """Everything a hospital daemon needs, validated before the SuperNode starts (InputError)."""
-    from fedprompt.common.config import SiteConfig
-
-    problems: list[Problem] = []
-    site_path = Path(site_path)
-    site = None
-    try:
-        site = SiteConfig.load(site_path)
-    except InputError as exc:
-        problems += exc.problems
-    if site is not None:
-        if not site.ledger.is_file():
-            problems.append(Problem(str(site.ledger), None, "ledger",
-                                    f"privacy ledger not found: create it once with `fedprompt privacy init --site {site_path}` "
-                                    "(never re-create a lost ledger on a site that has trained: restore it from backup)"))
-        else:
-            from fedprompt.client.ledger import PrivacyLedger
-            from fedprompt.common.errors import LedgerError
-
-            try:
-                PrivacyLedger.for_site(site)
-            except LedgerError as exc:
-                problems.append(Problem(str(site.ledger), None, "ledger", str(exc)))
-            except InputError as exc:
-                problems += exc.problems
-        for name in ("train", "validation"):
-            p = getattr(site, name)
-            if p is not None and not Path(p).is_file():
-                problems.append(Problem(str(site_path), None, name, f"record file {p} not found"))
-        if site.backbone is not None and not (Path(site.backbone) / "config.json").is_file():
-            problems.append(Problem(str(site_path), None, "backbone", f"{site.backbone} is not a model directory (no config.json)"))
-    for check in (lambda: check_hospital_key(key), lambda: load_cert(root_certificates)):
-        try:
-            check()
-        except InputError as exc:
-            problems += exc.problems
-    if problems:
-        raise InputError(problems)
-    assert site is not None
-    return HospitalCheck(site_path.resolve(), site.hospital_id, site.ledger, list(site.trusted_apps))
-
-
-def supernode_argv(
-    *, superlink: str, root_certificates: Path, key: Path, site_path: Path, runtime_host: str = "127.0.0.1", runtime_port: int = 9094,
-    max_retries: int | None = None, max_wait_time: float | None = None, isolation: str = "subprocess", trusted_entities: Path | None = None,
-) -> list[str]:
-    argv = [
-        sys.executable, "-P", "-m", "fedprompt.client.supernode_main",  # flower-supernode, idle poll 1 s (not 3 s)
-        "--superlink", superlink,
-        "--root-certificates", str(Path(root_certificates).resolve()),
-        "--auth-supernode-private-key", str(Path(key).resolve()),
-        "--node-config", f"site-config={_toml_str(str(Path(site_path).resolve()), '--site')}",
-        "--isolation", isolation,
-        "--host", runtime_host,
-        "--port", str(runtime_port),
-    ]
-    if max_retries is not None:
-        argv += ["--max-retries", str(max_retries)]
-    if max_wait_time is not None:
-        argv += ["--max-wait-time", str(max_wait_time)]
-    if trusted_entities is not None:
-        argv += ["--trusted-entities", str(Path(trusted_entities).resolve())]
-    return argv
-
-
-def flwr_home_of(env: dict[str, str]) -> Path:
-    """The FLWR_HOME a daemon started with `env` uses (Flower's default: ~/.flwr)."""
-    return Path(env["FLWR_HOME"]) if env.get("FLWR_HOME") else Path.home() / ".flwr"
-
-
-def site_flwr_home(ledger: Path) -> Path:
-    """A hospital daemon's FLWR_HOME unless `--flwr-home` says otherwise: `LEDGER.flwr-home/`, beside
-    the site's privacy ledger (like `LEDGER.anchor` and `LEDGER.noise-memo`). Per site: a ledger
-    belongs to one hospital, so two daemons on one host never share it, as they would share ~/.flwr
-    or an inherited $FLWR_HOME. Writable: the daemon writes the ledger's folder anyway, while
-    site.yaml and the records may be read-only. What Flower keeps there (installed app bundles,
-    caches) is disposable and needs no backup."""
-    return ledger.with_name(ledger.name + ".flwr-home")
-
-
-def hospital_env(flwr_home_dir: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["FLWR_HOME"] = str(Path(flwr_home_dir).resolve())
-    # The hospital never downloads anything: backbone and tokenizer are local files.
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TRANSFORMERS_OFFLINE", "1")
-    return env

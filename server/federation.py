@@ -18,7 +18,6 @@ import torch
 from flwr.app import MetricRecord
 from flwr.serverapp import Grid
 
-from fedprompt.client.records import load_records
 from fedprompt.common.atomic import atomic_write
 from fedprompt.common.backbone import Backbone, load_backbone
 from fedprompt.common.config import FederationConfig
@@ -28,6 +27,7 @@ from fedprompt.common.logs import PROGRESS
 from fedprompt.common.metrics import evaluate
 from fedprompt.common.model import PromptConfig, build_model
 from fedprompt.common.plan import RoundPlan, prompt_config
+from fedprompt.common.records import load_records
 from fedprompt.common.wire import arrays_to_state, state_to_arrays
 from fedprompt.common.zeroshot import initial_global_state
 
@@ -134,6 +134,7 @@ def execute(grid: Grid, run: PreparedRun) -> dict:
             "evaluate": strategy.eval_results.get(server_round),
             "test": _test_metrics(run, state),
             "hospitals": hospitals,
+            "aggregated": strategy.aggregated.get(server_round, False),  # the global model changed this round
             "upload_bytes": sum(h["upload_bytes"] for h in hospitals.values()),
             # Wall-clock (epoch) phase boundaries: round start, instructions sent, replies in, round end.
             "timing": {"start": t_round[1], **strategy.timing.get(server_round, {}), "end": time.time()},
@@ -193,7 +194,7 @@ def run_metrics(run: PreparedRun, outcome: str, why: str | None = None, export_d
         labels=fed.label_names,
         rounds=run.history,
         export=None if export_dir is None else str(export_dir),
-    ).model_dump()
+    ).model_dump(exclude_unset=True)
 
 
 def round_line(rec: dict, total: int) -> str:

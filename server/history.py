@@ -73,12 +73,15 @@ class RoundRecord(Schema):
     model_config = _FACTS
     round: NonNegativeInt
     seconds: Annotated[float, Field(ge=0)]
-    aggregate_seconds: float | None = None
-    aggregate_cpu_seconds: float | None = None
-    evaluate: SharedEvaluation | None
-    test: HeldOutScores | None
+    evaluate: SharedEvaluation | None  # null unless some site shares noised counts
+    test: HeldOutScores | None  # null without a held-out test set
     hospitals: dict[str, Annotated[HospitalOutcome, BeforeValidator(_outcome)]]
     upload_bytes: NonNegativeInt
+    # Absent from records written before they existed: a record is read back as it was written
+    # (`exclude_unset`), so that server/outcome.py can tell such a record apart.
+    aggregate_seconds: float | None = None
+    aggregate_cpu_seconds: float | None = None
+    aggregated: bool | None = None  # did the round change the global model (>= min_hospitals valid updates)?
     timing: dict[str, float] = {}  # wall-clock (epoch) phase boundaries of the round
 
 
@@ -126,4 +129,4 @@ def read_checkpoint_state(path: Path) -> CheckpointState:
 
 def read_metrics(path: Path) -> dict:
     """metrics.json, validated; as plain data (the report's and the API's input)."""
-    return _read(RunMetrics, path, "metrics").model_dump()
+    return _read(RunMetrics, path, "metrics").model_dump(exclude_unset=True)

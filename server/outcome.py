@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-TRAINED = "trained"  # at least one hospital's update was accepted in at least one round
+TRAINED = "trained"  # at least one round aggregated valid updates (the global model changed)
 NOTHING_TRAINED = "no hospital trained"  # every training reply of every round was a refusal, rejection or failure
 RUNNING = "running"  # the report rewritten after each round, before the run ends
 # Distinct from the other exit codes: 1 run failed, 2 bad input, 3 privacy ledger, 4 audit failed.
@@ -25,10 +25,16 @@ def run_outcome(history: list[dict]) -> tuple[str, str | None]:
     round by status, refusals by their category ("refused 6 (budget 6)"): the per-round, per-hospital
     detail is in metrics.json's rounds.
     """
-    replies = [o for r in history if r.get("round", 0) > 0 for o in r.get("hospitals", {}).values()]
-    if any(o["status"] == "ok" for o in replies):
+    training = [r for r in history if r.get("round", 0) > 0]
+    training_rounds = len(training)
+    replies = [o for r in training for o in r.get("hospitals", {}).values()]
+    # "aggregated" is false for a round with fewer valid updates than min_hospitals: the model did
+    # not move. (Histories written before the field existed: an accepted update counts.)
+    if any(r.get("aggregated", any(o["status"] == "ok" for o in r.get("hospitals", {}).values())) for r in training):
         return TRAINED, None
-    training_rounds = sum(1 for r in history if r.get("round", 0) > 0)
+    if any(o["status"] == "ok" for o in replies):
+        return NOTHING_TRAINED, (f"fewer valid updates than min_hospitals in every one of {training_rounds} training round(s): "
+                                 "the global model never changed")
     if not replies:
         return NOTHING_TRAINED, f"no hospital was asked to train in {training_rounds} training round(s)" if training_rounds else "no training round ran"
     statuses = Counter(o["status"] for o in replies)

@@ -7,9 +7,9 @@ rendered with autoescaping: every value is escaped, since hospital ids and refus
 reasons come from remote sites. The aggregator rewrites the report after every round (outcome
 "running"; the page then reloads itself every 30 s), so that a run can be watched in a browser.
 
-Every file is written to a temporary name in ``out_dir`` and moved into place with
-``os.replace``; the HTML goes last, so a crash never leaves a half-written file and a new
-report page never points at missing images.
+Every file is written with ``common/atomic.atomic_write`` (a temporary name, then a rename); the
+HTML goes last, so a crash never leaves a half-written file and a new report page never points at
+missing images.
 
 Plots use matplotlib's object API (``Figure`` + Agg canvas), never ``pyplot``: no global
 backend switch, no display needed, nothing left open in pyplot's figure registry.
@@ -152,19 +152,6 @@ def _fmt_eps(value: Any) -> str:
     if v is None:
         return _MISSING
     return f"{v:.2f}" if math.isfinite(v) else _fmt(v)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------
@@ -678,5 +665,4 @@ def write_report(metrics: dict, out_dir: Path) -> Path:
         atomic_write(out_dir / name, data)
     report = out_dir / REPORT_NAME
     atomic_write(report, page)
-    _fsync_dir(out_dir)
     return report

@@ -87,6 +87,7 @@ class ValidatedStrategy(Strategy):
         self._global: dict | None = None
         self._sent: dict[int, list[Message]] = {}
         self.train_outcomes: dict[int, dict[str, HospitalOutcome]] = {}
+        self.aggregated: dict[int, bool] = {}  # did the round change the global model (>= min_hospitals valid updates)?
         self.eval_results: dict[int, dict | None] = {}
         # Per round, time in aggregate_train (validation + the inner aggregate): wall clock, and
         # this thread's CPU time, which a loaded host or the engine's other threads do not inflate.
@@ -165,6 +166,7 @@ class ValidatedStrategy(Strategy):
             return None, None
         untouched = self._untouched(accepted)  # before the inner strategy, which may consume the replies
         arrays, _ = self.inner.aggregate_train(server_round, accepted)
+        self.aggregated[server_round] = arrays is not None
         if arrays is not None:
             for key in untouched:
                 arrays[key] = Array(np.ascontiguousarray(self._global[key].numpy().astype(np.float32)))

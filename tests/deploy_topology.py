@@ -109,7 +109,7 @@ def make_workspace(root: Path, *, hospitals: int = 3, per_hospital: int = 40, te
                    round_timeout: float = 120.0, min_hospitals: int | None = None, n_virtual_tokens: int = 4,
                    max_length: int = 32, max_epsilon: float | None = None) -> Path:
     from fedprompt.client.demo_data import generate_demo, write_demo_workspace
-    from fedprompt.server.simulate import ensure_ledgers
+    from fedprompt.simulation import ensure_ledgers
 
     sys.path.insert(0, str(Path(__file__).parent))
     from tinybert import make_tiny_backbone

@@ -18,7 +18,7 @@ from fedprompt.cli import main
 from fedprompt.client.demo_data import generate_demo
 from fedprompt.client.workspace import list_hospitals, write_workspace
 from fedprompt.common.logs import CONSOLE, FORMAT_ENV, PROGRESS, captured_output, console
-from fedprompt.server.simulate import LOG_NAME, ensure_ledgers
+from fedprompt.simulation import LOG_NAME, ensure_ledgers
 
 from tinybert import make_tiny_backbone
 
@@ -57,18 +57,19 @@ def test_simulate_console_holds_only_fedprompt_lines(tmp_path):
     assert "(ClientAppActor pid=" in log and "fedprompt-timing" in log  # the hospitals (Ray actors)' output
     assert "Optimal order is the largest alpha" in log  # Opacus' RDP warning, from inside an actor
     assert "INFO fedprompt.server: round 2/2" in log  # fedprompt's own lines too
-    assert "`run_simulation` function is deprecated" not in log  # dropped on purpose (server/simulate.py)
-    assert "\x1b[" not in log  # no colour codes
+    assert "`run_simulation` function is deprecated" not in log  # dropped on purpose (fedprompt/simulation.py)
     assert (out / "report.html").is_file()
 
 
 def test_captured_output_quiet_and_verbose(tmp_path, capsys):
     """What a library prints or logs, and its warnings, go to the file; fedprompt's console lines
-    stay on the console; `verbose` leaves the console as it was (and still writes the file)."""
+    stay on the console, once; `verbose` leaves the console as it was (and still writes the file)."""
     flwr_like = logging.getLogger("fedprompt-test-engine")
     flwr_like.propagate = False
     flwr_like.addHandler(logging.StreamHandler(sys.stderr))
     flwr_like.setLevel(logging.INFO)
+    opacus_like = logging.StreamHandler(sys.stderr)  # Opacus' logging.basicConfig at import
+    logging.getLogger().addHandler(opacus_like)
     log = logging.getLogger("fedprompt.test")
     try:
         for verbose in (False, True):
@@ -83,14 +84,16 @@ def test_captured_output_quiet_and_verbose(tmp_path, capsys):
             text = path.read_text()
             assert "engine record" in text and "round 1/1 | ok" in text and "detail for the log only" in text
             assert "[fedprompt] round 1/1 | ok" in shown.out and "detail for the log only" not in shown.out + shown.err
+            assert "round 1/1" not in shown.err
             if verbose:
                 assert "engine record" in shown.err and "printed by a library" in shown.out and "a library's warning" in shown.err
             else:
                 assert "printed by a library" in text and "a library's warning" in text
                 assert shown.out == "[fedprompt] round 1/1 | ok\n" and shown.err == ""
-        assert len(flwr_like.handlers) == 1  # the engine's console handler is back
+        assert len(flwr_like.handlers) == 1 and opacus_like in logging.getLogger().handlers  # both back
     finally:
         flwr_like.handlers.clear()
+        logging.getLogger().removeHandler(opacus_like)
 
 
 def test_progress_lines_are_rewritten_in_place_on_a_terminal():

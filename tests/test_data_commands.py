@@ -15,9 +15,9 @@ import pytest
 
 from fedprompt.client.demo_data import LABELS, PER_HOSPITAL, generate_demo
 from fedprompt.client.download import FILES, TEST_FILE
-from fedprompt.client.records import load_records
 from fedprompt.client.workspace import list_hospitals, load_workspace, site_delta, write_workspace
 from fedprompt.common.config import FederationConfig, SiteConfig
+from fedprompt.common.records import load_records
 
 SHARED = Path(__file__).parents[1].parent / "shared/data/medical-abstracts"
 TEST_SHA = FILES[TEST_FILE]
@@ -207,7 +207,7 @@ def test_partition_real_medical_abstracts(tmp_path, data_cli, capsys):
 
 
 def _records(n: int = 600):
-    from fedprompt.client.records import Records
+    from fedprompt.common.records import Records
 
     return Records([f"abstract number {i}" for i in range(n)], [int("1112233445555"[i % 13]) - 1 for i in range(n)], Path("corpus.csv"))
 
@@ -273,7 +273,7 @@ def test_partition_refuses_fractions_leaving_no_training_rows(tmp_path, data_cli
 
 def test_stratified_subset_keeps_the_label_mix_and_corpus_order():
     from fedprompt.client.partition import stratified_subset
-    from fedprompt.client.records import Records
+    from fedprompt.common.records import Records
 
     labels = [0] * 600 + [1] * 300 + [2] * 100  # 60 / 30 / 10 %
     records = Records([f"note {i}" for i in range(1000)], labels, Path("corpus.csv"))

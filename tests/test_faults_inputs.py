@@ -30,16 +30,16 @@ from flwr.app import RecordDict
 
 from fedprompt.cli import main
 from fedprompt.client import hospital
-from fedprompt.client import ledger as ledger_mod
 from fedprompt.client.demo_data import generate_demo
 from fedprompt.client.ledger import PrivacyLedger
 from fedprompt.client.workspace import list_hospitals, load_workspace, write_workspace
+from fedprompt.common import atomic as atomic_mod
 from fedprompt.common.plan import RoundPlan
 from fedprompt.common.wire import ARRAYS, METRICS, STATUS, state_to_arrays
 from fedprompt.server.checkpoint import Checkpoint, save_checkpoint
 from fedprompt.server.export import export_model
 from fedprompt.server.federation import RunSpec, prepare_run
-from fedprompt.server.simulate import ensure_ledgers
+from fedprompt.simulation import ensure_ledgers
 
 from tinybert import make_tiny_backbone
 
@@ -500,7 +500,7 @@ def _ledger_other_hospital(c: Ctx):
 def _ledger_nan_entry(c: Ctx):
     entry = {"noise_multiplier": float("nan"), "sample_rate": 0.5, "steps": 2, "run_id": "t", "round": 1, "recorded_at": "2024-01-01T00:00:00+00:00"}
     c.ledger_doc(lambda d: d.update(history=[entry]))
-    return c.show(), PRIVACY, [f"privacy ledger {re.escape(str(c.ledger))} is corrupted \\(history\\[0\\]: noise_multiplier"]
+    return c.show(), PRIVACY, [f"privacy ledger {re.escape(str(c.ledger))} is corrupted \\(history\\[0\\]\\.noise_multiplier: expected a finite number"]
 
 
 def _ledger_wrong_schema(c: Ctx):
@@ -925,7 +925,8 @@ def test_simulate_refuses_a_workspace_whose_records_are_all_bad(ctx: Ctx, no_tra
 
 
 class _FaultyModule:
-    """A stand-in for `os` or `tempfile` inside client.ledger only: one function fails."""
+    """A stand-in for `os` or `tempfile` inside common.atomic, the ledger's writer (a round writes no
+    other file before its ledger entry): one function fails."""
 
     def __init__(self, real, **faults):
         self._real, self._faults = real, faults
@@ -983,7 +984,7 @@ def test_unwritable_ledger_refuses_before_any_update_leaves(fault, ctx: Ctx, pre
     else:
         module, faults, expected = DISK_FAULTS[fault]
         with monkeypatch.context() as m:
-            m.setattr(ledger_mod, module, _FaultyModule(getattr(ledger_mod, module), **faults))
+            m.setattr(atomic_mod, module, _FaultyModule(getattr(atomic_mod, module), **faults))
             with caplog.at_level("WARNING", logger="fedprompt.hospital"):
                 reply = hospital.train_round(content, ctx.site)
     assert set(reply.keys()) == {STATUS}, set(reply.keys())  # refused: no ARRAYS, no METRICS

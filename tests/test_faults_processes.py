@@ -243,7 +243,9 @@ def enlarge_training_set(topo: Topology, i: int, factor: int) -> int:
 
 
 def clientapps(topo: Topology, name: str) -> list[int]:
-    return [p for p in descendants(topo.procs.procs[name].pid) if "flwr-clientapp" in cmdline(p)]
+    """The processes that run the hospital's training: its warm worker (client/worker.py), or
+    Flower's per-message `flwr-clientapp` with `hospital start --executor flower`."""
+    return [p for p in descendants(topo.procs.procs[name].pid) if "flwr-clientapp" in cmdline(p) or "fedprompt.client.worker" in cmdline(p)]
 
 
 def wait_training(topo: Topology, i: int, name: str, round_: int, timeout: float = 300) -> list[dict]:
@@ -312,7 +314,7 @@ def check_ledger_grew(before: list[dict], after: list[dict]) -> None:
 
 
 def test_hospital_killed_mid_training_rejoins_and_its_ledger_over_counts(topology_root):
-    """Scenario 1: SIGKILL a hospital daemon (SuperNode + ClientApp) in the middle of local training."""
+    """Scenario 1: SIGKILL a hospital daemon (SuperNode + executor + worker) in the middle of local training."""
     topo = topology_root(3, rounds=3, round_timeout=ROUND_TIMEOUT, min_hospitals=2, max_epsilon=50.0)
     enlarge_training_set(topo, 1, 40)
     topo.start_aggregator()

@@ -17,17 +17,17 @@ from flwr.app import Array, ArrayRecord, Context, Message, Metadata, RecordDict
 
 from fedprompt.client.client_app import make_client_app
 from fedprompt.client.demo_data import generate_demo
-from fedprompt.client.records import load_records
 from fedprompt.client.workspace import list_hospitals, load_workspace, write_workspace
 from fedprompt.common.backbone import load_backbone
 from fedprompt.common.config import FederationConfig
 from fedprompt.common.encoding import encode
 from fedprompt.common.model import TRAINABLE_KEYS, PromptClassifier, build_model, initial_state
 from fedprompt.common.plan import RoundPlan
+from fedprompt.common.records import load_records
 from fedprompt.common.wire import ARRAYS, METRICS, REFUSAL_CATEGORIES, STATUS, STATUS_KEYS, state_to_arrays
 from fedprompt.server.checkpoint import load_checkpoint
 from fedprompt.server.federation import RunSpec, prepare_run
-from fedprompt.server.simulate import ensure_ledgers, simulate
+from fedprompt.simulation import ensure_ledgers, simulate
 
 from tinybert import make_tiny_backbone
 
@@ -176,7 +176,7 @@ def test_rogue_updates_rejected_and_capped_hospital_refused(tmp_path, tiny_dir):
 
     ws = make_workspace(tmp_path, tiny_dir, hospitals=4, per_hospital=40, overrides={**FAST, "min_hospitals": 2})
     from fedprompt.client.ledger import PrivacyLedger
-    from fedprompt.server.simulate import ensure_ledgers
+    from fedprompt.simulation import ensure_ledgers
 
     ensure_ledgers(ws)
     # hospital-4 spent most of its budget in an earlier run, then lowered its cap to what it spent
@@ -233,7 +233,7 @@ def test_wire_audit_only_declared_tensors_and_aggregates_leave(tmp_path, monkeyp
                         overrides={**FAST, "model": {"n_virtual_tokens": 20, "max_length": 32}, "training": {"local_epochs": 1, "batch_size": 8}})
     fed, sites, _ = load_workspace(ws)
     from fedprompt.client import client_app as client_app_mod
-    from fedprompt.server.simulate import ensure_ledgers
+    from fedprompt.simulation import ensure_ledgers
 
     ensure_ledgers(ws)
     run = prepare_run(RunSpec(fed, tmp_path / "out", None, bb_dir))
@@ -310,15 +310,13 @@ def test_wire_audit_only_declared_tensors_and_aggregates_leave(tmp_path, monkeyp
 
 # --- refusals are well-formed replies, never crashes -----------------------------------------------
 def _train_content(run, round_=1, **plan_changes):
-    plan = RoundPlan.for_run(run.spec.federation, run.prompt, round=round_)
-    for k, v in plan_changes.items():
-        setattr(plan, k, v)
+    plan = RoundPlan.for_run(run.spec.federation, run.prompt, round=round_).replaced(**plan_changes)
     return RecordDict({ARRAYS: state_to_arrays(run.state), "config": plan.to_config_record()})
 
 
 def one_site(tmp_path: Path, tiny_dir: Path):
     """A prepared run and a single hospital with its ledger: (workspace, run, site.yaml, ledger path)."""
-    from fedprompt.server.simulate import ensure_ledgers
+    from fedprompt.simulation import ensure_ledgers
 
     ws = make_workspace(tmp_path, tiny_dir, hospitals=1, per_hospital=20)
     ensure_ledgers(ws)
@@ -429,7 +427,7 @@ def test_default_recipe_is_what_the_ledger_accounts(tmp_path, tiny_dir):
     from fedprompt.client.hospital import train_round
     from fedprompt.client.ledger import PrivacyLedger, compute_epsilon
     from fedprompt.common.config import TrainingSettings
-    from fedprompt.server.simulate import ensure_ledgers
+    from fedprompt.simulation import ensure_ledgers
 
     ws = make_workspace(tmp_path, tiny_dir, hospitals=1, per_hospital=50, overrides={"rounds": 5, "model": {"max_length": 32}})
     ensure_ledgers(ws)
@@ -457,7 +455,7 @@ def test_record_count_never_leaves_the_weight_is_declared(tmp_path, tiny_dir):
     and values (the default recipe's q, steps and sigma do not depend on N), except the weight
     each declared in its site.yaml."""
     from fedprompt.client.hospital import train_round
-    from fedprompt.server.simulate import ensure_ledgers
+    from fedprompt.simulation import ensure_ledgers
 
     ws = make_workspace(tmp_path, tiny_dir, hospitals=2, per_hospital=40, overrides={"rounds": 3, "model": {"max_length": 32}})
     small = ws / "hospital-2" / "train.csv"

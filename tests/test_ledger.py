@@ -783,7 +783,7 @@ def one_hospital(tmp_path, tiny, monkeypatch):
     from fedprompt.common.plan import RoundPlan
     from fedprompt.common.wire import ARRAYS, state_to_arrays
     from fedprompt.server.federation import RunSpec, prepare_run
-    from fedprompt.server.simulate import ensure_ledgers
+    from fedprompt.simulation import ensure_ledgers
 
     ws = tiny_workspace(tmp_path, tiny)
     assert ensure_ledgers(ws) == ["hospital-1"]

@@ -14,10 +14,10 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from fedprompt.client.dp import check_per_sample_shapes, plan_steps, wrap_private
-from fedprompt.client.records import load_records
 from fedprompt.client.trainer import patient_loss
 from fedprompt.common.errors import InputError
 from fedprompt.common.features import PAD_LABEL, group_by_patient
+from fedprompt.common.records import load_records
 
 from tinybert import make_tiny_backbone
 
@@ -155,7 +155,7 @@ def _patient_site(tmp_path: Path, tiny_dir: Path):
     from fedprompt.client.demo_data import generate_demo
     from fedprompt.client.workspace import list_hospitals, load_workspace, write_workspace
     from fedprompt.server.federation import RunSpec, prepare_run
-    from fedprompt.server.simulate import ensure_ledgers
+    from fedprompt.simulation import ensure_ledgers
 
     overrides = {"rounds": 2, "model": {"n_virtual_tokens": 2, "max_length": 16},
                  "training": {"local_epochs": 1, "sample_rate": 0.5, "lr": 0.05}, "privacy": {"target_epsilon": 8.0}}
@@ -185,9 +185,7 @@ def _content(run, **plan_changes):
     from fedprompt.common.plan import RoundPlan
     from fedprompt.common.wire import ARRAYS, state_to_arrays
 
-    plan = RoundPlan.for_run(run.spec.federation, run.prompt, round=1)
-    for k, v in plan_changes.items():
-        setattr(plan, k, v)
+    plan = RoundPlan.for_run(run.spec.federation, run.prompt, round=1).replaced(**plan_changes)
     return RecordDict({ARRAYS: state_to_arrays(run.state), "config": plan.to_config_record()}), plan
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedprompt.client.records import load_records
 from fedprompt.client.workspace import write_workspace
 from fedprompt.common.errors import InputError
+from fedprompt.common.records import load_records
 
 LABELS = ["neoplasms", "digestive system diseases", "nervous system diseases", "cardiovascular diseases", "general pathological conditions"]
 
@@ -249,7 +249,7 @@ def test_check_without_a_federation_checks_the_site_alone(workspace, data_cli, c
 
 
 def test_check_opens_the_ledger_as_the_daemon_does(workspace, data_cli, capsys):
-    from fedprompt.server.simulate import ensure_ledgers
+    from fedprompt.simulation import ensure_ledgers
 
     site = workspace / "hospital-1" / "site.yaml"
     assert ensure_ledgers(workspace) == ["hospital-1"]  # `privacy init`

@@ -20,7 +20,7 @@ from fedprompt.client.demo_data import generate_demo
 from fedprompt.client.ledger import PrivacyLedger
 from fedprompt.client.workspace import list_hospitals, write_workspace
 from fedprompt.server.outcome import EXIT_NOTHING_TRAINED, NOTHING_TRAINED, TRAINED, run_outcome
-from fedprompt.server.simulate import ensure_ledgers
+from fedprompt.simulation import ensure_ledgers
 
 from tinybert import make_tiny_backbone
 
@@ -53,6 +53,15 @@ def test_one_accepted_update_in_any_round_is_a_trained_run():
     assert run_outcome([_round(0), _round(1, h1=_site("ok"), h2=refused), _round(2, h1=refused, h2=refused)]) == (TRAINED, None)
 
 
+def test_accepted_updates_below_min_hospitals_did_not_train():
+    """An accepted update in a round that had fewer than min_hospitals of them left the model as it
+    was (the strategy records `aggregated: false`): not a trained run."""
+    lone = _round(1, h1=_site("ok"), h2=_site("refused", "budget"))
+    assert run_outcome([_round(0), {**lone, "aggregated": False}]) == (
+        NOTHING_TRAINED, "fewer valid updates than min_hospitals in every one of 1 training round(s): the global model never changed")
+    assert run_outcome([_round(0), {**lone, "aggregated": True}]) == (TRAINED, None)
+
+
 # --- the whole path, every hospital's budget spent --------------------------------------------------
 
 
@@ -79,7 +88,7 @@ def nothing_trained(tmp_path_factory):
 
 
 def test_simulate_with_every_budget_spent_writes_why_and_no_export(nothing_trained, monkeypatch, capsys):
-    from fedprompt.server import simulate as sim
+    from fedprompt import simulation as sim
 
     root, ws, tiny, ledgers = nothing_trained
     out = root / "out"

@@ -203,3 +203,35 @@ def test_a_malformed_round_plan_is_refused_with_every_reason():
         "the aggregator's round plan: fp.private: expected true or false, got 1",
         "the aggregator's round plan: fp.colour: unknown key (expected one of: " + ", ".join(sorted(RoundPlan.model_fields)) + ")",
     ]
+
+
+ROUND = {"round": 1, "seconds": 2.5, "evaluate": None, "test": {"accuracy": 0.5, "macro_f1": 0.4, "loss": float("nan"), "num_examples": 20},
+         "hospitals": {"hospital-1": {"status": "ok", "weight": 500.0, "epsilon_spent": 1.5, "epsilon_cap": 8.0, "upload_bytes": 100},
+                       "hospital-2": {"status": "refused", "reason": "budget"}},
+         "upload_bytes": 100}
+
+
+def test_run_files_are_read_through_their_models(tmp_path):
+    """metrics.json and the checkpoint's state.json: the aggregator's writer and every reader share one model."""
+    from fedprompt.server.history import read_checkpoint_state, read_metrics
+
+    metrics = {"run": "demo", "outcome": "trained", "outcome_reason": None, "private": True, "strategy": "fedavg",
+               "backbone_fingerprint": "f" * 64, "labels": ["a", "b"], "rounds": [ROUND], "export": None}
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps(metrics))
+    read = read_metrics(path)
+    assert read["rounds"][0]["hospitals"]["hospital-2"] == {"status": "refused", "reason": "budget", "weight": 0.0, "epsilon_spent": None,
+                                                           "epsilon_cap": None, "upload_bytes": 0}
+    bad = {**metrics, "rounds": [{**ROUND, "hospitals": {"hospital-1": {"status": "fine"}}, "upload_bytes": -1}]}
+    path.write_text(json.dumps(bad))
+    with pytest.raises(InputError, match=r"unreadable metrics: rounds\[0\]\.hospitals\.hospital-1\.status: expected one of 'ok', "
+                                         r"'refused', 'rejected', 'failed', got 'fine'; rounds\[0\]\.upload_bytes: expected >= 0, got -1$"):
+        read_metrics(path)
+    state = tmp_path / "state.json"
+    doc = {"format": "fedprompt-checkpoint/1", "run": "demo", "round": 1, "tensors": "global-r0001.safetensors",
+           "backbone_fingerprint": "f" * 64, "history": [ROUND]}
+    state.write_text(json.dumps(doc))
+    assert read_checkpoint_state(state).round == 1
+    state.write_text(json.dumps({**doc, "tensors": "../../elsewhere.safetensors"}))  # never a file outside the checkpoint
+    with pytest.raises(InputError, match=r"unreadable checkpoint: tensors: expected a string matching"):
+        read_checkpoint_state(state)

@@ -63,7 +63,7 @@ def site(tmp_path_factory):
     from fedprompt.client.demo_data import generate_demo
     from fedprompt.client.workspace import list_hospitals, load_workspace, write_workspace
     from fedprompt.server.federation import RunSpec, prepare_run
-    from fedprompt.server.simulate import ensure_ledgers
+    from fedprompt.simulation import ensure_ledgers
 
     root = tmp_path_factory.mktemp("worker")
     tiny = make_tiny_backbone(root / "tinybert")

@@ -98,14 +98,15 @@ def _connection_args(p: argparse.ArgumentParser) -> None:
 
 def _ensure_connection(args: argparse.Namespace) -> None:
     """With --superlink: (re)write STATE/flwr/config.toml (e.g. a submitter container next to the SuperLink)."""
+    from fedprompt.common.deploy import split_address
     from fedprompt.common.errors import InputError
+    from fedprompt.common.pki import load_cert
     from fedprompt.server import deploy
-    from fedprompt.server.pki import load_cert
 
     if args.superlink is None:
         deploy.require_connection(args.state)
         return
-    deploy.split_address(args.superlink, "--superlink")
+    split_address(args.superlink, "--superlink")
     if args.root_certificates is None:
         raise InputError.at("--root-certificates", "required with --superlink (the SuperLink always runs with TLS)")
     load_cert(args.root_certificates)
@@ -118,7 +119,7 @@ def _check_san(pki, host: str) -> None:
     from cryptography import x509
 
     from fedprompt.common.errors import InputError
-    from fedprompt.server.pki import load_cert
+    from fedprompt.common.pki import load_cert
 
     cert = load_cert(pki.server_cert)
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -142,8 +143,8 @@ def run_start(args: argparse.Namespace) -> int:
 
     from fedprompt.common.errors import InputError
     from fedprompt.common.logs import configure_logging
+    from fedprompt.common.pki import PkiPaths
     from fedprompt.server import deploy, fleet_proxy
-    from fedprompt.server.pki import PkiPaths
 
     configure_logging(args.log_format)  # this process's lines and the proxy's refusals
     pki = PkiPaths.of(args.pki)
@@ -245,8 +246,8 @@ def _check_public_key(path: Path) -> None:
 
 
 def run_register(args: argparse.Namespace) -> int:
+    from fedprompt.common.pki import public_key_fingerprint
     from fedprompt.server import deploy
-    from fedprompt.server.pki import public_key_fingerprint
 
     _check_public_key(args.public_key)
     _ensure_connection(args)

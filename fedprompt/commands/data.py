@@ -10,10 +10,10 @@ import os
 from pathlib import Path
 
 from fedprompt.client import demo_data, download, partition
-from fedprompt.client.records import Records, load_labelled, load_records, natural_key
 from fedprompt.client.workspace import check_empty_target, label_table, write_workspace
 from fedprompt.common.config import FederationConfig, SiteConfig
 from fedprompt.common.errors import InputError, LedgerError, Problem
+from fedprompt.common.records import Records, load_labelled, load_records, natural_key
 
 
 def _positive_int(text: str) -> int:

@@ -57,12 +57,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_start(args: argparse.Namespace) -> int:
+    from fedprompt.client import deploy
+    from fedprompt.common.deploy import flower_env, split_address
     from fedprompt.common.errors import InputError
     from fedprompt.common.logs import configure_logging
-    from fedprompt.server import deploy
 
-    configure_logging(args.log_format)  # first: the worker inherits the format through the environment
-    deploy.split_address(args.superlink, "--superlink")
+    split_address(args.superlink, "--superlink")
     if args.runtime_port is not None and not (0 < args.runtime_port < 65536):
         raise InputError.at("--clientappio-port", f"not a port: {args.runtime_port}")
     if args.trusted_entities is not None and not args.trusted_entities.is_file():
@@ -76,11 +76,14 @@ def run_start(args: argparse.Namespace) -> int:
         runtime_port=port, max_retries=args.max_retries, max_wait_time=args.max_wait_time,
         isolation="process" if args.executor == "worker" else "subprocess", trusted_entities=args.trusted_entities,
     )
-    env = deploy.hospital_env(args.flwr_home or deploy.site_flwr_home(checked.ledger))
-    log.info("hospital %s: site %s, ledger %s; connecting to %s", checked.hospital_id, checked.site_path, checked.ledger, args.superlink)
-    if args.check:
+    summary = f"hospital {checked.hospital_id}: site {checked.site_path}, ledger {checked.ledger}; connecting to {args.superlink}"
+    if args.check:  # validation only: this process's logging stays as it was
+        print(summary)
         print(" ".join(argv))
         return 0
+    configure_logging(args.log_format)  # before the daemon's environment: its worker inherits the format
+    env = flower_env(args.flwr_home or deploy.site_flwr_home(checked.ledger))
+    log.info("%s", summary)
     deploy.flwr_home_of(env).mkdir(parents=True, exist_ok=True)
     if args.executor == "flower":
         os.execve(argv[0], argv, env)

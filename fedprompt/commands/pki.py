@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_init(args: argparse.Namespace) -> int:
     from fedprompt.common.errors import InputError
-    from fedprompt.server.pki import init_pki
+    from fedprompt.common.pki import init_pki
 
     if args.days < 1:
         raise InputError.at("--days", f"expected >= 1, got {args.days}")
@@ -39,7 +39,7 @@ def run_init(args: argparse.Namespace) -> int:
 
 
 def run_hospital(args: argparse.Namespace) -> int:
-    from fedprompt.server.pki import hospital_key, public_key_fingerprint
+    from fedprompt.common.pki import hospital_key, public_key_fingerprint
 
     priv, pub = hospital_key(args.id, args.out)
     print(f"created SuperNode key {priv}  (0600; never leaves this hospital)")

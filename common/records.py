@@ -1,4 +1,5 @@
-"""A hospital's labelled records (CSV or JSONL), validated strictly before anything is trained.
+"""Labelled records (CSV or JSONL): a hospital's, or the aggregator's test set, validated strictly
+before anything is trained or evaluated.
 
 Every defect of a file is reported at once with `path:line: field: message`, so a data manager
 fixes the file in one pass. Line numbers are physical lines: a CSV record whose quoted text spans
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedprompt.common.errors import InputError, Problem
+from .errors import InputError, Problem
 
 FORMATS = (".csv", ".jsonl")
 

@@ -1,5 +1,6 @@
 """A whole federation on one machine: Flower's simulation engine (Ray), one virtual node per
-hospital of a workspace, the same ServerApp and ClientApp code as the deployment."""
+hospital of a workspace, the same ServerApp and ClientApp code as the deployment. Both sides run
+in this one process, so this module lives outside server/ and client/ and imports both."""
 
 from __future__ import annotations
 
@@ -14,18 +15,17 @@ import torch
 from fedprompt.client.client_app import make_client_app
 from fedprompt.client.comparison import compare_site
 from fedprompt.client.ledger import PrivacyLedger
-from fedprompt.client.records import load_records
+from fedprompt.client.workspace import list_hospitals, load_workspace
 from fedprompt.common.atomic import atomic_write
 from fedprompt.common.config import SiteConfig
 from fedprompt.common.errors import InputError, Problem
 from fedprompt.common.logs import CONSOLE, captured_output
+from fedprompt.common.records import load_records
 from fedprompt.common.zeroshot import initial_global_state
-from fedprompt.client.workspace import list_hospitals, load_workspace
-
-from .federation import PreparedRun, RunSpec, prepare_run
-from .history import read_metrics
-from .outcome import TRAINED
-from .server_app import make_server_app
+from fedprompt.server.federation import PreparedRun, RunSpec, prepare_run
+from fedprompt.server.history import read_metrics
+from fedprompt.server.outcome import TRAINED
+from fedprompt.server.server_app import make_server_app
 
 log = logging.getLogger("fedprompt.server")
 

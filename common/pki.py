@@ -1,4 +1,5 @@
-"""Certificates and keys for a deployment (pure `cryptography`, no openssl binary).
+"""Certificates and keys for a deployment (pure `cryptography`, no openssl binary); both sides use
+them: the aggregator its CA and certificate, a hospital its SuperNode key and the CA certificate.
 
 - `init_pki(out, hosts)`: a private CA (`ca.pem`, `ca.key`) and the aggregator's TLS server
   certificate (`server.pem`, `server.key`) valid for the given host names / IP addresses. The
@@ -9,14 +10,14 @@
   uses `load_ssh_private_key` and needs an EC key; `flwr supernode register KEY.pub` uses
   `load_ssh_public_key` and needs a NIST curve).
 
-Private keys are written 0600 with O_EXCL: nothing is ever overwritten (InputError instead).
+Files are written atomically and exclusively (common/atomic.py): nothing is ever overwritten
+(InputError instead), and a private key is 0600 from its first byte.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedprompt.common.errors import InputError, Problem
+from .atomic import atomic_write
+from .errors import InputError, Problem
 
 CA_CERT, CA_KEY = "ca.pem", "ca.key"
 SERVER_CERT, SERVER_KEY = "server.pem", "server.key"
@@ -75,19 +77,6 @@ def _check_new(paths: list[Path]) -> None:
     existing = [p for p in paths if p.exists() or p.is_symlink()]
     if existing:
         raise InputError([Problem(str(p), None, None, "already exists; refusing to overwrite (remove it yourself or choose another --out)") for p in existing])
-
-
-def _write_new(path: Path, data: bytes, mode: int) -> None:
-    """Create `path` exclusively with `mode` (umask cannot widen it; chmod pins it)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -150,10 +139,10 @@ def init_pki(out: str | Path, hosts: list[str], *, days: int = 825, ca_days: int
         .sign(ca_key, hashes.SHA384())
     )
     # Keys first (0600), certificates last: a half-written folder is never mistaken for a complete one.
-    _write_new(paths.ca_key, _pem_key(ca_key), 0o600)
-    _write_new(paths.server_key, _pem_key(server_key), 0o600)
-    _write_new(paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    _write_new(paths.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    atomic_write(paths.ca_key, _pem_key(ca_key), mode=0o600, exclusive=True)
+    atomic_write(paths.server_key, _pem_key(server_key), mode=0o600, exclusive=True)
+    atomic_write(paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), mode=0o644, exclusive=True)
+    atomic_write(paths.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), mode=0o644, exclusive=True)
     return paths
 
 
@@ -168,8 +157,8 @@ def hospital_key(hospital_id: str, out: str | Path) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP384R1())
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    _write_new(priv, private, 0o600)
-    _write_new(pub, public + f" fedprompt-{hospital_id}\n".encode(), 0o644)
+    atomic_write(priv, private, mode=0o600, exclusive=True)
+    atomic_write(pub, public + f" fedprompt-{hospital_id}\n".encode(), mode=0o644, exclusive=True)
     return priv, pub
 
 
