@@ -36,7 +36,7 @@ TAG = "fedprompt-timing "
 PHASES = ("train", "evaluate")
 # Segments of one phase along its critical hospital, in time order.
 SEGMENTS = (
-    ("delivery", "sent -> the hospital's executor holds the task (Flower's SuperNode pulls every 3 s when idle; executor poll 0.05 s)"),
+    ("delivery", "sent -> the hospital's executor holds the task (SuperNode pull every 1 s when idle, Flower's: 3 s; executor poll 0.05 s)"),
     ("pull", "task inputs pulled from the SuperNode (it fetches the message's objects from the aggregator)"),
     ("dispatch", "handed to the warm worker"),
     ("records", "records file hashed (tokenised once per content)"),
@@ -47,7 +47,7 @@ SEGMENTS = (
     ("reply", "reply tensors packed"),
     ("handler_other", "rest of the handler"),
     ("push", "reply pushed to the SuperNode"),
-    ("return", "-> ServerApp has every reply (SuperNode reply poll 0.5 s + push; ServerApp pull every 0.5 s, server/grid.py)"),
+    ("return", "-> ServerApp has every reply (SuperNode reply check 0.1 s + push; ServerApp pull every 0.5 s, server/grid.py)"),
 )
 
 
@@ -231,20 +231,30 @@ def run(ctx: Context) -> dict:
     }
 
 
+HANDLER_SEGMENTS = ("dispatch", "records", "privacy", "build", "evaluate", "reply", "handler_other")
+
+
 def _where(r: dict) -> list[str]:
     """Where the remaining seconds go, from the measured segments (Flower's polling floor named)."""
     seg, srv = r["mean_segments"]["train"], r["mean_server"]
+
+    def handler(segments: dict) -> float:
+        return sum(segments.get(k, 0.0) for k in HANDLER_SEGMENTS)
+
+    later = describe([handler(x["train"]["segments"]) for x in r["rounds"][1:]] or [float("nan")])["median"]
     return [
-        f"**Delivery {seg['delivery']:.1f} s**: Flower 1.42's SuperNode sleeps 3 s whenever a pull finds no message "
-        "(`start_client_internal.py`, a constant): a round's instruction waits 1.5 s on average, up to 3 s. The floor of "
-        "this design; only Flower polling faster or long-polling would lower it.",
+        f"**Delivery {seg['delivery']:.1f} s**: the SuperNode sleeps between pulls that find no message: 3 s in Flower 1.42 "
+        "(a literal in `start_client_internal.py`), 1 s as fedprompt runs it (client/supernode_main.py), so an "
+        "instruction waits 0.5 s on average for the pull, plus the pull itself through the proxy. The floor of this "
+        "design: only Flower long-polling would remove it.",
         f"**Inputs {seg['pull']:.1f} s**: the SuperNode fetches the message's objects from the aggregator after creating "
         "the task; the executor retries every 0.05-0.25 s (Flower: 1 s, then 2 s, ...).",
-        f"**Handler {sum(seg.get(k, 0.0) for k in ('dispatch', 'records', 'privacy', 'build', 'evaluate', 'reply', 'handler_other')):.1f} s "
-        f"besides training** in the warm worker (privacy {seg['privacy']:.1f} s: the ledger's epsilon projection each round, "
-        "the noise calibration once per run).",
-        f"**Return {seg['return'] + seg['push']:.1f} s**: the SuperNode checks for the reply every 0.5 s (Flower constant) "
-        "and pushes it; the ServerApp pulls every 0.5 s (server/grid.py; Flower's own Grid: 3 s).",
+        f"**Handler {handler(seg):.1f} s besides training** in the warm worker, a mean that holds round 1: the worker "
+        "finishing its warm-up (imports, backbone) and the run's one noise calibration; from round 2 on "
+        f"{later:.2f} s (median), the next round's epsilon having been projected while the worker was idle.",
+        f"**Return {seg['return'] + seg['push']:.1f} s**: the SuperNode checks for the reply every 0.1 s (Flower: 0.5 s) "
+        "and pushes it and its objects to the aggregator; the ServerApp pulls every 0.5 s (server/grid.py; Flower's "
+        "Grid: 3 s) and fetches the reply's objects.",
         f"**Aggregator {sum(srv.values()):.1f} s**: validation + FedAvg, the checkpoint and its own test-set evaluation.",
     ]
 

@@ -1,8 +1,9 @@
 """The aggregator's run: prepare (validate everything up front), execute rounds, finish.
 
-Checkpoints and rewrites the report after every round (an operator can watch a run in a
-browser); a resumed run continues the round numbering and the history. At the end: the export, metrics.json and the report; a run in which no hospital trained gets no
-export, and metrics.json and the report say why (server/outcome.py).
+Checkpoints after every round and rewrites the report in the background (server/live_report.py:
+an operator can watch a run in a browser); a resumed run continues the round numbering and the
+history. At the end: the export, metrics.json and the report; a run in which no hospital
+trained gets no export, and metrics.json and the report say why (server/outcome.py).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .export import export_model
 from .history import RunMetrics
 from .outcome import RUNNING, TRAINED, run_outcome
+from .live_report import LiveReport
 from .report import write_report
 from .strategy import ValidatedStrategy, build_strategy
 
@@ -117,6 +119,7 @@ def execute(grid: Grid, run: PreparedRun) -> dict:
     plan = RoundPlan.for_run(fed, run.prompt).to_config_record()
     t_round = [time.perf_counter(), time.time()]
     start_at_zero = not any(h["round"] == 0 for h in run.history)  # a resumed run has its round 0 already
+    live = LiveReport(run.spec.out_dir)
 
     def after_round(server_round: int, arrays) -> MetricRecord | None:
         if server_round == 0 and not start_at_zero:
@@ -144,10 +147,7 @@ def execute(grid: Grid, run: PreparedRun) -> dict:
         run.state, run.done = state, r
         save_checkpoint(run.checkpoint_dir, Checkpoint(r, state, run.history, run.prompt.backbone_fingerprint, fed.name))
         log.info("%s", round_line(record, fed.rounds), extra=PROGRESS)
-        try:
-            write_report(run_metrics(run, RUNNING), run.spec.out_dir)
-        except Exception:  # noqa: BLE001 - the report is a view of the checkpoint: never lose a round over it
-            log.exception("could not rewrite the report after round %d", r)
+        live.submit(run_metrics(run, RUNNING))
         return MetricRecord({f"test-{k}": float(v) for k, v in record["test"].items()}) if record["test"] else None
 
     if start_at_zero and remaining > 0 and not in_train:
@@ -157,15 +157,18 @@ def execute(grid: Grid, run: PreparedRun) -> dict:
         replies = grid.send_and_receive(strategy.configure_evaluate(0, state_to_arrays(run.state), plan, grid), timeout=fed.round_timeout)
         strategy.aggregate_evaluate(0, replies)
     if remaining > 0:
-        strategy.start(
-            grid,
-            state_to_arrays(run.state),
-            num_rounds=remaining,
-            timeout=fed.round_timeout,
-            train_config=plan,
-            evaluate_config=plan,
-            evaluate_fn=after_round,
-        )
+        try:
+            strategy.start(
+                grid,
+                state_to_arrays(run.state),
+                num_rounds=remaining,
+                timeout=fed.round_timeout,
+                train_config=plan,
+                evaluate_config=plan,
+                evaluate_fn=after_round,
+            )
+        finally:
+            live.wait()  # the final report (finish) never races the last round's
     return finish(run)
 
 

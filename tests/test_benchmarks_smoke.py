@@ -173,7 +173,7 @@ def test_round_suite_analysis_and_report(tmp_path):
     assert result["messages_per_round"] == 3 and result["warm_processes"] == 3
     assert result["target_met"] == (result["overhead"]["median"] <= 5.0)
     md = round_suite.markdown(result)
-    assert "Where the remaining seconds go" in md and "SuperNode sleeps 3 s" in md
+    assert "Where the remaining seconds go" in md and "the SuperNode sleeps between pulls" in md
     assert round_suite.plot(result, tmp_path) == ["round_phases.png"] and (tmp_path / "round_phases.png").stat().st_size > 0
 
 

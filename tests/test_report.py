@@ -234,6 +234,23 @@ def test_report_of_a_running_run_reloads_and_promises_the_export(private_metrics
     assert "The model is exported when the run ends." in page and 'role="alert"' not in page
 
 
+def test_live_report_renders_off_the_round_and_ends_with_the_latest_state(private_metrics, tmp_path):
+    """server/live_report.py: rounds submit snapshots faster than a page renders; the page ends
+    as the newest one, and wait() returns only once nothing is left to render."""
+    import copy
+
+    from fedprompt.server.live_report import LiveReport
+
+    live = LiveReport(tmp_path)
+    for name in ("first", "second", "third"):
+        snapshot = copy.deepcopy(private_metrics)
+        snapshot.update(run=f"run-{name}", outcome="running", outcome_reason=None, export=None)
+        live.submit(snapshot)
+    live.wait()
+    assert "<title>fedprompt report: run-third</title>" in (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert live._thread is not None and not live._thread.is_alive()
+
+
 def test_round_zero_is_shown_as_the_zero_shot_start(private_metrics, tmp_path):
     """Round 0 (validated and tested, nobody trained) is in the scores, not in the hospitals' tables."""
     start = {"round": 0, "seconds": 3.0, "upload_bytes": 0, "hospitals": {},
