@@ -30,4 +30,5 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     # Neither side downloads anything: backbone and tokenizer are local files.
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # (FLWR_TELEMETRY_ENABLED=0 is inherited: fedprompt/__init__.py sets it in this process.)
     return env

@@ -41,3 +41,16 @@ def test_connection_file_is_toml_whatever_the_path(tmp_path):
     doc = tomllib.loads(path.read_text(encoding="utf-8"))
     assert doc["superlink"] == {"default": deploy.CONNECTION,
                                 deploy.CONNECTION: {"address": "10.0.0.5:8000", "root-certificates": str(ca.resolve())}}
+
+
+def test_flower_telemetry_is_off_in_every_fedprompt_process():
+    """Flower sends usage events to Flower Labs unless FLWR_TELEMETRY_ENABLED=0 when it is first
+    imported; importing fedprompt first (every command, daemon, worker and the API do) turns it off."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "FLWR_TELEMETRY_ENABLED"}
+    code = "import fedprompt.client.executor; from flwr.supercore import telemetry; print(telemetry.FLWR_TELEMETRY_ENABLED)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "0"
