@@ -1,4 +1,5 @@
-"""fedprompt benchmarks: `python -m benchmarks run [--suite accuracy|recipe|dp|comm|round|scale|all] [--quick] --out DIR`.
+"""fedprompt benchmarks:
+`python -m benchmarks run [--suite accuracy|recipe|dp|comm|round|scale|all] [--quick] --out DIR`.
 
 One module per suite (`accuracy`, `recipe`, `dp`, `comm`, `round`, `scale`), each exposing `run(ctx) -> dict`,
 `markdown(result) -> str` and `plot(result, out_dir) -> list[str]`. Shared helpers (data,

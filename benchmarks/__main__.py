@@ -21,8 +21,22 @@ from . import SUITES  # noqa: E402
 from .common import DEFAULT_DATA, Context, environment  # noqa: E402
 
 # Hidden size knobs (tests, experiments): --name-with-dashes INT, read by the suites through Context.knob.
-KNOBS = ("pairs", "warmup", "batch", "max_length", "n_virtual", "n_batches", "mem_steps", "breakdown_steps", "profile_steps",
-         "acc_rows", "acc_rounds", "acc_seeds", "acc_prompt_epochs", "scale_rounds")
+KNOBS = (
+    "pairs",
+    "warmup",
+    "batch",
+    "max_length",
+    "n_virtual",
+    "n_batches",
+    "mem_steps",
+    "breakdown_steps",
+    "profile_steps",
+    "acc_rows",
+    "acc_rounds",
+    "acc_seeds",
+    "acc_prompt_epochs",
+    "scale_rounds",
+)
 
 
 def _json_safe(o):
@@ -40,8 +54,12 @@ def _json_safe(o):
 
 
 def _header(meta: dict, quick: bool) -> list[str]:
-    return [f"# fedprompt benchmarks{' (quick)' if quick else ''}", "", f"`{meta['command']}` — {meta['date_utc']}, "
-            f"{meta['cpu_model']}, {meta['nproc']} CPUs, torch {meta['torch']}, opacus {meta['opacus']}, flwr {meta['flwr']}"]
+    return [
+        f"# fedprompt benchmarks{' (quick)' if quick else ''}",
+        "",
+        f"`{meta['command']}` — {meta['date_utc']}, {meta['cpu_model']}, {meta['nproc']} CPUs, torch {meta['torch']}, "
+        f"opacus {meta['opacus']}, flwr {meta['flwr']}",
+    ]
 
 
 def _render(directory: Path) -> int:
@@ -58,7 +76,9 @@ def _render(directory: Path) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run benchmark suites")
     r.add_argument("--suite", action="append", choices=[*SUITES, "all"], help="suite to run (repeatable; default: all)")
@@ -94,7 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     knobs = {k: getattr(args, k) for k in (*KNOBS, "scale_sizes")}
     ctx = Context(out=out, quick=args.quick, backbone=args.backbone, data=args.data, seed=args.seed, overrides=knobs)
-    results: dict = {"meta": {**environment(), "quick": args.quick, "suites": suites, "backbone": args.backbone or "default (all-MiniLM-L6-v2)", "data": str(args.data)}, "suites": {}}
+    results: dict = {
+        "meta": {
+            **environment(),
+            "quick": args.quick,
+            "suites": suites,
+            "backbone": args.backbone or "default (all-MiniLM-L6-v2)",
+            "data": str(args.data),
+        },
+        "suites": {},
+    }
     md = _header(results["meta"], args.quick)
     plots: list[str] = []
     for name in suites:

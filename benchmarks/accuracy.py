@@ -28,6 +28,7 @@ import statistics
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -41,7 +42,7 @@ ALONE_EPSILON = 8.0
 PERSONAL_VAL_FRAC, PERSONAL_TEST_FRAC = 0.1, 0.2
 # Centralised and federated prompt tuning (non-private references): the settings the previous
 # benchmark measured best for prompt + head without noise.
-PROMPT_TUNING = {"train_prompt": True, "optimizer": "adam", "lr": 0.01, "batch_size": 16}
+PROMPT_TUNING: dict[str, Any] = {"train_prompt": True, "optimizer": "adam", "lr": 0.01, "batch_size": 16}
 README_PROBE = {"accuracy": 0.588, "macro_f1": 0.572}  # data README: full file, 70/30 split, seed 0
 
 
@@ -51,19 +52,24 @@ def _brief(summary: dict) -> dict:
 
 def _generators(seed: int) -> dict:
     # Fixed seeds for a reproducible benchmark only: deployed sites seed from OS entropy.
-    return {"noise_generator": torch.Generator().manual_seed(seed), "sample_generator": torch.Generator().manual_seed(seed + 1)}
+    return {
+        "noise_generator": torch.Generator().manual_seed(seed),
+        "sample_generator": torch.Generator().manual_seed(seed + 1),
+    }
 
 
 def _fedavg(states: list[dict], weights: list[float]) -> dict:
     total = sum(weights)
-    return {k: sum(s[k] * (n / total) for s, n in zip(states, weights)) for k in states[0]}
+    return {k: sum(s[k] * (n / total) for s, n in zip(states, weights, strict=True)) for k in states[0]}
 
 
 def _settled(curve: list[dict], last: int = 3) -> float:
     return statistics.fmean(p["macro_f1"] for p in curve[-last:])
 
 
-def run_federation(bb, config, state0: dict, site_sets: dict, round_plan, eps: float | None, rounds: int, seed: int, score) -> tuple[list[dict], dict, dict]:
+def run_federation(
+    bb, config, state0: dict, site_sets: dict, round_plan, eps: float | None, rounds: int, seed: int, score
+) -> tuple[list[dict], dict, dict]:
     """The product's rounds in-process: every site trains from the global state through
     `client/trainer.local_update` with the noise it would calibrate, then FedAvg. Returns the
     per-round `score(state)` curve (round 0 first), the final state and each site's privacy figures."""
@@ -79,14 +85,22 @@ def run_federation(bb, config, state0: dict, site_sets: dict, round_plan, eps: f
         q, steps = plan_steps(len(ds), round_plan.batch_size or None, round_plan.local_epochs, round_plan.sample_rate)
         delta = site_delta(len(ds))
         sigma = None if eps is None else calibrate_noise(eps, delta, q, steps * rounds, "prv")
-        privacy[h] = {"sigma": sigma, "sample_rate": q, "steps": steps * rounds, "delta": delta, "n_train": len(ds),
-                      "epsilon_spent": None if sigma is None else compute_epsilon("prv", [(sigma, q, steps)] * rounds, delta)}
+        privacy[h] = {
+            "sigma": sigma,
+            "sample_rate": q,
+            "steps": steps * rounds,
+            "delta": delta,
+            "n_train": len(ds),
+            "epsilon_spent": None if sigma is None else compute_epsilon("prv", [(sigma, q, steps)] * rounds, delta),
+        }
     state, curve = {k: v.clone() for k, v in state0.items()}, [score(state0)]
     for r in range(rounds):
         states, weights = [], []
         for h, ds in site_sets.items():
             model = build_model(bb, config, state)
-            local_update(model, ds, round_plan, privacy[h]["sigma"], cpu, **_generators(seed * 1000 + 10 * (r + 1) + int(h)))
+            local_update(
+                model, ds, round_plan, privacy[h]["sigma"], cpu, **_generators(seed * 1000 + 10 * (r + 1) + int(h))
+            )
             states.append(model.trainable_state())
             weights.append(declared_weight(len(ds)))  # what a workspace's site.yaml declares (client/workspace.py)
         state = _fedavg(states, weights)
@@ -127,18 +141,25 @@ def run(ctx: Context) -> dict:
         fed = fed.replaced(model=fed.model.replaced(max_length=int(ctx.overrides["max_length"])))
     config = prompt_config(fed, bb)
     plan = RoundPlan.for_run(fed, config)
-    state0 = initial_global_state(bb, config, label_texts=fed.label_texts, head_init=fed.model.head_init, logit_scale=fed.model.logit_scale)
+    state0 = initial_global_state(
+        bb, config, label_texts=fed.label_texts, head_init=fed.model.head_init, logit_scale=fed.model.logit_scale
+    )
     index = {name: i for i, name in enumerate(labels)}
 
     def encoded(rows_):
         return encode(bb.tokenizer, [t for t, _ in rows_], [index[y] for _, y in rows_], config.max_length).dataset
 
-    part = partition(subset, labels, hospitals=HOSPITALS, alpha=ALPHA, test_frac=TEST_FRAC, val_frac=0.0, seed=ctx.seed, min_train=8)
+    part = partition(
+        subset, labels, hospitals=HOSPITALS, alpha=ALPHA, test_frac=TEST_FRAC, val_frac=0.0, seed=ctx.seed, min_train=8
+    )
     test = encoded(part.test)
     sites = {h: encoded(tr) for h, (tr, _val) in part.hospitals.items()}
     pooled = encoded([r for h in part.hospitals for r in part.hospitals[h][0]])
     site_counts = {h: [sum(1 for _, y in part.hospitals[h][0] if y == name) for name in labels] for h in part.hospitals}
-    ctx.log(f"accuracy: {len(subset)} rows -> test {len(test)}, hospitals {[len(d) for d in sites.values()]}, {fed.rounds} rounds, {seeds} seed(s)")
+    ctx.log(
+        f"accuracy: {len(subset)} rows -> test {len(test)}, hospitals {[len(d) for d in sites.values()]}, "
+        f"{fed.rounds} rounds, {seeds} seed(s)"
+    )
     results: dict[str, dict] = {}
     timing: dict[str, float] = {}
 
@@ -146,10 +167,13 @@ def run(ctx: Context) -> dict:
         return _brief(evaluate(build_model(bb, config, state), on, len(labels), cpu).summary())
 
     def features(ds):
-        return cached_features(build_model(bb, config, state0), ds, cpu)  # the initial prompt: what head-only training sees
+        # the initial prompt: what head-only training sees
+        return cached_features(build_model(bb, config, state0), ds, cpu)
 
     def federate(site_sets: dict, round_plan: RoundPlan, eps: float | None, rounds: int, seed: int, on=test):
-        return run_federation(bb, config, state0, site_sets, round_plan, eps, rounds, seed, lambda state: score(state, on))
+        return run_federation(
+            bb, config, state0, site_sets, round_plan, eps, rounds, seed, lambda state: score(state, on)
+        )
 
     def seeded(key: str, site_sets: dict, round_plan: RoundPlan, eps: float | None, note: str = "") -> dict:
         t = time.perf_counter()
@@ -157,14 +181,21 @@ def run(ctx: Context) -> dict:
         for s in range(seeds if eps is not None else 1):
             curve, _state, privacy = federate(site_sets, round_plan, eps, fed.rounds, ctx.seed + s)
             runs.append({"curve": curve, "final": curve[-1]["macro_f1"], "last3": _settled(curve), "privacy": privacy})
-            ctx.log(f"accuracy: {key} seed {s}: final {curve[-1]['macro_f1']:.4f}, mean of last 3 {runs[-1]['last3']:.4f}")
+            ctx.log(
+                f"accuracy: {key} seed {s}: final {curve[-1]['macro_f1']:.4f}, mean of last 3 {runs[-1]['last3']:.4f}"
+            )
         timing[key] = time.perf_counter() - t
         first = runs[0]
         return {
-            **first["curve"][-1], "macro_f1_last3": statistics.fmean(r["last3"] for r in runs),
+            **first["curve"][-1],
+            "macro_f1_last3": statistics.fmean(r["last3"] for r in runs),
             "macro_f1_final_mean": statistics.fmean(r["final"] for r in runs),
-            "macro_f1_seeds": [r["final"] for r in runs], "last3_seeds": [r["last3"] for r in runs],
-            "per_round": first["curve"], "epsilon": eps, "per_hospital_privacy": first["privacy"], **({"note": note} if note else {}),
+            "macro_f1_seeds": [r["final"] for r in runs],
+            "last3_seeds": [r["last3"] for r in runs],
+            "per_round": first["curve"],
+            "epsilon": eps,
+            "per_hospital_privacy": first["privacy"],
+            **({"note": note} if note else {}),
         }
 
     # 0. zero-shot: the initial global model, no record seen
@@ -189,14 +220,18 @@ def run(ctx: Context) -> dict:
         results[key] = {
             "accuracy": statistics.fmean(a["accuracy"] for a in per.values()),
             "macro_f1": statistics.fmean(a["macro_f1"] for a in per.values()),
-            "best_macro_f1": max(a["macro_f1"] for a in per.values()), "worst_macro_f1": min(a["macro_f1"] for a in per.values()),
-            "num_examples": len(test), "per_hospital": per,
+            "best_macro_f1": max(a["macro_f1"] for a in per.values()),
+            "worst_macro_f1": min(a["macro_f1"] for a in per.values()),
+            "num_examples": len(test),
+            "per_hospital": per,
             "note": "each hospital's own model on the global test set; accuracy/macro_f1 are the means over hospitals",
         }
 
     # 3. federated: the product recipe without noise, then DP at each epsilon
     non_private = plan.replaced(private=False)
-    results["federated_nonprivate"] = seeded("federated_nonprivate", sites, non_private, None, "the product recipe without noise (head on frozen features)")
+    results["federated_nonprivate"] = seeded(
+        "federated_nonprivate", sites, non_private, None, "the product recipe without noise (head on frozen features)"
+    )
     for eps in EPSILONS:
         results[f"federated_dp_eps{eps:g}"] = seeded(f"federated_dp_eps{eps:g}", sites, plan, eps)
 
@@ -217,37 +252,74 @@ def run(ctx: Context) -> dict:
 
     # 5. personalisation (split B): federated DP eps 8 on each site's train part, then each site adapts it
     t = time.perf_counter()
-    part_b = partition(subset, labels, hospitals=HOSPITALS, alpha=ALPHA, test_frac=TEST_FRAC, val_frac=PERSONAL_VAL_FRAC,
-                       local_test_frac=PERSONAL_TEST_FRAC, seed=ctx.seed, min_train=8)
+    part_b = partition(
+        subset,
+        labels,
+        hospitals=HOSPITALS,
+        alpha=ALPHA,
+        test_frac=TEST_FRAC,
+        val_frac=PERSONAL_VAL_FRAC,
+        local_test_frac=PERSONAL_TEST_FRAC,
+        seed=ctx.seed,
+        min_train=8,
+    )
     train_b = {h: encoded(tr) for h, (tr, _val) in part_b.hospitals.items()}
     _, global_b, privacy_b = federate(train_b, plan, ALONE_EPSILON, fed.rounds, ctx.seed)
-    personal = {}
+    personal: dict[str, dict[str, Any]] = {}
     for h, (_tr, val_rows) in part_b.hospitals.items():
         tr_f, val_f = features(train_b[h]), features(encoded(val_rows)) if val_rows else None
         local_f = features(encoded(part_b.local_tests[h]))
         chosen = personalize_features(global_b, config, tr_f, val_f)
         own, _ = own_model_features(tr_f, len(labels), val_f)
         personal[h] = {
-            "n_train": len(train_b[h]), "n_validation": len(val_rows), "n_local_test": len(local_f), "method": chosen.method,
+            "n_train": len(train_b[h]),
+            "n_validation": len(val_rows),
+            "n_local_test": len(local_f),
+            "method": chosen.method,
             "own_nonprivate": _brief(scores(own, local_f, len(labels))),
             "global_dp": _brief(scores(chosen.heads[GLOBAL], local_f, len(labels))),
             "personalized": _brief(scores(chosen.heads[chosen.method], local_f, len(labels))),
         }
-        ctx.log(f"accuracy: hospital {h} local test: own {personal[h]['own_nonprivate']['macro_f1']:.3f}, global "
-                f"{personal[h]['global_dp']['macro_f1']:.3f}, personalised ({chosen.method}) {personal[h]['personalized']['macro_f1']:.3f}")
-    results["personalized"] = {"per_hospital": personal, "federation_privacy": privacy_b,
-                               "note": "split B: each hospital's rows 70/10/20 train/validation/local test; scored on the local test split"}
+        ctx.log(
+            f"accuracy: hospital {h} local test: own {personal[h]['own_nonprivate']['macro_f1']:.3f}, global "
+            f"{personal[h]['global_dp']['macro_f1']:.3f}, personalised ({chosen.method}) "
+            f"{personal[h]['personalized']['macro_f1']:.3f}"
+        )
+    results["personalized"] = {
+        "per_hospital": personal,
+        "federation_privacy": privacy_b,
+        "note": "split B: each hospital's rows 70/10/20 train/validation/local test; scored on the local test split",
+    }
     timing["personalized"] = time.perf_counter() - t
 
     return {
         "config": {
-            "rows_used": len(subset), "rows_in_file": len(records), "labels": labels, "hospitals": HOSPITALS, "alpha": ALPHA,
-            "test_frac": TEST_FRAC, "test_rows": len(test), "hospital_train_rows": {h: len(d) for h, d in sites.items()},
-            "hospital_label_counts": site_counts, "model": vars(fed.model), "training": vars(fed.training), "rounds": fed.rounds,
-            "max_grad_norm": fed.privacy.max_grad_norm, "prompt_tuning": PROMPT_TUNING, "prompt_epochs": prompt_epochs,
-            "epsilons": list(EPSILONS), "alone_epsilon": ALONE_EPSILON, "accountant": "prv", "seeds": seeds, "seed": ctx.seed,
-            "federation": "in-process FedAvg over client/trainer.local_update (the daemon's training call), not Flower transport",
-            "linear_probe": "client/personalize.own_model_features (L-BFGS logistic regression, L2 1/C = 1) on the model's features",
+            "rows_used": len(subset),
+            "rows_in_file": len(records),
+            "labels": labels,
+            "hospitals": HOSPITALS,
+            "alpha": ALPHA,
+            "test_frac": TEST_FRAC,
+            "test_rows": len(test),
+            "hospital_train_rows": {h: len(d) for h, d in sites.items()},
+            "hospital_label_counts": site_counts,
+            "model": vars(fed.model),
+            "training": vars(fed.training),
+            "rounds": fed.rounds,
+            "max_grad_norm": fed.privacy.max_grad_norm,
+            "prompt_tuning": PROMPT_TUNING,
+            "prompt_epochs": prompt_epochs,
+            "epsilons": list(EPSILONS),
+            "alone_epsilon": ALONE_EPSILON,
+            "accountant": "prv",
+            "seeds": seeds,
+            "seed": ctx.seed,
+            "federation": (
+                "in-process FedAvg over client/trainer.local_update (the daemon's training call), not Flower transport"
+            ),
+            "linear_probe": (
+                "client/personalize.own_model_features (L-BFGS logistic regression, L2 1/C = 1) on the model's features"
+            ),
         },
         "results": results,
         "targets": _targets(results),
@@ -261,21 +333,45 @@ def _targets(res: dict) -> list[dict]:
     dp8, probe, zero = res["federated_dp_eps8"], res["linear_probe"]["macro_f1"], res["zero_shot"]["macro_f1"]
     fed_np, central = res["federated_prompt_nonprivate"]["macro_f1"], res["central_prompt_nonprivate"]["macro_f1"]
     out = [
-        {"target": "federated DP eps 8 macro-F1 >= centralised non-private linear probe",
-         "measured": f"final {dp8['macro_f1_final_mean']:.4f}, last-3 mean {dp8['macro_f1_last3']:.4f} (mean of {len(dp8['macro_f1_seeds'])} seeds) vs {probe:.4f}",
-         "met": dp8["macro_f1_last3"] >= probe},
-        {"target": "final federated DP eps 8 macro-F1 never below round 0 (zero-shot)",
-         "measured": f"lowest final over seeds {min(dp8['macro_f1_seeds']):.4f} vs {zero:.4f}", "met": min(dp8["macro_f1_seeds"]) >= zero},
-        {"target": "federated non-private (prompt tuning) >= centralised prompt tuning - 2 points",
-         "measured": f"{fed_np:.4f} vs {central:.4f} - 0.02 = {central - 0.02:.4f}", "met": fed_np >= central - 0.02},
+        {
+            "target": "federated DP eps 8 macro-F1 >= centralised non-private linear probe",
+            "measured": (
+                f"final {dp8['macro_f1_final_mean']:.4f}, last-3 mean {dp8['macro_f1_last3']:.4f} (mean of "
+                f"{len(dp8['macro_f1_seeds'])} seeds) vs {probe:.4f}"
+            ),
+            "met": dp8["macro_f1_last3"] >= probe,
+        },
+        {
+            "target": "final federated DP eps 8 macro-F1 never below round 0 (zero-shot)",
+            "measured": f"lowest final over seeds {min(dp8['macro_f1_seeds']):.4f} vs {zero:.4f}",
+            "met": min(dp8["macro_f1_seeds"]) >= zero,
+        },
+        {
+            "target": "federated non-private (prompt tuning) >= centralised prompt tuning - 2 points",
+            "measured": f"{fed_np:.4f} vs {central:.4f} - 0.02 = {central - 0.02:.4f}",
+            "met": fed_np >= central - 0.02,
+        },
     ]
     per = res["personalized"]["per_hospital"]
-    beats = {h: all(p["personalized"][m] > max(p["own_nonprivate"][m], p["global_dp"][m]) for m in ("accuracy", "macro_f1")) for h, p in per.items()}
-    out.append({"target": "personalised beats the site's own non-private model and the global model on its local test split (accuracy and macro-F1), every hospital",
-                "measured": "; ".join(f"h{h}: acc {p['personalized']['accuracy']:.3f} vs own {p['own_nonprivate']['accuracy']:.3f} / global "
-                                      f"{p['global_dp']['accuracy']:.3f}, F1 {p['personalized']['macro_f1']:.3f} vs {p['own_nonprivate']['macro_f1']:.3f} / "
-                                      f"{p['global_dp']['macro_f1']:.3f}" for h, p in per.items()),
-                "met": all(beats.values())})
+    beats = {
+        h: all(p["personalized"][m] > max(p["own_nonprivate"][m], p["global_dp"][m]) for m in ("accuracy", "macro_f1"))
+        for h, p in per.items()
+    }
+    out.append(
+        {
+            "target": (
+                "personalised beats the site's own non-private model and the global model on its local test split "
+                "(accuracy and macro-F1), every hospital"
+            ),
+            "measured": "; ".join(
+                f"h{h}: acc {p['personalized']['accuracy']:.3f} vs own {p['own_nonprivate']['accuracy']:.3f} / global "
+                f"{p['global_dp']['accuracy']:.3f}, F1 {p['personalized']['macro_f1']:.3f} vs "
+                f"{p['own_nonprivate']['macro_f1']:.3f} / {p['global_dp']['macro_f1']:.3f}"
+                for h, p in per.items()
+            ),
+            "met": all(beats.values()),
+        }
+    )
     return out
 
 
@@ -298,46 +394,116 @@ def markdown(r: dict) -> str:
     rows = []
     for k, name in NAMES.items():
         v = res[k]
-        rows.append([name, v["accuracy"], v["macro_f1"], v.get("macro_f1_last3", float("nan")), round(r["seconds_per_mode"].get(k, 0))])
+        rows.append(
+            [
+                name,
+                v["accuracy"],
+                v["macro_f1"],
+                v.get("macro_f1_last3", float("nan")),
+                round(r["seconds_per_mode"].get(k, 0)),
+            ]
+        )
     for key in ("hospitals_alone_nonprivate", "hospitals_alone_dp"):
         for h, a in res[key]["per_hospital"].items():
-            rows.append([f"  hospital {h} ({a.get('n_train', '')} train rows), {NAMES[key].split(', ')[1].split(' (')[0]}", a["accuracy"], a["macro_f1"],
-                         a.get("macro_f1_last3", float("nan")), ""])
+            rows.append(
+                [
+                    f"  hospital {h} ({a.get('n_train', '')} train rows), {NAMES[key].split(', ')[1].split(' (')[0]}",
+                    a["accuracy"],
+                    a["macro_f1"],
+                    a.get("macro_f1_last3", float("nan")),
+                    "",
+                ]
+            )
     curves = {k: v["per_round"] for k, v in res.items() if "per_round" in v}
     longest = max(len(v) for v in curves.values())
-    per_round = md_table(["mode", *[f"r{i}" for i in range(longest)]],
-                         [[NAMES[k], *[p["macro_f1"] for p in v], *[""] * (longest - len(v))] for k, v in curves.items()])
+    per_round = md_table(
+        ["mode", *[f"r{i}" for i in range(longest)]],
+        [[NAMES[k], *[p["macro_f1"] for p in v], *[""] * (longest - len(v))] for k, v in curves.items()],
+    )
     privacy = []
     for k, v in res.items():
         for h, p in v.get("per_hospital_privacy", {}).items():
             if p["sigma"] is not None:
-                privacy.append([NAMES.get(k, k), h, p["n_train"], p["sigma"], p["sample_rate"], p["steps"], p["delta"], p["epsilon_spent"]])
-    seeds = md_table(["mode", "final macro-F1 per seed", "last-3 mean per seed"],
-                     [[NAMES[k], ", ".join(f"{x:.3f}" for x in v["macro_f1_seeds"]), ", ".join(f"{x:.3f}" for x in v["last3_seeds"])]
-                      for k, v in res.items() if "macro_f1_seeds" in v])
+                privacy.append(
+                    [
+                        NAMES.get(k, k),
+                        h,
+                        p["n_train"],
+                        p["sigma"],
+                        p["sample_rate"],
+                        p["steps"],
+                        p["delta"],
+                        p["epsilon_spent"],
+                    ]
+                )
+    seeds = md_table(
+        ["mode", "final macro-F1 per seed", "last-3 mean per seed"],
+        [
+            [
+                NAMES[k],
+                ", ".join(f"{x:.3f}" for x in v["macro_f1_seeds"]),
+                ", ".join(f"{x:.3f}" for x in v["last3_seeds"]),
+            ]
+            for k, v in res.items()
+            if "macro_f1_seeds" in v
+        ],
+    )
     pers = []
     for h, p in res["personalized"]["per_hospital"].items():
-        for label, key in (("own model, non-private", "own_nonprivate"), ("global model, DP eps 8", "global_dp"), (f"personalised ({p['method']})", "personalized")):
-            pers.append([f"hospital {h} ({p['n_train']} train / {p['n_local_test']} local test)", label, p[key]["accuracy"], p[key]["macro_f1"]])
-    targets = md_table(["target", "measured (macro-F1)", ""], [[t["target"], t["measured"], "**met**" if t["met"] else "**missed**"] for t in r["targets"]])
+        for label, key in (
+            ("own model, non-private", "own_nonprivate"),
+            ("global model, DP eps 8", "global_dp"),
+            (f"personalised ({p['method']})", "personalized"),
+        ):
+            pers.append(
+                [
+                    f"hospital {h} ({p['n_train']} train / {p['n_local_test']} local test)",
+                    label,
+                    p[key]["accuracy"],
+                    p[key]["macro_f1"],
+                ]
+            )
+    targets = md_table(
+        ["target", "measured (macro-F1)", ""],
+        [[t["target"], t["measured"], "**met**" if t["met"] else "**missed**"] for t in r["targets"]],
+    )
     t = c["training"]
-    return "\n\n".join([
-        f"{c['rows_used']} of {c['rows_in_file']} rows, {c['test_rows']} test rows, hospitals {c['hospital_train_rows']} "
-        f"(label counts {c['hospital_label_counts']}). The product's defaults: max_length {c['model']['max_length']}, "
-        f"{c['model']['n_virtual_tokens']} virtual tokens, normalised features, zero-shot head (scale {c['model']['logit_scale']}); "
-        f"{c['rounds']} rounds x {t['local_epochs']} local epoch, sample rate {t['sample_rate']}, {t['optimizer']} lr {t['lr']}, "
-        f"train_prompt {t['train_prompt']}, clip {c['max_grad_norm']}, PRV accountant, delta per site from site_delta(n). "
-        f"DP modes: {c['seeds']} seed(s). Prompt-tuning references: {c['prompt_tuning']}, {c['prompt_epochs']} epoch(s)/round(s). "
-        f"Federation: {c['federation']}. Linear probe: {c['linear_probe']}.",
-        targets,
-        md_table(["mode (global test set)", "accuracy", "macro-F1 (final)", "macro-F1 (mean of last 3 rounds, over seeds)", "seconds"], rows),
-        "DP modes, each seed:\n\n" + seeds,
-        "Macro-F1 after each round (r0 = the zero-shot start; centralised: after each epoch; first seed):\n\n" + per_round,
-        "Personalisation (split B), each hospital's local test split:\n\n" + md_table(["hospital", "model", "accuracy", "macro-F1"], pers),
-        "DP per hospital:\n\n" + md_table(["mode", "hospital", "train rows", "sigma", "sample rate", "steps", "delta", "epsilon spent"], privacy),
-        f"Data README reference (linear probe, full file, 70/30 split, 128 tokens): accuracy {r['readme_linear_probe_reference']['accuracy']} / "
-        f"macro-F1 {r['readme_linear_probe_reference']['macro_f1']}.",
-    ])
+    return "\n\n".join(
+        [
+            f"{c['rows_used']} of {c['rows_in_file']} rows, {c['test_rows']} test rows, hospitals "
+            f"{c['hospital_train_rows']} (label counts {c['hospital_label_counts']}). The product's defaults: "
+            f"max_length {c['model']['max_length']}, {c['model']['n_virtual_tokens']} virtual tokens, normalised "
+            f"features, zero-shot head (scale {c['model']['logit_scale']}); {c['rounds']} rounds x "
+            f"{t['local_epochs']} local epoch, sample rate {t['sample_rate']}, {t['optimizer']} lr {t['lr']}, "
+            f"train_prompt {t['train_prompt']}, clip {c['max_grad_norm']}, PRV accountant, delta per site from "
+            f"site_delta(n). DP modes: {c['seeds']} seed(s). Prompt-tuning references: {c['prompt_tuning']}, "
+            f"{c['prompt_epochs']} epoch(s)/round(s). Federation: {c['federation']}. Linear probe: "
+            f"{c['linear_probe']}.",
+            targets,
+            md_table(
+                [
+                    "mode (global test set)",
+                    "accuracy",
+                    "macro-F1 (final)",
+                    "macro-F1 (mean of last 3 rounds, over seeds)",
+                    "seconds",
+                ],
+                rows,
+            ),
+            "DP modes, each seed:\n\n" + seeds,
+            "Macro-F1 after each round (r0 = the zero-shot start; centralised: after each epoch; first seed):\n\n"
+            + per_round,
+            "Personalisation (split B), each hospital's local test split:\n\n"
+            + md_table(["hospital", "model", "accuracy", "macro-F1"], pers),
+            "DP per hospital:\n\n"
+            + md_table(
+                ["mode", "hospital", "train rows", "sigma", "sample rate", "steps", "delta", "epsilon spent"], privacy
+            ),
+            "Data README reference (linear probe, full file, 70/30 split, 128 tokens): accuracy "
+            f"{r['readme_linear_probe_reference']['accuracy']} / "
+            f"macro-F1 {r['readme_linear_probe_reference']['macro_f1']}.",
+        ]
+    )
 
 
 def plot(r: dict, out: Path) -> list[str]:
@@ -372,11 +538,25 @@ def plot(r: dict, out: Path) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     eps = r["config"]["epsilons"]
-    ax.errorbar(eps, [res[f"federated_dp_eps{e:g}"]["macro_f1_last3"] for e in eps],
-                yerr=[statistics.pstdev(res[f"federated_dp_eps{e:g}"]["last3_seeds"]) for e in eps], fmt="o-", capsize=3, label="federated DP (last-3 mean, over seeds)")
+    ax.errorbar(
+        eps,
+        [res[f"federated_dp_eps{e:g}"]["macro_f1_last3"] for e in eps],
+        yerr=[statistics.pstdev(res[f"federated_dp_eps{e:g}"]["last3_seeds"]) for e in eps],
+        fmt="o-",
+        capsize=3,
+        label="federated DP (last-3 mean, over seeds)",
+    )
     references(ax)
-    ax.axhline(res["federated_nonprivate"]["macro_f1"], linestyle=":", color="green", label=NAMES["federated_nonprivate"])
-    ax.plot([r["config"]["alone_epsilon"]], [res["hospitals_alone_dp"]["best_macro_f1"]], "s", color="red", label="best hospital alone, DP")
+    ax.axhline(
+        res["federated_nonprivate"]["macro_f1"], linestyle=":", color="green", label=NAMES["federated_nonprivate"]
+    )
+    ax.plot(
+        [r["config"]["alone_epsilon"]],
+        [res["hospitals_alone_dp"]["best_macro_f1"]],
+        "s",
+        color="red",
+        label="best hospital alone, DP",
+    )
     ax.set_xscale("log")
     ax.minorticks_off()
     ax.set_xticks(eps, [f"{e:g}" for e in eps])
@@ -389,7 +569,13 @@ def plot(r: dict, out: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for key, v in res.items():
         if "per_round" in v:
-            ax.plot(range(len(v["per_round"])), [p["macro_f1"] for p in v["per_round"]], "o-", markersize=3, label=NAMES[key])
+            ax.plot(
+                range(len(v["per_round"])),
+                [p["macro_f1"] for p in v["per_round"]],
+                "o-",
+                markersize=3,
+                label=NAMES[key],
+            )
     references(ax)
     ax.set_xlabel("round (0 = zero-shot start; centralised: epoch)")
     ax.set_ylabel("macro-F1 (global test)")
@@ -399,8 +585,19 @@ def plot(r: dict, out: Path) -> list[str]:
 
     per = res["personalized"]["per_hospital"]
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for i, (key, label) in enumerate((("own_nonprivate", "own model (non-private)"), ("global_dp", "global model (DP eps 8)"), ("personalized", "personalised"))):
-        ax.bar([j + (i - 1) * 0.27 for j in range(len(per))], [p[key]["macro_f1"] for p in per.values()], width=0.27, label=label)
+    for i, (key, label) in enumerate(
+        (
+            ("own_nonprivate", "own model (non-private)"),
+            ("global_dp", "global model (DP eps 8)"),
+            ("personalized", "personalised"),
+        )
+    ):
+        ax.bar(
+            [j + (i - 1) * 0.27 for j in range(len(per))],
+            [p[key]["macro_f1"] for p in per.values()],
+            width=0.27,
+            label=label,
+        )
     ax.set_xticks(range(len(per)), [f"hospital {h}" for h in per])
     ax.set_ylabel("macro-F1 on the hospital's local test split")
     ax.set_ylim(0, 1)

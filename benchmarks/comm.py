@@ -42,17 +42,23 @@ def _metadata(message_type: str, *, reply: bool):
 
     # Realistic field sizes: 64-bit ids as Flower assigns them, 64-hex message ids.
     return Metadata(
-        run_id=secrets.randbits(63), message_id=secrets.token_hex(32),
-        src_node_id=secrets.randbits(63), dst_node_id=secrets.randbits(63),
-        reply_to_message_id=secrets.token_hex(32) if reply else "", group_id="1",
-        created_at=time.time(), ttl=43200.0, message_type=message_type,
+        run_id=secrets.randbits(63),
+        message_id=secrets.token_hex(32),
+        src_node_id=secrets.randbits(63),
+        dst_node_id=secrets.randbits(63),
+        reply_to_message_id=secrets.token_hex(32) if reply else "",
+        group_id="1",
+        created_at=time.time(),
+        ttl=43200.0,
+        message_type=message_type,
     )
 
 
 def _sizes(content, message_type: str, *, reply: bool) -> dict:
     from flwr.app import Message
 
-    msg = Message(content=content, metadata=_metadata(message_type, reply=reply))
+    # flwr's own constructor form for a received message (metadata=...), not in its public overloads
+    msg = Message(content=content, metadata=_metadata(message_type, reply=reply))  # type: ignore[call-overload]
     return {"message": len(wire_bytes(msg)), "content": len(wire_bytes(content)), "by_object_type": by_type(msg)}
 
 
@@ -88,7 +94,18 @@ def run(ctx: Context) -> dict:
 
     from fedprompt.common.model import PromptConfig, initial_state
     from fedprompt.common.plan import RoundPlan
-    from fedprompt.common.wire import ARRAYS, CONFIG, EVAL_METRIC_KEYS, METRICS, STATUS, TRAIN_METRIC_KEYS, metric_record, payload_bytes, state_to_arrays, status_record
+    from fedprompt.common.wire import (
+        ARRAYS,
+        CONFIG,
+        EVAL_METRIC_KEYS,
+        METRICS,
+        STATUS,
+        TRAIN_METRIC_KEYS,
+        metric_record,
+        payload_bytes,
+        state_to_arrays,
+        status_record,
+    )
 
     facts = _backbone_facts(ctx.backbone)
     bb = facts.pop("bb")
@@ -102,9 +119,27 @@ def run(ctx: Context) -> dict:
 
     # --- the aggregator's train instruction (download) --------------------------------------------
     plan = RoundPlan(
-        run_name="benchmark", round=1, total_rounds=10, labels=labels, hidden_size=H, backbone_fingerprint=bb.fingerprint,
-        n_virtual_tokens=n_virtual, pooling="mean", max_length=128, prompt_init="labels", normalize=True, seed=0, local_epochs=1,
-        sample_rate=0.25, batch_size=0, lr=8.0, optimizer="sgd", train_prompt=False, private=True, target_epsilon=8.0, delta=0.0,
+        run_name="benchmark",
+        round=1,
+        total_rounds=10,
+        labels=labels,
+        hidden_size=H,
+        backbone_fingerprint=bb.fingerprint,
+        n_virtual_tokens=n_virtual,
+        pooling="mean",
+        max_length=128,
+        prompt_init="labels",
+        normalize=True,
+        seed=0,
+        local_epochs=1,
+        sample_rate=0.25,
+        batch_size=0,
+        lr=8.0,
+        optimizer="sgd",
+        train_prompt=False,
+        private=True,
+        target_epsilon=8.0,
+        delta=0.0,
         max_grad_norm=1.0,
     )
     config = ConfigRecord(dict(plan.to_config_record()))
@@ -115,17 +150,21 @@ def run(ctx: Context) -> dict:
     # --- the hospital's train reply (upload), as client/hospital.py train_round builds it ---------
     # (the declared weight, the privacy fields and a status record: docs/deployment.md section 5)
     metrics = {"num-examples": 1.0, "private": 1, "epsilon-spent": 2.71828, "epsilon-cap": 8.0, "delta": 1e-5}
-    up_train = RecordDict({
-        ARRAYS: state_to_arrays(state),
-        METRICS: metric_record(metrics, TRAIN_METRIC_KEYS),
-        STATUS: status_record("hospital-1", "ok"),
-    })
+    up_train = RecordDict(
+        {
+            ARRAYS: state_to_arrays(state),
+            METRICS: metric_record(metrics, TRAIN_METRIC_KEYS),
+            STATUS: status_record("hospital-1", "ok"),
+        }
+    )
     # --- evaluate round trip (evaluate_round's reply; Flower sends arrays + config again) ---------
     # The largest evaluate reply: a site that shares noised per-class counts (the default sends
     # the status record alone).
     down_eval = RecordDict({ARRAYS: state_to_arrays(state), CONFIG: config})
     eval_metrics = {"tp": [10.123456789] * C, "fp": [3.123456789] * C, "fn": [4.123456789] * C}
-    up_eval = RecordDict({METRICS: metric_record(eval_metrics, EVAL_METRIC_KEYS), STATUS: status_record("hospital-1", "ok")})
+    up_eval = RecordDict(
+        {METRICS: metric_record(eval_metrics, EVAL_METRIC_KEYS), STATUS: status_record("hospital-1", "ok")}
+    )
 
     msgs = {
         "train_download": _sizes(down_train, "train", reply=False),
@@ -139,12 +178,19 @@ def run(ctx: Context) -> dict:
     per_round_up = msgs["train_upload"]["message"] + msgs["evaluate_upload"]["message"]
     per_round_down = msgs["train_download"]["message"] + msgs["evaluate_download"]["message"]
     return {
-        "config": {"labels": C, "hidden": H, "n_virtual_tokens": n_virtual, "shapes": shapes, "lora_rank": LORA_RANK, "layers": facts["layers"]},
+        "config": {
+            "labels": C,
+            "hidden": H,
+            "n_virtual_tokens": n_virtual,
+            "shapes": shapes,
+            "lora_rank": LORA_RANK,
+            "layers": facts["layers"],
+        },
         "backbone": facts,
         "raw_trainable_bytes": raw,
         "messages": msgs,
         # numpy .npy framing Flower puts around each array's bytes (Array.data - raw tensor bytes)
-        "npy_framing_bytes": payload_bytes(up_train[ARRAYS]) - raw,
+        "npy_framing_bytes": payload_bytes(up_train.array_records[ARRAYS]) - raw,
         "per_round_per_hospital": {"upload_bytes": per_round_up, "download_bytes": per_round_down},
         "lora_r8_qv_bytes": lora,
         "lora_r8_qv_plus_head_bytes": lora + (C * H + C) * 4,
@@ -168,29 +214,59 @@ def markdown(r: dict) -> str:
     raw = r["raw_trainable_bytes"]
     s = c["shapes"]
     first = ["raw trainable tensors (" + " + ".join("x".join(map(str, v)) for v in s.values()) + ", float32)", raw, 1.0]
-    rows = [first] + [[f"{k.replace('_', ' ')}: Flower message", v["message"], v["message"] / raw] for k, v in m.items()] + [
-        [f"{k.replace('_', ' ')}: RecordDict only", v["content"], v["content"] / raw] for k, v in m.items()
-    ]
+    rows = (
+        [first]
+        + [[f"{k.replace('_', ' ')}: Flower message", v["message"], v["message"] / raw] for k, v in m.items()]
+        + [[f"{k.replace('_', ' ')}: RecordDict only", v["content"], v["content"] / raw] for k, v in m.items()]
+    )
     rows += [
-        ["per round per hospital, upload (train + evaluate replies)", r["per_round_per_hospital"]["upload_bytes"], r["per_round_per_hospital"]["upload_bytes"] / raw],
-        ["per round per hospital, download (train + evaluate instructions)", r["per_round_per_hospital"]["download_bytes"], r["per_round_per_hospital"]["download_bytes"] / raw],
-        [f"LoRA r={c['lora_rank']} on query+value, {c['layers']} layers (computed, float32)", r["lora_r8_qv_bytes"], r["lora_r8_qv_bytes"] / raw],
-        [f"LoRA r={c['lora_rank']} q+v plus the same head", r["lora_r8_qv_plus_head_bytes"], r["lora_r8_qv_plus_head_bytes"] / raw],
-        [f"backbone on disk ({', '.join(r['backbone']['weights_files'])})", r["backbone"]["weights_bytes_on_disk"], r["backbone"]["weights_bytes_on_disk"] / raw],
+        [
+            "per round per hospital, upload (train + evaluate replies)",
+            r["per_round_per_hospital"]["upload_bytes"],
+            r["per_round_per_hospital"]["upload_bytes"] / raw,
+        ],
+        [
+            "per round per hospital, download (train + evaluate instructions)",
+            r["per_round_per_hospital"]["download_bytes"],
+            r["per_round_per_hospital"]["download_bytes"] / raw,
+        ],
+        [
+            f"LoRA r={c['lora_rank']} on query+value, {c['layers']} layers (computed, float32)",
+            r["lora_r8_qv_bytes"],
+            r["lora_r8_qv_bytes"] / raw,
+        ],
+        [
+            f"LoRA r={c['lora_rank']} q+v plus the same head",
+            r["lora_r8_qv_plus_head_bytes"],
+            r["lora_r8_qv_plus_head_bytes"] / raw,
+        ],
+        [
+            f"backbone on disk ({', '.join(r['backbone']['weights_files'])})",
+            r["backbone"]["weights_bytes_on_disk"],
+            r["backbone"]["weights_bytes_on_disk"] / raw,
+        ],
     ]
     t = md_table(["what", "bytes", "x raw"], rows)
     tg, ra = r["targets"], r["ratios"]
     bt = m["train_upload"]["by_object_type"]
     over = m["train_upload"]["message"] - raw
-    return "\n\n".join([
-        t,
-        f"Where the train upload's {over:,} bytes over raw go: .npy headers {r['npy_framing_bytes']:,} B inside the array chunks; "
-        + ", ".join(f"{k} {v:,} B" for k, v in bt.items() if k != "ArrayChunk")
-        + f"; ArrayChunk objects {bt.get('ArrayChunk', 0):,} B in all (tensor bytes + .npy headers + chunk framing).",
-        f"Target upload <= {tg['upload_over_raw_max']} x raw: **{'MET' if tg['upload_over_raw_met'] else 'MISSED'}** ({ra['upload_over_raw']:.4f} x).",
-        f"Target upload <= 1/1000 of the backbone: **{'MET' if tg['upload_over_backbone_met'] else 'MISSED'}** "
-        f"(1/{ra['backbone_over_upload']:,.0f}: {m['train_upload']['message']:,} B against {r['backbone']['weights_bytes_on_disk']:,} B).",
-    ])
+    return "\n\n".join(
+        [
+            t,
+            f"Where the train upload's {over:,} bytes over raw go: .npy headers {r['npy_framing_bytes']:,} B inside "
+            "the array chunks; "
+            + ", ".join(f"{k} {v:,} B" for k, v in bt.items() if k != "ArrayChunk")
+            + (
+                f"; ArrayChunk objects {bt.get('ArrayChunk', 0):,} B in all (tensor bytes + .npy headers + chunk "
+                "framing)."
+            ),
+            f"Target upload <= {tg['upload_over_raw_max']} x raw: "
+            f"**{'MET' if tg['upload_over_raw_met'] else 'MISSED'}** ({ra['upload_over_raw']:.4f} x).",
+            f"Target upload <= 1/1000 of the backbone: **{'MET' if tg['upload_over_backbone_met'] else 'MISSED'}** "
+            f"(1/{ra['backbone_over_upload']:,.0f}: {m['train_upload']['message']:,} B against "
+            f"{r['backbone']['weights_bytes_on_disk']:,} B).",
+        ]
+    )
 
 
 def plot(r: dict, out: Path) -> list[str]:
@@ -209,11 +285,15 @@ def plot(r: dict, out: Path) -> list[str]:
         ("backbone\non disk", r["backbone"]["weights_bytes_on_disk"]),
     ]
     fig, ax = plt.subplots(figsize=(9, 4.2))
-    bars = ax.bar([k for k, _ in items], [v for _, v in items], color=["#4c72b0", "#55a868", "#8172b2", "#64b5cd", "#ccb974", "#c44e52"])
+    bars = ax.bar(
+        [k for k, _ in items],
+        [v for _, v in items],
+        color=["#4c72b0", "#55a868", "#8172b2", "#64b5cd", "#ccb974", "#c44e52"],
+    )
     ax.set_yscale("log")
     ax.set_ylabel("bytes (log scale)")
     ax.set_title("bytes per hospital per round vs backbone")
-    for b, (_, v) in zip(bars, items):
+    for b, (_, v) in zip(bars, items, strict=True):
         ax.text(b.get_x() + b.get_width() / 2, v * 1.1, f"{v:,}", ha="center", va="bottom", fontsize=8)
     fig.tight_layout()
     path = out / "comm_bytes.png"

@@ -10,7 +10,7 @@ import statistics
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +47,9 @@ def load_corpus(path: Path):
     if not path.is_file():
         raise SystemExit(f"benchmark data not found: {path} (pass --data CSV)")
     names = path.parent / LABELS_FILE
-    records, labels = _load(path, text_column=TEXT_COLUMN, label_column=LABEL_COLUMN, label_names=names if names.is_file() else None)
+    records, labels = _load(
+        path, text_column=TEXT_COLUMN, label_column=LABEL_COLUMN, label_names=names if names.is_file() else None
+    )
     return records, labels
 
 
@@ -118,7 +120,7 @@ def environment() -> dict:
     import transformers
 
     return {
-        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": "python -m benchmarks " + " ".join(sys.argv[1:]),
         "nproc": os.cpu_count(),
         "sched_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,

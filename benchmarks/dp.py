@@ -64,7 +64,19 @@ class FullFineTune(nn.Module):
 class Bench:
     """The three training steps over one backbone and one list of fixed batches."""
 
-    def __init__(self, *, backbone: str | None, data: Path, batch: int, max_length: int, n_virtual: int, n_batches: int, seed: int, modes=MODES, copy_encoder_for_ft: bool = True):
+    def __init__(
+        self,
+        *,
+        backbone: str | None,
+        data: Path,
+        batch: int,
+        max_length: int,
+        n_virtual: int,
+        n_batches: int,
+        seed: int,
+        modes=MODES,
+        copy_encoder_for_ft: bool = True,
+    ):
         _quiet()
         from fedprompt.client.dp import check_per_sample_shapes, wrap_private
         from fedprompt.client.trainer import TrainSettings
@@ -82,7 +94,10 @@ class Bench:
         self.dataset = enc.dataset
         self.truncated = enc.truncated
         ids, mask, ys = enc.dataset.tensors
-        self.batches = [(ids[i * batch : (i + 1) * batch], mask[i * batch : (i + 1) * batch], ys[i * batch : (i + 1) * batch]) for i in range(n_batches)]
+        self.batches = [
+            (ids[i * batch : (i + 1) * batch], mask[i * batch : (i + 1) * batch], ys[i * batch : (i + 1) * batch])
+            for i in range(n_batches)
+        ]
         real = mask.sum(1).float()
         self.tokens = {
             "max_length": max_length,
@@ -91,7 +106,14 @@ class Bench:
             "batch_seq_len_prompt_models": [int(m.sum(1).max()) + n_virtual for _, m, _ in self.batches],
         }
         self.settings = settings = TrainSettings()  # the trainer's defaults: Adam, lr 0.01, sigma 1.0, C 1.0
-        self.config = PromptConfig(labels=labels, hidden_size=bb.hidden_size, backbone_fingerprint=bb.fingerprint, n_virtual_tokens=n_virtual, pooling="mean", max_length=max_length)
+        self.config = PromptConfig(
+            labels=labels,
+            hidden_size=bb.hidden_size,
+            backbone_fingerprint=bb.fingerprint,
+            n_virtual_tokens=n_virtual,
+            pooling="mean",
+            max_length=max_length,
+        )
         state0 = initial_state(bb, self.config)
         loss_fn = torch.nn.CrossEntropyLoss()
         self.steps = {}
@@ -99,12 +121,17 @@ class Bench:
         clock = time.perf_counter
 
         if "dp" in modes:
+            assert settings.noise_multiplier is not None  # the trainer's default sigma
             model = build_model(bb, self.config, state0).train()
             params = list(model.trainable_parameters().values())
             opt = torch.optim.Adam(params, lr=settings.lr)
             gsm, dp_opt, _loader = wrap_private(
-                model, opt, self.dataset, sample_rate=batch / len(self.dataset),
-                noise_multiplier=settings.noise_multiplier, max_grad_norm=settings.max_grad_norm,
+                model,
+                opt,
+                self.dataset,
+                sample_rate=batch / len(self.dataset),
+                noise_multiplier=settings.noise_multiplier,
+                max_grad_norm=settings.max_grad_norm,
             )
             self.gsm, self.dp_opt = gsm, dp_opt
 
@@ -122,7 +149,13 @@ class Bench:
                 dp_opt.zero_grad(set_to_none=True)
                 loss.item()
                 t5 = clock()
-                return {"forward": t1 - t0, "backward": t2 - t1, "check": t3 - t2, "optimizer": t4 - t3, "rest": t5 - t4}
+                return {
+                    "forward": t1 - t0,
+                    "backward": t2 - t1,
+                    "check": t3 - t2,
+                    "optimizer": t4 - t3,
+                    "rest": t5 - t4,
+                }
 
             self.steps["dp"] = dp_step
             self.params["dp"] = sum(p.numel() for p in params)
@@ -190,8 +223,15 @@ def memory_probe(spec: dict) -> dict:
     """
     mode = spec["mode"]
     bench = Bench(
-        backbone=spec["backbone"], data=Path(spec["data"]), batch=spec["batch"], max_length=spec["max_length"],
-        n_virtual=spec["n_virtual"], n_batches=spec["steps"], seed=spec["seed"], modes=(mode,), copy_encoder_for_ft=False,
+        backbone=spec["backbone"],
+        data=Path(spec["data"]),
+        batch=spec["batch"],
+        max_length=spec["max_length"],
+        n_virtual=spec["n_virtual"],
+        n_batches=spec["steps"],
+        seed=spec["seed"],
+        modes=(mode,),
+        copy_encoder_for_ft=False,
     )
     gc.collect()
     setup_peak = _hwm_mb()
@@ -223,7 +263,10 @@ def _memory(ctx: Context, common: dict, steps: int) -> dict:
         spec = {**common, "mode": mode, "steps": steps}
         procs[mode] = subprocess.Popen(
             [sys.executable, "-m", "benchmarks", "_memprobe", json.dumps(spec)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(Path(__file__).resolve().parents[1]),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=str(Path(__file__).resolve().parents[1]),
         )
     out = {}
     for mode, proc in procs.items():
@@ -231,7 +274,10 @@ def _memory(ctx: Context, common: dict, steps: int) -> dict:
         if proc.returncode != 0:
             raise RuntimeError(f"memory probe {mode} failed:\n{stderr[-3000:]}")
         out[mode] = json.loads(stdout.strip().splitlines()[-1])
-        ctx.log(f"dp: memory {mode}: peak {out[mode]['peak_rss_mb']:.0f} MB, training +{out[mode]['train_peak_over_setup_mb']:.0f} MB")
+        ctx.log(
+            f"dp: memory {mode}: peak {out[mode]['peak_rss_mb']:.0f} MB, training "
+            f"+{out[mode]['train_peak_over_setup_mb']:.0f} MB"
+        )
     return out
 
 
@@ -298,7 +344,15 @@ def run(ctx: Context) -> dict:
     n_batches = int(ctx.knob("n_batches", 8, 4))
     mem_steps = int(ctx.knob("mem_steps", 4, 2))
     ctx.log(f"dp: loading backbone and {n_batches} fixed batches of {batch} (max_length {max_length})")
-    bench = Bench(backbone=ctx.backbone, data=ctx.data, batch=batch, max_length=max_length, n_virtual=n_virtual, n_batches=n_batches, seed=ctx.seed)
+    bench = Bench(
+        backbone=ctx.backbone,
+        data=ctx.data,
+        batch=batch,
+        max_length=max_length,
+        n_virtual=n_virtual,
+        n_batches=n_batches,
+        seed=ctx.seed,
+    )
 
     ctx.log(f"dp: {warmup} warm-up cycles, then {pairs} interleaved cycles (dp, nondp, fullft)")
     for i in range(warmup):
@@ -320,38 +374,67 @@ def run(ctx: Context) -> dict:
 
     wall = {m: [s["wall"] for s in samples[m]] for m in MODES}
     cpu = {m: [s["cpu"] for s in samples[m]] for m in MODES}
-    ratio = [d / n for d, n in zip(wall["dp"], wall["nondp"])]
-    ratio_cpu = [d / n for d, n in zip(cpu["dp"], cpu["nondp"])]
+    ratio = [d / n for d, n in zip(wall["dp"], wall["nondp"], strict=True)]
+    ratio_cpu = [d / n for d, n in zip(cpu["dp"], cpu["nondp"], strict=True)]
     by_order = {
-        "dp_first": describe([x for x, f in zip(ratio, dp_first) if f]),
-        "nondp_first": describe([x for x, f in zip(ratio, dp_first) if not f]),
+        "dp_first": describe([x for x, f in zip(ratio, dp_first, strict=True) if f]),
+        "nondp_first": describe([x for x, f in zip(ratio, dp_first, strict=True) if not f]),
     }
     # throughput ratio per cycle: (batch / t_dp) / (batch / t_ft) = t_ft / t_dp
-    thr_dp_ft = [f / d for d, f in zip(wall["dp"], wall["fullft"])]
-    thr_np_ft = [f / n for n, f in zip(wall["nondp"], wall["fullft"])]
-    phases = {m: {k: describe([s[k] for s in samples[m]])["median"] for k in ("forward", "backward", "check", "optimizer", "rest")} for m in MODES}
-    fb_extra = [(d["forward"] + d["backward"]) - (n["forward"] + n["backward"]) for d, n in zip(samples["dp"], samples["nondp"])]
-    opt_extra = [(d["check"] + d["optimizer"]) - (n["check"] + n["optimizer"]) for d, n in zip(samples["dp"], samples["nondp"])]
+    thr_dp_ft = [f / d for d, f in zip(wall["dp"], wall["fullft"], strict=True)]
+    thr_np_ft = [f / n for n, f in zip(wall["nondp"], wall["fullft"], strict=True)]
+    phases = {
+        m: {
+            k: describe([s[k] for s in samples[m]])["median"]
+            for k in ("forward", "backward", "check", "optimizer", "rest")
+        }
+        for m in MODES
+    }
+    fb_extra = [
+        (d["forward"] + d["backward"]) - (n["forward"] + n["backward"])
+        for d, n in zip(samples["dp"], samples["nondp"], strict=True)
+    ]
+    opt_extra = [
+        (d["check"] + d["optimizer"]) - (n["check"] + n["optimizer"])
+        for d, n in zip(samples["dp"], samples["nondp"], strict=True)
+    ]
 
     ctx.log("dp: optimizer-phase breakdown and torch profile")
     breakdown = _optimizer_breakdown(bench, int(ctx.knob("breakdown_steps", 10, 3)))
     profile_steps = int(ctx.knob("profile_steps", 4, 0))
     profile = _torch_profile(bench, profile_steps) if profile_steps else {}
 
-    common = {"backbone": ctx.backbone, "data": str(ctx.data), "batch": batch, "max_length": max_length, "n_virtual": n_virtual, "seed": ctx.seed}
+    common = {
+        "backbone": ctx.backbone,
+        "data": str(ctx.data),
+        "batch": batch,
+        "max_length": max_length,
+        "n_virtual": n_virtual,
+        "seed": ctx.seed,
+    }
     ctx.log("dp: peak memory, one subprocess per mode")
     memory = _memory(ctx, common, mem_steps)
 
     med_ratio = describe(ratio)
     return {
         "config": {
-            "backbone": str(bench.backbone.path), "backbone_params": sum(p.numel() for p in bench.backbone.model.parameters()),
-            "batch": batch, "max_length": max_length, "n_virtual_tokens": n_virtual, "pooling": "mean",
-            "fixed_batches": len(bench.batches), "pairs": pairs, "warmup_cycles": warmup,
-            "noise_multiplier": bench.settings.noise_multiplier, "max_grad_norm": bench.settings.max_grad_norm,
-            "optimizer": f"{bench.settings.optimizer} lr {bench.settings.lr}", "fullft_optimizer": f"adamw lr {FULLFT_LR}",
-            "trainable_params": bench.params, "torch_threads": torch.get_num_threads(),
-            "tokens": bench.tokens, "truncated_texts": bench.truncated,
+            "backbone": str(bench.backbone.path),
+            "backbone_params": sum(p.numel() for p in bench.backbone.model.parameters()),
+            "batch": batch,
+            "max_length": max_length,
+            "n_virtual_tokens": n_virtual,
+            "pooling": "mean",
+            "fixed_batches": len(bench.batches),
+            "pairs": pairs,
+            "warmup_cycles": warmup,
+            "noise_multiplier": bench.settings.noise_multiplier,
+            "max_grad_norm": bench.settings.max_grad_norm,
+            "optimizer": f"{bench.settings.optimizer} lr {bench.settings.lr}",
+            "fullft_optimizer": f"adamw lr {FULLFT_LR}",
+            "trainable_params": bench.params,
+            "torch_threads": torch.get_num_threads(),
+            "tokens": bench.tokens,
+            "truncated_texts": bench.truncated,
             "order": "interleaved, counterbalanced: even cycles dp, nondp, fullft; odd cycles nondp, dp, fullft",
         },
         "step_seconds": {m: describe(wall[m]) for m in MODES},
@@ -363,7 +446,10 @@ def run(ctx: Context) -> dict:
         "throughput_ratio_dp_over_fullft": describe(thr_dp_ft),
         "throughput_ratio_nondp_over_fullft": describe(thr_np_ft),
         "phases_median_seconds": phases,
-        "dp_extra_seconds": {"forward_backward_hooks": describe(fb_extra)["median"], "check_and_optimizer": describe(opt_extra)["median"]},
+        "dp_extra_seconds": {
+            "forward_backward_hooks": describe(fb_extra)["median"],
+            "check_and_optimizer": describe(opt_extra)["median"],
+        },
         "dp_optimizer_breakdown_seconds": breakdown,
         "torch_profile_top_ops": profile,
         "memory": memory,
@@ -379,9 +465,31 @@ def markdown(r: dict) -> str:
     rows = []
     for m in MODES:
         s, mem = r["step_seconds"][m], r["memory"][m]
-        rows.append([LABEL[m], f"{c['trainable_params'][m]:,}", s["median"], f"{s['q1']:.3f}-{s['q3']:.3f}", r["throughput_examples_per_s"][m],
-                     mem.get("train_peak_rss_mb", float("nan")), mem["train_peak_over_setup_mb"], mem.get("setup_peak_mb", float("nan"))])
-    t1 = md_table(["mode", "trainable params", "step s (median)", "step s (IQR)", "examples/s", "peak RSS while training, MB", "training adds, MB", "setup peak, MB"], rows)
+        rows.append(
+            [
+                LABEL[m],
+                f"{c['trainable_params'][m]:,}",
+                s["median"],
+                f"{s['q1']:.3f}-{s['q3']:.3f}",
+                r["throughput_examples_per_s"][m],
+                mem.get("train_peak_rss_mb", float("nan")),
+                mem["train_peak_over_setup_mb"],
+                mem.get("setup_peak_mb", float("nan")),
+            ]
+        )
+    t1 = md_table(
+        [
+            "mode",
+            "trainable params",
+            "step s (median)",
+            "step s (IQR)",
+            "examples/s",
+            "peak RSS while training, MB",
+            "training adds, MB",
+            "setup peak, MB",
+        ],
+        rows,
+    )
     rr, rc = r["ratio_dp_over_nondp"], r["ratio_dp_over_nondp_cpu_time"]
     tf, tn = r["throughput_ratio_dp_over_fullft"], r["throughput_ratio_nondp_over_fullft"]
     t2 = md_table(
@@ -389,31 +497,47 @@ def markdown(r: dict) -> str:
         [
             ["DP / non-DP step time (wall)", rr["median"], f"{rr['q1']:.3f}-{rr['q3']:.3f}", rr["n"]],
             ["DP / non-DP step time (process CPU time)", rc["median"], f"{rc['q1']:.3f}-{rc['q3']:.3f}", rc["n"]],
-            *[[f"DP / non-DP step time (wall), cycles with {k.replace('_', ' ')}", v["median"], f"{v['q1']:.3f}-{v['q3']:.3f}", v["n"]]
-              for k, v in r.get("ratio_dp_over_nondp_by_order", {}).items()],
+            *[
+                [
+                    f"DP / non-DP step time (wall), cycles with {k.replace('_', ' ')}",
+                    v["median"],
+                    f"{v['q1']:.3f}-{v['q3']:.3f}",
+                    v["n"],
+                ]
+                for k, v in r.get("ratio_dp_over_nondp_by_order", {}).items()
+            ],
             ["prompt-DP / full-FT throughput", tf["median"], f"{tf['q1']:.3f}-{tf['q3']:.3f}", tf["n"]],
             ["prompt-non-DP / full-FT throughput", tn["median"], f"{tn['q1']:.3f}-{tn['q3']:.3f}", tn["n"]],
         ],
     )
     ph = r["phases_median_seconds"]
-    t3 = md_table(["phase (median s)", *[LABEL[m] for m in MODES]], [[k, *[ph[m][k] for m in MODES]] for k in ("forward", "backward", "check", "optimizer", "rest")])
+    t3 = md_table(
+        ["phase (median s)", *[LABEL[m] for m in MODES]],
+        [[k, *[ph[m][k] for m in MODES]] for k in ("forward", "backward", "check", "optimizer", "rest")],
+    )
     bd = r["dp_optimizer_breakdown_seconds"]
     t4 = md_table(["DPOptimizer phase", "median s"], [[k, v] for k, v in bd.items()])
     ex = r["dp_extra_seconds"]
     met = "MET" if r["target"]["met"] else "MISSED"
     tok = c["tokens"]
-    return "\n\n".join([
-        f"Backbone `{Path(c['backbone']).name}` ({c['backbone_params']:,} params), batch {c['batch']}, max_length {c['max_length']} "
-        f"(mean real tokens {tok['mean_real_tokens']:.1f}, {tok['share_at_max_length']:.0%} of texts fill all {c['max_length']}), "
-        f"{c['n_virtual_tokens']} virtual tokens, mean pooling, sigma {c['noise_multiplier']}, C {c['max_grad_norm']}, "
-        f"{c['pairs']} interleaved cycles after {c['warmup_cycles']} warm-up cycles, {c['torch_threads']} torch threads.",
-        t1, t2,
-        f"Target DP/non-DP <= {r['target']['dp_over_nondp_max']}: **{met}** (median {rr['median']:.3f}, IQR {rr['q1']:.3f}-{rr['q3']:.3f}).",
-        "Where the DP step's time goes (median seconds per step):", t3,
-        f"Paired DP extra: forward+backward (grad-sampler hooks) {ex['forward_backward_hooks'] * 1000:+.1f} ms, "
-        f"check + optimizer (clip, noise) {ex['check_and_optimizer'] * 1000:+.1f} ms.",
-        t4,
-    ])
+    return "\n\n".join(
+        [
+            f"Backbone `{Path(c['backbone']).name}` ({c['backbone_params']:,} params), batch {c['batch']}, max_length "
+            f"{c['max_length']} (mean real tokens {tok['mean_real_tokens']:.1f}, {tok['share_at_max_length']:.0%} of "
+            f"texts fill all {c['max_length']}), {c['n_virtual_tokens']} virtual tokens, mean pooling, sigma "
+            f"{c['noise_multiplier']}, C {c['max_grad_norm']}, {c['pairs']} interleaved cycles after "
+            f"{c['warmup_cycles']} warm-up cycles, {c['torch_threads']} torch threads.",
+            t1,
+            t2,
+            f"Target DP/non-DP <= {r['target']['dp_over_nondp_max']}: **{met}** (median {rr['median']:.3f}, IQR "
+            f"{rr['q1']:.3f}-{rr['q3']:.3f}).",
+            "Where the DP step's time goes (median seconds per step):",
+            t3,
+            f"Paired DP extra: forward+backward (grad-sampler hooks) {ex['forward_backward_hooks'] * 1000:+.1f} ms, "
+            f"check + optimizer (clip, noise) {ex['check_and_optimizer'] * 1000:+.1f} ms.",
+            t4,
+        ]
+    )
 
 
 def plot(r: dict, out: Path) -> list[str]:
@@ -427,11 +551,11 @@ def plot(r: dict, out: Path) -> list[str]:
     axes[0].boxplot([wall[m] for m in MODES], tick_labels=[LABEL[m] for m in MODES])
     axes[0].set_ylabel("seconds per step")
     axes[0].set_title("step time, interleaved (median marked)")
-    ratios = [[d / n for d, n in zip(wall["dp"], wall["nondp"])]]
+    ratios = [[d / n for d, n in zip(wall["dp"], wall["nondp"], strict=True)]]
     names = ["wall time"]
     if "raw_cpu_seconds" in r:
         cpu = r["raw_cpu_seconds"]
-        ratios.append([d / n for d, n in zip(cpu["dp"], cpu["nondp"])])
+        ratios.append([d / n for d, n in zip(cpu["dp"], cpu["nondp"], strict=True)])
         names.append("process CPU time")
     axes[1].boxplot(ratios, tick_labels=names)
     axes[1].axhline(r["target"]["dp_over_nondp_max"], color="red", linestyle="--", label="target 1.10")

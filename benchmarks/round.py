@@ -36,7 +36,11 @@ TAG = "fedprompt-timing "
 PHASES = ("train", "evaluate")
 # Segments of one phase along its critical hospital, in time order.
 SEGMENTS = (
-    ("delivery", "sent -> the hospital's executor holds the task (SuperNode pull every 1 s when idle, Flower's: 3 s; executor poll 0.05 s)"),
+    (
+        "delivery",
+        "sent -> the hospital's executor holds the task (SuperNode pull every 1 s when idle, Flower's: 3 s; executor "
+        "poll 0.05 s)",
+    ),
     ("pull", "task inputs pulled from the SuperNode (it fetches the message's objects from the aggregator)"),
     ("dispatch", "handed to the warm worker"),
     ("records", "records file hashed (tokenised once per content)"),
@@ -47,7 +51,10 @@ SEGMENTS = (
     ("reply", "reply tensors packed"),
     ("handler_other", "rest of the handler"),
     ("push", "reply pushed to the SuperNode"),
-    ("return", "-> ServerApp has every reply (SuperNode reply check 0.1 s + push; ServerApp pull every 0.5 s, server/grid.py)"),
+    (
+        "return",
+        "-> ServerApp has every reply (SuperNode reply check 0.1 s + push; ServerApp pull every 0.5 s, server/grid.py)",
+    ),
 )
 
 
@@ -62,7 +69,9 @@ def _workspace(root: Path, backbone: str | None, rounds: int) -> Path:
     from fedprompt.client.demo_data import generate_demo, write_demo_workspace
     from fedprompt.simulation import ensure_ledgers
 
-    ws = write_demo_workspace(root / "workspace", generate_demo(hospitals=HOSPITALS, per_hospital=PER_HOSPITAL, test_size=30))
+    ws = write_demo_workspace(
+        root / "workspace", generate_demo(hospitals=HOSPITALS, per_hospital=PER_HOSPITAL, test_size=30)
+    )
     if backbone is not None:
         for site in sorted(ws.glob("hospital-*/site.yaml")):
             doc = yaml.safe_load(site.read_text())
@@ -115,13 +124,39 @@ def _deploy(ctx: Context, root: Path, rounds: int) -> tuple[dict, list[dict], di
         for i in range(1, HOSPITALS + 1):
             topo.register_hospital(state, keys / f"hospital-{i}.pub", env)
         for i in range(1, HOSPITALS + 1):
-            topo.start_hospital(procs, f"hospital-{i}", ws / f"hospital-{i}" / "site.yaml", keys / f"hospital-{i}.key", pki,
-                                fleet_port, root / f"node-{i}", env)
+            topo.start_hospital(
+                procs,
+                f"hospital-{i}",
+                ws / f"hospital-{i}" / "site.yaml",
+                keys / f"hospital-{i}.key",
+                pki,
+                fleet_port,
+                root / f"node-{i}",
+                env,
+            )
         out = root / "run-out"
         extra = ["--run-config", f'backbone="{Path(ctx.backbone).resolve()}"'] if ctx.backbone else []
         t0 = time.monotonic()
-        run = procs.start("run", [*topo.FEDPROMPT, "aggregator", "run", "--state", str(state), "--workspace", str(ws), "--out", str(out),
-                                  "--app", str(app), "--timeout", str(RUN_TIMEOUT_S), *extra], env)
+        run = procs.start(
+            "run",
+            [
+                *topo.FEDPROMPT,
+                "aggregator",
+                "run",
+                "--state",
+                str(state),
+                "--workspace",
+                str(ws),
+                "--out",
+                str(out),
+                "--app",
+                str(app),
+                "--timeout",
+                str(RUN_TIMEOUT_S),
+                *extra,
+            ],
+            env,
+        )
         try:
             rc = run.wait(RUN_TIMEOUT_S + 30)
         except subprocess.TimeoutExpired:
@@ -131,9 +166,17 @@ def _deploy(ctx: Context, root: Path, rounds: int) -> tuple[dict, list[dict], di
             raise RuntimeError(f"deployment run failed (rc {rc}); logs in {logs}:\n" + procs.log("run")[-3000:])
         time.sleep(5)  # the daemons idle again
         idle_mb = [_tree_rss_mb(procs.procs[f"hospital-{i}"].pid) for i in range(1, HOSPITALS + 1)]
-        lines = [json.loads(line.split(TAG, 1)[1]) for i in range(1, HOSPITALS + 1)
-                 for line in procs.log(f"hospital-{i}").splitlines() if TAG in line]
-        return json.loads((out / "metrics.json").read_text()), lines, {"run_wall_s": wall, "idle_daemon_rss_mb": describe(idle_mb)}
+        lines = [
+            json.loads(line.split(TAG, 1)[1])
+            for i in range(1, HOSPITALS + 1)
+            for line in procs.log(f"hospital-{i}").splitlines()
+            if TAG in line
+        ]
+        return (
+            json.loads((out / "metrics.json").read_text()),
+            lines,
+            {"run_wall_s": wall, "idle_daemon_rss_mb": describe(idle_mb)},
+        )
     finally:
         procs.stop_all()
 
@@ -155,8 +198,12 @@ def _phase(sent: float, received: float, msgs: list[dict]) -> dict:
     last = max(msgs, key=lambda m: m["pushed"])
     seg = {"delivery": last["acquired"] - sent, **_segments(last)}  # from the ServerApp's own clock
     seg["return"] = received - last["pushed"]
-    return {"seconds": received - sent, "critical": last["site"], "segments": seg,
-            "per_hospital": {m["site"]: _segments(m) for m in msgs}}
+    return {
+        "seconds": received - sent,
+        "critical": last["site"],
+        "segments": seg,
+        "per_hospital": {m["site"]: _segments(m) for m in msgs},
+    }
 
 
 def _rounds(metrics: dict, lines: list[dict]) -> list[dict]:
@@ -168,22 +215,24 @@ def _rounds(metrics: dict, lines: list[dict]) -> list[dict]:
         msgs = {p: [m for m in lines if m["type"] == p and m["round"] == r] for p in PHASES}
         slowest = max(m["phases"].get("train", 0.0) for m in msgs["train"])
         wall = tm["end"] - tm["start"]
-        rows.append({
-            "round": r,
-            "wall": wall,
-            "seconds_recorded": rec["seconds"],
-            "slowest_training": slowest,
-            "overhead": wall - slowest,
-            "train": _phase(tm["train_sent"], tm["train_received"], msgs["train"]),
-            "evaluate": _phase(tm["evaluate_sent"], tm["evaluate_received"], msgs["evaluate"]),
-            "server": {
-                "before_train": tm["train_sent"] - tm["start"],  # previous checkpoint write, plan
-                "aggregate": tm["evaluate_sent"] - tm["train_received"],  # validation + FedAvg
-                "after_evaluate": tm["end"] - tm["evaluate_received"],  # aggregator's test-set evaluation
-            },
-            "messages": len(msgs["train"]) + len(msgs["evaluate"]),
-            "processes": len({m["pid"] for m in msgs["train"] + msgs["evaluate"]}),
-        })
+        rows.append(
+            {
+                "round": r,
+                "wall": wall,
+                "seconds_recorded": rec["seconds"],
+                "slowest_training": slowest,
+                "overhead": wall - slowest,
+                "train": _phase(tm["train_sent"], tm["train_received"], msgs["train"]),
+                "evaluate": _phase(tm["evaluate_sent"], tm["evaluate_received"], msgs["evaluate"]),
+                "server": {
+                    "before_train": tm["train_sent"] - tm["start"],  # previous checkpoint write, plan
+                    "aggregate": tm["evaluate_sent"] - tm["train_received"],  # validation + FedAvg
+                    "after_evaluate": tm["end"] - tm["evaluate_received"],  # aggregator's test-set evaluation
+                },
+                "messages": len(msgs["train"]) + len(msgs["evaluate"]),
+                "processes": len({m["pid"] for m in msgs["train"] + msgs["evaluate"]}),
+            }
+        )
     return rows
 
 
@@ -204,8 +253,10 @@ def summarize(rows: list[dict]) -> dict:
     return {
         "rounds": rows,
         "overhead": describe(overheads),
-        "mean_segments": {p: {name: sum(r[p]["segments"].get(name, 0.0) for r in rows) / len(rows) for name, _ in SEGMENTS}
-                          for p in PHASES},
+        "mean_segments": {
+            p: {name: sum(r[p]["segments"].get(name, 0.0) for r in rows) / len(rows) for name, _ in SEGMENTS}
+            for p in PHASES
+        },
         "mean_server": {k: sum(r["server"][k] for r in rows) / len(rows) for k in rows[0]["server"]},
         "messages_per_round": max(r["messages"] for r in rows),
         "warm_processes": max(r["processes"] for r in rows),  # executor pids: one per hospital, whatever the rounds
@@ -222,8 +273,13 @@ def run(ctx: Context) -> dict:
     load_end = os.getloadavg()
     ctx.log("round: measuring a cold ClientApp import (what the warm worker saves per message)")
     return {
-        "config": {"hospitals": HOSPITALS, "records_per_hospital": PER_HOSPITAL, "rounds": rounds,
-                   "backbone": ctx.backbone or "default (all-MiniLM-L6-v2)", "target_overhead_s": TARGET_OVERHEAD_S},
+        "config": {
+            "hospitals": HOSPITALS,
+            "records_per_hospital": PER_HOSPITAL,
+            "rounds": rounds,
+            "backbone": ctx.backbone or "default (all-MiniLM-L6-v2)",
+            "target_overhead_s": TARGET_OVERHEAD_S,
+        },
         **summarize(_rounds(metrics, lines)),
         "cold_import": _cold_import(1 if ctx.quick else 3),
         "loadavg": {"start": list(load_start), "end": list(load_end)},
@@ -243,50 +299,70 @@ def _where(r: dict) -> list[str]:
 
     later = describe([handler(x["train"]["segments"]) for x in r["rounds"][1:]] or [float("nan")])["median"]
     return [
-        f"**Delivery {seg['delivery']:.1f} s**: the SuperNode sleeps between pulls that find no message: 3 s in Flower 1.42 "
-        "(a literal in `start_client_internal.py`), 1 s as fedprompt runs it (client/supernode_main.py), so an "
-        "instruction waits 0.5 s on average for the pull, plus the pull itself through the proxy. The floor of this "
-        "design: only Flower long-polling would remove it.",
-        f"**Inputs {seg['pull']:.1f} s**: the SuperNode fetches the message's objects from the aggregator after creating "
-        "the task; the executor retries every 0.05-0.25 s (Flower: 1 s, then 2 s, ...).",
+        f"**Delivery {seg['delivery']:.1f} s**: the SuperNode sleeps between pulls that find no message: 3 s in "
+        "Flower 1.42 (a literal in `start_client_internal.py`), 1 s as fedprompt runs it (client/supernode_main.py), "
+        "so an instruction waits 0.5 s on average for the pull, plus the pull itself through the proxy. The floor of "
+        "this design: only Flower long-polling would remove it.",
+        f"**Inputs {seg['pull']:.1f} s**: the SuperNode fetches the message's objects from the aggregator after "
+        "creating the task; the executor retries every 0.05-0.25 s (Flower: 1 s, then 2 s, ...).",
         f"**Handler {handler(seg):.1f} s besides training** in the warm worker, a mean that holds round 1: the worker "
         "finishing its warm-up (imports, backbone) and the run's one noise calibration; from round 2 on "
         f"{later:.2f} s (median), the next round's epsilon having been projected while the worker was idle.",
-        f"**Return {seg['return'] + seg['push']:.1f} s**: the SuperNode checks for the reply every 0.1 s (Flower: 0.5 s) "
-        "and pushes it and its objects to the aggregator; the ServerApp pulls every 0.5 s (server/grid.py; Flower's "
-        "Grid: 3 s) and fetches the reply's objects.",
-        f"**Aggregator {sum(srv.values()):.1f} s**: validation + FedAvg, the checkpoint and its own test-set evaluation.",
+        f"**Return {seg['return'] + seg['push']:.1f} s**: the SuperNode checks for the reply every 0.1 s (Flower: 0.5 "
+        "s) and pushes it and its objects to the aggregator; the ServerApp pulls every 0.5 s (server/grid.py; "
+        "Flower's Grid: 3 s) and fetches the reply's objects.",
+        f"**Aggregator {sum(srv.values()):.1f} s**: validation + FedAvg, the checkpoint and its own test-set "
+        "evaluation.",
     ]
 
 
 def markdown(r: dict) -> str:
     c, o = r["config"], r["overhead"]
-    rows = [[x["round"], x["wall"], x["slowest_training"], x["overhead"], x["train"]["seconds"], x["evaluate"]["seconds"],
-             x["server"]["before_train"] + x["server"]["aggregate"] + x["server"]["after_evaluate"]] for x in r["rounds"]]
-    t1 = md_table(["round", "wall s", "slowest training s", "overhead s", "train phase s", "evaluate phase s", "aggregator s"], rows)
+    rows = [
+        [
+            x["round"],
+            x["wall"],
+            x["slowest_training"],
+            x["overhead"],
+            x["train"]["seconds"],
+            x["evaluate"]["seconds"],
+            x["server"]["before_train"] + x["server"]["aggregate"] + x["server"]["after_evaluate"],
+        ]
+        for x in r["rounds"]
+    ]
+    t1 = md_table(
+        ["round", "wall s", "slowest training s", "overhead s", "train phase s", "evaluate phase s", "aggregator s"],
+        rows,
+    )
     seg = r["mean_segments"]
     srows = [[name, seg["train"][name], seg["evaluate"][name], what] for name, what in SEGMENTS]
-    srows += [[f"aggregator: {k.replace('_', ' ')}", v, float("nan"), "ServerApp work between phases"] for k, v in r["mean_server"].items()]
+    srows += [
+        [f"aggregator: {k.replace('_', ' ')}", v, float("nan"), "ServerApp work between phases"]
+        for k, v in r["mean_server"].items()
+    ]
     t2 = md_table(["segment (critical hospital)", "train s", "evaluate s", "what"], srows)
     ci, mem = r["cold_import"], r["idle_daemon_rss_mb"]
     verdict = "MET" if r["target_met"] else "MISSED"
-    return "\n\n".join([
-        f"{c['hospitals']} hospitals on 127.0.0.1 (TLS, node auth, Fleet proxy), backbone {c['backbone']}, "
-        f"{c['records_per_hospital']} demo records per hospital, {c['rounds']} rounds; whole run {r['run_wall_s']:.0f} s wall, "
-        f"load average {r['loadavg']['start'][0]:.1f} -> {r['loadavg']['end'][0]:.1f}.",
-        t1,
-        f"Overhead per round: median **{o['median']:.1f} s** (min {o['min']:.1f}, max {o['max']:.1f}). "
-        f"Target: median <= {c['target_overhead_s']:g} s: **{verdict}**.",
-        "Mean per round, along each phase's critical hospital (the last to reply); the rows add up to the phase:",
-        t2,
-        f"Messages per round: {r['messages_per_round']} (one per hospital); warm executor processes: {r['warm_processes']} "
-        f"(one per hospital for the whole run, where Flower's own executor starts a fresh interpreter per message: "
-        f"importing the ClientApp module alone takes {ci['import']['median']:.1f} s here). "
-        f"Memory of an idle hospital daemon (supervisor + SuperNode + warm worker with the backbone): "
-        f"median {mem['median']:.0f} MB (min {mem['min']:.0f}, max {mem['max']:.0f}).",
-        "Where the remaining seconds go:",
-        "\n".join(f"- {x}" for x in _where(r)),
-    ])
+    return "\n\n".join(
+        [
+            f"{c['hospitals']} hospitals on 127.0.0.1 (TLS, node auth, Fleet proxy), backbone {c['backbone']}, "
+            f"{c['records_per_hospital']} demo records per hospital, {c['rounds']} rounds; whole run "
+            f"{r['run_wall_s']:.0f} s wall, "
+            f"load average {r['loadavg']['start'][0]:.1f} -> {r['loadavg']['end'][0]:.1f}.",
+            t1,
+            f"Overhead per round: median **{o['median']:.1f} s** (min {o['min']:.1f}, max {o['max']:.1f}). "
+            f"Target: median <= {c['target_overhead_s']:g} s: **{verdict}**.",
+            "Mean per round, along each phase's critical hospital (the last to reply); the rows add up to the phase:",
+            t2,
+            f"Messages per round: {r['messages_per_round']} (one per hospital); warm executor processes: "
+            f"{r['warm_processes']} (one per hospital for the whole run, where Flower's own executor starts a fresh "
+            f"interpreter per message: importing the ClientApp module alone takes {ci['import']['median']:.1f} s "
+            "here). Memory of an idle hospital daemon (supervisor + SuperNode + warm worker with the backbone): "
+            f"median {mem['median']:.0f} MB (min {mem['min']:.0f}, max {mem['max']:.0f}).",
+            "Where the remaining seconds go:",
+            "\n".join(f"- {x}" for x in _where(r)),
+        ]
+    )
 
 
 def plot(r: dict, out: Path) -> list[str]:
@@ -304,7 +380,7 @@ def plot(r: dict, out: Path) -> list[str]:
     for i, name in enumerate(names):
         widths = [max(0.0, x[p]["segments"].get(name, 0.0)) for x in r["rounds"] for p in phases]
         ax.barh(labels, widths, left=left, color=cmap(i % 20), label=name)
-        left = [a + b for a, b in zip(left, widths)]
+        left = [a + b for a, b in zip(left, widths, strict=True)]
     ax.invert_yaxis()
     ax.set_xlabel("seconds (critical hospital of each phase)")
     ax.set_title(f"where a deployment round goes (target overhead <= {r['config']['target_overhead_s']:g} s per round)")

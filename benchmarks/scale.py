@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from itertools import pairwise
 from pathlib import Path
 
 from .common import PROJECT_ROOT, Context, md_table
@@ -118,6 +119,7 @@ def _tiny_backbone(directory: Path) -> Path:
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("tinybert", PROJECT_ROOT / "tests" / "tinybert.py")
+    assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.make_tiny_backbone(directory, hidden=32, layers=2)
@@ -134,8 +136,15 @@ def one_size(spec: dict) -> dict:
     n, work = spec["n"], Path(spec["work"])
     t0 = time.perf_counter()
     demo = generate_demo(hospitals=n, per_hospital=PER_HOSPITAL, test_size=TEST_SIZE, seed=spec["seed"])
-    ws = write_workspace(work / "ws", name=f"scale-{n}", labels=demo.labels, hospitals=demo.hospitals, test_rows=demo.test,
-                         federation_overrides={**FEDERATION, "rounds": spec["rounds"]}, allow_non_private=True)
+    ws = write_workspace(
+        work / "ws",
+        name=f"scale-{n}",
+        labels=demo.labels,
+        hospitals=demo.hospitals,
+        test_rows=demo.test,
+        federation_overrides={**FEDERATION, "rounds": spec["rounds"]},
+        allow_non_private=True,
+    )
     for site in list_hospitals(ws):  # every simulated hospital uses the tiny backbone
         data = yaml.safe_load(site.read_text())
         data["backbone"] = spec["backbone"]
@@ -149,7 +158,9 @@ def one_size(spec: dict) -> dict:
         error = f"{type(exc).__name__}: {exc}"
     metrics_path = work / "run" / "metrics.json"
     # round 0 (the zero-shot start) trains nothing: only training rounds are timed
-    rounds = [r for r in json.loads(metrics_path.read_text())["rounds"] if r["round"] > 0] if metrics_path.exists() else []
+    rounds = (
+        [r for r in json.loads(metrics_path.read_text())["rounds"] if r["round"] > 0] if metrics_path.exists() else []
+    )
     return {
         "setup_seconds": setup,
         "simulate_seconds": time.perf_counter() - t0 - setup,
@@ -173,12 +184,24 @@ def _run_size(ctx: Context, n: int, rounds: int, backbone: str, root: Path) -> d
     work = root / f"n{n}"
     work.mkdir()
     result_path = work / "result.json"
-    spec = {"n": n, "rounds": rounds, "backbone": backbone, "work": str(work), "seed": ctx.seed, "result": str(result_path)}
+    spec = {
+        "n": n,
+        "rounds": rounds,
+        "backbone": backbone,
+        "work": str(work),
+        "seed": ctx.seed,
+        "result": str(result_path),
+    }
     log_path = ctx.out / f"scale_n{n}.log"
     timeout = 300 + 10 * n * rounds
     t0 = time.perf_counter()
     with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.scale", json.dumps(spec)], stdout=log, stderr=subprocess.STDOUT, cwd=str(PROJECT_ROOT))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.scale", json.dumps(spec)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=str(PROJECT_ROOT),
+        )
         memory = _watch(proc, timeout)
     child = json.loads(result_path.read_text()) if result_path.exists() else {}
     error = child.get("error")
@@ -190,7 +213,9 @@ def _run_size(ctx: Context, n: int, rounds: int, backbone: str, root: Path) -> d
     # first-use costs in the fresh process.
     rs = child.get("round_seconds", [])
     steady = rs[1:] or rs
-    agg_s, cpu_s = (_median(child.get(k, [])[1:] or child.get(k, [])) for k in ("aggregate_seconds", "aggregate_cpu_seconds"))
+    agg_s, cpu_s = (
+        _median(child.get(k, [])[1:] or child.get(k, [])) for k in ("aggregate_seconds", "aggregate_cpu_seconds")
+    )
     statuses = child.get("status_per_round", [])
     return {
         "n": n,
@@ -226,8 +251,8 @@ def _median(xs: list) -> float:
 # --- growth ------------------------------------------------------------------------------------
 def growth(ns: list[int], ys: list[float]) -> dict:
     """Log-log slopes: between neighbouring N, and the least-squares fit over all N (y ~ N^k)."""
-    ok = [(n, y) for n, y in zip(ns, ys) if y is not None and math.isfinite(y) and y > 0]
-    pairs = [{"from": a, "to": b, "exponent": math.log(yb / ya) / math.log(b / a)} for (a, ya), (b, yb) in zip(ok, ok[1:])]
+    ok = [(n, y) for n, y in zip(ns, ys, strict=True) if y is not None and math.isfinite(y) and y > 0]
+    pairs = [{"from": a, "to": b, "exponent": math.log(yb / ya) / math.log(b / a)} for (a, ya), (b, yb) in pairwise(ok)]
     pts = [(math.log(n), math.log(y)) for n, y in ok]
     if len(pts) < 2:
         return {"pairwise": pairs, "exponent": float("nan")}
@@ -247,17 +272,25 @@ def run(ctx: Context) -> dict:
             ctx.log(f"scale: {n} hospitals, {rounds} round(s)")
             per_n.append(_run_size(ctx, n, rounds, backbone, root))
             r = per_n[-1]
-            ctx.log(f"scale: {n} hospitals: {r['rounds_completed']}/{rounds} rounds, {r['wall_s_per_round']:.1f} s/round, "
-                    f"aggregate {1000 * r['aggregate_s_per_round']:.1f} ms ({1000 * r['aggregate_cpu_s_per_round']:.1f} ms CPU), peak tree PSS {r['memory']['peak_tree_pss_mb']:.0f} MB"
-                    + (f", error: {r['error'][:200]}" if r["error"] else ""))
+            ctx.log(
+                f"scale: {n} hospitals: {r['rounds_completed']}/{rounds} rounds, {r['wall_s_per_round']:.1f} s/round, "
+                f"aggregate {1000 * r['aggregate_s_per_round']:.1f} ms ({1000 * r['aggregate_cpu_s_per_round']:.1f} "
+                f"ms CPU), peak tree PSS {r['memory']['peak_tree_pss_mb']:.0f} MB"
+                + (f", error: {r['error'][:200]}" if r["error"] else "")
+            )
     done = [r for r in per_n if r["rounds_completed"] > 0]
     ns = [r["n"] for r in done]
     agg = growth(ns, [r["aggregate_cpu_s_per_round"] for r in done])
     big = next((r for r in per_n if r["n"] == TARGET_N), None)
     return {
         "config": {
-            "sizes": sizes, "rounds": rounds, "per_hospital_notes": PER_HOSPITAL, "test_notes": TEST_SIZE, "federation": FEDERATION,
-            "backbone": ctx.backbone or "tests/tinybert.py: random BERT, hidden 32, 2 layers", "private": True,
+            "sizes": sizes,
+            "rounds": rounds,
+            "per_hospital_notes": PER_HOSPITAL,
+            "test_notes": TEST_SIZE,
+            "federation": FEDERATION,
+            "backbone": ctx.backbone or "tests/tinybert.py: random BERT, hidden 32, 2 layers",
+            "private": True,
             "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "sample_seconds": SAMPLE_S,
         },
@@ -269,11 +302,15 @@ def run(ctx: Context) -> dict:
             "peak_tree_pss": growth(ns, [r["memory"]["peak_tree_pss_mb"] for r in done]),
         },
         "targets": {
-            "n": TARGET_N, "rounds": TARGET_ROUNDS,
+            "n": TARGET_N,
+            "rounds": TARGET_ROUNDS,
             # None: not measured (no run with TARGET_N hospitals and TARGET_ROUNDS rounds, e.g. --quick)
             "complete_met": None if big is None or rounds < TARGET_ROUNDS else big["rounds_completed"] >= TARGET_ROUNDS,
-            "exponent_max": EXPONENT_MAX, "exponent_noise": EXPONENT_NOISE,
-            "aggregate_linear_met": None if math.isnan(agg["exponent"]) else agg["exponent"] <= EXPONENT_MAX + EXPONENT_NOISE,
+            "exponent_max": EXPONENT_MAX,
+            "exponent_noise": EXPONENT_NOISE,
+            "aggregate_linear_met": None
+            if math.isnan(agg["exponent"])
+            else agg["exponent"] <= EXPONENT_MAX + EXPONENT_NOISE,
         },
     }
 
@@ -287,59 +324,111 @@ def _why_not_complete(r: dict) -> str:
     """Why the TARGET_N run did not finish its rounds, and what would close it, from what it recorded."""
     failed = sum(s.get("failed", 0) for s in r["status_per_round"])
     if r["memory"]["timed_out"]:
-        return (f"the run was stopped after {r['timeout_seconds']} s with {r['rounds_completed']} round(s) done; the hospitals' local work is "
-                "serial per core, so the round time is about N x (train + evaluate) / cores: more cores (actors) or a longer limit closes it.")
+        return (
+            f"the run was stopped after {r['timeout_seconds']} s with {r['rounds_completed']} round(s) done; the "
+            "hospitals' local work is serial per core, so the round time is about N x (train + evaluate) / cores: "
+            "more cores (actors) or a longer limit closes it."
+        )
     if r["returncode"] in (-9, 137):
-        return ("the process tree was killed (SIGKILL, likely the kernel's OOM killer): fewer simultaneous actors "
-                "(client_resources num_cpus) or more memory closes it.")
+        return (
+            "the process tree was killed (SIGKILL, likely the kernel's OOM killer): fewer simultaneous actors "
+            "(client_resources num_cpus) or more memory closes it."
+        )
     if failed:
-        return (f"{failed} hospital replies failed (e.g. no reply within round_timeout); raise `round_timeout` in federation.yaml "
-                "or give the simulation more cores. Log: `" + r["log"] + "`.")
+        return (
+            f"{failed} hospital replies failed (e.g. no reply within round_timeout); raise "
+            "`round_timeout` in federation.yaml or give the simulation more cores. Log: `" + r["log"] + "`."
+        )
     return f"the run failed: {r['error'] or 'unknown'} (log `{r['log']}`); fix that error and re-run."
 
 
 def markdown(r: dict) -> str:
     c, t, g = r["config"], r["targets"], r["growth"]
-    rows = [[
-        s["n"], f"{s['rounds_completed']}/{s['rounds_requested']}", f"{s['hospitals_ok_min']}/{s['n']}",
-        s["first_round_seconds"], s["wall_s_per_round"], s["aggregate_s_per_round"], s["aggregate_cpu_s_per_round"],
-        s["aggregate_ms_per_hospital"], s["aggregate_cpu_ms_per_hospital"],
-        s["memory"]["peak_tree_pss_mb"], s["memory"]["peak_tree_rss_mb"], s["memory"]["aggregator_vmhwm_mb"], s["memory"]["max_processes"],
-    ] for s in r["sizes"]]
-    table = md_table(["hospitals N", "rounds done", "updates ok (min/round)", "round 1 s (incl. engine start)", "wall s/round",
-                      "aggregation s/round (wall)", "aggregation s/round (CPU)", "aggregation ms/hospital (wall)",
-                      "aggregation ms/hospital (CPU)", "peak tree PSS MB", "peak tree RSS MB",
-                      "aggregator VmHWM MB", "processes"], rows)
+    rows = [
+        [
+            s["n"],
+            f"{s['rounds_completed']}/{s['rounds_requested']}",
+            f"{s['hospitals_ok_min']}/{s['n']}",
+            s["first_round_seconds"],
+            s["wall_s_per_round"],
+            s["aggregate_s_per_round"],
+            s["aggregate_cpu_s_per_round"],
+            s["aggregate_ms_per_hospital"],
+            s["aggregate_cpu_ms_per_hospital"],
+            s["memory"]["peak_tree_pss_mb"],
+            s["memory"]["peak_tree_rss_mb"],
+            s["memory"]["aggregator_vmhwm_mb"],
+            s["memory"]["max_processes"],
+        ]
+        for s in r["sizes"]
+    ]
+    table = md_table(
+        [
+            "hospitals N",
+            "rounds done",
+            "updates ok (min/round)",
+            "round 1 s (incl. engine start)",
+            "wall s/round",
+            "aggregation s/round (wall)",
+            "aggregation s/round (CPU)",
+            "aggregation ms/hospital (wall)",
+            "aggregation ms/hospital (CPU)",
+            "peak tree PSS MB",
+            "peak tree RSS MB",
+            "aggregator VmHWM MB",
+            "processes",
+        ],
+        rows,
+    )
 
     def exponents(name: str, key: str) -> str:
         e = g[key]
         pairs = ", ".join(f"{p['from']}->{p['to']}: {p['exponent']:.2f}" for p in e["pairwise"])
-        return f"- {name}: fitted exponent **{e['exponent']:.2f}** (log-log least squares; between neighbours {pairs or 'n/a'})"
+        return (
+            f"- {name}: fitted exponent **{e['exponent']:.2f}** (log-log least squares; between neighbours "
+            f"{pairs or 'n/a'})"
+        )
 
-    setup = (f"{c['cpus']} CPUs; {c['backbone']}; {c['per_hospital_notes']} demo notes per hospital (80/20 train/validation), "
-             f"{c['test_notes']} test notes at the aggregator; {c['rounds']} round(s); DP on; "
-             f"model {c['federation']['model']}, training {c['federation']['training']}. One fresh process per N; memory sampled "
-             f"every {c['sample_seconds']} s over that process and all its descendants (Ray daemons and actors). "
-             "Per-round figures are medians over rounds 2+ (round 1 also starts Ray and the actors); all rounds are in results.json.")
-    parts = [setup, table, "Growth with N (y ~ N^k; k = 1 is linear):", "\n".join([
-        exponents("aggregation time per round, CPU", "aggregate_cpu"),
-        exponents("aggregation time per round, wall", "aggregate_wall"),
-        exponents("wall time per round", "wall"),
-        exponents("peak memory (tree PSS)", "peak_tree_pss"),
-    ])]
+    setup = (
+        f"{c['cpus']} CPUs; {c['backbone']}; {c['per_hospital_notes']} demo notes per hospital (80/20 "
+        f"train/validation), {c['test_notes']} test notes at the aggregator; {c['rounds']} round(s); DP on; model "
+        f"{c['federation']['model']}, training {c['federation']['training']}. One fresh process per N; memory sampled "
+        f"every {c['sample_seconds']} s over that process and all its descendants (Ray daemons and actors). Per-round "
+        "figures are medians over rounds 2+ (round 1 also starts Ray and the actors); all rounds are in results.json."
+    )
+    parts = [
+        setup,
+        table,
+        "Growth with N (y ~ N^k; k = 1 is linear):",
+        "\n".join(
+            [
+                exponents("aggregation time per round, CPU", "aggregate_cpu"),
+                exponents("aggregation time per round, wall", "aggregate_wall"),
+                exponents("wall time per round", "wall"),
+                exponents("peak memory (tree PSS)", "peak_tree_pss"),
+            ]
+        ),
+    ]
     big = next((s for s in r["sizes"] if s["n"] == t["n"]), None)
-    line = f"Target: {t['n']} simulated hospitals on {c['cpus']} cores complete {t['rounds']} rounds: {_verdict(t['complete_met'])}"
+    line = (
+        f"Target: {t['n']} simulated hospitals on {c['cpus']} cores complete {t['rounds']} rounds: "
+        f"{_verdict(t['complete_met'])}"
+    )
     if t["complete_met"] is False and big is not None:
         line += f" — {_why_not_complete(big)}"
     parts.append(line + ".")
     e = g["aggregate_cpu"]["exponent"]
-    line = (f"Target: aggregation time grows linearly or better (CPU-time exponent <= {t['exponent_max']}, "
-            f"+{t['exponent_noise']} allowed for timing noise): {_verdict(t['aggregate_linear_met'])}")
+    line = (
+        f"Target: aggregation time grows linearly or better (CPU-time exponent <= {t['exponent_max']}, "
+        f"+{t['exponent_noise']} allowed for timing noise): {_verdict(t['aggregate_linear_met'])}"
+    )
     if t["aggregate_linear_met"] is False:
-        line += (f" — exponent {e:.2f}: the time per hospital rises with N. aggregate_train validates each reply "
-                 "(shapes, finiteness, update norm against the global model) and FedAvg sums the arrays, both O(N); "
-                 "superlinear growth points at per-reply work that scans all replies, or at load on the machine "
-                 "when the absolute times are milliseconds: profile aggregate_train at the largest N and re-run on an idle machine")
+        line += (
+            f" — exponent {e:.2f}: the time per hospital rises with N. aggregate_train validates each reply (shapes, "
+            "finiteness, update norm against the global model) and FedAvg sums the arrays, both O(N); superlinear "
+            "growth points at per-reply work that scans all replies, or at load on the machine when the absolute "
+            "times are milliseconds: profile aggregate_train at the largest N and re-run on an idle machine"
+        )
     parts.append(line + ".")
     errors = [f"- N={s['n']}: {s['error']}" for s in r["sizes"] if s["error"]]
     if errors:
@@ -356,20 +445,34 @@ def plot(r: dict, out: Path) -> list[str]:
     sizes = [s for s in r["sizes"] if s["rounds_completed"] > 0]
     ns = [s["n"] for s in sizes]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    series = (("wall_s_per_round", "round, wall", "#4c72b0"), ("aggregate_s_per_round", "aggregation, wall", "#c44e52"),
-              ("aggregate_cpu_s_per_round", "aggregation, CPU", "#dd8452"))
+    series = (
+        ("wall_s_per_round", "round, wall", "#4c72b0"),
+        ("aggregate_s_per_round", "aggregation, wall", "#c44e52"),
+        ("aggregate_cpu_s_per_round", "aggregation, CPU", "#dd8452"),
+    )
     for key, label, colour in series:
         ys = [s[key] for s in sizes]
         ax1.plot(ns, ys, "o-", color=colour, label=label)
         if ns:  # a slope-1 line through the first point: linear growth for comparison
-            ax1.plot(ns, [ys[0] * n / ns[0] for n in ns], ":", color=colour, alpha=0.6, label=f"{label}: linear from N={ns[0]}")
+            ax1.plot(
+                ns,
+                [ys[0] * n / ns[0] for n in ns],
+                ":",
+                color=colour,
+                alpha=0.6,
+                label=f"{label}: linear from N={ns[0]}",
+            )
     ax1.set_xscale("log")
     ax1.set_yscale("log")
     ax1.set_xlabel("simulated hospitals N (log)")
     ax1.set_ylabel("seconds per round (log)")
     ax1.set_title("time per round vs N")
     ax1.legend(fontsize=8)
-    for key, label in (("peak_tree_pss_mb", "process tree, sum of PSS"), ("peak_tree_rss_mb", "process tree, sum of RSS"), ("aggregator_vmhwm_mb", "aggregator process (VmHWM)")):
+    for key, label in (
+        ("peak_tree_pss_mb", "process tree, sum of PSS"),
+        ("peak_tree_rss_mb", "process tree, sum of RSS"),
+        ("aggregator_vmhwm_mb", "aggregator process (VmHWM)"),
+    ):
         ax2.plot(ns, [s["memory"][key] for s in sizes], "o-", label=label)
     ax2.set_xscale("log")
     ax2.set_xlabel("simulated hospitals N (log)")

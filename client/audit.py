@@ -157,7 +157,9 @@ def canary_capacity(hidden: int, num_labels: int) -> int:
     return max(0, int((hidden - num_labels) * MAX_DIRECTION_SHARE))
 
 
-def make_canaries(features: torch.Tensor, head_weight: torch.Tensor, m: int, generator: torch.Generator, norm: float = CANARY_NORM) -> Canaries:
+def make_canaries(
+    features: torch.Tensor, head_weight: torch.Tensor, m: int, generator: torch.Generator, norm: float = CANARY_NORM
+) -> Canaries:
     """m canaries on orthonormal directions where the site's `features` (n, hidden) have the least
     energy, orthogonal to the initial head's rows (so the initial head is uniform on them), each
     with a random label."""
@@ -240,8 +242,14 @@ class AuditRun:
 
 def _settings(recipe: Recipe, run: str) -> TrainSettings:
     base = TrainSettings(
-        epochs=recipe.local_epochs, batch_size=None, sample_rate=recipe.sample_rate, lr=recipe.lr, optimizer=recipe.optimizer,
-        max_physical_batch_size=HEAD_PHYSICAL_BATCH, noise_multiplier=recipe.noise_multiplier, max_grad_norm=recipe.max_grad_norm,
+        epochs=recipe.local_epochs,
+        batch_size=None,
+        sample_rate=recipe.sample_rate,
+        lr=recipe.lr,
+        optimizer=recipe.optimizer,
+        max_physical_batch_size=HEAD_PHYSICAL_BATCH,
+        noise_multiplier=recipe.noise_multiplier,
+        max_grad_norm=recipe.max_grad_norm,
         proximal_mu=recipe.proximal_mu,
     )
     if run == NO_DP:
@@ -273,7 +281,9 @@ def audit_run(
     m = len(canaries)
     included = torch.rand(m, generator=generator) < 0.5
     feats, labels = records.tensors
-    data = TensorDataset(torch.cat([feats.float(), canaries.features[included]]), torch.cat([labels.long(), canaries.labels[included]]))
+    data = TensorDataset(
+        torch.cat([feats.float(), canaries.features[included]]), torch.cat([labels.long(), canaries.labels[included]])
+    )
     weight = head_state["weight"]
     head = torch.nn.Linear(weight.shape[1], weight.shape[0])
     with torch.no_grad():
@@ -307,16 +317,22 @@ def audit_run(
     )
 
 
-def verdict(accounted: float, private: float, controls: dict[str, float], margin: float = CLEAR_MARGIN) -> tuple[bool, list[str]]:
+def verdict(
+    accounted: float, private: float, controls: dict[str, float], margin: float = CLEAR_MARGIN
+) -> tuple[bool, list[str]]:
     """(passed, reasons it failed)."""
     reasons = []
     if private > accounted:
-        reasons.append(f"the private run's lower bound {private:.3f} exceeds the accounted epsilon {accounted:.3f}: "
-                       "the training leaks more than it is charged for")
+        reasons.append(
+            f"the private run's lower bound {private:.3f} exceeds the accounted epsilon {accounted:.3f}: "
+            "the training leaks more than it is charged for"
+        )
     for name, bound in controls.items():
         if bound < private + margin:
-            reasons.append(f"control {name} ({bound:.3f}) is not clearly above the private run ({private:.3f} + {margin:g}): "
-                           "the private run leaks about as much as a broken one, or the audit lacks power")
+            reasons.append(
+                f"control {name} ({bound:.3f}) is not clearly above the private run ({private:.3f} + {margin:g}): "
+                "the private run leaks about as much as a broken one, or the audit lacks power"
+            )
     return not reasons, reasons
 
 
@@ -382,17 +398,29 @@ def resolve_canaries(canaries: int | None, hidden: int, num_labels: int) -> int:
     if canaries is None:
         canaries = min(DEFAULT_CANARIES, capacity)
         if canaries < MIN_CANARIES:
-            raise InputError.at("--canaries", f"this backbone ({hidden} features, {num_labels} labels) leaves room for {capacity} canaries; "
-                                f"the audit needs at least {MIN_CANARIES}")
+            raise InputError.at(
+                "--canaries",
+                f"this backbone ({hidden} features, {num_labels} labels) leaves room for {capacity} canaries; "
+                f"the audit needs at least {MIN_CANARIES}",
+            )
     elif canaries < MIN_CANARIES:
         raise InputError.at("--canaries", f"expected at least {MIN_CANARIES} canaries, got {canaries}")
     elif canaries > capacity:
-        raise InputError.at("--canaries", f"{canaries} canaries do not fit this backbone ({hidden} features, {num_labels} labels): at most {capacity}")
+        raise InputError.at(
+            "--canaries",
+            f"{canaries} canaries do not fit this backbone ({hidden} features, {num_labels} labels): at most "
+            f"{capacity}",
+        )
     return canaries
 
 
-def prepare_site(site_path: str | Path, *, federation_path: str | Path | None = None, epsilon: float | None = None,
-                 canaries: int | None = None) -> SiteAuditInputs:
+def prepare_site(
+    site_path: str | Path,
+    *,
+    federation_path: str | Path | None = None,
+    epsilon: float | None = None,
+    canaries: int | None = None,
+) -> SiteAuditInputs:
     """Load the site's records and backbone, build the round-0 model and its frozen features, and
     calibrate sigma as the site would for a run. Reads files only; writes none."""
     from fedprompt.common.backbone import load_backbone
@@ -419,14 +447,24 @@ def prepare_site(site_path: str | Path, *, federation_path: str | Path | None = 
         if not Path(federation_path).is_file():
             raise InputError.at(federation_path, "federation file not found")
         fed = FederationConfig.load(federation_path)
-        records = load_records(site.train, text_field=site.text_field, label_field=site.label_field, labels=fed.label_names)
+        records = load_records(
+            site.train, text_field=site.text_field, label_field=site.label_field, labels=fed.label_names
+        )
     else:  # the federation's defaults over the label space the site's records hold
         records, labels = load_labelled(site.train, text_field=site.text_field, label_field=site.label_field)
         if len(labels) < 2:
-            raise InputError.at(site.train, f"only one label ({labels[0]!r}): pass --federation for the label space", field=site.label_field)
-        fed = FederationConfig(name="audit", labels=labels)
+            raise InputError.at(
+                site.train,
+                f"only one label ({labels[0]!r}): pass --federation for the label space",
+                field=site.label_field,
+            )
+        fed = FederationConfig(name="audit", labels=list(labels))
     if fed.training.train_prompt:
-        raise InputError.at(fed.source or "federation.yaml", "the audit covers the head-only recipe (train_prompt: false)", field="training.train_prompt")
+        raise InputError.at(
+            fed.source or "federation.yaml",
+            "the audit covers the head-only recipe (train_prompt: false)",
+            field="training.train_prompt",
+        )
     if epsilon is not None:
         fed = fed.replaced(privacy=fed.privacy.replaced(target_epsilon=epsilon, origin="--epsilon"))
     backbone = load_backbone(site.backbone)
@@ -436,9 +474,15 @@ def prepare_site(site_path: str | Path, *, federation_path: str | Path | None = 
     t = time.perf_counter()
     config = prompt_config(fed, backbone)
     if fed.model.backbone_fingerprint and fed.model.backbone_fingerprint != backbone.fingerprint:
-        raise InputError.at(fed.source or "federation.yaml", f"pinned backbone {fed.model.backbone_fingerprint[:16]}... but this site's is "
-                            f"{backbone.fingerprint[:16]}...", field="model.backbone_fingerprint")
-    state = initial_global_state(backbone, config, label_texts=fed.label_texts, head_init=fed.model.head_init, logit_scale=fed.model.logit_scale)
+        raise InputError.at(
+            fed.source or "federation.yaml",
+            f"pinned backbone {fed.model.backbone_fingerprint[:16]}... but this site's is "
+            f"{backbone.fingerprint[:16]}...",
+            field="model.backbone_fingerprint",
+        )
+    state = initial_global_state(
+        backbone, config, label_texts=fed.label_texts, head_init=fed.model.head_init, logit_scale=fed.model.logit_scale
+    )
     device = resolve_device(site.device)
     model = build_model(backbone, config, state)
     encoded = encode(backbone.tokenizer, records.texts, records.labels, config.max_length)
@@ -455,9 +499,19 @@ def prepare_site(site_path: str | Path, *, federation_path: str | Path | None = 
         accounted = compute_epsilon(site.privacy.accountant, [(sigma, q, steps * plan.total_rounds)], delta)
     timings["calibration"] = time.perf_counter() - t
     recipe = Recipe(
-        rounds=plan.total_rounds, local_epochs=plan.local_epochs, sample_rate=q, steps_per_round=steps, lr=plan.lr, optimizer=plan.optimizer,
-        max_grad_norm=plan.max_grad_norm, proximal_mu=plan.proximal_mu, noise_multiplier=sigma, delta=delta,
-        accountant=site.privacy.accountant, target_epsilon=noise.calibration.target_epsilon, accounted_epsilon=accounted,
+        rounds=plan.total_rounds,
+        local_epochs=plan.local_epochs,
+        sample_rate=q,
+        steps_per_round=steps,
+        lr=plan.lr,
+        optimizer=plan.optimizer,
+        max_grad_norm=plan.max_grad_norm,
+        proximal_mu=plan.proximal_mu,
+        noise_multiplier=sigma,
+        delta=delta,
+        accountant=site.privacy.accountant,
+        target_epsilon=noise.calibration.target_epsilon,
+        accounted_epsilon=accounted,
     )
     head = {"weight": state[HEAD_WEIGHT_KEY], "bias": state[HEAD_BIAS_KEY]}
     return SiteAuditInputs(site.hospital_id, fed.label_names, feats, head, recipe, device, canaries, timings)
@@ -474,6 +528,8 @@ def audit_site(
     """The whole audit at one site (see the module docstring). JSON-safe report."""
     inputs = prepare_site(site_path, federation_path=federation_path, epsilon=epsilon, canaries=canaries)
     t = time.perf_counter()
-    report = run_audit(inputs.records, inputs.head_state, inputs.recipe, canaries=inputs.canaries, seed=seed, device=inputs.device)
+    report = run_audit(
+        inputs.records, inputs.head_state, inputs.recipe, canaries=inputs.canaries, seed=seed, device=inputs.device
+    )
     inputs.timings["audit"] = time.perf_counter() - t
     return {"hospital_id": inputs.hospital_id, "labels": inputs.labels, **report, "seconds": inputs.timings}

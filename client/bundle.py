@@ -39,7 +39,10 @@ def untrusted_reason(content: bytes, trusted_sha256: frozenset[str] | set[str] =
         names = archive.namelist()
         others = sorted(n for n in names if n != "pyproject.toml" and not n.startswith(MANIFEST_DIR))
         if others:
-            return f"bundle {digest[:16]}... carries files of its own ({', '.join(others[:5])}); only pyproject.toml is accepted"
+            return (
+                f"bundle {digest[:16]}... carries files of its own ({', '.join(others[:5])}); only pyproject.toml is "
+                "accepted"
+            )
         if "pyproject.toml" not in names:
             return f"bundle {digest[:16]}... has no pyproject.toml"
         config = tomllib.loads(archive.read("pyproject.toml").decode("utf-8"))

@@ -29,7 +29,7 @@ from flwr.app import Context, Message, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
 from fedprompt.common.logs import ensure_handler  # noqa: E402
-from fedprompt.common.wire import MAX_HOSPITAL_ID, refusal  # noqa: E402
+from fedprompt.common.wire import MAX_HOSPITAL_ID, refusal, round_of  # noqa: E402
 
 from .hospital import evaluate_round, train_round  # noqa: E402
 from .workspace import list_hospitals  # noqa: E402
@@ -64,12 +64,25 @@ def process_start_time() -> float | None:
 
 def _log_timing(kind: str, msg: Message, site: Path, start: float, timings: dict[str, float]) -> None:
     config = msg.content.config_records.get("config")
-    log.info("%s %s", TIMING_TAG, json.dumps({
-        "type": kind, "site": site.parent.name, "round": int(config.get("fp.round", 0)) if config is not None else 0,
-        "pid": os.getpid(), "sent": msg.metadata.created_at, "process_start": process_start_time(),
-        "import_start": _IMPORT_START, "import_end": _IMPORT_END, "handler_start": start, "handler_end": time.time(),
-        "phases": {k: round(v, 4) for k, v in timings.items()},
-    }))
+    log.info(
+        "%s %s",
+        TIMING_TAG,
+        json.dumps(
+            {
+                "type": kind,
+                "site": site.parent.name,
+                "round": round_of(config),
+                "pid": os.getpid(),
+                "sent": msg.metadata.created_at,
+                "process_start": process_start_time(),
+                "import_start": _IMPORT_START,
+                "import_end": _IMPORT_END,
+                "handler_start": start,
+                "handler_end": time.time(),
+                "phases": {k: round(v, 4) for k, v in timings.items()},
+            }
+        ),
+    )
 
 
 def _fallback_id(site: Path | None, context: Context) -> str:
@@ -93,7 +106,9 @@ def answer(kind: str, content: RecordDict, site: Path, *, run_id: str = "") -> t
         return handler(content, site, run_id=run_id, timings=timings), timings
     except Exception:  # noqa: BLE001 - whatever it is, its text must not leave the site
         fallback = site.parent.name if 0 < len(site.parent.name) <= MAX_HOSPITAL_ID else "unknown"
-        log.exception("%s: %s message failed; replying with an 'internal' refusal (details only in this log)", fallback, kind)
+        log.exception(
+            "%s: %s message failed; replying with an 'internal' refusal (details only in this log)", fallback, kind
+        )
         return refusal(fallback, "internal"), timings
 
 
@@ -111,7 +126,11 @@ def make_client_app(site_paths: list[Path] | None = None, torch_threads: int | N
             setup()
             site = site_path(context, site_paths)
         except Exception:  # noqa: BLE001 - as in answer(): the text stays here
-            log.exception("%s: %s message failed; replying with an 'internal' refusal (details only in this log)", _fallback_id(site, context), kind)
+            log.exception(
+                "%s: %s message failed; replying with an 'internal' refusal (details only in this log)",
+                _fallback_id(site, context),
+                kind,
+            )
             return Message(content=refusal(_fallback_id(site, context), "internal"), reply_to=msg)
         start = time.time()
         content, timings = answer(kind, msg.content, site, run_id=str(msg.metadata.run_id))

@@ -25,7 +25,11 @@ MODELS = ("zero_shot", "alone", "federated", "personalized")
 
 
 def compare_site(
-    site: SiteConfig, backbone: Backbone, config: PromptConfig, initial: Mapping[str, torch.Tensor], final: Mapping[str, torch.Tensor]
+    site: SiteConfig,
+    backbone: Backbone,
+    config: PromptConfig,
+    initial: Mapping[str, torch.Tensor],
+    final: Mapping[str, torch.Tensor],
 ) -> dict | None:
     """Accuracy and macro-F1 of each of MODELS on the site's local test split (None: the site has none)."""
     if site.test is None:
@@ -35,14 +39,18 @@ def compare_site(
         if path is None:
             return None
         r = load_records(path, text_field=site.text_field, label_field=site.label_field, labels=config.labels)
-        return cached_features(build_model(backbone, config, state), encode(backbone.tokenizer, r.texts, r.labels, config.max_length).dataset)
+        return cached_features(
+            build_model(backbone, config, state),
+            encode(backbone.tokenizer, r.texts, r.labels, config.max_length).dataset,
+        )
 
     n = config.num_labels
     train, val, test = (split(p, final) for p in (site.train, site.validation, site.test))
     personal = personalize_features(final, config, train, val)
     alone, _ = own_model_features(train, n, val)
     found = {
-        "zero_shot": scores(Head.of(initial), split(site.test, initial), n),  # its features come with the initial prompt
+        # its features come with the initial prompt
+        "zero_shot": scores(Head.of(initial), split(site.test, initial), n),
         "alone": scores(alone, test, n),
         "federated": scores(Head.of(final), test, n),
         "personalized": scores(Head.of(personal.state), test, n),

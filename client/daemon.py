@@ -48,8 +48,16 @@ def write_secret(folder: Path) -> Path:
     return path
 
 
-def run(*, supernode_argv: list[str], runtime_port: int, site: Path, hospital_id: str, trusted_apps: frozenset[str],
-        state_dir: Path, env: dict[str, str]) -> int:
+def run(
+    *,
+    supernode_argv: list[str],
+    runtime_port: int,
+    site: Path,
+    hospital_id: str,
+    trusted_apps: frozenset[str],
+    state_dir: Path,
+    env: dict[str, str],
+) -> int:
     logging.getLogger("flwr").propagate = False  # Flower prints its own records: once is enough
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per task poll otherwise (20 a second)
     secret_path = write_secret(state_dir)

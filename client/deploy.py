@@ -36,9 +36,15 @@ def check_hospital(site_path: Path, key: Path, root_certificates: Path) -> Hospi
         problems += exc.problems
     if site is not None:
         if not site.ledger.is_file():
-            problems.append(Problem(str(site.ledger), None, "ledger",
-                                    f"privacy ledger not found: create it once with `fedprompt privacy init --site {site_path}` "
-                                    "(never re-create a lost ledger on a site that has trained: restore it from backup)"))
+            problems.append(
+                Problem(
+                    str(site.ledger),
+                    None,
+                    "ledger",
+                    f"privacy ledger not found: create it once with `fedprompt privacy init --site {site_path}` "
+                    "(never re-create a lost ledger on a site that has trained: restore it from backup)",
+                )
+            )
         else:
             try:
                 PrivacyLedger.for_site(site)
@@ -51,7 +57,9 @@ def check_hospital(site_path: Path, key: Path, root_certificates: Path) -> Hospi
             if p is not None and not Path(p).is_file():
                 problems.append(Problem(str(site_path), None, name, f"record file {p} not found"))
         if site.backbone is not None and not (Path(site.backbone) / "config.json").is_file():
-            problems.append(Problem(str(site_path), None, "backbone", f"{site.backbone} is not a model directory (no config.json)"))
+            problems.append(
+                Problem(str(site_path), None, "backbone", f"{site.backbone} is not a model directory (no config.json)")
+            )
     for check in (lambda: check_hospital_key(key), lambda: load_cert(root_certificates)):
         try:
             check()
@@ -64,18 +72,37 @@ def check_hospital(site_path: Path, key: Path, root_certificates: Path) -> Hospi
 
 
 def supernode_argv(
-    *, superlink: str, root_certificates: Path, key: Path, site_path: Path, runtime_host: str = "127.0.0.1", runtime_port: int = 9094,
-    max_retries: int | None = None, max_wait_time: float | None = None, isolation: str = "subprocess", trusted_entities: Path | None = None,
+    *,
+    superlink: str,
+    root_certificates: Path,
+    key: Path,
+    site_path: Path,
+    runtime_host: str = "127.0.0.1",
+    runtime_port: int = 9094,
+    max_retries: int | None = None,
+    max_wait_time: float | None = None,
+    isolation: str = "subprocess",
+    trusted_entities: Path | None = None,
 ) -> list[str]:
     argv = [
-        sys.executable, "-P", "-m", "fedprompt.client.supernode_main",  # flower-supernode, idle poll 1 s (not 3 s)
-        "--superlink", superlink,
-        "--root-certificates", str(Path(root_certificates).resolve()),
-        "--auth-supernode-private-key", str(Path(key).resolve()),
-        "--node-config", f"site-config={toml_str(str(Path(site_path).resolve()), '--site')}",
-        "--isolation", isolation,
-        "--host", runtime_host,
-        "--port", str(runtime_port),
+        sys.executable,
+        "-P",
+        "-m",
+        "fedprompt.client.supernode_main",  # flower-supernode, idle poll 1 s (not 3 s)
+        "--superlink",
+        superlink,
+        "--root-certificates",
+        str(Path(root_certificates).resolve()),
+        "--auth-supernode-private-key",
+        str(Path(key).resolve()),
+        "--node-config",
+        f"site-config={toml_str(str(Path(site_path).resolve()), '--site')}",
+        "--isolation",
+        isolation,
+        "--host",
+        runtime_host,
+        "--port",
+        str(runtime_port),
     ]
     if max_retries is not None:
         argv += ["--max-retries", str(max_retries)]

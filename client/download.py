@@ -80,7 +80,14 @@ def download_medical_abstracts(out_dir: str | Path, *, source: str = DEFAULT_SOU
         if target.exists():
             digest = _sha256(target)
             if expected and digest != expected:
-                problems.append(Problem(str(target), None, None, f"existing file has sha256 {digest}, expected {expected}; remove it and download again"))
+                problems.append(
+                    Problem(
+                        str(target),
+                        None,
+                        None,
+                        f"existing file has sha256 {digest}, expected {expected}; remove it and download again",
+                    )
+                )
             results.append(Fetched(name, "kept", digest))
             continue
         try:
@@ -89,7 +96,14 @@ def download_medical_abstracts(out_dir: str | Path, *, source: str = DEFAULT_SOU
                 if expected and digest != expected:
                     raise _Mismatch
         except _Mismatch:
-            problems.append(Problem(base + name, None, None, f"sha256 mismatch: got {digest}, expected {expected}; the file was not saved"))
+            problems.append(
+                Problem(
+                    base + name,
+                    None,
+                    None,
+                    f"sha256 mismatch: got {digest}, expected {expected}; the file was not saved",
+                )
+            )
             results.append(Fetched(name, "missing", digest, "sha256 mismatch"))
             continue
         except (urllib.error.URLError, OSError) as exc:

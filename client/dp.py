@@ -12,6 +12,7 @@ import functools
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from opacus import GradSampleModule
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer
-from torch.utils.data import Dataset
+from torch.utils.data import TensorDataset
 
 import fedprompt.common.grad_samplers  # noqa: F401  (registers the SoftPrompt sampler)
 
@@ -54,7 +55,9 @@ def plan_steps(num_examples: int, batch_size: int | None, epochs: int, sample_ra
 
 
 @functools.lru_cache(maxsize=64)
-def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv") -> float:
+def calibrate_noise(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv"
+) -> float:
     """Noise multiplier that spends `target_epsilon` over `steps` steps (calibrated once per run)."""
     return float(
         get_noise_multiplier(
@@ -110,7 +113,7 @@ class NoiseMemo:
             pass
 
 
-def check_per_sample_shapes(params: list[torch.nn.Parameter], batch_size: int) -> None:
+def check_per_sample_shapes(params: Sequence[torch.Tensor], batch_size: int) -> None:
     """Raise unless every trainable parameter holds exactly one gradient row per sample."""
     for p in params:
         gs = getattr(p, "grad_sample", None)
@@ -128,7 +131,8 @@ def check_per_sample_shapes(params: list[torch.nn.Parameter], batch_size: int) -
 def noise_only_step(optimizer: DPOptimizer, params: list[torch.nn.Parameter]) -> None:
     """An empty Poisson batch still is a DP step: clip nothing, add noise, and count it."""
     for p in params:
-        p.grad_sample = torch.zeros(0, *p.shape, device=p.device, dtype=p.dtype)
+        # Opacus' per-sample gradient attribute, unknown to torch's types
+        p.grad_sample = torch.zeros(0, *p.shape, device=p.device, dtype=p.dtype)  # type: ignore[attr-defined]
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -136,7 +140,7 @@ def noise_only_step(optimizer: DPOptimizer, params: list[torch.nn.Parameter]) ->
 def wrap_private(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    dataset: Dataset,
+    dataset: TensorDataset,
     *,
     sample_rate: float,
     noise_multiplier: float,
@@ -156,6 +160,8 @@ def wrap_private(
         generator=noise_generator if noise_generator is not None else entropy_generator(device),
     )
     loader = DPDataLoader(
-        dataset, sample_rate=sample_rate, generator=sample_generator if sample_generator is not None else entropy_generator()
+        dataset,
+        sample_rate=sample_rate,
+        generator=sample_generator if sample_generator is not None else entropy_generator(),
     )
     return gsm, dp_opt, loader

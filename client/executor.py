@@ -35,28 +35,29 @@ import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from flwr.app import Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.common.constant import SubStatus
-from flwr.proto.runtime_pb2 import AcquireTaskRequest
-from flwr.supercore.constant import TaskType
-from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-from flwr.supercore.interceptors.http.superexec_auth import SuperExecAuthHttpInterceptor
-from flwr.supercore.retry import make_simple_http_retry_invoker
-from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
 from flwr.proto.node_pb2 import Node
-from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest
+from flwr.proto.runtime_pb2 import AcquireTaskRequest, PullAppMessagesRequest, PullTaskInputRequest
+from flwr.supercore.constant import TaskType
+from flwr.supercore.fab import Fab
+from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
 from flwr.supercore.inflatable.inflatable_protobuf_utils import (
     make_confirm_message_received_fn_protobuf,
     make_pull_object_fn_protobuf,
 )
 from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+from flwr.supercore.interceptors.http.superexec_auth import SuperExecAuthHttpInterceptor
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.run import Run
+from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 from fedprompt.common.flower_polling import BACKOFF_CAP_S, INITIAL_BACKOFF_S
-from fedprompt.common.wire import refusal
+from fedprompt.common.wire import refusal, round_of
 
 from .bundle import untrusted_reason
 from .worker import decode_content, encode_content
@@ -70,7 +71,7 @@ DEADLINE_MARGIN_S = 10.0  # refuse this long before the aggregator stops waiting
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, object, object, object]:
+def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run, Fab]:
     """The task's message, context, run and bundle, as flwr-clientapp pulls them (same Runtime
     API calls), with a short backoff for message objects still arriving at the SuperNode: it
     creates the task before it has fetched them from the aggregator (common/flower_polling.py)."""
@@ -82,9 +83,12 @@ def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, object, object,
         raise RuntimeError("the SuperNode's Runtime API returned no message for this task")
     tree, node = pulled.message_object_trees[0], Node(node_id=context.node_id)
     message = pull_and_inflate_object_from_tree(
-        tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        tree,
+        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
         make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
-        return_type=Message, initial_backoff=INITIAL_BACKOFF_S, backoff_cap=BACKOFF_CAP_S,
+        return_type=Message,
+        initial_backoff=INITIAL_BACKOFF_S,
+        backoff_cap=BACKOFF_CAP_S,
     )
     message.metadata.__dict__["_message_id"] = tree.object_id  # a deflated message does not carry its own id
     return message, context, run, fab
@@ -118,8 +122,19 @@ class WorkerHandle:
     def start(self) -> None:
         ours, theirs = socket.socketpair()
         self.proc = subprocess.Popen(
-            [sys.executable, "-P", "-m", "fedprompt.client.worker", "--site", str(self.site), "--fd", str(theirs.fileno())],
-            pass_fds=(theirs.fileno(),), env=self.env, preexec_fn=die_with_parent,
+            [
+                sys.executable,
+                "-P",
+                "-m",
+                "fedprompt.client.worker",
+                "--site",
+                str(self.site),
+                "--fd",
+                str(theirs.fileno()),
+            ],
+            pass_fds=(theirs.fileno(),),
+            env=self.env,
+            preexec_fn=die_with_parent,
         )
         theirs.close()
         self.conn = Connection(ours.detach())
@@ -210,8 +225,15 @@ def _deadline(content: RecordDict, received: float) -> float:
 class Executor:
     """Serves one SuperNode's tasks, one at a time (the SuperNode hands out one message at a time)."""
 
-    def __init__(self, runtime_address: str, secret: bytes, site: Path, hospital_id: str, trusted_apps: frozenset[str],
-                 worker: WorkerHandle):
+    def __init__(
+        self,
+        runtime_address: str,
+        secret: bytes,
+        site: Path,
+        hospital_id: str,
+        trusted_apps: frozenset[str],
+        worker: WorkerHandle,
+    ):
         self.address = runtime_address
         self.secret = secret
         self.site = site
@@ -223,7 +245,9 @@ class Executor:
 
     def _client(self, *extra) -> RuntimeHttpClient:
         return RuntimeHttpClient.from_server_address(
-            server_address=self.address, insecure=True, root_certificates=None,
+            server_address=self.address,
+            insecure=True,
+            root_certificates=None,
             interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), *extra],
             retry_invoker=make_simple_http_retry_invoker(),
         )
@@ -233,15 +257,23 @@ class Executor:
         once = make_simple_http_retry_invoker()
         once.max_tries = 1  # a failed poll (the SuperNode starting or restarting) is simply tried again below
         client = RuntimeHttpClient.from_server_address(
-            server_address=self.address, insecure=True, root_certificates=None,
-            interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec"),
-                          SuperExecAuthHttpInterceptor(master_secret=self.secret, protected_methods={"/flwr.proto.Runtime/AcquireTask"})],
+            server_address=self.address,
+            insecure=True,
+            root_certificates=None,
+            interceptors=[
+                RuntimeVersionHttpInterceptor(component_name="SuperExec"),
+                SuperExecAuthHttpInterceptor(
+                    master_secret=self.secret, protected_methods={"/flwr.proto.Runtime/AcquireTask"}
+                ),
+            ],
             retry_invoker=once,
         )
         try:
             while not self.stopping.is_set():
                 try:
-                    res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP], agentapp_fab_hashes=[]))
+                    res = client.AcquireTask(
+                        AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP], agentapp_fab_hashes=[])
+                    )
                 except Exception as exc:  # noqa: BLE001 - the SuperNode is starting or restarting: try again
                     log.debug("AcquireTask failed: %r", exc)
                     self.stopping.wait(1.0)
@@ -286,10 +318,14 @@ class Executor:
             log.warning("%s refuses the message [untrusted app]: %s; nothing of it runs here", self.hospital_id, reason)
             return refusal(self.hospital_id, "untrusted app"), {}
         if kind not in ("train", "evaluate"):
-            log.warning("%s refuses a %r message [configuration]: only train and evaluate are served", self.hospital_id, kind)
+            log.warning(
+                "%s refuses a %r message [configuration]: only train and evaluate are served", self.hospital_id, kind
+            )
             return refusal(self.hospital_id, "configuration"), {}
         try:
-            return self.worker.call(kind, str(message.metadata.run_id), message.content, _deadline(message.content, pulled))
+            return self.worker.call(
+                kind, str(message.metadata.run_id), message.content, _deadline(message.content, pulled)
+            )
         except WorkerUnavailable as exc:
             log.warning("%s refuses the %s message [worker unavailable]: the worker %s", self.hospital_id, kind, exc)
             return refusal(self.hospital_id, "worker unavailable"), {}
@@ -297,9 +333,22 @@ class Executor:
     def _log_timing(self, kind: str, message: Message, acquired: float, pulled: float, timing: dict) -> None:
         """One line per message in the site's log (benchmarks/round.py): never sent anywhere."""
         config = message.content.config_records.get("config")
-        log.info("%s %s", TIMING_TAG, json.dumps({
-            "type": kind, "site": self.hospital_id, "round": int(config.get("fp.round", 0)) if config is not None else 0,
-            "pid": os.getpid(), "sent": message.metadata.created_at, "acquired": acquired, "pulled": pulled,
-            "handler_start": timing.get("handler_start", pulled), "handler_end": timing.get("handler_end", pulled),
-            "pushed": time.time(), "phases": {k: round(v, 4) for k, v in timing.get("phases", {}).items()},
-        }))
+        log.info(
+            "%s %s",
+            TIMING_TAG,
+            json.dumps(
+                {
+                    "type": kind,
+                    "site": self.hospital_id,
+                    "round": round_of(config),
+                    "pid": os.getpid(),
+                    "sent": message.metadata.created_at,
+                    "acquired": acquired,
+                    "pulled": pulled,
+                    "handler_start": timing.get("handler_start", pulled),
+                    "handler_end": timing.get("handler_end", pulled),
+                    "pushed": time.time(),
+                    "phases": {k: round(v, 4) for k, v in timing.get("phases", {}).items()},
+                }
+            ),
+        )

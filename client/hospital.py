@@ -61,15 +61,29 @@ _ENCODED: dict[tuple, tuple[Records, Encoded]] = {}
 _ENCODED_MAX = 4  # train + validation of the current run, and the previous run's
 
 
-def encoded_records(path: Path, sha256: str, site: SiteConfig, plan: RoundPlan, backbone: Backbone, *,
-                    patients: bool = False) -> tuple[Records, Encoded]:
+def encoded_records(
+    path: Path, sha256: str, site: SiteConfig, plan: RoundPlan, backbone: Backbone, *, patients: bool = False
+) -> tuple[Records, Encoded]:
     """The records file read, validated and tokenised once per content: keyed by its sha256, so a
     changed file is read and validated again; a long-lived process (the warm worker) pays once."""
-    key = (str(path), sha256, site.text_field, site.label_field, site.patient_field if patients else None,
-           tuple(plan.labels), plan.max_length, backbone.fingerprint)
+    key = (
+        str(path),
+        sha256,
+        site.text_field,
+        site.label_field,
+        site.patient_field if patients else None,
+        tuple(plan.labels),
+        plan.max_length,
+        backbone.fingerprint,
+    )
     if key not in _ENCODED:
-        records = load_records(path, text_field=site.text_field, label_field=site.label_field, labels=plan.labels,
-                               patient_field=site.patient_field if patients else None)
+        records = load_records(
+            path,
+            text_field=site.text_field,
+            label_field=site.label_field,
+            labels=plan.labels,
+            patient_field=site.patient_field if patients else None,
+        )
         if len(_ENCODED) >= _ENCODED_MAX:
             _ENCODED.pop(next(iter(_ENCODED)))
         _ENCODED[key] = records, encode(backbone.tokenizer, records.texts, records.labels, plan.max_length)
@@ -88,9 +102,10 @@ class Refused(Exception):
 @contextmanager
 def _refuse_as(category: str, *also: type[Exception]) -> Iterator[None]:
     """Bad input in the block (InputError: file, line, field; or the `also` types) refuses the round in `category`."""
+    refused: tuple[type[Exception], ...] = (InputError, *also)
     try:
         yield
-    except (InputError, *also) as exc:
+    except refused as exc:
         raise Refused(str(exc), category) from exc
 
 
@@ -113,17 +128,19 @@ def _timed(timings: dict[str, float] | None, phase: str) -> Iterator[None]:
             timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - t0
 
 
-def _prepare(content: RecordDict, site_path: Path, timings: dict[str, float] | None = None) -> tuple[SiteConfig, RoundPlan, Backbone]:
+def _prepare(
+    content: RecordDict, site_path: Path, timings: dict[str, float] | None = None
+) -> tuple[SiteConfig, RoundPlan, Backbone]:
     with _refuse_as("configuration"):
         site = SiteConfig.load(site_path)
     with _refuse_as("configuration", KeyError, TypeError, ValueError):  # the aggregator's round plan
-        plan = RoundPlan.from_config_record(content["config"])
+        plan = RoundPlan.from_config_record(content.config_records["config"])
     with _timed(timings, "backbone"), _refuse_as("backbone"):  # load + fingerprint, once per process
         backbone = cached_backbone(str(site.backbone) if site.backbone else None)
     if backbone.fingerprint != plan.backbone_fingerprint:
         raise Refused(
-            f"backbone mismatch: the federation uses {plan.backbone_fingerprint[:16]}..., "
-            f"this site's backbone is {backbone.fingerprint[:16]}... (at {backbone.path}); install the federation's backbone",
+            f"backbone mismatch: the federation uses {plan.backbone_fingerprint[:16]}..., this site's backbone is "
+            f"{backbone.fingerprint[:16]}... (at {backbone.path}); install the federation's backbone",
             "backbone",
         )
     return site, plan, backbone
@@ -133,12 +150,22 @@ def check_plan(site: SiteConfig, plan: RoundPlan) -> None:
     """Refusals decided by site.yaml and the aggregator's plan alone, before any record is read
     (Refused); train_round and `fedprompt plan` ask the same."""
     if site.patient_field is not None and plan.train_prompt:
-        raise Refused(f"{site.source}: patient_field: patient-level DP is supported for the head-only recipe "
-                      "(train_prompt: false) only; the federation trains the prompt", "configuration")
+        raise Refused(
+            f"{site.source}: patient_field: patient-level DP is supported for the head-only recipe "
+            "(train_prompt: false) only; the federation trains the prompt",
+            "configuration",
+        )
     if not plan.private and not site.allow_non_private:
-        raise Refused("the aggregator asked for NON-PRIVATE training and this site does not allow it (allow_non_private: false)", "non-private refused")
-    if plan.private and 0 < plan.delta < site.privacy.delta:  # the ledger accounts at the site's delta (PrivacyLedger.for_site)
-        raise Refused(f"the federation asks for delta {plan.delta:g}, below this site's ledger delta {site.privacy.delta:g}")
+        raise Refused(
+            "the aggregator asked for NON-PRIVATE training and this site does not allow it (allow_non_private: false)",
+            "non-private refused",
+        )
+    if (
+        plan.private and 0 < plan.delta < site.privacy.delta
+    ):  # the ledger accounts at the site's delta (PrivacyLedger.for_site)
+        raise Refused(
+            f"the federation asks for delta {plan.delta:g}, below this site's ledger delta {site.privacy.delta:g}"
+        )
 
 
 def dp_units(records: Records) -> int:
@@ -176,19 +203,30 @@ def site_noise(site: SiteConfig, plan: RoundPlan, sample_rate: float, steps_per_
 
 
 def _noise_memo(site: SiteConfig) -> NoiseMemo:
-    return NoiseMemo(site.ledger.with_name(site.ledger.name + ".noise-memo"))  # the ledger's volume: the site's writable one
+    # the ledger's volume: the site's writable one
+    return NoiseMemo(site.ledger.with_name(site.ledger.name + ".noise-memo"))
 
 
 def _ledger_binding(plan: RoundPlan, content: RecordDict, run_id: str, records_sha256: str, release: str = "") -> dict:
     """What a ledger entry binds: run (and which release: "" training, "/evaluation"), round, the
     records file it was computed on, the model it received."""
     base = f"{plan.run_name}/{run_id}" if run_id else plan.run_name
-    return {"run_id": base + release, "round": plan.round,
-            "records_sha256": records_sha256, "model_in_sha256": state_sha256(arrays_to_state(content[ARRAYS]))}
+    return {
+        "run_id": base + release,
+        "round": plan.round,
+        "records_sha256": records_sha256,
+        "model_in_sha256": state_sha256(arrays_to_state(content.array_records[ARRAYS])),
+    }
 
 
-def train_round(content: RecordDict, site_path: Path, *, run_id: str = "", progress: bool = False,
-                timings: dict[str, float] | None = None) -> RecordDict:
+def train_round(
+    content: RecordDict,
+    site_path: Path,
+    *,
+    run_id: str = "",
+    progress: bool = False,
+    timings: dict[str, float] | None = None,
+) -> RecordDict:
     """`timings`, if given, receives the seconds of each phase (backbone, records, privacy, build, train, reply)."""
     hospital = Path(site_path).parent.name
     try:
@@ -215,7 +253,13 @@ def train_round(content: RecordDict, site_path: Path, *, run_id: str = "", progr
                 noise = site_noise(site, plan, q, steps)
                 sigma, delta = noise.sigma, noise.calibration.delta
                 # Durable BEFORE training: a crash from here on over-counts, never under-counts.
-                spent = ledger.record(sigma, q, steps, epsilon_cap=site.privacy.max_epsilon, **_ledger_binding(plan, content, run_id, train_sha256))
+                spent = ledger.record(
+                    sigma,
+                    q,
+                    steps,
+                    epsilon_cap=site.privacy.max_epsilon,
+                    **_ledger_binding(plan, content, run_id, train_sha256),
+                )
                 # Only once the entry is durable: a refused round writes nothing else.
                 _noise_memo(site).put(noise.calibration, noise.calibrated)
                 _NEXT_ROUND[site.source] = (sigma, q, steps)
@@ -225,7 +269,12 @@ def train_round(content: RecordDict, site_path: Path, *, run_id: str = "", progr
                 # Recorded too, durably BEFORE training: from this entry on the site's epsilon is
                 # infinite, for good (`privacy show`), and its cap refuses every later private round.
                 ledger = PrivacyLedger.for_site(site)
-                ledger.record_non_private(q, steps, epsilon_cap=site.privacy.max_epsilon, **_ledger_binding(plan, content, run_id, train_sha256))
+                ledger.record_non_private(
+                    q,
+                    steps,
+                    epsilon_cap=site.privacy.max_epsilon,
+                    **_ledger_binding(plan, content, run_id, train_sha256),
+                )
     except (Refused, InputError, LedgerError, PrivacyBudgetExceeded) as exc:
         category = _category(exc)
         log.warning("%s refuses round [%s]: %s", hospital, category, exc)  # the detail stays here
@@ -233,10 +282,19 @@ def train_round(content: RecordDict, site_path: Path, *, run_id: str = "", progr
 
     device = resolve_device(site.device)
     with _timed(timings, "build"):
-        model = build_model(backbone, plan.prompt_config(), arrays_to_state(content[ARRAYS]))
+        model = build_model(backbone, plan.prompt_config(), arrays_to_state(content.array_records[ARRAYS]))
     with _timed(timings, "train"):  # (frozen features included: computed once per prompt and process)
-        result = local_update(model, encoded.dataset, plan, sigma, device, max_physical_batch_size=site.max_physical_batch_size,
-                              progress=progress, progress_label=f"{hospital} r{plan.round}", patients=records.patients)
+        result = local_update(
+            model,
+            encoded.dataset,
+            plan,
+            sigma,
+            device,
+            max_physical_batch_size=site.max_physical_batch_size,
+            progress=progress,
+            progress_label=f"{hospital} r{plan.round}",
+            patients=records.patients,
+        )
     try:  # the update that leaves, bound to this round's entry durably BEFORE the reply (else nothing is sent)
         with _timed(timings, "privacy"):
             ledger.complete(state_sha256(model.trainable_state()))
@@ -244,10 +302,24 @@ def train_round(content: RecordDict, site_path: Path, *, run_id: str = "", progr
         log.warning("%s refuses round [%s]: %s", hospital, _category(exc), exc)  # the round stays counted
         return refusal(hospital, _category(exc))
     # Loss, record count, truncation, steps, sigma and q: the hospital's log only, never the reply.
-    eps = f"sigma {sigma:.4g}, q {q:.4g}, eps {metrics['epsilon-spent']:.3f}/{site.privacy.max_epsilon:g}" if plan.private else "NON-PRIVATE"
+    eps = (
+        f"sigma {sigma:.4g}, q {q:.4g}, eps {metrics['epsilon-spent']:.3f}/{site.privacy.max_epsilon:g}"
+        if plan.private
+        else "NON-PRIVATE"
+    )
     unit = "" if records.patients is None else f" of {units} patients (patient-level DP)"
-    log.info("%s round %d (local log, not sent): %d records%s (%d truncated at %d tokens), %d steps, loss %.4f, %s",
-             hospital, plan.round, len(encoded.dataset), unit, encoded.truncated, plan.max_length, result.steps, result.mean_loss, eps)
+    log.info(
+        "%s round %d (local log, not sent): %d records%s (%d truncated at %d tokens), %d steps, loss %.4f, %s",
+        hospital,
+        plan.round,
+        len(encoded.dataset),
+        unit,
+        encoded.truncated,
+        plan.max_length,
+        result.steps,
+        result.mean_loss,
+        eps,
+    )
     with _timed(timings, "reply"):
         reply = RecordDict(
             {
@@ -286,12 +358,20 @@ def noised_counts(counts: ClassCounts, sigma: float, generator: torch.Generator)
     for key in ("tp", "fp", "fn"):
         values = getattr(counts, key)
         noise = torch.randn(len(values), generator=generator, dtype=torch.float64) * std
-        out[key] = [float(v) + float(z) for v, z in zip(values, noise)]
+        out[key] = [float(v) + float(z) for v, z in zip(values, noise, strict=True)]
     return out
 
 
-def _validate_received(site: SiteConfig, plan: RoundPlan, backbone: Backbone, content: RecordDict, run_id: str,
-                       encoded: Encoded, records_sha256: str, timings: dict[str, float] | None) -> MetricRecord | None:
+def _validate_received(
+    site: SiteConfig,
+    plan: RoundPlan,
+    backbone: Backbone,
+    content: RecordDict,
+    run_id: str,
+    encoded: Encoded,
+    records_sha256: str,
+    timings: dict[str, float] | None,
+) -> MetricRecord | None:
     """Validate the model received on the site's validation records and LOG the result.
 
     Returns None with `share_evaluation: none` (the default): exact counts back for any tensors
@@ -301,13 +381,21 @@ def _validate_received(site: SiteConfig, plan: RoundPlan, backbone: Backbone, co
     """
     device = resolve_device(site.device)
     with _timed(timings, "build"):
-        model = build_model(backbone, plan.prompt_config(), arrays_to_state(content[ARRAYS])).to(device)
+        model = build_model(backbone, plan.prompt_config(), arrays_to_state(content.array_records[ARRAYS])).to(device)
     with _timed(timings, "evaluate"):
         counts = evaluate(model, encoded.dataset, len(plan.labels), device)
     s = counts.summary()
-    log.info("%s round %d validation of the model received (local log, not sent): %d records, accuracy %.4f, macro-F1 %.4f, "
-             "loss %.4f, F1 per class %s", site.hospital_id, plan.round, s["num_examples"], s["accuracy"], s["macro_f1"], s["loss"],
-             [round(f, 4) for f in s["f1_per_class"]])
+    log.info(
+        "%s round %d validation of the model received (local log, not sent): %d records, accuracy %.4f, macro-F1 %.4f, "
+        "loss %.4f, F1 per class %s",
+        site.hospital_id,
+        plan.round,
+        s["num_examples"],
+        s["accuracy"],
+        s["macro_f1"],
+        s["loss"],
+        [round(f, 4) for f in s["f1_per_class"]],
+    )
     if site.share_evaluation != "noised":
         return None
     with _timed(timings, "privacy"):
@@ -316,15 +404,29 @@ def _validate_received(site: SiteConfig, plan: RoundPlan, backbone: Backbone, co
         calibrated = memo.get(args) or calibrate_noise(*args)
         sigma = max(calibrated, site.privacy.min_noise_multiplier)
         # Durable BEFORE the counts leave: a crash from here on over-counts, never under-counts.
-        spent = ledger.record(sigma, 1.0, 1, epsilon_cap=site.privacy.max_epsilon,
-                              **_ledger_binding(plan, content, run_id, records_sha256, "/evaluation"))
+        spent = ledger.record(
+            sigma,
+            1.0,
+            1,
+            epsilon_cap=site.privacy.max_epsilon,
+            **_ledger_binding(plan, content, run_id, records_sha256, "/evaluation"),
+        )
         memo.put(args, calibrated)
-    log.info("%s round %d: sends noised validation counts (sigma %.4g, std %.4g per count), eps %.3f/%g",
-             site.hospital_id, plan.round, sigma, sigma * EVAL_COUNT_SENSITIVITY, spent, site.privacy.max_epsilon)
+    log.info(
+        "%s round %d: sends noised validation counts (sigma %.4g, std %.4g per count), eps %.3f/%g",
+        site.hospital_id,
+        plan.round,
+        sigma,
+        sigma * EVAL_COUNT_SENSITIVITY,
+        spent,
+        site.privacy.max_epsilon,
+    )
     return metric_record(noised_counts(counts, sigma, entropy_generator()), EVAL_METRIC_KEYS)
 
 
-def evaluate_round(content: RecordDict, site_path: Path, *, run_id: str = "", timings: dict[str, float] | None = None) -> RecordDict:
+def evaluate_round(
+    content: RecordDict, site_path: Path, *, run_id: str = "", timings: dict[str, float] | None = None
+) -> RecordDict:
     """A separate evaluate message (federation `evaluation: separate`): the site validates the
     received model (_validate_received); the reply is the status record, plus noised counts if the
     site shares them. `timings`, if given, receives the seconds of each phase."""

@@ -46,12 +46,12 @@ import os
 import re
 import stat
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Self, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, Self, TypeGuard, get_args
 
 import numpy as np
 from pydantic import AfterValidator, Field, ValidationError, model_validator
@@ -63,9 +63,9 @@ from fedprompt.common.schema import SHA256_PATTERN, Schema, Sha256, issues
 if TYPE_CHECKING:
     from fedprompt.common.config import SiteConfig
 
-SCHEMA = "fedprompt-ledger/2"
-SCHEMA_V1 = "fedprompt-ledger/1"  # still read; migrated on the next write
-ANCHOR_SCHEMA = "fedprompt-ledger-anchor/1"
+SCHEMA: Final = "fedprompt-ledger/2"
+SCHEMA_V1: Final = "fedprompt-ledger/1"  # still read; migrated on the next write
+ANCHOR_SCHEMA: Final = "fedprompt-ledger-anchor/1"
 Mechanism = Literal["prv", "rdp"]
 MECHANISMS = get_args(Mechanism)
 # How long `record` waits for another process holding the ledger (it may be computing a PRV).
@@ -133,7 +133,7 @@ def state_sha256(state: Mapping[str, Any]) -> str:
         elif not isinstance(value, np.ndarray) and hasattr(value, "numpy"):  # flwr Array
             value = value.numpy()
         arrays.append(np.ascontiguousarray(np.asarray(value, dtype="<f4")))
-    digest = hashlib.sha256(canonical_json([[n, list(a.shape)] for n, a in zip(names, arrays)]) + b"\n")
+    digest = hashlib.sha256(canonical_json([[n, list(a.shape)] for n, a in zip(names, arrays, strict=True)]) + b"\n")
     for a in arrays:
         digest.update(a.tobytes())
     return digest.hexdigest()
@@ -156,7 +156,13 @@ PositiveNumber = Annotated[float, Field(gt=0)]
 NonEmpty = Annotated[str, Field(min_length=1)]
 
 
-class _Chained:
+if TYPE_CHECKING:  # a mixin of Schema models: to a type checker, one of them
+    _ChainedBase = Schema
+else:
+    _ChainedBase = object
+
+
+class _Chained(_ChainedBase):
     """An entry or completion: a link of its chain (`prev`: the hash before it; `hash`: its own)."""
 
     def to_doc(self) -> dict[str, Any]:
@@ -183,7 +189,8 @@ class _EntryV1(Schema):
 class LedgerEntry(_Chained, _EntryV1):
     """One planned round (or a charged evaluation), recorded before it ran; never changed afterwards."""
 
-    noise_multiplier: PositiveNumber | None  # None: a non-private round (infinite epsilon)
+    # None: a non-private round (infinite epsilon). A pydantic field redefined on purpose (wider than v1's).
+    noise_multiplier: PositiveNumber | None  # type: ignore[assignment]
     non_private: bool = False
     epsilon_cap: PositiveNumber | None = None  # the cap it was checked against (None: recorded before schema 2)
     records_sha256: Sha256 | None = None
@@ -194,8 +201,10 @@ class LedgerEntry(_Chained, _EntryV1):
     @model_validator(mode="after")
     def _null_sigma_is_non_private(self) -> Self:
         if self.non_private != (self.noise_multiplier is None):
-            raise ValueError(f"non_private is {str(self.non_private).lower()} but noise_multiplier is {self.noise_multiplier!r}: "
-                             "exactly the non-private rounds have a null noise_multiplier")
+            raise ValueError(
+                f"non_private is {str(self.non_private).lower()} but noise_multiplier is {self.noise_multiplier!r}: "
+                "exactly the non-private rounds have a null noise_multiplier"
+            )
         return self
 
 
@@ -246,15 +255,19 @@ class _LedgerV1(Schema):
 class _LedgerV2(_LedgerV1):
     """A "fedprompt-ledger/2" file (the module's docstring)."""
 
-    schema_: Literal["fedprompt-ledger/2"] = Field(alias="schema")
-    history: list[_StoredEntry]
+    # pydantic fields redefined on purpose: the v2 file's schema and entries.
+    schema_: Literal["fedprompt-ledger/2"] = Field(alias="schema")  # type: ignore[assignment]
+    history: list[_StoredEntry]  # type: ignore[assignment]
     migrated_from: _Migration | None
     completions: list[_StoredCompletion]
 
     @model_validator(mode="after")
     def _migrated_entries_exist(self) -> Self:
         if self.migrated_from is not None and self.migrated_from.entries > len(self.history):
-            raise ValueError(f"migrated_from names {self.migrated_from.entries} migrated entries, the history holds {len(self.history)}")
+            raise ValueError(
+                f"migrated_from names {self.migrated_from.entries} migrated entries, the history holds "
+                f"{len(self.history)}"
+            )
         return self
 
 
@@ -271,8 +284,14 @@ class _State:
     stored_schema: str = SCHEMA  # as read from disk: SCHEMA_V1 until the next write migrates it
 
     def header(self) -> dict[str, Any]:
-        return {"schema": SCHEMA, "hospital_id": self.hospital_id, "mechanism": self.mechanism, "delta": self.delta,
-                "created_at": self.created_at, "migrated_from": self.migrated_from}
+        return {
+            "schema": SCHEMA,
+            "hospital_id": self.hospital_id,
+            "mechanism": self.mechanism,
+            "delta": self.delta,
+            "created_at": self.created_at,
+            "migrated_from": self.migrated_from,
+        }
 
     def header_hash(self) -> str:
         return record_hash(self.header())
@@ -295,9 +314,11 @@ class _State:
         }
 
 
-def accountant_history(steps: Iterable[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
+def accountant_history(
+    steps: Iterable[tuple[float | None, float, int]],
+) -> list[tuple[float | None, float, int]]:
     """(sigma, q, steps) triples as Opacus's accountant would hold them had it stepped through them."""
-    merged: list[tuple[float, float, int]] = []
+    merged: list[tuple[float | None, float, int]] = []
     for sigma, q, n in steps:
         if merged and merged[-1][:2] == (sigma, q):
             merged[-1] = (sigma, q, merged[-1][2] + n)
@@ -336,10 +357,10 @@ def _triples(history: Iterable[LedgerEntry]) -> list[tuple[float | None, float, 
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -347,7 +368,9 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_step_args(noise_multiplier: float | None, sample_rate: float, steps: int, *, non_private: bool = False) -> None:
+def _check_step_args(
+    noise_multiplier: float | None, sample_rate: float, steps: int, *, non_private: bool = False
+) -> None:
     if non_private:
         if noise_multiplier is not None:
             raise ValueError(f"a non-private round has no noise_multiplier (null), got {noise_multiplier!r}")
@@ -369,16 +392,21 @@ def _check_cap(epsilon_cap: float) -> None:
         raise ValueError(f"epsilon_cap must be a finite number > 0, got {epsilon_cap!r}")
 
 
-def _corrupt(path: Path, detail: str, *, kind: str = "corrupted", where: str | None = None, index: int | None = None) -> LedgerIntegrityError:
+def _corrupt(
+    path: Path, detail: str, *, kind: str = "corrupted", where: str | None = None, index: int | None = None
+) -> LedgerIntegrityError:
     return LedgerIntegrityError(
         f"privacy ledger {path} is corrupted ({detail}). It was NOT reset and nothing may be trained "
         f"until it is repaired. {_NEVER_RECREATE}",
-        kind=kind, where=where, index=index,
+        kind=kind,
+        where=where,
+        index=index,
     )
 
 
 def _read_state(path: Path) -> _State:
-    """Load and strictly validate a ledger file, its chain included; any doubt is a LedgerError, never a fresh ledger."""
+    """Load and strictly validate a ledger file, its chain included; any doubt is a LedgerError,
+    never a fresh ledger."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -388,7 +416,9 @@ def _read_state(path: Path) -> _State:
             kind="missing",
         ) from None
     except OSError as exc:
-        raise LedgerIntegrityError(f"cannot read privacy ledger {path}: {exc.strerror or exc}", kind="unreadable") from exc
+        raise LedgerIntegrityError(
+            f"cannot read privacy ledger {path}: {exc.strerror or exc}", kind="unreadable"
+        ) from exc
     try:
         # NaN/Infinity/1e999 parse, but every number then goes through a finiteness check.
         doc = json.loads(raw.decode("utf-8"))
@@ -402,12 +432,16 @@ def _parse(doc: Any, path: Path) -> _State:
         raise _corrupt(path, f"expected a JSON object, got {type(doc).__name__}")
     schema = doc.get("schema")
     if schema not in (SCHEMA, SCHEMA_V1):
-        raise _corrupt(path, f"schema is {schema!r}, expected {SCHEMA!r} (or {SCHEMA_V1!r}, migrated on the next write)")
+        raise _corrupt(
+            path, f"schema is {schema!r}, expected {SCHEMA!r} (or {SCHEMA_V1!r}, migrated on the next write)"
+        )
     model = _LedgerV1 if schema == SCHEMA_V1 else _LedgerV2
     try:
         parsed = model.model_validate(doc)
     except ValidationError as exc:
-        raise _corrupt(path, "; ".join(f"{key}: {message}" if key else message for key, message in issues(model, exc))) from None
+        raise _corrupt(
+            path, "; ".join(f"{key}: {message}" if key else message for key, message in issues(model, exc))
+        ) from None
     header = (parsed.hospital_id, parsed.mechanism, parsed.delta, parsed.epsilon_cap, parsed.created_at)
     # As LedgerEntry/Completion, equal to what this process records (a stored form is another type).
     entries = tuple(LedgerEntry(**e.model_dump()) for e in parsed.history)
@@ -418,6 +452,7 @@ def _parse(doc: Any, path: Path) -> _State:
         for e in entries:
             linked.append(e.linked(linked[-1].hash if linked else state.header_hash()))
         return replace(state, history=tuple(linked))
+    assert isinstance(parsed, _LedgerV2)
     migrated = None if parsed.migrated_from is None else parsed.migrated_from.model_dump(by_alias=True)
     completions = tuple(Completion(**c.model_dump()) for c in parsed.completions)
     state = _State(*header, entries, completions, migrated, SCHEMA)
@@ -433,13 +468,21 @@ def _verify_chain(state: _State, path: Path) -> None:
         return _corrupt(path, f"{where}[{i}]: {detail}", kind="chain", where=where, index=i)
 
     header = state.header_hash()
-    for where, items in (("history", state.history), ("completions", state.completions)):
+    chains: tuple[tuple[str, Sequence[LedgerEntry | Completion]], ...] = (
+        ("history", state.history),
+        ("completions", state.completions),
+    )
+    for where, items in chains:
         expected = header
         for i, item in enumerate(items):
             if item.prev != expected:
                 before = "the header" if i == 0 else f"{where}[{i - 1}]"
-                raise broken(where, i, f"its prev is not the hash of {before}: an entry before it was deleted, inserted or "
-                                       f"reordered{', or the header was edited' if i == 0 else ''}")
+                raise broken(
+                    where,
+                    i,
+                    f"its prev is not the hash of {before}: an entry before it was deleted, inserted or "
+                    f"reordered{', or the header was edited' if i == 0 else ''}",
+                )
             if item.hash != record_hash(item.to_doc()):
                 raise broken(where, i, "its contents do not match its hash: it was edited")
             expected = item.hash
@@ -459,7 +502,9 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
-        raise LedgerError(f"cannot open the ledger lock {lock_path}: {exc.strerror or exc}; nothing was recorded") from exc
+        raise LedgerError(
+            f"cannot open the ledger lock {lock_path}: {exc.strerror or exc}; nothing was recorded"
+        ) from exc
     try:
         deadline = time.monotonic() + LOCK_TIMEOUT_S
         while True:
@@ -469,7 +514,8 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     raise LedgerError(
-                        f"privacy ledger {path} is locked by another process (waited {LOCK_TIMEOUT_S:g} s); nothing was recorded"
+                        f"privacy ledger {path} is locked by another process (waited {LOCK_TIMEOUT_S:g} s); nothing "
+                        "was recorded"
                     ) from None
                 time.sleep(0.01)
         yield
@@ -490,15 +536,18 @@ def _write_atomic(path: Path, doc: dict[str, Any], *, anchor: bool = False) -> N
     except DirectorySyncError as exc:
         # The new file is in place but may not survive a power cut: stop; the entry counts if it does.
         what = "ledger anchor" if anchor else "privacy ledger"
-        raise LedgerError(f"{what} {path} was written but its directory could not be synced: {exc.strerror or exc}") from exc
+        raise LedgerError(
+            f"{what} {path} was written but its directory could not be synced: {exc.strerror or exc}"
+        ) from exc
     except OSError as exc:
         if anchor:
             raise LedgerError(
-                f"cannot write the ledger anchor {path}: {exc.strerror or exc}; the ledger itself was written (its new entry "
-                "counts), but nothing may be trained or sent until its anchor can be written"
+                f"cannot write the ledger anchor {path}: {exc.strerror or exc}; the ledger itself was written (its new "
+                "entry counts), but nothing may be trained or sent until its anchor can be written"
             ) from exc
         raise LedgerError(
-            f"cannot write privacy ledger {path}: {exc.strerror or exc}; nothing was recorded, so nothing may be trained or sent"
+            f"cannot write privacy ledger {path}: {exc.strerror or exc}; nothing was recorded, so nothing may be "
+            "trained or sent"
         ) from exc
 
 
@@ -522,16 +571,25 @@ class _Anchor(Schema):
 
 
 def _anchor_doc(state: _State) -> dict[str, Any]:
-    return _Anchor(schema=ANCHOR_SCHEMA, hospital_id=state.hospital_id, entries=len(state.history), head=state.head(),
-                   completions=len(state.completions), completions_head=state.completions_head(), updated_at=_now()).model_dump(by_alias=True)
+    return _Anchor(
+        schema=ANCHOR_SCHEMA,
+        hospital_id=state.hospital_id,
+        entries=len(state.history),
+        head=state.head(),
+        completions=len(state.completions),
+        completions_head=state.completions_head(),
+        updated_at=_now(),
+    ).model_dump(by_alias=True)
 
 
 def _read_anchor(path: Path) -> _Anchor | None:
     """The anchor, None if there is none; an unreadable or malformed one is an error."""
+
     def bad(detail: str) -> LedgerIntegrityError:
         return LedgerIntegrityError(
             f"the privacy ledger's anchor {path} is unusable ({detail}); nothing may be trained until it is restored "
-            "(or, only if you are sure the ledger is the latest, re-created with `fedprompt privacy anchor --site site.yaml`)",
+            "(or, only if you are sure the ledger is the latest, re-created with `fedprompt privacy anchor --site "
+            "site.yaml`)",
             kind="anchor",
         )
 
@@ -556,35 +614,47 @@ def _check_anchor(state: _State, anchor: _Anchor | None, anchor_path: Path, path
     between the ledger write and the anchor write: accepted) or "none" (no anchor yet)."""
     if anchor is None:
         if state.stored_schema == SCHEMA_V1 or not (state.history or state.completions):
-            return "none"  # written at the next write (a schema-1 ledger predates anchors; an empty one has nothing to lose)
+            # written at the next write (a schema-1 ledger predates anchors; an empty one has nothing to lose)
+            return "none"
         raise LedgerIntegrityError(
-            f"the anchor of privacy ledger {path} is missing ({anchor_path}) but the ledger holds {len(state.history)} entries: "
-            "an anchor is written with every entry, so it was lost, moved, or this ledger was put in another's place. "
-            "Nothing may be trained until the anchor is restored (or site.yaml `ledger_anchor` points at it); only if you "
-            "are sure this ledger is the latest, re-create it with `fedprompt privacy anchor --site site.yaml`",
+            f"the anchor of privacy ledger {path} is missing ({anchor_path}) but the ledger holds "
+            f"{len(state.history)} entries: an anchor is written with every entry, so it was lost, moved, or this "
+            "ledger was put in another's place. Nothing may be trained until the anchor is restored (or site.yaml "
+            "`ledger_anchor` points at it); only if you are sure this ledger is the latest, re-create it with "
+            "`fedprompt privacy anchor --site site.yaml`",
             kind="anchor",
         )
     if anchor.hospital_id != state.hospital_id:
         raise LedgerIntegrityError(
             f"the anchor {anchor_path} belongs to hospital {anchor.hospital_id!r}, the privacy ledger {path} to "
-            f"{state.hospital_id!r}; nothing may be trained", kind="anchor")
-    for where, items, n, head, heads in (("history", state.history, anchor.entries, anchor.head, state.head),
-                                         ("completions", state.completions, anchor.completions, anchor.completions_head, state.completions_head)):
+            f"{state.hospital_id!r}; nothing may be trained",
+            kind="anchor",
+        )
+    for where, items, n, head, heads in (
+        ("history", state.history, anchor.entries, anchor.head, state.head),
+        ("completions", state.completions, anchor.completions, anchor.completions_head, state.completions_head),
+    ):
         if len(items) < n:
             raise LedgerIntegrityError(
-                f"privacy ledger {path} was rolled back: its {where} has {len(items)} entries but its anchor {anchor_path} "
-                f"recorded {n} (entries from {where}[{len(items)}] on are missing): an older copy was restored. Nothing may be trained: "
-                f"restore the latest ledger. {_NEVER_RECREATE}",
-                kind="rollback", where=where, index=len(items),
+                f"privacy ledger {path} was rolled back: its {where} has {len(items)} entries but its anchor "
+                f"{anchor_path} recorded {n} (entries from {where}[{len(items)}] on are missing): an older copy was "
+                f"restored. Nothing may be trained: restore the latest ledger. {_NEVER_RECREATE}",
+                kind="rollback",
+                where=where,
+                index=len(items),
             )
         if heads(n) != head:
             at = f"{where}[{n - 1}] differs from the entry" if n else "its header differs from the one"
             raise LedgerIntegrityError(
                 f"privacy ledger {path} was rolled back or replaced: {at} its anchor {anchor_path} recorded. "
                 f"Nothing may be trained: restore the latest ledger. {_NEVER_RECREATE}",
-                kind="rollback", where=where if n else None, index=n - 1 if n else None,
+                kind="rollback",
+                where=where if n else None,
+                index=n - 1 if n else None,
             )
-    return "in step" if (anchor.entries, anchor.completions) == (len(state.history), len(state.completions)) else "ahead"
+    return (
+        "in step" if (anchor.entries, anchor.completions) == (len(state.history), len(state.completions)) else "ahead"
+    )
 
 
 def json_epsilon(epsilon: float) -> float | str:
@@ -596,7 +666,10 @@ def _non_private_note(state: _State) -> str:
     first = next((e for e in state.history if e.non_private), None)
     if first is None:
         return ""
-    return f" (this site trained WITHOUT differential privacy in run {first.run_id!r} round {first.round}: its epsilon is infinite, for good)"
+    return (
+        f" (this site trained WITHOUT differential privacy in run {first.run_id!r} round {first.round}: its epsilon "
+        "is infinite, for good)"
+    )
 
 
 @functools.lru_cache(maxsize=256)
@@ -620,8 +693,16 @@ class PrivacyLedger:
     # --- construction ---------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, path: str | Path, *, hospital_id: str, epsilon_cap: float, delta: float, mechanism: str = "prv",
-               anchor: str | Path | None = None) -> "PrivacyLedger":
+    def create(
+        cls,
+        path: str | Path,
+        *,
+        hospital_id: str,
+        epsilon_cap: float,
+        delta: float,
+        mechanism: str = "prv",
+        anchor: str | Path | None = None,
+    ) -> PrivacyLedger:
         """A new, empty ledger and its anchor. Refuses if the ledger exists (it is never overwritten) or
         if the anchor says the site's ledger already held entries (the site has trained: restore it)."""
         if not (isinstance(hospital_id, str) and hospital_id):
@@ -644,7 +725,8 @@ class PrivacyLedger:
             if previous is not None and (previous.entries or previous.completions):
                 raise LedgerIntegrityError(
                     f"refusing to create privacy ledger {path}: its anchor {anchor_path} says the ledger of hospital "
-                    f"{previous.hospital_id!r} held {previous.entries} entries, so this site has trained. {_NEVER_RECREATE}",
+                    f"{previous.hospital_id!r} held {previous.entries} entries, so this site has trained. "
+                    f"{_NEVER_RECREATE}",
                     kind="rollback",
                 )
             _write_atomic(path, state.to_doc())
@@ -652,8 +734,14 @@ class PrivacyLedger:
         return cls(path, state, anchor_path)
 
     @classmethod
-    def open(cls, path: str | Path, *, hospital_id: str | None = None, delta: float | None = None,
-             anchor: str | Path | None = None) -> "PrivacyLedger":
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        hospital_id: str | None = None,
+        delta: float | None = None,
+        anchor: str | Path | None = None,
+    ) -> PrivacyLedger:
         """An existing ledger, validated (chain included) and checked against its anchor (default
         `<ledger>.anchor`); optionally checked to belong to `hospital_id` at `delta`."""
         ledger = cls._load(path, anchor, hospital_id=hospital_id, delta=delta)
@@ -661,19 +749,34 @@ class PrivacyLedger:
         return ledger
 
     @classmethod
-    def for_site(cls, site: SiteConfig, *, anchored: bool = True) -> "PrivacyLedger":
+    def for_site(cls, site: SiteConfig, *, anchored: bool = True) -> PrivacyLedger:
         """The site's ledger, checked against its site.yaml and (unless `anchored` is false: only to
         repair the anchor, `reanchor`) against its anchor."""
-        ledger = cls._load(site.ledger, site.ledger_anchor, hospital_id=site.hospital_id, delta=site.privacy.delta,
-                           mechanism=site.privacy.accountant, source=site.source)
+        ledger = cls._load(
+            site.ledger,
+            site.ledger_anchor,
+            hospital_id=site.hospital_id,
+            delta=site.privacy.delta,
+            mechanism=site.privacy.accountant,
+            source=site.source,
+        )
         if anchored:
             ledger._check_found_anchor()
         return ledger
 
     @classmethod
-    def _load(cls, path: str | Path, anchor: str | Path | None, *, hospital_id: str | None = None, delta: float | None = None,
-              mechanism: str | None = None, source: Path | None = None) -> "PrivacyLedger":
-        """Ledger and anchor as they are on disk, the ledger validated; the anchor is compared by `_check_found_anchor`."""
+    def _load(
+        cls,
+        path: str | Path,
+        anchor: str | Path | None,
+        *,
+        hospital_id: str | None = None,
+        delta: float | None = None,
+        mechanism: str | None = None,
+        source: Path | None = None,
+    ) -> PrivacyLedger:
+        """Ledger and anchor as they are on disk, the ledger validated; the anchor is compared by
+        `_check_found_anchor`."""
         path = Path(path)
         anchor_path = Path(anchor) if anchor is not None else default_anchor(path)
         # The anchor BEFORE the ledger: writers write the ledger, then its anchor, so an anchor read
@@ -684,16 +787,20 @@ class PrivacyLedger:
             found = (None, exc)  # reported after the ledger's own problems
         state = _read_state(path)
         if hospital_id is not None and state.hospital_id != hospital_id:
-            raise LedgerIntegrityError(f"privacy ledger {path} belongs to hospital {state.hospital_id!r}, not {hospital_id!r}", kind="identity")
+            raise LedgerIntegrityError(
+                f"privacy ledger {path} belongs to hospital {state.hospital_id!r}, not {hospital_id!r}", kind="identity"
+            )
         if delta is not None and state.delta != delta:
             raise LedgerIntegrityError(
                 f"privacy ledger {path} accounts at delta {state.delta:g}, but delta {delta:g} was asked for: "
-                "epsilons at different deltas are not comparable", kind="identity",
+                "epsilons at different deltas are not comparable",
+                kind="identity",
             )
         if mechanism is not None and state.mechanism != mechanism:
             raise LedgerIntegrityError(
                 f"privacy ledger {path} uses the {state.mechanism!r} accountant but {source or 'site.yaml'} "
-                f"says {mechanism!r}: epsilons from different accountants are not comparable", kind="identity",
+                f"says {mechanism!r}: epsilons from different accountants are not comparable",
+                kind="identity",
             )
         ledger = cls(path, state, anchor_path)
         ledger._found = found
@@ -766,8 +873,18 @@ class PrivacyLedger:
         _check_step_args(noise_multiplier, sample_rate, steps)
         return self._epsilon([*_triples(self._state.history), (float(noise_multiplier), float(sample_rate), steps)])
 
-    def record(self, noise_multiplier: float, sample_rate: float, steps: int, *, epsilon_cap: float, run_id: str, round: int,
-               records_sha256: str | None = None, model_in_sha256: str | None = None) -> float:
+    def record(
+        self,
+        noise_multiplier: float,
+        sample_rate: float,
+        steps: int,
+        *,
+        epsilon_cap: float,
+        run_id: str,
+        round: int,
+        records_sha256: str | None = None,
+        model_in_sha256: str | None = None,
+    ) -> float:
         """Durably add planned steps, or refuse; returns the new epsilon_spent.
 
         Call BEFORE training or sending: a crash afterwards over-counts, never under-counts.
@@ -775,22 +892,57 @@ class PrivacyLedger:
         model received) bind the entry to what it trains; `complete` adds the update that leaves.
         """
         _check_step_args(noise_multiplier, sample_rate, steps)
-        return self._append(float(noise_multiplier), float(sample_rate), steps, epsilon_cap=epsilon_cap, run_id=run_id, round=round,
-                            records_sha256=records_sha256, model_in_sha256=model_in_sha256)
+        return self._append(
+            float(noise_multiplier),
+            float(sample_rate),
+            steps,
+            epsilon_cap=epsilon_cap,
+            run_id=run_id,
+            round=round,
+            records_sha256=records_sha256,
+            model_in_sha256=model_in_sha256,
+        )
 
-    def record_non_private(self, sample_rate: float, steps: int, *, epsilon_cap: float, run_id: str, round: int,
-                           records_sha256: str | None = None, model_in_sha256: str | None = None) -> float:
+    def record_non_private(
+        self,
+        sample_rate: float,
+        steps: int,
+        *,
+        epsilon_cap: float,
+        run_id: str,
+        round: int,
+        records_sha256: str | None = None,
+        model_in_sha256: str | None = None,
+    ) -> float:
         """Durably record a round trained WITHOUT DP (a site with allow_non_private), before it runs.
 
         Never refused by the cap; returns math.inf, which `epsilon_spent` stays at for good, so the
         site's cap check refuses every later private round.
         """
         _check_step_args(None, sample_rate, steps, non_private=True)
-        return self._append(None, float(sample_rate), steps, epsilon_cap=epsilon_cap, run_id=run_id, round=round,
-                            records_sha256=records_sha256, model_in_sha256=model_in_sha256)
+        return self._append(
+            None,
+            float(sample_rate),
+            steps,
+            epsilon_cap=epsilon_cap,
+            run_id=run_id,
+            round=round,
+            records_sha256=records_sha256,
+            model_in_sha256=model_in_sha256,
+        )
 
-    def _append(self, sigma: float | None, q: float, steps: int, *, epsilon_cap: float, run_id: str, round: int,
-                records_sha256: str | None, model_in_sha256: str | None) -> float:
+    def _append(
+        self,
+        sigma: float | None,
+        q: float,
+        steps: int,
+        *,
+        epsilon_cap: float,
+        run_id: str,
+        round: int,
+        records_sha256: str | None,
+        model_in_sha256: str | None,
+    ) -> float:
         _check_cap(epsilon_cap)
         if not (isinstance(run_id, str) and run_id):
             raise ValueError(f"run_id must be a non-empty string, got {run_id!r}")
@@ -807,14 +959,26 @@ class PrivacyLedger:
                 projected = self._epsilon([*_triples(disk.history), (sigma, q, steps)])
                 if projected > epsilon_cap:
                     raise PrivacyBudgetExceeded(
-                        f"hospital {disk.hospital_id}: epsilon spent {self._epsilon(_triples(disk.history)):.4f}{_non_private_note(disk)}, "
-                        f"this round (sigma {sigma:g}, q {q:g}, {steps} steps) would bring it to {projected:.4f}, "
-                        f"over the site's cap {epsilon_cap:g} (delta {disk.delta:g}, accountant {disk.mechanism}); nothing was recorded"
+                        f"hospital {disk.hospital_id}: epsilon spent "
+                        f"{self._epsilon(_triples(disk.history)):.4f}{_non_private_note(disk)}, this round (sigma "
+                        f"{sigma:g}, q {q:g}, {steps} steps) would bring it to {projected:.4f}, over the site's cap "
+                        f"{epsilon_cap:g} (delta {disk.delta:g}, accountant {disk.mechanism}); nothing was recorded"
                     )
-            entry = LedgerEntry(noise_multiplier=sigma, sample_rate=q, steps=steps, run_id=run_id, round=round, recorded_at=_now(),
-                                non_private=sigma is None, epsilon_cap=float(epsilon_cap), records_sha256=records_sha256,
-                                model_in_sha256=model_in_sha256).linked(disk.head())
-            self._commit(replace(disk, epsilon_cap=float(epsilon_cap), history=(*disk.history, entry), stored_schema=SCHEMA))
+            entry = LedgerEntry(
+                noise_multiplier=sigma,
+                sample_rate=q,
+                steps=steps,
+                run_id=run_id,
+                round=round,
+                recorded_at=_now(),
+                non_private=sigma is None,
+                epsilon_cap=float(epsilon_cap),
+                records_sha256=records_sha256,
+                model_in_sha256=model_in_sha256,
+            ).linked(disk.head())
+            self._commit(
+                replace(disk, epsilon_cap=float(epsilon_cap), history=(*disk.history, entry), stored_schema=SCHEMA)
+            )
             self._pending = len(self._state.history) - 1
         return projected
 
@@ -830,8 +994,9 @@ class PrivacyLedger:
             index = self._pending
             if any(c.entry == index for c in disk.completions):
                 raise LedgerError(f"privacy ledger {self.path}: history[{index}] is already completed")
-            done = Completion(entry=index, entry_hash=disk.history[index].hash, model_out_sha256=model_out_sha256,
-                              completed_at=_now()).linked(disk.completions_head())
+            done = Completion(
+                entry=index, entry_hash=disk.history[index].hash, model_out_sha256=model_out_sha256, completed_at=_now()
+            ).linked(disk.completions_head())
             self._commit(replace(disk, completions=(*disk.completions, done), stored_schema=SCHEMA))
             self._pending = None
         return done
@@ -868,12 +1033,17 @@ class PrivacyLedger:
         if (disk.hospital_id, disk.mechanism, disk.delta) != (ours.hospital_id, ours.mechanism, ours.delta):
             raise LedgerIntegrityError(
                 f"privacy ledger {self.path} was replaced by another ledger (hospital {disk.hospital_id!r}, "
-                f"accountant {disk.mechanism}, delta {disk.delta:g}) while in use", kind="identity",
+                f"accountant {disk.mechanism}, delta {disk.delta:g}) while in use",
+                kind="identity",
             )
-        if disk.history[: len(ours.history)] != ours.history or disk.completions[: len(ours.completions)] != ours.completions:
+        if (
+            disk.history[: len(ours.history)] != ours.history
+            or disk.completions[: len(ours.completions)] != ours.completions
+        ):
             raise LedgerIntegrityError(
                 f"privacy ledger {self.path} lost entries this process had already seen: it was reset or "
-                f"replaced; refusing to record. {_NEVER_RECREATE}", kind="rollback",
+                f"replaced; refusing to record. {_NEVER_RECREATE}",
+                kind="rollback",
             )
         self.anchor_status = fresh._check_found_anchor()
         return disk
@@ -892,8 +1062,15 @@ class PrivacyLedger:
         }
 
 
-def verify_ledger(path: str | Path, *, anchor: str | Path | None = None, hospital_id: str | None = None, delta: float | None = None,
-                  mechanism: str | None = None, source: Path | None = None) -> dict[str, Any]:
+def verify_ledger(
+    path: str | Path,
+    *,
+    anchor: str | Path | None = None,
+    hospital_id: str | None = None,
+    delta: float | None = None,
+    mechanism: str | None = None,
+    source: Path | None = None,
+) -> dict[str, Any]:
     """`fedprompt privacy verify`'s verdict (JSON-safe): the chain, the anchor, the identity, and the
     epsilon recomputed from the entries. Never raises for a bad ledger: `ok` false and `failure`
     {kind, where, index, message} say what and where (index: the first bad entry of `where`)."""
@@ -901,7 +1078,9 @@ def verify_ledger(path: str | Path, *, anchor: str | Path | None = None, hospita
     anchor_path = Path(anchor) if anchor is not None else default_anchor(path)
     verdict: dict[str, Any] = {"ok": False, "ledger": str(path), "anchor": str(anchor_path), "failure": None}
     try:
-        ledger = PrivacyLedger._load(path, anchor_path, hospital_id=hospital_id, delta=delta, mechanism=mechanism, source=source)
+        ledger = PrivacyLedger._load(
+            path, anchor_path, hospital_id=hospital_id, delta=delta, mechanism=mechanism, source=source
+        )
         anchor_status = ledger._check_found_anchor()
     except LedgerIntegrityError as exc:
         verdict["failure"] = {"kind": exc.kind, "where": exc.where, "index": exc.index, "message": str(exc)}

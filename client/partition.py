@@ -31,7 +31,9 @@ def read_label_names(path: str | Path) -> dict[str, str]:
         raise InputError.at(path, "empty file (expected a header row, then one 'value,name' row per label)")
     header_line, header = first
     if len(header) < 2:
-        raise InputError.at(path, f"expected two columns (label value, label name), got {len(header)}", line=header_line)
+        raise InputError.at(
+            path, f"expected two columns (label value, label name), got {len(header)}", line=header_line
+        )
     for line, row in rows:
         value, name = (cell.strip() for cell in (row + ["", ""])[:2])
         if not value or not name:
@@ -63,12 +65,14 @@ def _apportion(total: int, weights: Sequence[float]) -> list[int]:
     return out
 
 
-def _stratified_take(rng: random.Random, indices_by_class: list[list[int]], n: int) -> tuple[list[int], list[list[int]]]:
+def _stratified_take(
+    rng: random.Random, indices_by_class: list[list[int]], n: int
+) -> tuple[list[int], list[list[int]]]:
     """Take `n` indices with each class in proportion; return them and what is left per class."""
     quota = _apportion(n, [len(ix) for ix in indices_by_class])
     taken: list[int] = []
     rest: list[list[int]] = []
-    for ix, q in zip(indices_by_class, quota):
+    for ix, q in zip(indices_by_class, quota, strict=True):
         ix = list(ix)
         rng.shuffle(ix)
         taken += ix[:q]
@@ -100,7 +104,9 @@ class Partition:
     local_tests: dict[str, list[Row]] = field(default_factory=dict)
 
 
-def load_corpus(path: str | Path, *, text_column: str, label_column: str, label_names: str | Path | None) -> tuple[Records, list[str]]:
+def load_corpus(
+    path: str | Path, *, text_column: str, label_column: str, label_names: str | Path | None
+) -> tuple[Records, list[str]]:
     """The corpus and its label names (in the mapping file's order, or the sorted distinct values)."""
     if label_names is None:
         return load_labelled(path, text_field=text_column, label_field=label_column)
@@ -129,7 +135,10 @@ def partition(
     With local_test_frac 0 no random draw is added, so the split is exactly the one made before
     local tests existed (same seed, same rows): recorded benchmark splits stay valid."""
     if not (0 <= val_frac < 1 and 0 <= local_test_frac < 1 and val_frac + local_test_frac < 1):
-        raise ValueError(f"need val_frac, local_test_frac >= 0 with val_frac + local_test_frac < 1, got {val_frac} and {local_test_frac}")
+        raise ValueError(
+            f"need val_frac, local_test_frac >= 0 with val_frac + local_test_frac < 1, got {val_frac} and "
+            f"{local_test_frac}"
+        )
     rng = random.Random(seed)
     by_class = [[i for i, y in enumerate(records.labels) if y == c] for c in range(len(labels))]
     test_ix, pool = _stratified_take(rng, by_class, round(test_frac * len(records)))

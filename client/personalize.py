@@ -36,7 +36,16 @@ from fedprompt.common.encoding import encode
 from fedprompt.common.errors import InputError
 from fedprompt.common.features import extract_features
 from fedprompt.common.metrics import ClassCounts
-from fedprompt.common.model import CONFIG_NAME, HEAD_BIAS_KEY, HEAD_WEIGHT_KEY, WEIGHTS_NAME, PromptClassifier, PromptConfig, load_prompt, save_prompt
+from fedprompt.common.model import (
+    CONFIG_NAME,
+    HEAD_BIAS_KEY,
+    HEAD_WEIGHT_KEY,
+    WEIGHTS_NAME,
+    PromptClassifier,
+    PromptConfig,
+    load_prompt,
+    save_prompt,
+)
 from fedprompt.common.records import load_records
 
 from .trainer import resolve_device
@@ -61,7 +70,7 @@ class Head:
     bias: torch.Tensor
 
     @classmethod
-    def of(cls, state: Mapping[str, torch.Tensor]) -> "Head":
+    def of(cls, state: Mapping[str, torch.Tensor]) -> Head:
         return cls(state[HEAD_WEIGHT_KEY].float(), state[HEAD_BIAS_KEY].float())
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
@@ -69,7 +78,11 @@ class Head:
 
     def into(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """`state` with this head in place of its own (the prompt untouched)."""
-        return {**state, HEAD_WEIGHT_KEY: self.weight.float().contiguous(), HEAD_BIAS_KEY: self.bias.float().contiguous()}
+        return {
+            **state,
+            HEAD_WEIGHT_KEY: self.weight.float().contiguous(),
+            HEAD_BIAS_KEY: self.bias.float().contiguous(),
+        }
 
 
 def scores(head: Head, feats: TensorDataset, num_labels: int) -> dict:
@@ -98,11 +111,21 @@ def fit_head(train_feats: TensorDataset, start: Head, penalty: float) -> Head:
     anchor = start.weight.double()
     w = anchor.clone().requires_grad_(True)
     b = start.bias.double().clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=1000, tolerance_grad=1e-7, tolerance_change=1e-10, history_size=20, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [w, b],
+        lr=1.0,
+        max_iter=1000,
+        tolerance_grad=1e-7,
+        tolerance_change=1e-10,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(x @ w.T + b, y, reduction="sum") + penalty / 2 * ((w - anchor) ** 2).sum()
+        loss = (
+            torch.nn.functional.cross_entropy(x @ w.T + b, y, reduction="sum") + penalty / 2 * ((w - anchor) ** 2).sum()
+        )
         loss.backward()
         return loss
 
@@ -110,7 +133,13 @@ def fit_head(train_feats: TensorDataset, start: Head, penalty: float) -> Head:
     return Head(w.detach().float(), b.detach().float())
 
 
-def _tuned_fit(train_feats: TensorDataset, start: Head, val_feats: TensorDataset | None, num_labels: int, penalties: Sequence[float]) -> tuple[Head, float]:
+def _tuned_fit(
+    train_feats: TensorDataset,
+    start: Head,
+    val_feats: TensorDataset | None,
+    num_labels: int,
+    penalties: Sequence[float],
+) -> tuple[Head, float]:
     """The fitted head with the best validation macro-F1 over `penalties` (the first among ties),
     or the DEFAULT_PENALTY fit without a validation split."""
     if val_feats is None:
@@ -153,7 +182,10 @@ def personalize_features(
 
 
 def own_model_features(
-    train_feats: TensorDataset, num_labels: int, val_feats: TensorDataset | None = None, penalties: Sequence[float] = PENALTIES
+    train_feats: TensorDataset,
+    num_labels: int,
+    val_feats: TensorDataset | None = None,
+    penalties: Sequence[float] = PENALTIES,
 ) -> tuple[Head, float]:
     """The site alone, non-private: the same logistic regression from zero weights (no global
     model), its penalty chosen on validation like the local head's. Returns (head, penalty)."""
@@ -180,19 +212,32 @@ def personalize_site(site_path: str | Path, model_dir: str | Path, out_dir: str 
     personal = config.extra.get(EXTRA_KEY)
     if personal is not None:
         whom = personal.get("hospital_id") if isinstance(personal, dict) else None
-        raise InputError.at(model_dir / CONFIG_NAME, f"already personalised for {whom}; personalise the global export", field="extra")
+        raise InputError.at(
+            model_dir / CONFIG_NAME, f"already personalised for {whom}; personalise the global export", field="extra"
+        )
     # Every record file is validated before the (slow) backbone loads.
-    records = {split: None if path is None else load_records(path, text_field=site.text_field, label_field=site.label_field, labels=config.labels)
-               for split, path in (("train", site.train), ("validation", site.validation), ("test", site.test))}
+    records = {
+        split: None
+        if path is None
+        else load_records(path, text_field=site.text_field, label_field=site.label_field, labels=config.labels)
+        for split, path in (("train", site.train), ("validation", site.validation), ("test", site.test))
+    }
     model = PromptClassifier.from_pretrained(model_dir, load_backbone(site.backbone))  # refuses another backbone
     device = resolve_device(site.device)
     model.to(device)
 
     def features(split: str) -> TensorDataset | None:
         r = records[split]
-        return None if r is None else extract_features(model, encode(model.encoder_tokenizer, r.texts, r.labels, config.max_length).dataset, device)
+        return (
+            None
+            if r is None
+            else extract_features(
+                model, encode(model.encoder_tokenizer, r.texts, r.labels, config.max_length).dataset, device
+            )
+        )
 
     train, val, test = features("train"), features("validation"), features("test")
+    assert train is not None  # site.yaml's train file is required
     global_state = model.trainable_state()
     result = personalize_features(global_state, config, train, val)
     own, own_penalty = own_model_features(train, config.num_labels, val)
@@ -213,13 +258,18 @@ def personalize_site(site_path: str | Path, model_dir: str | Path, out_dir: str 
     report = {
         **provenance,
         "own_penalty": own_penalty,
-        "num_records": {name: None if feats is None else len(feats) for name, feats in (("train", train), ("validation", val), ("test", test))},
+        "num_records": {
+            name: None if feats is None else len(feats)
+            for name, feats in (("train", train), ("validation", val), ("test", test))
+        },
         "validation": validation,
         "test": table(test),
     }
     # Fitted on the site's records without DP (except the unchanged global model): says so to
     # `fedprompt predict`, and to anyone tempted to share it.
-    personalised = replace(config, private=config.private and result.method == GLOBAL, extra={**config.extra, EXTRA_KEY: provenance})
+    personalised = replace(
+        config, private=config.private and result.method == GLOBAL, extra={**config.extra, EXTRA_KEY: provenance}
+    )
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / REPORT_NAME, (json.dumps(report, indent=2) + "\n").encode())
     save_prompt(out, personalised, result.state)

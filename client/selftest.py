@@ -50,8 +50,12 @@ class Check:
 
 def _model(backbone: Backbone, device: torch.device, n_virtual: int = 4, seed: int = 0) -> PromptClassifier:
     config = PromptConfig(
-        labels=LABELS, hidden_size=backbone.hidden_size, backbone_fingerprint=backbone.fingerprint,
-        n_virtual_tokens=n_virtual, max_length=48, seed=seed,
+        labels=LABELS,
+        hidden_size=backbone.hidden_size,
+        backbone_fingerprint=backbone.fingerprint,
+        n_virtual_tokens=n_virtual,
+        max_length=48,
+        seed=seed,
     )
     model = build_model(backbone, config).to(device)
     with torch.no_grad():  # a non-zero bias so every head gradient term is exercised
@@ -72,6 +76,7 @@ def _loop_gradients(model: PromptClassifier, ids, mask, labels) -> dict[str, tor
         model.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(model(ids[i : i + 1], mask[i : i + 1]), labels[i : i + 1]).backward()
         for k, p in params.items():
+            assert p.grad is not None  # every trainable parameter takes part in the loss
             rows[k].append(p.grad.detach().clone())
     model.zero_grad(set_to_none=True)
     return {k: torch.stack(v) for k, v in rows.items()}
@@ -84,26 +89,35 @@ def check_per_sample_gradients(backbone: Backbone, device: torch.device) -> Chec
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     try:
         nn.functional.cross_entropy(gsm(ids, mask), labels).backward()
-        diff = max((p.grad_sample - reference[k]).abs().max().item() for k, p in model.trainable_parameters().items())
+        diff = max(
+            (p.grad_sample - reference[k]).abs().max().item()  # type: ignore[attr-defined]  # Opacus' attribute
+            for k, p in model.trainable_parameters().items()
+        )
     finally:
         gsm._close()
     return Check("per_sample_gradients", diff <= TOLERANCE, diff, f"{len(labels)} examples, prompt + head")
 
 
-def check_zero_noise_step(backbone: Backbone, device: torch.device, max_grad_norm: float = 0.05, lr: float = 1.0) -> Check:
+def check_zero_noise_step(
+    backbone: Backbone, device: torch.device, max_grad_norm: float = 0.05, lr: float = 1.0
+) -> Check:
     model = _model(backbone, device)
     ids, mask, labels = _batch(backbone, device)
     params = model.trainable_parameters()
     before = {k: p.detach().clone() for k, p in params.items()}
     per_sample = _loop_gradients(model, ids, mask, labels)
     # Manual DP-SGD: clip each example's joint gradient to C, sum, divide by the batch size.
-    norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in per_sample.values()))
+    squares = sum(g.flatten(1).pow(2).sum(1) for g in per_sample.values())
+    assert isinstance(squares, torch.Tensor)
+    norms = torch.sqrt(squares)
     factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
     expected = {k: before[k] - lr * torch.einsum("i,i...->...", factor, g) / len(labels) for k, g in per_sample.items()}
 
     dataset = TensorDataset(ids.cpu(), mask.cpu(), labels.cpu())
     optimizer = torch.optim.SGD(list(params.values()), lr=lr)
-    gsm, dp_opt, _ = wrap_private(model, optimizer, dataset, sample_rate=1.0, noise_multiplier=0.0, max_grad_norm=max_grad_norm)
+    gsm, dp_opt, _ = wrap_private(
+        model, optimizer, dataset, sample_rate=1.0, noise_multiplier=0.0, max_grad_norm=max_grad_norm
+    )
     try:
         nn.functional.cross_entropy(gsm(ids, mask), labels).backward()
         check_per_sample_shapes(list(params.values()), len(labels))
@@ -112,7 +126,9 @@ def check_zero_noise_step(backbone: Backbone, device: torch.device, max_grad_nor
         gsm._close()
     diff = max((p.detach() - expected[k]).abs().max().item() for k, p in params.items())
     clipped = int((norms > max_grad_norm).sum())
-    return Check("zero_noise_dp_step", diff <= TOLERANCE, diff, f"{clipped}/{len(labels)} examples clipped at C={max_grad_norm}")
+    return Check(
+        "zero_noise_dp_step", diff <= TOLERANCE, diff, f"{clipped}/{len(labels)} examples clipped at C={max_grad_norm}"
+    )
 
 
 class BroadcastPrompt(nn.Module):
@@ -131,14 +147,15 @@ class BroadcastPrompt(nn.Module):
 
 def check_broadcast_guard(backbone: Backbone, device: torch.device) -> Check:
     model = _model(backbone, device)
-    model.prompt = BroadcastPrompt(model.config.n_virtual_tokens, model.config.hidden_size).to(device)
+    prompt = BroadcastPrompt(model.config.n_virtual_tokens, model.config.hidden_size).to(device)
+    model.prompt = prompt  # type: ignore[assignment]  # PEFT's broadcast prompt in place of the SoftPrompt
     model.head.requires_grad_(False)  # prompt-only, as in PEFT: the unguarded step succeeds silently
     ids, mask, labels = _batch(backbone, device)
-    params = [model.prompt.embedding.weight]
+    params = [prompt.embedding.weight]
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     try:
         nn.functional.cross_entropy(gsm(ids, mask), labels).backward()
-        seen = tuple(params[0].grad_sample.shape)
+        seen = tuple(params[0].grad_sample.shape)  # type: ignore[attr-defined]  # Opacus' attribute
         try:
             check_per_sample_shapes(params, len(labels))
         except PerSampleGradientError as exc:
@@ -153,7 +170,9 @@ def check_backbone_frozen(backbone: Backbone, device: torch.device) -> Check:
     before = {k: v.detach().clone() for k, v in model.encoder.state_dict().items()}
     ids, mask, labels = _batch(backbone, device)
     dataset = TensorDataset(ids.cpu(), mask.cpu(), labels.cpu())
-    settings = TrainSettings(epochs=2, batch_size=3, lr=0.1, noise_multiplier=1.0, max_grad_norm=1.0, max_physical_batch_size=2)
+    settings = TrainSettings(
+        epochs=2, batch_size=3, lr=0.1, noise_multiplier=1.0, max_grad_norm=1.0, max_physical_batch_size=2
+    )
     result = train(model, dataset, settings, device)
     after = model.encoder.state_dict()
     diff = max((after[k] - v).abs().max().item() for k, v in before.items())
@@ -169,17 +188,35 @@ def check_feature_precision(backbone: Backbone, device: torch.device) -> Check:
     reduced = extract_features(model, dataset, device, dtype=dtype).tensors[0]
     full = extract_features(model, dataset, device, dtype=torch.float32).tensors[0]
     diff = (reduced - full).abs().max().item()
-    return Check("feature_precision", diff <= FEATURE_TOLERANCE, diff, f"encoder forward in {str(dtype).removeprefix('torch.')} vs float32")
+    return Check(
+        "feature_precision",
+        diff <= FEATURE_TOLERANCE,
+        diff,
+        f"encoder forward in {str(dtype).removeprefix('torch.')} vs float32",
+    )
 
 
 def run_selftest(backbone: Backbone, device: torch.device) -> dict:
     checks = []
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        for fn in (check_per_sample_gradients, check_zero_noise_step, check_broadcast_guard, check_backbone_frozen, check_feature_precision):
+        for fn in (
+            check_per_sample_gradients,
+            check_zero_noise_step,
+            check_broadcast_guard,
+            check_backbone_frozen,
+            check_feature_precision,
+        ):
             try:
                 checks.append(fn(backbone, device))
             except Exception as exc:  # a crash is a failed check, reported like the others
-                checks.append(Check(fn.__name__.removeprefix("check_"), False, None, f"error: {type(exc).__name__}: {exc}"))
-    return {"checks": [asdict(c) for c in checks], "passed": all(c.passed for c in checks), "device": str(device),
-            "dtype": str(feature_dtype(device)).removeprefix("torch."), "backbone": backbone.fingerprint}
+                checks.append(
+                    Check(fn.__name__.removeprefix("check_"), False, None, f"error: {type(exc).__name__}: {exc}")
+                )
+    return {
+        "checks": [asdict(c) for c in checks],
+        "passed": all(c.passed for c in checks),
+        "device": str(device),
+        "dtype": str(feature_dtype(device)).removeprefix("torch."),
+        "backbone": backbone.fingerprint,
+    }

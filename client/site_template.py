@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
-
 from pydantic_core import PydanticUndefined
 
 from fedprompt.common.atomic import atomic_write
@@ -30,50 +29,98 @@ RECOMMENDED = {"privacy.max_epsilon": 8.0, "privacy.delta": 1e-5}
 # (dotted field, what it means), in the order a hospital fills them in. Nested fields follow
 # their parent ("privacy"). tests/test_site_template.py checks that this covers every field.
 LAYOUT: list[tuple[str, str]] = [
-    ("hospital_id", "This site's id: letters, digits, '-' or '_'. Use the id of its SuperNode key "
-                    "(`fedprompt pki hospital --id ...`); the privacy ledger is bound to it."),
-    ("train", "The training records: a CSV file with a header row, or JSONL (one JSON object per line), "
-              "UTF-8. Relative paths are read from this file's folder. The daemon only reads it."),
-    ("validation", "Validation records (same format), evaluated at the site every round; the results stay "
-                   "in this site's log (see share_evaluation). null: no local validation."),
+    (
+        "hospital_id",
+        "This site's id: letters, digits, '-' or '_'. Use the id of its SuperNode key "
+        "(`fedprompt pki hospital --id ...`); the privacy ledger is bound to it.",
+    ),
+    (
+        "train",
+        "The training records: a CSV file with a header row, or JSONL (one JSON object per line), "
+        "UTF-8. Relative paths are read from this file's folder. The daemon only reads it.",
+    ),
+    (
+        "validation",
+        "Validation records (same format), evaluated at the site every round; the results stay "
+        "in this site's log (see share_evaluation). null: no local validation.",
+    ),
     ("test", "This site's own held-out records, used only by `fedprompt personalize`. null: none."),
     ("text_field", "The CSV column / JSONL field holding each record's text."),
-    ("label_field", "The CSV column / JSONL field holding each record's label: a name from the federation's "
-                    "label space, exactly (`fedprompt data check --site THIS --federation federation.yaml`)."),
-    ("patient_field", "Patient-level DP: the column / field naming each record's patient. Set, a whole "
-                      "patient is the unit the epsilon protects (head-only recipe only); null: each record is "
-                      "the unit, and a patient with k records is protected up to k times less."),
+    (
+        "label_field",
+        "The CSV column / JSONL field holding each record's label: a name from the federation's "
+        "label space, exactly (`fedprompt data check --site THIS --federation federation.yaml`).",
+    ),
+    (
+        "patient_field",
+        "Patient-level DP: the column / field naming each record's patient. Set, a whole "
+        "patient is the unit the epsilon protects (head-only recipe only); null: each record is "
+        "the unit, and a patient with k records is protected up to k times less.",
+    ),
     ("privacy", "This site's own promise. The aggregator can ask for more privacy, never less."),
-    ("privacy.max_epsilon", "The most epsilon this site will EVER spend: a lifetime cap over all runs together, "
-                            "never reset. A federation asking for epsilon 8 per run uses all of a cap of 8 in "
-                            "one run; later runs are refused until the cap is raised (a decision of the site)."),
-    ("privacy.delta", "DP's delta: well below 1 / (number of training records, or patients); "
-                      "`fedprompt data check` verifies it. Fixed for the life of the ledger."),
-    ("privacy.min_noise_multiplier", "The least DP-SGD noise (sigma) this site accepts, whatever epsilon allows. "
-                                     "0: no floor."),
-    ("privacy.accountant", "How epsilon is accounted: 'prv' (tight) or 'rdp' (a looser upper bound). "
-                           "Fixed for the life of the ledger."),
-    ("ledger", "The privacy ledger, the only record of the epsilon this site has spent: a file on a writable, "
-               "backed-up volume (docs/deployment.md section 9). Created once in the life of the site with "
-               "`fedprompt privacy init --site THIS`; never re-created."),
-    ("ledger_anchor", "The ledger's anchor (detects an old copy restored over it): best on another volume than "
-                      "the ledger. null: LEDGER.anchor, beside the ledger."),
-    ("allow_non_private", "May the aggregator run this site WITHOUT DP (reference runs)? One such round "
-                          "makes this site's epsilon infinite for good. Keep false."),
-    ("share_evaluation", "Validation results: 'none' stays in this site's log; 'noised' sends per-class counts "
-                         "with Gaussian noise, each evaluation charged evaluation_epsilon to the ledger."),
+    (
+        "privacy.max_epsilon",
+        "The most epsilon this site will EVER spend: a lifetime cap over all runs together, "
+        "never reset. A federation asking for epsilon 8 per run uses all of a cap of 8 in "
+        "one run; later runs are refused until the cap is raised (a decision of the site).",
+    ),
+    (
+        "privacy.delta",
+        "DP's delta: well below 1 / (number of training records, or patients); "
+        "`fedprompt data check` verifies it. Fixed for the life of the ledger.",
+    ),
+    (
+        "privacy.min_noise_multiplier",
+        "The least DP-SGD noise (sigma) this site accepts, whatever epsilon allows. 0: no floor.",
+    ),
+    (
+        "privacy.accountant",
+        "How epsilon is accounted: 'prv' (tight) or 'rdp' (a looser upper bound). Fixed for the life of the ledger.",
+    ),
+    (
+        "ledger",
+        "The privacy ledger, the only record of the epsilon this site has spent: a file on a writable, "
+        "backed-up volume (docs/deployment.md section 9). Created once in the life of the site with "
+        "`fedprompt privacy init --site THIS`; never re-created.",
+    ),
+    (
+        "ledger_anchor",
+        "The ledger's anchor (detects an old copy restored over it): best on another volume than "
+        "the ledger. null: LEDGER.anchor, beside the ledger.",
+    ),
+    (
+        "allow_non_private",
+        "May the aggregator run this site WITHOUT DP (reference runs)? One such round "
+        "makes this site's epsilon infinite for good. Keep false.",
+    ),
+    (
+        "share_evaluation",
+        "Validation results: 'none' stays in this site's log; 'noised' sends per-class counts "
+        "with Gaussian noise, each evaluation charged evaluation_epsilon to the ledger.",
+    ),
     ("evaluation_epsilon", "What one noised evaluation costs (only with share_evaluation: noised)."),
-    ("weight", "The FedAvg weight this site declares (sent as-is, never counted from the records). 1.0 "
-               "discloses nothing; the training-set size rounded to 1 significant digit weights larger sites "
-               "more and discloses that approximate size (docs/deployment.md section 5)."),
-    ("trusted_apps", "Flower app bundles this site accepts besides the code-free one that names the installed "
-                     "fedprompt: sha256 digests of bundles the site has reviewed. Even for these the installed code "
-                     "runs; any other bundle is refused ('untrusted app'). Keep empty."),
+    (
+        "weight",
+        "The FedAvg weight this site declares (sent as-is, never counted from the records). 1.0 "
+        "discloses nothing; the training-set size rounded to 1 significant digit weights larger sites "
+        "more and discloses that approximate size (docs/deployment.md section 5).",
+    ),
+    (
+        "trusted_apps",
+        "Flower app bundles this site accepts besides the code-free one that names the installed "
+        "fedprompt: sha256 digests of bundles the site has reviewed. Even for these the installed code "
+        "runs; any other bundle is refused ('untrusted app'). Keep empty.",
+    ),
     ("device", "'auto' (a GPU if there is one), 'cpu' or 'cuda'."),
-    ("backbone", "The frozen text encoder: a local HuggingFace model directory, the same as every other site's "
-                 "(its fingerprint is checked every round). null: the embedded all-MiniLM-L6-v2."),
-    ("max_physical_batch_size", "The most records per forward/backward pass (memory only; the privacy "
-                                "accounting does not depend on it)."),
+    (
+        "backbone",
+        "The frozen text encoder: a local HuggingFace model directory, the same as every other site's "
+        "(its fingerprint is checked every round). null: the embedded all-MiniLM-L6-v2.",
+    ),
+    (
+        "max_physical_batch_size",
+        "The most records per forward/backward pass (memory only; the privacy accounting does not depend on it).",
+    ),
 ]
 
 HEADER = """\
@@ -123,10 +170,18 @@ def render(values: Mapping[str, object], name: str = "site.yaml", path: str = "s
             note, text = "REQUIRED.", "null"
             required.append(key)
         elif default is PydanticUndefined:
-            note, text = f"Required; recommended: {_scalar(RECOMMENDED[key])}." if key in RECOMMENDED else "Required.", _scalar(value)
+            note, text = (
+                f"Required; recommended: {_scalar(RECOMMENDED[key])}." if key in RECOMMENDED else "Required.",
+                _scalar(value),
+            )
         else:
             note, text = f"Default: {_scalar(default)}.", _scalar(value)
-        comment = textwrap.wrap(meaning.replace("THIS", path), 100 - len(indent), initial_indent=f"{indent}# ", subsequent_indent=f"{indent}# ")
+        comment = textwrap.wrap(
+            meaning.replace("THIS", path),
+            100 - len(indent),
+            initial_indent=f"{indent}# ",
+            subsequent_indent=f"{indent}# ",
+        )
         lines += ([""] if depth == 0 else []) + comment + [f"{indent}# {note}", f"{indent}{field}: {text}"]
     return "\n".join(lines) + "\n", required
 
@@ -134,16 +189,28 @@ def render(values: Mapping[str, object], name: str = "site.yaml", path: str = "s
 def check_values(values: Mapping[str, object]) -> None:
     """The given (top-level) values, by the rules SiteConfig itself applies; InputError names the
     command-line flag (`hospital_id` -> `--hospital-id`)."""
+
     def flag(key: str) -> str:
         return "--" + key.replace("_", "-")
 
-    problems = [Problem(flag(key), None, None, f"expected a non-empty value without control characters, got {str(value)!r}")
-                for key, value in values.items() if not str(value).strip() or any(ord(c) < 32 for c in str(value))]
-    probe = {"hospital_id": "probe", "train": "train.csv", "ledger": "ledger.json",
-             "privacy": {"max_epsilon": RECOMMENDED["privacy.max_epsilon"], "delta": RECOMMENDED["privacy.delta"]}, **values}
+    problems = [
+        Problem(flag(key), None, None, f"expected a non-empty value without control characters, got {str(value)!r}")
+        for key, value in values.items()
+        if not str(value).strip() or any(ord(c) < 32 for c in str(value))
+    ]
+    probe = {
+        "hospital_id": "probe",
+        "train": "train.csv",
+        "ledger": "ledger.json",
+        "privacy": {"max_epsilon": RECOMMENDED["privacy.max_epsilon"], "delta": RECOMMENDED["privacy.delta"]},
+        **values,
+    }
     flagged = {p.path for p in problems}  # one problem per flag: the blank ones are named above
-    problems += [Problem(flag(key), None, None, message) for key, message in SiteConfig.issues_of(probe)
-                 if key in values and flag(key) not in flagged]
+    problems += [
+        Problem(flag(key), None, None, message)
+        for key, message in SiteConfig.issues_of(probe)
+        if key in values and flag(key) not in flagged
+    ]
     if problems:
         raise InputError(problems)
 

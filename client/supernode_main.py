@@ -7,7 +7,8 @@ after every pull that finds no message, and checks its local state for the site'
 0.5 s. With a warm worker those two waits are most of a round's overhead (a round instruction
 waits 1.5 s on average before a hospital even sees it; benchmarks/round.py). This wrapper gives
 that module a `time` whose `sleep` shortens exactly those two waits, and a short backoff for
-the message objects it fetches (common/flower_polling.py); everything else in Flower is unchanged. Pinned to flwr 1.42 (pyproject.toml): a Flower upgrade must re-check the literals.
+the message objects it fetches (common/flower_polling.py); everything else in Flower is unchanged.
+Pinned to flwr 1.42 (pyproject.toml): a Flower upgrade must re-check the literals.
 Cost: one Fleet pull per POLL_S per hospital at the aggregator's proxy while idle.
 """
 
@@ -17,6 +18,7 @@ import os
 import sys
 import time
 import types
+from typing import cast
 
 POLL_S = float(os.environ.get("FEDPROMPT_SUPERNODE_POLL_S", "1.0"))  # Flower: 3 s
 REPLY_CHECK_S = 0.1  # Flower: 0.5 s; a check of the SuperNode's own in-memory state
@@ -33,16 +35,17 @@ def _sleep(seconds: float) -> None:
 
 def main() -> int:
     from flwr.supernode import start_client_internal
+    from flwr.supernode.cli.flower_supernode import flower_supernode
 
     from fedprompt.common.flower_polling import shorten_object_pull_backoff
-    from flwr.supernode.cli.flower_supernode import flower_supernode
 
     if not 0.05 <= POLL_S <= 60:
         print(f"error: FEDPROMPT_SUPERNODE_POLL_S must be between 0.05 and 60 seconds, got {POLL_S}", file=sys.stderr)
         return 2
     patched = types.SimpleNamespace(**{name: getattr(time, name) for name in dir(time) if not name.startswith("_")})
     patched.sleep = _sleep
-    start_client_internal.time = patched  # only this module's waits; time.time & co. unchanged
+    # only this module's waits; time.time & co. unchanged (a stand-in for the module: a cast for the type checker)
+    start_client_internal.time = cast(types.ModuleType, patched)
     shorten_object_pull_backoff(start_client_internal)  # the message's objects, fetched from the aggregator
     sys.argv[0] = "flower-supernode"
     flower_supernode()

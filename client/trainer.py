@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from opacus.utils.batch_memory_manager import BatchMemoryManager
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from fedprompt.common.errors import InputError
@@ -72,7 +72,12 @@ def patient_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     With Opacus's loss_reduction="mean" (backprops x batch of patients), each patient's per-sample
     gradient is then exactly the sum of its records' gradients; padding contributes zero.
     """
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=PAD_LABEL, reduction="sum") / logits.shape[0]
+    return (
+        torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), labels.flatten(), ignore_index=PAD_LABEL, reduction="sum"
+        )
+        / logits.shape[0]
+    )
 
 
 def _loss_for(dataset: Dataset):
@@ -96,7 +101,7 @@ class _Stats:
 
 def train(
     model: torch.nn.Module,
-    dataset: Dataset,
+    dataset: TensorDataset,
     settings: TrainSettings,
     device: torch.device,
     *,
@@ -119,11 +124,26 @@ def train(
     anchor = [p.detach().clone() for p in params]
     try:
         if settings.private:
-            _train_private(model, optimizer, params, anchor, dataset, q, settings, device, bar, stats, noise_generator, sample_generator)
+            _train_private(
+                model,
+                optimizer,
+                params,
+                anchor,
+                dataset,
+                q,
+                settings,
+                device,
+                bar,
+                stats,
+                noise_generator,
+                sample_generator,
+            )
             if stats.steps != planned:
                 raise RuntimeError(f"took {stats.steps} DP steps, planned (and accounted) {planned}")
         else:
-            _train_non_private(model, optimizer, params, anchor, dataset, batch, settings, device, bar, stats, sample_generator)
+            _train_non_private(
+                model, optimizer, params, anchor, dataset, batch, settings, device, bar, stats, sample_generator
+            )
     finally:
         bar.close()
     return TrainResult(
@@ -140,7 +160,7 @@ def train(
 
 def local_update(
     model: PromptClassifier,
-    encoded: Dataset,
+    encoded: TensorDataset,
     plan: RoundPlan,
     noise_multiplier: float | None,
     device: torch.device,
@@ -162,8 +182,11 @@ def local_update(
     sample, the clipped unit and the expected batch are patients, and the result's num_examples
     and steps count patients' batches."""
     if patients is not None and plan.train_prompt:
-        raise InputError.at("site.yaml", "patient-level DP is supported for the head-only recipe (train_prompt: false) only",
-                            field="patient_field")
+        raise InputError.at(
+            "site.yaml",
+            "patient-level DP is supported for the head-only recipe (train_prompt: false) only",
+            field="patient_field",
+        )
     settings = TrainSettings(
         epochs=plan.local_epochs,
         batch_size=plan.batch_size or None,
@@ -180,15 +203,35 @@ def local_update(
         data = group_by_patient(data, list(patients))
         # Keep a physical batch about as large (in records) as the record-level one.
         settings.max_physical_batch_size = max(1, HEAD_PHYSICAL_BATCH // data.tensors[1].shape[1])
-    return train(module, data, settings, device, progress=progress, progress_label=progress_label,
-                 noise_generator=noise_generator, sample_generator=sample_generator)
+    return train(
+        module,
+        data,
+        settings,
+        device,
+        progress=progress,
+        progress_label=progress_label,
+        noise_generator=noise_generator,
+        sample_generator=sample_generator,
+    )
 
 
 def _proximal_term(params, anchor, mu: float) -> torch.Tensor:
-    return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+    return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
 
 
-def _train_non_private(model, optimizer, params, anchor, dataset, batch: int, settings: TrainSettings, device, bar, stats: _Stats, generator) -> None:
+def _train_non_private(
+    model,
+    optimizer,
+    params,
+    anchor,
+    dataset,
+    batch: int,
+    settings: TrainSettings,
+    device,
+    bar,
+    stats: _Stats,
+    generator,
+) -> None:
     loss_fn = _loss_for(dataset)
     loader = DataLoader(dataset, batch_size=batch, shuffle=True, generator=generator or entropy_generator())
     for _ in range(settings.epochs):
@@ -204,7 +247,21 @@ def _train_non_private(model, optimizer, params, anchor, dataset, batch: int, se
             bar.set_postfix(loss=f"{loss.item():.3f}", privacy="NONE")
 
 
-def _train_private(model, optimizer, params, anchor, dataset, q, settings: TrainSettings, device, bar, stats: _Stats, noise_gen, sample_gen) -> None:
+def _train_private(
+    model,
+    optimizer,
+    params,
+    anchor,
+    dataset,
+    q,
+    settings: TrainSettings,
+    device,
+    bar,
+    stats: _Stats,
+    noise_gen,
+    sample_gen,
+) -> None:
+    assert settings.noise_multiplier is not None  # called for private training only
     loss_fn = _loss_for(dataset)
     gsm, dp_opt, dp_loader = wrap_private(
         model,
@@ -221,14 +278,17 @@ def _train_private(model, optimizer, params, anchor, dataset, q, settings: Train
         # (post-processing). Put into the loss instead, Opacus would silently drop it: it
         # never flows through a hooked layer, and only per-sample gradients are kept.
         def add_proximal(opt) -> None:
-            for p, a in zip(params, anchor):
+            for p, a in zip(params, anchor, strict=True):
                 p.grad.add_(p.detach() - a, alpha=settings.proximal_mu)
 
         dp_opt.attach_step_hook(add_proximal)
     try:
-        with warnings.catch_warnings(), BatchMemoryManager(
-            data_loader=dp_loader, max_physical_batch_size=settings.max_physical_batch_size, optimizer=dp_opt
-        ) as loader:
+        with (
+            warnings.catch_warnings(),
+            BatchMemoryManager(
+                data_loader=dp_loader, max_physical_batch_size=settings.max_physical_batch_size, optimizer=dp_opt
+            ) as loader,
+        ):
             # The prompt's input (frozen embeddings) needs no grad, so torch notes that the full
             # backward hook fires on outputs only: that is exactly what the prompt sampler reads.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")

@@ -54,8 +54,14 @@ def warm_up(site_path: Path) -> dict:
     site = SiteConfig.load(site_path)
     backbone = cached_backbone(str(site.backbone) if site.backbone else None)
     device = resolve_device(site.device)
-    backbone.model.to(device)  # stays there across rounds
-    return {"pid": os.getpid(), "hospital": site.hospital_id, "device": str(device), "backbone": backbone.fingerprint[:16]}
+    # stays there across rounds (transformers' decorator hides `to`'s signature from type checkers)
+    backbone.model.to(device)  # type: ignore[arg-type]
+    return {
+        "pid": os.getpid(),
+        "hospital": site.hospital_id,
+        "device": str(device),
+        "backbone": backbone.fingerprint[:16],
+    }
 
 
 def serve(conn: Connection, site_path: Path) -> int:
@@ -67,7 +73,13 @@ def serve(conn: Connection, site_path: Path) -> int:
     except Exception:  # noqa: BLE001 - whatever fails, the supervisor answers "worker unavailable"
         log.exception("the worker could not start for %s", site_path)
         return 1
-    log.info("worker ready (pid %d, %s on %s, backbone %s...)", info["pid"], info["hospital"], info["device"], info["backbone"])
+    log.info(
+        "worker ready (pid %d, %s on %s, backbone %s...)",
+        info["pid"],
+        info["hospital"],
+        info["device"],
+        info["backbone"],
+    )
     conn.send(("ready", info))
     while True:
         try:
@@ -77,7 +89,9 @@ def serve(conn: Connection, site_path: Path) -> int:
         _, kind, run_id, data = request
         start = time.time()
         content, timings = answer(kind, decode_content(data), site_path, run_id=run_id)
-        conn.send(("reply", encode_content(content), {"handler_start": start, "handler_end": time.time(), "phases": timings}))
+        conn.send(
+            ("reply", encode_content(content), {"handler_start": start, "handler_end": time.time(), "phases": timings})
+        )
         try:
             project_next_round(site_path)  # between rounds, off the round's critical path
         except Exception:  # noqa: BLE001 - an optimisation: the next round computes it itself if this fails

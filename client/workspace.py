@@ -76,7 +76,9 @@ def check_empty_target(out_dir: str | Path) -> Path:
     """The output folder must not exist yet or be empty: a workspace is never overwritten."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError.at(out, "output folder already exists and is not empty; refusing to overwrite it (choose a new --out)")
+        raise InputError.at(
+            out, "output folder already exists and is not empty; refusing to overwrite it (choose a new --out)"
+        )
     return out
 
 
@@ -118,7 +120,11 @@ def write_workspace(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_directory(out) as tmp:
-        _write_yaml(tmp / FEDERATION_FILE, "Federation (aggregator side). Edit the knobs below; `fedprompt data check` validates.", federation)
+        _write_yaml(
+            tmp / FEDERATION_FILE,
+            "Federation (aggregator side). Edit the knobs below; `fedprompt data check` validates.",
+            federation,
+        )
         if test_rows:
             _write_csv(tmp / TEST_FILE, test_rows)
         for hid, (train, val) in hospitals.items():
@@ -141,8 +147,11 @@ def write_workspace(
                 weight=declared_weight(len(train)),
                 backbone=backbone,
             )
-            _write_yaml(folder / SITE_FILE, "Hospital site config: its own privacy cap wins over the aggregator's requests.",
-                        site.model_dump(mode="json"))
+            _write_yaml(
+                folder / SITE_FILE,
+                "Hospital site config: its own privacy cap wins over the aggregator's requests.",
+                site.model_dump(mode="json"),
+            )
         load_workspace(tmp)  # what we wrote must load: fail here, not at the first training round
     return out
 
@@ -165,7 +174,9 @@ def load_workspace(workspace: str | Path) -> tuple[FederationConfig, list[SiteCo
         problems += exc.problems
     site_files = list_hospitals(workspace)
     if not site_files:
-        problems.append(Problem(str(workspace), None, None, f"no {HOSPITAL_PREFIX}*/{SITE_FILE} found in the workspace"))
+        problems.append(
+            Problem(str(workspace), None, None, f"no {HOSPITAL_PREFIX}*/{SITE_FILE} found in the workspace")
+        )
     sites: list[SiteConfig] = []
     seen: dict[str, Path] = {}
     for path in site_files:
@@ -175,11 +186,16 @@ def load_workspace(workspace: str | Path) -> tuple[FederationConfig, list[SiteCo
             problems += exc.problems
             continue
         if site.hospital_id in seen:
-            problems.append(Problem(str(path), None, "hospital_id", f"{site.hospital_id!r} is also used by {seen[site.hospital_id]}"))
+            problems.append(
+                Problem(
+                    str(path), None, "hospital_id", f"{site.hospital_id!r} is also used by {seen[site.hospital_id]}"
+                )
+            )
         seen[site.hospital_id] = path
         sites.append(site)
     if problems:
         raise InputError(problems)
+    assert federation is not None  # or its problems were raised above
     test = workspace / TEST_FILE
     return federation, sites, (test.resolve() if test.is_file() else None)
 
@@ -195,7 +211,8 @@ def label_table(
     local_tests = local_tests or {}
     local = any(local_tests.values())
     columns: list[tuple[str, list[Sequence[Row]]]] = [
-        (f"{HOSPITAL_PREFIX}{hid}", [tr, va, *([local_tests.get(hid, [])] if local else [])]) for hid, (tr, va) in hospitals.items()
+        (f"{HOSPITAL_PREFIX}{hid}", [tr, va, *([local_tests.get(hid, [])] if local else [])])
+        for hid, (tr, va) in hospitals.items()
     ]
     if test_rows:
         columns.append(("test", [test_rows]))
@@ -207,5 +224,8 @@ def label_table(
     body = [[label, *(cell(parts, label) for _, parts in columns)] for label in labels]
     body.append(["total", *(cell(parts, None) for _, parts in columns)])
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in [header, *body]]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in [header, *body]
+    ]
     return "\n".join(lines) + f"\n(hospital columns: train/val{'/local test' if local else ''})"

@@ -43,7 +43,8 @@ def atomic_file(path: str | Path, *, mode: int = 0o644, exclusive: bool = False)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)  # before the first byte (a key is never readable by others); the umask does not apply
+            # before the first byte (a key is never readable by others); the umask does not apply
+            os.fchmod(f.fileno(), mode)
             yield f
             f.flush()
             os.fsync(f.fileno())

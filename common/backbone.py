@@ -110,4 +110,6 @@ def load_backbone(path: str | Path | None = None) -> Backbone:
         raise InputError.at(where, f"cannot load encoder/tokenizer: {exc}") from None
     model.requires_grad_(False)
     model.eval()
-    return Backbone(path=directory.resolve(), model=model, tokenizer=tokenizer, fingerprint=fingerprint(model, directory))
+    return Backbone(
+        path=directory.resolve(), model=model, tokenizer=tokenizer, fingerprint=fingerprint(model, directory)
+    )

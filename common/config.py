@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import AfterValidator, Field, ValidationInfo, field_validator
 
@@ -114,7 +114,10 @@ class LabelSpec(Schema):
         return f"{self.name}: {self.description}" if self.description else self.name
 
 
-Label = str_or(LabelSpec)
+if TYPE_CHECKING:  # str_or builds the validating annotation at run time; a type checker sees its type
+    Label = str | LabelSpec
+else:
+    Label = str_or(LabelSpec)
 
 
 class FederationConfig(ConfigFile):
@@ -212,14 +215,20 @@ class SiteConfig(ConfigFile):
 
 # docs/schema/: the files' JSON Schemas, for editors (`# yaml-language-server: $schema=...`). Rewrite
 # them after changing a model: python -m fedprompt.common.config docs/schema
-SCHEMA_FILES = {"site.schema.json": SiteConfig, "federation.schema.json": FederationConfig}
+SCHEMA_FILES: dict[str, type[Schema]] = {"site.schema.json": SiteConfig, "federation.schema.json": FederationConfig}
 
 
 def json_schemas() -> dict[str, str]:
     """Each published schema file's name and text, generated from its model."""
-    return {name: json.dumps({"$schema": "https://json-schema.org/draft/2020-12/schema", **model.model_json_schema()},
-                             indent=2, ensure_ascii=False) + "\n"
-            for name, model in SCHEMA_FILES.items()}
+    return {
+        name: json.dumps(
+            {"$schema": "https://json-schema.org/draft/2020-12/schema", **model.model_json_schema()},
+            indent=2,
+            ensure_ascii=False,
+        )
+        + "\n"
+        for name, model in SCHEMA_FILES.items()
+    }
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ class InputError(Exception):
         super().__init__(str(self))
 
     @classmethod
-    def at(cls, path: str | Path, message: str, *, line: int | None = None, field: str | None = None) -> "InputError":
+    def at(cls, path: str | Path, message: str, *, line: int | None = None, field: str | None = None) -> InputError:
         return cls(Problem(str(path), line, field, message))
 
     def __str__(self) -> str:

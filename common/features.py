@@ -30,8 +30,13 @@ def feature_dtype(device: torch.device | str) -> torch.dtype:
 
 
 @torch.no_grad()
-def extract_features(model: PromptClassifier, dataset: Dataset, device: torch.device | str = "cpu", batch_size: int = 64,
-                     dtype: torch.dtype | None = None) -> TensorDataset:
+def extract_features(
+    model: PromptClassifier,
+    dataset: Dataset,
+    device: torch.device | str = "cpu",
+    batch_size: int = 64,
+    dtype: torch.dtype | None = None,
+) -> TensorDataset:
     """(features, labels) of an encoded dataset (input_ids, attention_mask, labels), float32 features on the CPU.
     `dtype`: the encoder forward's precision (default feature_dtype(device))."""
     device = torch.device(device)
@@ -45,13 +50,20 @@ def extract_features(model: PromptClassifier, dataset: Dataset, device: torch.de
         labels.append(y)
     model.train(was_training)
     hidden = model.config.hidden_size
-    return TensorDataset(torch.cat(feats) if feats else torch.zeros(0, hidden), torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long))
+    return TensorDataset(
+        torch.cat(feats) if feats else torch.zeros(0, hidden),
+        torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
+    )
 
 
 def _key(model: PromptClassifier, dataset: TensorDataset, device: torch.device | str) -> str:
     h = hashlib.sha256()
     c = model.config
-    h.update(repr((c.backbone_fingerprint, c.n_virtual_tokens, c.pooling, c.max_length, c.normalize, feature_dtype(device))).encode())
+    h.update(
+        repr(
+            (c.backbone_fingerprint, c.n_virtual_tokens, c.pooling, c.max_length, c.normalize, feature_dtype(device))
+        ).encode()
+    )
     h.update(model.prompt.weight.detach().float().cpu().numpy().tobytes())
     for t in dataset.tensors:
         h.update(t.cpu().numpy().tobytes())
@@ -61,7 +73,9 @@ def _key(model: PromptClassifier, dataset: TensorDataset, device: torch.device |
 _cache: OrderedDict[str, TensorDataset] = OrderedDict()
 
 
-def cached_features(model: PromptClassifier, dataset: TensorDataset, device: torch.device | str = "cpu") -> TensorDataset:
+def cached_features(
+    model: PromptClassifier, dataset: TensorDataset, device: torch.device | str = "cpu"
+) -> TensorDataset:
     """extract_features, remembered for the same records, prompt and settings (LRU, in this process)."""
     key = _key(model, dataset, device)
     if key in _cache:

@@ -11,13 +11,20 @@ name in one module to the same function with a short backoff (never a shorter to
 from __future__ import annotations
 
 import functools
-import types
+from collections.abc import Callable
+from typing import Any, Protocol
 
 INITIAL_BACKOFF_S = 0.05  # a pull on loopback or a LAN costs milliseconds
 BACKOFF_CAP_S = 0.25
 
 
-def shorten_object_pull_backoff(module: types.ModuleType) -> None:
+class _PullsObjects(Protocol):
+    """A Flower module that imports `pull_objects` by name."""
+
+    pull_objects: Callable[..., Any]
+
+
+def shorten_object_pull_backoff(module: _PullsObjects) -> None:
     """`module.pull_objects` with INITIAL_BACKOFF_S / BACKOFF_CAP_S unless a caller sets its own."""
     from flwr.supercore.inflatable.inflatable_utils import pull_objects
 

@@ -17,7 +17,7 @@ import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
@@ -35,7 +35,7 @@ PROGRESS = {"fedprompt_console": "progress"}
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         doc = {
-            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
@@ -50,12 +50,21 @@ def _formatter(fmt: str) -> logging.Formatter:
 
 
 def _is_console(handler: logging.Handler) -> bool:
-    return isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+    return isinstance(handler, logging.StreamHandler) and handler.stream in (
+        sys.stdout,
+        sys.stderr,
+        sys.__stdout__,
+        sys.__stderr__,
+    )
 
 
 def add_log_format_argument(parser) -> None:
-    parser.add_argument("--log-format", choices=LOG_FORMATS, default="text",
-                        help="text (default): timestamped lines; json: one JSON object per line (time, level, logger, message)")
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="text",
+        help="text (default): timestamped lines; json: one JSON object per line (time, level, logger, message)",
+    )
 
 
 def configure_logging(fmt: str = "text") -> None:

@@ -4,24 +4,31 @@ can compute the federation's exact accuracy and macro-F1 (not an average of site
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+if TYPE_CHECKING:
+    from .model import PromptClassifier
 
 
 @dataclass
 class ClassCounts:
-    tp: list[int]
-    fp: list[int]
-    fn: list[int]
+    # Counts per class: integers at a site, floats once noised (the aggregator sums noised counts).
+    tp: list[float]
+    fp: list[float]
+    fn: list[float]
     loss_sum: float = 0.0
 
     @classmethod
-    def zeros(cls, num_labels: int) -> "ClassCounts":
+    def zeros(cls, num_labels: int) -> ClassCounts:
         return cls([0] * num_labels, [0] * num_labels, [0] * num_labels)
 
     @classmethod
-    def from_predictions(cls, preds: torch.Tensor, labels: torch.Tensor, num_labels: int, loss_sum: float = 0.0) -> "ClassCounts":
+    def from_predictions(
+        cls, preds: torch.Tensor, labels: torch.Tensor, num_labels: int, loss_sum: float = 0.0
+    ) -> ClassCounts:
         c = cls.zeros(num_labels)
         for k in range(num_labels):
             p, t = preds == k, labels == k
@@ -31,29 +38,29 @@ class ClassCounts:
         c.loss_sum = float(loss_sum)
         return c
 
-    def __add__(self, other: "ClassCounts") -> "ClassCounts":
+    def __add__(self, other: ClassCounts) -> ClassCounts:
         return ClassCounts(
-            [a + b for a, b in zip(self.tp, other.tp)],
-            [a + b for a, b in zip(self.fp, other.fp)],
-            [a + b for a, b in zip(self.fn, other.fn)],
+            [a + b for a, b in zip(self.tp, other.tp, strict=True)],
+            [a + b for a, b in zip(self.fp, other.fp, strict=True)],
+            [a + b for a, b in zip(self.fn, other.fn, strict=True)],
             self.loss_sum + other.loss_sum,
         )
 
     @property
-    def support(self) -> list[int]:
-        return [t + f for t, f in zip(self.tp, self.fn)]
+    def support(self) -> list[float]:
+        return [t + f for t, f in zip(self.tp, self.fn, strict=True)]
 
     @property
-    def n(self) -> int:
+    def n(self) -> float:
         return sum(self.support)
 
     def summary(self) -> dict:
         n = self.n
         f1 = []
-        for tp, fp, fn in zip(self.tp, self.fp, self.fn):
+        for tp, fp, fn in zip(self.tp, self.fp, self.fn, strict=True):
             denom = 2 * tp + fp + fn
             f1.append(2 * tp / denom if denom else 0.0)
-        present = [f for f, s in zip(f1, self.support) if s > 0] or [0.0]
+        present = [f for f, s in zip(f1, self.support, strict=True) if s > 0] or [0.0]
         return {
             "num_examples": n,
             "loss": self.loss_sum / n if n else float("nan"),
@@ -66,7 +73,13 @@ class ClassCounts:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset: Dataset, num_labels: int, device: torch.device | str = "cpu", batch_size: int = 64) -> ClassCounts:
+def evaluate(
+    model: PromptClassifier,
+    dataset: TensorDataset,
+    num_labels: int,
+    device: torch.device | str = "cpu",
+    batch_size: int = 64,
+) -> ClassCounts:
     """Loss (summed cross-entropy) and per-class counts of a PromptClassifier on encoded records.
 
     The encoder runs once per record and prompt (common/features.cached_features); the head,
@@ -79,7 +92,13 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, num_labels: int, device: 
 
 
 @torch.no_grad()
-def evaluate_head(head: torch.nn.Module, features: Dataset, num_labels: int, device: torch.device | str = "cpu", batch_size: int = 4096) -> ClassCounts:
+def evaluate_head(
+    head: torch.nn.Module,
+    features: Dataset,
+    num_labels: int,
+    device: torch.device | str = "cpu",
+    batch_size: int = 4096,
+) -> ClassCounts:
     """Loss and per-class counts of a head on (features, labels)."""
     was_training = head.training
     head.eval()

@@ -99,7 +99,7 @@ class PromptClassifier(nn.Module):
         self.prompt = SoftPrompt(config.n_virtual_tokens, config.hidden_size)
         self.head = nn.Linear(config.hidden_size, config.num_labels)
 
-    def train(self, mode: bool = True) -> "PromptClassifier":
+    def train(self, mode: bool = True) -> PromptClassifier:
         super().train(mode)
         # The encoder is frozen and stays in eval mode (no dropout): the backbone is a fixed
         # feature map, which also makes per-sample gradients reproducible for the checks.
@@ -129,7 +129,10 @@ class PromptClassifier(nn.Module):
 
     # --- trainable state -------------------------------------------------------------------
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
-        return {PROMPT_KEY: self.prompt.weight, HEAD_WEIGHT_KEY: self.head.weight, HEAD_BIAS_KEY: self.head.bias}
+        # torch types nn.Linear's weight and bias as Tensor: they are Parameters
+        head_weight, head_bias = self.head.weight, self.head.bias
+        assert isinstance(head_weight, nn.Parameter) and isinstance(head_bias, nn.Parameter)
+        return {PROMPT_KEY: self.prompt.weight, HEAD_WEIGHT_KEY: head_weight, HEAD_BIAS_KEY: head_bias}
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {k: p.detach().to("cpu", torch.float32).clone() for k, p in self.trainable_parameters().items()}
@@ -149,7 +152,7 @@ class PromptClassifier(nn.Module):
         return save_prompt(directory, self.config, self.trainable_state())
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, backbone: Backbone) -> "PromptClassifier":
+    def from_pretrained(cls, directory: str | Path, backbone: Backbone) -> PromptClassifier:
         config, state = load_prompt(directory)
         if config.backbone_fingerprint != backbone.fingerprint:
             raise InputError.at(
@@ -166,7 +169,9 @@ class PromptClassifier(nn.Module):
 def initial_state(backbone: Backbone, config: PromptConfig) -> dict[str, torch.Tensor]:
     """Deterministic (by `config.seed`) starting prompt and head, the same on every machine."""
     gen = torch.Generator().manual_seed(config.seed)
-    table = backbone.model.get_input_embeddings().weight.detach().float().cpu()
+    embeddings = backbone.model.get_input_embeddings().weight
+    assert isinstance(embeddings, torch.Tensor)
+    table = embeddings.detach().float().cpu()
     n = config.n_virtual_tokens
     if config.prompt_init == "labels":
         ids = backbone.tokenizer(" ".join(config.labels), add_special_tokens=False)["input_ids"] or [0]
@@ -181,7 +186,9 @@ def initial_state(backbone: Backbone, config: PromptConfig) -> dict[str, torch.T
     }
 
 
-def build_model(backbone: Backbone, config: PromptConfig, state: dict[str, torch.Tensor] | None = None) -> PromptClassifier:
+def build_model(
+    backbone: Backbone, config: PromptConfig, state: dict[str, torch.Tensor] | None = None
+) -> PromptClassifier:
     model = PromptClassifier(backbone, config)
     model.load_trainable_state(state if state is not None else initial_state(backbone, config))
     return model
@@ -190,7 +197,10 @@ def build_model(backbone: Backbone, config: PromptConfig, state: dict[str, torch
 def save_prompt(directory: str | Path, config: PromptConfig, state: dict[str, torch.Tensor]) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_write(directory / WEIGHTS_NAME, save_tensors({k: v.contiguous() for k, v in state.items()}, metadata={"format": FORMAT}))
+    atomic_write(
+        directory / WEIGHTS_NAME,
+        save_tensors({k: v.contiguous() for k, v in state.items()}, metadata={"format": FORMAT}),
+    )
     payload = {"format": FORMAT, **asdict(config)}
     atomic_write(directory / CONFIG_NAME, (json.dumps(payload, indent=2) + "\n").encode())
     return directory

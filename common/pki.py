@@ -32,7 +32,9 @@ from .errors import InputError, Problem
 
 CA_CERT, CA_KEY = "ca.pem", "ca.key"
 SERVER_CERT, SERVER_KEY = "server.pem", "server.key"
-_HOST_RE = re.compile(r"^(?=.{1,253}$)(\*\.)?([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*$")
+_HOST_RE = re.compile(
+    r"^(?=.{1,253}$)(\*\.)?([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*$"
+)
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -44,7 +46,7 @@ class PkiPaths:
     server_key: Path
 
     @classmethod
-    def of(cls, folder: str | Path) -> "PkiPaths":
+    def of(cls, folder: str | Path) -> PkiPaths:
         d = Path(folder)
         return cls(d / CA_CERT, d / CA_KEY, d / SERVER_CERT, d / SERVER_KEY)
 
@@ -76,11 +78,23 @@ def load_cert(path: Path) -> x509.Certificate:
 def _check_new(paths: list[Path]) -> None:
     existing = [p for p in paths if p.exists() or p.is_symlink()]
     if existing:
-        raise InputError([Problem(str(p), None, None, "already exists; refusing to overwrite (remove it yourself or choose another --out)") for p in existing])
+        raise InputError(
+            [
+                Problem(
+                    str(p),
+                    None,
+                    None,
+                    "already exists; refusing to overwrite (remove it yourself or choose another --out)",
+                )
+                for p in existing
+            ]
+        )
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _san(host: str) -> x509.GeneralName:
@@ -93,19 +107,28 @@ def _san(host: str) -> x509.GeneralName:
     return x509.DNSName(host.lower())
 
 
-def init_pki(out: str | Path, hosts: list[str], *, days: int = 825, ca_days: int = 3650, org: str = "fedprompt") -> PkiPaths:
+def init_pki(
+    out: str | Path, hosts: list[str], *, days: int = 825, ca_days: int = 3650, org: str = "fedprompt"
+) -> PkiPaths:
     """Create the CA and the aggregator's server certificate in `out` (refuses to overwrite)."""
     if not hosts:
-        raise InputError.at("--host", "give at least one host name or IP address the hospitals use to reach the aggregator")
+        raise InputError.at(
+            "--host", "give at least one host name or IP address the hospitals use to reach the aggregator"
+        )
     sans = list(dict.fromkeys(_san(h) for h in hosts))
     out = Path(out)
     paths = PkiPaths.of(out)
     _check_new([paths.ca_cert, paths.ca_key, paths.server_cert, paths.server_key])
     out.mkdir(parents=True, exist_ok=True)
 
-    now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)  # tolerate small clock skew
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)  # tolerate small clock skew
     ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, org), x509.NameAttribute(NameOID.COMMON_NAME, f"{org} deployment CA")])
+    ca_name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, org),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"{org} deployment CA"),
+        ]
+    )
     ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
     ca_cert = (
         x509.CertificateBuilder()
@@ -124,7 +147,14 @@ def init_pki(out: str | Path, hosts: list[str], *, days: int = 825, ca_days: int
     first = hosts[0]
     server_cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, org), x509.NameAttribute(NameOID.COMMON_NAME, first[:64])]))
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, org),
+                    x509.NameAttribute(NameOID.COMMON_NAME, first[:64]),
+                ]
+            )
+        )
         .issuer_name(ca_name)
         .public_key(server_key.public_key())
         .serial_number(x509.random_serial_number())
@@ -155,7 +185,9 @@ def hospital_key(hospital_id: str, out: str | Path) -> tuple[Path, Path]:
     _check_new([priv, pub])
     out.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     atomic_write(priv, private, mode=0o600, exclusive=True)
     atomic_write(pub, public + f" fedprompt-{hospital_id}\n".encode(), mode=0o644, exclusive=True)
@@ -177,7 +209,9 @@ def check_hospital_key(path: str | Path) -> ec.EllipticCurvePrivateKey:
         raise InputError.at(path, f"Flower needs an EC key (NIST P-256/384/521), got {type(key).__name__}")
     mode = path.stat().st_mode & 0o077
     if mode:
-        raise InputError.at(path, f"private key is readable by others (mode {oct(path.stat().st_mode & 0o777)}); run chmod 600 on it")
+        raise InputError.at(
+            path, f"private key is readable by others (mode {oct(path.stat().st_mode & 0o777)}); run chmod 600 on it"
+        )
     return key
 
 

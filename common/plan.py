@@ -13,8 +13,19 @@ from flwr.app import ConfigRecord
 from pydantic import AfterValidator, Field, ValidationError
 
 from .backbone import Backbone
-from .config import (FederationConfig, MaxLength, NonNegative, NVirtualTokens, Optimizer, Pooling, Positive, PromptInit,
-                     SampleRate, Seed, distinct_labels)
+from .config import (
+    FederationConfig,
+    MaxLength,
+    NonNegative,
+    NVirtualTokens,
+    Optimizer,
+    Pooling,
+    Positive,
+    PromptInit,
+    SampleRate,
+    Seed,
+    distinct_labels,
+)
 from .errors import InputError, Problem
 from .model import PromptConfig
 from .schema import NonEmptyStr, Schema, Sha256, issues
@@ -64,11 +75,12 @@ class RoundPlan(Schema):
     proximal_mu: NonNegative = 0.0
     # The aggregator waits this long for replies: a site's executor refuses before it (client/executor.py). 0: no limit.
     round_timeout: NonNegative = 0.0
-    # Validate the received model inside the train message (one message per round), or not (a separate evaluate message).
+    # Validate the received model inside the train message (one message per round), or not (a separate
+    # evaluate message).
     evaluate_in_train: bool = False
 
     @classmethod
-    def for_run(cls, fed: FederationConfig, prompt: PromptConfig, round: int = 0) -> "RoundPlan":
+    def for_run(cls, fed: FederationConfig, prompt: PromptConfig, round: int = 0) -> RoundPlan:
         return cls(
             run_name=fed.name,
             round=round,
@@ -96,13 +108,18 @@ class RoundPlan(Schema):
         return ConfigRecord({f"{PREFIX}{k}": v for k, v in self.model_dump().items()})
 
     @classmethod
-    def from_config_record(cls, record: ConfigRecord) -> "RoundPlan":
+    def from_config_record(cls, record: ConfigRecord) -> RoundPlan:
         """The plan in `record`, validated; InputError names each bad key (`fp.lr: expected 0 < ...`)."""
         data = {k.removeprefix(PREFIX): v for k, v in record.items() if k.startswith(PREFIX)}
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise InputError([Problem("the aggregator's round plan", None, PREFIX + key, message) for key, message in issues(cls, exc)]) from None
+            raise InputError(
+                [
+                    Problem("the aggregator's round plan", None, PREFIX + key, message)
+                    for key, message in issues(cls, exc)
+                ]
+            ) from None
 
 
 def _model_fields() -> set[str]:

@@ -50,7 +50,8 @@ class _Problems:
     """Collects problems up to a limit and counts the rest."""
 
     def __init__(self, path: Path, limit: int):
-        self.path, self.limit, self.items, self.omitted = str(path), limit, [], 0
+        self.path, self.limit, self.omitted = str(path), limit, 0
+        self.items: list[Problem] = []
 
     def add(self, line: int | None, field: str | None, message: str) -> None:
         if len(self.items) < self.limit:
@@ -100,7 +101,12 @@ def read_text(path: str | Path, *, max_problems: int = 20) -> str:
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            problems.add(number, None, f"not UTF-8 text (byte 0x{raw[exc.start]:02x}, byte {exc.start + 1} of the line); save the file as UTF-8")
+            problems.add(
+                number,
+                None,
+                f"not UTF-8 text (byte 0x{raw[exc.start]:02x}, byte {exc.start + 1} of the line); save the file as "
+                "UTF-8",
+            )
     raise InputError(problems.items, omitted=problems.omitted)
 
 
@@ -126,7 +132,9 @@ def csv_rows(path: str | Path, text: str) -> Iterator[tuple[int, list[str]]]:
         start = reader.line_num + 1
 
 
-def _csv(path: Path, text: str, text_field: str, label_field: str, problems: _Problems, patient_field: str | None = None) -> Iterator[_Row]:
+def _csv(
+    path: Path, text: str, text_field: str, label_field: str, problems: _Problems, patient_field: str | None = None
+) -> Iterator[_Row]:
     rows_in = csv_rows(path, text)
     try:
         first = next(rows_in, None)
@@ -153,7 +161,9 @@ def _csv(path: Path, text: str, text_field: str, label_field: str, problems: _Pr
             problems.add(p.line, p.field, p.message)
 
 
-def _jsonl(text: str, text_field: str, label_field: str, problems: _Problems, patient_field: str | None = None) -> Iterator[_Row]:
+def _jsonl(
+    text: str, text_field: str, label_field: str, problems: _Problems, patient_field: str | None = None
+) -> Iterator[_Row]:
     # Only "\n" ends a record: JSON strings may hold other Unicode line separators.
     for line, raw in enumerate(text.split("\n"), 1):
         if not raw.strip():
@@ -166,7 +176,11 @@ def _jsonl(text: str, text_field: str, label_field: str, problems: _Problems, pa
         if not isinstance(obj, dict):
             problems.add(line, None, f"expected a JSON object, got {type(obj).__name__}")
             continue
-        missing = [name for name in dict.fromkeys(f for f in (text_field, label_field, patient_field) if f is not None) if name not in obj]
+        missing = [
+            name
+            for name in dict.fromkeys(f for f in (text_field, label_field, patient_field) if f is not None)
+            if name not in obj
+        ]
         for name in missing:
             found = ", ".join(repr(k) for k in obj) or "none"
             problems.add(line, name, f"missing field (found fields: {found})")
@@ -184,14 +198,22 @@ def _jsonl(text: str, text_field: str, label_field: str, problems: _Problems, pa
         if patient_field is not None:
             patient = obj[patient_field]
             if isinstance(patient, bool) or not isinstance(patient, (str, int)):
-                problems.add(line, patient_field, f"expected a patient id (string or integer), got {json.dumps(patient)[:40]}")
+                problems.add(
+                    line, patient_field, f"expected a patient id (string or integer), got {json.dumps(patient)[:40]}"
+                )
                 continue
             patient = str(patient)
         yield _Row(line, text, str(label), patient)
 
 
-def _read_rows(path: Path, text_field: str, label_field: str, labels: list[str] | None, max_problems: int,
-               patient_field: str | None = None) -> list[_Row]:
+def _read_rows(
+    path: Path,
+    text_field: str,
+    label_field: str,
+    labels: list[str] | None,
+    max_problems: int,
+    patient_field: str | None = None,
+) -> list[_Row]:
     """Rows with a non-empty text and a label (from `labels` if given), and a non-empty patient id
     if `patient_field` is given; InputError lists every problem."""
     suffix = path.suffix.lower()
@@ -199,12 +221,19 @@ def _read_rows(path: Path, text_field: str, label_field: str, labels: list[str] 
         raise InputError.at(path, f"unsupported file type {suffix or '(none)'!r} (expected {' or '.join(FORMATS)})")
     text = read_text(path, max_problems=max_problems)
     if not text.strip():
-        expected = f"a header row with columns {text_field!r} and {label_field!r}" if suffix == ".csv" else "one JSON object per line"
+        expected = (
+            f"a header row with columns {text_field!r} and {label_field!r}"
+            if suffix == ".csv"
+            else "one JSON object per line"
+        )
         raise InputError.at(path, f"empty file (expected {expected})")
     problems = _Problems(path, max_problems)
-    parsed = (_csv(path, text, text_field, label_field, problems, patient_field) if suffix == ".csv"
-              else _jsonl(text, text_field, label_field, problems, patient_field))
-    known = None if labels is None else set(labels)
+    parsed = (
+        _csv(path, text, text_field, label_field, problems, patient_field)
+        if suffix == ".csv"
+        else _jsonl(text, text_field, label_field, problems, patient_field)
+    )
+    known = set(labels or ())
     rows = []
     for row in parsed:
         label, ok = row.label.strip(), True
@@ -214,10 +243,10 @@ def _read_rows(path: Path, text_field: str, label_field: str, labels: list[str] 
         if not label:
             problems.add(row.line, label_field, "empty label")
             ok = False
-        elif known is not None and label not in known:
+        elif labels is not None and label not in known:
             problems.add(row.line, label_field, f"unknown label {label!r} (expected one of: {describe_labels(labels)})")
             ok = False
-        patient = None if patient_field is None else row.patient.strip()
+        patient = None if patient_field is None else (row.patient or "").strip()
         if patient_field is not None and not patient:
             problems.add(row.line, patient_field, "empty patient id (patient-level DP needs every record's patient)")
             ok = False
@@ -230,23 +259,36 @@ def _read_rows(path: Path, text_field: str, label_field: str, labels: list[str] 
     return rows
 
 
-def load_records(path: str | Path, *, text_field: str, label_field: str, labels: list[str], max_problems: int = 20,
-                 patient_field: str | None = None) -> Records:
+def _patients(rows: list[_Row]) -> list[str]:
+    # Read with a patient field, every row names its patient (_read_rows refuses one that does not).
+    return [r.patient for r in rows if r.patient is not None]
+
+
+def load_records(
+    path: str | Path,
+    *,
+    text_field: str,
+    label_field: str,
+    labels: list[str],
+    max_problems: int = 20,
+    patient_field: str | None = None,
+) -> Records:
     """Load and validate a record file; each label must be a name from `labels` (exact match).
     With `patient_field`, every record must name its patient (Records.patients)."""
     path = Path(path)
     rows = _read_rows(path, text_field, label_field, labels, max_problems, patient_field)
     index = {name: i for i, name in enumerate(labels)}
-    patients = None if patient_field is None else [r.patient for r in rows]
+    patients = None if patient_field is None else _patients(rows)
     return Records([r.text for r in rows], [index[r.label] for r in rows], path, patients)
 
 
-def load_labelled(path: str | Path, *, text_field: str, label_field: str, max_problems: int = 20,
-                  patient_field: str | None = None) -> tuple[Records, list[str]]:
+def load_labelled(
+    path: str | Path, *, text_field: str, label_field: str, max_problems: int = 20, patient_field: str | None = None
+) -> tuple[Records, list[str]]:
     """Load a corpus whose label space is whatever it holds: its distinct labels, naturally sorted."""
     path = Path(path)
     rows = _read_rows(path, text_field, label_field, None, max_problems, patient_field)
     labels = sorted({r.label for r in rows}, key=natural_key)
     index = {name: i for i, name in enumerate(labels)}
-    patients = None if patient_field is None else [r.patient for r in rows]
+    patients = None if patient_field is None else _patients(rows)
     return Records([r.text for r in rows], [index[r.label] for r in rows], path, patients), labels

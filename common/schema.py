@@ -16,8 +16,19 @@ from typing import Annotated, Any, Literal, Self, get_args, get_origin
 
 import annotated_types
 import yaml
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, PrivateAttr, Tag, TypeAdapter,
-                      ValidationError, ValidationInfo)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+)
 
 from .errors import InputError, Problem
 
@@ -58,7 +69,9 @@ LocalPath = Annotated[Path, BeforeValidator(_as_path), AfterValidator(_resolved)
 class Schema(BaseModel):
     """Strict, closed and immutable: a value is changed by validating a new object (`replaced`)."""
 
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False, use_attribute_docstrings=True)
+    model_config = ConfigDict(
+        strict=True, extra="forbid", frozen=True, allow_inf_nan=False, use_attribute_docstrings=True
+    )
 
     def replaced(self, *, origin: str | None = None, **changes: Any) -> Self:
         """A copy with `changes`, validated by the same rules as a loaded file.
@@ -70,7 +83,9 @@ class Schema(BaseModel):
             new = type(self).model_validate(data)
         except ValidationError as exc:
             where = origin or str(getattr(self, "source", None) or type(self).__name__)
-            raise InputError([Problem(where, None, None if origin else key, message) for key, message in issues(type(self), exc)]) from None
+            raise InputError(
+                [Problem(where, None, None if origin else key, message) for key, message in issues(type(self), exc)]
+            ) from None
         if self.__pydantic_private__:  # e.g. the file it came from
             new.__pydantic_private__ = dict(self.__pydantic_private__)
         return new
@@ -89,9 +104,12 @@ class Schema(BaseModel):
         """One field's value by this model's rule for it, before there is a model (a command-line override)."""
         info = cls.model_fields[name]
         try:
-            TypeAdapter(Annotated[info.annotation, info], config=ConfigDict(strict=True, allow_inf_nan=False)).validate_python(value)
+            annotated: Any = Annotated[info.annotation, info]  # built at run time: no static type
+            TypeAdapter(annotated, config=ConfigDict(strict=True, allow_inf_nan=False)).validate_python(value)
         except ValidationError as exc:
-            raise InputError([Problem(origin, None, None, _message(err, cls, (name,))) for err in exc.errors()]) from None
+            raise InputError(
+                [Problem(origin, None, None, _message(err, cls, (name,))) for err in exc.errors()]
+            ) from None
 
 
 class ConfigFile(Schema):
@@ -115,7 +133,9 @@ class ConfigFile(Schema):
         try:
             obj = cls.model_validate(data, context={"base": path.parent})
         except ValidationError as exc:
-            raise InputError([Problem(str(path), line_of(lines, key), key, message) for key, message in issues(cls, exc)]) from None
+            raise InputError(
+                [Problem(str(path), line_of(lines, key), key, message) for key, message in issues(cls, exc)]
+            ) from None
         obj._source = path
         return obj
 
@@ -155,13 +175,15 @@ def _node_to_python(node: yaml.Node, path: str, lines: dict[str, int], prefix: s
     return _scalar(node, path, prefix)
 
 
-def _scalar(node: yaml.ScalarNode, path: str, key: str) -> Any:
+def _scalar(node: yaml.Node, path: str, key: str) -> Any:
     loader = _Loader("")
     try:
         return loader.construct_object(node, deep=True)
     except (yaml.YAMLError, ValueError, TypeError) as exc:  # e.g. `!!int lots`, `!!python/name:...`
         problem = getattr(exc, "problem", None) or str(exc)
-        raise InputError.at(path, f"invalid value {node.value!r} ({problem})", line=node.start_mark.line + 1, field=key or None) from None
+        raise InputError.at(
+            path, f"invalid value {node.value!r} ({problem})", line=node.start_mark.line + 1, field=key or None
+        ) from None
     finally:
         loader.dispose()
 
@@ -288,11 +310,21 @@ def _range(info: Any, name: str, fallback: str) -> str:
 
 
 _TYPE_NAMES = {
-    "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
-    "float_type": "a number", "float_parsing": "a number", "finite_number": "a finite number",
-    "bool_type": "true or false", "bool_parsing": "true or false", "string_type": "a string",
-    "list_type": "a list", "tuple_type": "a list", "dict_type": "a mapping", "model_type": "a mapping",
-    "model_attributes_type": "a mapping", "none_required": "null",
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "finite_number": "a finite number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "tuple_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+    "none_required": "null",
 }
 _BOUND_OPS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
 
@@ -311,7 +343,9 @@ def _message(err: Mapping[str, Any], cls: type[BaseModel], loc: tuple) -> str:
     if kind == "literal_error":
         _, info = _walk(cls, loc)
         options = _literals_in(info.annotation) if info is not None else ()
-        return (f"expected one of {', '.join(repr(o) for o in options)}" if options else f"expected {ctx.get('expected')}") + got
+        return (
+            f"expected one of {', '.join(repr(o) for o in options)}" if options else f"expected {ctx.get('expected')}"
+        ) + got
     if kind in _BOUND_OPS:
         _, info = _walk(cls, loc)
         name = dotted(loc).rsplit(".", 1)[-1]
@@ -328,4 +362,3 @@ def _message(err: Mapping[str, Any], cls: type[BaseModel], loc: tuple) -> str:
     if kind == "value_error":
         return str(ctx["error"])  # our validators' own words
     return f"{err['msg']}{got}"  # a kind our models do not produce today: pydantic's words
-

@@ -10,6 +10,7 @@ Every field of every reply is type-checked here before the aggregator uses it.
 from __future__ import annotations
 
 import math
+from typing import TypeGuard
 
 import numpy as np
 import torch
@@ -40,7 +41,8 @@ REFUSAL_CATEGORIES = (
     "configuration",  # the site's or the federation's configuration is invalid or incompatible
     "non-private refused",  # the aggregator asked for training without DP and the site does not allow it
     "internal",  # an unexpected failure at the site (its log has the traceback)
-    "untrusted app",  # the submitted app bundle is not a code-free bundle naming the installed fedprompt (client/bundle.py)
+    # the submitted app bundle is not a code-free bundle naming the installed fedprompt (client/bundle.py)
+    "untrusted app",
     "worker unavailable",  # the site's warm worker died or hung on this message (it is restarted for the next)
 )
 MAX_HOSPITAL_ID = 64
@@ -48,7 +50,9 @@ MAX_WEIGHT = 1e9  # a declared FedAvg weight above this is rejected (a sum of th
 
 
 def state_to_arrays(state: dict[str, torch.Tensor]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(state[k].detach().cpu().numpy().astype(np.float32))) for k in TRAINABLE_KEYS})
+    return ArrayRecord(
+        {k: Array(np.ascontiguousarray(state[k].detach().cpu().numpy().astype(np.float32))) for k in TRAINABLE_KEYS}
+    )
 
 
 def arrays_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -80,7 +84,15 @@ def _show(value: object) -> str:
     return f"{type(value).__name__} {text[:40] + '...' if len(text) > 40 else text}"
 
 
-def _is_number(value: object) -> bool:
+def round_of(config: ConfigRecord | None) -> int:
+    """The round number (`fp.round`) in a message's config record, 0 without one (timing lines)."""
+    value = config.get("fp.round", 0) if config is not None else 0
+    if isinstance(value, list):
+        raise TypeError(f"fp.round must be a number, got {_show(value)}")
+    return int(value)
+
+
+def _is_number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -133,7 +145,10 @@ def validate_train_metrics(metrics: MetricRecord) -> str | None:
             return f"missing metric {key!r}"
     weight = metrics["num-examples"]
     if not (_is_number(weight) and 0 < weight <= MAX_WEIGHT):
-        return f"num-examples (the site's declared weight) must be a finite number in (0, {MAX_WEIGHT:g}], got {_show(weight)}"
+        return (
+            f"num-examples (the site's declared weight) must be a finite number in (0, {MAX_WEIGHT:g}], got "
+            f"{_show(weight)}"
+        )
     private = metrics["private"]
     if not (isinstance(private, int) and not isinstance(private, bool) and private in (0, 1)):
         return f"private must be the integer 0 or 1, got {_show(private)}"
@@ -155,22 +170,26 @@ def validate_train_metrics(metrics: MetricRecord) -> str | None:
 
 
 def validate_update(
-    content: RecordDict, expected_shapes: dict[str, tuple[int, ...]], global_state: dict[str, torch.Tensor], norm_bound: float
+    content: RecordDict,
+    expected_shapes: dict[str, tuple[int, ...]],
+    global_state: dict[str, torch.Tensor],
+    norm_bound: float,
 ) -> str | None:
     """Return why a train reply must be rejected, or None if it is well-formed.
 
     Every field is checked for presence and type, so that nothing downstream can trip on it.
     """
-    shared = {EVALUATION} if EVALUATION in content.metric_records else set()  # the model received, validated (opt-in, noised)
+    # the model received, validated (opt-in, noised)
+    shared = {EVALUATION} if EVALUATION in content.metric_records else set()
     reason = _check_records(content, {ARRAYS}, {METRICS} | shared, {STATUS})
     if reason:
         return reason
-    if shared and (reason := validate_counts(content[EVALUATION], expected_shapes[HEAD_BIAS_KEY][0])):
+    if shared and (reason := validate_counts(content.metric_records[EVALUATION], expected_shapes[HEAD_BIAS_KEY][0])):
         return f"evaluation: {reason}"
-    arrays = content[ARRAYS]
+    arrays = content.array_records[ARRAYS]
     if set(arrays.keys()) != set(expected_shapes):
         return f"tensor keys {sorted(arrays.keys())} != expected {sorted(expected_shapes)}"
-    reason = validate_train_metrics(content[METRICS]) or validate_status(content, ("ok",))
+    reason = validate_train_metrics(content.metric_records[METRICS]) or validate_status(content, ("ok",))
     if reason:
         return reason
     sq = 0.0
@@ -210,7 +229,7 @@ def validate_evaluation(content: RecordDict, num_labels: int) -> str | None:
     reason = _check_records(content, set(), metrics, {STATUS}) or validate_status(content, ("ok",))
     if reason or not metrics:
         return reason
-    return validate_counts(content[METRICS], num_labels)
+    return validate_counts(content.metric_records[METRICS], num_labels)
 
 
 def validate_counts(m: MetricRecord, num_labels: int) -> str | None:

@@ -18,7 +18,9 @@ from .model import HEAD_BIAS_KEY, HEAD_WEIGHT_KEY, PromptConfig, initial_state
 @torch.no_grad()
 def label_prototypes(backbone: Backbone, config: PromptConfig, label_texts: list[str]) -> torch.Tensor:
     """[num_labels, hidden]: each label text's pooled backbone embedding (no prompt), unit length."""
-    enc = backbone.tokenizer(label_texts, truncation=True, max_length=config.max_length, padding=True, return_tensors="pt")
+    enc = backbone.tokenizer(
+        label_texts, truncation=True, max_length=config.max_length, padding=True, return_tensors="pt"
+    )
     was_training = backbone.model.training
     backbone.model.eval()
     hidden = backbone.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state.float()
@@ -32,7 +34,12 @@ def label_prototypes(backbone: Backbone, config: PromptConfig, label_texts: list
 
 
 def initial_global_state(
-    backbone: Backbone, config: PromptConfig, *, label_texts: list[str] | None = None, head_init: str = "prototypes", logit_scale: float = 10.0
+    backbone: Backbone,
+    config: PromptConfig,
+    *,
+    label_texts: list[str] | None = None,
+    head_init: str = "prototypes",
+    logit_scale: float = 10.0,
 ) -> dict[str, torch.Tensor]:
     """The federation's round-0 tensors: the initial prompt, and the zero-shot head (or a random one).
 

@@ -43,7 +43,9 @@ def hospital(args: argparse.Namespace) -> int:
                 shutil.copyfile(src / name, args.data / name)
             site = yaml.safe_load((src / "site.yaml").read_text())
             site["ledger"] = str(args.ledger / "privacy-ledger.json")
-            site_path.write_text("# Demo hospital site config (see docs/deployment.md)\n" + yaml.safe_dump(site, sort_keys=False))
+            site_path.write_text(
+                "# Demo hospital site config (see docs/deployment.md)\n" + yaml.safe_dump(site, sort_keys=False)
+            )
         print(f"seeded demo data for hospital-{args.id} in {args.data}")
     site = SiteConfig.load(site_path)
     if site.ledger.exists():
@@ -51,12 +53,20 @@ def hospital(args: argparse.Namespace) -> int:
     if not seeded:
         # A site seeded earlier whose ledger is gone (a lost volume): re-creating it would forget the
         # epsilon it spent. Refuse, as the hospital daemon does; restore the ledger from a backup.
-        print(f"privacy ledger {site.ledger} is missing for a site seeded earlier: restore it from a backup "
-              "(never re-create the ledger of a site that has trained)", file=sys.stderr)
+        print(
+            f"privacy ledger {site.ledger} is missing for a site seeded earlier: restore it from a backup "
+            "(never re-create the ledger of a site that has trained)",
+            file=sys.stderr,
+        )
         return 3
     # `fedprompt privacy init --site ...`, once in the life of the site: the site was seeded just now
-    PrivacyLedger.create(site.ledger, hospital_id=site.hospital_id, epsilon_cap=site.privacy.max_epsilon,
-                         delta=site.privacy.delta, mechanism=site.privacy.accountant)
+    PrivacyLedger.create(
+        site.ledger,
+        hospital_id=site.hospital_id,
+        epsilon_cap=site.privacy.max_epsilon,
+        delta=site.privacy.delta,
+        mechanism=site.privacy.accountant,
+    )
     print(f"created privacy ledger {site.ledger}")
     return 0
 

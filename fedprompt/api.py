@@ -51,12 +51,23 @@ class Model:
         texts = list(texts)
         if not texts:
             return []
-        ids, mask, _ = encode(self.classifier.encoder_tokenizer, texts, [0] * len(texts), self.classifier.config.max_length).dataset.tensors
+        ids, mask, _ = encode(
+            self.classifier.encoder_tokenizer, texts, [0] * len(texts), self.classifier.config.max_length
+        ).dataset.tensors
         with torch.no_grad():
-            probs = torch.cat([self.classifier(ids[i : i + _BATCH], mask[i : i + _BATCH]).softmax(-1) for i in range(0, len(texts), _BATCH)])
+            probs = torch.cat(
+                [
+                    self.classifier(ids[i : i + _BATCH], mask[i : i + _BATCH]).softmax(-1)
+                    for i in range(0, len(texts), _BATCH)
+                ]
+            )
         out = []
-        for text, p in zip(texts, probs.tolist()):
-            out.append(Prediction(text, self.labels[max(range(len(p)), key=p.__getitem__)], dict(zip(self.labels, p))))
+        for text, p in zip(texts, probs.tolist(), strict=True):
+            out.append(
+                Prediction(
+                    text, self.labels[max(range(len(p)), key=p.__getitem__)], dict(zip(self.labels, p, strict=True))
+                )
+            )
         return out
 
 
@@ -66,7 +77,9 @@ def load_model(path: str | Path, backbone: str | Path | None = None) -> Model:
     from fedprompt.common.backbone import load_backbone
     from fedprompt.common.model import PromptClassifier
 
-    return Model(PromptClassifier.from_pretrained(Path(path), load_backbone(None if backbone is None else Path(backbone))))
+    return Model(
+        PromptClassifier.from_pretrained(Path(path), load_backbone(None if backbone is None else Path(backbone)))
+    )
 
 
 @dataclass(frozen=True)
@@ -101,9 +114,18 @@ class SimulationResult:
         return self.rounds[-1].test if self.rounds else None
 
 
-def simulate(workspace: str | Path | None = None, out: str | Path | None = None, *, rounds: int | None = None, resume: bool = False,
-             stop_after: int | None = None, backbone: str | Path | None = None, non_private: bool = False, seed: int = 0,
-             verbose: bool = False) -> SimulationResult:
+def simulate(
+    workspace: str | Path | None = None,
+    out: str | Path | None = None,
+    *,
+    rounds: int | None = None,
+    resume: bool = False,
+    stop_after: int | None = None,
+    backbone: str | Path | None = None,
+    non_private: bool = False,
+    seed: int = 0,
+    verbose: bool = False,
+) -> SimulationResult:
     """A federation on this machine, on Flower's simulation engine (needs fedprompt[simulation]).
 
     `workspace`: a folder of federation.yaml + hospital-*/site.yaml, each site with its ledger
@@ -122,7 +144,11 @@ def simulate(workspace: str | Path | None = None, out: str | Path | None = None,
     engine.require_ray()
     workspace = None if workspace is None else Path(workspace)
     backbone = None if backbone is None else Path(backbone).resolve()
-    out = Path(out) if out is not None else Path("runs") / f"{'demo' if workspace is None else workspace.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = (
+        Path(out)
+        if out is not None
+        else Path("runs") / f"{'demo' if workspace is None else workspace.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     with console(in_place=False if verbose else None):  # in place only where nothing else prints
         fresh = False
         if workspace is None:
@@ -130,16 +156,33 @@ def simulate(workspace: str | Path | None = None, out: str | Path | None = None,
             if not (resume and workspace.exists()):
                 # allow_non_private: reference runs (`non_private`) need it, and it is safe here: this
                 # demo's synthetic sites and their ledgers are made for this one run, here.
-                write_demo_workspace(workspace, generate_demo(hospitals=3, seed=seed), allow_non_private=True, backbone=backbone)
+                write_demo_workspace(
+                    workspace, generate_demo(hospitals=3, seed=seed), allow_non_private=True, backbone=backbone
+                )
                 fresh = True
                 log.info("demo workspace (3 hospitals, synthetic notes) written to %s", workspace, extra=CONSOLE)
         # Ledgers are created only for the demo written just now; any other site must have its own
         # (`fedprompt privacy init --site ...`): a missing ledger may be a lost one.
-        metrics = engine.simulate(workspace, out, rounds=rounds, resume=resume, stop_after=stop_after, backbone=backbone,
-                                  non_private=non_private, create_ledgers=fresh, verbose=verbose)
+        metrics = engine.simulate(
+            workspace,
+            out,
+            rounds=rounds,
+            resume=resume,
+            stop_after=stop_after,
+            backbone=backbone,
+            non_private=non_private,
+            create_ledgers=fresh,
+            verbose=verbose,
+        )
     return SimulationResult(
-        run=metrics["run"], outcome=metrics["outcome"], outcome_reason=metrics["outcome_reason"], private=metrics["private"],
-        rounds=[RoundMetrics(r["round"], r["seconds"], r["test"], r["evaluate"], r["hospitals"]) for r in metrics["rounds"]],
-        out_dir=out, export=None if metrics["export"] is None else Path(metrics["export"]),
+        run=metrics["run"],
+        outcome=metrics["outcome"],
+        outcome_reason=metrics["outcome_reason"],
+        private=metrics["private"],
+        rounds=[
+            RoundMetrics(r["round"], r["seconds"], r["test"], r["evaluate"], r["hospitals"]) for r in metrics["rounds"]
+        ],
+        out_dir=out,
+        export=None if metrics["export"] is None else Path(metrics["export"]),
         hospital_comparison=metrics.get("hospital_comparison", []),
     )

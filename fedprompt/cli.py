@@ -9,11 +9,25 @@ import sys
 from fedprompt import __version__
 
 # name -> module in fedprompt.commands exposing `register(subparsers)`; each sets `func(args) -> int`.
-COMMANDS = ("simulate", "plan", "data", "privacy", "selftest", "audit", "predict", "personalize", "pki", "aggregator", "hospital")
+COMMANDS = (
+    "simulate",
+    "plan",
+    "data",
+    "privacy",
+    "selftest",
+    "audit",
+    "predict",
+    "personalize",
+    "pki",
+    "aggregator",
+    "hospital",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedprompt", description="Federated soft-prompt tuning for hospitals, with differential privacy.")
+    parser = argparse.ArgumentParser(
+        prog="fedprompt", description="Federated soft-prompt tuning for hospitals, with differential privacy."
+    )
     parser.add_argument("--version", action="version", version=f"fedprompt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:

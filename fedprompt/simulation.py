@@ -9,6 +9,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,8 +38,11 @@ def require_ray() -> None:
     """Flower's simulation engine runs on Ray, an optional dependency (hospitals and the aggregator
     never need it)."""
     if importlib.util.find_spec("ray") is None:
-        raise InputError.at("fedprompt simulate", "needs Ray (Flower's simulation engine), which is not installed here: "
-                            "install fedprompt[simulation] (pip install 'fedprompt[simulation]')")
+        raise InputError.at(
+            "fedprompt simulate",
+            "needs Ray (Flower's simulation engine), which is not installed here: "
+            "install fedprompt[simulation] (pip install 'fedprompt[simulation]')",
+        )
 
 
 def _not_run_simulation_deprecation(record: logging.LogRecord) -> bool:
@@ -57,8 +61,12 @@ def ensure_ledgers(workspace: Path) -> list[str]:
         if not site.ledger.exists():
             site.ledger.parent.mkdir(parents=True, exist_ok=True)
             PrivacyLedger.create(
-                site.ledger, hospital_id=site.hospital_id, epsilon_cap=site.privacy.max_epsilon,
-                delta=site.privacy.delta, mechanism=site.privacy.accountant, anchor=site.ledger_anchor,
+                site.ledger,
+                hospital_id=site.hospital_id,
+                epsilon_cap=site.privacy.max_epsilon,
+                delta=site.privacy.delta,
+                mechanism=site.privacy.accountant,
+                anchor=site.ledger_anchor,
             )
             created.append(site.hospital_id)
     return created
@@ -69,10 +77,15 @@ def check_ledgers(sites: list[SiteConfig]) -> None:
     operator; silently creating it here would forget the epsilon of a site whose ledger was lost.
     (Bad input, exit 2, like `fedprompt hospital start` on a site without a ledger.)"""
     problems = [
-        Problem(str(site.ledger), None, "ledger",
-                f"hospital {site.hospital_id} has no privacy ledger: create it once with `fedprompt privacy init --site "
-                f"{site.source}` (never re-create a lost ledger on a site that has trained: restore it from backup)")
-        for site in sites if not os.path.lexists(site.ledger)
+        Problem(
+            str(site.ledger),
+            None,
+            "ledger",
+            f"hospital {site.hospital_id} has no privacy ledger: create it once with `fedprompt privacy init --site "
+            f"{site.source}` (never re-create a lost ledger on a site that has trained: restore it from backup)",
+        )
+        for site in sites
+        if not os.path.lexists(site.ledger)
     ]
     if problems:
         raise InputError(problems)
@@ -91,8 +104,18 @@ def check_records(sites, labels: list[str]) -> None:
         raise InputError(problems)
 
 
-def simulate(workspace: Path, out_dir: Path, *, rounds: int | None = None, resume: bool = False, stop_after: int | None = None,
-             backbone: Path | None = None, non_private: bool = False, create_ledgers: bool = False, verbose: bool = False) -> dict:
+def simulate(
+    workspace: Path,
+    out_dir: Path,
+    *,
+    rounds: int | None = None,
+    resume: bool = False,
+    stop_after: int | None = None,
+    backbone: Path | None = None,
+    non_private: bool = False,
+    create_ledgers: bool = False,
+    verbose: bool = False,
+) -> dict:
     """`create_ledgers`: only for a workspace this same command has just written (the fresh demo);
     otherwise a site without its ledger stops the run before anything trains (`check_ledgers`).
     Flower's, Ray's and the hospitals' output goes to OUT/logs/simulate.log, and with `verbose`
@@ -106,7 +129,9 @@ def simulate(workspace: Path, out_dir: Path, *, rounds: int | None = None, resum
         fed = fed.replaced(rounds=rounds, origin="--rounds")
     if non_private:
         fed = fed.replaced(privacy=fed.privacy.replaced(private=False))
-    run = prepare_run(RunSpec(fed, out_dir, test, backbone, resume=resume, stop_after=stop_after, expected_hospitals=len(sites)))
+    run = prepare_run(
+        RunSpec(fed, out_dir, test, backbone, resume=resume, stop_after=stop_after, expected_hospitals=len(sites))
+    )
     # Private or not: a non-private round is recorded in the ledger too (epsilon infinite from then on).
     if create_ledgers:
         for h in ensure_ledgers(workspace):
@@ -115,10 +140,15 @@ def simulate(workspace: Path, out_dir: Path, *, rounds: int | None = None, resum
         check_ledgers(sites)
     n = len(sites)
     gpus = (1.0 / min(n, 4)) if torch.cuda.is_available() else 0.0
-    backend = {
+    backend: dict[str, dict[str, Any]] = {
         "client_resources": {"num_cpus": 1, "num_gpus": gpus},
         # log_to_driver: the actors' (hospitals') output comes to this process, which files it.
-        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "log_to_driver": True, "logging_level": logging.WARNING},
+        "init_args": {
+            "num_cpus": os.cpu_count() or 1,
+            "include_dashboard": False,
+            "log_to_driver": True,
+            "logging_level": logging.WARNING,
+        },
     }
     from flwr.simulation import run_simulation
 
@@ -162,5 +192,13 @@ def compare_hospitals(run: PreparedRun, sites: list[SiteConfig]) -> list[dict]:
     """Each site with a local test split: zero-shot, alone, federated, personalised (client/comparison.py).
     The simulation's operator holds every site's records, so it can measure what each one gains."""
     fed = run.spec.federation
-    initial = initial_global_state(run.backbone, run.prompt, label_texts=fed.label_texts, head_init=fed.model.head_init, logit_scale=fed.model.logit_scale)
-    return [row for site in sites if (row := compare_site(site, run.backbone, run.prompt, initial, run.state)) is not None]
+    initial = initial_global_state(
+        run.backbone,
+        run.prompt,
+        label_texts=fed.label_texts,
+        head_init=fed.model.head_init,
+        logit_scale=fed.model.logit_scale,
+    )
+    return [
+        row for site in sites if (row := compare_site(site, run.backbone, run.prompt, initial, run.state)) is not None
+    ]

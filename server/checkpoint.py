@@ -33,8 +33,17 @@ class Checkpoint:
 def save_checkpoint(directory: Path, ckpt: Checkpoint) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     tensors = f"global-r{ckpt.round:04d}.safetensors"
-    meta = CheckpointState(format=CHECKPOINT_FORMAT, run=ckpt.run, round=ckpt.round, tensors=tensors,
-                           backbone_fingerprint=ckpt.backbone_fingerprint, history=ckpt.history)  # validated before anything is written
+    # validated before anything is written (the history's rounds are dicts: validated as RoundRecords)
+    meta = CheckpointState.model_validate(
+        dict(
+            format=CHECKPOINT_FORMAT,
+            run=ckpt.run,
+            round=ckpt.round,
+            tensors=tensors,
+            backbone_fingerprint=ckpt.backbone_fingerprint,
+            history=ckpt.history,
+        )
+    )
     atomic_write(directory / tensors, save_tensors({k: v.contiguous() for k, v in ckpt.state.items()}))
     atomic_write(directory / "state.json", (json.dumps(meta.model_dump(exclude_unset=True), indent=1) + "\n").encode())
     for old in directory.glob("global-r*.safetensors"):  # keep only the committed round
@@ -51,4 +60,6 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
         state = load_file(str(directory / meta.tensors))
     except Exception as exc:  # missing, truncated or not safetensors: the checkpoint is unusable
         raise InputError.at(path, f"unreadable checkpoint: {type(exc).__name__}: {exc}") from None
-    return Checkpoint(meta.round, state, [r.model_dump(exclude_unset=True) for r in meta.history], meta.backbone_fingerprint, meta.run)
+    return Checkpoint(
+        meta.round, state, [r.model_dump(exclude_unset=True) for r in meta.history], meta.backbone_fingerprint, meta.run
+    )

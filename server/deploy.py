@@ -37,18 +37,29 @@ def flower_exe(name: str) -> str:
     return found
 
 
-def superlink_argv(pki: PkiPaths, state: Path, *, host: str = "127.0.0.1", port: int = 8000, isolation: str = "subprocess") -> list[str]:
+def superlink_argv(
+    pki: PkiPaths, state: Path, *, host: str = "127.0.0.1", port: int = 8000, isolation: str = "subprocess"
+) -> list[str]:
     return [
-        sys.executable, "-m", "fedprompt.server.superlink_main",  # flower-superlink, longer SQLite busy timeout
-        "--ssl-certfile", str(pki.server_cert),
-        "--ssl-keyfile", str(pki.server_key),
-        "--ssl-ca-certfile", str(pki.ca_cert),
+        sys.executable,
+        "-m",
+        "fedprompt.server.superlink_main",  # flower-superlink, longer SQLite busy timeout
+        "--ssl-certfile",
+        str(pki.server_cert),
+        "--ssl-keyfile",
+        str(pki.server_key),
+        "--ssl-ca-certfile",
+        str(pki.ca_cert),
         "--enable-supernode-auth",
-        "--database", str(state / "superlink.db"),
+        "--database",
+        str(state / "superlink.db"),
         "--disable-runtime-dependency-installation",
-        "--isolation", isolation,
-        "--host", host,
-        "--port", str(port),
+        "--isolation",
+        isolation,
+        "--host",
+        host,
+        "--port",
+        str(port),
     ]
 
 
@@ -79,15 +90,25 @@ def aggregator_env(state: Path) -> dict[str, str]:
 def require_connection(state: Path) -> Path:
     path = flwr_home(state) / "config.toml"
     if not path.is_file():
-        raise InputError.at(path, "no Control API connection here: start the aggregator first (`fedprompt aggregator start --state ...`)")
+        raise InputError.at(
+            path,
+            "no Control API connection here: start the aggregator first (`fedprompt aggregator start --state ...`)",
+        )
     return path
 
 
-def flwr_cli(state: Path, *args: str, timeout: float | None = None, capture: bool = False) -> subprocess.CompletedProcess:
+def flwr_cli(
+    state: Path, *args: str, timeout: float | None = None, capture: bool = False
+) -> subprocess.CompletedProcess:
     require_connection(state)
     return subprocess.run(
-        [flower_exe("flwr"), *args], env=aggregator_env(state), timeout=timeout, text=True,
-        stdout=subprocess.PIPE if capture else None, stderr=subprocess.STDOUT if capture else None, check=False,
+        [flower_exe("flwr"), *args],
+        env=aggregator_env(state),
+        timeout=timeout,
+        text=True,
+        stdout=subprocess.PIPE if capture else None,
+        stderr=subprocess.STDOUT if capture else None,
+        check=False,
     )
 
 
@@ -113,7 +134,9 @@ def submitted_run_id(output: str) -> int | None:
 
 def run_status(state: Path, run_id: int) -> str:
     """The SuperLink's status of a run ("running", "finished:completed", ...); "unknown" if unreadable."""
-    out = flwr_cli(state, "ls", CONNECTION, "--run-id", str(run_id), "--format", "json", capture=True, timeout=120).stdout
+    out = flwr_cli(
+        state, "ls", CONNECTION, "--run-id", str(run_id), "--format", "json", capture=True, timeout=120
+    ).stdout
     runs = _json_reply(out).get("runs") or [{}]
     return str(runs[0].get("status", "unknown"))
 
@@ -139,7 +162,9 @@ def follow_run(state: Path, run_id: int, *, timeout: float | None = None, poll: 
     flwr_cli(state, "log", str(run_id), CONNECTION, "--stream", timeout=remaining())
     status = run_status(state, run_id)
     if not status.startswith("finished"):
-        log.warning("the log stream of run %s ended while the run is %s: polling its status every %gs", run_id, status, poll)
+        log.warning(
+            "the log stream of run %s ended while the run is %s: polling its status every %gs", run_id, status, poll
+        )
     while not status.startswith("finished"):
         time.sleep(min(poll, remaining() or poll))
         status = run_status(state, run_id)
@@ -157,7 +182,10 @@ def checkpoint_round(state_json: Path) -> int | None:
 
 
 def run_config_arg(workspace: Path, out: Path, rounds: int | None) -> str:
-    parts = [f"workspace={toml_str(str(workspace.resolve()), '--workspace')}", f"out={toml_str(str(out.resolve()), '--out')}"]
+    parts = [
+        f"workspace={toml_str(str(workspace.resolve()), '--workspace')}",
+        f"out={toml_str(str(out.resolve()), '--out')}",
+    ]
     if rounds:
         parts.append(f"rounds={int(rounds)}")
     return " ".join(parts)

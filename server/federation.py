@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from flwr.app import MetricRecord
 from flwr.serverapp import Grid
+from torch.utils.data import TensorDataset
 
 from fedprompt.common.atomic import atomic_write
 from fedprompt.common.backbone import Backbone, load_backbone
@@ -35,8 +36,8 @@ from fedprompt.common.zeroshot import initial_global_state
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .export import export_model
 from .history import RunMetrics
-from .outcome import RUNNING, TRAINED, run_outcome
 from .live_report import LiveReport
+from .outcome import RUNNING, TRAINED, Outcome, run_outcome
 from .report import write_report
 from .strategy import ValidatedStrategy, build_strategy
 
@@ -62,7 +63,7 @@ class PreparedRun:
     state: dict[str, torch.Tensor]
     done: int
     history: list[dict] = field(default_factory=list)
-    test_set: object | None = None
+    test_set: TensorDataset | None = None
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -76,21 +77,33 @@ def prepare_run(spec: RunSpec) -> PreparedRun:
     if pinned and pinned != backbone.fingerprint:
         raise InputError.at(
             fed.source or "federation.yaml",
-            f"pinned backbone {pinned[:16]}... but the aggregator's backbone ({backbone.path}) is {backbone.fingerprint[:16]}...",
+            f"pinned backbone {pinned[:16]}... but the aggregator's backbone ({backbone.path}) is "
+            f"{backbone.fingerprint[:16]}...",
             field="model.backbone_fingerprint",
         )
     prompt = prompt_config(fed, backbone)
     run = PreparedRun(spec, backbone, prompt, {}, 0)
     ckpt = load_checkpoint(run.checkpoint_dir)
     if ckpt is not None and not spec.resume:
-        raise InputError.at(spec.out_dir, f"holds a run already (checkpoint at round {ckpt.round}): pass --resume to continue it, or choose another --out")
+        raise InputError.at(
+            spec.out_dir,
+            f"holds a run already (checkpoint at round {ckpt.round}): pass --resume to continue it, or choose "
+            "another --out",
+        )
     if ckpt is not None:
         if ckpt.backbone_fingerprint != backbone.fingerprint or ckpt.run != fed.name:
-            raise InputError.at(run.checkpoint_dir / "state.json", f"checkpoint is of run {ckpt.run!r} on another backbone/config; cannot resume")
+            raise InputError.at(
+                run.checkpoint_dir / "state.json",
+                f"checkpoint is of run {ckpt.run!r} on another backbone/config; cannot resume",
+            )
         run.state, run.done, run.history = ckpt.state, ckpt.round, ckpt.history
     else:
         run.state = initial_global_state(
-            backbone, prompt, label_texts=fed.label_texts, head_init=fed.model.head_init, logit_scale=fed.model.logit_scale
+            backbone,
+            prompt,
+            label_texts=fed.label_texts,
+            head_init=fed.model.head_init,
+            logit_scale=fed.model.logit_scale,
         )
     if spec.test_path is not None:
         records = load_records(spec.test_path, text_field="text", label_field="label", labels=prompt.labels)
@@ -113,8 +126,12 @@ def execute(grid: Grid, run: PreparedRun) -> dict:
         remaining = min(remaining, run.spec.stop_after)
     in_train = fed.evaluation == "in_train"
     strategy = ValidatedStrategy(
-        build_strategy(fed, run.spec.expected_hospitals), run.prompt, norm_bound=fed.strategy.update_norm_bound,
-        min_hospitals=fed.min_hospitals, round_offset=run.done, evaluate_in_train=in_train,
+        build_strategy(fed, run.spec.expected_hospitals),
+        run.prompt,
+        norm_bound=fed.strategy.update_norm_bound,
+        min_hospitals=fed.min_hospitals,
+        round_offset=run.done,
+        evaluate_in_train=in_train,
     )
     plan = RoundPlan.for_run(fed, run.prompt).to_config_record()
     t_round = [time.perf_counter(), time.time()]
@@ -145,7 +162,9 @@ def execute(grid: Grid, run: PreparedRun) -> dict:
         t_round[:] = [time.perf_counter(), time.time()]
         run.history.append(record)
         run.state, run.done = state, r
-        save_checkpoint(run.checkpoint_dir, Checkpoint(r, state, run.history, run.prompt.backbone_fingerprint, fed.name))
+        save_checkpoint(
+            run.checkpoint_dir, Checkpoint(r, state, run.history, run.prompt.backbone_fingerprint, fed.name)
+        )
         log.info("%s", round_line(record, fed.rounds), extra=PROGRESS)
         live.submit(run_metrics(run, RUNNING))
         return MetricRecord({f"test-{k}": float(v) for k, v in record["test"].items()}) if record["test"] else None
@@ -154,7 +173,9 @@ def execute(grid: Grid, run: PreparedRun) -> dict:
         # Round 0: the hospitals validate the initial (zero-shot) model before anyone trains, each
         # in its own log; only sites with `share_evaluation: noised` send (noised) counts back.
         # (With `evaluation: in_train` they do so inside round 1's train message.)
-        replies = grid.send_and_receive(strategy.configure_evaluate(0, state_to_arrays(run.state), plan, grid), timeout=fed.round_timeout)
+        replies = grid.send_and_receive(
+            strategy.configure_evaluate(0, state_to_arrays(run.state), plan, grid), timeout=fed.round_timeout
+        )
         strategy.aggregate_evaluate(0, replies)
     if remaining > 0:
         try:
@@ -175,7 +196,9 @@ def execute(grid: Grid, run: PreparedRun) -> dict:
 def finish(run: PreparedRun) -> dict:
     fed, out = run.spec.federation, run.spec.out_dir
     outcome, why = run_outcome(run.history)
-    export_dir = export_model(out / "export", run.prompt, run.state, run.history, fed.name) if outcome == TRAINED else None
+    export_dir = (
+        export_model(out / "export", run.prompt, run.state, run.history, fed.name) if outcome == TRAINED else None
+    )
     metrics = run_metrics(run, outcome, why, export_dir)
     atomic_write(out / "metrics.json", (json.dumps(metrics, indent=1) + "\n").encode())
     write_report(metrics, out)
@@ -184,19 +207,21 @@ def finish(run: PreparedRun) -> dict:
     return metrics
 
 
-def run_metrics(run: PreparedRun, outcome: str, why: str | None = None, export_dir: Path | None = None) -> dict:
+def run_metrics(run: PreparedRun, outcome: Outcome, why: str | None = None, export_dir: Path | None = None) -> dict:
     """metrics.json's content (and the report's input): the run's history and how it ended."""
     fed = run.spec.federation
-    return RunMetrics(
-        run=fed.name,
-        outcome=outcome,
-        outcome_reason=why,
-        private=fed.privacy.private,
-        strategy=fed.strategy.name,
-        backbone_fingerprint=run.prompt.backbone_fingerprint,
-        labels=fed.label_names,
-        rounds=run.history,
-        export=None if export_dir is None else str(export_dir),
+    return RunMetrics.model_validate(  # the history's rounds are dicts: validated as RoundRecords
+        dict(
+            run=fed.name,
+            outcome=outcome,
+            outcome_reason=why,
+            private=fed.privacy.private,
+            strategy=fed.strategy.name,
+            backbone_fingerprint=run.prompt.backbone_fingerprint,
+            labels=fed.label_names,
+            rounds=run.history,
+            export=None if export_dir is None else str(export_dir),
+        )
     ).model_dump(exclude_unset=True)
 
 
@@ -210,10 +235,14 @@ def round_line(rec: dict, total: int) -> str:
     if test:
         parts.append(f"test acc {test['accuracy']:.3f} F1 {test['macro_f1']:.3f}")
     if rec["round"] > 0 and len(sites) <= 4:
-        parts.append(", ".join(
-            f"{h} {o['status']}" + (f" ({o['reason']})" if o["status"] != "ok" and o.get("reason") else "")
-            + (f" eps {o['epsilon_spent']:.2f}" if o.get("epsilon_spent") is not None else "")
-            for h, o in sorted(sites.items())))
+        parts.append(
+            ", ".join(
+                f"{h} {o['status']}"
+                + (f" ({o['reason']})" if o["status"] != "ok" and o.get("reason") else "")
+                + (f" eps {o['epsilon_spent']:.2f}" if o.get("epsilon_spent") is not None else "")
+                for h, o in sorted(sites.items())
+            )
+        )
     elif rec["round"] > 0:
         eps = [o["epsilon_spent"] for o in sites.values() if o.get("epsilon_spent") is not None]
         parts.append(" ".join(f"{k}:{v}" for k, v in sorted(Counter(o["status"] for o in sites.values()).items())))

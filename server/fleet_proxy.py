@@ -44,8 +44,9 @@ import signal
 import ssl
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NoReturn
+from typing import Any, NoReturn, cast
 
 import h11
 
@@ -70,8 +71,20 @@ DEFAULT_MAX_BODY = 64 * 1024 * 1024
 # (its only TLS is this proxy's) by FleetProxy.start.
 TLS_READ_BUFFER = 32 * 1024
 LINGER_IDLE, LINGER_TOTAL, LINGER_BYTES = 0.5, 2.0, 1 << 20
-HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"proxy-authorization",
-                        b"te", b"trailer", b"upgrade", b"expect", b"transfer-encoding"})
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"expect",
+        b"transfer-encoding",
+    }
+)
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -99,8 +112,18 @@ class ProxyConfig:
     log_interval: float = 60.0  # at most one refusal line per client address per interval
 
     def __post_init__(self) -> None:
-        for name in ("max_body", "max_connections_per_ip", "max_connections", "handshake_timeout", "head_timeout",
-                     "idle_timeout", "body_timeout", "io_timeout", "connect_timeout", "log_interval"):
+        for name in (
+            "max_body",
+            "max_connections_per_ip",
+            "max_connections",
+            "handshake_timeout",
+            "head_timeout",
+            "idle_timeout",
+            "body_timeout",
+            "io_timeout",
+            "connect_timeout",
+            "log_interval",
+        ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"ProxyConfig.{name}: expected > 0, got {getattr(self, name)}")
 
@@ -170,7 +193,7 @@ class _Ended(Exception):
 class FleetProxy:
     def __init__(self, config: ProxyConfig):
         self.config = config
-        self.server: asyncio.AbstractServer | None = None
+        self.server: asyncio.Server | None = None
         self.forwarded = 0
         self.refused = 0
         self.rate_log = RateLimitedLog(config.log_interval)
@@ -187,9 +210,18 @@ class FleetProxy:
         names = ", ".join(str(s.getsockname()[:2]) for s in self.server.sockets)
         scheme = "https" if c.server_ssl else "http"
         up = "https" if c.upstream_ssl else "http"
-        log.info("fleet proxy on %s (%s) -> %s://%s:%d; only POST /v1/fleet/* is forwarded; max %d connections "
-                 "(%d per address), body <= %d bytes", names, scheme, up, c.upstream_host, c.upstream_port,
-                 c.max_connections, c.max_connections_per_ip, c.max_body)
+        log.info(
+            "fleet proxy on %s (%s) -> %s://%s:%d; only POST /v1/fleet/* is forwarded; max %d connections "
+            "(%d per address), body <= %d bytes",
+            names,
+            scheme,
+            up,
+            c.upstream_host,
+            c.upstream_port,
+            c.max_connections,
+            c.max_connections_per_ip,
+            c.max_body,
+        )
 
     @property
     def port(self) -> int:
@@ -227,8 +259,14 @@ class FleetProxy:
         open_here, open_all = self.open_per_ip.get(ip, 0), len(self.tasks)
         if open_here >= c.max_connections_per_ip or open_all >= c.max_connections:
             # Before TLS nothing can be answered: close. The client's retry comes when a slot is free.
-            self._refuse(ip, "connection closed: %d open from this address (cap %d), %d in all (cap %d)",
-                         open_here, c.max_connections_per_ip, open_all, c.max_connections)
+            self._refuse(
+                ip,
+                "connection closed: %d open from this address (cap %d), %d in all (cap %d)",
+                open_here,
+                c.max_connections_per_ip,
+                open_all,
+                c.max_connections,
+            )
             transport.close()
             return
         self.open_per_ip[ip] = open_here + 1
@@ -251,7 +289,9 @@ class FleetProxy:
         protocol = _StreamProtocol(reader, tls=c.server_ssl is not None)
         try:
             if c.server_ssl is not None:
-                tls = await loop.start_tls(transport, protocol, c.server_ssl, server_side=True, ssl_handshake_timeout=c.handshake_timeout)
+                tls = await loop.start_tls(
+                    transport, protocol, c.server_ssl, server_side=True, ssl_handshake_timeout=c.handshake_timeout
+                )
                 if tls is None:  # the client went away during the handshake
                     return
                 transport = tls
@@ -266,7 +306,7 @@ class FleetProxy:
         except asyncio.CancelledError:
             # Shutdown: end normally, so that no task reports a cancellation.
             log.debug("connection from %s closed at shutdown", ip)
-        except (OSError, asyncio.TimeoutError, ssl.SSLError, EOFError) as exc:
+        except (TimeoutError, OSError, ssl.SSLError, EOFError) as exc:
             # Handshake failures and timeouts, resets, broken pipes: the client's business, not the log's.
             log.debug("connection from %s ended: %r", ip, exc)
         except Exception as exc:  # noqa: BLE001 - a proxy bug: one line (rate-limited), never a traceback per client
@@ -276,11 +316,12 @@ class FleetProxy:
 
     async def open_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         c = self.config
-        kwargs = {}
+        kwargs: dict[str, Any] = {}
         if c.upstream_ssl is not None:
             kwargs = {"ssl": c.upstream_ssl, "server_hostname": c.upstream_server_name or c.upstream_host}
-        return await asyncio.wait_for(asyncio.open_connection(c.upstream_host, c.upstream_port, limit=READ_SIZE, **kwargs),
-                                      c.connect_timeout)
+        return await asyncio.wait_for(
+            asyncio.open_connection(c.upstream_host, c.upstream_port, limit=READ_SIZE, **kwargs), c.connect_timeout
+        )
 
 
 def _values(headers: h11._headers.Headers, name: bytes) -> list[bytes]:
@@ -323,7 +364,7 @@ class _Client:
     async def _feed(self, timeout: float) -> None:
         try:
             data = await asyncio.wait_for(self.reader.read(READ_SIZE), max(timeout, 0.0))
-        except asyncio.TimeoutError:  # an OSError too, but the caller's to answer
+        except TimeoutError:  # an OSError too, but the caller's to answer
             raise
         except OSError as exc:  # reset: nobody left to answer
             raise _Ended from exc
@@ -349,9 +390,11 @@ class _Client:
                 return None
             try:
                 await self._feed(deadline - loop.time())
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if started:  # slow headers: nothing can be answered to a half-sent head
-                    self.proxy._refuse(self.ip, "request head not complete within %gs: connection closed", self.config.head_timeout)
+                    self.proxy._refuse(
+                        self.ip, "request head not complete within %gs: connection closed", self.config.head_timeout
+                    )
                 return None
             if not started and self.conn.trailing_data[0]:
                 started = True
@@ -373,7 +416,7 @@ class _Client:
             # Otherwise NEED_DATA: a body cut short is an h11 error, never a ConnectionClosed event.
             try:
                 await self._feed(self.config.body_timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 await self._fail(408, f"request body stalled for {self.config.body_timeout:g}s")
 
     # -- answering the client -------------------------------------------------------------
@@ -386,7 +429,7 @@ class _Client:
         try:
             # A client that stops reading answers is treated like one that stops sending a body.
             await asyncio.wait_for(self.writer.drain(), self.config.body_timeout)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             raise _Ended from exc
 
     async def _fail(self, status: int, text: str, *, log_it: bool = True) -> NoReturn:
@@ -398,12 +441,20 @@ class _Client:
             body = (text + "\n").encode("utf-8", "replace")
             try:
                 await self._send(
-                    h11.Response(status_code=status, reason=http.HTTPStatus(status).phrase.encode(),
-                                 headers=[(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode()),
-                                          (b"connection", b"close")]),
-                    h11.Data(data=body), h11.EndOfMessage())
+                    h11.Response(
+                        status_code=status,
+                        reason=http.HTTPStatus(status).phrase.encode(),
+                        headers=[
+                            (b"content-type", b"text/plain; charset=utf-8"),
+                            (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close"),
+                        ],
+                    ),
+                    h11.Data(data=body),
+                    h11.EndOfMessage(),
+                )
                 await self._linger()
-            except (_Ended, OSError, asyncio.TimeoutError, h11.LocalProtocolError):
+            except (TimeoutError, _Ended, OSError, h11.LocalProtocolError):
                 pass  # the client is gone or the answer cannot be framed: closing says the rest
         raise _Ended
 
@@ -436,11 +487,23 @@ class _Client:
 
     async def _exchange(self, request: h11.Request) -> None:
         headers = request.headers
-        if not allowed(request.method, request.target) or request.http_version != b"1.1" or _values(headers, b"upgrade"):
-            self.proxy._refuse(self.ip, "403 %s %r HTTP/%s: only POST /v1/fleet/* is served here", request.method[:20].decode("latin-1"),
-                               request.target[:200], request.http_version.decode("latin-1"))
-            await self._fail(403, "forbidden: this endpoint serves the Flower Fleet API only (POST /v1/fleet/<method>, HTTP/1.1)",
-                             log_it=False)
+        if (
+            not allowed(request.method, request.target)
+            or request.http_version != b"1.1"
+            or _values(headers, b"upgrade")
+        ):
+            self.proxy._refuse(
+                self.ip,
+                "403 %s %r HTTP/%s: only POST /v1/fleet/* is served here",
+                request.method[:20].decode("latin-1"),
+                request.target[:200],
+                request.http_version.decode("latin-1"),
+            )
+            await self._fail(
+                403,
+                "forbidden: this endpoint serves the Flower Fleet API only (POST /v1/fleet/<method>, HTTP/1.1)",
+                log_it=False,
+            )
         length = _values(headers, b"content-length")  # h11 has refused differing values and collapsed equal ones
         if length and _values(headers, b"transfer-encoding"):
             await self._fail(400, "bad request: both Transfer-Encoding and Content-Length")
@@ -467,8 +530,10 @@ class _Upstream:
         client, c = self.client, self.config
         try:
             reader, writer = await client.proxy.open_upstream()
-        except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
-            client.proxy.rate_log.warn("upstream", "SuperLink %s:%d unreachable: %r", c.upstream_host, c.upstream_port, exc)
+        except (TimeoutError, OSError, ssl.SSLError) as exc:
+            client.proxy.rate_log.warn(
+                "upstream", "SuperLink %s:%d unreachable: %r", c.upstream_host, c.upstream_port, exc
+            )
             await client._fail(502, "bad gateway: the aggregator is not reachable right now", log_it=False)
         # Sent and received at once: the SuperLink may answer before it has read the whole body
         # (its authentication's 401) and then close; that answer must still reach the client.
@@ -485,11 +550,16 @@ class _Upstream:
                 await receiving
             else:
                 receiving.result()  # done first: its answer relayed (or its failure raised here)
-        except (OSError, asyncio.TimeoutError, ssl.SSLError, h11.ProtocolError) as exc:
+        except (TimeoutError, OSError, ssl.SSLError, h11.ProtocolError) as exc:
             timed_out = isinstance(exc, asyncio.TimeoutError)
-            client.proxy.rate_log.warn("upstream", "SuperLink %s:%d failed a request: %r", c.upstream_host, c.upstream_port, exc)
-            await client._fail(504 if timed_out else 502, "the aggregator did not answer in time" if timed_out else "bad gateway",
-                               log_it=False)
+            client.proxy.rate_log.warn(
+                "upstream", "SuperLink %s:%d failed a request: %r", c.upstream_host, c.upstream_port, exc
+            )
+            await client._fail(
+                504 if timed_out else 502,
+                "the aggregator did not answer in time" if timed_out else "bad gateway",
+                log_it=False,
+            )
         finally:
             for task in (sending, receiving):
                 task.cancel()
@@ -497,7 +567,9 @@ class _Upstream:
             writer.close()
 
     async def _write(self, writer: asyncio.StreamWriter, event: h11.Event) -> None:
-        writer.write(self.conn.send(event))
+        data = self.conn.send(event)
+        assert data is not None  # h11 sends nothing only for ConnectionClosed, never sent here
+        writer.write(data)
         await asyncio.wait_for(writer.drain(), self.config.io_timeout)
 
     async def _send_request(self, writer: asyncio.StreamWriter) -> None:
@@ -516,11 +588,11 @@ class _Upstream:
             event = await client._body_event()
         await self._write(writer, h11.EndOfMessage())  # trailers, if any, are not forwarded
 
-    async def _upstream_event(self, reader: asyncio.StreamReader) -> h11.Event:
+    async def _upstream_event(self, reader: asyncio.StreamReader) -> h11.Event | type[h11.PAUSED]:
         while True:
             event = self.conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
+            if event is not h11.NEED_DATA:  # (a sentinel class: the type checker does not narrow on it)
+                return cast("h11.Event | type[h11.PAUSED]", event)
             self.conn.receive_data(await asyncio.wait_for(reader.read(READ_SIZE), self.config.io_timeout))
 
     async def _relay_response(self, reader: asyncio.StreamReader) -> None:
@@ -531,8 +603,11 @@ class _Upstream:
                 continue  # 1xx are hop-by-hop (no Expect is sent upstream)
             if isinstance(event, h11.Response):
                 # No Content-Length: h11 frames the body for the client itself (chunked).
-                await client._send(h11.Response(status_code=event.status_code, reason=event.reason,
-                                                headers=_forwarded_headers(event.headers)))
+                await client._send(
+                    h11.Response(
+                        status_code=event.status_code, reason=event.reason, headers=_forwarded_headers(event.headers)
+                    )
+                )
             elif isinstance(event, h11.Data):
                 await client._send(event)
             elif isinstance(event, h11.EndOfMessage):
@@ -601,28 +676,60 @@ def _positive(kind: type) -> Callable[[str], int | float]:
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     d = ProxyConfig("", 0, "", 0)  # its defaults, shown in --help
-    p = parser or argparse.ArgumentParser(prog="fleet-proxy", description="Forward only the Flower Fleet API (POST /v1/fleet/*); 403 for the rest.")
+    p = parser or argparse.ArgumentParser(
+        prog="fleet-proxy", description="Forward only the Flower Fleet API (POST /v1/fleet/*); 403 for the rest."
+    )
     p.add_argument("--listen", default="0.0.0.0:9443", help="HOST:PORT the hospitals connect to (default 0.0.0.0:9443)")
-    p.add_argument("--upstream", default="127.0.0.1:8000", help="the SuperLink's HOST:PORT on the aggregator's internal network")
+    p.add_argument(
+        "--upstream", default="127.0.0.1:8000", help="the SuperLink's HOST:PORT on the aggregator's internal network"
+    )
     p.add_argument("--pki", help="folder from `fedprompt pki init` (server.pem/server.key/ca.pem)")
     p.add_argument("--certfile", help="TLS certificate presented to hospitals (default: PKI/server.pem)")
     p.add_argument("--keyfile", help="its private key (default: PKI/server.key)")
     p.add_argument("--upstream-ca", help="CA that signed the SuperLink's certificate (default: PKI/ca.pem)")
-    p.add_argument("--upstream-name", help="name to verify in the SuperLink's certificate (default: the --upstream host)")
-    p.add_argument("--upstream-insecure", action="store_true", help="plain HTTP to the SuperLink (only if it runs with --insecure)")
+    p.add_argument(
+        "--upstream-name", help="name to verify in the SuperLink's certificate (default: the --upstream host)"
+    )
+    p.add_argument(
+        "--upstream-insecure", action="store_true", help="plain HTTP to the SuperLink (only if it runs with --insecure)"
+    )
     p.add_argument("--insecure", action="store_true", help="plain HTTP towards hospitals (testing only)")
     g = p.add_argument_group("limits (each refusal is answered with an HTTP status where one can be sent)")
-    g.add_argument("--max-body", type=_positive(int), default=d.max_body, metavar="BYTES", help=f"largest request body; more: 413 (default {d.max_body})")
-    g.add_argument("--max-connections", type=_positive(int), default=d.max_connections, metavar="N",
-                   help=f"open connections in all; more are closed at once (default {d.max_connections})")
-    g.add_argument("--max-connections-per-ip", type=_positive(int), default=d.max_connections_per_ip, metavar="N",
-                   help=f"open connections from one client address (default {d.max_connections_per_ip})")
-    for flag, field, what in [("--handshake-timeout", "handshake_timeout", "to complete the TLS handshake"),
-                              ("--head-timeout", "head_timeout", "from a request's first byte to its whole head"),
-                              ("--idle-timeout", "idle_timeout", "a kept-alive connection may wait for its next request"),
-                              ("--body-timeout", "body_timeout", "of silence while a request body arrives (then 408)"),
-                              ("--upstream-timeout", "io_timeout", "for the SuperLink's answer (then 504)")]:
-        g.add_argument(flag, type=_positive(float), default=getattr(d, field), metavar="SECONDS", help=f"seconds {what} (default {getattr(d, field):g})")
+    g.add_argument(
+        "--max-body",
+        type=_positive(int),
+        default=d.max_body,
+        metavar="BYTES",
+        help=f"largest request body; more: 413 (default {d.max_body})",
+    )
+    g.add_argument(
+        "--max-connections",
+        type=_positive(int),
+        default=d.max_connections,
+        metavar="N",
+        help=f"open connections in all; more are closed at once (default {d.max_connections})",
+    )
+    g.add_argument(
+        "--max-connections-per-ip",
+        type=_positive(int),
+        default=d.max_connections_per_ip,
+        metavar="N",
+        help=f"open connections from one client address (default {d.max_connections_per_ip})",
+    )
+    for flag, field, what in [
+        ("--handshake-timeout", "handshake_timeout", "to complete the TLS handshake"),
+        ("--head-timeout", "head_timeout", "from a request's first byte to its whole head"),
+        ("--idle-timeout", "idle_timeout", "a kept-alive connection may wait for its next request"),
+        ("--body-timeout", "body_timeout", "of silence while a request body arrives (then 408)"),
+        ("--upstream-timeout", "io_timeout", "for the SuperLink's answer (then 504)"),
+    ]:
+        g.add_argument(
+            flag,
+            type=_positive(float),
+            default=getattr(d, field),
+            metavar="SECONDS",
+            help=f"seconds {what} (default {getattr(d, field):g})",
+        )
     return p
 
 
@@ -638,13 +745,21 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
     if not args.upstream_insecure and not ca:
         raise ValueError("give --pki or --upstream-ca (or --upstream-insecure)")
     return ProxyConfig(
-        lh, lp, uh, up,
+        lh,
+        lp,
+        uh,
+        up,
         server_ssl=None if args.insecure else server_context(cert, key),
         upstream_ssl=None if args.upstream_insecure else upstream_context(ca),
         upstream_server_name=args.upstream_name,
-        max_body=args.max_body, max_connections=args.max_connections, max_connections_per_ip=args.max_connections_per_ip,
-        handshake_timeout=args.handshake_timeout, head_timeout=args.head_timeout, idle_timeout=args.idle_timeout,
-        body_timeout=args.body_timeout, io_timeout=args.upstream_timeout,
+        max_body=args.max_body,
+        max_connections=args.max_connections,
+        max_connections_per_ip=args.max_connections_per_ip,
+        handshake_timeout=args.handshake_timeout,
+        head_timeout=args.head_timeout,
+        idle_timeout=args.idle_timeout,
+        body_timeout=args.body_timeout,
+        io_timeout=args.upstream_timeout,
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass
@@ -18,9 +18,9 @@ from fedprompt.common.config import StrategyName
 from fedprompt.common.errors import InputError
 from fedprompt.common.schema import NonEmptyStr, Schema, Sha256, issues
 
-from .outcome import NOTHING_TRAINED, RUNNING, TRAINED
+from .outcome import Outcome
 
-CHECKPOINT_FORMAT = "fedprompt-checkpoint/1"
+CHECKPOINT_FORMAT: Final = "fedprompt-checkpoint/1"
 # Scores are the run's facts: a NaN loss (nothing to evaluate) or an infinite epsilon (a site that
 # trained without DP) is information, kept as it is.
 _FACTS = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=True)
@@ -90,7 +90,7 @@ class RunMetrics(Schema):
 
     model_config = _FACTS
     run: NonEmptyStr
-    outcome: Literal[TRAINED, NOTHING_TRAINED, RUNNING]
+    outcome: Outcome
     outcome_reason: str | None
     private: bool
     strategy: StrategyName
@@ -104,10 +104,11 @@ class CheckpointState(Schema):
     """checkpoint/state.json, the checkpoint's commit point (server/checkpoint.py)."""
 
     model_config = _FACTS
-    format: Literal[CHECKPOINT_FORMAT]
+    format: Literal["fedprompt-checkpoint/1"]  # CHECKPOINT_FORMAT
     run: NonEmptyStr
     round: NonNegativeInt
-    tensors: Annotated[str, Field(pattern=r"^global-r[0-9]{4,}\.safetensors$")]  # a file beside it, never a path elsewhere
+    # a file beside it, never a path elsewhere
+    tensors: Annotated[str, Field(pattern=r"^global-r[0-9]{4,}\.safetensors$")]
     backbone_fingerprint: Sha256
     history: list[RoundRecord]
 

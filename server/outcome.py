@@ -10,15 +10,18 @@ EXIT_NOTHING_TRAINED. Kept free of heavy imports: the operator's CLI reads it.
 from __future__ import annotations
 
 from collections import Counter
+from typing import Final, Literal
 
-TRAINED = "trained"  # at least one round aggregated valid updates (the global model changed)
-NOTHING_TRAINED = "no hospital trained"  # every training reply of every round was a refusal, rejection or failure
-RUNNING = "running"  # the report rewritten after each round, before the run ends
+TRAINED: Final = "trained"  # at least one round aggregated valid updates (the global model changed)
+# every training reply of every round was a refusal, rejection or failure
+NOTHING_TRAINED: Final = "no hospital trained"
+RUNNING: Final = "running"  # the report rewritten after each round, before the run ends
+Outcome = Literal["trained", "no hospital trained", "running"]  # the three above (metrics.json's "outcome")
 # Distinct from the other exit codes: 1 run failed, 2 bad input, 3 privacy ledger, 4 audit failed.
 EXIT_NOTHING_TRAINED = 5
 
 
-def run_outcome(history: list[dict]) -> tuple[str, str | None]:
+def run_outcome(history: list[dict]) -> tuple[Outcome, str | None]:
     """(outcome, why) of a run from its whole history (a resumed run's earlier rounds count).
 
     `why` is None for a TRAINED run; for NOTHING_TRAINED it tallies every training reply of every
@@ -33,10 +36,17 @@ def run_outcome(history: list[dict]) -> tuple[str, str | None]:
     if any(r.get("aggregated", any(o["status"] == "ok" for o in r.get("hospitals", {}).values())) for r in training):
         return TRAINED, None
     if any(o["status"] == "ok" for o in replies):
-        return NOTHING_TRAINED, (f"fewer valid updates than min_hospitals in every one of {training_rounds} training round(s): "
-                                 "the global model never changed")
+        return NOTHING_TRAINED, (
+            f"fewer valid updates than min_hospitals in every one of {training_rounds} training round(s): "
+            "the global model never changed"
+        )
     if not replies:
-        return NOTHING_TRAINED, f"no hospital was asked to train in {training_rounds} training round(s)" if training_rounds else "no training round ran"
+        return (
+            NOTHING_TRAINED,
+            f"no hospital was asked to train in {training_rounds} training round(s)"
+            if training_rounds
+            else "no training round ran",
+        )
     statuses = Counter(o["status"] for o in replies)
     refusals = Counter(o["reason"] for o in replies if o["status"] == "refused")
 
@@ -45,5 +55,7 @@ def run_outcome(history: list[dict]) -> tuple[str, str | None]:
             return f"{status} {n}"
         return f"refused {n} (" + ", ".join(f"{category} {c}" for category, c in sorted(refusals.items())) + ")"
 
-    return NOTHING_TRAINED, (f"no hospital's update was accepted in {training_rounds} training round(s): "
-                             + "; ".join(tally(status, n) for status, n in sorted(statuses.items())))
+    return NOTHING_TRAINED, (
+        f"no hospital's update was accepted in {training_rounds} training round(s): "
+        + "; ".join(tally(status, n) for status, n in sorted(statuses.items()))
+    )

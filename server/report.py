@@ -23,7 +23,8 @@ import os
 import re
 import urllib.parse
 from collections.abc import Iterable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -111,8 +112,8 @@ def _round_upload(rnd: Mapping[str, Any]) -> float | None:
     total = _num(rnd.get("upload_bytes"))
     if total is not None:
         return total
-    per_site = [_num(_dict(e).get("upload_bytes")) for e in _dict(rnd.get("hospitals")).values()]
-    per_site = [v for v in per_site if v is not None]
+    reported = [_num(_dict(e).get("upload_bytes")) for e in _dict(rnd.get("hospitals")).values()]
+    per_site = [v for v in reported if v is not None]
     return sum(per_site) if per_site else None
 
 
@@ -198,7 +199,9 @@ def _outside_legend(ax, extra: Iterable[tuple[Any, str]] = (), **kwargs) -> None
         handles.append(handle)
         labels.append(label)
     if handles:
-        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=9, **kwargs)
+        ax.legend(
+            handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=9, **kwargs
+        )
 
 
 def _finite_or_nan(values: list[float | None]) -> list[float]:
@@ -221,7 +224,7 @@ def _plot_metrics(rounds: list[Mapping[str, Any]], xs: list[int]) -> bytes:
     def known(values: list[float]) -> tuple[list[int], list[float]]:
         """Only the rounds that report a value: a round without evaluation does not break the
         line (the table shows which rounds have none)."""
-        pairs = [(x, v) for x, v in zip(xs, values) if not math.isnan(v)]
+        pairs = [(x, v) for x, v in zip(xs, values, strict=True) if not math.isnan(v)]
         return [p[0] for p in pairs], [p[1] for p in pairs]
 
     # Colour = metric, line style = split (validation solid, test dashed).
@@ -230,7 +233,9 @@ def _plot_metrics(rounds: list[Mapping[str, Any]], xs: list[int]) -> bytes:
     for key, label, color in spec:
         val = series("evaluate", key)
         if has(val):
-            ax_score.plot(*known(val), color=color, linestyle="-", marker="o", markersize=4, label=f"{label} (fed. validation)")
+            ax_score.plot(
+                *known(val), color=color, linestyle="-", marker="o", markersize=4, label=f"{label} (fed. validation)"
+            )
             plotted_scores = True
     for key, label, color in spec:
         test = series("test", key)
@@ -244,11 +249,15 @@ def _plot_metrics(rounds: list[Mapping[str, Any]], xs: list[int]) -> bytes:
     if plotted_scores:
         _outside_legend(ax_score)
     else:
-        ax_score.text(0.5, 0.5, "no evaluation reported", ha="center", va="center", color="0.4", transform=ax_score.transAxes)
+        ax_score.text(
+            0.5, 0.5, "no evaluation reported", ha="center", va="center", color="0.4", transform=ax_score.transAxes
+        )
 
     val_loss, test_loss = series("evaluate", "loss"), series("test", "loss")
     if has(val_loss):
-        ax_loss.plot(*known(val_loss), color="tab:red", linestyle="-", marker="o", markersize=4, label="loss (fed. validation)")
+        ax_loss.plot(
+            *known(val_loss), color="tab:red", linestyle="-", marker="o", markersize=4, label="loss (fed. validation)"
+        )
     if has(test_loss):
         ax_loss.plot(*known(test_loss), color="tab:red", linestyle="--", marker="s", markersize=4, label="loss (test)")
     ax_loss.set_ylabel("loss")
@@ -299,12 +308,12 @@ def _plot_epsilon(rounds: list[Mapping[str, Any]], xs: list[int], hospitals: lis
 
     any_eps = False
     status_seen: set[str] = set()
-    for hospital, color in zip(hospitals, _colors(len(hospitals))):
+    for hospital, color in zip(hospitals, _colors(len(hospitals)), strict=True):
         eps: list[float] = []
         cap: float | None = None
         last_known: float | None = None
         marks: dict[str, tuple[list[int], list[float]]] = {}
-        for x, rnd in zip(xs, rounds):
+        for x, rnd in zip(xs, rounds, strict=True):
             entry = _hospital_entry(rnd, hospital)
             if entry is None:  # not sampled this round
                 eps.append(math.nan)
@@ -319,24 +328,45 @@ def _plot_epsilon(rounds: list[Mapping[str, Any]], xs: list[int], hospitals: lis
             status = _status(entry)
             if status != "ok":
                 # Marked at the hospital's own epsilon when it has one, else its last known total.
-                y = spent if spent is not None and math.isfinite(spent) else (last_known if last_known is not None else 0.0)
+                y = (
+                    spent
+                    if spent is not None and math.isfinite(spent)
+                    else (last_known if last_known is not None else 0.0)
+                )
                 xs_m, ys_m = marks.setdefault(status, ([], []))
                 xs_m.append(x)
                 ys_m.append(y)
-        known = [(x, e) for x, e in zip(xs, eps) if not math.isnan(e)]
+        known = [(x, e) for x, e in zip(xs, eps, strict=True) if not math.isnan(e)]
         label = _plot_label(hospital) if cap is None else f"{_plot_label(hospital)} (cap {cap:g})"
         if known:
             any_eps = True
             # Connect the known points: a gap (refusal, not sampled) keeps the running total.
-            ax.plot([k[0] for k in known], [k[1] for k in known], color=color, marker="o", markersize=4, linewidth=1.8, label=label)
+            ax.plot(
+                [k[0] for k in known],
+                [k[1] for k in known],
+                color=color,
+                marker="o",
+                markersize=4,
+                linewidth=1.8,
+                label=label,
+            )
         else:
             ax.plot([], [], color=color, marker="o", label=f"{label}: no epsilon reported")
         if cap is not None:
             ax.axhline(cap, color=color, linestyle=":", linewidth=1.6)
         for status, (xs_m, ys_m) in marks.items():
             marker, _ = _STATUS_MARKERS[status]
-            ax.scatter(xs_m, ys_m, marker=marker, s=90, facecolors="none" if marker == "s" else color,
-                       edgecolors=color, linewidths=1.8, zorder=5, clip_on=False)
+            ax.scatter(
+                xs_m,
+                ys_m,
+                marker=marker,
+                s=90,
+                facecolors="none" if marker == "s" else color,
+                edgecolors=color,
+                linewidths=1.8,
+                zorder=5,
+                clip_on=False,
+            )
             status_seen.add(status)
 
     ax.set_xlabel("round")
@@ -353,11 +383,30 @@ def _plot_epsilon(rounds: list[Mapping[str, Any]], xs: list[int], hospitals: lis
     for status in ("refused", "rejected", "failed"):
         if status in status_seen:
             marker, text = _STATUS_MARKERS[status]
-            handles.append(Line2D([], [], linestyle="none", marker=marker, markersize=9, markerfacecolor="none" if marker == "s" else "0.3", markeredgecolor="0.3", markeredgewidth=1.6))
+            handles.append(
+                Line2D(
+                    [],
+                    [],
+                    linestyle="none",
+                    marker=marker,
+                    markersize=9,
+                    markerfacecolor="none" if marker == "s" else "0.3",
+                    markeredgecolor="0.3",
+                    markeredgewidth=1.6,
+                )
+            )
             labels.append(f"round {text}")
     ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=9)
     if not any_eps:
-        ax.text(0.5, 0.5, "no epsilon reported by any hospital", ha="center", va="center", color="#b00020", transform=ax.transAxes)
+        ax.text(
+            0.5,
+            0.5,
+            "no epsilon reported by any hospital",
+            ha="center",
+            va="center",
+            color="#b00020",
+            transform=ax.transAxes,
+        )
     return _png_bytes(fig)
 
 
@@ -387,24 +436,51 @@ def _plot_upload(rounds: list[Mapping[str, Any]], xs: list[int], hospitals: list
     unit, scale = next(((u, s) for u, s in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)) if peak >= s), ("B", 1.0))
 
     distinct = sorted(set(xs))
-    width = 0.8 * (min(b - a for a, b in zip(distinct, distinct[1:])) if len(distinct) > 1 else 1)
+    width = 0.8 * (min(b - a for a, b in pairwise(distinct)) if len(distinct) > 1 else 1)
     bottom = [0.0] * len(rounds)
     any_not_accepted = False
-    for hospital, color in zip(hospitals, _colors(len(hospitals))):
+    for hospital, color in zip(hospitals, _colors(len(hospitals)), strict=True):
         vals = [v / scale for v, _ in per_site[hospital]]
         if not any(vals):
             continue
-        accepted = [v if ok else 0.0 for v, (_, ok) in zip(vals, per_site[hospital])]
-        refused = [0.0 if ok else v for v, (_, ok) in zip(vals, per_site[hospital])]
-        ax.bar(xs, accepted, width=width, bottom=bottom, color=color, edgecolor="white", linewidth=0.5, label=_plot_label(hospital))
+        accepted = [v if ok else 0.0 for v, (_, ok) in zip(vals, per_site[hospital], strict=True)]
+        refused = [0.0 if ok else v for v, (_, ok) in zip(vals, per_site[hospital], strict=True)]
+        ax.bar(
+            xs,
+            accepted,
+            width=width,
+            bottom=bottom,
+            color=color,
+            edgecolor="white",
+            linewidth=0.5,
+            label=_plot_label(hospital),
+        )
         if any(refused):  # uploaded but not aggregated (rejected/failed): same colour, hatched
             any_not_accepted = True
-            ax.bar(xs, refused, width=width, bottom=bottom, color=color, alpha=0.45, edgecolor="black",
-                   linewidth=0.5, hatch="xx")
-        bottom = [b + v for b, v in zip(bottom, vals)]
+            ax.bar(
+                xs,
+                refused,
+                width=width,
+                bottom=bottom,
+                color=color,
+                alpha=0.45,
+                edgecolor="black",
+                linewidth=0.5,
+                hatch="xx",
+            )
+        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
     if any(other):
-        ax.bar(xs, [o / scale for o in other], width=width, bottom=bottom, color="0.75", edgecolor="white",
-               linewidth=0.5, hatch="//", label="not attributed to a hospital")
+        ax.bar(
+            xs,
+            [o / scale for o in other],
+            width=width,
+            bottom=bottom,
+            color="0.75",
+            edgecolor="white",
+            linewidth=0.5,
+            hatch="//",
+            label="not attributed to a hospital",
+        )
     extra = []
     if any_not_accepted:
         from matplotlib.patches import Patch
@@ -456,8 +532,14 @@ def _final_quality(rounds: list[Mapping[str, Any]], xs: list[int]) -> dict:
     if val:
         parts.append({"text": "federated validation", "scores": _scores(val)})
     else:
-        latest = next(({"round": x, "scores": _scores(_dict(r.get("evaluate")))}
-                       for r, x in zip(reversed(rounds), reversed(xs)) if _dict(r.get("evaluate"))), None)
+        latest = next(
+            (
+                {"round": x, "scores": _scores(_dict(r.get("evaluate")))}
+                for r, x in zip(reversed(rounds), reversed(xs), strict=True)
+                if _dict(r.get("evaluate"))
+            ),
+            None,
+        )
         parts.append({"text": "no federated validation in the final round", "latest": latest})
     test = _dict(last.get("test"))
     if test:
@@ -507,7 +589,7 @@ def _epsilon_summary(rounds: list[Mapping[str, Any]], hospitals: list[str]) -> d
 
 def _round_rows(rounds: list[Mapping[str, Any]], xs: list[int]) -> list[dict]:
     rows = []
-    for rnd, x in zip(rounds, xs):
+    for rnd, x in zip(rounds, xs, strict=True):
         val, test, counts = _dict(rnd.get("evaluate")), _dict(rnd.get("test")), _status_counts(rnd)
         cells = [
             str(x),
@@ -532,7 +614,7 @@ def _hospital_rows(rounds: list[Mapping[str, Any]], xs: list[int], hospitals: li
         ok_rounds = 0
         spent: float | None = None
         cap: float | None = None
-        for rnd, x in zip(rounds, xs):
+        for rnd, x in zip(rounds, xs, strict=True):
             entry = _hospital_entry(rnd, hospital)
             if entry is None:
                 continue
@@ -546,16 +628,20 @@ def _hospital_rows(rounds: list[Mapping[str, Any]], xs: list[int], hospitals: li
         assert last is not None  # hospitals come from the rounds
         status = _status(last)
         raw_status = _str(last.get("status"))
-        rows.append({
-            "name": hospital,
-            "status": status,
-            "status_text": raw_status if raw_status.strip().lower() == status else f"{status} ({raw_status or 'no status'})",
-            "last_round": last_x,
-            "reason": _str(last.get("reason")),
-            "eps": f"{_fmt_eps(spent)} / {_fmt_eps(cap)}",
-            "over": spent is not None and cap is not None and spent > cap,
-            "ok_rounds": ok_rounds,
-        })
+        rows.append(
+            {
+                "name": hospital,
+                "status": status,
+                "status_text": raw_status
+                if raw_status.strip().lower() == status
+                else f"{status} ({raw_status or 'no status'})",
+                "last_round": last_x,
+                "reason": _str(last.get("reason")),
+                "eps": f"{_fmt_eps(spent)} / {_fmt_eps(cap)}",
+                "over": spent is not None and cap is not None and spent > cap,
+                "ok_rounds": ok_rounds,
+            }
+        )
     return rows
 
 
@@ -574,12 +660,13 @@ def _export_link(export: Any, out_dir: Path) -> dict | None:
 
 def _trained(rounds: list[Mapping[str, Any]], xs: list[int]) -> tuple[list[Mapping[str, Any]], list[int]]:
     """The training rounds: round 0 (the zero-shot start, before anyone trains) has no hospitals."""
-    kept = [(r, x) for r, x in zip(rounds, xs) if x != 0]
+    kept = [(r, x) for r, x in zip(rounds, xs, strict=True) if x != 0]
     return [r for r, _ in kept], [x for _, x in kept]
 
 
-def _render_html(metrics: Mapping[str, Any], rounds: list[Mapping[str, Any]], xs: list[int],
-                 hospitals: list[str], out_dir: Path) -> str:
+def _render_html(
+    metrics: Mapping[str, Any], rounds: list[Mapping[str, Any]], xs: list[int], hospitals: list[str], out_dir: Path
+) -> str:
     private = _is_private(metrics)
     trained, trained_xs = _trained(rounds, xs)
     non_private_detail = None
@@ -590,11 +677,21 @@ def _render_html(metrics: Mapping[str, Any], rounds: list[Mapping[str, Any]], xs
             else "hospitals trained WITHOUT differential privacy; the prompt may memorise patient records"
         )
     outcome = _str(metrics.get("outcome"))
-    alt_eps = "NON-PRIVATE run: epsilon not tracked" if not private else "cumulative epsilon spent per hospital per round"
+    alt_eps = (
+        "NON-PRIVATE run: epsilon not tracked" if not private else "cumulative epsilon spent per hospital per round"
+    )
     figures = [
-        (METRICS_PNG, "Federated validation (solid) and test (dashed) scores; loss below.", "macro-F1, accuracy and loss per round"),
-        (EPSILON_PNG, "Cumulative \u03b5 per hospital; dotted lines are each hospital's cap; open squares = refused, "
-                      "crosses = rejected, triangles = failed.", alt_eps),
+        (
+            METRICS_PNG,
+            "Federated validation (solid) and test (dashed) scores; loss below.",
+            "macro-F1, accuracy and loss per round",
+        ),
+        (
+            EPSILON_PNG,
+            "Cumulative \u03b5 per hospital; dotted lines are each hospital's cap; open squares = refused, "
+            "crosses = rejected, triangles = failed.",
+            alt_eps,
+        ),
         (UPLOAD_PNG, "Bytes uploaded per round, stacked by hospital.", "upload bytes per round by hospital"),
     ]
     return _TEMPLATES.get_template("report.html.j2").render(
@@ -602,7 +699,8 @@ def _render_html(metrics: Mapping[str, Any], rounds: list[Mapping[str, Any]], xs
         private=private,
         non_private_detail=non_private_detail,
         outcome=outcome,
-        outcome_reason=_str(metrics.get("outcome_reason")),  # set only for a run that produced no model (server/outcome.py)
+        # set only for a run that produced no model (server/outcome.py)
+        outcome_reason=_str(metrics.get("outcome_reason")),
         running=outcome == RUNNING,
         strategy=_str(metrics.get("strategy")) or _MISSING,
         fingerprint=_str(metrics.get("backbone_fingerprint")),
@@ -616,7 +714,7 @@ def _render_html(metrics: Mapping[str, Any], rounds: list[Mapping[str, Any]], xs
         round_rows=_round_rows(rounds, xs),
         hospital_rows=_hospital_rows(trained, trained_xs, hospitals),
         export=_export_link(metrics.get("export"), out_dir),
-        stamp=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        stamp=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     )
 
 
@@ -625,7 +723,7 @@ def _render_html(metrics: Mapping[str, Any], rounds: list[Mapping[str, Any]], xs
 # --------------------------------------------------------------------------------------------
 
 
-def write_report(metrics: dict, out_dir: Path) -> Path:
+def write_report(metrics: Mapping[str, Any], out_dir: Path) -> Path:
     """Write ``out_dir/report.html`` and its three PNG plots; return the HTML path.
 
     ``metrics`` is the run's ``metrics.json`` content: ``run``, ``outcome`` ("trained" or "no

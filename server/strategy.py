@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import asdict
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,7 +47,7 @@ def build_strategy(fed: FederationConfig, wait_for: int | None = None) -> Strate
     Flower samples whoever is connected once that many are, so a simulation waits for all."""
     s = fed.strategy
     available = max(fed.min_hospitals, wait_for or 0)
-    common = dict(
+    common: dict[str, Any] = dict(
         fraction_train=1.0,
         fraction_evaluate=1.0,
         min_train_nodes=available,
@@ -64,6 +65,18 @@ def build_strategy(fed: FederationConfig, wait_for: int | None = None) -> Strate
     return FedAvg(**common)
 
 
+def _number(value: object) -> float:
+    """A metric value that validation has already checked to be a finite number."""
+    assert isinstance(value, (int, float))
+    return float(value)
+
+
+def _numbers(value: object) -> list[float]:
+    """A metric list that validation has already checked to hold finite numbers."""
+    assert isinstance(value, list)
+    return [float(v) for v in value]
+
+
 def _identity(msg: Message, node_id: int, taken: set[str]) -> str:
     node = f"node-{node_id}"
     status = msg.content.config_records.get(STATUS) if not msg.has_error() else None
@@ -73,8 +86,16 @@ def _identity(msg: Message, node_id: int, taken: set[str]) -> str:
 
 
 class ValidatedStrategy(Strategy):
-    def __init__(self, inner: Strategy, prompt: PromptConfig, *, norm_bound: float, min_hospitals: int, round_offset: int = 0,
-                 evaluate_in_train: bool = False):
+    def __init__(
+        self,
+        inner: Strategy,
+        prompt: PromptConfig,
+        *,
+        norm_bound: float,
+        min_hospitals: int,
+        round_offset: int = 0,
+        evaluate_in_train: bool = False,
+    ):
         self.inner = inner
         # One message per round: no evaluate messages; sites validate the model received inside
         # the train message, and those that share send noised counts with their update.
@@ -84,7 +105,7 @@ class ValidatedStrategy(Strategy):
         self.norm_bound = norm_bound
         self.min_hospitals = min_hospitals
         self.round_offset = round_offset
-        self._global: dict | None = None
+        self._global: dict[str, torch.Tensor] | None = None
         self._sent: dict[int, list[Message]] = {}
         self.train_outcomes: dict[int, dict[str, HospitalOutcome]] = {}
         self.aggregated: dict[int, bool] = {}  # did the round change the global model (>= min_hospitals valid updates)?
@@ -105,7 +126,9 @@ class ValidatedStrategy(Strategy):
     def summary(self) -> None:
         self.inner.summary()
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         self._mark(server_round, "train_sent")
         self._global = arrays_to_state(arrays)
         config = ConfigRecord(dict(config))
@@ -122,7 +145,9 @@ class ValidatedStrategy(Strategy):
         """
         return {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent.get(server_round, [])}
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         self._mark(server_round, "train_received")
         t0, cpu0 = time.perf_counter(), time.thread_time()
         try:
@@ -131,7 +156,9 @@ class ValidatedStrategy(Strategy):
             self.aggregate_seconds[server_round] = time.perf_counter() - t0
             self.aggregate_cpu_seconds[server_round] = time.thread_time() - cpu0
 
-    def _aggregate_train(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def _aggregate_train(
+        self, server_round: int, replies: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         sent = self._destinations(server_round)
         outcomes: dict[str, HospitalOutcome] = {}
         accepted: list[Message] = []
@@ -145,12 +172,16 @@ class ValidatedStrategy(Strategy):
             outcomes[who] = outcome
             if outcome.status == "ok":
                 if EVALUATION in msg.content.metric_records:  # validated with the update by _judge
-                    shared.append(msg.content[EVALUATION])
+                    shared.append(msg.content.metric_records[EVALUATION])
                 # The strategy sees only the tensors and the weight: nothing else to trip on.
-                msg.content = RecordDict({ARRAYS: msg.content[ARRAYS], METRICS: MetricRecord({"num-examples": outcome.weight})})
+                msg.content = RecordDict(
+                    {ARRAYS: msg.content[ARRAYS], METRICS: MetricRecord({"num-examples": outcome.weight})}
+                )
                 accepted.append(msg)
             elif outcome.status in ("rejected", "failed"):
-                log.warning("round %d: %s update %s: %s", self.global_round(server_round), who, outcome.status, outcome.reason)
+                log.warning(
+                    "round %d: %s update %s: %s", self.global_round(server_round), who, outcome.status, outcome.reason
+                )
             else:
                 log.info("round %d: %s refused: %s", self.global_round(server_round), who, outcome.reason)
         for node in sorted(set(sent.values()) - answered):
@@ -161,13 +192,16 @@ class ValidatedStrategy(Strategy):
         if len(accepted) < self.min_hospitals:
             log.warning(
                 "round %d: %d valid update(s), fewer than min_hospitals=%d: global model unchanged",
-                self.global_round(server_round), len(accepted), self.min_hospitals,
+                self.global_round(server_round),
+                len(accepted),
+                self.min_hospitals,
             )
             return None, None
         untouched = self._untouched(accepted)  # before the inner strategy, which may consume the replies
         arrays, _ = self.inner.aggregate_train(server_round, accepted)
         self.aggregated[server_round] = arrays is not None
         if arrays is not None:
+            assert self._global is not None  # set by configure_train (_untouched checked it too)
             for key in untouched:
                 arrays[key] = Array(np.ascontiguousarray(self._global[key].numpy().astype(np.float32)))
         total = sum(o.weight for o in outcomes.values() if o.status == "ok")
@@ -181,7 +215,7 @@ class ValidatedStrategy(Strategy):
         recompute its frozen features each round, and drift the prompt for nothing.
         """
         assert self._global is not None
-        replies = [arrays_to_state(m.content[ARRAYS]) for m in accepted]
+        replies = [arrays_to_state(m.content.array_records[ARRAYS]) for m in accepted]
         return [key for key, sent in self._global.items() if all(torch.equal(r[key], sent) for r in replies)]
 
     def _judge(self, msg: Message) -> HospitalOutcome:
@@ -193,24 +227,27 @@ class ValidatedStrategy(Strategy):
             reason = validate_refusal(content)
             if reason:
                 return HospitalOutcome("rejected", f"malformed refusal: {reason}")
-            return HospitalOutcome("refused", status["reason"])
+            return HospitalOutcome("refused", str(status["reason"]))  # a category: validate_refusal checked it
         try:
-            upload = payload_bytes(content[ARRAYS]) if ARRAYS in content.array_records else 0
+            upload = payload_bytes(content.array_records[ARRAYS]) if ARRAYS in content.array_records else 0
         except Exception:  # noqa: BLE001 - a hostile Array may not even have bytes
             upload = 0
+        assert self._global is not None  # set by configure_train, before any reply
         reason = validate_update(content, self.shapes, self._global, self.norm_bound)
         if reason:
             return HospitalOutcome("rejected", reason, upload_bytes=upload)
-        m = content[METRICS]  # every field present and typed: validate_update checked them
+        m = content.metric_records[METRICS]  # every field present and typed: validate_update checked them
         return HospitalOutcome(
             "ok",
-            weight=float(m["num-examples"]),
-            epsilon_spent=float(m["epsilon-spent"]) if "epsilon-spent" in m else None,
-            epsilon_cap=float(m["epsilon-cap"]) if "epsilon-cap" in m else None,
+            weight=_number(m["num-examples"]),
+            epsilon_spent=_number(m["epsilon-spent"]) if "epsilon-spent" in m else None,
+            epsilon_cap=_number(m["epsilon-cap"]) if "epsilon-cap" in m else None,
             upload_bytes=upload,
         )
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         self._mark(server_round, "evaluate_sent")
         if self.evaluate_in_train:
             return []
@@ -237,24 +274,35 @@ class ValidatedStrategy(Strategy):
                 log.warning("round %d: malformed evaluation reply ignored: %s", self.global_round(server_round), reason)
                 continue
             if METRICS in msg.content.metric_records:  # else refused, or evaluated locally (the default)
-                shared.append(msg.content[METRICS])
+                shared.append(msg.content.metric_records[METRICS])
         self.eval_results[server_round] = result = self._sum_counts(shared, model_round=self.global_round(server_round))
         if result is None:
             return None
-        return MetricRecord({k: float(v) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        return MetricRecord(
+            {k: float(v) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        )
 
     def _sum_counts(self, shared: list[MetricRecord], model_round: int) -> dict | None:
         """The sum of the sites' noised per-class counts (validated), each total clipped at 0;
         None if no site shared. `model_round`: the global model they evaluated."""
         total = ClassCounts.zeros(self.num_labels)
         for m in shared:
-            total = total + ClassCounts([float(v) for v in m["tp"]], [float(v) for v in m["fp"]], [float(v) for v in m["fn"]])
-        clipped = ClassCounts(*([max(0.0, v) for v in getattr(total, k)] for k in ("tp", "fp", "fn")))
+            total = total + ClassCounts(_numbers(m["tp"]), _numbers(m["fp"]), _numbers(m["fn"]))
+        clipped = ClassCounts(
+            [max(0.0, v) for v in total.tp], [max(0.0, v) for v in total.fp], [max(0.0, v) for v in total.fn]
+        )
         if not shared or clipped.n <= 0:
             return None
         s = clipped.summary()
-        return {"accuracy": s["accuracy"], "macro_f1": s["macro_f1"], "loss": None, "num_examples": round(s["num_examples"]),
-                "noised": True, "hospitals": len(shared), "model_round": model_round}
+        return {
+            "accuracy": s["accuracy"],
+            "macro_f1": s["macro_f1"],
+            "loss": None,
+            "num_examples": round(s["num_examples"]),
+            "noised": True,
+            "hospitals": len(shared),
+            "model_round": model_round,
+        }
 
     def outcomes_json(self, server_round: int) -> dict[str, dict]:
         return {k: asdict(v) for k, v in self.train_outcomes.get(server_round, {}).items()}

@@ -19,11 +19,12 @@ def main() -> int:
     from flwr.supercore import sql_mixin  # Flower reads the pragmas from here on every connection
     from flwr.superlink.cli import flower_superlink
 
-    sql_mixin.SQLITE_PRAGMAS = tuple(
+    sql_mixin.SQLITE_PRAGMAS = tuple(  # type: ignore[assignment]  # flwr's constant is typed as a fixed 7-tuple
         (name, str(BUSY_TIMEOUT_MS) if name == "busy_timeout" else value) for name, value in sql_mixin.SQLITE_PRAGMAS
     )
     sys.argv[0] = "flower-superlink"
-    return flower_superlink()
+    flower_superlink()
+    return 0
 
 
 if __name__ == "__main__":

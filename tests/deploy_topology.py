@@ -105,16 +105,28 @@ def cli(*args: str, timeout: float = 60, env: dict | None = None) -> subprocess.
     return subprocess.run([*FEDPROMPT, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def make_workspace(root: Path, *, hospitals: int = 3, per_hospital: int = 40, test_size: int = 30, rounds: int = 2,
-                   round_timeout: float = 120.0, min_hospitals: int | None = None, n_virtual_tokens: int = 4,
-                   max_length: int = 32, max_epsilon: float | None = None) -> Path:
+def make_workspace(
+    root: Path,
+    *,
+    hospitals: int = 3,
+    per_hospital: int = 40,
+    test_size: int = 30,
+    rounds: int = 2,
+    round_timeout: float = 120.0,
+    min_hospitals: int | None = None,
+    n_virtual_tokens: int = 4,
+    max_length: int = 32,
+    max_epsilon: float | None = None,
+) -> Path:
     from fedprompt.client.demo_data import generate_demo, write_demo_workspace
     from fedprompt.simulation import ensure_ledgers
 
     sys.path.insert(0, str(Path(__file__).parent))
     from tinybert import make_tiny_backbone
 
-    ws = write_demo_workspace(root / "workspace", generate_demo(hospitals=hospitals, per_hospital=per_hospital, test_size=test_size))
+    ws = write_demo_workspace(
+        root / "workspace", generate_demo(hospitals=hospitals, per_hospital=per_hospital, test_size=test_size)
+    )
     backbone = make_tiny_backbone(root / "tinybert")
     for site in sorted(ws.glob("hospital-*/site.yaml")):
         doc = yaml.safe_load(site.read_text())
@@ -136,8 +148,14 @@ def make_workspace(root: Path, *, hospitals: int = 3, per_hospital: int = 40, te
 
 
 def deploy_env(root: Path) -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-                FLWR_HOME=str(root / "flwr-home-unused"), PYTHONUNBUFFERED="1")
+    return dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        FLWR_HOME=str(root / "flwr-home-unused"),
+        PYTHONUNBUFFERED="1",
+    )
 
 
 def init_pki(root: Path, env: dict, keys: int) -> tuple[Path, Path]:
@@ -151,12 +169,37 @@ def init_pki(root: Path, env: dict, keys: int) -> tuple[Path, Path]:
     return pki, keydir
 
 
-def start_aggregator(procs: Processes, pki: Path, state: Path, env: dict, *, name: str = "aggregator",
-                     link_port: int | None = None, fleet_port: int | None = None) -> tuple[int, int]:
+def start_aggregator(
+    procs: Processes,
+    pki: Path,
+    state: Path,
+    env: dict,
+    *,
+    name: str = "aggregator",
+    link_port: int | None = None,
+    fleet_port: int | None = None,
+) -> tuple[int, int]:
     """SuperLink + Fleet-only proxy; returns (SuperLink port, proxy port) once both accept connections."""
     link_port, fleet_port = link_port or free_port(), fleet_port or free_port()
-    procs.start(name, [*FEDPROMPT, "aggregator", "start", "--pki", str(pki), "--state", str(state),
-                       "--port", str(link_port), "--fleet-host", "127.0.0.1", "--fleet-port", str(fleet_port)], env)
+    procs.start(
+        name,
+        [
+            *FEDPROMPT,
+            "aggregator",
+            "start",
+            "--pki",
+            str(pki),
+            "--state",
+            str(state),
+            "--port",
+            str(link_port),
+            "--fleet-host",
+            "127.0.0.1",
+            "--fleet-port",
+            str(fleet_port),
+        ],
+        env,
+    )
     wait_for(lambda: can_connect(fleet_port) and can_connect(link_port), 180, "SuperLink and proxy ports")
     return link_port, fleet_port
 
@@ -166,16 +209,43 @@ def register_hospital(state: Path, pub: Path, env: dict) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def start_hospital(procs: Processes, name: str, site: Path, key: Path, pki: Path, fleet_port: int, flwr_home: Path,
-                   env: dict, extra: tuple[str, ...] = (), nice: int = 0) -> subprocess.Popen:
+def start_hospital(
+    procs: Processes,
+    name: str,
+    site: Path,
+    key: Path,
+    pki: Path,
+    fleet_port: int,
+    flwr_home: Path,
+    env: dict,
+    extra: tuple[str, ...] = (),
+    nice: int = 0,
+) -> subprocess.Popen:
     """`nice` > 0 lowers the daemon's CPU priority (and its ClientApps'): many simulated hospitals on
     one host must not starve the aggregator, which in a deployment has a host of its own."""
-    return procs.start(name, [
-        *(["nice", "-n", str(nice)] if nice else []), *FEDPROMPT, "hospital", "start", "--site", str(site),
-        "--superlink", f"127.0.0.1:{fleet_port}", "--root-certificates", str(pki / "ca.pem"),
-        "--key", str(key), "--clientappio-port", str(free_port()),
-        "--flwr-home", str(flwr_home), *extra,
-    ], env)
+    return procs.start(
+        name,
+        [
+            *(["nice", "-n", str(nice)] if nice else []),
+            *FEDPROMPT,
+            "hospital",
+            "start",
+            "--site",
+            str(site),
+            "--superlink",
+            f"127.0.0.1:{fleet_port}",
+            "--root-certificates",
+            str(pki / "ca.pem"),
+            "--key",
+            str(key),
+            "--clientappio-port",
+            str(free_port()),
+            "--flwr-home",
+            str(flwr_home),
+            *extra,
+        ],
+        env,
+    )
 
 
 def copy_app(root: Path) -> Path:

@@ -21,8 +21,12 @@ import pytest
 
 def snapshot(root: Path) -> dict[str, tuple[str, int] | None]:
     """Every file (sha256, mtime) and folder (None) under root."""
-    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns) if p.is_file() else None
-            for p in root.rglob("*")}
+    return {
+        str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        if p.is_file()
+        else None
+        for p in root.rglob("*")
+    }
 
 
 @dataclass

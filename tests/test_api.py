@@ -22,7 +22,8 @@ def readme_example() -> str:
 
 def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     """The example's one substitution: its `backbone = None` line names a tiny BERT instead."""
-    tiny = make_tiny_backbone(tmp_path / "tinybert", hidden=32, layers=2, max_positions=512)  # the demo's 256 tokens + prompt
+    # the demo's 256 tokens + prompt
+    tiny = make_tiny_backbone(tmp_path / "tinybert", hidden=32, layers=2, max_positions=512)
     code = readme_example()
     assert code.count("backbone = None") == 1
     monkeypatch.chdir(tmp_path)  # the example writes runs/notebook
@@ -31,14 +32,21 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     result, model = namespace["result"], namespace["model"]
     assert result.trained and result.export == Path("runs/notebook/export") and result.export.is_dir()
     assert [r.round for r in result.rounds] == list(range(6)) and result.test == result.rounds[-1].test
-    assert (tmp_path / "runs/notebook/logs/simulate.log").is_file() and (tmp_path / "runs/notebook/report.html").is_file()
+    assert (tmp_path / "runs/notebook/logs/simulate.log").is_file() and (
+        tmp_path / "runs/notebook/report.html"
+    ).is_file()
     assert {row["hospital"] for row in result.hospital_comparison} == {"hospital-1", "hospital-2", "hospital-3"}
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0].startswith("[fedprompt] demo workspace (3 hospitals, synthetic notes) written to runs/notebook/workspace")
+    assert printed[0].startswith(
+        "[fedprompt] demo workspace (3 hospitals, synthetic notes) written to runs/notebook/workspace"
+    )
     predictions = model.predict(["new onset seizure", "abdominal pain"])
     assert [p.text for p in predictions] == ["new onset seizure", "abdominal pain"]
     for p in predictions:
         assert p.label == max(p.probabilities, key=p.probabilities.get) and list(p.probabilities) == model.labels
         assert sum(p.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
-    assert all(any(line.startswith(f"{label} 0.") or line.startswith(f"{label} 1.") for label in model.labels) for line in printed[-2:])
+    assert all(
+        any(line.startswith(f"{label} 0.") or line.startswith(f"{label} 1.") for label in model.labels)
+        for line in printed[-2:]
+    )
     assert model.private and model.personalized is None and model.predict([]) == []

@@ -38,7 +38,9 @@ def test_default_app_is_the_package_data_folder_not_the_project_root(no_env_app,
     assert sorted(p.name for p in app.iterdir()) == ["pyproject.toml"]  # nothing else would travel with it
     # the project's pyproject.toml ships it as package data (the wheel check below builds one)
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    assert "fedprompt.app" in setuptools["packages"] and setuptools["package-data"]["fedprompt.app"] == ["pyproject.toml"]
+    assert "fedprompt.app" in setuptools["packages"] and setuptools["package-data"]["fedprompt.app"] == [
+        "pyproject.toml"
+    ]
     # the project root is no Flower app any more: only one [tool.flwr.app] to keep in step
     assert "flwr" not in tomllib.loads((ROOT / "pyproject.toml").read_text()).get("tool", {})
     monkeypatch.setenv("FEDPROMPT_APP", str(tmp_path))  # an operator's override still wins
@@ -74,18 +76,32 @@ def test_wheel_install_resolves_the_default_app_from_package_data(tmp_path):
     for name in ("fedprompt", "common", "client", "server"):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
-    r = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"), str(src)],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     (wheel,) = (tmp_path / "dist").glob("fedprompt-*.whl")
     with zipfile.ZipFile(wheel) as z:
         assert "fedprompt/app/pyproject.toml" in z.namelist()
     site = tmp_path / "site"
-    r = subprocess.run([*pip, "install", "--no-deps", "-q", "--target", str(site), str(wheel)], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [*pip, "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     env = {k: v for k, v in os.environ.items() if k != "FEDPROMPT_APP"} | {"PYTHONPATH": str(site)}
-    probe = "import fedprompt; from fedprompt.commands.aggregator import default_app; print(fedprompt.__file__); print(default_app())"
-    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    probe = (
+        "import fedprompt; from fedprompt.commands.aggregator import default_app; print(fedprompt.__file__); "
+        "print(default_app())"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env
+    )
     assert r.returncode == 0, r.stderr
     module, app = r.stdout.split()
     assert Path(module).resolve().parent == (site / "fedprompt").resolve()  # the wheel's copy, not the working tree

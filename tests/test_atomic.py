@@ -47,7 +47,14 @@ def test_pki_keys_are_0600_and_never_overwritten(tmp_path, capsys):
     assert main(["pki", "init", "--out", str(tmp_path / "pki"), "--host", "127.0.0.1"]) == 0
     assert main(["pki", "hospital", "--id", "h1", "--out", str(tmp_path / "keys")]) == 0
     modes = {p.name: _mode(p) for p in [*(tmp_path / "pki").iterdir(), *(tmp_path / "keys").iterdir()]}
-    assert modes == {"ca.key": 0o600, "server.key": 0o600, "ca.pem": 0o644, "server.pem": 0o644, "h1.key": 0o600, "h1.pub": 0o644}
+    assert modes == {
+        "ca.key": 0o600,
+        "server.key": 0o600,
+        "ca.pem": 0o644,
+        "server.pem": 0o644,
+        "h1.key": 0o600,
+        "h1.pub": 0o644,
+    }
     before = (tmp_path / "keys" / "h1.key").read_bytes()
     assert main(["pki", "hospital", "--id", "h1", "--out", str(tmp_path / "keys")]) == 2
     assert "already exists; refusing to overwrite" in capsys.readouterr().err

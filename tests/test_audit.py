@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import random
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -69,7 +70,7 @@ def test_chance_level_gives_zero_and_the_bound_grows_with_v():
     assert epsilon_lower_bound(100, 100, 55, 1e-5) < 0.1
     assert epsilon_lower_bound(100, 100, 0, 1e-5) == 0.0
     bounds = [epsilon_lower_bound(1000, 100, v, 1e-5) for v in range(50, 101)]
-    assert all(a <= b for a, b in zip(bounds, bounds[1:]))
+    assert all(a <= b for a, b in pairwise(bounds))
     assert bounds[-1] > bounds[-2] > bounds[-10] > 0
     # more canaries for the same guesses widen the delta term: a lower bound
     assert epsilon_lower_bound(5000, 100, 100, 1e-5) < epsilon_lower_bound(100, 100, 100, 1e-5)
@@ -86,7 +87,8 @@ def test_guessing_counts_the_top_and_bottom():
 def test_canaries_are_orthonormal_quiet_and_uniform_under_the_initial_head():
     gen = torch.Generator().manual_seed(0)
     basis = torch.linalg.qr(torch.randn(64, 64, generator=gen))[0]
-    feats = torch.nn.functional.normalize(torch.randn(300, 8, generator=gen) @ basis[:, :8].T, dim=-1)  # records in 8 dims
+    # records in 8 dims
+    feats = torch.nn.functional.normalize(torch.randn(300, 8, generator=gen) @ basis[:, :8].T, dim=-1)
     head = torch.randn(3, 64, generator=gen)
     c = make_canaries(feats, head, 40, gen)
     assert torch.allclose(c.directions @ c.directions.T, torch.eye(40), atol=1e-5)
@@ -118,8 +120,13 @@ def world(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("audit").resolve()
     tiny = make_tiny_backbone(root / "tinybert", hidden=HIDDEN, layers=2)
     rng = random.Random(0)
-    ws = write_workspace(root / "ws", name="t", labels=LABELS, hospitals={"1": (notes(rng, 200), notes(rng, 30))},
-                         federation_overrides={"model": {"max_length": 32}})
+    ws = write_workspace(
+        root / "ws",
+        name="t",
+        labels=LABELS,
+        hospitals={"1": (notes(rng, 200), notes(rng, 30))},
+        federation_overrides={"model": {"max_length": 32}},
+    )
     path = ws / "hospital-1" / "site.yaml"
     data = yaml.safe_load(path.read_text())
     data["backbone"] = str(tiny)
@@ -134,12 +141,20 @@ def inputs(world):
 
 def test_prepare_uses_the_sites_recipe(inputs):
     rc = inputs.recipe
-    assert (rc.rounds, rc.local_epochs, rc.sample_rate, rc.steps_per_round, rc.lr, rc.optimizer) == (20, 1, 0.25, 4, 8.0, "sgd")
+    assert (rc.rounds, rc.local_epochs, rc.sample_rate, rc.steps_per_round, rc.lr, rc.optimizer) == (
+        20,
+        1,
+        0.25,
+        4,
+        8.0,
+        "sgd",
+    )
     assert rc.target_epsilon == 8.0 and rc.delta == 1e-5 and rc.max_grad_norm == 1.0
     assert 7.9 <= rc.accounted_epsilon <= 8.0
     assert len(inputs.records) == 200 and inputs.records.tensors[0].shape == (200, HIDDEN)
     assert inputs.head_state["weight"].shape == (3, HIDDEN)
-    assert inputs.canaries == audit.canary_capacity(HIDDEN, 3) == 83  # the default (250) does not fit a 128-wide backbone
+    # the default (250) does not fit a 128-wide backbone
+    assert inputs.canaries == audit.canary_capacity(HIDDEN, 3) == 83
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -161,7 +176,9 @@ def test_private_run_stays_below_its_epsilon_and_both_controls_are_clearly_above
 def test_a_noise_bug_fails_the_audit(inputs):
     # What a broken site would do: charge for sigma, train with sigma / 100.
     broken = dataclasses.replace(inputs.recipe, noise_multiplier=inputs.recipe.noise_multiplier / 100)
-    report = run_audit(inputs.records, inputs.head_state, dataclasses.replace(broken, accounted_epsilon=1.0), canaries=80, seed=0)
+    report = run_audit(
+        inputs.records, inputs.head_state, dataclasses.replace(broken, accounted_epsilon=1.0), canaries=80, seed=0
+    )
     private = report["runs"][PRIVATE]["epsilon_lower_bound"]
     assert private == pytest.approx(report["ceiling"]) and private > 1.0
     assert not report["passed"]
@@ -175,7 +192,8 @@ def cli(monkeypatch):
     from fedprompt import cli
 
     monkeypatch.setattr(cli, "COMMANDS", ("audit", "privacy"))
-    monkeypatch.setattr(audit, "_generator", lambda seed: torch.Generator().manual_seed(1234))  # the product: OS entropy
+    # the product: OS entropy
+    monkeypatch.setattr(audit, "_generator", lambda seed: torch.Generator().manual_seed(1234))
     return cli.main
 
 
@@ -192,7 +210,16 @@ def test_command_writes_nothing_spends_nothing_and_opens_no_socket(world, cli, c
     ledger_bytes = ledger.read_bytes()
     capsys.readouterr()
     with watched(world) as watch:
-        code = cli(["audit", "--site", str(site / "site.yaml"), "--federation", str(world / "ws" / "federation.yaml"), "--json"])
+        code = cli(
+            [
+                "audit",
+                "--site",
+                str(site / "site.yaml"),
+                "--federation",
+                str(world / "ws" / "federation.yaml"),
+                "--json",
+            ]
+        )
     assert watch.changed == set()
     assert ledger.read_bytes() == ledger_bytes
     assert watch.dials == [] and watch.sockets == []
@@ -212,8 +239,14 @@ def test_command_table_and_exit_4_on_a_privacy_bug(world, cli, capsys, monkeypat
     site, fed = world / "ws" / "hospital-1" / "site.yaml", world / "ws" / "federation.yaml"
     assert cli(["audit", "--site", str(site), "--federation", str(fed), "--canaries", "60", "--epsilon", "4"]) == 0
     out = capsys.readouterr().out
-    for text in ("accounted epsilon: 3.9", "ceiling of this audit:", "private (as the site trains)", "control: no noise, no clipping",
-                 "control: noise 100x too small", "PASS"):
+    for text in (
+        "accounted epsilon: 3.9",
+        "ceiling of this audit:",
+        "private (as the site trains)",
+        "control: no noise, no clipping",
+        "control: noise 100x too small",
+        "PASS",
+    ):
         assert text in out, out
 
     settings = audit._settings  # a bug: the private run trains with a hundredth of the noise it is charged for
@@ -247,4 +280,7 @@ def test_bad_input_is_exit_2(world, cli, capsys, tmp_path):
     assert "at most 83" in capsys.readouterr().err
     assert cli(["audit", "--site", str(site), "--federation", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml" in capsys.readouterr().err
-    assert not any(tmp_path.rglob("ledger*")) and not (world / "ws" / "hospital-1" / "ledger" / "privacy-ledger.json.noise-memo").exists()
+    assert (
+        not any(tmp_path.rglob("ledger*"))
+        and not (world / "ws" / "hospital-1" / "ledger" / "privacy-ledger.json.noise-memo").exists()
+    )

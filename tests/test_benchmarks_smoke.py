@@ -19,9 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `benchmarks` is a top-level package of the repository
     sys.path.insert(0, str(ROOT))
 
-from tinybert import WORDS, make_tiny_backbone  # noqa: E402
-
 from benchmarks.__main__ import main  # noqa: E402
+
+from tinybert import WORDS, make_tiny_backbone  # noqa: E402
 
 LABELS = ["neoplasms", "digestive", "nervous", "cardiovascular", "general"]
 
@@ -52,9 +52,30 @@ def test_runner_comm_and_micro_dp(tmp_path):
     data = _corpus(tmp_path / "data")
     out = tmp_path / "out"
     argv = [
-        "run", "--suite", "comm", "--suite", "dp", "--quick", "--out", str(out),
-        "--backbone", str(backbone), "--data", str(data),
-        "--pairs", "2", "--warmup", "0", "--n-batches", "2", "--mem-steps", "1", "--breakdown-steps", "1", "--profile-steps", "0",
+        "run",
+        "--suite",
+        "comm",
+        "--suite",
+        "dp",
+        "--quick",
+        "--out",
+        str(out),
+        "--backbone",
+        str(backbone),
+        "--data",
+        str(data),
+        "--pairs",
+        "2",
+        "--warmup",
+        "0",
+        "--n-batches",
+        "2",
+        "--mem-steps",
+        "1",
+        "--breakdown-steps",
+        "1",
+        "--profile-steps",
+        "0",
     ]
     assert main(argv) == 0
 
@@ -106,7 +127,19 @@ def test_runner_rejects_unknown_suite(tmp_path, capsys):
 def test_runner_scale_suite_one_size(tmp_path):
     backbone = make_tiny_backbone(tmp_path / "tinybert", hidden=32, layers=2)
     out = tmp_path / "out"
-    argv = ["run", "--suite", "scale", "--out", str(out), "--backbone", str(backbone), "--scale-sizes", "2", "--scale-rounds", "1"]
+    argv = [
+        "run",
+        "--suite",
+        "scale",
+        "--out",
+        str(out),
+        "--backbone",
+        str(backbone),
+        "--scale-sizes",
+        "2",
+        "--scale-rounds",
+        "1",
+    ]
     assert main(argv) == 0
 
     scale = json.loads((out / "results.json").read_text())["suites"]["scale"]
@@ -114,7 +147,13 @@ def test_runner_scale_suite_one_size(tmp_path):
     assert size["n"] == 2 and size["error"] is None
     assert size["rounds_completed"] == size["rounds_requested"] == 1
     assert size["hospitals_ok_min"] == 2
-    for key in ("first_round_seconds", "wall_s_per_round", "aggregate_s_per_round", "aggregate_cpu_s_per_round", "aggregate_ms_per_hospital"):
+    for key in (
+        "first_round_seconds",
+        "wall_s_per_round",
+        "aggregate_s_per_round",
+        "aggregate_cpu_s_per_round",
+        "aggregate_ms_per_hospital",
+    ):
         assert _positive_finite(size[key]), key
     memory = size["memory"]
     for key in ("peak_tree_pss_mb", "peak_tree_rss_mb", "aggregator_vmhwm_mb"):
@@ -141,8 +180,19 @@ def _timing_line(site: str, r: int, sent: float, train: float) -> dict:
     acquired = sent + 1.5
     start = acquired + 0.3
     end = start + sum(phases.values()) + 0.02
-    return {"type": "train", "site": site, "round": r, "pid": hash(site), "sent": sent, "acquired": acquired,
-            "pulled": acquired + 0.25, "handler_start": start, "handler_end": end, "pushed": end + 0.05, "phases": phases}
+    return {
+        "type": "train",
+        "site": site,
+        "round": r,
+        "pid": hash(site),
+        "sent": sent,
+        "acquired": acquired,
+        "pulled": acquired + 0.25,
+        "handler_start": start,
+        "handler_end": end,
+        "pushed": end + 0.05,
+        "phases": phases,
+    }
 
 
 def test_round_suite_analysis_and_report(tmp_path):
@@ -155,8 +205,20 @@ def test_round_suite_analysis_and_report(tmp_path):
         lines += [_timing_line(f"hospital-{h}", r, sent, train=1.0 + h) for h in (1, 2, 3)]
         received = max(m["pushed"] for m in lines if m["round"] == r) + 0.7
         end = received + 0.3
-        rounds.append({"round": r, "seconds": end - t, "timing": {"start": t, "train_sent": sent, "train_received": received,
-                                                                "evaluate_sent": received + 0.01, "evaluate_received": received + 0.02, "end": end}})
+        rounds.append(
+            {
+                "round": r,
+                "seconds": end - t,
+                "timing": {
+                    "start": t,
+                    "train_sent": sent,
+                    "train_received": received,
+                    "evaluate_sent": received + 0.01,
+                    "evaluate_received": received + 0.02,
+                    "end": end,
+                },
+            }
+        )
         t = end
     rows = round_suite._rounds({"rounds": rounds}, lines)
     for row in rows:
@@ -165,16 +227,31 @@ def test_round_suite_analysis_and_report(tmp_path):
         assert row["evaluate"]["segments"] == {}  # one message per round
         assert row["slowest_training"] == 4.0 and row["train"]["critical"] == "hospital-3"
         assert row["overhead"] == pytest.approx(row["wall"] - 4.0)
-        assert row["wall"] == pytest.approx(row["train"]["seconds"] + row["evaluate"]["seconds"] + sum(row["server"].values()))
-    result = {"config": {"hospitals": 3, "records_per_hospital": 40, "rounds": 2, "backbone": "tiny", "target_overhead_s": 5.0},
-              **round_suite.summarize(rows), "run_wall_s": 60.0, "loadavg": {"start": [1.0], "end": [2.0]},
-              "idle_daemon_rss_mb": {"median": 700.0, "min": 690.0, "max": 710.0},
-              "cold_import": {"import": {"median": 3.0}, "interpreter_total": {"median": 3.5}}}
+        assert row["wall"] == pytest.approx(
+            row["train"]["seconds"] + row["evaluate"]["seconds"] + sum(row["server"].values())
+        )
+    result = {
+        "config": {
+            "hospitals": 3,
+            "records_per_hospital": 40,
+            "rounds": 2,
+            "backbone": "tiny",
+            "target_overhead_s": 5.0,
+        },
+        **round_suite.summarize(rows),
+        "run_wall_s": 60.0,
+        "loadavg": {"start": [1.0], "end": [2.0]},
+        "idle_daemon_rss_mb": {"median": 700.0, "min": 690.0, "max": 710.0},
+        "cold_import": {"import": {"median": 3.0}, "interpreter_total": {"median": 3.5}},
+    }
     assert result["messages_per_round"] == 3 and result["warm_processes"] == 3
     assert result["target_met"] == (result["overhead"]["median"] <= 5.0)
     md = round_suite.markdown(result)
     assert "Where the remaining seconds go" in md and "the SuperNode sleeps between pulls" in md
-    assert round_suite.plot(result, tmp_path) == ["round_phases.png"] and (tmp_path / "round_phases.png").stat().st_size > 0
+    assert (
+        round_suite.plot(result, tmp_path) == ["round_phases.png"]
+        and (tmp_path / "round_phases.png").stat().st_size > 0
+    )
 
 
 def test_runner_accuracy_suite_micro(tmp_path):
@@ -182,12 +259,42 @@ def test_runner_accuracy_suite_micro(tmp_path):
     backbone = make_tiny_backbone(tmp_path / "tinybert", hidden=32, layers=2)
     data = _corpus(tmp_path / "data", rows=90)
     out = tmp_path / "out"
-    assert main(["run", "--suite", "accuracy", "--quick", "--out", str(out), "--backbone", str(backbone), "--data", str(data), "--acc-rounds", "2", "--max-length", "64"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--suite",
+                "accuracy",
+                "--quick",
+                "--out",
+                str(out),
+                "--backbone",
+                str(backbone),
+                "--data",
+                str(data),
+                "--acc-rounds",
+                "2",
+                "--max-length",
+                "64",
+            ]
+        )
+        == 0
+    )
 
     acc = json.loads((out / "results.json").read_text())["suites"]["accuracy"]
-    modes = {"zero_shot", "linear_probe", "hospitals_alone_nonprivate", "hospitals_alone_dp", "federated_nonprivate",
-             "federated_dp_eps1", "federated_dp_eps4", "federated_dp_eps8", "central_prompt_nonprivate", "federated_prompt_nonprivate",
-             "personalized"}
+    modes = {
+        "zero_shot",
+        "linear_probe",
+        "hospitals_alone_nonprivate",
+        "hospitals_alone_dp",
+        "federated_nonprivate",
+        "federated_dp_eps1",
+        "federated_dp_eps4",
+        "federated_dp_eps8",
+        "central_prompt_nonprivate",
+        "federated_prompt_nonprivate",
+        "personalized",
+    }
     assert set(acc["results"]) == modes
     for mode, r in acc["results"].items():
         if mode == "personalized":
@@ -198,7 +305,9 @@ def test_runner_accuracy_suite_micro(tmp_path):
             rounds = 1 if "prompt" in mode else 2  # --quick: one prompt-tuning round
             # round 0 (the zero-shot start) first, then one entry per round
             assert len(r["per_round"]) == rounds + 1 and r["per_round"][-1]["macro_f1"] == r["macro_f1"]
-            assert r["per_round"][0] == {k: acc["results"]["zero_shot"][k] for k in ("accuracy", "macro_f1", "num_examples")}
+            assert r["per_round"][0] == {
+                k: acc["results"]["zero_shot"][k] for k in ("accuracy", "macro_f1", "num_examples")
+            }
     for eps in (1, 4, 8):
         for h, p in acc["results"][f"federated_dp_eps{eps}"]["per_hospital_privacy"].items():
             # the noise was calibrated to spend the budget over both rounds, and no more
@@ -206,7 +315,9 @@ def test_runner_accuracy_suite_micro(tmp_path):
     for h, p in acc["results"]["personalized"]["per_hospital"].items():
         assert p["method"] in ("global", "prior", "local_head") and p["n_local_test"] > 0, h
     assert [t["met"] in (True, False) for t in acc["targets"]] == [True] * 4
-    assert {"accuracy.png", "accuracy_vs_epsilon.png", "accuracy_per_round.png", "personalization.png"} <= {p.name for p in out.glob("*.png")}
+    assert {"accuracy.png", "accuracy_vs_epsilon.png", "accuracy_per_round.png", "personalization.png"} <= {
+        p.name for p in out.glob("*.png")
+    }
 
 
 def test_runner_recipe_suite_micro(tmp_path):
@@ -214,7 +325,25 @@ def test_runner_recipe_suite_micro(tmp_path):
     backbone = make_tiny_backbone(tmp_path / "tinybert", hidden=32, layers=2)
     data = _corpus(tmp_path / "data", rows=90)
     out = tmp_path / "out"
-    assert main(["run", "--suite", "recipe", "--quick", "--out", str(out), "--backbone", str(backbone), "--data", str(data), "--max-length", "64"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--suite",
+                "recipe",
+                "--quick",
+                "--out",
+                str(out),
+                "--backbone",
+                str(backbone),
+                "--data",
+                str(data),
+                "--max-length",
+                "64",
+            ]
+        )
+        == 0
+    )
     rec = json.loads((out / "results.json").read_text())["suites"]["recipe"]
     assert len(rec["points"]) == 2 and {p["lr"] for p in rec["points"]} == {8.0, 2.0}
     for p in rec["points"]:

@@ -92,7 +92,10 @@ def test_hospitals_reach_only_the_proxy(compose):
     for net in (n for n in nets if n.startswith("hospital-")):
         hid = re.match(r"hospital-(\d+)-net", net).group(1)
         members = {n for n, s in services.items() if net in networks(s)}
-        assert members == {n for n in (f"hospital-{hid}", f"hospital-{hid}-gpu", "fleet-proxy") if n in services}, (net, members)
+        assert members == {n for n in (f"hospital-{hid}", f"hospital-{hid}-gpu", "fleet-proxy") if n in services}, (
+            net,
+            members,
+        )
     # The SuperLink (Control API, no auth) is on the aggregator's internal network only, unpublished.
     assert networks(services["superlink"]) == {"aggregator-internal"}
     assert "ports" not in services["superlink"]
@@ -138,8 +141,12 @@ def test_demo_seeding_never_recreates_a_lost_ledger(tmp_path):
     ledger.mkdir()
 
     def seed() -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(script), "hospital", "--id", "1", "--data", str(data), "--ledger", str(ledger)],
-                              capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, str(script), "hospital", "--id", "1", "--data", str(data), "--ledger", str(ledger)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     first = seed()
     assert first.returncode == 0, first.stderr

@@ -28,8 +28,14 @@ def test_simulate_console_holds_only_fedprompt_lines(tmp_path):
     rounds) in a fresh process, its stdout and stderr as an operator's terminal would get them."""
     tiny = make_tiny_backbone(tmp_path / "tinybert", hidden=32, layers=2)
     demo = generate_demo(hospitals=2, per_hospital=30, test_size=20, seed=1)
-    ws = write_workspace(tmp_path / "ws", name="quiet", labels=demo.labels, hospitals=demo.hospitals, test_rows=demo.test,
-                         federation_overrides={"rounds": 2, "model": {"n_virtual_tokens": 4, "max_length": 32}})
+    ws = write_workspace(
+        tmp_path / "ws",
+        name="quiet",
+        labels=demo.labels,
+        hospitals=demo.hospitals,
+        test_rows=demo.test,
+        federation_overrides={"rounds": 2, "model": {"n_virtual_tokens": 4, "max_length": 32}},
+    )
     for site in list_hospitals(ws):
         doc = yaml.safe_load(site.read_text())
         doc["backbone"] = str(tiny)
@@ -37,18 +43,37 @@ def test_simulate_console_holds_only_fedprompt_lines(tmp_path):
     ensure_ledgers(ws)
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLWR_LOG", "RAY_"))}
-    r = subprocess.run([sys.executable, "-m", "fedprompt", "simulate", "--workspace", str(ws), "--out", str(out), "--backbone", str(tiny)],
-                       capture_output=True, text=True, env=env, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedprompt",
+            "simulate",
+            "--workspace",
+            str(ws),
+            "--out",
+            str(out),
+            "--backbone",
+            str(tiny),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     shown = r.stdout + r.stderr
     assert r.returncode == 0, shown[-4000:]
     assert r.stderr == "", r.stderr[-4000:]
     lines = [line for line in r.stdout.splitlines() if line]
     summary = lines.index("[fedprompt] run 'quiet' finished: 2 round(s), DP-SGD at every hospital")
     assert all(line.startswith("[fedprompt] ") for line in lines[:summary]), shown
-    assert all(line.startswith("  ") for line in lines[summary + 1:]), shown  # the summary's own lines
-    assert [line.split(" | ")[0] for line in lines[:summary]] == [f"[fedprompt] round {r}/2" + (" (zero-shot start, no training)" if r == 0 else "")
-                                                                   for r in (0, 1, 2)]
-    assert re.search(r"hospital-1 ok eps \d+\.\d\d, hospital-2 ok eps \d+\.\d\d", lines[summary - 1]), lines[summary - 1]
+    assert all(line.startswith("  ") for line in lines[summary + 1 :]), shown  # the summary's own lines
+    assert [line.split(" | ")[0] for line in lines[:summary]] == [
+        f"[fedprompt] round {r}/2" + (" (zero-shot start, no training)" if r == 0 else "") for r in (0, 1, 2)
+    ]
+    assert re.search(r"hospital-1 ok eps \d+\.\d\d, hospital-2 ok eps \d+\.\d\d", lines[summary - 1]), lines[
+        summary - 1
+    ]
     for noise in ("Warning", "WARNING", "INFO :", "DEPRECATED", "ClientAppActor", "fedprompt-timing"):
         assert noise not in shown, noise
     assert not re.search(r"\bray\b|opacus", shown, re.IGNORECASE), shown
@@ -86,7 +111,11 @@ def test_captured_output_quiet_and_verbose(tmp_path, capsys):
             assert "[fedprompt] round 1/1 | ok" in shown.out and "detail for the log only" not in shown.out + shown.err
             assert "round 1/1" not in shown.err
             if verbose:
-                assert "engine record" in shown.err and "printed by a library" in shown.out and "a library's warning" in shown.err
+                assert (
+                    "engine record" in shown.err
+                    and "printed by a library" in shown.out
+                    and "a library's warning" in shown.err
+                )
             else:
                 assert "printed by a library" in text and "a library's warning" in text
                 assert shown.out == "[fedprompt] round 1/1 | ok\n" and shown.err == ""
@@ -105,13 +134,18 @@ def test_progress_lines_are_rewritten_in_place_on_a_terminal():
         log.info("a line that stays", extra=CONSOLE)
         log.info("not for the console")
         log.warning("careful")
-    assert stream.getvalue() == ("\r\x1b[K[fedprompt] round 1/2\r\x1b[K[fedprompt] round 2/2\n[fedprompt] a line that stays\n"
-                                 "[fedprompt] warning: careful\n")
+    assert stream.getvalue() == (
+        "\r\x1b[K[fedprompt] round 1/2\r\x1b[K[fedprompt] round 2/2\n[fedprompt] a line that stays\n"
+        "[fedprompt] warning: careful\n"
+    )
 
 
 def test_daemons_log_json_lines(tmp_path):
-    code = ("import logging, os; from fedprompt.common.logs import configure_logging, FORMAT_ENV; configure_logging('json'); "
-            "logging.getLogger('fedprompt.hospital').info('hospital %s ready', 'h1'); print(os.environ[FORMAT_ENV])")
+    code = (
+        "import logging, os; from fedprompt.common.logs import configure_logging, FORMAT_ENV; "
+        "configure_logging('json'); "
+        "logging.getLogger('fedprompt.hospital').info('hospital %s ready', 'h1'); print(os.environ[FORMAT_ENV])"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     record = json.loads(r.stderr.strip().splitlines()[-1])
@@ -119,8 +153,11 @@ def test_daemons_log_json_lines(tmp_path):
     assert r.stdout.strip() == "json"  # what the daemon's worker process inherits
     from fedprompt.cli import build_parser
 
-    for argv in (["hospital", "start", "--site", "s", "--superlink", "h:1", "--root-certificates", "c", "--key", "k"],
-                 ["aggregator", "start", "--pki", "p", "--state", "s"], ["aggregator", "proxy"]):
+    for argv in (
+        ["hospital", "start", "--site", "s", "--superlink", "h:1", "--root-certificates", "c", "--key", "k"],
+        ["aggregator", "start", "--pki", "p", "--state", "s"],
+        ["aggregator", "proxy"],
+    ):
         assert build_parser().parse_args([*argv, "--log-format", "json"]).log_format == "json"
 
 

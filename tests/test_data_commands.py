@@ -35,7 +35,10 @@ def rows(path: Path) -> list[tuple[str, str]]:
 def workspace_rows(ws: Path) -> tuple[dict[str, tuple[list, list, list]], list]:
     """(hospital id -> (train, validation, local test) rows, global test rows)."""
     _, sites, test = load_workspace(ws)
-    per_site = {s.hospital_id: (rows(s.train), rows(s.validation) if s.validation else [], rows(s.test) if s.test else []) for s in sites}
+    per_site = {
+        s.hospital_id: (rows(s.train), rows(s.validation) if s.validation else [], rows(s.test) if s.test else [])
+        for s in sites
+    }
     return per_site, rows(test) if test else []
 
 
@@ -51,7 +54,8 @@ def test_demo_is_deterministic_and_loads(tmp_path, data_cli, capsys):
     a, b, c = (tree(tmp_path / x) for x in "abc")
     assert a == b and a != c
     assert sorted(a) == sorted(
-        ["federation.yaml", "test.csv"] + [f"hospital-{i}/{f}" for i in (1, 2, 3) for f in ("site.yaml", "train.csv", "val.csv", "test.csv")]
+        ["federation.yaml", "test.csv"]
+        + [f"hospital-{i}/{f}" for i in (1, 2, 3) for f in ("site.yaml", "train.csv", "val.csv", "test.csv")]
     )
 
     federation, sites, test = load_workspace(tmp_path / "a")
@@ -60,8 +64,13 @@ def test_demo_is_deterministic_and_loads(tmp_path, data_cli, capsys):
     assert [s.hospital_id for s in sites] == ["hospital-1", "hospital-2", "hospital-3"]
     for site in sites:
         assert not site.allow_non_private and site.privacy.max_epsilon == 8.0  # docs/deployment.md's recommendation
-        assert site.ledger == tmp_path / "a" / site.hospital_id / "ledger" / "privacy-ledger.json" and not site.ledger.parent.exists()
-        train = load_records(site.train, text_field=site.text_field, label_field=site.label_field, labels=federation.labels)
+        assert (
+            site.ledger == tmp_path / "a" / site.hospital_id / "ledger" / "privacy-ledger.json"
+            and not site.ledger.parent.exists()
+        )
+        train = load_records(
+            site.train, text_field=site.text_field, label_field=site.label_field, labels=federation.labels
+        )
         assert len(train) == 480 and site.privacy.delta < 1 / len(train)
         assert len(rows(site.validation)) == 120
         assert site.test == tmp_path / "a" / site.hospital_id / "test.csv" and len(rows(site.test)) == 40
@@ -72,7 +81,10 @@ def test_demo_is_label_skewed_across_hospitals():
     demo = generate_demo(hospitals=3, seed=0)
     mixes = [Counter(y for _, y in train + val) for train, val in demo.hospitals.values()]
     # Total variation distance between hospitals' label mixes: IID sites would be near 0.
-    tv = [0.5 * sum(abs(a[y] - b[y]) / PER_HOSPITAL for y in LABELS) for a, b in [(mixes[0], mixes[1]), (mixes[0], mixes[2]), (mixes[1], mixes[2])]]
+    tv = [
+        0.5 * sum(abs(a[y] - b[y]) / PER_HOSPITAL for y in LABELS)
+        for a, b in [(mixes[0], mixes[1]), (mixes[0], mixes[2]), (mixes[1], mixes[2])]
+    ]
     assert max(tv) > 0.3, tv
 
 
@@ -114,15 +126,43 @@ def _corpus(tmp_path: Path, n: int = 600) -> tuple[Path, Path]:
         w.writerow(["condition_label", "medical_abstract"])
         for i in range(n):
             w.writerow(["1112233445555"[i % 13], f"abstract number {i}\nsecond line"])
-    names.write_text("condition_label,condition_name\n" + "".join(f"{i + 1},{y}\n" for i, y in enumerate(LABELS)), encoding="utf-8")
+    names.write_text(
+        "condition_label,condition_name\n" + "".join(f"{i + 1},{y}\n" for i, y in enumerate(LABELS)), encoding="utf-8"
+    )
     return corpus, names
 
 
 def _partition(data_cli, corpus, names, out, *extra) -> int:
-    args = ["data", "partition", "--input", str(corpus), "--text-column", "medical_abstract", "--label-column", "condition_label"]
+    args = [
+        "data",
+        "partition",
+        "--input",
+        str(corpus),
+        "--text-column",
+        "medical_abstract",
+        "--label-column",
+        "condition_label",
+    ]
     if names:
         args += ["--label-names", str(names)]
-    return data_cli([*args, "--hospitals", "3", "--alpha", "0.5", "--test-frac", "0.3", "--val-frac", "0.2", "--seed", "3", "--out", str(out), *extra])
+    return data_cli(
+        [
+            *args,
+            "--hospitals",
+            "3",
+            "--alpha",
+            "0.5",
+            "--test-frac",
+            "0.3",
+            "--val-frac",
+            "0.2",
+            "--seed",
+            "3",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
 
 
 def _check_partition(corpus_rows: list[tuple[str, str]], ws: Path, test_frac: float, min_train: int = 20) -> dict:
@@ -148,12 +188,18 @@ def test_partition_deterministic_exact_and_skewed(tmp_path, data_cli, capsys):
     assert _partition(data_cli, corpus, names, tmp_path / "c", "--name", "t", "--seed", "4") == 0
     assert tree(tmp_path / "a") == tree(tmp_path / "b") != tree(tmp_path / "c")
 
-    mapping = dict(zip("12345", LABELS))
-    corpus_rows = [(r["medical_abstract"], mapping[r["condition_label"]]) for r in csv.DictReader(corpus.open(encoding="utf-8", newline=""))]
+    mapping = dict(zip("12345", LABELS, strict=True))
+    corpus_rows = [
+        (r["medical_abstract"], mapping[r["condition_label"]])
+        for r in csv.DictReader(corpus.open(encoding="utf-8", newline=""))
+    ]
     per_site = _check_partition(corpus_rows, tmp_path / "a", 0.3)
     mixes = [Counter(y for _, y in train + val + local) for train, val, local in per_site.values()]
     shares = [[m[y] / sum(m.values()) for y in LABELS] for m in mixes]
-    assert max(abs(a - b) for y in range(5) for a, b in [(shares[0][y], shares[1][y]), (shares[1][y], shares[2][y])]) > 0.15
+    assert (
+        max(abs(a - b) for y in range(5) for a, b in [(shares[0][y], shares[1][y]), (shares[1][y], shares[2][y])])
+        > 0.15
+    )
     assert FederationConfig.load(tmp_path / "a" / "federation.yaml").labels == LABELS
 
 
@@ -197,7 +243,7 @@ def test_partition_real_medical_abstracts(tmp_path, data_cli, capsys):
     corpus = SHARED / "medical_tc_test.csv"
     assert _partition(data_cli, corpus, SHARED / "medical_tc_labels.csv", tmp_path / "ws") == 0
     capsys.readouterr()
-    mapping = dict(zip("12345", LABELS))
+    mapping = dict(zip("12345", LABELS, strict=True))
     with corpus.open(encoding="utf-8", newline="") as f:
         corpus_rows = [(r["medical_abstract"], mapping[r["condition_label"]]) for r in csv.DictReader(f)]
     assert len(corpus_rows) == 2888
@@ -209,7 +255,11 @@ def test_partition_real_medical_abstracts(tmp_path, data_cli, capsys):
 def _records(n: int = 600):
     from fedprompt.common.records import Records
 
-    return Records([f"abstract number {i}" for i in range(n)], [int("1112233445555"[i % 13]) - 1 for i in range(n)], Path("corpus.csv"))
+    return Records(
+        [f"abstract number {i}" for i in range(n)],
+        [int("1112233445555"[i % 13]) - 1 for i in range(n)],
+        Path("corpus.csv"),
+    )
 
 
 def test_partition_without_local_tests_is_the_split_made_before_they_existed():
@@ -237,7 +287,8 @@ def test_partition_local_tests_are_stratified_disjoint_and_use_every_row_once():
         mine, held = Counter(y for _, y in train + val + local), Counter(y for _, y in local)
         assert all(abs(held[y] - 0.2 * mine[y]) <= 2 for y in LABELS), (mine, held)  # the hospital's own mix
         used.update(train + val + local)
-    assert used == Counter(zip(records.texts, (LABELS[y] for y in records.labels)))  # disjoint, every row once
+    # disjoint, every row once
+    assert used == Counter(zip(records.texts, (LABELS[y] for y in records.labels), strict=True))
     with pytest.raises(ValueError, match="val_frac \\+ local_test_frac < 1"):
         partition(records, LABELS, hospitals=3, alpha=0.5, test_frac=0.3, val_frac=0.5, seed=3, local_test_frac=0.5)
 
@@ -246,8 +297,11 @@ def test_partition_writes_each_hospitals_local_test(tmp_path, data_cli, capsys):
     corpus, names = _corpus(tmp_path)
     assert _partition(data_cli, corpus, names, tmp_path / "ws", "--local-test-frac", "0.2") == 0
     assert "train/val/local test" in capsys.readouterr().out
-    mapping = dict(zip("12345", LABELS))
-    corpus_rows = [(r["medical_abstract"], mapping[r["condition_label"]]) for r in csv.DictReader(corpus.open(encoding="utf-8", newline=""))]
+    mapping = dict(zip("12345", LABELS, strict=True))
+    corpus_rows = [
+        (r["medical_abstract"], mapping[r["condition_label"]])
+        for r in csv.DictReader(corpus.open(encoding="utf-8", newline=""))
+    ]
     per_site = _check_partition(corpus_rows, tmp_path / "ws", 0.3)
     for site_file in list_hospitals(tmp_path / "ws"):
         assert "test: test.csv" in site_file.read_text(encoding="utf-8").splitlines()
@@ -267,7 +321,9 @@ def test_partition_writes_each_hospitals_local_test(tmp_path, data_cli, capsys):
 def test_partition_refuses_fractions_leaving_no_training_rows(tmp_path, data_cli, capsys):
     corpus, names = _corpus(tmp_path)
     assert _partition(data_cli, corpus, names, tmp_path / "out", "--local-test-frac", "0.8") == 2
-    assert "--local-test-frac: --val-frac 0.2 + --local-test-frac 0.8 leaves no training rows" in capsys.readouterr().err
+    assert (
+        "--local-test-frac: --val-frac 0.2 + --local-test-frac 0.8 leaves no training rows" in capsys.readouterr().err
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -280,7 +336,7 @@ def test_stratified_subset_keeps_the_label_mix_and_corpus_order():
     small = stratified_subset(records, 101, seed=3)
     assert len(small) == 101 and Counter(small.labels) == {0: 61, 1: 30, 2: 10}  # largest remainder
     order = [int(t.split()[1]) for t in small.texts]
-    assert order == sorted(order) and all(labels[i] == y for i, y in zip(order, small.labels))
+    assert order == sorted(order) and all(labels[i] == y for i, y in zip(order, small.labels, strict=True))
     assert stratified_subset(records, 101, seed=3).texts == small.texts  # same seed, same rows
     assert stratified_subset(records, 101, seed=4).texts != small.texts
     assert stratified_subset(records, 5000, seed=3) is records  # asking for more than there is: all of it
@@ -314,7 +370,13 @@ def test_writes_into_an_empty_existing_folder(tmp_path):
 
 def test_hospitals_sorted_naturally_and_overrides_applied(tmp_path):
     hospitals = {str(i): ([("x", "a"), ("y", "b")], []) for i in (10, 2, 1)}
-    ws = write_workspace(tmp_path / "ws", name="n", labels=["a", "b"], hospitals=hospitals, federation_overrides={"rounds": 7, "training": {"lr": 0.05}})
+    ws = write_workspace(
+        tmp_path / "ws",
+        name="n",
+        labels=["a", "b"],
+        hospitals=hospitals,
+        federation_overrides={"rounds": 7, "training": {"lr": 0.05}},
+    )
     assert [p.parent.name for p in list_hospitals(ws)] == ["hospital-1", "hospital-2", "hospital-10"]
     federation, sites, test = load_workspace(ws)
     assert federation.rounds == 7 and federation.training.lr == 0.05 and federation.training.batch_size is None

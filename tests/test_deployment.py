@@ -32,8 +32,20 @@ import pytest
 import yaml
 
 from deploy_topology import (
-    APP, FEDPROMPT, Processes, can_connect, cli, copy_app, deploy_env, free_port, init_pki, make_workspace, register_hospital,
-    start_aggregator, start_hospital, wait_for,
+    APP,
+    FEDPROMPT,
+    Processes,
+    can_connect,
+    cli,
+    copy_app,
+    deploy_env,
+    free_port,
+    init_pki,
+    make_workspace,
+    register_hospital,
+    start_aggregator,
+    start_hospital,
+    wait_for,
 )
 
 pytestmark = pytest.mark.deployment
@@ -63,22 +75,78 @@ def deployment():
         for i in range(1, 4):
             register_hospital(state, keys / f"hospital-{i}.pub", env)
         for i in range(1, 4):
-            start_hospital(procs, f"hospital-{i}", ws / f"hospital-{i}" / "site.yaml", keys / f"hospital-{i}.key", pki,
-                           fleet_port, root / f"node-{i}", env)
+            start_hospital(
+                procs,
+                f"hospital-{i}",
+                ws / f"hospital-{i}" / "site.yaml",
+                keys / f"hospital-{i}.key",
+                pki,
+                fleet_port,
+                root / f"node-{i}",
+                env,
+            )
         # A fourth SuperNode with a valid but unregistered key, also through the proxy.
-        procs.start("intruder", [
-            *FEDPROMPT, "hospital", "start", "--site", str(ws / "hospital-1" / "site.yaml"),
-            "--superlink", f"127.0.0.1:{fleet_port}", "--root-certificates", str(pki / "ca.pem"),
-            "--key", str(keys / "hospital-4.key"), "--clientappio-port", str(free_port()),
-            "--flwr-home", str(root / "node-4"), "--max-retries", "1", "--max-wait-time", "30",
-        ], env)
+        procs.start(
+            "intruder",
+            [
+                *FEDPROMPT,
+                "hospital",
+                "start",
+                "--site",
+                str(ws / "hospital-1" / "site.yaml"),
+                "--superlink",
+                f"127.0.0.1:{fleet_port}",
+                "--root-certificates",
+                str(pki / "ca.pem"),
+                "--key",
+                str(keys / "hospital-4.key"),
+                "--clientappio-port",
+                str(free_port()),
+                "--flwr-home",
+                str(root / "node-4"),
+                "--max-retries",
+                "1",
+                "--max-wait-time",
+                "30",
+            ],
+            env,
+        )
         out = root / "run-out"
-        procs.start("run", [*FEDPROMPT, "aggregator", "run", "--state", str(state), "--workspace", str(ws), "--out", str(out),
-                                  "--app", str(app), "--timeout", str(RUN_TIMEOUT),
-                                  # the aggregator uses the hospitals' (tiny) backbone
-                                  "--run-config", f'backbone="{root / "tinybert"}"'], env)
-        yield {"root": root, "procs": procs, "pki": pki, "keys": keys, "state": state, "ws": ws, "out": out,
-               "fleet_port": fleet_port, "link_port": link_port, "t0": t0, "env": env}
+        procs.start(
+            "run",
+            [
+                *FEDPROMPT,
+                "aggregator",
+                "run",
+                "--state",
+                str(state),
+                "--workspace",
+                str(ws),
+                "--out",
+                str(out),
+                "--app",
+                str(app),
+                "--timeout",
+                str(RUN_TIMEOUT),
+                # the aggregator uses the hospitals' (tiny) backbone
+                "--run-config",
+                f'backbone="{root / "tinybert"}"',
+            ],
+            env,
+        )
+        yield {
+            "root": root,
+            "procs": procs,
+            "pki": pki,
+            "keys": keys,
+            "state": state,
+            "ws": ws,
+            "out": out,
+            "fleet_port": fleet_port,
+            "link_port": link_port,
+            "t0": t0,
+            "env": env,
+        }
     finally:
         procs.stop_all()
         print(f"\n[deployment] total {time.monotonic() - t0:.1f}s; logs in {logs}")
@@ -88,9 +156,15 @@ def deployment():
 
 def https_post(port: int, path: str, ca: Path, method: str = "POST", body: bytes = b"") -> tuple[int, bytes]:
     ctx = ssl.create_default_context(cafile=str(ca))
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, ctx.wrap_socket(raw, server_hostname="localhost") as s:
-        s.sendall(f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/protobuf\r\n"
-                  f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as s,
+    ):
+        s.sendall(
+            f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/protobuf\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            + body
+        )
         data = b""
         while chunk := s.recv(65536):
             data += chunk
@@ -100,9 +174,15 @@ def https_post(port: int, path: str, ca: Path, method: str = "POST", body: bytes
 
 def test_control_and_runtime_apis_refused_through_proxy(deployment):
     port, ca = deployment["fleet_port"], deployment["pki"] / "ca.pem"
-    for method, path in [("POST", "/v1/control/list-runs"), ("POST", "/v1/control/start-run"), ("POST", "/v1/runtime/get-nodes"),
-                         ("GET", "/"), ("POST", "/v1/fleet/../control/list-runs"), ("POST", "/v1/fleet/%2e%2e/control/list-runs"),
-                         ("GET", "/v1/fleet/pull-messages")]:
+    for method, path in [
+        ("POST", "/v1/control/list-runs"),
+        ("POST", "/v1/control/start-run"),
+        ("POST", "/v1/runtime/get-nodes"),
+        ("GET", "/"),
+        ("POST", "/v1/fleet/../control/list-runs"),
+        ("POST", "/v1/fleet/%2e%2e/control/list-runs"),
+        ("GET", "/v1/fleet/pull-messages"),
+    ]:
         status, body = https_post(port, path, ca, method)
         assert status == 403, (method, path, status, body)
     # A Fleet call passes the proxy and is answered by the SuperLink itself (not 403: 401/4xx from Flower).
@@ -130,7 +210,9 @@ def test_hospital_start_validates_before_starting(deployment, tmp_path):
 
     ws, keys, pki = deployment["ws"], deployment["keys"], deployment["pki"]
     base = ["hospital", "start", "--superlink", "127.0.0.1:1", "--root-certificates", str(pki / "ca.pem"), "--check"]
-    assert fp_cli.main([*base, "--site", str(ws / "hospital-2" / "site.yaml"), "--key", str(keys / "hospital-2.key")]) == 0
+    assert (
+        fp_cli.main([*base, "--site", str(ws / "hospital-2" / "site.yaml"), "--key", str(keys / "hospital-2.key")]) == 0
+    )
     # No ledger: exit 2 and the operator is told how to create it.
     site = yaml.safe_load((ws / "hospital-2" / "site.yaml").read_text())
     site["ledger"] = str(tmp_path / "missing" / "ledger.json")
@@ -141,7 +223,14 @@ def test_hospital_start_validates_before_starting(deployment, tmp_path):
     r = cli(*base, "--site", str(bad_site), "--key", str(keys / "hospital-2.key"), env=deployment["env"])
     assert r.returncode == 2 and "fedprompt privacy init --site" in r.stderr, r.stderr
     # A key that is not an OpenSSH EC private key (here: the public key): exit 2.
-    r = cli(*base, "--site", str(ws / "hospital-2" / "site.yaml"), "--key", str(keys / "hospital-2.pub"), env=deployment["env"])
+    r = cli(
+        *base,
+        "--site",
+        str(ws / "hospital-2" / "site.yaml"),
+        "--key",
+        str(keys / "hospital-2.pub"),
+        env=deployment["env"],
+    )
     assert r.returncode == 2 and "hospital-2.pub" in r.stderr, r.stderr
 
 
@@ -174,7 +263,7 @@ def test_two_round_run_completes(deployment):
                 lapses.append((rec["round"], name, h["reason"]))
     assert len(lapses) <= 1, lapses
     if lapses:
-        warnings.warn(f"a hospital missed one round on Flower's liveness check: {lapses}")
+        warnings.warn(f"a hospital missed one round on Flower's liveness check: {lapses}", stacklevel=1)
     assert min(ok_rounds.values()) >= 1, (ok_rounds, lapses)
     assert metrics["outcome"] == "trained" and metrics["outcome_reason"] is None
     export = Path(metrics["export"])
@@ -203,18 +292,40 @@ def test_a_bundle_with_code_is_refused_at_every_hospital(deployment):
     train = deployment["ws"] / "hospital-1" / "train.csv"
     (evil / "evil" / "__init__.py").write_text("")
     (evil / "evil" / "client_app.py").write_text(  # flwr checks statically (AST) that `app` is assigned
-        f"open({str(marker)!r}, 'w').write(open({str(train)!r}).read())\nfrom flwr.clientapp import ClientApp\n\napp = ClientApp()\n")
-    (evil / "pyproject.toml").write_text((APP / "pyproject.toml").read_text().replace(
-        "fedprompt.client.client_app:app", "evil.client_app:app"))
+        f"open({str(marker)!r}, 'w').write(open({str(train)!r}).read())\nfrom flwr.clientapp import ClientApp\n\napp "
+        "= ClientApp()\n"
+    )
+    (evil / "pyproject.toml").write_text(
+        (APP / "pyproject.toml").read_text().replace("fedprompt.client.client_app:app", "evil.client_app:app")
+    )
     out = root / "evil-out"
-    r = cli("aggregator", "run", "--state", str(deployment["state"]), "--workspace", str(deployment["ws"]), "--out", str(out),
-            "--app", str(evil), "--rounds", "1", "--timeout", str(RUN_TIMEOUT), "--run-config", f'backbone="{root / "tinybert"}"',
-            env=env, timeout=RUN_TIMEOUT + 60)
+    r = cli(
+        "aggregator",
+        "run",
+        "--state",
+        str(deployment["state"]),
+        "--workspace",
+        str(deployment["ws"]),
+        "--out",
+        str(out),
+        "--app",
+        str(evil),
+        "--rounds",
+        "1",
+        "--timeout",
+        str(RUN_TIMEOUT),
+        "--run-config",
+        f'backbone="{root / "tinybert"}"',
+        env=env,
+        timeout=RUN_TIMEOUT + 60,
+    )
     assert r.returncode == 5, r.stdout[-3000:] + r.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     outcomes = metrics["rounds"][-1]["hospitals"]
     assert metrics["outcome"] == "no hospital trained" and metrics["export"] is None, metrics
-    assert len(outcomes) == 3 and all(h["status"] == "refused" and h["reason"] == "untrusted app" for h in outcomes.values()), outcomes
+    assert len(outcomes) == 3 and all(
+        h["status"] == "refused" and h["reason"] == "untrusted app" for h in outcomes.values()
+    ), outcomes
     assert not marker.exists()
     for i in range(1, 4):
         assert "untrusted app" in procs.log(f"hospital-{i}") and "evil/client_app.py" in procs.log(f"hospital-{i}")
@@ -225,24 +336,33 @@ def test_proxy_checks_every_request_on_a_kept_alive_connection(deployment):
     ctx = ssl.create_default_context(cafile=str(deployment["pki"] / "ca.pem"))
 
     def exchange(payload: bytes) -> bytes:
-        with socket.create_connection(("127.0.0.1", deployment["fleet_port"]), timeout=10) as raw, \
-                ctx.wrap_socket(raw, server_hostname="localhost") as s:
+        with (
+            socket.create_connection(("127.0.0.1", deployment["fleet_port"]), timeout=10) as raw,
+            ctx.wrap_socket(raw, server_hostname="localhost") as s,
+        ):
             s.sendall(payload)
             data = b""
             try:
                 while chunk := s.recv(65536):
                     data += chunk
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 pass
         return data
 
-    fleet = b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\nContent-Type: application/protobuf\r\nContent-Length: 0\r\n\r\n"
-    control = b"POST /v1/control/list-runs HTTP/1.1\r\nHost: x\r\nContent-Type: application/protobuf\r\nContent-Length: 0\r\n\r\n"
+    fleet = (
+        b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\nContent-Type: application/protobuf\r\nContent-Length: 0\r\n\r\n"
+    )
+    control = (
+        b"POST /v1/control/list-runs HTTP/1.1\r\nHost: x\r\nContent-Type: application/protobuf\r\nContent-Length: "
+        b"0\r\n\r\n"
+    )
     data = exchange(fleet + control)
     statuses = re.findall(rb"HTTP/1\.1 (\d{3})", data)
     assert len(statuses) == 2 and statuses[0] != b"403" and statuses[1] == b"403", data[:600]
-    smuggle = (b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
-               b"0\r\n\r\n" + control)
+    smuggle = (
+        b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"0\r\n\r\n" + control
+    )
     assert exchange(smuggle).startswith(b"HTTP/1.1 400"), "CL+TE must be refused"
 
 
@@ -251,7 +371,9 @@ def test_run_id_and_status_are_read_from_flwr_json_output():
     the JSON flwr prints (pretty, possibly after log lines) must be read exactly."""
     from fedprompt.server.deploy import _json_reply, submitted_run_id
 
-    accepted = 'INFO : Starting\n{\n  "success": true,\n  "run-id": "4777088481461087582",\n  "fab-hash": "a8a08a5a"\n}\n'
+    accepted = (
+        'INFO : Starting\n{\n  "success": true,\n  "run-id": "4777088481461087582",\n  "fab-hash": "a8a08a5a"\n}\n'
+    )
     assert submitted_run_id(accepted) == 4777088481461087582
     assert submitted_run_id('{\n  "success": false,\n  "error-message": "Run was not created"\n}') is None
     assert submitted_run_id("Traceback (most recent call last): {oops\n") is None
@@ -262,8 +384,23 @@ def test_run_id_and_status_are_read_from_flwr_json_output():
 def test_proxy_stops_cleanly_with_connections_open(tmp_path):
     """SIGTERM with hospitals' connections still open: exit 0, no traceback in the aggregator's log."""
     env, port = deploy_env(tmp_path), free_port()
-    proc = subprocess.Popen([*FEDPROMPT, "aggregator", "proxy", "--listen", f"127.0.0.1:{port}", "--upstream", "127.0.0.1:1",
-                             "--insecure", "--upstream-insecure"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            *FEDPROMPT,
+            "aggregator",
+            "proxy",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--upstream",
+            "127.0.0.1:1",
+            "--insecure",
+            "--upstream-insecure",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         wait_for(lambda: can_connect(port), 180, "the proxy's port")
         conns = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]

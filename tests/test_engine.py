@@ -34,7 +34,14 @@ def tiny(tiny_dir):
 
 
 def _config(bb, **kw) -> PromptConfig:
-    return PromptConfig(labels=["a", "b", "c"], hidden_size=bb.hidden_size, backbone_fingerprint=bb.fingerprint, n_virtual_tokens=4, max_length=24, **kw)
+    return PromptConfig(
+        labels=["a", "b", "c"],
+        hidden_size=bb.hidden_size,
+        backbone_fingerprint=bb.fingerprint,
+        n_virtual_tokens=4,
+        max_length=24,
+        **kw,
+    )
 
 
 def _dataset(bb, n=12):
@@ -81,8 +88,13 @@ def test_selftest_cli_json(tiny_dir, capsys):
     assert main(["selftest", "--backbone", str(tiny_dir), "--device", "cpu", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["passed"] is True and out["device"] == "cpu" and out["dtype"] == "float32"  # bf16 only on CUDA
-    assert [c["name"] for c in out["checks"]] == ["per_sample_gradients", "zero_noise_dp_step", "broadcast_guard", "backbone_bit_identical",
-                                                  "feature_precision"]
+    assert [c["name"] for c in out["checks"]] == [
+        "per_sample_gradients",
+        "zero_noise_dp_step",
+        "broadcast_guard",
+        "backbone_bit_identical",
+        "feature_precision",
+    ]
     assert out["checks"][-1]["max_abs_diff"] == 0.0  # float32 against float32 on the CPU
     assert all(set(c) >= {"name", "passed", "max_abs_diff"} for c in out["checks"])
 
@@ -97,7 +109,7 @@ def test_empty_poisson_batch_takes_a_counted_noise_only_step(tiny):
     before = [p.detach().clone() for p in params]
     noise_only_step(dp_opt, params)
     gsm._close()
-    moved = [float((p.detach() - b).abs().max()) for p, b in zip(params, before)]
+    moved = [float((p.detach() - b).abs().max()) for p, b in zip(params, before, strict=True)]
     assert all(m > 0 for m in moved)  # noise was added although no sample was drawn
     # and in the training loop: with q = 1/4 some Poisson batches are empty; all steps counted
     gen = torch.Generator().manual_seed(3)
@@ -108,14 +120,21 @@ def test_empty_poisson_batch_takes_a_counted_noise_only_step(tiny):
 
 def test_physical_batches_split_logical_ones_and_steps_are_logical(tiny):
     model = build_model(tiny, _config(tiny))
-    result = train(model, _dataset(tiny, 24), TrainSettings(epochs=2, batch_size=12, max_physical_batch_size=3, noise_multiplier=1.0), CPU)
+    result = train(
+        model,
+        _dataset(tiny, 24),
+        TrainSettings(epochs=2, batch_size=12, max_physical_batch_size=3, noise_multiplier=1.0),
+        CPU,
+    )
     assert result.steps == 2 * int(24 / 12)
 
 
 def test_noise_calibration_agrees_with_opacus():
     for eps, q, steps in [(8.0, 0.032, 640), (1.0, 0.1, 30), (4.0, 0.05, 120)]:
         ours = calibrate_noise(eps, 1e-5, q, steps, "prv")
-        ref = get_noise_multiplier(target_epsilon=eps, target_delta=1e-5, sample_rate=q, steps=steps, accountant="prv", epsilon_tolerance=0.01)
+        ref = get_noise_multiplier(
+            target_epsilon=eps, target_delta=1e-5, sample_rate=q, steps=steps, accountant="prv", epsilon_tolerance=0.01
+        )
         assert ours == pytest.approx(ref, rel=1e-12)
     assert calibrate_noise(8.0, 1e-5, 0.032, 640) == pytest.approx(0.821, abs=0.01)  # notes' reference point
 
@@ -178,7 +197,11 @@ def test_trainable_state_has_fixed_names_and_shapes(tiny):
     model = build_model(tiny, _config(tiny))
     state = model.trainable_state()
     assert tuple(state) == TRAINABLE_KEYS
-    assert {k: tuple(v.shape) for k, v in state.items()} == {"prompt.weight": (4, 32), "head.weight": (3, 32), "head.bias": (3,)}
+    assert {k: tuple(v.shape) for k, v in state.items()} == {
+        "prompt.weight": (4, 32),
+        "head.weight": (3, 32),
+        "head.bias": (3,),
+    }
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == set(TRAINABLE_KEYS)
 
@@ -228,13 +251,29 @@ def test_dp_training_on_real_abstracts_with_default_backbone():
     rows = list(csv.DictReader(corpus.open(encoding="utf-8")))
     random.Random(0).shuffle(rows)
     train_rows, test_rows = rows[:600], rows[600:900]
-    names = ["neoplasms", "digestive system diseases", "nervous system diseases", "cardiovascular diseases", "general pathological conditions"]
+    names = [
+        "neoplasms",
+        "digestive system diseases",
+        "nervous system diseases",
+        "cardiovascular diseases",
+        "general pathological conditions",
+    ]
 
     bb = load_backbone()  # embedded all-MiniLM-L6-v2
+
     def ds(rs):
-        return encode(bb.tokenizer, [r["medical_abstract"] for r in rs], [int(r["condition_label"]) - 1 for r in rs], 64).dataset
+        return encode(
+            bb.tokenizer, [r["medical_abstract"] for r in rs], [int(r["condition_label"]) - 1 for r in rs], 64
+        ).dataset
+
     train_ds, test_ds = ds(train_rows), ds(test_rows)
-    cfg = PromptConfig(labels=names, hidden_size=bb.hidden_size, backbone_fingerprint=bb.fingerprint, n_virtual_tokens=10, max_length=64)
+    cfg = PromptConfig(
+        labels=names,
+        hidden_size=bb.hidden_size,
+        backbone_fingerprint=bb.fingerprint,
+        n_virtual_tokens=10,
+        max_length=64,
+    )
     model = build_model(bb, cfg)
     loss_before = evaluate(model, train_ds, 5).summary()["loss"]
     q, steps = plan_steps(len(train_ds), 32, 3)

@@ -63,25 +63,55 @@ TOLERANCE = 0.02  # macro-F1 points allowed between an attacked robust run and t
 BOUND_FACTOR = 2.0  # the operator's norm bound: 2x the largest honest update norm seen in a clean round 1
 
 
-def make_federation(root: Path, *, rows: int = ROWS, rounds: int = ROUNDS, alpha: float = ALPHA, lr: float = LR) -> dict:
+def make_federation(
+    root: Path, *, rows: int = ROWS, rounds: int = ROUNDS, alpha: float = ALPHA, lr: float = LR
+) -> dict:
     """Five hospitals' workspace on `rows` real abstracts, the backbone and the encoded test set."""
-    records, labels = load_corpus(DATA / "medical_tc_test.csv", text_column="medical_abstract", label_column="condition_label",
-                                  label_names=DATA / "medical_tc_labels.csv")
-    part = partition(stratified_subset(records, rows, seed=0), labels, hospitals=HOSPITALS, alpha=alpha, test_frac=0.3,
-                     val_frac=0.0, seed=0, min_train=30)
+    records, labels = load_corpus(
+        DATA / "medical_tc_test.csv",
+        text_column="medical_abstract",
+        label_column="condition_label",
+        label_names=DATA / "medical_tc_labels.csv",
+    )
+    part = partition(
+        stratified_subset(records, rows, seed=0),
+        labels,
+        hospitals=HOSPITALS,
+        alpha=alpha,
+        test_frac=0.3,
+        val_frac=0.0,
+        seed=0,
+        min_train=30,
+    )
     ws = write_workspace(
-        root / "workspace", name="hostile", labels=labels,
-        hospitals={h: (train, []) for h, (train, _val) in part.hospitals.items()}, allow_non_private=True,
-        federation_overrides={"rounds": rounds, "privacy": {"private": False}, "model": {"max_length": 64},
-                              "training": {"local_epochs": 1, "batch_size": 16, "lr": lr}},
+        root / "workspace",
+        name="hostile",
+        labels=labels,
+        hospitals={h: (train, []) for h, (train, _val) in part.hospitals.items()},
+        allow_non_private=True,
+        federation_overrides={
+            "rounds": rounds,
+            "privacy": {"private": False},
+            "model": {"max_length": 64},
+            "training": {"local_epochs": 1, "batch_size": 16, "lr": lr},
+        },
     )
     fed, _, _ = load_workspace(ws)
     backbone = load_backbone(None)  # the embedded all-MiniLM-L6-v2
     prompt = prompt_config(fed, backbone)
     index = {name: i for i, name in enumerate(labels)}
-    test = encode(backbone.tokenizer, [t for t, _ in part.test], [index[y] for _, y in part.test], prompt.max_length).dataset
-    return {"fed": fed, "sites": sorted(ws.glob("hospital-*/site.yaml")), "backbone": backbone, "prompt": prompt, "test": test,
-            "train_rows": {h: len(tr) for h, (tr, _) in part.hospitals.items()}, "cache": {}}
+    test = encode(
+        backbone.tokenizer, [t for t, _ in part.test], [index[y] for _, y in part.test], prompt.max_length
+    ).dataset
+    return {
+        "fed": fed,
+        "sites": sorted(ws.glob("hospital-*/site.yaml")),
+        "backbone": backbone,
+        "prompt": prompt,
+        "test": test,
+        "train_rows": {h: len(tr) for h, (tr, _) in part.hospitals.items()},
+        "cache": {},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +143,9 @@ def _digest(state: dict[str, torch.Tensor]) -> str:
     return hashlib.sha256(b"".join(state[k].numpy().tobytes() for k in sorted(state))).hexdigest()
 
 
-def _honest_reply(fx: dict, monkeypatch, content: RecordDict, state: dict, rnd: int, node: int, site: Path) -> RecordDict:
+def _honest_reply(
+    fx: dict, monkeypatch, content: RecordDict, state: dict, rnd: int, node: int, site: Path
+) -> RecordDict:
     """hospital.train_round with seeded draws. Training is deterministic given (round, hospital,
     global state), so runs that reach the same global state (every run's round 1) share it."""
     key = (rnd, node, _digest(state))
@@ -127,16 +159,24 @@ def _honest_reply(fx: dict, monkeypatch, content: RecordDict, state: dict, rnd: 
     return RecordDict({**dict(answer), ARRAYS: state_to_arrays(tensors)})
 
 
-def run_federation(fx: dict, monkeypatch, strategy: str, attack: str | None, norm_bound: float, rounds: int = ROUNDS) -> dict:
+def run_federation(
+    fx: dict, monkeypatch, strategy: str, attack: str | None, norm_bound: float, rounds: int = ROUNDS
+) -> dict:
     """`rounds` rounds; the global macro-F1 on the held-out test set after each round. `attack`:
     None (hospital-5 honest), "scaled", "noise", or "absent" (hospital-5 never replies)."""
     fed, prompt, backbone = fx["fed"], fx["prompt"], fx["backbone"]
-    guard = ValidatedStrategy(build_strategy(fed.replaced(strategy=StrategySettings(name=strategy))), prompt,
-                              norm_bound=norm_bound, min_hospitals=HOSPITALS - 1)
+    guard = ValidatedStrategy(
+        build_strategy(fed.replaced(strategy=StrategySettings(name=strategy))),
+        prompt,
+        norm_bound=norm_bound,
+        min_hospitals=HOSPITALS - 1,
+    )
     state = initial_state(backbone, prompt)
     out: dict = {"strategy": strategy, "attack": attack or "none", "norm_bound": norm_bound, "rounds": []}
     for rnd in range(1, rounds + 1):
-        content = RecordDict({ARRAYS: state_to_arrays(state), CONFIG: RoundPlan.for_run(fed, prompt, round=rnd).to_config_record()})
+        content = RecordDict(
+            {ARRAYS: state_to_arrays(state), CONFIG: RoundPlan.for_run(fed, prompt, round=rnd).to_config_record()}
+        )
         guard._global, guard._sent[rnd] = state, [instruction(n) for n in range(1, HOSPITALS + 1)]
         replies: list[Message] = []
         honest_norms = []
@@ -154,9 +194,17 @@ def run_federation(fx: dict, monkeypatch, strategy: str, attack: str | None, nor
             state = arrays_to_state(arrays)
         s = evaluate(build_model(backbone, prompt, state), fx["test"], prompt.num_labels).summary()
         outcome = guard.train_outcomes[rnd].get(HOSTILE) or guard.train_outcomes[rnd][f"node-{HOSPITALS}"]
-        out["rounds"].append({"round": rnd, "macro_f1": s["macro_f1"], "accuracy": s["accuracy"], "loss": s["loss"],
-                              "hostile_status": outcome.status, "hostile_reason": outcome.reason,
-                              "honest_update_norms": honest_norms})
+        out["rounds"].append(
+            {
+                "round": rnd,
+                "macro_f1": s["macro_f1"],
+                "accuracy": s["accuracy"],
+                "loss": s["loss"],
+                "hostile_status": outcome.status,
+                "hostile_reason": outcome.reason,
+                "honest_update_norms": honest_norms,
+            }
+        )
     out["final"] = out["rounds"][-1]
     out["settled_macro_f1"] = sum(r["macro_f1"] for r in out["rounds"][-SETTLED:]) / len(out["rounds"][-SETTLED:])
     out["final_state_sha256"] = _digest(state)
@@ -177,17 +225,42 @@ def test_robust_strategies_and_norm_bound_hold_against_a_hostile_hospital(federa
     for strategy in ("fedavg", *ROBUST):
         for attack in ("none", "scaled", "noise", "absent"):
             if f"{strategy}/{attack}" not in runs:
-                runs[f"{strategy}/{attack}"] = run_federation(federation, monkeypatch, strategy, None if attack == "none" else attack, bound)
+                runs[f"{strategy}/{attack}"] = run_federation(
+                    federation, monkeypatch, strategy, None if attack == "none" else attack, bound
+                )
 
     settled = {k: r["settled_macro_f1"] for k, r in runs.items()}
     drift = {f"{s}/{a}": settled[f"{s}/{a}"] - settled[f"{s}/none"] for s in ROBUST for a in ("scaled", "noise")}
-    report = {"rows": ROWS, "rounds": ROUNDS, "alpha": ALPHA, "lr": LR, "settled_rounds": SETTLED, "hospitals": HOSPITALS,
-              "train_rows": federation["train_rows"], "test_rows": len(federation["test"]), "norm_bound": bound,
-              "settled_macro_f1": settled, "robust_drift": drift, "runs": runs}
-    lines = [f"{k:28s} settled macro-F1 {v:.4f}  final loss {runs[k]['final']['loss']:.4g}  per round "
-             + " ".join(f"{r['macro_f1']:.3f}" for r in runs[k]["rounds"]) + f"  hostile: {runs[k]['final']['hostile_status']}"
-             for k, v in settled.items()]
-    print("\n".join(["", f"norm bound {bound:.4g}", *lines, "robust drift vs clean: " + json.dumps({k: round(v, 4) for k, v in drift.items()})]))
+    report = {
+        "rows": ROWS,
+        "rounds": ROUNDS,
+        "alpha": ALPHA,
+        "lr": LR,
+        "settled_rounds": SETTLED,
+        "hospitals": HOSPITALS,
+        "train_rows": federation["train_rows"],
+        "test_rows": len(federation["test"]),
+        "norm_bound": bound,
+        "settled_macro_f1": settled,
+        "robust_drift": drift,
+        "runs": runs,
+    }
+    lines = [
+        f"{k:28s} settled macro-F1 {v:.4f}  final loss {runs[k]['final']['loss']:.4g}  per round "
+        + " ".join(f"{r['macro_f1']:.3f}" for r in runs[k]["rounds"])
+        + f"  hostile: {runs[k]['final']['hostile_status']}"
+        for k, v in settled.items()
+    ]
+    print(
+        "\n".join(
+            [
+                "",
+                f"norm bound {bound:.4g}",
+                *lines,
+                "robust drift vs clean: " + json.dumps({k: round(v, 4) for k, v in drift.items()}),
+            ]
+        )
+    )
     if os.environ.get("FEDPROMPT_FAULTS_REPORT"):
         folder = Path(os.environ["FEDPROMPT_FAULTS_REPORT"])
         folder.mkdir(parents=True, exist_ok=True)
@@ -208,6 +281,9 @@ def test_robust_strategies_and_norm_bound_hold_against_a_hostile_hospital(federa
     # Plain FedAvg without the bound: the scaled update dominates the average. Its test loss
     # explodes (the global model is hospital-5's own update, magnified: confidently wrong).
     clean_loss = runs["fedavg/none"]["rounds"][1]["loss"]
-    assert runs["fedavg-unbounded/scaled"]["final"]["loss"] > 10 * clean_loss, (runs["fedavg-unbounded/scaled"]["final"], clean_loss)
+    assert runs["fedavg-unbounded/scaled"]["final"]["loss"] > 10 * clean_loss, (
+        runs["fedavg-unbounded/scaled"]["final"],
+        clean_loss,
+    )
     # Robust strategies + bound: within 2 macro-F1 points of the clean run on the same data.
     assert all(abs(v) <= TOLERANCE for v in drift.values()), drift

@@ -22,6 +22,7 @@ import shutil
 import stat
 import subprocess
 from collections.abc import Callable
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -81,18 +82,30 @@ def template(tmp_path_factory, tiny_dir) -> Path:
     root/export (an exported prompt), root/run/checkpoint (a round-1 checkpoint)."""
     root = tmp_path_factory.mktemp("template").resolve()
     demo = generate_demo(hospitals=1, per_hospital=20, test_size=10, seed=1)
-    ws = write_workspace(root / "ws", name="t", labels=demo.labels, hospitals=demo.hospitals, test_rows=demo.test,
-                         federation_overrides=FAST, epsilon_cap=10.0, allow_non_private=False)
+    ws = write_workspace(
+        root / "ws",
+        name="t",
+        labels=demo.labels,
+        hospitals=demo.hospitals,
+        test_rows=demo.test,
+        federation_overrides=FAST,
+        epsilon_cap=10.0,
+        allow_non_private=False,
+    )
     for site in list_hospitals(ws):
+
         def change(d):
             d["backbone"] = str(tiny_dir)
             d["privacy"]["accountant"] = "rdp"  # PRV costs seconds per epsilon on a shared 2-core box
+
         _edit_yaml(site, change)
     ensure_ledgers(ws)
     fed, _, _ = load_workspace(ws)
     run = prepare_run(RunSpec(fed, root / "never-created", None, tiny_dir))
     export_model(root / "export", run.prompt, run.state, [], fed.name)
-    save_checkpoint(root / "run" / "checkpoint", Checkpoint(1, run.state, [], run.prompt.backbone_fingerprint, fed.name))
+    save_checkpoint(
+        root / "run" / "checkpoint", Checkpoint(1, run.state, [], run.prompt.backbone_fingerprint, fed.name)
+    )
     assert not (root / "never-created").exists()
     return root
 
@@ -137,7 +150,16 @@ class Ctx:
         return ["privacy", "show", "--site", str(self.site)]
 
     def simulate(self, *extra: str, out: Path | None = None, backbone: Path | None = None) -> list[str]:
-        return ["simulate", "--workspace", str(self.ws), "--out", str(out or self.out), "--backbone", str(backbone or self.tiny), *extra]
+        return [
+            "simulate",
+            "--workspace",
+            str(self.ws),
+            "--out",
+            str(out or self.out),
+            "--backbone",
+            str(backbone or self.tiny),
+            *extra,
+        ]
 
     def predict(self, *extra: str, model: Path | None = None, backbone: Path | None = None) -> list[str]:
         src = list(extra) or ["--text", "chest pain"]
@@ -220,6 +242,7 @@ def no_training(monkeypatch) -> list[str]:
         def boom(*args, **kwargs):
             reached.append(name)
             raise Forbidden(f"{name} was reached on bad input")
+
         return boom
 
     import flwr.simulation
@@ -243,17 +266,32 @@ PRIVACY = 3  # LedgerError / PrivacyBudgetExceeded
 
 def _site_syntax(c: Ctx):
     c.site.write_text(c.site.read_text().replace("device: auto", "device: auto: cpu"))
-    return c.check(), BAD, [at(c.site, line_of(c.site, "device: auto: cpu")) + " YAML syntax error: mapping values are not allowed"]
+    return (
+        c.check(),
+        BAD,
+        [at(c.site, line_of(c.site, "device: auto: cpu")) + " YAML syntax error: mapping values are not allowed"],
+    )
 
 
 def _site_type_int(c: Ctx):
     c.yaml(c.site, lambda d: d.update(max_physical_batch_size="lots"))
-    return c.check(), BAD, [at(c.site, line_of(c.site, "max_physical_batch_size:"), "max_physical_batch_size") + " expected an integer, got 'lots'"]
+    return (
+        c.check(),
+        BAD,
+        [
+            at(c.site, line_of(c.site, "max_physical_batch_size:"), "max_physical_batch_size")
+            + " expected an integer, got 'lots'"
+        ],
+    )
 
 
 def _site_type_bool(c: Ctx):
     c.yaml(c.site, lambda d: d.update(allow_non_private="yes please"))
-    return c.check(), BAD, [at(c.site, line_of(c.site, "allow_non_private:"), "allow_non_private") + " expected true or false"]
+    return (
+        c.check(),
+        BAD,
+        [at(c.site, line_of(c.site, "allow_non_private:"), "allow_non_private") + " expected true or false"],
+    )
 
 
 def _site_unknown_top(c: Ctx):
@@ -278,7 +316,11 @@ def _site_missing_nested(c: Ctx):
 
 def _site_negative_epsilon(c: Ctx):
     c.yaml(c.site, lambda d: d["privacy"].update(max_epsilon=-1.0))
-    return c.check(), BAD, [at(c.site, line_of(c.site, "max_epsilon:"), "privacy.max_epsilon") + " expected > 0, got -1"]
+    return (
+        c.check(),
+        BAD,
+        [at(c.site, line_of(c.site, "max_epsilon:"), "privacy.max_epsilon") + " expected > 0, got -1"],
+    )
 
 
 def _site_delta_ge_1(c: Ctx):
@@ -494,18 +536,40 @@ def _ledger_missing(c: Ctx):
 
 def _ledger_other_hospital(c: Ctx):
     c.ledger_doc(lambda d: d.update(hospital_id="hospital-9"))
-    return c.show(), PRIVACY, [f"privacy ledger {re.escape(str(c.ledger))} belongs to hospital 'hospital-9', not 'hospital-1'"]
+    return (
+        c.show(),
+        PRIVACY,
+        [f"privacy ledger {re.escape(str(c.ledger))} belongs to hospital 'hospital-9', not 'hospital-1'"],
+    )
 
 
 def _ledger_nan_entry(c: Ctx):
-    entry = {"noise_multiplier": float("nan"), "sample_rate": 0.5, "steps": 2, "run_id": "t", "round": 1, "recorded_at": "2024-01-01T00:00:00+00:00"}
+    entry = {
+        "noise_multiplier": float("nan"),
+        "sample_rate": 0.5,
+        "steps": 2,
+        "run_id": "t",
+        "round": 1,
+        "recorded_at": "2024-01-01T00:00:00+00:00",
+    }
     c.ledger_doc(lambda d: d.update(history=[entry]))
-    return c.show(), PRIVACY, [f"privacy ledger {re.escape(str(c.ledger))} is corrupted \\(history\\[0\\]\\.noise_multiplier: expected a finite number"]
+    return (
+        c.show(),
+        PRIVACY,
+        [
+            f"privacy ledger {re.escape(str(c.ledger))} is corrupted \\(history\\[0\\]\\.noise_multiplier: expected "
+            "a finite number"
+        ],
+    )
 
 
 def _ledger_wrong_schema(c: Ctx):
     c.ledger_doc(lambda d: d.update(schema="fedprompt-ledger/0"))
-    return c.show(), PRIVACY, [f"privacy ledger {re.escape(str(c.ledger))} is corrupted \\(schema is 'fedprompt-ledger/0'"]
+    return (
+        c.show(),
+        PRIVACY,
+        [f"privacy ledger {re.escape(str(c.ledger))} is corrupted \\(schema is 'fedprompt-ledger/0'"],
+    )
 
 
 def _ledger_other_delta(c: Ctx):
@@ -515,7 +579,14 @@ def _ledger_other_delta(c: Ctx):
 
 def _ledger_other_accountant(c: Ctx):
     c.ledger_doc(lambda d: d.update(mechanism="prv"))
-    return c.show(), PRIVACY, [f"privacy ledger {re.escape(str(c.ledger))} uses the 'prv' accountant but {re.escape(str(c.site))} says 'rdp'"]
+    return (
+        c.show(),
+        PRIVACY,
+        [
+            f"privacy ledger {re.escape(str(c.ledger))} uses the 'prv' accountant but {re.escape(str(c.site))} says "
+            "'rdp'"
+        ],
+    )
 
 
 def _ledger_is_a_folder(c: Ctx):
@@ -540,7 +611,11 @@ def _sim_site_unknown_key(c: Ctx):
 def _sim_duplicate_hospital(c: Ctx):
     c.drop_ledger()
     shutil.copytree(c.hdir, c.ws / "hospital-2")
-    return c.simulate(), BAD, [at(c.ws / "hospital-2" / "site.yaml", None, "hospital_id") + " 'hospital-1' is also used by"]
+    return (
+        c.simulate(),
+        BAD,
+        [at(c.ws / "hospital-2" / "site.yaml", None, "hospital_id") + " 'hospital-1' is also used by"],
+    )
 
 
 def _sim_workspace_missing(c: Ctx):
@@ -658,7 +733,11 @@ def _predict_export_missing(c: Ctx):
 
 
 def _predict_backbone_mismatch(c: Ctx):
-    return c.predict(backbone=c.other), BAD, [at(c.export / "config.json", None, "backbone_fingerprint") + " trained on backbone"]
+    return (
+        c.predict(backbone=c.other),
+        BAD,
+        [at(c.export / "config.json", None, "backbone_fingerprint") + " trained on backbone"],
+    )
 
 
 def _predict_backbone_not_hf(c: Ctx):
@@ -743,40 +822,104 @@ def _site_yaml_python_tag(c: Ctx):
     return c.check(), BAD, [at(c.site, line_of(c.site, "device:"))]
 
 
-
 CATALOGUE: list = [
     # site.yaml (data check)
-    _site_syntax, _site_type_int, _site_type_bool, _site_unknown_top, _site_unknown_nested, _site_missing_required,
-    _site_missing_nested, _site_negative_epsilon, _site_delta_ge_1, _site_delta_not_below_1_over_n, _site_bad_literal,
-    _site_bad_hospital_id, _site_duplicate_key, _site_empty, _site_not_mapping, _site_not_utf8, _site_missing_file,
-    _site_train_path_missing, _site_train_path_is_dir, _site_unsupported_ext,
+    _site_syntax,
+    _site_type_int,
+    _site_type_bool,
+    _site_unknown_top,
+    _site_unknown_nested,
+    _site_missing_required,
+    _site_missing_nested,
+    _site_negative_epsilon,
+    _site_delta_ge_1,
+    _site_delta_not_below_1_over_n,
+    _site_bad_literal,
+    _site_bad_hospital_id,
+    _site_duplicate_key,
+    _site_empty,
+    _site_not_mapping,
+    _site_not_utf8,
+    _site_missing_file,
+    _site_train_path_missing,
+    _site_train_path_is_dir,
+    _site_unsupported_ext,
     _site_yaml_bad_int_tag,
     _site_yaml_python_tag,
     # federation.yaml (data check)
-    _fed_rounds_zero, _fed_duplicate_labels, _fed_delta_ge_1, _fed_negative_epsilon, _fed_unknown_nested, _fed_wrong_type,
-    _fed_bad_strategy, _fed_labels_not_list, _fed_missing_name, _fed_missing_file,
+    _fed_rounds_zero,
+    _fed_duplicate_labels,
+    _fed_delta_ge_1,
+    _fed_negative_epsilon,
+    _fed_unknown_nested,
+    _fed_wrong_type,
+    _fed_bad_strategy,
+    _fed_labels_not_list,
+    _fed_missing_name,
+    _fed_missing_file,
     # records (data check)
-    _records_label_space_mismatch, _csv_missing_column, _csv_duplicate_column, _csv_empty_text, _csv_empty_label,
-    _csv_unknown_label, _csv_undecodable, _csv_binary, _csv_header_only, _csv_empty_file, _csv_field_count,
-    _csv_unterminated_quote, _jsonl_malformed, _jsonl_not_object, _jsonl_missing_field, _jsonl_text_not_string,
+    _records_label_space_mismatch,
+    _csv_missing_column,
+    _csv_duplicate_column,
+    _csv_empty_text,
+    _csv_empty_label,
+    _csv_unknown_label,
+    _csv_undecodable,
+    _csv_binary,
+    _csv_header_only,
+    _csv_empty_file,
+    _csv_field_count,
+    _csv_unterminated_quote,
+    _jsonl_malformed,
+    _jsonl_not_object,
+    _jsonl_missing_field,
+    _jsonl_text_not_string,
     _val_unknown_label,
     # privacy ledger (privacy show)
-    _ledger_corrupted, _ledger_missing, _ledger_other_hospital, _ledger_nan_entry, _ledger_wrong_schema,
-    _ledger_other_delta, _ledger_other_accountant, _ledger_is_a_folder,
+    _ledger_corrupted,
+    _ledger_missing,
+    _ledger_other_hospital,
+    _ledger_nan_entry,
+    _ledger_wrong_schema,
+    _ledger_other_delta,
+    _ledger_other_accountant,
+    _ledger_is_a_folder,
     # simulate, before any training
-    _sim_fed_wrong_type, _sim_site_unknown_key, _sim_duplicate_hospital, _sim_workspace_missing, _sim_no_hospitals,
-    _sim_backbone_not_hf, _sim_pinned_backbone_mismatch, _sim_bad_test_set, _sim_rounds_zero,
-    _sim_resume_corrupt_state, _sim_resume_tensors_missing, _sim_resume_other_run, _sim_existing_run_without_resume,
+    _sim_fed_wrong_type,
+    _sim_site_unknown_key,
+    _sim_duplicate_hospital,
+    _sim_workspace_missing,
+    _sim_no_hospitals,
+    _sim_backbone_not_hf,
+    _sim_pinned_backbone_mismatch,
+    _sim_bad_test_set,
+    _sim_rounds_zero,
+    _sim_resume_corrupt_state,
+    _sim_resume_tensors_missing,
+    _sim_resume_other_run,
+    _sim_existing_run_without_resume,
     _sim_resume_state_not_object,
     _sim_resume_truncated_tensors,
     # predict
-    _predict_missing_config, _predict_config_not_json, _predict_wrong_format, _predict_corrupt_weights,
-    _predict_wrong_shapes, _predict_export_missing, _predict_backbone_mismatch, _predict_backbone_not_hf,
-    _predict_input_missing, _predict_input_jsonl_malformed, _predict_input_csv_missing_column,
+    _predict_missing_config,
+    _predict_config_not_json,
+    _predict_wrong_format,
+    _predict_corrupt_weights,
+    _predict_wrong_shapes,
+    _predict_export_missing,
+    _predict_backbone_mismatch,
+    _predict_backbone_not_hf,
+    _predict_input_missing,
+    _predict_input_jsonl_malformed,
+    _predict_input_csv_missing_column,
     _predict_config_not_object,
     _predict_input_not_utf8,
     # selftest
-    _selftest_not_hf, _selftest_missing_dir, _selftest_is_a_file, _selftest_unsupported_type, _selftest_config_not_json,
+    _selftest_not_hf,
+    _selftest_missing_dir,
+    _selftest_is_a_file,
+    _selftest_unsupported_type,
+    _selftest_config_not_json,
     _selftest_no_weights,
 ]
 
@@ -863,7 +1006,9 @@ def _refuse_non_private_request(c: Ctx, run):
 def _refuse_malformed_plan(c: Ctx, run):
     # The aggregator's round plan goes through the same validation as federation.yaml.
     return train_content(run, lr=-1.0, optimizer="lbfgs"), [
-        r"the aggregator's round plan: fp\.lr: expected > 0, got -1\.0", r"fp\.optimizer: expected one of 'adam', 'sgd'"]
+        r"the aggregator's round plan: fp\.lr: expected > 0, got -1\.0",
+        r"fp\.optimizer: expected one of 'adam', 'sgd'",
+    ]
 
 
 def _refuse_yaml_tag(c: Ctx, run):
@@ -872,17 +1017,31 @@ def _refuse_yaml_tag(c: Ctx, run):
 
 
 REFUSALS = [
-    _refuse_backbone_mismatch, _refuse_label_space, _refuse_corrupted_ledger, _refuse_missing_ledger,
-    _refuse_other_hospitals_ledger, _refuse_bad_site_yaml, _refuse_binary_records, _refuse_backbone_not_hf,
-    _refuse_non_private_request, _refuse_malformed_plan,
+    _refuse_backbone_mismatch,
+    _refuse_label_space,
+    _refuse_corrupted_ledger,
+    _refuse_missing_ledger,
+    _refuse_other_hospitals_ledger,
+    _refuse_bad_site_yaml,
+    _refuse_binary_records,
+    _refuse_backbone_not_hf,
+    _refuse_non_private_request,
+    _refuse_malformed_plan,
     _refuse_yaml_tag,
 ]
 # What the aggregator learns of each: a category (common/wire.REFUSAL_CATEGORIES), nothing more.
 REFUSAL_CATEGORY = {
-    _refuse_backbone_mismatch: "backbone", _refuse_label_space: "records", _refuse_corrupted_ledger: "budget",
-    _refuse_missing_ledger: "budget", _refuse_other_hospitals_ledger: "budget", _refuse_bad_site_yaml: "configuration",
-    _refuse_binary_records: "records", _refuse_backbone_not_hf: "backbone", _refuse_non_private_request: "non-private refused",
-    _refuse_yaml_tag: "configuration", _refuse_malformed_plan: "configuration",
+    _refuse_backbone_mismatch: "backbone",
+    _refuse_label_space: "records",
+    _refuse_corrupted_ledger: "budget",
+    _refuse_missing_ledger: "budget",
+    _refuse_other_hospitals_ledger: "budget",
+    _refuse_bad_site_yaml: "configuration",
+    _refuse_binary_records: "records",
+    _refuse_backbone_not_hf: "backbone",
+    _refuse_non_private_request: "non-private refused",
+    _refuse_yaml_tag: "configuration",
+    _refuse_malformed_plan: "configuration",
 }
 
 
@@ -938,6 +1097,7 @@ class _FaultyModule:
 def _oserror(err: int):
     def fail(*args, **kwargs):
         raise OSError(err, os.strerror(err))
+
     return fail
 
 
@@ -963,7 +1123,9 @@ def _chattr(path: Path, flag: str) -> bool:
 
 
 @pytest.mark.parametrize("fault", [*DISK_FAULTS, "immutable-ledger-folder"])
-def test_unwritable_ledger_refuses_before_any_update_leaves(fault, ctx: Ctx, prepared, no_training, monkeypatch, caplog):
+def test_unwritable_ledger_refuses_before_any_update_leaves(
+    fault, ctx: Ctx, prepared, no_training, monkeypatch, caplog
+):
     hospital.cached_backbone(str(ctx.tiny))  # warm: the fault hits the ledger write, nothing else
     # Noise calibration is not under test here (test_engine covers it) and costs seconds: pin sigma.
     monkeypatch.setattr(hospital, "calibrate_noise", lambda *args, **kwargs: 3.0)
@@ -1020,7 +1182,8 @@ def test_cap_reached_mid_run_refuses_later_rounds(ctx: Ctx, prepared, monkeypatc
     ledger = PrivacyLedger.open(ctx.ledger)
     e0 = ledger.record(1.0, q, 3 * steps, epsilon_cap=1e6, run_id="earlier", round=1)
     e1 = ledger.project(sigma, q, steps)  # after this run's round 1
-    e2 = compute_epsilon(ledger.mechanism, [(1.0, q, 3 * steps), (sigma, q, steps), (sigma, q, steps)], ledger.delta)  # after round 2
+    # after round 2
+    e2 = compute_epsilon(ledger.mechanism, [(1.0, q, 3 * steps), (sigma, q, steps), (sigma, q, steps)], ledger.delta)
     cap = (e1 + e2) / 2  # pays for round 1, not round 2
     assert TARGET_EPSILON < e0 < e1 < cap < e2
     ctx.yaml(ctx.site, lambda d: d["privacy"].update(max_epsilon=cap))
@@ -1047,11 +1210,13 @@ def test_cap_reached_mid_run_refuses_later_rounds(ctx: Ctx, prepared, monkeypatc
         assert set(reply.keys()) == {STATUS} and reply[STATUS]["status"] == "refused"
         assert reply[STATUS]["reason"] == "budget"
     refusals = [r.getMessage() for r in caplog.records if "refuses round [budget]" in r.getMessage()]
-    assert len(refusals) == 2 and all("cap" in m and "nothing was recorded" in m for m in refusals), refusals  # the detail stays local
+    # the detail stays local
+    assert len(refusals) == 2 and all("cap" in m and "nothing was recorded" in m for m in refusals), refusals
     assert trained == [1]  # only round 1 trained
-    assert all(a <= b for a, b in zip(spent, spent[1:])), spent  # epsilon never decreases
+    assert all(a <= b for a, b in pairwise(spent)), spent  # epsilon never decreases
     assert spent == pytest.approx([e0, e1, e1, e1]) and spent[-1] <= cap
-    assert ok[METRICS]["epsilon-spent"] == pytest.approx(spent[1], rel=1e-12)  # what the site reported is what its ledger holds
+    # what the site reported is what its ledger holds
+    assert ok[METRICS]["epsilon-spent"] == pytest.approx(spent[1], rel=1e-12)
     assert [e.run_id for e in PrivacyLedger.open(ctx.ledger).history] == ["earlier", "t"]
 
     # The operator's view agrees (exit 0, JSON).
@@ -1059,5 +1224,7 @@ def test_cap_reached_mid_run_refuses_later_rounds(ctx: Ctx, prepared, monkeypatc
     assert main(["privacy", "show", "--site", str(ctx.site), "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["epsilon_spent"] == pytest.approx(e1) and shown["epsilon_spent"] <= cap
-    print(f"\n[scenario 5] sigma {sigma:.4f} q {q:g} steps/round {steps}; epsilon before {e0:.4f}, after r1 {e1:.4f}, "
-          f"r2 would be {e2:.4f}; cap {cap:.4f}; ledger after r1/r2/r3: {spent[1]:.4f}/{spent[2]:.4f}/{spent[3]:.4f}")
+    print(
+        f"\n[scenario 5] sigma {sigma:.4f} q {q:g} steps/round {steps}; epsilon before {e0:.4f}, after r1 {e1:.4f}, "
+        f"r2 would be {e2:.4f}; cap {cap:.4f}; ledger after r1/r2/r3: {spent[1]:.4f}/{spent[2]:.4f}/{spent[3]:.4f}"
+    )

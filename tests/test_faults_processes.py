@@ -31,8 +31,16 @@ from pathlib import Path
 import pytest
 
 from deploy_topology import (
-    FEDPROMPT, Processes, copy_app, deploy_env, init_pki, make_workspace, register_hospital, start_aggregator,
-    start_hospital, wait_for,
+    FEDPROMPT,
+    Processes,
+    copy_app,
+    deploy_env,
+    init_pki,
+    make_workspace,
+    register_hospital,
+    start_aggregator,
+    start_hospital,
+    wait_for,
 )
 
 pytestmark = [pytest.mark.faults, pytest.mark.heavy]
@@ -127,8 +135,15 @@ class Topology:
         self.tracked: set[int] = set()  # pids whose whole tree is killed at teardown
 
     def start_aggregator(self, name: str = "aggregator") -> None:
-        self.link_port, self.fleet_port = start_aggregator(self.procs, self.pki, self.state, self.env, name=name,
-                                                           link_port=self.link_port or None, fleet_port=self.fleet_port or None)
+        self.link_port, self.fleet_port = start_aggregator(
+            self.procs,
+            self.pki,
+            self.state,
+            self.env,
+            name=name,
+            link_port=self.link_port or None,
+            fleet_port=self.fleet_port or None,
+        )
         self.tracked.add(self.procs.procs[name].pid)
 
     def register_all(self) -> None:
@@ -137,8 +152,17 @@ class Topology:
 
     def start_hospital(self, i: int, name: str | None = None, nice: int = 0) -> None:
         name = name or f"hospital-{i}"
-        start_hospital(self.procs, name, self.site(i), self.keys / f"hospital-{i}.key", self.pki, self.fleet_port,
-                       self.root / f"node-{i}", self.env, nice=nice)
+        start_hospital(
+            self.procs,
+            name,
+            self.site(i),
+            self.keys / f"hospital-{i}.key",
+            self.pki,
+            self.fleet_port,
+            self.root / f"node-{i}",
+            self.env,
+            nice=nice,
+        )
         self.tracked.add(self.procs.procs[name].pid)
 
     def site(self, i: int) -> Path:
@@ -159,9 +183,28 @@ class Topology:
         return PrivacyLedger.open(self.ledger_path(i)).epsilon_spent()
 
     def submit(self, name: str = "run", extra: tuple[str, ...] = (), timeout: float = RUN_DEADLINE) -> subprocess.Popen:
-        proc = self.procs.start(name, [*FEDPROMPT, "aggregator", "run", "--state", str(self.state), "--workspace", str(self.ws),
-                                       "--out", str(self.out), "--app", str(self.app), "--timeout", str(timeout),
-                                       "--run-config", f'backbone="{self.root / "tinybert"}"', *extra], self.env)
+        proc = self.procs.start(
+            name,
+            [
+                *FEDPROMPT,
+                "aggregator",
+                "run",
+                "--state",
+                str(self.state),
+                "--workspace",
+                str(self.ws),
+                "--out",
+                str(self.out),
+                "--app",
+                str(self.app),
+                "--timeout",
+                str(timeout),
+                "--run-config",
+                f'backbone="{self.root / "tinybert"}"',
+                *extra,
+            ],
+            self.env,
+        )
         self.tracked.add(proc.pid)
         return proc
 
@@ -245,12 +288,17 @@ def enlarge_training_set(topo: Topology, i: int, factor: int) -> int:
 def clientapps(topo: Topology, name: str) -> list[int]:
     """The processes that run the hospital's training: its warm worker (client/worker.py), or
     Flower's per-message `flwr-clientapp` with `hospital start --executor flower`."""
-    return [p for p in descendants(topo.procs.procs[name].pid) if "flwr-clientapp" in cmdline(p) or "fedprompt.client.worker" in cmdline(p)]
+    return [
+        p
+        for p in descendants(topo.procs.procs[name].pid)
+        if "flwr-clientapp" in cmdline(p) or "fedprompt.client.worker" in cmdline(p)
+    ]
 
 
 def wait_training(topo: Topology, i: int, name: str, round_: int, timeout: float = 300) -> list[dict]:
     """Until hospital i's ledger holds the entry of `round_` (recorded right before training) and
     its ClientApp process is alive; returns the ledger history at that moment."""
+
     def ready():
         hist = topo.ledger(i)
         return hist if any(e["round"] == round_ for e in hist) and clientapps(topo, name) else None
@@ -259,7 +307,11 @@ def wait_training(topo: Topology, i: int, name: str, round_: int, timeout: float
 
 
 def activations(topo: Topology) -> int:
-    return sum(topo.procs.log(n).count("[Fleet.ActivateNode] Activated") for n in topo.procs.procs if n.startswith("aggregator"))
+    return sum(
+        topo.procs.log(n).count("[Fleet.ActivateNode] Activated")
+        for n in topo.procs.procs
+        if n.startswith("aggregator")
+    )
 
 
 def restart_until_active(topo: Topology, i: int, deadline: float = 240.0) -> tuple[int, float]:
@@ -279,7 +331,9 @@ def restart_until_active(topo: Topology, i: int, deadline: float = 240.0) -> tup
             return attempt, time.monotonic()
         if proc.poll() is not None:
             # Flower logs "Exit Code: 305"; the process itself exits with status 1.
-            assert proc.returncode != 0 and "Failed to activate SuperNode" in topo.procs.log(name), topo.procs.log(name)[-2000:]
+            assert proc.returncode != 0 and "Failed to activate SuperNode" in topo.procs.log(name), topo.procs.log(
+                name
+            )[-2000:]
             topo.procs.signal_group(name, signal.SIGKILL)  # its superexec child lingers otherwise
             time.sleep(5)
     raise AssertionError(f"hospital-{i} was not activated again within {deadline:g}s")
@@ -353,10 +407,12 @@ def test_hospital_killed_mid_training_rejoins_and_its_ledger_over_counts(topolog
     run_rounds = [e["round"] for e in after]
     assert 1 in run_rounds  # the killed round counts: over-count, never under-count
     assert len(after) >= 1 + len(rejoined)
-    print(f"\n[scenario 1] killed after {before[-1]['steps']} planned steps; round 1 statuses {r1}; rejoined rounds {rejoined}; "
-          f"ledger rounds {run_rounds}; epsilon {eps_start:.3f} -> {eps_before:.3f} (at kill) -> {eps_after:.3f}; "
-          f"restart attempts {attempts}, active again {t_back - t_kill:.0f}s after the kill; "
-          f"round seconds {[r['seconds'] for r in rounds]}; kill to end {t_done - t_kill:.0f}s")
+    print(
+        f"\n[scenario 1] killed after {before[-1]['steps']} planned steps; round 1 statuses {r1}; rejoined rounds "
+        f"{rejoined}; ledger rounds {run_rounds}; epsilon {eps_start:.3f} -> {eps_before:.3f} (at kill) -> "
+        f"{eps_after:.3f}; restart attempts {attempts}, active again {t_back - t_kill:.0f}s after the kill; round "
+        f"seconds {[r['seconds'] for r in rounds]}; kill to end {t_done - t_kill:.0f}s"
+    )
     assert_one_entry_per_hospital(failed)
 
 
@@ -379,7 +435,11 @@ def test_aggregator_killed_after_round_1_resumes_from_checkpoint(topology_root):
     killed_at = topo.checkpoint_round()
     assert 1 <= killed_at < 3, killed_at
     ledgers_at_kill = {i: topo.ledger(i) for i in (1, 2, 3)}
-    wait_for(lambda: not any(os.path.exists(f"/proc/{p}") and "flwr" in cmdline(p) for p in agg_pids), 15, "the aggregator's processes to die")
+    wait_for(
+        lambda: not any(os.path.exists(f"/proc/{p}") and "flwr" in cmdline(p) for p in agg_pids),
+        15,
+        "the aggregator's processes to die",
+    )
 
     # Same ports, same SQLite state: the hospitals reconnect by themselves (same node ids).
     topo.start_aggregator(name="aggregator-2")
@@ -399,9 +459,11 @@ def test_aggregator_killed_after_round_1_resumes_from_checkpoint(topology_root):
     for i in (1, 2, 3):
         check_ledger_grew(ledgers_at_kill[i], topo.ledger(i))
     entries = {i: [e["round"] for e in topo.ledger(i)] for i in (1, 2, 3)}
-    print(f"\n[scenario 2] killed with checkpoint at round {killed_at}; resumed run finished {t_done - t_kill:.0f}s after the kill; "
-          f"rounds {[r['round'] for r in rounds]}; round seconds {[r['seconds'] for r in rounds]}; "
-          f"statuses {[statuses(r) for r in rounds]}; ledger rounds {entries}")
+    print(
+        f"\n[scenario 2] killed with checkpoint at round {killed_at}; resumed run finished {t_done - t_kill:.0f}s "
+        f"after the kill; rounds {[r['round'] for r in rounds]}; round seconds {[r['seconds'] for r in rounds]}; "
+        f"statuses {[statuses(r) for r in rounds]}; ledger rounds {entries}"
+    )
 
 
 def test_hospital_cut_off_mid_round_comes_back(topology_root):
@@ -429,14 +491,18 @@ def test_hospital_cut_off_mid_round_comes_back(topology_root):
     failed = check_fault_round(rounds[0], ["hospital-1", "hospital-2"], "hospital-3")
     back = [r["round"] for r in rounds[1:] if statuses(r).get("hospital-3") == "ok"]
     assert back, [statuses(r) for r in rounds]
-    assert topo.procs.procs["hospital-3"].poll() is None, "the frozen daemon died:\n" + topo.procs.log("hospital-3")[-3000:]
+    assert topo.procs.procs["hospital-3"].poll() is None, (
+        "the frozen daemon died:\n" + topo.procs.log("hospital-3")[-3000:]
+    )
     after = topo.ledger(3)
     check_ledger_grew(before, after)
     eps_after = topo.epsilon(3)
     assert eps_before <= eps_after
-    print(f"\n[scenario 3] frozen {t_r1 - t_stop:.0f}s until round 1 completed; round 1 statuses {r1}; back in rounds {back}; "
-          f"round seconds {[r['seconds'] for r in rounds]}; ledger rounds {[e['round'] for e in after]}; "
-          f"epsilon {eps_before:.3f} -> {eps_after:.3f}; release to end {t_done - t_r1:.0f}s")
+    print(
+        f"\n[scenario 3] frozen {t_r1 - t_stop:.0f}s until round 1 completed; round 1 statuses {r1}; back in rounds "
+        f"{back}; round seconds {[r['seconds'] for r in rounds]}; ledger rounds {[e['round'] for e in after]}; epsilon "
+        f"{eps_before:.3f} -> {eps_after:.3f}; release to end {t_done - t_r1:.0f}s"
+    )
     assert_one_entry_per_hospital(failed)
 
 
@@ -448,8 +514,17 @@ LOAD_DEADLINE = 600.0 * LOAD_ROUNDS  # each round starts 2 ClientApp processes p
 def test_many_hospitals_every_round_completes_and_aggregator_memory_stays_flat(topology_root):
     """Scenario 8: N hospital daemons (20; FEDPROMPT_LOAD_HOSPITALS / _ROUNDS shrink it) on one aggregator."""
     n, total = LOAD_HOSPITALS, LOAD_ROUNDS
-    topo = topology_root(n, rounds=total, per_hospital=25, test_size=20, round_timeout=900.0, min_hospitals=n,
-                         n_virtual_tokens=2, max_length=16, max_epsilon=50.0)
+    topo = topology_root(
+        n,
+        rounds=total,
+        per_hospital=25,
+        test_size=20,
+        round_timeout=900.0,
+        min_hospitals=n,
+        n_virtual_tokens=2,
+        max_length=16,
+        max_epsilon=50.0,
+    )
     topo.start_aggregator()
     topo.register_all()
     for i in range(1, n + 1):
@@ -478,6 +553,8 @@ def test_many_hospitals_every_round_completes_and_aggregator_memory_stays_flat(t
     # The ServerApp exits after the export: a round that ended in the last 0.5 s may be missed.
     assert len(rss) >= total - 1, rss
     first, last = rss[min(rss)], rss[max(rss)]
-    print(f"\n[scenario 8] {n} hospitals x {total} rounds in {elapsed:.0f}s; round seconds {[r['seconds'] for r in rounds]}; "
-          f"aggregator RSS KiB per round {rss}")
+    print(
+        f"\n[scenario 8] {n} hospitals x {total} rounds in {elapsed:.0f}s; round seconds "
+        f"{[r['seconds'] for r in rounds]}; aggregator RSS KiB per round {rss}"
+    )
     assert last["total"] <= first["total"] * 1.3 and last["serverapp"] <= first["serverapp"] * 1.3, rss

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import re
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -41,10 +42,20 @@ FAST = {
 }
 
 
-def make_workspace(root: Path, backbone: Path | None, *, hospitals=3, per_hospital=60, test_size=60, overrides=None, cap=10.0) -> Path:
+def make_workspace(
+    root: Path, backbone: Path | None, *, hospitals=3, per_hospital=60, test_size=60, overrides=None, cap=10.0
+) -> Path:
     demo = generate_demo(hospitals=hospitals, per_hospital=per_hospital, test_size=test_size, seed=1)
-    ws = write_workspace(root / "ws", name="t", labels=demo.labels, hospitals=demo.hospitals, test_rows=demo.test,
-                         federation_overrides=overrides or FAST, epsilon_cap=cap, allow_non_private=True)
+    ws = write_workspace(
+        root / "ws",
+        name="t",
+        labels=demo.labels,
+        hospitals=demo.hospitals,
+        test_rows=demo.test,
+        federation_overrides=overrides or FAST,
+        epsilon_cap=cap,
+        allow_non_private=True,
+    )
     for site in list_hospitals(ws):
         data = yaml.safe_load(site.read_text())
         data["backbone"] = str(backbone) if backbone else None
@@ -80,21 +91,31 @@ def finished_run(tmp_path_factory):
 def test_three_hospitals_learn_together_and_export(finished_run):
     ws, out, metrics = finished_run
     assert [r["round"] for r in metrics["rounds"]] == list(range(11))
-    assert metrics["rounds"][0]["hospitals"] == {} and metrics["rounds"][0]["test"]["num_examples"] > 0  # tested, not trained
+    # tested, not trained
+    assert metrics["rounds"][0]["hospitals"] == {} and metrics["rounds"][0]["test"]["num_examples"] > 0
     # the hospitals validate locally (their logs): no site shares evaluation by default
     assert all(r["evaluate"] is None for r in metrics["rounds"])
     for r in metrics["rounds"][1:]:
-        assert {h: o["status"] for h, o in r["hospitals"].items()} == {"hospital-1": "ok", "hospital-2": "ok", "hospital-3": "ok"}
+        assert {h: o["status"] for h, o in r["hospitals"].items()} == {
+            "hospital-1": "ok",
+            "hospital-2": "ok",
+            "hospital-3": "ok",
+        }
         assert all(0 < o["epsilon_spent"] <= o["epsilon_cap"] for o in r["hospitals"].values())
     # from the zero-shot start (round 0) to the last round: the private federation adds to it
     f1 = [r["test"]["macro_f1"] for r in metrics["rounds"]]
     loss = [r["test"]["loss"] for r in metrics["rounds"]]
     assert f1[-1] > f1[0] + 0.05 and loss[-1] < loss[0] - 0.03, (f1, loss)
     # epsilon grows monotonically per hospital, as recorded in each site's own ledger
-    eps = [[r["hospitals"][h]["epsilon_spent"] for r in metrics["rounds"][1:]] for h in ("hospital-1", "hospital-2", "hospital-3")]
-    assert all(a < b for e in eps for a, b in zip(e, e[1:]))
+    eps = [
+        [r["hospitals"][h]["epsilon_spent"] for r in metrics["rounds"][1:]]
+        for h in ("hospital-1", "hospital-2", "hospital-3")
+    ]
+    assert all(a < b for e in eps for a, b in pairwise(e))
     # (simulate() adds the per-hospital comparison, which it writes to comparison.json instead)
-    assert metrics["private"] is True and json.loads((out / "metrics.json").read_text()) == {k: v for k, v in metrics.items() if k != "hospital_comparison"}
+    assert metrics["private"] is True and json.loads((out / "metrics.json").read_text()) == {
+        k: v for k, v in metrics.items() if k != "hospital_comparison"
+    }
     assert (out / "report.html").is_file() and (out / "export" / "MODEL_CARD.md").is_file()
 
 
@@ -125,7 +146,9 @@ def test_predict_cli_on_the_export(finished_run, capsys):
 
 
 def test_resume_continues_round_numbering_and_history(tmp_path, tiny_dir):
-    ws = make_workspace(tmp_path, tiny_dir, overrides={**FAST, "training": {"local_epochs": 1, "batch_size": 8, "lr": 0.05}})
+    ws = make_workspace(
+        tmp_path, tiny_dir, overrides={**FAST, "training": {"local_epochs": 1, "batch_size": 8, "lr": 0.05}}
+    )
     ensure_ledgers(ws)
     first = simulate(ws, tmp_path / "out", backbone=tiny_dir, stop_after=2)
     assert [r["round"] for r in first["rounds"]] == [0, 1, 2]
@@ -188,8 +211,12 @@ def test_rogue_updates_rejected_and_capped_hospital_refused(tmp_path, tiny_dir):
     site4.write_text(yaml.safe_dump(data, sort_keys=False))
     fed, sites, test = load_workspace(ws)
     run = prepare_run(RunSpec(fed, tmp_path / "out", test, tiny_dir, expected_hospitals=4))
-    run_simulation(server_app=make_server_app(run), client_app=rogue_client_app(list_hospitals(ws), rogue_index=2),
-                   num_supernodes=4, backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}})
+    run_simulation(
+        server_app=make_server_app(run),
+        client_app=rogue_client_app(list_hospitals(ws), rogue_index=2),
+        num_supernodes=4,
+        backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}},
+    )
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2, 3]
     reasons = [r["hospitals"]["hospital-3"] for r in metrics["rounds"][1:]]
@@ -218,8 +245,17 @@ DEFAULT_TRAIN_FIELDS = {"num-examples", "private", "epsilon-spent", "epsilon-cap
 
 
 def _message(kind: str, content: RecordDict) -> Message:
-    md = Metadata(run_id=1, message_id=f"m-{kind}", src_node_id=1, dst_node_id=11, reply_to_message_id="", group_id="1",
-                  created_at=0.0, ttl=3600, message_type=kind)
+    md = Metadata(
+        run_id=1,
+        message_id=f"m-{kind}",
+        src_node_id=1,
+        dst_node_id=11,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=0.0,
+        ttl=3600,
+        message_type=kind,
+    )
     return Message(metadata=md, content=content)
 
 
@@ -229,8 +265,17 @@ def test_wire_audit_only_declared_tensors_and_aggregates_leave(tmp_path, monkeyp
     record count, no truncation count, no record line, label or path in any reason."""
     # hidden 384 like the default backbone, so the payload has its real size
     bb_dir = make_tiny_backbone(tmp_path / "bb", hidden=384, layers=1)
-    ws = make_workspace(tmp_path, bb_dir, hospitals=1, per_hospital=40,
-                        overrides={**FAST, "model": {"n_virtual_tokens": 20, "max_length": 32}, "training": {"local_epochs": 1, "batch_size": 8}})
+    ws = make_workspace(
+        tmp_path,
+        bb_dir,
+        hospitals=1,
+        per_hospital=40,
+        overrides={
+            **FAST,
+            "model": {"n_virtual_tokens": 20, "max_length": 32},
+            "training": {"local_epochs": 1, "batch_size": 8},
+        },
+    )
     fed, sites, _ = load_workspace(ws)
     from fedprompt.client import client_app as client_app_mod
     from fedprompt.simulation import ensure_ledgers
@@ -239,10 +284,15 @@ def test_wire_audit_only_declared_tensors_and_aggregates_leave(tmp_path, monkeyp
     run = prepare_run(RunSpec(fed, tmp_path / "out", None, bb_dir))
     plan = RoundPlan.for_run(fed, run.prompt, round=1).to_config_record()
     app = make_client_app(list_hospitals(ws))
-    ctx = Context(run_id=1, node_id=11, node_config={"partition-id": 0, "num-partitions": 1}, state=RecordDict(), run_config={})
+    ctx = Context(
+        run_id=1, node_id=11, node_config={"partition-id": 0, "num-partitions": 1}, state=RecordDict(), run_config={}
+    )
     site = sites[0]
     train_rows = site.train.read_text().splitlines()[1:]
-    n_train, n_val = (len(load_records(p, text_field="text", label_field="label", labels=fed.label_names).texts) for p in (site.train, site.validation))
+    n_train, n_val = (
+        len(load_records(p, text_field="text", label_field="label", labels=fed.label_names).texts)
+        for p in (site.train, site.validation)
+    )
 
     def ask(kind: str) -> Message:
         reply = app(_message(kind, RecordDict({ARRAYS: state_to_arrays(run.state), "config": plan})), ctx)
@@ -298,7 +348,17 @@ def test_wire_audit_only_declared_tensors_and_aggregates_leave(tmp_path, monkeyp
             ids = bb.tokenizer(text, truncation=True, max_length=32)["input_ids"][1:9]
             for dtype in (np.int64, np.int32):
                 assert np.asarray(ids, dtype=dtype).tobytes() not in blob
-        for needle in ("xyzzy", "train.csv", "val.csv", str(tmp_path), "loss", "truncated", "sample-rate", "noise-multiplier", "steps"):
+        for needle in (
+            "xyzzy",
+            "train.csv",
+            "val.csv",
+            str(tmp_path),
+            "loss",
+            "truncated",
+            "sample-rate",
+            "noise-multiplier",
+            "steps",
+        ):
             assert needle.encode() not in blob, (needle, reply.metadata.message_type)
         for record in reply.content.metric_records.values():  # no field is the record count
             assert all(v not in (n_train, n_val) for v in record.values() if not isinstance(v, list))
@@ -391,11 +451,41 @@ def test_partitioned_real_corpus_trains(tmp_path, tiny_dir):
     if not (corpus / "medical_tc_test.csv").is_file():
         pytest.skip(f"shared corpus not found at {corpus}")
     ws = tmp_path / "ws"
-    assert main(["data", "partition", "--input", str(corpus / "medical_tc_test.csv"), "--text-column", "medical_abstract",
-                 "--label-column", "condition_label", "--label-names", str(corpus / "medical_tc_labels.csv"),
-                 "--hospitals", "3", "--alpha", "0.5", "--test-frac", "0.3", "--val-frac", "0.2", "--seed", "0", "--out", str(ws)]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "partition",
+                "--input",
+                str(corpus / "medical_tc_test.csv"),
+                "--text-column",
+                "medical_abstract",
+                "--label-column",
+                "condition_label",
+                "--label-names",
+                str(corpus / "medical_tc_labels.csv"),
+                "--hospitals",
+                "3",
+                "--alpha",
+                "0.5",
+                "--test-frac",
+                "0.3",
+                "--val-frac",
+                "0.2",
+                "--seed",
+                "0",
+                "--out",
+                str(ws),
+            ]
+        )
+        == 0
+    )
     fed = yaml.safe_load((ws / "federation.yaml").read_text())
-    fed.update(rounds=1, model={**fed["model"], "n_virtual_tokens": 4, "max_length": 32}, training={**fed["training"], "local_epochs": 1, "batch_size": 64})
+    fed.update(
+        rounds=1,
+        model={**fed["model"], "n_virtual_tokens": 4, "max_length": 32},
+        training={**fed["training"], "local_epochs": 1, "batch_size": 64},
+    )
     (ws / "federation.yaml").write_text(yaml.safe_dump(fed, sort_keys=False))
     for site in list_hospitals(ws):
         data = yaml.safe_load(site.read_text())
@@ -408,7 +498,15 @@ def test_partitioned_real_corpus_trains(tmp_path, tiny_dir):
     fed_cfg, sites, _ = load_workspace(ws)
 
     def count(path):
-        return len(load_records(path, text_field=sites[0].text_field, label_field=sites[0].label_field, labels=fed_cfg.label_names).texts) if path else 0
+        return (
+            len(
+                load_records(
+                    path, text_field=sites[0].text_field, label_field=sites[0].label_field, labels=fed_cfg.label_names
+                ).texts
+            )
+            if path
+            else 0
+        )
 
     assert all(count(site.test) > 0 for site in sites)
     held = sum(count(site.train) + count(site.validation) + count(site.test) for site in sites)
@@ -429,7 +527,9 @@ def test_default_recipe_is_what_the_ledger_accounts(tmp_path, tiny_dir):
     from fedprompt.common.config import TrainingSettings
     from fedprompt.simulation import ensure_ledgers
 
-    ws = make_workspace(tmp_path, tiny_dir, hospitals=1, per_hospital=50, overrides={"rounds": 5, "model": {"max_length": 32}})
+    ws = make_workspace(
+        tmp_path, tiny_dir, hospitals=1, per_hospital=50, overrides={"rounds": 5, "model": {"max_length": 32}}
+    )
     ensure_ledgers(ws)
     fed, (site,), _ = load_workspace(ws)
     assert fed.training == TrainingSettings()  # nothing overridden: the defaults under test
@@ -439,14 +539,18 @@ def test_default_recipe_is_what_the_ledger_accounts(tmp_path, tiny_dir):
     n = len(site.train.read_text().splitlines()) - 1
     q, steps = plan_steps(n, None, fed.training.local_epochs, fed.training.sample_rate)
     assert (q, steps) == (fed.training.sample_rate, int(fed.training.local_epochs / fed.training.sample_rate))
-    sigma = calibrate_noise(min(fed.privacy.target_epsilon, site.privacy.max_epsilon), site.privacy.delta, q, steps * fed.rounds, "prv")
+    sigma = calibrate_noise(
+        min(fed.privacy.target_epsilon, site.privacy.max_epsilon), site.privacy.delta, q, steps * fed.rounds, "prv"
+    )
     (entry,) = PrivacyLedger.open(site.ledger).history
     assert (entry.noise_multiplier, entry.sample_rate, entry.steps) == (sigma, q, steps)
     # the reply carries none of sigma, q, steps (with a batch size they would reveal N): the ledger has them
     assert set(reply[METRICS].keys()) == DEFAULT_TRAIN_FIELDS
     assert reply[METRICS]["epsilon-spent"] == pytest.approx(PrivacyLedger.open(site.ledger).epsilon_spent())
     # a whole run at this sigma spends the target, and no more
-    assert compute_epsilon("prv", [(sigma, q, steps)] * fed.rounds, site.privacy.delta) == pytest.approx(fed.privacy.target_epsilon, rel=0.01)
+    assert compute_epsilon("prv", [(sigma, q, steps)] * fed.rounds, site.privacy.delta) == pytest.approx(
+        fed.privacy.target_epsilon, rel=0.01
+    )
 
 
 # --- privacy hardening: each channel that used to leak at zero epsilon --------------------------------
@@ -457,7 +561,9 @@ def test_record_count_never_leaves_the_weight_is_declared(tmp_path, tiny_dir):
     from fedprompt.client.hospital import train_round
     from fedprompt.simulation import ensure_ledgers
 
-    ws = make_workspace(tmp_path, tiny_dir, hospitals=2, per_hospital=40, overrides={"rounds": 3, "model": {"max_length": 32}})
+    ws = make_workspace(
+        tmp_path, tiny_dir, hospitals=2, per_hospital=40, overrides={"rounds": 3, "model": {"max_length": 32}}
+    )
     small = ws / "hospital-2" / "train.csv"
     rows = list(csv.reader(io.StringIO(small.read_text())))
     with small.open("w", newline="") as f:
@@ -514,17 +620,21 @@ def test_noised_counts_have_the_gaussian_mechanism_std():
     from fedprompt.client.hospital import EVAL_COUNT_SENSITIVITY, noised_counts
     from fedprompt.common.metrics import ClassCounts
 
-    assert EVAL_COUNT_SENSITIVITY == pytest.approx(2 ** 0.5)
+    assert EVAL_COUNT_SENSITIVITY == pytest.approx(2**0.5)
     gen = torch.Generator().manual_seed(0)
     counts = ClassCounts([10, 0, 3], [1, 2, 3], [0, 4, 4])
     draws = np.array([[v for k in ("tp", "fp", "fn") for v in noised_counts(counts, 2.0, gen)[k]] for _ in range(4000)])
     exact = np.array(counts.tp + counts.fp + counts.fn, dtype=float)
     assert np.allclose(draws.mean(axis=0), exact, atol=0.25)
-    assert np.allclose(draws.std(axis=0), 2.0 * 2 ** 0.5, rtol=0.06)
+    assert np.allclose(draws.std(axis=0), 2.0 * 2**0.5, rtol=0.06)
 
 
-@pytest.mark.parametrize("node_config, expected_id", [({"site-config": "/nowhere/h7/site.yaml"}, "h7"), ({}, "unknown")])
-def test_any_clientapp_exception_is_an_internal_refusal_not_a_flower_error(node_config, expected_id, monkeypatch, caplog):
+@pytest.mark.parametrize(
+    "node_config, expected_id", [({"site-config": "/nowhere/h7/site.yaml"}, "h7"), ({}, "unknown")]
+)
+def test_any_clientapp_exception_is_an_internal_refusal_not_a_flower_error(
+    node_config, expected_id, monkeypatch, caplog
+):
     """Flower's error reply would carry the exception's text (a record line, a label, a path)."""
     from fedprompt.client import client_app as client_app_mod
 
@@ -543,17 +653,30 @@ def test_any_clientapp_exception_is_an_internal_refusal_not_a_flower_error(node_
     assert "Traceback" in caplog.text  # the detail (no site config, or the crash) is in the hospital's log
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"weight": 0}, "weight"), ({"weight": -1.0}, "weight"), ({"weight": "lots"}, "weight"), ({"weight": 1e10}, "weight"),
-    ({"share_evaluation": "exact"}, "share_evaluation"), ({"share_evaluation": True}, "share_evaluation"),
-    ({"evaluation_epsilon": 0}, "evaluation_epsilon"), ({"share_evaluation": "noised", "evaluation_epsilon": 50.0}, "evaluation_epsilon"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"weight": 0}, "weight"),
+        ({"weight": -1.0}, "weight"),
+        ({"weight": "lots"}, "weight"),
+        ({"weight": 1e10}, "weight"),
+        ({"share_evaluation": "exact"}, "share_evaluation"),
+        ({"share_evaluation": True}, "share_evaluation"),
+        ({"evaluation_epsilon": 0}, "evaluation_epsilon"),
+        ({"share_evaluation": "noised", "evaluation_epsilon": 50.0}, "evaluation_epsilon"),
+    ],
+)
 def test_site_yaml_privacy_settings_are_validated(tmp_path, change, field):
     """The declared weight and the evaluation sharing are site settings: bad values name file, line, field."""
     from fedprompt.common.config import SiteConfig
     from fedprompt.common.errors import InputError
 
-    doc = {"hospital_id": "h1", "train": "train.csv", "ledger": "ledger.json", "privacy": {"max_epsilon": 8.0, "delta": 1e-5}}
+    doc = {
+        "hospital_id": "h1",
+        "train": "train.csv",
+        "ledger": "ledger.json",
+        "privacy": {"max_epsilon": 8.0, "delta": 1e-5},
+    }
     path = tmp_path / "site.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     site = SiteConfig.load(path)

@@ -41,7 +41,9 @@ def opacus_epsilon(mechanism: str, history: list[tuple[float, float, int]]) -> f
 
 
 def new_ledger(tmp_path: Path, mechanism: str = "prv", cap: float = 8.0) -> PrivacyLedger:
-    return PrivacyLedger.create(tmp_path / "ledger.json", hospital_id="h1", epsilon_cap=cap, delta=DELTA, mechanism=mechanism)
+    return PrivacyLedger.create(
+        tmp_path / "ledger.json", hospital_id="h1", epsilon_cap=cap, delta=DELTA, mechanism=mechanism
+    )
 
 
 def record(ledger: PrivacyLedger, sigma: float, q: float, steps: int, *, cap: float = 8.0, round: int = 0) -> float:
@@ -124,9 +126,14 @@ def test_absurd_spend_is_refused_without_exhausting_memory(tmp_path):
 @pytest.mark.parametrize(
     "sigma, q, steps",
     [
-        (0.0, 0.01, 10), (-1.0, 0.01, 10), (float("nan"), 0.01, 10),
-        (1.0, 0.0, 10), (1.0, 1.5, 10),
-        (1.0, 0.01, 0), (1.0, 0.01, 2.5), (1.0, 0.01, True),
+        (0.0, 0.01, 10),
+        (-1.0, 0.01, 10),
+        (float("nan"), 0.01, 10),
+        (1.0, 0.0, 10),
+        (1.0, 1.5, 10),
+        (1.0, 0.01, 0),
+        (1.0, 0.01, 2.5),
+        (1.0, 0.01, True),
     ],
 )
 def test_bad_step_arguments_are_never_recorded(tmp_path, sigma, q, steps):
@@ -170,7 +177,9 @@ def _record_many(path: str, me: int, n: int, start: Any) -> None:
 
 def test_crash_right_after_record_still_counts(tmp_path):
     ledger = new_ledger(tmp_path, "rdp")
-    child = subprocess.run([sys.executable, "-c", CRASH_AFTER_RECORD, str(ledger.path)], capture_output=True, text=True, timeout=120)
+    child = subprocess.run(
+        [sys.executable, "-c", CRASH_AFTER_RECORD, str(ledger.path)], capture_output=True, text=True, timeout=120
+    )
     assert child.returncode == -signal.SIGKILL, child.stderr
     assert "sent" not in child.stdout
     after = PrivacyLedger.open(ledger.path)
@@ -285,8 +294,15 @@ def test_create_refuses_an_existing_ledger(tmp_path):
 
 
 def _entry(**overrides) -> dict:
-    return {"noise_multiplier": 1.0, "sample_rate": 0.01, "steps": 10, "run_id": "r", "round": 0,
-            "recorded_at": "2025-01-01T00:00:00+00:00", **overrides}
+    return {
+        "noise_multiplier": 1.0,
+        "sample_rate": 0.01,
+        "steps": 10,
+        "run_id": "r",
+        "round": 0,
+        "recorded_at": "2025-01-01T00:00:00+00:00",
+        **overrides,
+    }
 
 
 CORRUPTIONS = {
@@ -378,8 +394,14 @@ def test_identity_mismatches(tmp_path):
 # --- the CLI ------------------------------------------------------------------------------------
 
 
-def write_site(tmp_path: Path, *, ledger: str = "ledger/privacy-ledger.json", cap: float = 8.0, accountant: str = "prv",
-               anchor: str | None = None) -> Path:
+def write_site(
+    tmp_path: Path,
+    *,
+    ledger: str = "ledger/privacy-ledger.json",
+    cap: float = 8.0,
+    accountant: str = "prv",
+    anchor: str | None = None,
+) -> Path:
     site = tmp_path / "site.yaml"
     site.write_text(
         "hospital_id: h1\ntrain: train.csv\n"
@@ -407,8 +429,15 @@ def test_cli_init_and_show(tmp_path, cli, capsys):
 
     assert cli(["privacy", "show", "--site", str(site), "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert shown == {"hospital_id": "h1", "mechanism": "prv", "delta": DELTA, "epsilon_spent": 0.0, "epsilon_cap": 8.0,
-                     "non_private": False, "history": []}
+    assert shown == {
+        "hospital_id": "h1",
+        "mechanism": "prv",
+        "delta": DELTA,
+        "epsilon_spent": 0.0,
+        "epsilon_cap": 8.0,
+        "non_private": False,
+        "history": [],
+    }
 
     ledger = PrivacyLedger.open(path)
     record(ledger, 1.0, 0.01, 200)
@@ -463,8 +492,16 @@ def chained_ledger(tmp_path: Path) -> PrivacyLedger:
     """4 rounds (rdp); rounds 0 and 2 completed (their update left), 1 and 3 not."""
     ledger = new_ledger(tmp_path, "rdp")
     for i, sigma in enumerate(SIGMAS):
-        ledger.record(sigma, 0.01, 10, epsilon_cap=8.0, run_id="run-a", round=i,
-                      records_sha256=f"{i:064x}", model_in_sha256=f"{100 + i:064x}")
+        ledger.record(
+            sigma,
+            0.01,
+            10,
+            epsilon_cap=8.0,
+            run_id="run-a",
+            round=i,
+            records_sha256=f"{i:064x}",
+            model_in_sha256=f"{100 + i:064x}",
+        )
         if i % 2 == 0:
             ledger.complete(f"{200 + i:064x}")
     return ledger
@@ -483,30 +520,52 @@ def test_chain_verifies_on_a_real_sequence_of_records(tmp_path, cli, capsys):
     prev = spec_hash(header_of(doc))
     for i, e in enumerate(doc["history"]):
         assert e["prev"] == prev and e["hash"] == spec_hash(e), i
-        assert (e["noise_multiplier"], e["round"], e["records_sha256"], e["model_in_sha256"], e["epsilon_cap"], e["non_private"]) == (
-            SIGMAS[i], i, f"{i:064x}", f"{100 + i:064x}", 8.0, False)
+        assert (
+            e["noise_multiplier"],
+            e["round"],
+            e["records_sha256"],
+            e["model_in_sha256"],
+            e["epsilon_cap"],
+            e["non_private"],
+        ) == (SIGMAS[i], i, f"{i:064x}", f"{100 + i:064x}", 8.0, False)
         prev = e["hash"]
     completions = doc["completions"]
     assert [(c["entry"], c["entry_hash"], c["model_out_sha256"]) for c in completions] == [
-        (0, doc["history"][0]["hash"], f"{200:064x}"), (2, doc["history"][2]["hash"], f"{202:064x}")]
+        (0, doc["history"][0]["hash"], f"{200:064x}"),
+        (2, doc["history"][2]["hash"], f"{202:064x}"),
+    ]
     assert completions[0]["prev"] == spec_hash(header_of(doc)) and completions[1]["prev"] == completions[0]["hash"]
     assert all(c["hash"] == spec_hash(c) for c in completions)
     # The anchor (default: beside the ledger) holds both counts and heads.
     assert ledger.anchor_path == tmp_path / "ledger.json.anchor"
     anchor = json.loads(ledger.anchor_path.read_text())
     assert {k: anchor[k] for k in ("hospital_id", "entries", "head", "completions", "completions_head")} == {
-        "hospital_id": "h1", "entries": 4, "head": prev, "completions": 2, "completions_head": completions[1]["hash"]}
+        "hospital_id": "h1",
+        "entries": 4,
+        "head": prev,
+        "completions": 2,
+        "completions_head": completions[1]["hash"],
+    }
 
     site = write_site(tmp_path, ledger="ledger.json", accountant="rdp")
     rc, verdict = verify(cli, capsys, site)
     assert rc == 0 and verdict["ok"] is True and verdict["failure"] is None
-    assert (verdict["entries"], verdict["completions"], verdict["head"], verdict["anchor_status"], verdict["incomplete"]) == (
-        4, 2, prev, "in step", [1, 3])
+    assert (
+        verdict["entries"],
+        verdict["completions"],
+        verdict["head"],
+        verdict["anchor_status"],
+        verdict["incomplete"],
+    ) == (4, 2, prev, "in step", [1, 3])
     assert verdict["epsilon_spent"] == pytest.approx(opacus_epsilon("rdp", [(s, 0.01, 10) for s in SIGMAS]), abs=1e-9)
     assert verdict["epsilon_cap"] == 8.0 and verdict["over_cap"] is False and verdict["non_private"] is False
     assert cli(["privacy", "verify", "--site", str(site)]) == 0
     out = capsys.readouterr().out
-    assert "4 entries, 2 completions, chain intact" in out and "in step with the ledger" in out and out.rstrip().endswith("ok")
+    assert (
+        "4 entries, 2 completions, chain intact" in out
+        and "in step with the ledger" in out
+        and out.rstrip().endswith("ok")
+    )
 
 
 def _swap(items: list, i: int, j: int) -> None:
@@ -543,7 +602,9 @@ def test_tampering_fails_verify_with_the_entry_index(tmp_path, cli, capsys, case
     assert (failure["kind"], failure["where"], failure["index"]) == (kind, where, index), failure
     assert cli(["privacy", "verify", "--site", str(site)]) == 3
     err = capsys.readouterr().err
-    assert err.startswith("privacy: verification FAILED") and str(ledger.path) in err and f"{where}[{index}]" in err, err
+    assert err.startswith("privacy: verification FAILED") and str(ledger.path) in err and f"{where}[{index}]" in err, (
+        err
+    )
     # Nothing is recorded on it: by the process that wrote it, or by a fresh one (a site's next round).
     with pytest.raises(LedgerError):
         record(ledger, 1.0, 0.01, 10, round=9)
@@ -573,7 +634,8 @@ def test_rollback_is_detected_and_refused_in_another_process(tmp_path, cli, caps
     site = write_site(tmp_path, accountant="rdp", anchor="other-volume/ledger.anchor")
     assert cli(["privacy", "init", "--site", str(site)]) == 0
     path, anchor = tmp_path / "ledger" / "privacy-ledger.json", tmp_path / "other-volume" / "ledger.anchor"
-    assert anchor.is_file() and not (path.parent / "privacy-ledger.json.anchor").exists()  # site.yaml's anchor, not the default
+    # site.yaml's anchor, not the default
+    assert anchor.is_file() and not (path.parent / "privacy-ledger.json.anchor").exists()
 
     ledger = PrivacyLedger.for_site(SiteConfig.load(site))
     record(ledger, 1.0, 0.01, 10, round=0)
@@ -585,9 +647,15 @@ def test_rollback_is_detected_and_refused_in_another_process(tmp_path, cli, caps
     path.write_bytes(old)  # the old copy put back: the chain itself is intact...
 
     rc, verdict = verify(cli, capsys, site)  # ...but the anchor remembers 4 entries
-    assert rc == 3 and (verdict["failure"]["kind"], verdict["failure"]["where"], verdict["failure"]["index"]) == ("rollback", "history", 2)
+    assert rc == 3 and (verdict["failure"]["kind"], verdict["failure"]["where"], verdict["failure"]["index"]) == (
+        "rollback",
+        "history",
+        2,
+    )
     assert verdict["anchor"] == str(anchor)
-    child = subprocess.run([sys.executable, "-c", ROUND_IN_ANOTHER_PROCESS, str(site)], capture_output=True, text=True, timeout=120)
+    child = subprocess.run(
+        [sys.executable, "-c", ROUND_IN_ANOTHER_PROCESS, str(site)], capture_output=True, text=True, timeout=120
+    )
     assert child.returncode == 3, (child.stdout, child.stderr)
     assert "was rolled back: its history has 2 entries but its anchor" in child.stdout and "recorded 4" in child.stdout
     assert path.read_bytes() == old  # nothing recorded
@@ -595,7 +663,9 @@ def test_rollback_is_detected_and_refused_in_another_process(tmp_path, cli, caps
     path.write_bytes(latest)  # the latest copy restored: whole again
     rc, verdict = verify(cli, capsys, site)
     assert rc == 0 and verdict["entries"] == 4 and verdict["anchor_status"] == "in step"
-    child = subprocess.run([sys.executable, "-c", ROUND_IN_ANOTHER_PROCESS, str(site)], capture_output=True, text=True, timeout=120)
+    child = subprocess.run(
+        [sys.executable, "-c", ROUND_IN_ANOTHER_PROCESS, str(site)], capture_output=True, text=True, timeout=120
+    )
     assert (child.returncode, child.stdout.strip()) == (0, "recorded"), child.stderr
     assert [e.round for e in PrivacyLedger.for_site(SiteConfig.load(site)).history] == [0, 1, 2, 3, 9]
 
@@ -620,7 +690,10 @@ def test_ledger_ahead_of_its_anchor_is_accepted(tmp_path):
     reopened = PrivacyLedger.open(ledger.path)
     assert reopened.anchor_status == "ahead" and len(reopened.history) == 5
     record(reopened, 1.0, 0.01, 10, round=5)
-    assert json.loads(ledger.anchor_path.read_text())["entries"] == 6 and PrivacyLedger.open(ledger.path).anchor_status == "in step"
+    assert (
+        json.loads(ledger.anchor_path.read_text())["entries"] == 6
+        and PrivacyLedger.open(ledger.path).anchor_status == "in step"
+    )
 
 
 def test_a_missing_anchor_refuses_until_re_anchored_never_over_a_rollback(tmp_path, cli, capsys):
@@ -648,9 +721,15 @@ def test_a_missing_anchor_refuses_until_re_anchored_never_over_a_rollback(tmp_pa
 
 
 def test_schema_1_ledger_is_read_then_migrated_on_the_next_write(tmp_path, cli, capsys):
-    v1 = {"schema": "fedprompt-ledger/1", "hospital_id": "h1", "mechanism": "rdp", "delta": DELTA, "epsilon_cap": 8.0,
-          "created_at": "2025-01-01T00:00:00+00:00",
-          "history": [_entry(steps=200, round=0), _entry(noise_multiplier=1.2, sample_rate=0.02, steps=100, round=1)]}
+    v1 = {
+        "schema": "fedprompt-ledger/1",
+        "hospital_id": "h1",
+        "mechanism": "rdp",
+        "delta": DELTA,
+        "epsilon_cap": 8.0,
+        "created_at": "2025-01-01T00:00:00+00:00",
+        "history": [_entry(steps=200, round=0), _entry(noise_multiplier=1.2, sample_rate=0.02, steps=100, round=1)],
+    }
     path = tmp_path / "ledger.json"
     path.write_text(json.dumps(v1, indent=2))
     original = path.read_bytes()
@@ -659,39 +738,61 @@ def test_schema_1_ledger_is_read_then_migrated_on_the_next_write(tmp_path, cli, 
 
     ledger = PrivacyLedger.for_site(SiteConfig.load(site))  # no anchor yet: fine for a schema-1 ledger
     assert ledger.stored_schema == "fedprompt-ledger/1" and ledger.anchor_status == "none"
-    assert [(e.noise_multiplier, e.sample_rate, e.steps, e.run_id, e.round) for e in ledger.history] == [(*s, "r", i) for i, s in enumerate(steps)]
+    assert [(e.noise_multiplier, e.sample_rate, e.steps, e.run_id, e.round) for e in ledger.history] == [
+        (*s, "r", i) for i, s in enumerate(steps)
+    ]
     assert ledger.epsilon_spent() == pytest.approx(opacus_epsilon("rdp", steps), abs=1e-9)
     rc, verdict = verify(cli, capsys, site)
-    assert rc == 0 and (verdict["schema"], verdict["migration_pending"], verdict["anchor_status"], verdict["entries"]) == (
-        "fedprompt-ledger/1", True, "none", 2)
+    assert rc == 0 and (
+        verdict["schema"],
+        verdict["migration_pending"],
+        verdict["anchor_status"],
+        verdict["entries"],
+    ) == ("fedprompt-ledger/1", True, "none", 2)
     assert path.read_bytes() == original and not ledger.anchor_path.exists()  # reading and verifying write nothing
     as_read = [e.hash for e in ledger.history]
 
     record(ledger, 0.9, 0.01, 50, round=2)
     doc = json.loads(path.read_text())
     assert doc["schema"] == SCHEMA and doc["migrated_from"] == {"schema": "fedprompt-ledger/1", "entries": 2}
-    assert (doc["created_at"], [e["recorded_at"] for e in doc["history"][:2]]) == (v1["created_at"], [_entry()["recorded_at"]] * 2)
+    assert (doc["created_at"], [e["recorded_at"] for e in doc["history"][:2]]) == (
+        v1["created_at"],
+        [_entry()["recorded_at"]] * 2,
+    )
     assert [e["hash"] for e in doc["history"][:2]] == as_read  # chained exactly as every process reads it
-    assert [(e["records_sha256"], e["model_in_sha256"], e["epsilon_cap"]) for e in doc["history"][:2]] == [(None, None, None)] * 2
-    assert doc["history"][0]["prev"] == spec_hash(header_of(doc)) and all(e["hash"] == spec_hash(e) for e in doc["history"])
+    assert [(e["records_sha256"], e["model_in_sha256"], e["epsilon_cap"]) for e in doc["history"][:2]] == [
+        (None, None, None)
+    ] * 2
+    assert doc["history"][0]["prev"] == spec_hash(header_of(doc)) and all(
+        e["hash"] == spec_hash(e) for e in doc["history"]
+    )
     rc, verdict = verify(cli, capsys, site)
-    assert rc == 0 and (verdict["schema"], verdict["migration_pending"], verdict["anchor_status"], verdict["entries"]) == (
-        SCHEMA, False, "in step", 3)
+    assert rc == 0 and (
+        verdict["schema"],
+        verdict["migration_pending"],
+        verdict["anchor_status"],
+        verdict["entries"],
+    ) == (SCHEMA, False, "in step", 3)
     assert verdict["epsilon_spent"] == pytest.approx(opacus_epsilon("rdp", [*steps, (0.9, 0.01, 50)]), abs=1e-9)
 
 
 def test_state_sha256_is_the_documented_canonical_hash():
     from flwr.app import Array
 
-    state = {"head.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3) / 7, "head.bias": torch.tensor([1.5, -2.0])}
+    state = {
+        "head.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3) / 7,
+        "head.bias": torch.tensor([1.5, -2.0]),
+    }
     expected = hashlib.sha256(
         b'[["head.bias",[2]],["head.weight",[2,3]]]\n'
-        + state["head.bias"].numpy().astype("<f4").tobytes() + state["head.weight"].numpy().astype("<f4").tobytes()
+        + state["head.bias"].numpy().astype("<f4").tobytes()
+        + state["head.weight"].numpy().astype("<f4").tobytes()
     ).hexdigest()
     assert state_sha256(state) == expected
     assert state_sha256(dict(reversed(list(state.items())))) == expected  # name order does not matter
     assert state_sha256({k: Array(v.numpy()) for k, v in state.items()}) == expected  # what Flower carries
-    assert state_sha256({k: v.double().numpy() for k, v in state.items()}) == expected  # float32 values, whatever the dtype
+    # float32 values, whatever the dtype
+    assert state_sha256({k: v.double().numpy() for k, v in state.items()}) == expected
     assert state_sha256({**state, "head.weight": state["head.weight"].reshape(3, 2)}) != expected  # the shape counts
     assert state_sha256({**state, "head.bias": state["head.bias"] + 1e-6}) != expected
 
@@ -703,19 +804,33 @@ def test_non_private_round_is_infinite_for_good(tmp_path, cli, capsys):
     ledger = new_ledger(tmp_path, "rdp")
     site = write_site(tmp_path, ledger="ledger.json", accountant="rdp")
     private = record(ledger, 1.0, 0.01, 100, round=0)
-    assert ledger.record_non_private(0.25, 4, epsilon_cap=8.0, run_id="reference", round=1, records_sha256="a" * 64) == math.inf
+    assert (
+        ledger.record_non_private(0.25, 4, epsilon_cap=8.0, run_id="reference", round=1, records_sha256="a" * 64)
+        == math.inf
+    )
     assert ledger.epsilon_spent() == math.inf and ledger.non_private
     entry = json.loads(ledger.path.read_text())["history"][1]
-    assert {k: entry[k] for k in ("noise_multiplier", "non_private", "sample_rate", "steps", "run_id", "round", "records_sha256")} == {
-        "noise_multiplier": None, "non_private": True, "sample_rate": 0.25, "steps": 4, "run_id": "reference", "round": 1,
-        "records_sha256": "a" * 64}
+    assert {
+        k: entry[k]
+        for k in ("noise_multiplier", "non_private", "sample_rate", "steps", "run_id", "round", "records_sha256")
+    } == {
+        "noise_multiplier": None,
+        "non_private": True,
+        "sample_rate": 0.25,
+        "steps": 4,
+        "run_id": "reference",
+        "round": 1,
+        "records_sha256": "a" * 64,
+    }
 
     # Every later private round is over the cap, however small (the existing cap check: inf > cap).
     before = ledger.path.read_bytes()
     assert ledger.project(50.0, 0.001, 1) == math.inf
     with pytest.raises(PrivacyBudgetExceeded, match="over the site's cap") as err:
         record(ledger, 50.0, 0.001, 1, cap=1e6, round=2)
-    assert "WITHOUT differential privacy in run 'reference' round 1" in str(err.value) and "would bring it to inf" in str(err.value)
+    assert "WITHOUT differential privacy in run 'reference' round 1" in str(
+        err.value
+    ) and "would bring it to inf" in str(err.value)
     assert ledger.path.read_bytes() == before
 
     reopened = PrivacyLedger.for_site(SiteConfig.load(site))  # a restart, another process: still infinite
@@ -726,12 +841,21 @@ def test_non_private_round_is_infinite_for_good(tmp_path, cli, capsys):
     capsys.readouterr()
     assert cli(["privacy", "show", "--site", str(site), "--json"]) == 0
     shown = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
-    assert (shown["epsilon_spent"], shown["non_private"], shown["history"]) == ("inf", True, [[1.0, 0.01, 100], [None, 0.25, 4]])
+    assert (shown["epsilon_spent"], shown["non_private"], shown["history"]) == (
+        "inf",
+        True,
+        [[1.0, 0.01, 100], [None, 0.25, 4]],
+    )
     assert cli(["privacy", "show", "--site", str(site)]) == 0
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.startswith(("run-a", "reference"))]
-    assert rows == [["run-a", "0", "1", "0.01", "100", f"{private:.4f}"], ["reference", "1", "none", "0.25", "4", "inf"]]
-    assert "spent inf of cap 8" in out and "WITHOUT differential privacy (1 round(s), first: run reference round 1)" in out
+    assert rows == [
+        ["run-a", "0", "1", "0.01", "100", f"{private:.4f}"],
+        ["reference", "1", "none", "0.25", "4", "inf"],
+    ]
+    assert (
+        "spent inf of cap 8" in out and "WITHOUT differential privacy (1 round(s), first: run reference round 1)" in out
+    )
     rc, verdict = verify(cli, capsys, site)
     assert rc == 0 and (verdict["epsilon_spent"], verdict["non_private"], verdict["over_cap"]) == ("inf", True, True)
 
@@ -763,8 +887,16 @@ def tiny_workspace(root: Path, tiny: Path, *, hospitals: int = 1) -> Path:
     from fedprompt.client.workspace import list_hospitals, write_workspace
 
     demo = generate_demo(hospitals=hospitals, per_hospital=20, test_size=10, seed=1)
-    ws = write_workspace(root / "ws", name="t", labels=demo.labels, hospitals=demo.hospitals, test_rows=demo.test,
-                         federation_overrides=FAST, epsilon_cap=10.0, allow_non_private=True)
+    ws = write_workspace(
+        root / "ws",
+        name="t",
+        labels=demo.labels,
+        hospitals=demo.hospitals,
+        test_rows=demo.test,
+        federation_overrides=FAST,
+        epsilon_cap=10.0,
+        allow_non_private=True,
+    )
     for site in list_hospitals(ws):
         doc = yaml.safe_load(site.read_text())
         doc["backbone"] = str(tiny)
@@ -815,7 +947,11 @@ def test_hospital_records_a_non_private_round_and_refuses_private_ones_after(one
     # bound to what it trained on, what it received and what it sent
     assert entry.records_sha256 == hashlib.sha256(site.train.read_bytes()).hexdigest()
     assert entry.model_in_sha256 == state_sha256(run.state)
-    assert (done.entry, done.entry_hash, done.model_out_sha256) == (0, entry.hash, state_sha256(arrays_to_state(reply[ARRAYS])))
+    assert (done.entry, done.entry_hash, done.model_out_sha256) == (
+        0,
+        entry.hash,
+        state_sha256(arrays_to_state(reply[ARRAYS])),
+    )
     assert done.model_out_sha256 != entry.model_in_sha256  # it did train
 
     before = site.ledger.read_bytes()
@@ -824,7 +960,9 @@ def test_hospital_records_a_non_private_round_and_refuses_private_ones_after(one
         with caplog.at_level("WARNING", logger="fedprompt.hospital"):
             reply = hospital.train_round(content(round_), site_yaml)
         assert set(reply.keys()) == {STATUS} and reply[STATUS]["status"] == "refused"
-        assert "over the site's cap" in caplog.text and "WITHOUT differential privacy in run" in caplog.text, caplog.text
+        assert "over the site's cap" in caplog.text and "WITHOUT differential privacy in run" in caplog.text, (
+            caplog.text
+        )
     assert trained == [None] and site.ledger.read_bytes() == before
 
 
@@ -839,7 +977,10 @@ def test_hospital_refuses_a_rolled_back_ledger_before_training(one_hospital, cap
     reply = hospital.train_round(content(2), site_yaml)
     assert reply[STATUS]["status"] == "ok" and trained == [3.0, 3.0]
     ledger = PrivacyLedger.for_site(SiteConfig.load(site_yaml))
-    assert [(c.entry, c.model_out_sha256) for c in ledger.completions][-1] == (1, state_sha256(arrays_to_state(reply[ARRAYS])))
+    assert [(c.entry, c.model_out_sha256) for c in ledger.completions][-1] == (
+        1,
+        state_sha256(arrays_to_state(reply[ARRAYS])),
+    )
     assert [e.epsilon_cap for e in ledger.history] == [10.0, 10.0] and ledger.epsilon_spent() < 10.0
 
     site.ledger.write_bytes(old)  # an older copy restored: round 2 forgotten
@@ -900,7 +1041,9 @@ def test_simulate_creates_ledgers_only_for_the_demo_it_writes(tmp_path, tiny, si
     printed = capsys.readouterr().out
     ws = out / "workspace"
     for i in (1, 2, 3):
-        ledger = PrivacyLedger.open(ws / f"hospital-{i}" / "ledger" / "privacy-ledger.json", hospital_id=f"hospital-{i}")
+        ledger = PrivacyLedger.open(
+            ws / f"hospital-{i}" / "ledger" / "privacy-ledger.json", hospital_id=f"hospital-{i}"
+        )
         assert ledger.history == [] and ledger.anchor_status == "in step" and ledger.anchor_path.is_file()
         assert f"created privacy ledger for hospital hospital-{i}" in printed
     # The same workspace named with --workspace is not fresh: a lost ledger stops it; none is re-created.

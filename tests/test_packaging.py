@@ -23,7 +23,9 @@ def test_ray_only_where_simulation_runs():
     assert any(d.startswith("jinja2") for d in core) and any(d.startswith("matplotlib") for d in core)  # the report
     for dockerfile in (ROOT / "docker").glob("Dockerfile*"):  # hospital and aggregator images: no Ray
         text = dockerfile.read_text(encoding="utf-8")
-        assert "pip install ." in text and not re.search(r"pip install[^\n]*(\[simulation\]|\bray\b)", text, re.IGNORECASE), dockerfile
+        assert "pip install ." in text and not re.search(
+            r"pip install[^\n]*(\[simulation\]|\bray\b)", text, re.IGNORECASE
+        ), dockerfile
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert 'pip install -e ".[simulation]" && fedprompt simulate --out runs/demo' in readme
 
@@ -39,8 +41,10 @@ def test_connection_file_is_toml_whatever_the_path(tmp_path):
     ca = tmp_path / 'odd "dir" \\ name' / "ca.pem"
     path = deploy.write_connection(tmp_path / "state", "10.0.0.5:8000", ca)
     doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    assert doc["superlink"] == {"default": deploy.CONNECTION,
-                                deploy.CONNECTION: {"address": "10.0.0.5:8000", "root-certificates": str(ca.resolve())}}
+    assert doc["superlink"] == {
+        "default": deploy.CONNECTION,
+        deploy.CONNECTION: {"address": "10.0.0.5:8000", "root-certificates": str(ca.resolve())},
+    }
 
 
 def test_flower_telemetry_is_off_in_every_fedprompt_process():
@@ -51,6 +55,9 @@ def test_flower_telemetry_is_off_in_every_fedprompt_process():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "FLWR_TELEMETRY_ENABLED"}
-    code = "import fedprompt.client.executor; from flwr.supercore import telemetry; print(telemetry.FLWR_TELEMETRY_ENABLED)"
+    code = (
+        "import fedprompt.client.executor; from flwr.supercore import telemetry; "
+        "print(telemetry.FLWR_TELEMETRY_ENABLED)"
+    )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "0"

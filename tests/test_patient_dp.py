@@ -107,6 +107,7 @@ def test_zero_noise_step_is_clip_then_average_over_patients():
 
 # --- records ------------------------------------------------------------------------------------
 
+
 def test_record_without_patient_id_is_refused_with_its_line(tmp_path):
     f = tmp_path / "train.csv"
     f.write_text("text,label,patient\nchest pain,a,p1\nfever,b,\nseizure,a,p2\n")
@@ -117,7 +118,9 @@ def test_record_without_patient_id_is_refused_with_its_line(tmp_path):
         load_records(f, text_field="text", label_field="label", labels=["a", "b"], patient_field="mrn")
     assert f"{f}:1: mrn: missing column" in str(exc.value)
     j = tmp_path / "train.jsonl"
-    j.write_text(json.dumps({"text": "t", "label": "a", "patient": 7}) + "\n" + json.dumps({"text": "u", "label": "b"}) + "\n")
+    j.write_text(
+        json.dumps({"text": "t", "label": "a", "patient": 7}) + "\n" + json.dumps({"text": "u", "label": "b"}) + "\n"
+    )
     with pytest.raises(InputError) as exc:
         load_records(j, text_field="text", label_field="label", labels=["a", "b"], patient_field="patient")
     assert f"{j}:2: patient: missing field" in str(exc.value)
@@ -132,7 +135,12 @@ def test_record_without_patient_id_is_refused_with_its_line(tmp_path):
 def test_site_config_validates_patient_field(tmp_path):
     from fedprompt.common.config import SiteConfig
 
-    base = {"hospital_id": "h1", "train": "train.csv", "ledger": "l.json", "privacy": {"max_epsilon": 8.0, "delta": 1e-5}}
+    base = {
+        "hospital_id": "h1",
+        "train": "train.csv",
+        "ledger": "l.json",
+        "privacy": {"max_epsilon": 8.0, "delta": 1e-5},
+    }
     (tmp_path / "ok.yaml").write_text(yaml.safe_dump({**base, "patient_field": "mrn"}))
     assert SiteConfig.load(tmp_path / "ok.yaml").patient_field == "mrn"
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**base, "patient_field": "  "}))
@@ -157,11 +165,22 @@ def _patient_site(tmp_path: Path, tiny_dir: Path):
     from fedprompt.server.federation import RunSpec, prepare_run
     from fedprompt.simulation import ensure_ledgers
 
-    overrides = {"rounds": 2, "model": {"n_virtual_tokens": 2, "max_length": 16},
-                 "training": {"local_epochs": 1, "sample_rate": 0.5, "lr": 0.05}, "privacy": {"target_epsilon": 8.0}}
+    overrides = {
+        "rounds": 2,
+        "model": {"n_virtual_tokens": 2, "max_length": 16},
+        "training": {"local_epochs": 1, "sample_rate": 0.5, "lr": 0.05},
+        "privacy": {"target_epsilon": 8.0},
+    }
     demo = generate_demo(hospitals=1, per_hospital=20, test_size=10, seed=1)
-    ws = write_workspace(tmp_path / "ws", name="t", labels=demo.labels, hospitals=demo.hospitals, test_rows=demo.test,
-                         federation_overrides=overrides, epsilon_cap=10.0)
+    ws = write_workspace(
+        tmp_path / "ws",
+        name="t",
+        labels=demo.labels,
+        hospitals=demo.hospitals,
+        test_rows=demo.test,
+        federation_overrides=overrides,
+        epsilon_cap=10.0,
+    )
     site_yaml = list_hospitals(ws)[0]
     data = yaml.safe_load(site_yaml.read_text())
     data.update(backbone=str(tiny_dir), patient_field="patient", privacy={**data["privacy"], "delta": 1e-3})
@@ -211,7 +230,9 @@ def test_train_round_accounts_patients_not_records(tmp_path, tiny_dir, caplog):
     rows = list(csv.reader(train_csv.open(newline="")))
     lines = train_csv.read_text().splitlines()
     with train_csv.open("a", newline="") as f:
-        csv.writer(f, lineterminator="\n").writerow(["a note" if h == "text" else "" if h == "patient" else v for h, v in zip(rows[0], rows[1])])
+        csv.writer(f, lineterminator="\n").writerow(
+            ["a note" if h == "text" else "" if h == "patient" else v for h, v in zip(rows[0], rows[1], strict=True)]
+        )
     caplog.clear()
     with caplog.at_level("WARNING", logger="fedprompt.hospital"):
         reply = train_round(_content(run)[0], site_yaml)
@@ -242,7 +263,9 @@ def test_data_check_validates_patient_field(tmp_path, data_cli, capsys):
     from fedprompt.client.workspace import write_workspace
 
     labels = ["a", "b"]
-    ws = write_workspace(tmp_path / "ws", name="t", labels=labels, hospitals={"1": ([("x", "a"), ("y", "b")] * 10, [("z", "a")])})
+    ws = write_workspace(
+        tmp_path / "ws", name="t", labels=labels, hospitals={"1": ([("x", "a"), ("y", "b")] * 10, [("z", "a")])}
+    )
     site = ws / "hospital-1"
     data = yaml.safe_load((site / "site.yaml").read_text())
     data.update(patient_field="patient", privacy={**data["privacy"], "delta": 0.01})

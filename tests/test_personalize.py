@@ -32,7 +32,17 @@ from fedprompt.common.backbone import load_backbone
 from fedprompt.common.encoding import encode
 from fedprompt.common.errors import InputError
 from fedprompt.common.features import extract_features
-from fedprompt.common.model import HEAD_BIAS_KEY, HEAD_WEIGHT_KEY, PROMPT_KEY, PromptClassifier, PromptConfig, build_model, initial_state, load_prompt, save_prompt
+from fedprompt.common.model import (
+    HEAD_BIAS_KEY,
+    HEAD_WEIGHT_KEY,
+    PROMPT_KEY,
+    PromptClassifier,
+    PromptConfig,
+    build_model,
+    initial_state,
+    load_prompt,
+    save_prompt,
+)
 
 from site_isolation import watched
 from tinybert import TOY_KEYWORDS, TOY_LABELS, TOY_NEUTRAL, make_tiny_backbone
@@ -48,7 +58,11 @@ def notes(rng: random.Random, mix: list[float], n: int) -> list[tuple[str, str]]
     out = []
     for _ in range(n):
         y = rng.choices(range(len(LABELS)), weights=mix)[0]
-        words = rng.choices(NEUTRAL, k=5) if rng.random() < 0.5 else rng.choices(KEYWORDS[y], k=3) + rng.choices(NEUTRAL, k=2)
+        words = (
+            rng.choices(NEUTRAL, k=5)
+            if rng.random() < 0.5
+            else rng.choices(KEYWORDS[y], k=3) + rng.choices(NEUTRAL, k=2)
+        )
         out.append((" ".join(words), LABELS[y]))
     return out
 
@@ -61,17 +75,29 @@ def world(tmp_path_factory) -> Path:
     tiny = make_tiny_backbone(root / "tinybert", hidden=32, layers=2)
     make_tiny_backbone(root / "otherbert", seed=7, hidden=32, layers=2)
     bb = load_backbone(tiny)
-    config = PromptConfig(labels=LABELS, hidden_size=bb.hidden_size, backbone_fingerprint=bb.fingerprint, n_virtual_tokens=4,
-                          max_length=24, normalize=True, extra={"run": "t"})
+    config = PromptConfig(
+        labels=LABELS,
+        hidden_size=bb.hidden_size,
+        backbone_fingerprint=bb.fingerprint,
+        n_virtual_tokens=4,
+        max_length=24,
+        normalize=True,
+        extra={"run": "t"},
+    )
     state = initial_state(bb, config)
     rng = random.Random(0)
     federation = notes(rng, FEDERATION_MIX, 300)
     model = build_model(bb, config, state)
-    feats = extract_features(model, encode(bb.tokenizer, [t for t, _ in federation], [LABELS.index(y) for _, y in federation], 24).dataset)
+    feats = extract_features(
+        model, encode(bb.tokenizer, [t for t, _ in federation], [LABELS.index(y) for _, y in federation], 24).dataset
+    )
     head, _ = own_model_features(feats, len(LABELS))
     save_prompt(root / "export", config, head.into(state))
 
-    hospitals = {"1": (notes(rng, SITE_MIX, 120), notes(rng, SITE_MIX, 40)), "2": (notes(rng, FEDERATION_MIX, 60), notes(rng, FEDERATION_MIX, 20))}
+    hospitals = {
+        "1": (notes(rng, SITE_MIX, 120), notes(rng, SITE_MIX, 40)),
+        "2": (notes(rng, FEDERATION_MIX, 60), notes(rng, FEDERATION_MIX, 20)),
+    }
     local = {"1": notes(rng, SITE_MIX, 60), "2": notes(rng, FEDERATION_MIX, 20)}
     ws = write_workspace(root / "ws", name="t", labels=LABELS, hospitals=hospitals, local_tests=local)
     for hid in hospitals:
@@ -104,8 +130,15 @@ def personalized(world) -> dict:
             code = cli.main(["personalize", "--site", str(site), "--model", str(world / "export"), "--out", str(out)])
     finally:
         patch.undo()
-    return {"code": code, "out": out, "dials": watch.dials, "sockets": watch.sockets, "opened": watch.opened, "changed": watch.changed,
-            "report": json.loads((out / "personalize.json").read_text()) if code == 0 else None}
+    return {
+        "code": code,
+        "out": out,
+        "dials": watch.dials,
+        "sockets": watch.sockets,
+        "opened": watch.opened,
+        "changed": watch.changed,
+        "report": json.loads((out / "personalize.json").read_text()) if code == 0 else None,
+    }
 
 
 def test_reads_only_the_sites_files_writes_only_under_out_and_opens_no_socket(world, personalized):
@@ -127,16 +160,27 @@ def test_personalised_model_has_the_export_format_and_its_provenance(world, pers
     report = personalized["report"]
     assert torch.equal(state[PROMPT_KEY], base_state[PROMPT_KEY])  # the prompt is the federation's
     provenance = config.extra["personalized"]
-    assert config.extra["run"] == "t" and config.labels == LABELS and config.backbone_fingerprint == base_config.backbone_fingerprint
+    assert (
+        config.extra["run"] == "t"
+        and config.labels == LABELS
+        and config.backbone_fingerprint == base_config.backbone_fingerprint
+    )
     assert provenance["hospital_id"] == "hospital-1"
-    assert provenance["base_model_sha256"] == hashlib.sha256((world / "export" / "prompt.safetensors").read_bytes()).hexdigest()
+    assert (
+        provenance["base_model_sha256"]
+        == hashlib.sha256((world / "export" / "prompt.safetensors").read_bytes()).hexdigest()
+    )
     validation = report["validation"]
     assert set(validation) == set(report["test"]) == {GLOBAL, PRIOR, LOCAL_HEAD, PERSONALIZED, OWN}
     # the chosen candidate is the first best on validation macro-F1, and it is what was saved
     order = [GLOBAL, PRIOR, LOCAL_HEAD]
     best = max(order, key=lambda m: validation[m]["macro_f1"])
     assert provenance["method"] == report["method"] == best and provenance["penalty"] == report["penalty"]
-    assert provenance["validation"][best]["macro_f1"] == validation[best]["macro_f1"] == validation[PERSONALIZED]["macro_f1"]
+    assert (
+        provenance["validation"][best]["macro_f1"]
+        == validation[best]["macro_f1"]
+        == validation[PERSONALIZED]["macro_f1"]
+    )
     assert config.private is (best == GLOBAL)  # fitted on the site's records without DP
     assert report["num_records"] == {"train": 120, "validation": 40, "test": 60}
     assert report["test"][PERSONALIZED] == report["test"][best]
@@ -152,7 +196,21 @@ def test_personalised_beats_the_global_model_on_a_site_with_another_label_mix(pe
 
 def test_predict_uses_the_personalised_model_and_names_its_hospital(world, personalized, cli, capsys):
     out = personalized["out"]
-    assert cli(["predict", "--model", str(out), "--backbone", str(world / "tinybert"), "--text", "the patient reports pain", "--json"]) == 0
+    assert (
+        cli(
+            [
+                "predict",
+                "--model",
+                str(out),
+                "--backbone",
+                str(world / "tinybert"),
+                "--text",
+                "the patient reports pain",
+                "--json",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     method = METHODS[personalized["report"]["method"]]
     assert json.loads(captured.out)["label"] in LABELS
@@ -172,7 +230,20 @@ def test_personalised_model_refuses_another_backbone(world, personalized, cli, c
     data = yaml.safe_load((site / "site.yaml").read_text())
     data["backbone"] = str(other)
     (site / "site.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-    assert cli(["personalize", "--site", str(site / "site.yaml"), "--model", str(world / "export"), "--out", str(tmp_path / "out")]) == 2
+    assert (
+        cli(
+            [
+                "personalize",
+                "--site",
+                str(site / "site.yaml"),
+                "--model",
+                str(world / "export"),
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 2
+    )
     assert "backbone_fingerprint" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -189,7 +260,10 @@ def test_refuses_a_non_empty_out_and_writes_nothing(world, cli, capsys, tmp_path
 
 def test_refuses_to_personalise_a_personalised_model(world, personalized, cli, capsys, tmp_path):
     site = world / "ws" / "hospital-1" / "site.yaml"
-    assert cli(["personalize", "--site", str(site), "--model", str(personalized["out"]), "--out", str(tmp_path / "again")]) == 2
+    assert (
+        cli(["personalize", "--site", str(site), "--model", str(personalized["out"]), "--out", str(tmp_path / "again")])
+        == 2
+    )
     assert "already personalised for hospital-1" in capsys.readouterr().err
     assert not (tmp_path / "again").exists()
 
@@ -209,9 +283,13 @@ def test_prior_correction_shifts_the_bias_by_log_p_site_minus_log_p_model():
     config = PromptConfig(labels=["a", "b", "c"], hidden_size=4, backbone_fingerprint="x", n_virtual_tokens=2)
     result = personalize_features(state, config, feats, feats)
     prior = result.heads[PRIOR]
-    assert torch.equal(prior.weight, head.weight) and torch.allclose(prior.bias.double(), bias.double() + expected, atol=1e-6)
+    assert torch.equal(prior.weight, head.weight) and torch.allclose(
+        prior.bias.double(), bias.double() + expected, atol=1e-6
+    )
     # ...so on zero features the corrected model predicts the site's smoothed label frequencies
-    assert torch.allclose(prior.logits(torch.zeros(1, 4)).softmax(-1)[0], torch.tensor([4 / 7, 1 / 7, 2 / 7]).double(), atol=1e-6)
+    assert torch.allclose(
+        prior.logits(torch.zeros(1, 4)).softmax(-1)[0], torch.tensor([4 / 7, 1 / 7, 2 / 7]).double(), atol=1e-6
+    )
 
     # Any features: the shift uses the mean predicted distribution over the site's records.
     x = torch.randn(50, 4, generator=torch.Generator().manual_seed(1))

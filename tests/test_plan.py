@@ -41,10 +41,22 @@ def _edit(path, change):
 def _workspace(root, tiny, **training):
     """Two hospitals on the tiny BERT, ledgers created. hospital-1 has a noise floor above its
     calibrated sigma; hospital-2 accounts patients (PATIENTS of them), not records."""
-    overrides = {"rounds": 3, "model": {"n_virtual_tokens": 2, "max_length": 16}, "training": {"batch_size": 4, **training}}
+    overrides = {
+        "rounds": 3,
+        "model": {"n_virtual_tokens": 2, "max_length": 16},
+        "training": {"batch_size": 4, **training},
+    }
     demo = generate_demo(hospitals=2, per_hospital=24, test_size=10, seed=3)
-    ws = write_workspace(root / "ws", name="plan", labels=demo.labels, hospitals=demo.hospitals, test_rows=demo.test,
-                         federation_overrides=overrides, epsilon_cap=10.0, backbone=tiny)
+    ws = write_workspace(
+        root / "ws",
+        name="plan",
+        labels=demo.labels,
+        hospitals=demo.hospitals,
+        test_rows=demo.test,
+        federation_overrides=overrides,
+        epsilon_cap=10.0,
+        backbone=tiny,
+    )
     one, two = list_hospitals(ws)
     _edit(one, lambda d: d["privacy"].update(min_noise_multiplier=2.0))
     _edit(two, lambda d: d.update(patient_field="patient", privacy={**d["privacy"], "delta": 1e-3}))
@@ -90,10 +102,16 @@ def test_the_plan_is_what_a_round_records(tmp_path, tiny, capsys):
         row = planned[site.parent.name]
         ledger = PrivacyLedger.for_site(SiteConfig.load(site))
         entry = ledger.history[-1]
-        assert (entry.noise_multiplier, entry.sample_rate, entry.steps) == (row["noise_multiplier"], row["sample_rate"], row["steps_per_round"])
+        assert (entry.noise_multiplier, entry.sample_rate, entry.steps) == (
+            row["noise_multiplier"],
+            row["sample_rate"],
+            row["steps_per_round"],
+        )
         assert ledger.delta == row["delta"]
         # The whole run is the plan's projection: this round's entry, twice more.
-        assert ledger.project(entry.noise_multiplier, entry.sample_rate, 2 * entry.steps) == pytest.approx(row["epsilon_after_run"])
+        assert ledger.project(entry.noise_multiplier, entry.sample_rate, 2 * entry.steps) == pytest.approx(
+            row["epsilon_after_run"]
+        )
 
 
 def test_the_sites_the_plan_says_refuse_do_refuse(tmp_path, tiny, capsys):

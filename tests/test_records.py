@@ -12,7 +12,13 @@ from fedprompt.client.workspace import write_workspace
 from fedprompt.common.errors import InputError
 from fedprompt.common.records import load_records
 
-LABELS = ["neoplasms", "digestive system diseases", "nervous system diseases", "cardiovascular diseases", "general pathological conditions"]
+LABELS = [
+    "neoplasms",
+    "digestive system diseases",
+    "nervous system diseases",
+    "cardiovascular diseases",
+    "general pathological conditions",
+]
 
 
 def load(path: Path, **kw):
@@ -38,12 +44,18 @@ def write(tmp_path: Path, name: str, content: str | bytes) -> Path:
 
 
 def test_good_csv_and_jsonl(tmp_path):
-    csv_path = write(tmp_path, "train.csv", "text,label\nmass in the lung,neoplasms\nepigastric pain,digestive system diseases\n")
+    csv_path = write(
+        tmp_path, "train.csv", "text,label\nmass in the lung,neoplasms\nepigastric pain,digestive system diseases\n"
+    )
     records = load(csv_path)
     assert records.texts == ["mass in the lung", "epigastric pain"]
     assert records.labels == [0, 1] and records.path == csv_path
     assert records.counts(len(LABELS)) == [1, 1, 0, 0, 0]
-    lines = [json.dumps({"text": "chest pain", "label": "cardiovascular diseases", "extra": 1}), "", json.dumps({"label": "neoplasms", "text": "a tumour"})]
+    lines = [
+        json.dumps({"text": "chest pain", "label": "cardiovascular diseases", "extra": 1}),
+        "",
+        json.dumps({"label": "neoplasms", "text": "a tumour"}),
+    ]
     records = load(write(tmp_path, "train.jsonl", "\n".join(lines) + "\n"))
     assert records.texts == ["chest pain", "a tumour"] and records.labels == [3, 0]
 
@@ -176,7 +188,9 @@ def test_jsonl_problems(tmp_path):
     assert messages[0].startswith("malformed JSON")
     assert "expected a JSON object, got list" == messages[1]
     assert "missing field" in messages[2] and "'label'" in messages[2]
-    assert "expected a string" in messages[3] and messages[4] == "empty text" and "unknown label 'cancer'" in messages[5]
+    assert (
+        "expected a string" in messages[3] and messages[4] == "empty text" and "unknown label 'cancer'" in messages[5]
+    )
 
 
 def test_long_texts_are_not_an_error(tmp_path):
@@ -230,7 +244,12 @@ def test_check_without_a_federation_checks_the_site_alone(workspace, data_cli, c
         f.write("x,cancer\n")
     assert data_cli(["data", "check", "--site", str(site / "site.yaml")]) == 0
     assert "cancer" in capsys.readouterr().out
-    assert data_cli(["data", "check", "--site", str(site / "site.yaml"), "--federation", str(tmp_path / "federation.yaml")]) == 2
+    assert (
+        data_cli(
+            ["data", "check", "--site", str(site / "site.yaml"), "--federation", str(tmp_path / "federation.yaml")]
+        )
+        == 2
+    )
     assert f"{site / 'train.csv'}:22: label: unknown label 'cancer'" in capsys.readouterr().err
     # What the site can check alone is still checked: columns, empty texts, delta, backbone, ledger.
     (site / "val.csv").write_text("text,diagnosis\nx,neoplasms\n", encoding="utf-8")
@@ -243,7 +262,9 @@ def test_check_without_a_federation_checks_the_site_alone(workspace, data_cli, c
     assert data_cli(["data", "check", "--site", str(site / "site.yaml")]) == 2
     err = capsys.readouterr().err
     assert f"{site / 'val.csv'}:1: label: missing column" in err
-    assert "privacy.delta: 0.1 is not below 1/n = 1/21" in err and f"backbone: {tmp_path} is not a model directory" in err
+    assert (
+        "privacy.delta: 0.1 is not below 1/n = 1/21" in err and f"backbone: {tmp_path} is not a model directory" in err
+    )
     assert f"{site / 'ledger' / 'privacy-ledger.json'}: ledger: privacy ledger" in err and "corrupted" in err
     assert tree(workspace) == before
 
@@ -256,7 +277,9 @@ def test_check_opens_the_ledger_as_the_daemon_does(workspace, data_cli, capsys):
     assert data_cli(["data", "check", "--site", str(site)]) == 0
     assert "privacy-ledger.json: 0 round(s) recorded; lifetime cap epsilon 8" in capsys.readouterr().out
     # A ledger that belongs to another hospital's site.yaml is bad input, named with its file.
-    site.write_text(site.read_text(encoding="utf-8").replace("hospital_id: hospital-1", "hospital_id: hospital-9"), encoding="utf-8")
+    site.write_text(
+        site.read_text(encoding="utf-8").replace("hospital_id: hospital-1", "hospital_id: hospital-9"), encoding="utf-8"
+    )
     assert data_cli(["data", "check", "--site", str(site)]) == 2
     assert "belongs to hospital 'hospital-1', not 'hospital-9'" in capsys.readouterr().err
 

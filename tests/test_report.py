@@ -36,7 +36,9 @@ def private_metrics() -> dict:
         "labels": ["neoplasms", "digestive", "nervous", "cardiovascular", "general"],
         "rounds": [
             {
-                "round": 1, "seconds": 12.34, "upload_bytes": 115200,
+                "round": 1,
+                "seconds": 12.34,
+                "upload_bytes": 115200,
                 "evaluate": {"accuracy": 0.41, "macro_f1": 0.35, "loss": 1.41, "num_examples": 120},
                 "test": {"accuracy": 0.40, "macro_f1": 0.33, "loss": 1.45, "num_examples": 200},
                 "hospitals": {
@@ -46,7 +48,9 @@ def private_metrics() -> dict:
                 },
             },
             {
-                "round": 2, "seconds": 11.0, "upload_bytes": 76800,
+                "round": 2,
+                "seconds": 11.0,
+                "upload_bytes": 76800,
                 "evaluate": {"accuracy": 0.525, "macro_f1": 0.4812, "loss": 1.2, "num_examples": 120},
                 "hospitals": {  # no "test" key this round
                     "h1": _site("ok", eps=4.2),
@@ -55,7 +59,9 @@ def private_metrics() -> dict:
                 },
             },
             {
-                "round": 3, "seconds": 10.5, "upload_bytes": 76800,
+                "round": 3,
+                "seconds": 10.5,
+                "upload_bytes": 76800,
                 "evaluate": {"accuracy": 0.6, "macro_f1": 0.5567, "loss": 1.05, "num_examples": 120},
                 "test": {"accuracy": 0.58, "macro_f1": 0.51, "loss": 1.1, "num_examples": 200},
                 "hospitals": {
@@ -129,7 +135,7 @@ def test_private_report(private_metrics, tmp_path):
     assert "Max ε spent <b>6.30</b> (h1) of cap <b>10.00</b>" in page
     assert "Closest to its cap: h3, 5.90 of 6.00 (98%)" in page
     # Per-hospital last status.
-    hospitals = page[page.index('<table class="hospitals">'):]
+    hospitals = page[page.index('<table class="hospitals">') :]
     assert re.search(r'<td class="name">h2</td><td class="st-refused">refused</td><td class="num">3</td>', hospitals)
     assert re.search(r'<td class="name">h3</td><td class="st-rejected">rejected</td>', hospitals)
     assert re.search(r'<td class="name">h1</td><td class="st-ok">ok</td>', hospitals)
@@ -214,7 +220,7 @@ def test_hostile_hospital_id_and_reason_are_escaped_everywhere(private_metrics, 
     private_metrics["labels"].append(hostile)
     private_metrics["export"] = f"/tmp/{hostile}"
     page = write_report(private_metrics, tmp_path).read_text(encoding="utf-8")
-    assert "<script" not in page.lower() and "<img src=x" not in page and 'onerror=alert(2)>' not in page
+    assert "<script" not in page.lower() and "<img src=x" not in page and "onerror=alert(2)>" not in page
     escaped = "&#34;&gt;&lt;script&gt;alert(1)&lt;/script&gt;&lt;img src=x onerror=alert(2)&gt;"
     assert f'<td class="name">{escaped}</td>' in page and f'<td class="reason">{escaped}</td>' in page
     assert f"Max ε spent <b>9.50</b> ({escaped}) of cap <b>8.00</b>" in page  # the largest spender is the hostile site
@@ -253,9 +259,14 @@ def test_live_report_renders_off_the_round_and_ends_with_the_latest_state(privat
 
 def test_round_zero_is_shown_as_the_zero_shot_start(private_metrics, tmp_path):
     """Round 0 (validated and tested, nobody trained) is in the scores, not in the hospitals' tables."""
-    start = {"round": 0, "seconds": 3.0, "upload_bytes": 0, "hospitals": {},
-             "evaluate": {"accuracy": 0.30, "macro_f1": 0.247, "loss": 1.6, "num_examples": 120},
-             "test": {"accuracy": 0.31, "macro_f1": 0.235, "loss": 1.6, "num_examples": 200}}
+    start = {
+        "round": 0,
+        "seconds": 3.0,
+        "upload_bytes": 0,
+        "hospitals": {},
+        "evaluate": {"accuracy": 0.30, "macro_f1": 0.247, "loss": 1.6, "num_examples": 120},
+        "test": {"accuracy": 0.31, "macro_f1": 0.235, "loss": 1.6, "num_examples": 200},
+    }
     private_metrics["rounds"].insert(0, start)
     html = write_report(private_metrics, tmp_path).read_text()
     assert "Rounds completed</dt><dd>3 (+ round 0, the zero-shot start)" in html
@@ -275,10 +286,22 @@ def test_model_card_shows_the_zero_shot_start_and_no_nan(tmp_path):
     from fedprompt.common.model import PromptConfig
     from fedprompt.server.export import export_model
 
-    prompt = PromptConfig(labels=["a", "b"], hidden_size=4, backbone_fingerprint="f" * 64, n_virtual_tokens=2, normalize=True)
-    history = [{"round": 0, "test": {"accuracy": 0.5, "macro_f1": 0.4}, "evaluate": None, "hospitals": {}},
-               {"round": 1, "test": {"accuracy": 0.6, "macro_f1": 0.55}, "evaluate": None, "hospitals": {"h1": {"epsilon_spent": 2.0}}}]
-    card = (export_model(tmp_path, prompt, {k: torch.zeros(*s) for k, s in prompt.shapes().items()}, history, "r") / "MODEL_CARD.md").read_text()
+    prompt = PromptConfig(
+        labels=["a", "b"], hidden_size=4, backbone_fingerprint="f" * 64, n_virtual_tokens=2, normalize=True
+    )
+    history = [
+        {"round": 0, "test": {"accuracy": 0.5, "macro_f1": 0.4}, "evaluate": None, "hospitals": {}},
+        {
+            "round": 1,
+            "test": {"accuracy": 0.6, "macro_f1": 0.55},
+            "evaluate": None,
+            "hospitals": {"h1": {"epsilon_spent": 2.0}},
+        },
+    ]
+    card = (
+        export_model(tmp_path, prompt, {k: torch.zeros(*s) for k, s in prompt.shapes().items()}, history, "r")
+        / "MODEL_CARD.md"
+    ).read_text()
     assert "Zero-shot start (round 0, aggregator's held-out test): accuracy 0.5000, macro-F1 0.4000" in card
     assert "Held-out test, last round: accuracy 0.6000, macro-F1 0.5500" in card
     assert "validate locally" in card and "nan" not in card.lower() and "h1 2.000" in card

@@ -8,7 +8,6 @@ A run in which one hospital trained once stays a success.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -26,8 +25,14 @@ from tinybert import make_tiny_backbone
 
 
 def _site(status: str, reason: str = "") -> dict:
-    return {"status": status, "reason": reason, "weight": 1.0 if status == "ok" else 0.0,
-            "epsilon_spent": None, "epsilon_cap": None, "upload_bytes": 0}
+    return {
+        "status": status,
+        "reason": reason,
+        "weight": 1.0 if status == "ok" else 0.0,
+        "epsilon_spent": None,
+        "epsilon_cap": None,
+        "upload_bytes": 0,
+    }
 
 
 def _round(r: int, **hospitals: dict) -> dict:
@@ -37,12 +42,17 @@ def _round(r: int, **hospitals: dict) -> dict:
 def test_outcome_tallies_why_nothing_trained():
     history = [
         _round(0),  # the zero-shot start: evaluated, never trained
-        _round(1, h1=_site("refused", "budget"), h2=_site("refused", "non-private refused"), h3=_site("failed", "no reply")),
-        _round(2, h1=_site("refused", "budget"), h2=_site("rejected", "non-finite values"), h3=_site("refused", "budget")),
+        _round(
+            1, h1=_site("refused", "budget"), h2=_site("refused", "non-private refused"), h3=_site("failed", "no reply")
+        ),
+        _round(
+            2, h1=_site("refused", "budget"), h2=_site("rejected", "non-finite values"), h3=_site("refused", "budget")
+        ),
     ]
     assert run_outcome(history) == (
         NOTHING_TRAINED,
-        "no hospital's update was accepted in 2 training round(s): failed 1; refused 4 (budget 3, non-private refused 1); rejected 1",
+        "no hospital's update was accepted in 2 training round(s): failed 1; refused 4 (budget 3, non-private "
+        "refused 1); rejected 1",
     )
     assert run_outcome([_round(0)]) == (NOTHING_TRAINED, "no training round ran")
 
@@ -50,7 +60,10 @@ def test_outcome_tallies_why_nothing_trained():
 def test_one_accepted_update_in_any_round_is_a_trained_run():
     refused = _site("refused", "budget")
     # a resumed run: round 1 (before the restart) trained, every later round was refused
-    assert run_outcome([_round(0), _round(1, h1=_site("ok"), h2=refused), _round(2, h1=refused, h2=refused)]) == (TRAINED, None)
+    assert run_outcome([_round(0), _round(1, h1=_site("ok"), h2=refused), _round(2, h1=refused, h2=refused)]) == (
+        TRAINED,
+        None,
+    )
 
 
 def test_accepted_updates_below_min_hospitals_did_not_train():
@@ -58,7 +71,9 @@ def test_accepted_updates_below_min_hospitals_did_not_train():
     was (the strategy records `aggregated: false`): not a trained run."""
     lone = _round(1, h1=_site("ok"), h2=_site("refused", "budget"))
     assert run_outcome([_round(0), {**lone, "aggregated": False}]) == (
-        NOTHING_TRAINED, "fewer valid updates than min_hospitals in every one of 1 training round(s): the global model never changed")
+        NOTHING_TRAINED,
+        "fewer valid updates than min_hospitals in every one of 1 training round(s): the global model never changed",
+    )
     assert run_outcome([_round(0), {**lone, "aggregated": True}]) == (TRAINED, None)
 
 
@@ -71,8 +86,14 @@ def nothing_trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("spent")
     tiny = make_tiny_backbone(root / "tinybert", hidden=32, layers=2)
     demo = generate_demo(hospitals=2, per_hospital=30, test_size=20, seed=1)
-    ws = write_workspace(root / "ws", name="spent", labels=demo.labels, hospitals=demo.hospitals, test_rows=demo.test,
-                         federation_overrides={"rounds": 2, "model": {"n_virtual_tokens": 4, "max_length": 32}})
+    ws = write_workspace(
+        root / "ws",
+        name="spent",
+        labels=demo.labels,
+        hospitals=demo.hospitals,
+        test_rows=demo.test,
+        federation_overrides={"rounds": 2, "model": {"n_virtual_tokens": 4, "max_length": 32}},
+    )
     ensure_ledgers(ws)
     ledgers = {}
     for site in list_hospitals(ws):
@@ -110,10 +131,15 @@ def test_simulate_with_every_budget_spent_writes_why_and_no_export(nothing_train
     assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]
     for r in metrics["rounds"][1:]:  # the per-round categories, as before
         assert {h: (o["status"], o["reason"]) for h, o in r["hospitals"].items()} == {
-            "hospital-1": ("refused", "budget"), "hospital-2": ("refused", "budget")}
+            "hospital-1": ("refused", "budget"),
+            "hospital-2": ("refused", "budget"),
+        }
     assert not (out / "export").exists() and not (out / "comparison.json").exists()
     page = (out / "report.html").read_text(encoding="utf-8")
-    assert f'<div class="banner" role="alert">{NOTHING_TRAINED}: {why.replace(chr(39), "&#39;")}. No model was exported.</div>' in page
+    assert (
+        f'<div class="banner" role="alert">{NOTHING_TRAINED}: {why.replace(chr(39), "&#39;")}. No model was '
+        "exported.</div>" in page
+    )
     assert "No export was written for this run." in page
     assert all(path.read_bytes() == before for path, before in ledgers.items())  # refused before spending anything
 

@@ -71,15 +71,19 @@ def test_published_schemas_judge_files_as_the_loader_does(tmp_path):
 
     schemas = {name: json.loads(text) for name, text in json_schemas().items()}
     for text, name in ((SITE, "site.schema.json"), (FEDERATION, "federation.schema.json")):
-        jsonschema.validate(yaml.safe_load(text.replace("1e-5", "1.0e-5")), schemas[name])  # YAML 1.2 reads 1e-5 as a number
+        # YAML 1.2 reads 1e-5 as a number
+        jsonschema.validate(yaml.safe_load(text.replace("1e-5", "1.0e-5")), schemas[name])
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(yaml.safe_load(FEDERATION.replace("trim_beta: 0.2", "trim_beta: 0.7")), schemas["federation.schema.json"])
+        jsonschema.validate(
+            yaml.safe_load(FEDERATION.replace("trim_beta: 0.2", "trim_beta: 0.7")), schemas["federation.schema.json"]
+        )
 
 
 def test_good_files_load(tmp_path):
     (tmp_path / "site.yaml").write_text(SITE)
     site = SiteConfig.load(tmp_path / "site.yaml")
-    assert site.privacy.delta == 1e-5 and isinstance(site.privacy.delta, float)  # `1e-5`: a number, as YAML 1.2 reads it
+    # `1e-5`: a number, as YAML 1.2 reads it
+    assert site.privacy.delta == 1e-5 and isinstance(site.privacy.delta, float)
     assert site.train == tmp_path / "train.csv" and site.ledger == tmp_path / "ledger" / "privacy-ledger.json"
     assert site.source == tmp_path / "site.yaml"
     (tmp_path / "federation.yaml").write_text(FEDERATION)
@@ -133,15 +137,18 @@ def test_a_bad_value_in_any_section_names_file_line_and_field(tmp_path, which, l
 
 def test_every_problem_of_a_file_at_once(tmp_path):
     path = tmp_path / "federation.yaml"
-    path.write_text(FEDERATION.replace("trim_beta: 0.2", "trim_beta: 0.7").replace("rounds: 20", "rounds: many")
-                    .replace("pooling: mean", "pooling: mean\n  colour: red"))
+    path.write_text(
+        FEDERATION.replace("trim_beta: 0.2", "trim_beta: 0.7")
+        .replace("rounds: 20", "rounds: many")
+        .replace("pooling: mean", "pooling: mean\n  colour: red")
+    )
     with pytest.raises(InputError) as err:
         FederationConfig.load(path)
     assert str(err.value).splitlines() == [
         f"{path}:6: rounds: expected an integer, got 'many'",
         f"{path}:11: strategy.trim_beta: expected 0 < trim_beta < 0.5, got 0.7",
-        f"{path}:18: model.colour: unknown key (expected one of: backbone_fingerprint, head_init, logit_scale, max_length, "
-        "n_virtual_tokens, normalize, pooling, prompt_init, seed)",
+        f"{path}:18: model.colour: unknown key (expected one of: backbone_fingerprint, head_init, logit_scale, "
+        "max_length, n_virtual_tokens, normalize, pooling, prompt_init, seed)",
     ]
 
 
@@ -154,7 +161,9 @@ def test_overrides_are_validated_and_never_mutate(tmp_path):
     assert (more.rounds, fed.rounds, more.source) == (3, 20, fed.source)
     with pytest.raises(InputError, match=r"^--rounds: expected >= 1, got 0$"):
         fed.replaced(rounds=0, origin="--rounds")
-    with pytest.raises(InputError, match=r"federation.yaml: strategy.trim_beta: expected 0 < trim_beta < 0.5, got 0.6$"):
+    with pytest.raises(
+        InputError, match=r"federation.yaml: strategy.trim_beta: expected 0 < trim_beta < 0.5, got 0.6$"
+    ):
         fed.replaced(strategy={"trim_beta": 0.6})
     with pytest.raises(ValidationError):
         StrategySettings(trim_beta=0.5)
@@ -173,10 +182,30 @@ def test_cli_rounds_zero_is_refused_by_the_federation_rule(tmp_path, monkeypatch
         FederationConfig.load(tmp_path / "federation.yaml")
 
 
-PLAN = dict(run_name="demo", round=3, total_rounds=20, labels=["a", "b"], hidden_size=8, backbone_fingerprint="f" * 64,
-            n_virtual_tokens=4, pooling="mean", max_length=32, prompt_init="labels", normalize=True, seed=0, local_epochs=1,
-            sample_rate=0.25, batch_size=0, lr=8.0, optimizer="sgd", train_prompt=False, private=True, target_epsilon=8.0,
-            delta=0.0, max_grad_norm=1.0)
+PLAN = dict(
+    run_name="demo",
+    round=3,
+    total_rounds=20,
+    labels=["a", "b"],
+    hidden_size=8,
+    backbone_fingerprint="f" * 64,
+    n_virtual_tokens=4,
+    pooling="mean",
+    max_length=32,
+    prompt_init="labels",
+    normalize=True,
+    seed=0,
+    local_epochs=1,
+    sample_rate=0.25,
+    batch_size=0,
+    lr=8.0,
+    optimizer="sgd",
+    train_prompt=False,
+    private=True,
+    target_epsilon=8.0,
+    delta=0.0,
+    max_grad_norm=1.0,
+)
 
 
 def test_round_plan_round_trips_through_its_config_record():
@@ -201,37 +230,71 @@ def test_a_malformed_round_plan_is_refused_with_every_reason():
         "the aggregator's round plan: fp.sample_rate: expected 0 < sample_rate <= 1, got 2.0",
         "the aggregator's round plan: fp.lr: missing required key",
         "the aggregator's round plan: fp.private: expected true or false, got 1",
-        "the aggregator's round plan: fp.colour: unknown key (expected one of: " + ", ".join(sorted(RoundPlan.model_fields)) + ")",
+        "the aggregator's round plan: fp.colour: unknown key (expected one of: "
+        + ", ".join(sorted(RoundPlan.model_fields))
+        + ")",
     ]
 
 
-ROUND = {"round": 1, "seconds": 2.5, "evaluate": None, "test": {"accuracy": 0.5, "macro_f1": 0.4, "loss": float("nan"), "num_examples": 20},
-         "hospitals": {"hospital-1": {"status": "ok", "weight": 500.0, "epsilon_spent": 1.5, "epsilon_cap": 8.0, "upload_bytes": 100},
-                       "hospital-2": {"status": "refused", "reason": "budget"}},
-         "upload_bytes": 100}
+ROUND = {
+    "round": 1,
+    "seconds": 2.5,
+    "evaluate": None,
+    "test": {"accuracy": 0.5, "macro_f1": 0.4, "loss": float("nan"), "num_examples": 20},
+    "hospitals": {
+        "hospital-1": {"status": "ok", "weight": 500.0, "epsilon_spent": 1.5, "epsilon_cap": 8.0, "upload_bytes": 100},
+        "hospital-2": {"status": "refused", "reason": "budget"},
+    },
+    "upload_bytes": 100,
+}
 
 
 def test_run_files_are_read_through_their_models(tmp_path):
     """metrics.json and the checkpoint's state.json: the aggregator's writer and every reader share one model."""
     from fedprompt.server.history import read_checkpoint_state, read_metrics
 
-    metrics = {"run": "demo", "outcome": "trained", "outcome_reason": None, "private": True, "strategy": "fedavg",
-               "backbone_fingerprint": "f" * 64, "labels": ["a", "b"], "rounds": [ROUND], "export": None}
+    metrics = {
+        "run": "demo",
+        "outcome": "trained",
+        "outcome_reason": None,
+        "private": True,
+        "strategy": "fedavg",
+        "backbone_fingerprint": "f" * 64,
+        "labels": ["a", "b"],
+        "rounds": [ROUND],
+        "export": None,
+    }
     path = tmp_path / "metrics.json"
     path.write_text(json.dumps(metrics))
     read = read_metrics(path)
-    assert read["rounds"][0]["hospitals"]["hospital-2"] == {"status": "refused", "reason": "budget", "weight": 0.0, "epsilon_spent": None,
-                                                           "epsilon_cap": None, "upload_bytes": 0}
+    assert read["rounds"][0]["hospitals"]["hospital-2"] == {
+        "status": "refused",
+        "reason": "budget",
+        "weight": 0.0,
+        "epsilon_spent": None,
+        "epsilon_cap": None,
+        "upload_bytes": 0,
+    }
     bad = {**metrics, "rounds": [{**ROUND, "hospitals": {"hospital-1": {"status": "fine"}}, "upload_bytes": -1}]}
     path.write_text(json.dumps(bad))
-    with pytest.raises(InputError, match=r"unreadable metrics: rounds\[0\]\.hospitals\.hospital-1\.status: expected one of 'ok', "
-                                         r"'refused', 'rejected', 'failed', got 'fine'; rounds\[0\]\.upload_bytes: expected >= 0, got -1$"):
+    with pytest.raises(
+        InputError,
+        match=r"unreadable metrics: rounds\[0\]\.hospitals\.hospital-1\.status: expected one of 'ok', "
+        r"'refused', 'rejected', 'failed', got 'fine'; rounds\[0\]\.upload_bytes: expected >= 0, got -1$",
+    ):
         read_metrics(path)
     state = tmp_path / "state.json"
-    doc = {"format": "fedprompt-checkpoint/1", "run": "demo", "round": 1, "tensors": "global-r0001.safetensors",
-           "backbone_fingerprint": "f" * 64, "history": [ROUND]}
+    doc = {
+        "format": "fedprompt-checkpoint/1",
+        "run": "demo",
+        "round": 1,
+        "tensors": "global-r0001.safetensors",
+        "backbone_fingerprint": "f" * 64,
+        "history": [ROUND],
+    }
     state.write_text(json.dumps(doc))
     assert read_checkpoint_state(state).round == 1
-    state.write_text(json.dumps({**doc, "tensors": "../../elsewhere.safetensors"}))  # never a file outside the checkpoint
+    # never a file outside the checkpoint
+    state.write_text(json.dumps({**doc, "tensors": "../../elsewhere.safetensors"}))
     with pytest.raises(InputError, match=r"unreadable checkpoint: tensors: expected a string matching"):
         read_checkpoint_state(state)

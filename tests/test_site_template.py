@@ -44,20 +44,58 @@ def test_every_field_is_documented_once():
             assert any(w in lines[at - 1] for w in ("Default:", "REQUIRED", "Required")), (key, lines[at - 1])
 
 
-def test_init_with_paths_writes_a_site_that_loads_with_the_recommended_private_settings(tmp_path, cli, capsys, monkeypatch):
+def test_init_with_paths_writes_a_site_that_loads_with_the_recommended_private_settings(
+    tmp_path, cli, capsys, monkeypatch
+):
     train, val = _records(tmp_path / "records")
     monkeypatch.chdir(tmp_path)  # relative paths on the command line are relative to here, not to the file
     out = tmp_path / "etc" / "site.yaml"
-    assert cli(["hospital", "init", "--out", str(out), "--hospital-id", "hospital-7", "--train", "records/train.csv",
-                "--validation", str(val), "--ledger", "state/privacy-ledger.json"]) == 0
+    assert (
+        cli(
+            [
+                "hospital",
+                "init",
+                "--out",
+                str(out),
+                "--hospital-id",
+                "hospital-7",
+                "--train",
+                "records/train.csv",
+                "--validation",
+                str(val),
+                "--ledger",
+                "state/privacy-ledger.json",
+            ]
+        )
+        == 0
+    )
     assert "still to fill in" not in capsys.readouterr().out
     site = SiteConfig.load(out)
-    assert (site.hospital_id, site.train, site.validation, site.ledger) == ("hospital-7", train, val, tmp_path / "state" / "privacy-ledger.json")
+    assert (site.hospital_id, site.train, site.validation, site.ledger) == (
+        "hospital-7",
+        train,
+        val,
+        tmp_path / "state" / "privacy-ledger.json",
+    )
     assert site.privacy == PrivacyCap(max_epsilon=8.0, delta=1e-5)
-    assert (site.allow_non_private, site.share_evaluation, site.weight, site.patient_field) == (False, "none", 1.0, None)
+    assert (site.allow_non_private, site.share_evaluation, site.weight, site.patient_field) == (
+        False,
+        "none",
+        1.0,
+        None,
+    )
     defaults = SiteConfig(hospital_id="x", train=Path("t"), privacy=site.privacy, ledger=Path("l"))
-    for f in ("test", "text_field", "label_field", "device", "backbone", "max_physical_batch_size", "ledger_anchor",
-              "evaluation_epsilon", "trusted_apps"):
+    for f in (
+        "test",
+        "text_field",
+        "label_field",
+        "device",
+        "backbone",
+        "max_physical_batch_size",
+        "ledger_anchor",
+        "evaluation_epsilon",
+        "trusted_apps",
+    ):
         assert getattr(site, f) == getattr(defaults, f), f
     assert RECOMMENDED == {"privacy.max_epsilon": site.privacy.max_epsilon, "privacy.delta": site.privacy.delta}
     # The hospital's next step: the site checks alone (no federation.yaml), the ledger comes later.
@@ -93,7 +131,10 @@ def test_init_never_overwrites_and_writes_nothing_on_bad_input(tmp_path, cli, ca
     target = tmp_path / "new" / "site.yaml"
     assert cli(["hospital", "init", "--out", str(target), "--hospital-id", "h 1/x", "--text-field", " "]) == 2
     err = capsys.readouterr().err
-    assert "--hospital-id: expected letters, digits, '-' or '_', got 'h 1/x'" in err and "--text-field: expected a non-empty value" in err
+    assert (
+        "--hospital-id: expected letters, digits, '-' or '_', got 'h 1/x'" in err
+        and "--text-field: expected a non-empty value" in err
+    )
     assert not (tmp_path / "new").exists()
 
 

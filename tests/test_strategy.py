@@ -20,8 +20,17 @@ GLOBAL = {"prompt.weight": torch.zeros(2, 4), "head.weight": torch.zeros(3, 4), 
 
 
 def reply(node: int, content: RecordDict | None = None, error: str | None = None, sender: int | None = None) -> Message:
-    md = Metadata(run_id=1, message_id=f"r{node}", src_node_id=node if sender is None else sender, dst_node_id=0, reply_to_message_id=f"m{node}",
-                  group_id="1", created_at=0.0, ttl=60, message_type="train")
+    md = Metadata(
+        run_id=1,
+        message_id=f"r{node}",
+        src_node_id=node if sender is None else sender,
+        dst_node_id=0,
+        reply_to_message_id=f"m{node}",
+        group_id="1",
+        created_at=0.0,
+        ttl=60,
+        message_type="train",
+    )
     if error:
         return Message(metadata=md, error=Error(code=1, reason=error))
     return Message(metadata=md, content=content)
@@ -38,14 +47,27 @@ def update(value: float, n: int = 10, hospital: str = "h", **tweak) -> RecordDic
 
 def instruction(node: int) -> Message:
     """A train instruction as the Grid leaves it once sent (message id assigned)."""
-    md = Metadata(run_id=1, message_id=f"m{node}", src_node_id=0, dst_node_id=node, reply_to_message_id="",
-                  group_id="1", created_at=0.0, ttl=60, message_type="train")
+    md = Metadata(
+        run_id=1,
+        message_id=f"m{node}",
+        src_node_id=0,
+        dst_node_id=node,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=0.0,
+        ttl=60,
+        message_type="train",
+    )
     return Message(metadata=md, content=RecordDict())
 
 
 def guarded(name: str, min_hospitals: int = 1, norm_bound: float = 100.0) -> ValidatedStrategy:
-    fed = FederationConfig(name="t", labels=PROMPT.labels, min_hospitals=min_hospitals, strategy=StrategySettings(name=name))
-    s = ValidatedStrategy(build_strategy(fed), PROMPT, norm_bound=norm_bound, min_hospitals=min_hospitals, round_offset=4)
+    fed = FederationConfig(
+        name="t", labels=PROMPT.labels, min_hospitals=min_hospitals, strategy=StrategySettings(name=name)
+    )
+    s = ValidatedStrategy(
+        build_strategy(fed), PROMPT, norm_bound=norm_bound, min_hospitals=min_hospitals, round_offset=4
+    )
     s._global = GLOBAL
     s._sent[1] = [instruction(n) for n in range(1, 10)]
     return s
@@ -103,14 +125,20 @@ def test_superlink_answering_for_an_unavailable_node_is_one_entry_for_that_node(
 
 def test_below_min_hospitals_keeps_the_global_model():
     s = guarded("fedavg", min_hospitals=2)
-    arrays, metrics = s.aggregate_train(1, [reply(1, update(1.0, hospital="h1")), reply(2, update(float("nan"), hospital="h2"))])
+    arrays, metrics = s.aggregate_train(
+        1, [reply(1, update(1.0, hospital="h1")), reply(2, update(float("nan"), hospital="h2"))]
+    )
     assert arrays is None and metrics is None
 
 
-@pytest.mark.parametrize("name, expected", [("fedmedian", 1.0), ("fedtrimmedavg", 1.0), ("fedavg", (1 + 1 + 1 + 1 + 15) / 5)])
+@pytest.mark.parametrize(
+    "name, expected", [("fedmedian", 1.0), ("fedtrimmedavg", 1.0), ("fedavg", (1 + 1 + 1 + 1 + 15) / 5)]
+)
 def test_robust_strategies_resist_an_outlier_within_the_norm_bound(name, expected):
     s = guarded(name)
-    replies = [reply(i, update(1.0, hospital=f"h{i}")) for i in range(1, 5)] + [reply(5, update(15.0, hospital="outlier"))]
+    replies = [reply(i, update(1.0, hospital=f"h{i}")) for i in range(1, 5)] + [
+        reply(5, update(15.0, hospital="outlier"))
+    ]
     arrays, _ = s.aggregate_train(1, replies)
     np.testing.assert_allclose(arrays["head.bias"].numpy(), expected, rtol=1e-6)
 
@@ -133,7 +161,9 @@ def _eval_reply(node: int, metrics: dict | None = None, hospital: str = "h") -> 
 def test_evaluation_stays_local_by_default_so_there_is_nothing_to_aggregate():
     """Sites evaluate locally and reply with their status alone: the round's "evaluate" is null."""
     s = guarded("fedavg")
-    out = s.aggregate_evaluate(1, [_eval_reply(1), _eval_reply(2), reply(3, refusal("h3", "records")), reply(4, error="gone")])
+    out = s.aggregate_evaluate(
+        1, [_eval_reply(1), _eval_reply(2), reply(3, refusal("h3", "records")), reply(4, error="gone")]
+    )
     assert out is None and s.eval_results[1] is None
 
 
@@ -141,13 +171,16 @@ def test_noised_evaluation_counts_are_summed_and_clipped():
     """Sites with `share_evaluation: noised` send noised per-class counts (floats, maybe < 0):
     the aggregator sums them, clips each total at 0, and reports no loss (none is sent)."""
     s = guarded("fedavg")
-    out = s.aggregate_evaluate(1, [
-        _eval_reply(1, {"tp": [5.0, 0.0, 0.0], "fp": [0.0, 5.0, 0.0], "fn": [0.0, 0.0, 5.0]}),
-        _eval_reply(2, {"tp": [0.0, 5.0, -0.5], "fp": [0.0, 0.0, 0.0], "fn": [5.0, 0.0, 5.0]}),
-        _eval_reply(3),  # evaluated locally only
-        _eval_reply(4, {"tp": [1.0, 2.0], "fp": [0.0, 0.0], "fn": [0.0, 0.0]}),  # wrong length: ignored
-        _eval_reply(5, {"tp": [1.0] * 3, "fp": [0.0] * 3, "fn": [0.0] * 3, "loss-sum": 3.0}),  # a loss: ignored
-    ])
+    out = s.aggregate_evaluate(
+        1,
+        [
+            _eval_reply(1, {"tp": [5.0, 0.0, 0.0], "fp": [0.0, 5.0, 0.0], "fn": [0.0, 0.0, 5.0]}),
+            _eval_reply(2, {"tp": [0.0, 5.0, -0.5], "fp": [0.0, 0.0, 0.0], "fn": [5.0, 0.0, 5.0]}),
+            _eval_reply(3),  # evaluated locally only
+            _eval_reply(4, {"tp": [1.0, 2.0], "fp": [0.0, 0.0], "fn": [0.0, 0.0]}),  # wrong length: ignored
+            _eval_reply(5, {"tp": [1.0] * 3, "fp": [0.0] * 3, "fn": [0.0] * 3, "loss-sum": 3.0}),  # a loss: ignored
+        ],
+    )
     # summed: tp [5, 5, -0.5 -> 0], fp [0, 5, 0], fn [5, 0, 10]; n = 25
     assert s.eval_results[1]["accuracy"] == pytest.approx(10 / 25)
     f1 = [10 / 15, 10 / 15, 0.0]
@@ -168,15 +201,33 @@ def test_a_tensor_no_hospital_changed_stays_bit_identical():
     prompt = PromptConfig(labels=["a", "b", "c"], hidden_size=8, backbone_fingerprint="f", n_virtual_tokens=3)
     gen = torch.Generator().manual_seed(0)
     sent = {k: torch.randn(*shape, generator=gen) for k, shape in prompt.shapes().items()}
-    strategy = ValidatedStrategy(build_strategy(FederationConfig(name="t", labels=prompt.labels), 3), prompt, norm_bound=1e3, min_hospitals=1)
+    strategy = ValidatedStrategy(
+        build_strategy(FederationConfig(name="t", labels=prompt.labels), 3), prompt, norm_bound=1e3, min_hospitals=1
+    )
     strategy._global = sent
     replies = []
     for i, n in enumerate((7, 11, 13)):
         state = {**sent, "head.weight": sent["head.weight"] + 0.1 * (i + 1)}  # the head moves, the prompt does not
-        md = Metadata(run_id=1, message_id=f"r{i}", src_node_id=i + 1, dst_node_id=0, reply_to_message_id=f"m{i}", group_id="1",
-                      created_at=0.0, ttl=60, message_type="train")
+        md = Metadata(
+            run_id=1,
+            message_id=f"r{i}",
+            src_node_id=i + 1,
+            dst_node_id=0,
+            reply_to_message_id=f"m{i}",
+            group_id="1",
+            created_at=0.0,
+            ttl=60,
+            message_type="train",
+        )
         metrics = MetricRecord({"num-examples": n, "private": 0})
-        replies.append(Message(metadata=md, content=RecordDict({ARRAYS: state_to_arrays(state), METRICS: metrics, STATUS: status_record(f"h{i}", "ok")})))
+        replies.append(
+            Message(
+                metadata=md,
+                content=RecordDict(
+                    {ARRAYS: state_to_arrays(state), METRICS: metrics, STATUS: status_record(f"h{i}", "ok")}
+                ),
+            )
+        )
     strategy._sent[1] = [instruction(i) for i in range(3)]
     arrays, _ = strategy.aggregate_train(1, replies)
     assert np.array_equal(arrays["prompt.weight"].numpy(), sent["prompt.weight"].numpy())
@@ -192,12 +243,14 @@ def _del(record: str, key: str | None = None):
             del c[record]
         else:
             del c[record][key]
+
     return change
 
 
 def _set(record: str, key: str, value):
     def change(c: RecordDict) -> None:
         c[record][key] = value
+
     return change
 
 
@@ -205,6 +258,7 @@ def _swap(record: str, new_record):
     def change(c: RecordDict) -> None:
         del c[record]
         c[record] = new_record
+
     return change
 
 
@@ -218,15 +272,31 @@ TRAIN_FIELDS = [  # (what, how the reply is changed, a fragment of the rejection
     ("missing: metrics record", _del(METRICS), "MetricRecord"),
     ("missing: status record", _del(STATUS), "ConfigRecord"),
     ("type: tensors record is a MetricRecord", _swap(ARRAYS, MetricRecord({"x": 1.0})), "ArrayRecord"),
-    ("type: metrics record is a ConfigRecord", _swap(METRICS, ConfigRecord({"num-examples": 10, "private": 1})), "MetricRecord"),
+    (
+        "type: metrics record is a ConfigRecord",
+        _swap(METRICS, ConfigRecord({"num-examples": 10, "private": 1})),
+        "MetricRecord",
+    ),
     ("type: status record is a MetricRecord", _swap(STATUS, MetricRecord({"status": 1})), "Record"),
-    ("extra: a second ConfigRecord", lambda c: c.__setitem__("notes", ConfigRecord({"text": "chest pain"})), "ConfigRecord"),
+    (
+        "extra: a second ConfigRecord",
+        lambda c: c.__setitem__("notes", ConfigRecord({"text": "chest pain"})),
+        "ConfigRecord",
+    ),
     # tensors
     *[(f"missing: {k}", _del(ARRAYS, k), "tensor keys") for k in GLOBAL],
     ("type: prompt.weight int32", _set(ARRAYS, "prompt.weight", Array(np.zeros((2, 4), np.int32))), "dtype"),
     ("type: head.weight float64", _set(ARRAYS, "head.weight", Array(np.zeros((3, 4), np.float64))), "dtype"),
-    ("type: head.bias undecodable bytes", _set(ARRAYS, "head.bias", _raw_array("float32", (3,), b"garbage")), "undecodable"),
-    ("type: head.bias bytes of another shape", _set(ARRAYS, "head.bias", _raw_array("float32", (3,), Array(np.zeros(5, np.float32)).data)), "shape"),
+    (
+        "type: head.bias undecodable bytes",
+        _set(ARRAYS, "head.bias", _raw_array("float32", (3,), b"garbage")),
+        "undecodable",
+    ),
+    (
+        "type: head.bias bytes of another shape",
+        _set(ARRAYS, "head.bias", _raw_array("float32", (3,), Array(np.zeros(5, np.float32)).data)),
+        "shape",
+    ),
     # metrics
     *[(f"missing: {k}", _del(METRICS, k), k) for k in ("num-examples", "private")],
     *[(f"missing: {k}", _del(METRICS, k), "lacks") for k in ("epsilon-spent", "epsilon-cap", "delta")],
@@ -277,7 +347,11 @@ def test_each_field_of_a_train_reply_missing_or_mistyped_is_rejected(change, fra
 
 
 REFUSALS = [
-    ("free text with a record line and a label", _set(STATUS, "reason", "train.csv:17: label: unknown label 'x'"), "refusal reason"),
+    (
+        "free text with a record line and a label",
+        _set(STATUS, "reason", "train.csv:17: label: unknown label 'x'"),
+        "refusal reason",
+    ),
     ("reason an int", _set(STATUS, "reason", 3), "reason"),
     ("missing reason", _del(STATUS, "reason"), "status keys"),
     ("missing hospital-id", _del(STATUS, "hospital-id"), "status keys"),
@@ -293,8 +367,11 @@ def test_a_refusal_carries_only_a_category_or_is_rejected(change, fragment):
     bad = refusal("bad", "records")
     change(bad)
     s.aggregate_train(1, [reply(1, update(1.0, hospital="h1")), reply(2, bad)])
-    outcome = s.train_outcomes[1].get("bad") or s.train_outcomes[1]["node-2"]  # named by its hospital-id when that is well-formed
-    assert outcome.status == "rejected" and "malformed refusal" in outcome.reason and fragment in outcome.reason, outcome
+    # named by its hospital-id when that is well-formed
+    outcome = s.train_outcomes[1].get("bad") or s.train_outcomes[1]["node-2"]
+    assert outcome.status == "rejected" and "malformed refusal" in outcome.reason and fragment in outcome.reason, (
+        outcome
+    )
 
 
 @pytest.mark.parametrize("category", REFUSAL_CATEGORIES)
@@ -328,4 +405,6 @@ def test_each_field_of_an_evaluate_reply_missing_or_mistyped_is_ignored(change, 
     with caplog.at_level("WARNING", logger="fedprompt.server"):
         s.aggregate_evaluate(1, [good, bad])
     assert s.eval_results[1]["accuracy"] == 1.0 and s.eval_results[1]["hospitals"] == 1  # only the good one counted
-    assert any("malformed evaluation reply" in r.getMessage() and fragment in r.getMessage() for r in caplog.records), caplog.text
+    assert any("malformed evaluation reply" in r.getMessage() and fragment in r.getMessage() for r in caplog.records), (
+        caplog.text
+    )

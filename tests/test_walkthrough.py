@@ -97,14 +97,23 @@ def _build_wheel(root: Path) -> Path:
     """`pip wheel --no-deps` of a copy of the working tree (a build writes build/ and *.egg-info
     beside its sources: not into the shared checkout), installed with `pip install --target`."""
     src, dist, target = root / "src", root / "dist", root / "T"
-    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "__pycache__", "*.egg-info", "build", "dist",
-                                                             ".pytest_cache", "results"))
+    shutil.copytree(
+        REPO,
+        src,
+        ignore=shutil.ignore_patterns(
+            ".venv", ".git", "runs", "__pycache__", "*.egg-info", "build", "dist", ".pytest_cache", "results"
+        ),
+    )
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     # No build isolation: the venv's setuptools builds it (an isolated build would download one).
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(dist), str(src)], check=True, timeout=300)
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(dist), str(src)], check=True, timeout=300
+    )
     (wheel,) = dist.glob("fedprompt-*.whl")
     # --no-compile: no byte code in T but what the walk-through's processes write there.
-    subprocess.run([*pip, "install", "--no-deps", "--no-compile", "--target", str(target), str(wheel)], check=True, timeout=300)
+    subprocess.run(
+        [*pip, "install", "--no-deps", "--no-compile", "--target", str(target), str(wheel)], check=True, timeout=300
+    )
     return target
 
 
@@ -124,8 +133,13 @@ def test_deployment_guide_walkthrough(flavour, shared, monkeypatch):
     env = _env(root, target)
     fp = Site(target / "bin" / "fedprompt" if target else VENV_BIN / "fedprompt", env)
     if target is not None:
-        imported = subprocess.run([sys.executable, "-c", "import fedprompt; print(fedprompt.__file__)"], env=env,
-                                  capture_output=True, text=True, check=True).stdout.strip()
+        imported = subprocess.run(
+            [sys.executable, "-c", "import fedprompt; print(fedprompt.__file__)"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         assert Path(imported).is_relative_to(target), imported
         assert fp.run("--version").strip() == "fedprompt 0.1.0"
     pki, keys, backbone = shared["pki"], shared["keys"], shared["backbone"]
@@ -146,8 +160,24 @@ def test_deployment_guide_walkthrough(flavour, shared, monkeypatch):
         # Section 3: the aggregator daemon (SuperLink on its internal address + the Fleet-only proxy).
         state = root / "var-lib-fedprompt"
         link_port, fleet_port = free_port(), free_port()
-        procs.start("aggregator", fp.argv("aggregator", "start", "--pki", pki, "--state", state, "--port", link_port,
-                                          "--fleet-host", "127.0.0.1", "--fleet-port", fleet_port), env)
+        procs.start(
+            "aggregator",
+            fp.argv(
+                "aggregator",
+                "start",
+                "--pki",
+                pki,
+                "--state",
+                state,
+                "--port",
+                link_port,
+                "--fleet-host",
+                "127.0.0.1",
+                "--fleet-port",
+                fleet_port,
+            ),
+            env,
+        )
         wait_for(lambda: can_connect(link_port) and can_connect(fleet_port), 180, "SuperLink and proxy ports")
         # Section 2, step 4: register each hospital's public key.
         for hospital in HOSPITALS:
@@ -164,20 +194,41 @@ def test_deployment_guide_walkthrough(flavour, shared, monkeypatch):
             site = home / "etc-fedprompt" / "site.yaml"
             # Step 1: the site's config, from the commented template ...
             if n == 1:  # ... with the paths given at once,
-                fp.run("hospital", "init", "--out", site, "--hospital-id", hospital, "--train", records / "train.csv",
-                       "--validation", records / "val.csv", "--ledger", ledger, "--backbone", backbone)
+                fp.run(
+                    "hospital",
+                    "init",
+                    "--out",
+                    site,
+                    "--hospital-id",
+                    hospital,
+                    "--train",
+                    records / "train.csv",
+                    "--validation",
+                    records / "val.csv",
+                    "--ledger",
+                    ledger,
+                    "--backbone",
+                    backbone,
+                )
             else:  # ... or filled in afterwards, as an editor would.
                 out = fp.run("hospital", "init", "--out", site, "--hospital-id", hospital)
                 assert "still to fill in (REQUIRED): train, ledger" in out
                 text = site.read_text()
-                for key, value in (("train", records / "train.csv"), ("validation", records / "val.csv"), ("ledger", ledger),
-                                   ("backbone", backbone)):
+                for key, value in (
+                    ("train", records / "train.csv"),
+                    ("validation", records / "val.csv"),
+                    ("ledger", ledger),
+                    ("backbone", backbone),
+                ):
                     assert text.count(f"\n{key}: null\n") == 1, key
                     text = text.replace(f"\n{key}: null\n", f"\n{key}: {value}\n")
                 site.write_text(text)
             # ... checked by the site alone: no federation.yaml at a hospital.
             out = fp.run("data", "check", "--site", site)
-            assert "not checked: the labels above against the federation's label space" in out and out.rstrip().endswith("ok")
+            assert (
+                "not checked: the labels above against the federation's label space" in out
+                and out.rstrip().endswith("ok")
+            )
             assert "ledger: not created yet" in out
             # With the aggregator's federation.yaml handed over, the labels are checked too.
             out = fp.run("data", "check", "--site", site, "--federation", federation / "federation.yaml")
@@ -189,19 +240,55 @@ def test_deployment_guide_walkthrough(flavour, shared, monkeypatch):
         for hospital, (site, _) in sites.items():
             # Step 4: the daemon. Several on one host: each its own --clientappio-port; FLWR_HOME
             # defaults to a folder beside the site's ledger.
-            procs.start(hospital, fp.argv("hospital", "start", "--site", site, "--superlink", f"127.0.0.1:{fleet_port}",
-                                          "--root-certificates", pki / "ca.pem", "--key", keys / f"{hospital}.key",
-                                          "--clientappio-port", free_port()), env)
+            procs.start(
+                hospital,
+                fp.argv(
+                    "hospital",
+                    "start",
+                    "--site",
+                    site,
+                    "--superlink",
+                    f"127.0.0.1:{fleet_port}",
+                    "--root-certificates",
+                    pki / "ca.pem",
+                    "--key",
+                    keys / f"{hospital}.key",
+                    "--clientappio-port",
+                    free_port(),
+                ),
+                env,
+            )
 
         # Section 3: submit the run (the default app: no --app), the aggregator on the sites' backbone.
         out_dir = root / "srv-runs-a"
-        run = procs.start("run", fp.argv("aggregator", "run", "--state", state, "--workspace", federation, "--out", out_dir,
-                                         "--rounds", "1", "--run-config", f'backbone="{backbone}"', "--timeout", RUN_TIMEOUT), env)
+        run = procs.start(
+            "run",
+            fp.argv(
+                "aggregator",
+                "run",
+                "--state",
+                state,
+                "--workspace",
+                federation,
+                "--out",
+                out_dir,
+                "--rounds",
+                "1",
+                "--run-config",
+                f'backbone="{backbone}"',
+                "--timeout",
+                RUN_TIMEOUT,
+            ),
+            env,
+        )
         deadline = time.monotonic() + RUN_TIMEOUT + 60
         while (rc := run.poll()) is None:  # a daemon that dies fails the walk-through now, not at the deadline
             dead = [name for name in ("aggregator", *HOSPITALS) if procs.procs[name].poll() is not None]
             if dead:
-                pytest.fail(f"{dead[0]} exited with {procs.procs[dead[0]].returncode} during the run:\n" + procs.log(dead[0])[-3000:])
+                pytest.fail(
+                    f"{dead[0]} exited with {procs.procs[dead[0]].returncode} during the run:\n"
+                    + procs.log(dead[0])[-3000:]
+                )
             if time.monotonic() > deadline:
                 pytest.fail("`fedprompt aggregator run` did not return:\n" + procs.log("run")[-3000:])
             time.sleep(1)
@@ -219,14 +306,16 @@ def test_deployment_guide_walkthrough(flavour, shared, monkeypatch):
     # Only Flower declaring a daemon gone is tolerated (a lapsed heartbeat on a loaded 2-core host).
     assert len(lapsed) <= 1 and all(any(s in reason for s in FLOWER_LIVENESS) for reason in lapsed.values()), trained
     if lapsed:
-        warnings.warn(f"a hospital missed the round on Flower's liveness check: {lapsed}")
+        warnings.warn(f"a hospital missed the round on Flower's liveness check: {lapsed}", stacklevel=1)
     assert Path(metrics["export"]).is_dir() and "[fedprompt] run finished" in run_log
     for hospital, (site, ledger) in sites.items():
         # Section 4, step 3: the ledger, inspected at the site. One round spent the whole run's
         # request (epsilon 8) of the lifetime cap 8: a second run would be refused (section 4).
         shown = json.loads(fp.run("privacy", "show", "--site", site, "--json"))
         if hospital not in lapsed:
-            assert len(shown["history"]) == 1 and 7.9 < float(shown["epsilon_spent"]) <= shown["epsilon_cap"] == 8.0, shown
+            assert len(shown["history"]) == 1 and 7.9 < float(shown["epsilon_spent"]) <= shown["epsilon_cap"] == 8.0, (
+                shown
+            )
         # The daemon's FLWR_HOME: beside its ledger, not the inherited $FLWR_HOME nor ~/.flwr.
         assert ledger.with_name(ledger.name + ".flwr-home").is_dir(), hospital
         assert f"127.0.0.1:{fleet_port}" in logs[hospital]  # the hospitals reached the proxy, not the SuperLink

@@ -25,9 +25,14 @@ from flwr.cli.build import build_fab_from_disk
 
 from tinybert import make_tiny_backbone
 
-INSTALLED = '[tool.flwr.app.components]\nserverapp = "fedprompt.server.server_app:app"\nclientapp = "fedprompt.client.client_app:app"\n'
-PROJECT = '[build-system]\nrequires = ["setuptools>=69"]\nbuild-backend = "setuptools.build_meta"\n\n' \
-          '[project]\nname = "app"\nversion = "1.0.0"\ndescription = ""\nlicense = "Apache-2.0"\n\n[tool.flwr.app]\npublisher = "x"\n\n'
+INSTALLED = (
+    '[tool.flwr.app.components]\nserverapp = "fedprompt.server.server_app:app"\nclientapp = '
+    '"fedprompt.client.client_app:app"\n'
+)
+PROJECT = (
+    '[build-system]\nrequires = ["setuptools>=69"]\nbuild-backend = "setuptools.build_meta"\n\n[project]\nname = '
+    '"app"\nversion = "1.0.0"\ndescription = ""\nlicense = "Apache-2.0"\n\n[tool.flwr.app]\npublisher = "x"\n\n'
+)
 
 
 def _bundle(folder: Path, components: str = INSTALLED, code: str | None = None) -> bytes:
@@ -45,7 +50,10 @@ def test_only_code_free_bundles_of_the_installed_components_are_accepted(tmp_pat
 
     assert untrusted_reason(_bundle(tmp_path / "ok")) is None
     packaged = tmp_path / "packaged"
-    assert untrusted_reason(_bundle(packaged, INSTALLED.replace("fedprompt.client.client_app:app", "evil.client_app:app"))) is not None
+    assert (
+        untrusted_reason(_bundle(packaged, INSTALLED.replace("fedprompt.client.client_app:app", "evil.client_app:app")))
+        is not None
+    )
     with_code = _bundle(tmp_path / "code", code="import os\n")
     reason = untrusted_reason(with_code)
     assert reason is not None and "evil/client_app.py" in reason
@@ -69,8 +77,15 @@ def site(tmp_path_factory):
     tiny = make_tiny_backbone(root / "tinybert")
     overrides = {"rounds": 3, "round_timeout": 120.0, "model": {"n_virtual_tokens": 2, "max_length": 16}}
     demo = generate_demo(hospitals=1, per_hospital=24, test_size=10, seed=3)
-    ws = write_workspace(root / "ws", name="w", labels=demo.labels, hospitals=demo.hospitals, test_rows=demo.test,
-                         federation_overrides=overrides, epsilon_cap=10.0)
+    ws = write_workspace(
+        root / "ws",
+        name="w",
+        labels=demo.labels,
+        hospitals=demo.hospitals,
+        test_rows=demo.test,
+        federation_overrides=overrides,
+        epsilon_cap=10.0,
+    )
     site_yaml = list_hospitals(ws)[0]
     data = yaml.safe_load(site_yaml.read_text())
     data["backbone"] = str(tiny)
@@ -154,12 +169,24 @@ def test_executor_refuses_an_untrusted_bundle_without_running_it(site, tmp_path)
 
     run, site_yaml = site
     marker = tmp_path / "ran"
-    evil = _bundle(tmp_path / "evil", INSTALLED.replace("fedprompt.client.client_app:app", "evil.client_app:app"),
-                   code=f"open({str(marker)!r}, 'w').write(open({str(site_yaml.parent / 'train.csv')!r}).read())\n")
+    evil = _bundle(
+        tmp_path / "evil",
+        INSTALLED.replace("fedprompt.client.client_app:app", "evil.client_app:app"),
+        code=f"open({str(marker)!r}, 'w').write(open({str(site_yaml.parent / 'train.csv')!r}).read())\n",
+    )
     worker = WorkerHandle(site_yaml, dict(os.environ))  # never started: a call would raise
     executor = Executor("127.0.0.1:1", b"secret", site_yaml, "hospital-1", frozenset(), worker)
-    md = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="1",
-                  created_at=time.time(), ttl=60, message_type="train")
+    md = Metadata(
+        run_id=1,
+        message_id="m1",
+        src_node_id=0,
+        dst_node_id=1,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60,
+        message_type="train",
+    )
     message = Message(metadata=md, content=_train_content(run, 1))
     content, _ = executor._answer(message, evil, "train", time.time())
     assert _status(content) == ("refused", "untrusted app")

@@ -39,10 +39,15 @@ def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _zero_shot_by_hand(bb, fed: FederationConfig, prompt: torch.Tensor, texts: list[str], max_length: int) -> torch.Tensor:
+def _zero_shot_by_hand(
+    bb, fed: FederationConfig, prompt: torch.Tensor, texts: list[str], max_length: int
+) -> torch.Tensor:
     """cos(record through the encoder with the prompt before its words, label text through the plain encoder)."""
     lab = bb.tokenizer(fed.label_texts, padding=True, return_tensors="pt")
-    labels = _mean_pool(bb.model(input_ids=lab["input_ids"], attention_mask=lab["attention_mask"]).last_hidden_state, lab["attention_mask"])
+    labels = _mean_pool(
+        bb.model(input_ids=lab["input_ids"], attention_mask=lab["attention_mask"]).last_hidden_state,
+        lab["attention_mask"],
+    )
     enc = bb.tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
     words = bb.model.get_input_embeddings()(enc["input_ids"])
     n = prompt.shape[0]
@@ -54,11 +59,19 @@ def _zero_shot_by_hand(bb, fed: FederationConfig, prompt: torch.Tensor, texts: l
 
 def test_round_zero_is_the_zero_shot_classifier(bb):
     fed = FederationConfig(
-        name="z", labels=[LabelSpec(name="cardiovascular", description="heart and blood pressure"), "neoplasms", LabelSpec(name="nervous", description="brain, seizure, stroke"), "general"],
+        name="z",
+        labels=[
+            LabelSpec(name="cardiovascular", description="heart and blood pressure"),
+            "neoplasms",
+            LabelSpec(name="nervous", description="brain, seizure, stroke"),
+            "general",
+        ],
         model=ModelSettings(max_length=32),
     )
     config = prompt_config(fed, bb)
-    state = initial_global_state(bb, config, label_texts=fed.label_texts, head_init="prototypes", logit_scale=fed.model.logit_scale)
+    state = initial_global_state(
+        bb, config, label_texts=fed.label_texts, head_init="prototypes", logit_scale=fed.model.logit_scale
+    )
     model = build_model(bb, config, state).eval()
     ids, mask, _ = encode(bb.tokenizer, TEXTS, [0] * len(TEXTS), 32).dataset.tensors
     with torch.no_grad():
@@ -66,16 +79,24 @@ def test_round_zero_is_the_zero_shot_classifier(bb):
     cos = _zero_shot_by_hand(bb, fed, state[PROMPT_KEY], TEXTS, 32)
     assert torch.equal(logits.argmax(-1), cos.argmax(-1))
     assert len(set(cos.argmax(-1).tolist())) > 1  # a real decision, not one class for everything
-    torch.testing.assert_close(logits, fed.model.logit_scale * cos, atol=1e-5, rtol=1e-5)  # logits = scale x cosine, bias 0
+    # logits = scale x cosine, bias 0
+    torch.testing.assert_close(logits, fed.model.logit_scale * cos, atol=1e-5, rtol=1e-5)
     assert torch.equal(state[HEAD_BIAS_KEY], torch.zeros(4))
 
 
 def test_label_descriptions_shape_the_prototypes(bb):
     plain = FederationConfig(name="p", labels=["cardiovascular", "neoplasms"], model=ModelSettings(max_length=32))
-    described = FederationConfig(name="d", labels=[LabelSpec(name="cardiovascular", description="heart and blood pressure"), "neoplasms"], model=ModelSettings(max_length=32))
+    described = FederationConfig(
+        name="d",
+        labels=[LabelSpec(name="cardiovascular", description="heart and blood pressure"), "neoplasms"],
+        model=ModelSettings(max_length=32),
+    )
     assert described.label_names == plain.label_names == ["cardiovascular", "neoplasms"]
     assert described.label_texts == ["cardiovascular: heart and blood pressure", "neoplasms"]
-    heads = [initial_global_state(bb, prompt_config(f, bb), label_texts=f.label_texts)[HEAD_WEIGHT_KEY] for f in (plain, described)]
+    heads = [
+        initial_global_state(bb, prompt_config(f, bb), label_texts=f.label_texts)[HEAD_WEIGHT_KEY]
+        for f in (plain, described)
+    ]
     assert not torch.allclose(heads[0][0], heads[1][0]) and torch.equal(heads[0][1], heads[1][1])
     assert torch.allclose(heads[1].norm(dim=1), torch.full((2,), 10.0))  # unit prototypes x logit_scale
 
@@ -88,7 +109,9 @@ def test_random_head_is_still_available(bb):
 
 def test_labels_with_descriptions_load_from_yaml_and_bad_entries_name_the_line(tmp_path):
     good = tmp_path / "federation.yaml"
-    good.write_text("name: f\nlabels:\n  - name: neoplasms\n    description: tumours, cancers\n  - cardiovascular diseases\n")
+    good.write_text(
+        "name: f\nlabels:\n  - name: neoplasms\n    description: tumours, cancers\n  - cardiovascular diseases\n"
+    )
     fed = FederationConfig.load(good)
     assert fed.label_names == ["neoplasms", "cardiovascular diseases"]
     assert fed.label_texts == ["neoplasms: tumours, cancers", "cardiovascular diseases"]

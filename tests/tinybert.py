@@ -18,19 +18,31 @@ WORDS = (
 # A three-class toy label space over words the tiny vocabulary holds whole: each class's keywords,
 # and words that say nothing about the class (tests/test_audit.py, tests/test_personalize.py).
 TOY_LABELS = ["tumour", "digestive", "neuro"]
-TOY_KEYWORDS = [["tumor", "cancer", "mass", "carcinoma", "neoplasm"], ["stomach", "liver", "bowel", "gastric", "colon"],
-                ["brain", "seizure", "stroke", "nerve", "neurologic"]]
+TOY_KEYWORDS = [
+    ["tumor", "cancer", "mass", "carcinoma", "neoplasm"],
+    ["stomach", "liver", "bowel", "gastric", "colon"],
+    ["brain", "seizure", "stroke", "nerve", "neurologic"],
+]
 TOY_NEUTRAL = ["the", "patient", "pain", "fever", "history", "exam", "normal", "denies", "reports"]
 
 
-def make_tiny_backbone(directory: Path, seed: int = 0, hidden: int = 32, layers: int = 2, words: list[str] | None = None, init_range: float = 0.02,
-                       max_positions: int = 256) -> Path:
+def make_tiny_backbone(
+    directory: Path,
+    seed: int = 0,
+    hidden: int = 32,
+    layers: int = 2,
+    words: list[str] | None = None,
+    init_range: float = 0.02,
+    max_positions: int = 256,
+) -> Path:
     """`words` extends the vocabulary (e.g. with a corpus' frequent words) so that short
     max_length settings still cover whole sentences instead of single characters."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     chars = list(string.ascii_lowercase + string.digits + string.punctuation)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars] + WORDS + list(words or [])
+    vocab = (
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars] + WORDS + list(words or [])
+    )
     vocab = list(dict.fromkeys(vocab))
     BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True).save_pretrained(directory)
     torch.manual_seed(seed)

@@ -36,19 +36,41 @@ RUN_EXIT_CODES = """exit status:
 def register(subparsers: argparse._SubParsersAction) -> None:
     from fedprompt.common.logs import add_log_format_argument
 
-    parser = subparsers.add_parser("aggregator", help="run the aggregator (SuperLink + Fleet-only proxy), enrol hospitals, submit runs")
+    parser = subparsers.add_parser(
+        "aggregator", help="run the aggregator (SuperLink + Fleet-only proxy), enrol hospitals, submit runs"
+    )
     sub = parser.add_subparsers(dest="aggregator_command", required=True, metavar="ACTION")
 
     p = sub.add_parser("start", help="start the SuperLink (internal) and the Fleet-only proxy (for hospitals)")
     p.add_argument("--pki", type=Path, required=True, help="folder from `fedprompt pki init`")
-    p.add_argument("--state", type=Path, required=True, help="aggregator state folder (SQLite database, apps, flwr connection)")
-    p.add_argument("--host", default="127.0.0.1", help="SuperLink bind address: the aggregator's INTERNAL network only (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="SuperLink port: Fleet + Control + Runtime APIs (default 8000)")
-    p.add_argument("--fleet-host", default="0.0.0.0", help="Fleet-only proxy bind address, reachable by hospitals (default 0.0.0.0)")
+    p.add_argument(
+        "--state", type=Path, required=True, help="aggregator state folder (SQLite database, apps, flwr connection)"
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="SuperLink bind address: the aggregator's INTERNAL network only (default 127.0.0.1)",
+    )
+    p.add_argument(
+        "--port", type=int, default=8000, help="SuperLink port: Fleet + Control + Runtime APIs (default 8000)"
+    )
+    p.add_argument(
+        "--fleet-host",
+        default="0.0.0.0",
+        help="Fleet-only proxy bind address, reachable by hospitals (default 0.0.0.0)",
+    )
     p.add_argument("--fleet-port", type=int, default=9443, help="Fleet-only proxy port (default 9443)")
-    p.add_argument("--no-fleet-proxy", action="store_true", help="start only the SuperLink (the proxy runs elsewhere: `aggregator proxy`)")
-    p.add_argument("--isolation", choices=("subprocess", "process"), default="subprocess",
-                   help="ServerApp in a SuperLink subprocess (default) or in a separate `flower-superexec`")
+    p.add_argument(
+        "--no-fleet-proxy",
+        action="store_true",
+        help="start only the SuperLink (the proxy runs elsewhere: `aggregator proxy`)",
+    )
+    p.add_argument(
+        "--isolation",
+        choices=("subprocess", "process"),
+        default="subprocess",
+        help="ServerApp in a SuperLink subprocess (default) or in a separate `flower-superexec`",
+    )
     add_log_format_argument(p)
     p.set_defaults(func=run_start)
 
@@ -71,28 +93,61 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _connection_args(p)
     p.set_defaults(func=run_nodes)
 
-    p = sub.add_parser("run", help="submit a federation run (flwr run) and follow its log until it ends",
-                       epilog=RUN_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "run",
+        help="submit a federation run (flwr run) and follow its log until it ends",
+        epilog=RUN_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--state", type=Path, required=True, help="aggregator state folder (as given to `start`)")
-    p.add_argument("--workspace", type=Path, required=True, help="folder with federation.yaml (and optional test.csv), on the aggregator")
-    p.add_argument("--out", type=Path, required=True, help="run folder on the aggregator (checkpoint, metrics.json, export, report)")
+    p.add_argument(
+        "--workspace",
+        type=Path,
+        required=True,
+        help="folder with federation.yaml (and optional test.csv), on the aggregator",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="run folder on the aggregator (checkpoint, metrics.json, export, report)",
+    )
     p.add_argument("--rounds", type=int, help="override federation.yaml's rounds")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--app", type=Path,
-                   help="Flower app folder to submit (default: $FEDPROMPT_APP, else the code-free app installed with fedprompt)")
-    p.add_argument("--run-config", action="append", default=[], metavar="'KEY=VALUE ...'",
-                   help="extra run-config overrides passed on to `flwr run` (keys must exist in the app's [tool.flwr.app.config])")
+    p.add_argument(
+        "--app",
+        type=Path,
+        help="Flower app folder to submit (default: $FEDPROMPT_APP, else the code-free app installed with fedprompt)",
+    )
+    p.add_argument(
+        "--run-config",
+        action="append",
+        default=[],
+        metavar="'KEY=VALUE ...'",
+        help="extra run-config overrides passed on to `flwr run` (keys must exist in the app's [tool.flwr.app.config])",
+    )
     p.add_argument("--detach", action="store_true", help="submit and return at once, without following the log")
     p.add_argument("--timeout", type=float, help="give up following the log after this many seconds")
-    p.add_argument("--retries", type=int, default=0, metavar="N",
-                   help="if the run fails after a checkpoint, resubmit it from that checkpoint up to N times (default 0)")
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=0,
+        metavar="N",
+        help="if the run fails after a checkpoint, resubmit it from that checkpoint up to N times (default 0)",
+    )
     _connection_args(p)
     p.set_defaults(func=run_run)
 
 
 def _connection_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--superlink", metavar="HOST:PORT",
-                   help="the SuperLink's Control API on the aggregator's internal network (default: the connection `start` wrote to STATE)")
+    p.add_argument(
+        "--superlink",
+        metavar="HOST:PORT",
+        help=(
+            "the SuperLink's Control API on the aggregator's internal network (default: the connection `start` wrote "
+            "to STATE)"
+        ),
+    )
     p.add_argument("--root-certificates", type=Path, help="CA certificate for --superlink (the PKI's ca.pem)")
 
 
@@ -130,8 +185,11 @@ def _check_san(pki, host: str) -> None:
     except ValueError:
         ok = host.lower() in names
     if not ok:
-        raise InputError.at(pki.server_cert, f"does not name {host!r} (it names {', '.join(names + ips)}); the proxy and `flwr` reach "
-                            f"the SuperLink as {host}: re-create the PKI with `--host {host}` among the hosts")
+        raise InputError.at(
+            pki.server_cert,
+            f"does not name {host!r} (it names {', '.join(names + ips)}); the proxy and `flwr` reach "
+            f"the SuperLink as {host}: re-create the PKI with `--host {host}` among the hosts",
+        )
 
 
 def _internal_address(host: str) -> str:
@@ -158,8 +216,14 @@ def run_start(args: argparse.Namespace) -> int:
     state.mkdir(parents=True, exist_ok=True)
     conn = deploy.write_connection(state, f"{internal}:{args.port}", pki.ca_cert)
     argv = deploy.superlink_argv(pki, state, host=args.host, port=args.port, isolation=args.isolation)
-    log.info("SuperLink on %s:%d (TLS, SuperNode auth, database %s); Control API connection '%s' in %s",
-             args.host, args.port, state / "superlink.db", deploy.CONNECTION, conn)
+    log.info(
+        "SuperLink on %s:%d (TLS, SuperNode auth, database %s); Control API connection '%s' in %s",
+        args.host,
+        args.port,
+        state / "superlink.db",
+        deploy.CONNECTION,
+        conn,
+    )
     link = subprocess.Popen(argv, env=deploy.aggregator_env(state))
 
     def stop_link() -> int:
@@ -181,7 +245,10 @@ def run_start(args: argparse.Namespace) -> int:
             stop_link()
 
     config = fleet_proxy.ProxyConfig(
-        args.fleet_host, args.fleet_port, internal, args.port,
+        args.fleet_host,
+        args.fleet_port,
+        internal,
+        args.port,
         server_ssl=fleet_proxy.server_context(str(pki.server_cert), str(pki.server_key)),
         upstream_ssl=fleet_proxy.upstream_context(str(pki.ca_cert)),
     )
@@ -189,8 +256,13 @@ def run_start(args: argparse.Namespace) -> int:
     async def main() -> int:
         proxy = fleet_proxy.FleetProxy(config)
         await proxy.start()
-        log.info("Fleet-only proxy on %s:%d -> %s:%d (hospitals connect here; /v1/control and /v1/runtime answer 403)",
-                 args.fleet_host, proxy.port, internal, args.port)
+        log.info(
+            "Fleet-only proxy on %s:%d -> %s:%d (hospitals connect here; /v1/control and /v1/runtime answer 403)",
+            args.fleet_host,
+            proxy.port,
+            internal,
+            args.port,
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -199,7 +271,7 @@ def run_start(args: argparse.Namespace) -> int:
             while not stop.is_set() and link.poll() is None:
                 try:
                     await asyncio.wait_for(stop.wait(), 0.5)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
         finally:
             await proxy.close()
@@ -253,7 +325,9 @@ def run_register(args: argparse.Namespace) -> int:
     _ensure_connection(args)
     print(f"[fedprompt] registering {args.public_key} ({public_key_fingerprint(args.public_key)})", flush=True)
     name = args.name or args.public_key.stem
-    return deploy.flwr_cli(args.state, "supernode", "register", str(args.public_key), deploy.CONNECTION, "--name", name).returncode
+    return deploy.flwr_cli(
+        args.state, "supernode", "register", str(args.public_key), deploy.CONNECTION, "--name", name
+    ).returncode
 
 
 def run_nodes(args: argparse.Namespace) -> int:
@@ -289,7 +363,9 @@ def run_run(args: argparse.Namespace) -> int:
     if args.retries < 0:
         raise InputError.at("--retries", f"expected >= 0, got {args.retries}")
     # The ServerApp reads federation.yaml from this path: validate it now, not in the SuperLink's log.
-    load_workspace(args.workspace) if any(args.workspace.glob("hospital-*/site.yaml")) else _load_federation(args.workspace)
+    load_workspace(args.workspace) if any(args.workspace.glob("hospital-*/site.yaml")) else _load_federation(
+        args.workspace
+    )
     if (args.out / "checkpoint").exists() and not args.resume:
         raise InputError.at(args.out, "holds a run already: pass --resume to continue it, or choose another --out")
     if args.resume and not (args.out / "checkpoint" / "state.json").is_file():
@@ -297,12 +373,20 @@ def run_run(args: argparse.Namespace) -> int:
     _ensure_connection(args)
     app = args.app or default_app()
     if not (app / "pyproject.toml").is_file():
-        raise InputError.at(app, "not a Flower app folder (no pyproject.toml with [tool.flwr.app]): pass --app DIR or set FEDPROMPT_APP")
+        raise InputError.at(
+            app, "not a Flower app folder (no pyproject.toml with [tool.flwr.app]): pass --app DIR or set FEDPROMPT_APP"
+        )
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     checkpoint = args.out / "checkpoint" / "state.json"
     resume, attempt = args.resume, 0
     while True:
-        argv = ["run", str(app), deploy.CONNECTION, "--run-config", deploy.run_config_arg(args.workspace, args.out, args.rounds)]
+        argv = [
+            "run",
+            str(app),
+            deploy.CONNECTION,
+            "--run-config",
+            deploy.run_config_arg(args.workspace, args.out, args.rounds),
+        ]
         if resume:
             argv += ["--run-config", "resume=true"]
         for extra in args.run_config:
@@ -314,32 +398,51 @@ def run_run(args: argparse.Namespace) -> int:
             print("[fedprompt] the SuperLink did not accept the run (above: what flwr said)", file=sys.stderr)
             return submitted.returncode or 1
         if args.detach:
-            print(f"[fedprompt] run {run_id} submitted; follow it with: FLWR_HOME={deploy.flwr_home(args.state)} flwr log {run_id} {deploy.CONNECTION}")
+            print(
+                f"[fedprompt] run {run_id} submitted; follow it with: FLWR_HOME={deploy.flwr_home(args.state)} flwr "
+                f"log {run_id} {deploy.CONNECTION}"
+            )
             return 0
         try:
-            status = deploy.follow_run(args.state, run_id, timeout=None if deadline is None else max(deadline - time.monotonic(), 0.001))
+            status = deploy.follow_run(
+                args.state, run_id, timeout=None if deadline is None else max(deadline - time.monotonic(), 0.001)
+            )
         except subprocess.TimeoutExpired:
-            print(f"[fedprompt] stopped following run {run_id} after {args.timeout:g}s (it goes on at the SuperLink)", file=sys.stderr)
+            print(
+                f"[fedprompt] stopped following run {run_id} after {args.timeout:g}s (it goes on at the SuperLink)",
+                file=sys.stderr,
+            )
             return 1
         metrics = args.out / "metrics.json"
         if status == "finished:completed" and metrics.is_file():
             done = read_metrics(metrics)
             if done["outcome"] == NOTHING_TRAINED:
-                print(f"[fedprompt] run {run_id} ended without training: {done['outcome_reason']}; no export written "
-                      f"(see {metrics} and {args.out / 'report.html'})", file=sys.stderr)
+                print(
+                    f"[fedprompt] run {run_id} ended without training: {done['outcome_reason']}; no export written "
+                    f"(see {metrics} and {args.out / 'report.html'})",
+                    file=sys.stderr,
+                )
                 return EXIT_NOTHING_TRAINED
             print(f"[fedprompt] run finished: {metrics}")
             return 0
-        print(f"[fedprompt] run {run_id} ended {status}" + ("" if metrics.is_file() else f" without writing {metrics}") + ": see the SuperLink's log",
-              file=sys.stderr)
+        print(
+            f"[fedprompt] run {run_id} ended {status}"
+            + ("" if metrics.is_file() else f" without writing {metrics}")
+            + ": see the SuperLink's log",
+            file=sys.stderr,
+        )
         if status != "finished:failed" or attempt >= args.retries or not checkpoint.is_file():
             return 1
         # A ServerApp can fail on a transient SuperLink error (an HTTP 500 under load): go on
         # from the last complete round, as `--resume` would. Hospitals that trained in the lost
         # round have recorded it already: their ledgers over-count, never under-count.
         attempt, resume = attempt + 1, True
-        print(f"[fedprompt] resubmitting from the round-{deploy.checkpoint_round(checkpoint)} checkpoint (retry {attempt} of {args.retries})",
-              file=sys.stderr, flush=True)
+        print(
+            f"[fedprompt] resubmitting from the round-{deploy.checkpoint_round(checkpoint)} checkpoint (retry "
+            f"{attempt} of {args.retries})",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _load_federation(workspace: Path) -> None:

@@ -31,13 +31,24 @@ def _count(text: str) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("audit", help="empirical one-run privacy audit of this site's DP training (spends no budget, sends nothing)")
-    p.add_argument("--site", type=Path, required=True, help="the hospital's site.yaml (its train records, cap, delta, backbone)")
-    p.add_argument("--federation", type=Path,
-                   help="federation.yaml as received (label space, recipe, rounds, target epsilon); default: the federation defaults "
-                        "over the labels the site's records hold")
+    p = sub.add_parser(
+        "audit", help="empirical one-run privacy audit of this site's DP training (spends no budget, sends nothing)"
+    )
+    p.add_argument(
+        "--site", type=Path, required=True, help="the hospital's site.yaml (its train records, cap, delta, backbone)"
+    )
+    p.add_argument(
+        "--federation",
+        type=Path,
+        help="federation.yaml as received (label space, recipe, rounds, target epsilon); default: the federation "
+        "defaults over the labels the site's records hold",
+    )
     p.add_argument("--canaries", type=_count, help="number of canaries m (default 250, or fewer on a narrow backbone)")
-    p.add_argument("--epsilon", type=_positive_float, help="target epsilon to calibrate for (default: the federation's; the site's cap still wins)")
+    p.add_argument(
+        "--epsilon",
+        type=_positive_float,
+        help="target epsilon to calibrate for (default: the federation's; the site's cap still wins)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -48,32 +59,48 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
 
 def print_report(report: dict) -> None:
     rc = report["recipe"]
-    print(f"fedprompt audit: {report['hospital_id']}, {report['num_records']} records + {report['canaries']} canaries "
-          "(one-run audit, Steinke, Nasr & Jagielski 2023)")
-    print(f"recipe: head-only DP-SGD, {rc['rounds']} rounds x {rc['steps_per_round']} steps, q {rc['sample_rate']:.4g}, "
-          f"sigma {rc['noise_multiplier']:.4g}, C {rc['max_grad_norm']:g}, lr {rc['lr']:g} ({rc['optimizer']}); "
-          f"delta {report['delta']:g} ({rc['accountant']})")
+    print(
+        f"fedprompt audit: {report['hospital_id']}, {report['num_records']} records + {report['canaries']} canaries "
+        "(one-run audit, Steinke, Nasr & Jagielski 2023)"
+    )
+    print(
+        f"recipe: head-only DP-SGD, {rc['rounds']} rounds x {rc['steps_per_round']} steps, q {rc['sample_rate']:.4g}, "
+        f"sigma {rc['noise_multiplier']:.4g}, C {rc['max_grad_norm']:g}, lr {rc['lr']:g} ({rc['optimizer']}); "
+        f"delta {report['delta']:g} ({rc['accountant']})"
+    )
     print(f"accounted epsilon: {report['accounted_epsilon']:.3f} (target {report['target_epsilon']:g})")
-    print(f"ceiling of this audit: {report['ceiling']:.3f} (all {report['guesses']} guesses right, {1 - report['beta']:.0%} confidence)")
+    print(
+        f"ceiling of this audit: {report['ceiling']:.3f} (all {report['guesses']} guesses right, "
+        f"{1 - report['beta']:.0%} confidence)"
+    )
     print()
     width = max(len(r["title"]) for r in report["runs"].values())
     header = f"{'run'.ljust(width)}  {'sigma':>9}  {'C':>5}  {'m':>5}  {'r':>5}  {'v':>5}  {'eps lower bound':>15}"
     print(header)
     print("-" * len(header))
     for r in report["runs"].values():
-        print(f"{r['title'].ljust(width)}  {_fmt(r['noise_multiplier'], '.4g'):>9}  {_fmt(r['max_grad_norm'], 'g'):>5}  "
-              f"{r['m']:>5}  {r['r']:>5}  {r['v']:>5}  {r['epsilon_lower_bound']:>15.3f}")
+        print(
+            f"{r['title'].ljust(width)}  {_fmt(r['noise_multiplier'], '.4g'):>9}  {_fmt(r['max_grad_norm'], 'g'):>5}  "
+            f"{r['m']:>5}  {r['r']:>5}  {r['v']:>5}  {r['epsilon_lower_bound']:>15.3f}"
+        )
     print()
     private = report["runs"]["private"]["epsilon_lower_bound"]
     if report["passed"]:
-        print(f"PASS: the private run's bound {private:.3f} <= accounted {report['accounted_epsilon']:.3f}, and both controls "
-              f"exceed it by >= {report['clear_margin']:g}")
+        print(
+            f"PASS: the private run's bound {private:.3f} <= accounted {report['accounted_epsilon']:.3f}, and both "
+            f"controls exceed it by >= {report['clear_margin']:g}"
+        )
     else:
-        print("AUDIT FAILED (exit 4): a privacy bug is likely; rerun once to rule out a false alarm (the bound holds at 95%)")
+        print(
+            "AUDIT FAILED (exit 4): a privacy bug is likely; rerun once to rule out a false alarm (the bound holds "
+            "at 95%)"
+        )
         for reason in report["reasons"]:
             print(f"  - {reason}")
-    print(f"(the audit detects privacy bugs; it cannot certify epsilon {report['accounted_epsilon']:.3g}: its ceiling here is "
-          f"{report['ceiling']:.2f}. Nothing was spent, written or sent.)")
+    print(
+        f"(the audit detects privacy bugs; it cannot certify epsilon {report['accounted_epsilon']:.3g}: its ceiling "
+        f"here is {report['ceiling']:.2f}. Nothing was spent, written or sent.)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -45,20 +45,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--hospitals", type=_positive_int, default=3)
     p.add_argument("--out", type=Path, required=True, help="new (or empty) workspace folder")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--per-hospital", type=_positive_int, default=demo_data.PER_HOSPITAL, help="notes per hospital, split 80/20 train/validation (plus 40 more held out as its local test.csv)")
+    p.add_argument(
+        "--per-hospital",
+        type=_positive_int,
+        default=demo_data.PER_HOSPITAL,
+        help="notes per hospital, split 80/20 train/validation (plus 40 more held out as its local test.csv)",
+    )
     p.set_defaults(func=run_demo)
 
-    p = sub.add_parser("partition", help="split a real labelled corpus into a held-out test set and label-skewed hospitals")
+    p = sub.add_parser(
+        "partition", help="split a real labelled corpus into a held-out test set and label-skewed hospitals"
+    )
     p.add_argument("--input", type=Path, required=True, help="CSV or JSONL corpus")
     p.add_argument("--text-column", required=True)
     p.add_argument("--label-column", required=True)
     p.add_argument("--label-names", type=Path, help="CSV mapping label values (first column) to names (second column)")
     p.add_argument("--hospitals", type=_positive_int, default=3)
-    p.add_argument("--alpha", type=_positive_float, default=0.5, help="Dirichlet concentration: smaller = more label skew")
+    p.add_argument(
+        "--alpha", type=_positive_float, default=0.5, help="Dirichlet concentration: smaller = more label skew"
+    )
     p.add_argument("--test-frac", type=_fraction, default=0.2)
-    p.add_argument("--val-frac", type=_fraction, default=0.2, help="fraction of each hospital's rows held for validation")
-    p.add_argument("--local-test-frac", type=_fraction, default=0.2,
-                   help="fraction of each hospital's rows held out as its own test set (hospital-N/test.csv), to measure personalisation")
+    p.add_argument(
+        "--val-frac", type=_fraction, default=0.2, help="fraction of each hospital's rows held for validation"
+    )
+    p.add_argument(
+        "--local-test-frac",
+        type=_fraction,
+        default=0.2,
+        help=(
+            "fraction of each hospital's rows held out as its own test set (hospital-N/test.csv), to measure "
+            "personalisation"
+        ),
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", help="federation name (default: the --out folder's name)")
     p.add_argument("--out", type=Path, required=True, help="new (or empty) workspace folder")
@@ -72,9 +90,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("check", help="validate a site config, its record files and its ledger, without training")
     p.add_argument("--site", type=Path, required=True, help="the hospital's site.yaml")
-    p.add_argument("--federation", type=Path,
-                   help="the aggregator's federation.yaml: also check the labels against its label space "
-                        "(default: ../federation.yaml if the site is in a workspace; without one the labels are not checked)")
+    p.add_argument(
+        "--federation",
+        type=Path,
+        help="the aggregator's federation.yaml: also check the labels against its label space "
+        "(default: ../federation.yaml if the site is in a workspace; without one the labels are not checked)",
+    )
     p.set_defaults(func=run_check)
 
 
@@ -88,15 +109,31 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def run_partition(args: argparse.Namespace) -> int:
     if args.val_frac + args.local_test_frac >= 1:
-        raise InputError.at("--local-test-frac", f"--val-frac {args.val_frac} + --local-test-frac {args.local_test_frac} leaves no training rows (their sum must be below 1)")
+        raise InputError.at(
+            "--local-test-frac",
+            f"--val-frac {args.val_frac} + --local-test-frac {args.local_test_frac} leaves no training rows (their "
+            "sum must be below 1)",
+        )
     check_empty_target(args.out)  # before reading a large corpus, not after
-    records, labels = partition.load_corpus(args.input, text_column=args.text_column, label_column=args.label_column, label_names=args.label_names)
+    records, labels = partition.load_corpus(
+        args.input, text_column=args.text_column, label_column=args.label_column, label_names=args.label_names
+    )
     split = partition.partition(
-        records, labels, hospitals=args.hospitals, alpha=args.alpha, test_frac=args.test_frac, val_frac=args.val_frac, seed=args.seed,
+        records,
+        labels,
+        hospitals=args.hospitals,
+        alpha=args.alpha,
+        test_frac=args.test_frac,
+        val_frac=args.val_frac,
+        seed=args.seed,
         local_test_frac=args.local_test_frac,
     )
     out = write_workspace(
-        args.out, name=args.name or args.out.resolve().name, labels=split.labels, hospitals=split.hospitals, test_rows=split.test,
+        args.out,
+        name=args.name or args.out.resolve().name,
+        labels=split.labels,
+        hospitals=split.hospitals,
+        test_rows=split.test,
         local_tests=split.local_tests,
     )
     print(label_table(split.labels, split.hospitals, split.test, split.local_tests))
@@ -114,6 +151,7 @@ def run_check(args: argparse.Namespace) -> int:
     site = SiteConfig.load(args.site)
     federation_path = args.federation
     if federation_path is None:  # a workspace (`data demo` / `data partition`) keeps it above hospital-N/
+        assert site.source is not None  # loaded from a file
         beside = site.source.parent.parent / "federation.yaml"
         federation_path = beside if beside.is_file() else None
     federation = None if federation_path is None else FederationConfig.load(federation_path)
@@ -126,12 +164,18 @@ def run_check(args: argparse.Namespace) -> int:
             patient_field = site.patient_field if split == "train" else None
             try:
                 if federation is None:
-                    loaded[split], names[split] = load_labelled(path, text_field=site.text_field, label_field=site.label_field,
-                                                                patient_field=patient_field)
+                    loaded[split], names[split] = load_labelled(
+                        path, text_field=site.text_field, label_field=site.label_field, patient_field=patient_field
+                    )
                 else:
                     names[split] = federation.label_names
-                    loaded[split] = load_records(path, text_field=site.text_field, label_field=site.label_field,
-                                                 labels=federation.label_names, patient_field=patient_field)
+                    loaded[split] = load_records(
+                        path,
+                        text_field=site.text_field,
+                        label_field=site.label_field,
+                        labels=federation.label_names,
+                        patient_field=patient_field,
+                    )
             except InputError as exc:
                 problems += exc.problems
     n_train = len(loaded["train"]) if "train" in loaded else None
@@ -139,18 +183,35 @@ def run_check(args: argparse.Namespace) -> int:
     if n_train and loaded["train"].patients is not None:  # patient-level DP: the patient is the unit
         n_train, unit = len(set(loaded["train"].patients)), "patients"
     if site.patient_field is not None and federation is not None and federation.training.train_prompt:
-        problems.append(Problem(str(site.source), None, "patient_field",
-                                "patient-level DP is supported for the head-only recipe (train_prompt: false) only; the federation trains the prompt"))
+        problems.append(
+            Problem(
+                str(site.source),
+                None,
+                "patient_field",
+                "patient-level DP is supported for the head-only recipe (train_prompt: false) only; the federation "
+                "trains the prompt",
+            )
+        )
     # DP's delta must stay well below 1/n, or disclosing one whole record fits inside the guarantee.
     if n_train and site.privacy.delta >= 1 / n_train:
-        problems.append(Problem(str(site.source), None, "privacy.delta", f"{site.privacy.delta} is not below 1/n = 1/{n_train} {unit}"))
+        problems.append(
+            Problem(
+                str(site.source), None, "privacy.delta", f"{site.privacy.delta} is not below 1/n = 1/{n_train} {unit}"
+            )
+        )
     if site.backbone is not None and not (site.backbone / "config.json").is_file():
-        problems.append(Problem(str(site.source), None, "backbone", f"{site.backbone} is not a model directory (no config.json)"))
+        problems.append(
+            Problem(str(site.source), None, "backbone", f"{site.backbone} is not a model directory (no config.json)")
+        )
     ledger = _check_ledger(site, problems)
     if problems:
         raise InputError(problems)
-    labels = federation.label_names if federation is not None else sorted({n for v in names.values() for n in v}, key=natural_key)
-    counts = {s: dict(zip(names[s], r.counts(len(names[s])))) for s, r in loaded.items()}
+    labels = (
+        federation.label_names
+        if federation is not None
+        else sorted({n for v in names.values() for n in v}, key=natural_key)
+    )
+    counts = {s: dict(zip(names[s], r.counts(len(names[s])), strict=True)) for s, r in loaded.items()}
     width = max(map(len, [*labels, "total"]))
     print(f"{site.hospital_id}: {site.source}")
     print(f"{'label'.ljust(width)}  " + "  ".join(f"{s:>10}" for s in loaded))
@@ -164,7 +225,9 @@ def run_check(args: argparse.Namespace) -> int:
         unchecked = "the labels above against the federation's label space"
         if site.patient_field is not None:
             unchecked += ", and patient_field against the federation's recipe (train_prompt)"
-        print(f"not checked: {unchecked}: pass --federation FILE (the aggregator's federation.yaml; it holds no secrets)")
+        print(
+            f"not checked: {unchecked}: pass --federation FILE (the aggregator's federation.yaml; it holds no secrets)"
+        )
     else:
         print(f"labels checked against the label space of {federation.source}")
     print("ok")
@@ -175,8 +238,10 @@ def _check_ledger(site: SiteConfig, problems: list[Problem]) -> str:
     """The site's privacy ledger, opened as the daemon opens it before every round (if it exists
     yet: `data check` comes before `privacy init`); a line to print, or the problem appended."""
     if not os.path.lexists(site.ledger):
-        return (f"ledger: not created yet; create it once in the life of the site: fedprompt privacy init --site {site.source} "
-                "(never re-create a lost ledger on a site that has trained: restore it from backup)")
+        return (
+            "ledger: not created yet; create it once in the life of the site: fedprompt privacy init --site "
+            f"{site.source} (never re-create a lost ledger on a site that has trained: restore it from backup)"
+        )
     from fedprompt.client.ledger import PrivacyLedger  # numpy only; the epsilon (opacus) is `privacy show`'s job
 
     try:

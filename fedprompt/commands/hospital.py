@@ -21,35 +21,73 @@ log = logging.getLogger("fedprompt.hospital")
 def register(subparsers: argparse._SubParsersAction) -> None:
     from fedprompt.common.logs import add_log_format_argument
 
-    parser = subparsers.add_parser("hospital", help="run this hospital's daemon (Flower SuperNode with the fedprompt ClientApp)")
+    parser = subparsers.add_parser(
+        "hospital", help="run this hospital's daemon (Flower SuperNode with the fedprompt ClientApp)"
+    )
     sub = parser.add_subparsers(dest="hospital_command", required=True, metavar="ACTION")
     p = sub.add_parser("start", help="validate the site, then start the SuperNode")
     p.add_argument("--site", type=Path, required=True, help="this hospital's site.yaml")
-    p.add_argument("--superlink", required=True, help="HOST:PORT of the aggregator's Fleet endpoint (its Fleet-only proxy)")
-    p.add_argument("--root-certificates", type=Path, required=True, help="the aggregator's ca.pem (verifies its TLS certificate)")
-    p.add_argument("--key", type=Path, required=True, help="this hospital's SuperNode private key (ID.key from `fedprompt pki hospital`)")
-    p.add_argument("--clientappio-port", "--runtime-port", dest="runtime_port", type=int,
-                   help="port of the SuperNode's local runtime API on 127.0.0.1 (default: a free port, so daemons share a host)")
-    p.add_argument("--executor", choices=("worker", "flower"), default="worker",
-                   help="worker (default): the site's warm worker runs the installed fedprompt and refuses bundles "
-                        "with code; flower: Flower's own per-message ClientApp processes (imports the bundle's code)")
-    p.add_argument("--flwr-home", type=Path,
-                   help="the SuperNode's working folder (installed apps, caches); default: LEDGER.flwr-home beside this site's ledger")
+    p.add_argument(
+        "--superlink", required=True, help="HOST:PORT of the aggregator's Fleet endpoint (its Fleet-only proxy)"
+    )
+    p.add_argument(
+        "--root-certificates", type=Path, required=True, help="the aggregator's ca.pem (verifies its TLS certificate)"
+    )
+    p.add_argument(
+        "--key",
+        type=Path,
+        required=True,
+        help="this hospital's SuperNode private key (ID.key from `fedprompt pki hospital`)",
+    )
+    p.add_argument(
+        "--clientappio-port",
+        "--runtime-port",
+        dest="runtime_port",
+        type=int,
+        help="port of the SuperNode's local runtime API on 127.0.0.1 (default: a free port, so daemons share a host)",
+    )
+    p.add_argument(
+        "--executor",
+        choices=("worker", "flower"),
+        default="worker",
+        help="worker (default): the site's warm worker runs the installed fedprompt and refuses bundles "
+        "with code; flower: Flower's own per-message ClientApp processes (imports the bundle's code)",
+    )
+    p.add_argument(
+        "--flwr-home",
+        type=Path,
+        help=(
+            "the SuperNode's working folder (installed apps, caches); default: LEDGER.flwr-home beside this site's "
+            "ledger"
+        ),
+    )
     p.add_argument("--max-retries", type=int, help="give up after this many failed reconnections (default: never)")
-    p.add_argument("--max-wait-time", type=float, help="give up after this many seconds without the aggregator (default: never)")
-    p.add_argument("--trusted-entities", type=Path,
-                   help="YAML of Ed25519 keys whose signature an app must carry (Flower Hub apps only; see docs/deployment.md)")
-    p.add_argument("--check", action="store_true", help="only validate and print the SuperNode command; do not start it")
+    p.add_argument(
+        "--max-wait-time", type=float, help="give up after this many seconds without the aggregator (default: never)"
+    )
+    p.add_argument(
+        "--trusted-entities",
+        type=Path,
+        help="YAML of Ed25519 keys whose signature an app must carry (Flower Hub apps only; see docs/deployment.md)",
+    )
+    p.add_argument(
+        "--check", action="store_true", help="only validate and print the SuperNode command; do not start it"
+    )
     add_log_format_argument(p)
     p.set_defaults(func=run_start)
 
-    p = sub.add_parser("init", help="write a commented site.yaml template with the recommended private settings (never overwrites)")
+    p = sub.add_parser(
+        "init", help="write a commented site.yaml template with the recommended private settings (never overwrites)"
+    )
     p.add_argument("--out", type=Path, required=True, help="the site.yaml to write (refused if it exists)")
     p.add_argument("--hospital-id", help="this site's id, the one of its SuperNode key (`fedprompt pki hospital --id`)")
-    for name, what in (("train", "training records (CSV or JSONL)"), ("validation", "validation records"),
-                       ("test", "this site's own held-out records (personalisation)"),
-                       ("ledger", "privacy ledger file, on a writable, backed-up volume"),
-                       ("backbone", "local backbone directory (default: the embedded all-MiniLM-L6-v2)")):
+    for name, what in (
+        ("train", "training records (CSV or JSONL)"),
+        ("validation", "validation records"),
+        ("test", "this site's own held-out records (personalisation)"),
+        ("ledger", "privacy ledger file, on a writable, backed-up volume"),
+        ("backbone", "local backbone directory (default: the embedded all-MiniLM-L6-v2)"),
+    ):
         p.add_argument(f"--{name}", type=Path, help=f"{what}; written as an absolute path")
     p.add_argument("--text-field", help="column/field holding the text (default: text)")
     p.add_argument("--label-field", help="column/field holding the label (default: label)")
@@ -72,11 +110,20 @@ def run_start(args: argparse.Namespace) -> int:
 
     port = args.runtime_port or daemon.free_local_port()
     argv = deploy.supernode_argv(
-        superlink=args.superlink, root_certificates=args.root_certificates, key=args.key, site_path=checked.site_path,
-        runtime_port=port, max_retries=args.max_retries, max_wait_time=args.max_wait_time,
-        isolation="process" if args.executor == "worker" else "subprocess", trusted_entities=args.trusted_entities,
+        superlink=args.superlink,
+        root_certificates=args.root_certificates,
+        key=args.key,
+        site_path=checked.site_path,
+        runtime_port=port,
+        max_retries=args.max_retries,
+        max_wait_time=args.max_wait_time,
+        isolation="process" if args.executor == "worker" else "subprocess",
+        trusted_entities=args.trusted_entities,
     )
-    summary = f"hospital {checked.hospital_id}: site {checked.site_path}, ledger {checked.ledger}; connecting to {args.superlink}"
+    summary = (
+        f"hospital {checked.hospital_id}: site {checked.site_path}, ledger {checked.ledger}; connecting to "
+        f"{args.superlink}"
+    )
     if args.check:  # validation only: this process's logging stays as it was
         print(summary)
         print(" ".join(argv))
@@ -87,17 +134,37 @@ def run_start(args: argparse.Namespace) -> int:
     deploy.flwr_home_of(env).mkdir(parents=True, exist_ok=True)
     if args.executor == "flower":
         os.execve(argv[0], argv, env)
-    return daemon.run(supernode_argv=argv, runtime_port=port, site=checked.site_path, hospital_id=checked.hospital_id,
-                      trusted_apps=frozenset(checked.trusted_apps), state_dir=deploy.flwr_home_of(env), env=env)
+    return daemon.run(
+        supernode_argv=argv,
+        runtime_port=port,
+        site=checked.site_path,
+        hospital_id=checked.hospital_id,
+        trusted_apps=frozenset(checked.trusted_apps),
+        state_dir=deploy.flwr_home_of(env),
+        env=env,
+    )
 
 
 def run_init(args: argparse.Namespace) -> int:
     from fedprompt.client.site_template import write_template
 
-    given = {"hospital_id": args.hospital_id, "text_field": args.text_field, "label_field": args.label_field,
-             # Absolute: the file resolves relative paths against its own folder, not the current one.
-             **{k: getattr(args, k).absolute() for k in ("train", "validation", "test", "ledger", "backbone") if getattr(args, k)}}
+    given = {
+        "hospital_id": args.hospital_id,
+        "text_field": args.text_field,
+        "label_field": args.label_field,
+        # Absolute: the file resolves relative paths against its own folder, not the current one.
+        **{
+            k: getattr(args, k).absolute()
+            for k in ("train", "validation", "test", "ledger", "backbone")
+            if getattr(args, k)
+        },
+    }
     required = write_template(args.out, {k: v for k, v in given.items() if v is not None})
-    print(f"[fedprompt] wrote {args.out}" + (f"; still to fill in (REQUIRED): {', '.join(required)}" if required else ""))
-    print(f"next: fedprompt data check --site {args.out}   then, once in the life of the site: fedprompt privacy init --site {args.out}")
+    print(
+        f"[fedprompt] wrote {args.out}" + (f"; still to fill in (REQUIRED): {', '.join(required)}" if required else "")
+    )
+    print(
+        f"next: fedprompt data check --site {args.out}   then, once in the life of the site: fedprompt privacy init "
+        f"--site {args.out}"
+    )
     return 0

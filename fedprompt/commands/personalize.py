@@ -12,10 +12,22 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("personalize", help="adapt an exported model to this hospital's records (label prior, local head); stays at the site")
-    p.add_argument("--site", type=Path, required=True, help="the hospital's site.yaml (its train, validation and test records, its backbone)")
-    p.add_argument("--model", type=Path, required=True, help="export folder of a run (config.json + prompt.safetensors)")
-    p.add_argument("--out", type=Path, required=True, help="new (or empty) folder for the personalised model and personalize.json")
+    p = sub.add_parser(
+        "personalize",
+        help="adapt an exported model to this hospital's records (label prior, local head); stays at the site",
+    )
+    p.add_argument(
+        "--site",
+        type=Path,
+        required=True,
+        help="the hospital's site.yaml (its train, validation and test records, its backbone)",
+    )
+    p.add_argument(
+        "--model", type=Path, required=True, help="export folder of a run (config.json + prompt.safetensors)"
+    )
+    p.add_argument(
+        "--out", type=Path, required=True, help="new (or empty) folder for the personalised model and personalize.json"
+    )
     p.set_defaults(func=run)
 
 
@@ -23,19 +35,35 @@ def run(args: argparse.Namespace) -> int:
     from fedprompt.client.personalize import GLOBAL, LOCAL_HEAD, METHODS, OWN, PERSONALIZED, PRIOR, personalize_site
 
     report = personalize_site(args.site, args.model, args.out)
-    rows = [(GLOBAL, METHODS[GLOBAL]), (PRIOR, METHODS[PRIOR]), (LOCAL_HEAD, METHODS[LOCAL_HEAD]),
-            (PERSONALIZED, "personalised (chosen)"), (OWN, "site alone (own model)")]
-    splits = [(title, report[name]) for name, title in (("validation", "validation"), ("test", "local test")) if report[name] is not None]
+    rows = [
+        (GLOBAL, METHODS[GLOBAL]),
+        (PRIOR, METHODS[PRIOR]),
+        (LOCAL_HEAD, METHODS[LOCAL_HEAD]),
+        (PERSONALIZED, "personalised (chosen)"),
+        (OWN, "site alone (own model)"),
+    ]
+    splits = [
+        (title, report[name])
+        for name, title in (("validation", "validation"), ("test", "local test"))
+        if report[name] is not None
+    ]
     if splits:
         width = max(len(label) for _, label in rows)
         print(f"{'candidate'.ljust(width)}  " + "  ".join(f"{title + ' acc / macro-F1':>26}" for title, _ in splits))
         for key, label in rows:
             cells = (f"{m[key]['accuracy']:.3f} / {m[key]['macro_f1']:.3f}" for _, m in splits)
             print(f"{label.ljust(width)}  " + "  ".join(f"{c:>26}" for c in cells))
-    how = "chosen on validation macro-F1" if report["validation"] is not None else "no validation split: local head taken as is"
+    how = (
+        "chosen on validation macro-F1"
+        if report["validation"] is not None
+        else "no validation split: local head taken as is"
+    )
     print(f"{report['hospital_id']}: {METHODS[report['method']]} (penalty {report['penalty']:g}), {how}")
     if report["method"] == GLOBAL:
         print(f"the global model is unchanged; written to {args.out}")
     else:
-        print(f"personalised model written to {args.out} (fitted on this site's records without differential privacy: keep it at this site)")
+        print(
+            f"personalised model written to {args.out} (fitted on this site's records without differential privacy: "
+            "keep it at this site)"
+        )
     return 0

@@ -11,13 +11,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = parser.add_subparsers(dest="pki_command", required=True, metavar="ACTION")
 
     p = sub.add_parser("init", help="a CA and the aggregator's TLS server certificate (run once, at the aggregator)")
-    p.add_argument("--out", type=Path, required=True, help="folder for ca.pem, ca.key, server.pem, server.key (must not hold them yet)")
-    p.add_argument("--host", action="append", required=True, metavar="NAME",
-                   help="host name or IP address hospitals (and the proxy) use to reach the aggregator; repeat for each")
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="folder for ca.pem, ca.key, server.pem, server.key (must not hold them yet)",
+    )
+    p.add_argument(
+        "--host",
+        action="append",
+        required=True,
+        metavar="NAME",
+        help="host name or IP address hospitals (and the proxy) use to reach the aggregator; repeat for each",
+    )
     p.add_argument("--days", type=int, default=825, help="validity of the server certificate (default 825 days)")
     p.set_defaults(func=run_init)
 
-    p = sub.add_parser("hospital", help="a hospital's SuperNode key pair (EC P-384, OpenSSH format; run at the hospital)")
+    p = sub.add_parser(
+        "hospital", help="a hospital's SuperNode key pair (EC P-384, OpenSSH format; run at the hospital)"
+    )
     p.add_argument("--id", required=True, help="hospital id, e.g. hospital-1 (names the files ID.key and ID.pub)")
     p.add_argument("--out", type=Path, required=True, help="folder for ID.key (private, 0600) and ID.pub")
     p.set_defaults(func=run_hospital)

@@ -15,7 +15,7 @@ import json
 import math
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from fedprompt.common.config import SiteConfig
@@ -23,11 +23,21 @@ if TYPE_CHECKING:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("plan", help="each hospital's q, steps, sigma and projected epsilon for a run of a workspace, before it starts")
-    p.add_argument("--workspace", type=Path, required=True, help="workspace folder (federation.yaml + hospital-*/site.yaml)")
+    p = sub.add_parser(
+        "plan", help="each hospital's q, steps, sigma and projected epsilon for a run of a workspace, before it starts"
+    )
+    p.add_argument(
+        "--workspace", type=Path, required=True, help="workspace folder (federation.yaml + hospital-*/site.yaml)"
+    )
     p.add_argument("--rounds", type=int, help="override federation.yaml's rounds (as `fedprompt simulate --rounds`)")
-    p.add_argument("--non-private", action="store_true", help="plan a reference run WITHOUT differential privacy (as `simulate --non-private`)")
-    p.add_argument("--backbone", type=Path, help="the aggregator's backbone directory (default: embedded all-MiniLM-L6-v2)")
+    p.add_argument(
+        "--non-private",
+        action="store_true",
+        help="plan a reference run WITHOUT differential privacy (as `simulate --non-private`)",
+    )
+    p.add_argument(
+        "--backbone", type=Path, help="the aggregator's backbone directory (default: embedded all-MiniLM-L6-v2)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -40,14 +50,31 @@ def plan_site(site: SiteConfig, plan: RoundPlan) -> dict:
     from fedprompt.common.errors import LedgerError
     from fedprompt.common.records import load_records
 
-    records = load_records(site.train, text_field=site.text_field, label_field=site.label_field, labels=plan.labels,
-                           patient_field=site.patient_field)
+    records = load_records(
+        site.train,
+        text_field=site.text_field,
+        label_field=site.label_field,
+        labels=plan.labels,
+        patient_field=site.patient_field,
+    )
     units = dp_units(records)
     q, steps = plan_steps(units, plan.batch_size, plan.local_epochs, plan.sample_rate)
     cap = site.privacy.max_epsilon
-    row = {"hospital_id": site.hospital_id, "site": str(site.source), "dp_unit": "record" if records.patients is None else "patient",
-           "units": units, "sample_rate": q, "steps_per_round": steps, "noise_multiplier": None, "delta": None,
-           "epsilon_spent": None, "epsilon_after_run": None, "epsilon_cap": cap, "epsilon_remaining": None, "refusal": None}
+    row: dict[str, Any] = {
+        "hospital_id": site.hospital_id,
+        "site": str(site.source),
+        "dp_unit": "record" if records.patients is None else "patient",
+        "units": units,
+        "sample_rate": q,
+        "steps_per_round": steps,
+        "noise_multiplier": None,
+        "delta": None,
+        "epsilon_spent": None,
+        "epsilon_after_run": None,
+        "epsilon_cap": cap,
+        "epsilon_remaining": None,
+        "refusal": None,
+    }
     refusal = None
     try:
         check_plan(site, plan)
@@ -63,11 +90,20 @@ def plan_site(site: SiteConfig, plan: RoundPlan) -> dict:
     else:
         spent = ledger.epsilon_spent()
         after = ledger.project(noise.sigma, q, steps * plan.total_rounds) if plan.private else math.inf
-        row.update(epsilon_spent=json_epsilon(spent), epsilon_after_run=json_epsilon(after), epsilon_remaining=max(cap - spent, 0.0))
-        # ledger.record refuses the private round that would cross the cap, and every later one (a non-private round: never).
+        row.update(
+            epsilon_spent=json_epsilon(spent),
+            epsilon_after_run=json_epsilon(after),
+            epsilon_remaining=max(cap - spent, 0.0),
+        )
+        # ledger.record refuses the private round that would cross the cap, and every later one (a
+        # non-private round: never).
         if plan.private and refusal is None and after > cap:
             first = "its first round" if ledger.project(noise.sigma, q, steps) > cap else "a later round"
-            refusal = "budget", f"the run would bring epsilon from {spent:.4f} to {after:.4f}, over the site's cap {cap:g}: it refuses {first}"
+            refusal = (
+                "budget",
+                f"the run would bring epsilon from {spent:.4f} to {after:.4f}, over the site's cap {cap:g}: it "
+                f"refuses {first}",
+            )
     if refusal is not None:
         row["refusal"] = {"category": refusal[0], "reason": refusal[1]}
     return row
@@ -88,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
     plan = RoundPlan.for_run(fed, prompt_config(fed, load_backbone(args.backbone)), round=1)
     rows, problems = [], []
     with warnings.catch_warnings():
-        # Opacus' RDP bounds (its PRV domain size; the ledger past PRV_CEILING) warn about their own tightness: not about this plan.
+        # Opacus' RDP bounds (its PRV domain size; the ledger past PRV_CEILING) warn about their own
+        # tightness: not about this plan.
         warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha")
         for site in sites:
             try:
@@ -97,21 +134,37 @@ def run(args: argparse.Namespace) -> int:
                 problems += exc.problems
     if problems:
         raise InputError(problems)
-    report = {"run": fed.name, "rounds": plan.total_rounds, "private": plan.private, "target_epsilon": plan.target_epsilon, "hospitals": rows}
+    report = {
+        "run": fed.name,
+        "rounds": plan.total_rounds,
+        "private": plan.private,
+        "target_epsilon": plan.target_epsilon,
+        "hospitals": rows,
+    }
     if args.json:
         print(json.dumps(report))
         return 0
-    print(f"fedprompt plan: run {fed.name!r}, {plan.total_rounds} rounds, "
-          + (f"DP-SGD, target epsilon {plan.target_epsilon:g} per run (each site's cap wins)" if plan.private else "NON-PRIVATE"))
-    header = (f"{'hospital':<16} {'DP units':>14} {'q':>9} {'steps/round':>11} {'sigma':>8} {'eps spent':>10} {'after run':>10} "
-              f"{'cap':>7} {'left now':>9}  verdict")
+    print(
+        f"fedprompt plan: run {fed.name!r}, {plan.total_rounds} rounds, "
+        + (
+            f"DP-SGD, target epsilon {plan.target_epsilon:g} per run (each site's cap wins)"
+            if plan.private
+            else "NON-PRIVATE"
+        )
+    )
+    header = (
+        f"{'hospital':<16} {'DP units':>14} {'q':>9} {'steps/round':>11} {'sigma':>8} {'eps spent':>10} "
+        f"{'after run':>10} {'cap':>7} {'left now':>9}  verdict"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
         verdict = "trains" if r["refusal"] is None else f"REFUSES [{r['refusal']['category']}]"
-        print(f"{r['hospital_id']:<16} {r['units']:>6} {r['dp_unit'] + 's':<7} {r['sample_rate']:>9.4g} {r['steps_per_round']:>11} "
-              f"{_num(r['noise_multiplier'], '.4g'):>8} {_num(r['epsilon_spent']):>10} {_num(r['epsilon_after_run']):>10} "
-              f"{r['epsilon_cap']:>7g} {_num(r['epsilon_remaining']):>9}  {verdict}")
+        print(
+            f"{r['hospital_id']:<16} {r['units']:>6} {r['dp_unit'] + 's':<7} {r['sample_rate']:>9.4g} "
+            f"{r['steps_per_round']:>11} {_num(r['noise_multiplier'], '.4g'):>8} {_num(r['epsilon_spent']):>10} "
+            f"{_num(r['epsilon_after_run']):>10} {r['epsilon_cap']:>7g} {_num(r['epsilon_remaining']):>9}  {verdict}"
+        )
     for r in rows:
         if r["refusal"] is not None:
             print(f"{r['hospital_id']}: {r['refusal']['reason']}")

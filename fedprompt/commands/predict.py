@@ -11,7 +11,12 @@ from pathlib import Path
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="classify text with an exported prompt (refuses on a different backbone)")
-    p.add_argument("--model", type=Path, required=True, help="export folder of a run, or a personalised model (config.json + prompt.safetensors)")
+    p.add_argument(
+        "--model",
+        type=Path,
+        required=True,
+        help="export folder of a run, or a personalised model (config.json + prompt.safetensors)",
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", action="append", help="a text to classify (repeatable)")
     src.add_argument("--input", type=Path, help=".txt (one text per line), .csv or .jsonl file")
@@ -29,12 +34,14 @@ def read_texts(path: Path, column: str) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = path.read_bytes()[: exc.start].count(b"\n") + 1
-        raise InputError.at(path, f"not UTF-8 text ({exc.reason} at byte {exc.start})", line=line) from None
+        line_no = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise InputError.at(path, f"not UTF-8 text ({exc.reason} at byte {exc.start})", line=line_no) from None
     if path.suffix == ".csv":
         reader = csv.DictReader(text.splitlines())
         if column not in (reader.fieldnames or []):
-            raise InputError.at(path, f"missing column (found: {', '.join(reader.fieldnames or [])})", line=1, field=column)
+            raise InputError.at(
+                path, f"missing column (found: {', '.join(reader.fieldnames or [])})", line=1, field=column
+            )
         return [row[column] for row in reader]
     if path.suffix == ".jsonl":
         out = []
@@ -43,7 +50,9 @@ def read_texts(path: Path, column: str) -> list[str]:
                 try:
                     out.append(str(json.loads(line)[column]))
                 except (ValueError, KeyError, TypeError):
-                    raise InputError.at(path, f"expected a JSON object with a {column!r} field", line=i, field=column) from None
+                    raise InputError.at(
+                        path, f"expected a JSON object with a {column!r} field", line=i, field=column
+                    ) from None
         return out
     return [line for line in text.splitlines() if line.strip()]
 
@@ -61,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{p.label}\t{p.probabilities[p.label]:.3f}\t{p.text[:80]}")
     if model.personalized is not None:
         method = model.personalized.get("method")
-        print(f"personalised for {model.personalized.get('hospital_id')} ({METHODS.get(method, method)})", file=sys.stderr)
+        described = METHODS.get(method, method) if isinstance(method, str) else method
+        print(f"personalised for {model.personalized.get('hospital_id')} ({described})", file=sys.stderr)
     if not model.private:
         print("warning: this model was trained WITHOUT differential privacy", file=sys.stderr)
     return 0

@@ -33,12 +33,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--site", type=Path, required=True, help="the hospital's site.yaml")
     p.set_defaults(func=run_init)
 
-    p = sub.add_parser("verify", help="check the ledger's hash chain and anchor, recompute its epsilon (exit 3 if it fails)")
+    p = sub.add_parser(
+        "verify", help="check the ledger's hash chain and anchor, recompute its epsilon (exit 3 if it fails)"
+    )
     p.add_argument("--site", type=Path, required=True, help="the hospital's site.yaml")
     p.add_argument("--json", action="store_true", help="machine-readable verdict on stdout (exit code as without)")
     p.set_defaults(func=run_verify)
 
-    p = sub.add_parser("anchor", help="re-create a lost or moved ledger anchor from the ledger as it is (never over a rollback)")
+    p = sub.add_parser(
+        "anchor", help="re-create a lost or moved ledger anchor from the ledger as it is (never over a rollback)"
+    )
     p.add_argument("--site", type=Path, required=True, help="the hospital's site.yaml")
     p.set_defaults(func=run_anchor)
 
@@ -75,14 +79,22 @@ def _print_non_private(ledger: PrivacyLedger) -> None:
     rounds = [e for e in ledger.history if e.non_private]
     if rounds:
         first = rounds[0]
-        print(f"note: this site trained WITHOUT differential privacy ({len(rounds)} round(s), first: run {first.run_id} "
-              f"round {first.round}): its epsilon is infinite, for good")
+        print(
+            f"note: this site trained WITHOUT differential privacy ({len(rounds)} round(s), first: run {first.run_id} "
+            f"round {first.round}): its epsilon is infinite, for good"
+        )
 
 
 def run_verify(args: argparse.Namespace) -> int:
     site = SiteConfig.load(args.site)
-    verdict = verify_ledger(site.ledger, anchor=site.ledger_anchor, hospital_id=site.hospital_id, delta=site.privacy.delta,
-                            mechanism=site.privacy.accountant, source=site.source)
+    verdict = verify_ledger(
+        site.ledger,
+        anchor=site.ledger_anchor,
+        hospital_id=site.hospital_id,
+        delta=site.privacy.delta,
+        mechanism=site.privacy.accountant,
+        source=site.source,
+    )
     cap = site.privacy.max_epsilon
     if verdict["ok"]:
         spent = math.inf if verdict["epsilon_spent"] == "inf" else verdict["epsilon_spent"]
@@ -93,19 +105,28 @@ def run_verify(args: argparse.Namespace) -> int:
     if not verdict["ok"]:
         print(f"privacy: verification FAILED: {verdict['failure']['message']}", file=sys.stderr)
         return EXIT_LEDGER
-    print(f"ledger  {verdict['ledger']}: {verdict['entries']} entries, {verdict['completions']} completions, chain intact "
-          f"(head {verdict['head'][:16]}...)")
+    print(
+        f"ledger  {verdict['ledger']}: {verdict['entries']} entries, {verdict['completions']} completions, chain "
+        f"intact (head {verdict['head'][:16]}...)"
+    )
     if verdict["migration_pending"]:
         print(f"        schema {verdict['schema']}: chained in memory; stored as fedprompt-ledger/2 at the next write")
-    anchor = {"in step": "in step with the ledger", "ahead": "behind the ledger (a crash between the two writes; rewritten at the next one)",
-              "none": "none yet (written at the next ledger write)"}[verdict["anchor_status"]]
+    anchor = {
+        "in step": "in step with the ledger",
+        "ahead": "behind the ledger (a crash between the two writes; rewritten at the next one)",
+        "none": "none yet (written at the next ledger write)",
+    }[verdict["anchor_status"]]
     print(f"anchor  {verdict['anchor']}: {anchor}")
     if verdict["incomplete"]:
-        print(f"note: {len(verdict['incomplete'])} entries have no out-hash (recorded but nothing sent for them -- crash, refusal "
-              f"or an evaluation charge -- or recorded before schema 2): {verdict['incomplete'][:20]}")
+        print(
+            f"note: {len(verdict['incomplete'])} entries have no out-hash (recorded but nothing sent for them -- "
+            f"crash, refusal or an evaluation charge -- or recorded before schema 2): {verdict['incomplete'][:20]}"
+        )
     spent = verdict["epsilon_spent"]
-    print(f"epsilon spent {spent if spent == 'inf' else format(spent, '.4f')} of cap {cap:g} "
-          f"(delta {verdict['delta']:g}, accountant {verdict['mechanism']}), recomputed from the entries")
+    print(
+        f"epsilon spent {spent if spent == 'inf' else format(spent, '.4f')} of cap {cap:g} "
+        f"(delta {verdict['delta']:g}, accountant {verdict['mechanism']}), recomputed from the entries"
+    )
     if verdict["non_private"]:
         print("note: this site trained WITHOUT differential privacy: its epsilon is infinite, for good")
     if verdict["over_cap"]:
@@ -118,8 +139,10 @@ def run_anchor(args: argparse.Namespace) -> int:
     site = SiteConfig.load(args.site)
     ledger = PrivacyLedger.for_site(site, anchored=False)  # the anchor is what is repaired here
     before = ledger.reanchor()
-    print(f"anchor {ledger.anchor_path} written for privacy ledger {ledger.path} ({len(ledger.history)} entries, "
-          f"head {ledger.head[:16]}...; the anchor was {before})")
+    print(
+        f"anchor {ledger.anchor_path} written for privacy ledger {ledger.path} ({len(ledger.history)} entries, "
+        f"head {ledger.head[:16]}...; the anchor was {before})"
+    )
     return 0
 
 
@@ -137,6 +160,8 @@ def run_init(args: argparse.Namespace) -> int:
         mechanism=site.privacy.accountant,
         anchor=site.ledger_anchor,
     )
-    print(f"created privacy ledger {ledger.path} for hospital {ledger.hospital_id} "
-          f"(cap {ledger.epsilon_cap:g}, delta {ledger.delta:g}, accountant {ledger.mechanism}; anchor {ledger.anchor_path})")
+    print(
+        f"created privacy ledger {ledger.path} for hospital {ledger.hospital_id} (cap {ledger.epsilon_cap:g}, delta "
+        f"{ledger.delta:g}, accountant {ledger.mechanism}; anchor {ledger.anchor_path})"
+    )
     return 0

@@ -23,10 +23,14 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"fedprompt selftest on {result['device']}, frozen encoder in {result['dtype']} (tolerance {TOLERANCE:g}, "
-              f"backbone {result['backbone'][:16]}...)")
+        print(
+            f"fedprompt selftest on {result['device']}, frozen encoder in {result['dtype']} (tolerance {TOLERANCE:g}, "
+            f"backbone {result['backbone'][:16]}...)"
+        )
         for c in result["checks"]:
             diff = "n/a" if c["max_abs_diff"] is None else f"{c['max_abs_diff']:.3g}"
             print(f"  {'PASS' if c['passed'] else 'FAIL'}  {c['name']:<24} max_abs_diff={diff:<10} {c['detail']}")
-        print("all checks passed" if result["passed"] else "SELFTEST FAILED: do not join a federation from this machine")
+        print(
+            "all checks passed" if result["passed"] else "SELFTEST FAILED: do not join a federation from this machine"
+        )
     return 0 if result["passed"] else 1

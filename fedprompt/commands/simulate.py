@@ -6,7 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-
 EXIT_CODES = """exit status:
   0  the run finished and at least one hospital trained (export in OUT/export)
   1  the simulation ended without finishing the run (see OUT/logs/simulate.log)
@@ -17,17 +16,31 @@ EXIT_CODES = """exit status:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("simulate", help="run a federation on this machine (default: a 3-hospital demo)",
-                       epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "simulate",
+        help="run a federation on this machine (default: a 3-hospital demo)",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--workspace", type=Path, help="workspace folder (default: make a 3-hospital demo in OUT/workspace)")
     p.add_argument("--out", type=Path, help="run folder (default: runs/<name>-<time>)")
     p.add_argument("--rounds", type=int, help="override federation.yaml's rounds")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--stop-after", type=int, help="run at most this many rounds now (continue later with --resume)")
-    p.add_argument("--backbone", type=Path, help="aggregator's backbone directory, and the fresh demo's sites' (default: embedded all-MiniLM-L6-v2)")
-    p.add_argument("--non-private", action="store_true", help="reference run WITHOUT differential privacy (sites must allow it)")
+    p.add_argument(
+        "--backbone",
+        type=Path,
+        help="aggregator's backbone directory, and the fresh demo's sites' (default: embedded all-MiniLM-L6-v2)",
+    )
+    p.add_argument(
+        "--non-private", action="store_true", help="reference run WITHOUT differential privacy (sites must allow it)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the demo workspace")
-    p.add_argument("--verbose", action="store_true", help="Flower's, Ray's and the hospitals' output on the console too (always in OUT/logs/)")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="Flower's, Ray's and the hospitals' output on the console too (always in OUT/logs/)",
+    )
     p.set_defaults(func=run)
 
 
@@ -36,16 +49,30 @@ def run(args: argparse.Namespace) -> int:
     from fedprompt.client.comparison import format_comparison
     from fedprompt.server.outcome import EXIT_NOTHING_TRAINED
 
-    result = simulate(args.workspace, args.out, rounds=args.rounds, resume=args.resume, stop_after=args.stop_after,
-                      backbone=args.backbone, non_private=args.non_private, seed=args.seed, verbose=args.verbose)
+    result = simulate(
+        args.workspace,
+        args.out,
+        rounds=args.rounds,
+        resume=args.resume,
+        stop_after=args.stop_after,
+        backbone=args.backbone,
+        non_private=args.non_private,
+        seed=args.seed,
+        verbose=args.verbose,
+    )
     out = result.out_dir
     if not result.trained:
-        print(f"\n[fedprompt] run {result.run!r} did not train: {result.outcome_reason}; no export written\n"
-              f"  metrics   {out / 'metrics.json'}\n  report    {out / 'report.html'}", file=sys.stderr)
+        print(
+            f"\n[fedprompt] run {result.run!r} did not train: {result.outcome_reason}; no export written\n"
+            f"  metrics   {out / 'metrics.json'}\n  report    {out / 'report.html'}",
+            file=sys.stderr,
+        )
         return EXIT_NOTHING_TRAINED
     trained = sum(1 for r in result.rounds if r.round > 0)  # round 0 is the zero-shot start
-    print(f"\n[fedprompt] run {result.run!r} finished: {trained} round(s), "
-          f"{'DP-SGD at every hospital' if result.private else 'NON-PRIVATE reference run'}")
+    print(
+        f"\n[fedprompt] run {result.run!r} finished: {trained} round(s), "
+        f"{'DP-SGD at every hospital' if result.private else 'NON-PRIVATE reference run'}"
+    )
     first, last = result.rounds[0], result.rounds[-1]
     for key, now, start in (("evaluate", last.evaluate, first.evaluate), ("test", last.test, first.test)):
         if now:
@@ -56,6 +83,9 @@ def run(args: argparse.Namespace) -> int:
         print("  federated: the private global model; personalized: the global model adapted at the site):")
         for row in result.hospital_comparison:
             print(format_comparison(row))
-    print(f"  metrics   {out / 'metrics.json'}\n  report    {out / 'report.html'}\n  logs      {out / 'logs'}\n  export    {result.export}")
-    print(f"  try       fedprompt predict --model {result.export} --text \"chest pain radiating to the left arm\"")
+    print(
+        f"  metrics   {out / 'metrics.json'}\n  report    {out / 'report.html'}\n  logs      {out / 'logs'}\n  "
+        f"export    {result.export}"
+    )
+    print(f'  try       fedprompt predict --model {result.export} --text "chest pain radiating to the left arm"')
     return 0

@@ -1,0 +1,1 @@
+../../../fedprompt/__init__.py

@@ -1,0 +1,1 @@
+../../../fedprompt/__main__.py

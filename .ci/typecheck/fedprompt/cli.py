@@ -1,0 +1,1 @@
+../../../fedprompt/cli.py

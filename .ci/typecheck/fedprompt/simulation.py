@@ -1,0 +1,1 @@
+../../../fedprompt/simulation.py
