@@ -168,6 +168,10 @@ def simulate(
         # it has validated here (workspace, records, ledgers, backbone) and reads the outcome in this
         # process, so it keeps the engine's Python entry and drops the notice.
         flwr_logger.addFilter(_not_run_simulation_deprecation)
+        # Flower's Ray backend exports PYTHONPATH (this interpreter's sys.path) into this process'
+        # environment for good: every program started afterwards (a notebook's, the caller's) would
+        # import this venv's packages. Restored when the simulation ends.
+        pythonpath = os.environ.get("PYTHONPATH")
         try:
             run_simulation(
                 server_app=make_server_app(run),
@@ -177,6 +181,10 @@ def simulate(
             )
         finally:
             flwr_logger.removeFilter(_not_run_simulation_deprecation)
+            if pythonpath is None:
+                os.environ.pop("PYTHONPATH", None)
+            else:
+                os.environ["PYTHONPATH"] = pythonpath
         metrics_path = out_dir / "metrics.json"
         if not metrics_path.exists() or (run.history and run.history[-1]["round"] < run.done):
             raise RuntimeError(f"the simulation ended without finishing the run (see {log_file})")

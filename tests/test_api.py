@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -27,6 +28,7 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     code = readme_example()
     assert code.count("backbone = None") == 1
     monkeypatch.chdir(tmp_path)  # the example writes runs/notebook
+    monkeypatch.delenv("PYTHONPATH", raising=False)
     namespace: dict = {}
     exec(compile(code.replace("backbone = None", f"backbone = {str(tiny)!r}"), str(README), "exec"), namespace)
     result, model = namespace["result"], namespace["model"]
@@ -50,3 +52,5 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
         for line in printed[-2:]
     )
     assert model.private and model.personalized is None and model.predict([]) == []
+    # Flower's Ray backend exports PYTHONPATH into the caller's process; the simulation puts it back
+    assert "PYTHONPATH" not in os.environ

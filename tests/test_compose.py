@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -126,7 +127,10 @@ def test_docker_compose_config_is_valid(profile):
     if exe is None:
         pytest.skip("docker-compose not installed (apt-get install -y docker-compose)")
     argv = [exe, "-f", str(COMPOSE)] + (["--profile", profile] if profile else []) + ["config", "-q"]
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    # Debian's docker-compose is a system-Python program: nothing of this venv may leak into it (an
+    # in-process Ray simulation earlier in the session exports PYTHONPATH with the venv's packages).
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr
 
 

@@ -46,6 +46,7 @@ from fedprompt.common.model import build_model, initial_state
 from fedprompt.common.plan import RoundPlan, prompt_config
 from fedprompt.common.wire import ARRAYS, CONFIG, arrays_to_state, state_to_arrays
 from fedprompt.server.strategy import ValidatedStrategy, build_strategy
+from fedprompt.simulation import ensure_ledgers
 
 from test_strategy import instruction, reply
 
@@ -96,6 +97,7 @@ def make_federation(
             "training": {"local_epochs": 1, "batch_size": 16, "lr": lr},
         },
     )
+    ensure_ledgers(ws)  # every round is recorded, non-private ones too (at infinite epsilon)
     fed, _, _ = load_workspace(ws)
     backbone = load_backbone(None)  # the embedded all-MiniLM-L6-v2
     prompt = prompt_config(fed, backbone)
