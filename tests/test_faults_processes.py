@@ -375,6 +375,8 @@ def test_hospital_killed_mid_training_rejoins_and_its_ledger_over_counts(topolog
     topo.register_all()
     for i in (1, 2, 3):
         topo.start_hospital(i)
+    # All three online before the run: Flower samples whoever is connected once min_hospitals (2) are.
+    wait_for(lambda: activations(topo) >= 3, 180, "three hospitals activated")
     eps_start = topo.epsilon(1)
     topo.submit()
 
