@@ -197,7 +197,14 @@ def site_noise(site: SiteConfig, plan: RoundPlan, sample_rate: float, steps_per_
     target = min(plan.target_epsilon, site.privacy.max_epsilon)  # the site's cap wins
     # The aggregator may ask for a smaller delta (more privacy), never a larger one.
     delta = min(plan.delta, site.privacy.delta) if plan.delta > 0 else site.privacy.delta
-    args = Calibration(target, delta, sample_rate, steps_per_round * plan.total_rounds, site.privacy.accountant)
+    return _noise(
+        site, Calibration(target, delta, sample_rate, steps_per_round * plan.total_rounds, site.privacy.accountant)
+    )
+
+
+def _noise(site: SiteConfig, args: Calibration) -> Noise:
+    """Calibrated (or remembered) sigma for `args`, raised to the site's noise floor: training and
+    the evaluation release alike."""
     calibrated = _noise_memo(site).get(args) or calibrate_noise(*args)
     return Noise(args, calibrated, max(calibrated, site.privacy.min_noise_multiplier))
 
@@ -400,9 +407,8 @@ def _validate_received(
         return None
     with _timed(timings, "privacy"):
         ledger = PrivacyLedger.for_site(site)
-        args, memo = (site.evaluation_epsilon, ledger.delta, 1.0, 1, site.privacy.accountant), _noise_memo(site)
-        calibrated = memo.get(args) or calibrate_noise(*args)
-        sigma = max(calibrated, site.privacy.min_noise_multiplier)
+        noise = _noise(site, Calibration(site.evaluation_epsilon, ledger.delta, 1.0, 1, site.privacy.accountant))
+        sigma = noise.sigma
         # Durable BEFORE the counts leave: a crash from here on over-counts, never under-counts.
         spent = ledger.record(
             sigma,
@@ -411,7 +417,7 @@ def _validate_received(
             epsilon_cap=site.privacy.max_epsilon,
             **_ledger_binding(plan, content, run_id, records_sha256, "/evaluation"),
         )
-        memo.put(args, calibrated)
+        _noise_memo(site).put(noise.calibration, noise.calibrated)
     log.info(
         "%s round %d: sends noised validation counts (sigma %.4g, std %.4g per count), eps %.3f/%g",
         site.hospital_id,

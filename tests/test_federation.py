@@ -615,6 +615,30 @@ def test_evaluation_shared_only_noised_and_charged_to_the_ledger(tmp_path, tiny_
     assert set(reply.keys()) == {STATUS} and ledger.read_bytes() == before
 
 
+def test_one_message_round_charges_the_shared_evaluation_before_training(tmp_path, tiny_dir):
+    """`evaluation: in_train` (the default): the train reply carries the noised validation counts of
+    the model received, and the ledger holds that release (q = 1, 1 step, ".../evaluation") before
+    the round's training entry; the aggregator's check accepts the reply. Without sharing, the
+    train reply has no such record (test_wire_audit_only_declared_tensors_and_aggregates_leave)."""
+    from fedprompt.client.hospital import train_round
+    from fedprompt.client.ledger import PrivacyLedger
+    from fedprompt.common.wire import EVALUATION, validate_update
+
+    ws, run, site_yaml, ledger = one_site(tmp_path, tiny_dir)
+    data = yaml.safe_load(site_yaml.read_text())
+    data.update(share_evaluation="noised", evaluation_epsilon=0.5)
+    site_yaml.write_text(yaml.safe_dump(data, sort_keys=False))
+    content = _train_content(run)
+    assert content["config"]["fp.evaluate_in_train"] is True
+    reply = train_round(content, site_yaml, run_id="7")
+    assert set(reply.keys()) == {ARRAYS, METRICS, STATUS, EVALUATION}
+    assert set(reply[EVALUATION].keys()) == {"tp", "fp", "fn"}
+    evaluation, training = PrivacyLedger.open(ledger).history
+    assert (evaluation.run_id, evaluation.sample_rate, evaluation.steps) == ("t/7/evaluation", 1.0, 1)
+    assert training.run_id == "t/7" and training.round == evaluation.round == 1
+    assert validate_update(reply, run.prompt.shapes(), run.state, norm_bound=1e9) is None
+
+
 def test_noised_counts_have_the_gaussian_mechanism_std():
     """Noise std = sigma x sqrt(2): one record moves tp by 1, or fn and fp by 1 each (L2 sqrt 2)."""
     from fedprompt.client.hospital import EVAL_COUNT_SENSITIVITY, noised_counts
