@@ -1,8 +1,7 @@
 """Accuracy on real medical abstracts, every mode on the same global test set, with the PRODUCT's
 defaults: the federation is `FederationConfig`'s defaults (model, training recipe, rounds,
-privacy), each site trains through `client/trainer.local_update` (what the hospital daemon
-calls), with the noise the site would calibrate (`client/dp.calibrate_noise`, PRV, the site's
-delta from `client/workspace.site_delta`).
+privacy), each site runs the functions a round calls (run_federation below), with the noise the site would
+calibrate (common/schedule.calibrate_run, PRV, the site's delta from `client/workspace.site_delta`).
 
 Split A (client/partition.py, seed 0): a stratified 30% global test set; the other 70% over 3
 hospitals with Dirichlet(0.5) label skew. Modes on it: zero-shot (round 0, no training),
@@ -17,9 +16,8 @@ validation and a local test split. The federation trains on the train parts (DP 
 site personalises the global model (client/personalize.py) and every model is scored on that
 site's local test split: the site's own non-private model, the global model, the personalised one.
 
-Federated training runs in-process (the example-weighted average of the sites' states, which is
-Flower's FedAvg) to stay cheap; `fedprompt simulate` on the same split is the full-path check
-(BENCHMARKS.md).
+Federated training runs in-process (Flower's FedAvg over the sites' replies) to stay cheap; the
+regimes suite (benchmarks/regimes.py) runs the product's apps on the same split.
 """
 
 from __future__ import annotations
@@ -42,7 +40,15 @@ ALONE_EPSILON = 8.0
 PERSONAL_VAL_FRAC, PERSONAL_TEST_FRAC = 0.1, 0.2
 # Centralised and federated prompt tuning (non-private references): the settings the previous
 # benchmark measured best for prompt + head without noise.
-PROMPT_TUNING: dict[str, Any] = {"train_prompt": True, "optimizer": "adam", "lr": 0.01, "batch_size": 16}
+# Prompt tuning from the zero-shot start (no class-sums round), the prompt at the input.
+PROMPT_TUNING: dict[str, Any] = {
+    "train_prompt": True,
+    "optimizer": "adam",
+    "lr": 0.01,
+    "batch_size": 16,
+    "class_sums_share": 0.0,
+    "prompt_layer": 0,
+}
 README_PROBE = {"accuracy": 0.588, "macro_f1": 0.572}  # data README: full file, 70/30 split, seed 0
 
 
@@ -58,11 +64,6 @@ def _generators(seed: int) -> dict:
     }
 
 
-def _fedavg(states: list[dict], weights: list[float]) -> dict:
-    total = sum(weights)
-    return {k: sum(s[k] * (n / total) for s, n in zip(states, weights, strict=True)) for k in states[0]}
-
-
 def _settled(curve: list[dict], last: int = 3) -> float:
     return statistics.fmean(p["macro_f1"] for p in curve[-last:])
 
@@ -70,40 +71,75 @@ def _settled(curve: list[dict], last: int = 3) -> float:
 def run_federation(
     bb, config, state0: dict, site_sets: dict, round_plan, eps: float | None, rounds: int, seed: int, score
 ) -> tuple[list[dict], dict, dict]:
-    """The product's rounds in-process: every site trains from the global state through
-    `client/trainer.local_update` with the noise it would calibrate, then FedAvg. Returns the
-    per-round `score(state)` curve (round 0 first), the final state and each site's privacy figures."""
-    from fedprompt.client.dp import calibrate_noise, plan_steps
-    from fedprompt.client.ledger import compute_epsilon
+    """The product's rounds in-process, with the functions a round calls: each site's schedule from its
+    declared size (common/schedule: sampling, calibrate_run at the site's delta), round 1's one-shot
+    class-sums release (client/class_sums.noisy_class_sums; the aggregator's head from it,
+    server/class_means) where the plan has one, DP-SGD through `client/trainer.local_update`, and
+    Flower's FedAvg (`aggregate_arrayrecords`, weights = declared sizes). The regimes suite runs the
+    apps themselves (fedprompt/local_engine.py). Returns the per-round `score(state)` curve (round 0
+    first), the final state and each site's privacy figures."""
+    from flwr.app import MetricRecord, RecordDict
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    from fedprompt.client.class_sums import noisy_class_sums
     from fedprompt.client.trainer import local_update
     from fedprompt.client.workspace import declared_weight, site_delta
-    from fedprompt.common.model import build_model
+    from fedprompt.common.accounting import compute_epsilon
+    from fedprompt.common.config import TrainingSettings
+    from fedprompt.common.features import cached_features
+    from fedprompt.common.model import HEAD_WEIGHT_KEY, build_model
+    from fedprompt.common.schedule import DEFAULT_DELTA, calibrate_run, class_sums_sigma, sampling
+    from fedprompt.common.wire import arrays_to_state, state_to_arrays
+    from fedprompt.common.zeroshot import label_prototypes
+    from fedprompt.server.class_means import head_from_class_sums, label_weight
 
     cpu = torch.device("cpu")
-    privacy = {}
+    plan = round_plan.replaced(total_rounds=rounds, private=eps is not None, target_epsilon=eps or 1.0)
+    privacy, runs = {}, {}
     for h, ds in site_sets.items():
-        q, steps = plan_steps(len(ds), round_plan.batch_size or None, round_plan.local_epochs, round_plan.sample_rate)
-        delta = site_delta(len(ds))
-        sigma = None if eps is None else calibrate_noise(eps, delta, q, steps * rounds, "prv")
+        size = declared_weight(len(ds))  # what a workspace's site.yaml declares (client/workspace.py)
+        s, delta = sampling(plan, size), site_delta(len(ds))
+        noise = calibrate_run(plan, s, eps, delta, "prv") if eps is not None else None
+        runs[h] = (size, s, noise)
         privacy[h] = {
-            "sigma": sigma,
-            "sample_rate": q,
-            "steps": steps * rounds,
+            "sigma": None if noise is None else noise.sgd,
+            "class_sums_sigma": None if noise is None else noise.class_sums,
+            "sample_rate": s.sample_rate,
+            "steps": s.steps_per_round * rounds,
             "delta": delta,
             "n_train": len(ds),
-            "epsilon_spent": None if sigma is None else compute_epsilon("prv", [(sigma, q, steps)] * rounds, delta),
+            "epsilon_spent": None
+            if noise is None
+            else compute_epsilon("prv", noise.history(s, rounds - (plan.class_sums_share > 0)), delta),
         }
+    protos = label_prototypes(bb, config, list(config.labels))
     state, curve = {k: v.clone() for k, v in state0.items()}, [score(state0)]
-    for r in range(rounds):
-        states, weights = [], []
+    for r in range(1, rounds + 1):
+        this = plan.replaced(round=r)
+        replies = []
         for h, ds in site_sets.items():
+            size, s, noise = runs[h]
             model = build_model(bb, config, state)
-            local_update(
-                model, ds, round_plan, privacy[h]["sigma"], cpu, **_generators(seed * 1000 + 10 * (r + 1) + int(h))
+            gens = _generators(seed * 1000 + 10 * r + int(h))
+            if plan.class_sums_share > 0 and r == 1:
+                sigma = 0.0 if noise is None or noise.class_sums is None else noise.class_sums
+                feats = cached_features(model, ds, cpu)
+                with torch.no_grad():
+                    model.head.weight.copy_(
+                        noisy_class_sums(feats, len(config.labels), sigma, size, gens["noise_generator"])
+                    )
+            else:
+                local_update(model, ds, this, s, None if noise is None else noise.sgd, cpu, **gens)
+            replies.append(
+                RecordDict({"arrays": state_to_arrays(model.trainable_state()), "metrics": MetricRecord({"w": size})})
             )
-            states.append(model.trainable_state())
-            weights.append(declared_weight(len(ds)))  # what a workspace's site.yaml declares (client/workspace.py)
-        state = _fedavg(states, weights)
+        merged = arrays_to_state(aggregate_arrayrecords(replies, "w"))
+        if plan.class_sums_share > 0 and r == 1:
+            total = sum(runs[h][0] for h in site_sets)
+            sigma_a = class_sums_sigma(plan, plan.delta or DEFAULT_DELTA) if eps is not None else 0.0
+            prior = label_weight(TrainingSettings().label_prior, sigma_a, len(site_sets))
+            merged[HEAD_WEIGHT_KEY] = head_from_class_sums(merged[HEAD_WEIGHT_KEY], total, protos, prior, 10.0)
+        state = merged
         curve.append(score(state))
     return curve, state, privacy
 
@@ -112,7 +148,14 @@ def run(ctx: Context) -> dict:
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")  # RDP side of calibration
     from fedprompt.client.partition import partition, stratified_subset
-    from fedprompt.client.personalize import GLOBAL, own_model_features, personalize_features, scores
+    from fedprompt.client.personalize import (
+        DEFAULT_PENALTY,
+        GLOBAL,
+        OWN,
+        own_model_features,
+        personalize_features,
+        scores,
+    )
     from fedprompt.client.trainer import local_update
     from fedprompt.common.backbone import load_backbone
     from fedprompt.common.config import FederationConfig
@@ -121,6 +164,7 @@ def run(ctx: Context) -> dict:
     from fedprompt.common.metrics import evaluate
     from fedprompt.common.model import build_model
     from fedprompt.common.plan import RoundPlan, prompt_config
+    from fedprompt.common.schedule import sampling
     from fedprompt.common.zeroshot import initial_global_state
 
     rows = int(ctx.knob("acc_rows", 10**9, 240))
@@ -163,8 +207,8 @@ def run(ctx: Context) -> dict:
     results: dict[str, dict] = {}
     timing: dict[str, float] = {}
 
-    def score(state: dict, on=test) -> dict:
-        return _brief(evaluate(build_model(bb, config, state), on, len(labels), cpu).summary())
+    def score(state: dict, on=test, model_config=config) -> dict:
+        return _brief(evaluate(build_model(bb, model_config, state), on, len(labels), cpu).summary())
 
     def features(ds):
         # the initial prompt: what head-only training sees
@@ -172,7 +216,15 @@ def run(ctx: Context) -> dict:
 
     def federate(site_sets: dict, round_plan: RoundPlan, eps: float | None, rounds: int, seed: int, on=test):
         return run_federation(
-            bb, config, state0, site_sets, round_plan, eps, rounds, seed, lambda state: score(state, on)
+            bb,
+            round_plan.prompt_config(),
+            state0,
+            site_sets,
+            round_plan,
+            eps,
+            rounds,
+            seed,
+            lambda s: score(s, on, round_plan.prompt_config()),
         )
 
     def seeded(key: str, site_sets: dict, round_plan: RoundPlan, eps: float | None, note: str = "") -> dict:
@@ -204,15 +256,15 @@ def run(ctx: Context) -> dict:
 
     # 1. linear probe, centralised, non-private (logistic regression on the same features)
     t = time.perf_counter()
-    head, penalty = own_model_features(features(pooled), len(labels))
-    results["linear_probe"] = {**_brief(scores(head, features(test), len(labels))), "penalty": penalty}
+    head = own_model_features(features(pooled), len(labels))
+    results["linear_probe"] = {**_brief(scores(head, features(test), len(labels))), "penalty": DEFAULT_PENALTY}
     timing["linear_probe"] = time.perf_counter() - t
 
     # 2. each hospital alone: non-private (its own logistic regression) and DP eps 8 (the product recipe, no federation)
     alone_np, alone_dp = {}, {}
     t = time.perf_counter()
     for h, ds in sites.items():
-        head, _ = own_model_features(features(ds), len(labels))
+        head = own_model_features(features(ds), len(labels))
         alone_np[h] = {**_brief(scores(head, features(test), len(labels))), "n_train": len(ds)}
         alone_dp[h] = seeded(f"hospital {h} alone DP", {h: ds}, plan, ALONE_EPSILON)
     timing["hospitals_alone"] = time.perf_counter() - t
@@ -238,10 +290,10 @@ def run(ctx: Context) -> dict:
     # 4. prompt tuning, non-private references: centralised (epochs) and federated (rounds of one local epoch)
     tuning = non_private.replaced(**PROMPT_TUNING)
     t = time.perf_counter()
-    model, curve = build_model(bb, config, state0), [results["zero_shot"]]
+    model, curve = build_model(bb, tuning.prompt_config(), state0), [results["zero_shot"]]
     for epoch in range(prompt_epochs):
-        local_update(model, pooled, tuning, None, cpu, **_generators(ctx.seed + epoch))
-        curve.append(score(model.trainable_state()))
+        local_update(model, pooled, tuning, sampling(tuning, len(pooled)), None, cpu, **_generators(ctx.seed + epoch))
+        curve.append(score(model.trainable_state(), test, tuning.prompt_config()))
         ctx.log(f"accuracy: central prompt tuning epoch {epoch + 1}: {curve[-1]['macro_f1']:.4f}")
     results["central_prompt_nonprivate"] = {**curve[-1], "per_round": curve, "macro_f1_last3": _settled(curve)}
     timing["central_prompt_nonprivate"] = time.perf_counter() - t
@@ -267,10 +319,10 @@ def run(ctx: Context) -> dict:
     _, global_b, privacy_b = federate(train_b, plan, ALONE_EPSILON, fed.rounds, ctx.seed)
     personal: dict[str, dict[str, Any]] = {}
     for h, (_tr, val_rows) in part_b.hospitals.items():
-        tr_f, val_f = features(train_b[h]), features(encoded(val_rows)) if val_rows else None
+        tr_f = features(train_b[h])
         local_f = features(encoded(part_b.local_tests[h]))
-        chosen = personalize_features(global_b, config, tr_f, val_f)
-        own, _ = own_model_features(tr_f, len(labels), val_f)
+        chosen = personalize_features(global_b, config, tr_f)  # chosen by cross-validation on tr_f
+        own = chosen.heads[OWN]  # the site alone, its penalty cross-validated like every candidate's
         personal[h] = {
             "n_train": len(train_b[h]),
             "n_validation": len(val_rows),

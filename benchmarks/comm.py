@@ -92,6 +92,7 @@ def _label_names(data: Path) -> list[str]:
 def run(ctx: Context) -> dict:
     from flwr.app import ConfigRecord, RecordDict
 
+    from fedprompt.common.config import FederationConfig
     from fedprompt.common.model import PromptConfig, initial_state
     from fedprompt.common.plan import RoundPlan
     from fedprompt.common.wire import (
@@ -118,30 +119,8 @@ def run(ctx: Context) -> dict:
     shapes = {k: list(t.shape) for k, t in state.items()}
 
     # --- the aggregator's train instruction (download) --------------------------------------------
-    plan = RoundPlan(
-        run_name="benchmark",
-        round=1,
-        total_rounds=10,
-        labels=labels,
-        hidden_size=H,
-        backbone_fingerprint=bb.fingerprint,
-        n_virtual_tokens=n_virtual,
-        pooling="mean",
-        max_length=128,
-        prompt_init="labels",
-        normalize=True,
-        seed=0,
-        local_epochs=1,
-        sample_rate=0.25,
-        batch_size=0,
-        lr=8.0,
-        optimizer="sgd",
-        train_prompt=False,
-        private=True,
-        target_epsilon=8.0,
-        delta=0.0,
-        max_grad_norm=1.0,
-    )
+    fed = FederationConfig.model_validate({"name": "benchmark", "labels": labels})
+    plan = RoundPlan.for_run(fed, cfg, round=1)  # the product's own plan for this model
     config = ConfigRecord(dict(plan.to_config_record()))
     config["fp.round"] = 1  # ValidatedStrategy.configure_train
     config["server-round"] = 1  # FedAvg.configure_train

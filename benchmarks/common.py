@@ -53,6 +53,20 @@ def load_corpus(path: Path):
     return records, labels
 
 
+def central_probe(train_features: list, test_features, num_labels: int) -> dict:
+    """The central non-private reference: the product's plain probe (client/personalize.py,
+    L2-regularised logistic regression) on every site's training features pooled, scored on the
+    test features. Accuracy and macro-F1."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from fedprompt.client.personalize import own_model_features, scores
+
+    pooled = TensorDataset(*(torch.cat(parts) for parts in zip(*(f.tensors for f in train_features), strict=True)))
+    s = scores(own_model_features(pooled, num_labels), test_features, num_labels)
+    return {"accuracy": float(s["accuracy"]), "macro_f1": float(s["macro_f1"])}
+
+
 def sample_rows(n_total: int, n: int, seed: int) -> list[int]:
     """n distinct row indices, deterministic by seed."""
     rng = random.Random(seed)

@@ -9,9 +9,10 @@ the largest eps that the guesses rule out at 95% confidence.
 What is audited is the federation's default private recipe exactly as a hospital trains it: the
 head (one Linear layer) trained with DP-SGD on the frozen features of the round-0 model, through
 `client/trainer.train` (Opacus: Poisson sampling, per-sample clipping at C, Gaussian noise
-sigma x C), `local_epochs` per round for `rounds` rounds, with sigma calibrated as the site calibrates
-it for a run (`client/hospital.site_noise`: the target epsilon capped by the site's cap, the
-site's delta and accountant, its minimum noise). The site is audited as if it were the only
+sigma x C), `local_epochs` per round for the run's SGD rounds, with sigma calibrated as the site calibrates
+it for a run (`client/hospital.site_run`: the target epsilon capped by the site's cap, the
+site's delta and accountant, its minimum noise, the class-sums release's share composed in; the
+one-shot release itself is not audited here). The site is audited as if it were the only
 hospital (the global model after each round is its own head): every update it sends is then seen
 whole, the strongest position for an adversary watching the wire.
 
@@ -202,13 +203,17 @@ def count_correct(scores: torch.Tensor, included: torch.Tensor, k: int) -> tuple
 
 
 # --- one training run ----------------------------------------------------------------------------
+AUDIT_SGD_ROUNDS = 20  # the DP-SGD rounds audited when the federation's own run has none
+
+
 @dataclass
 class Recipe:
     """How the site trains the head for a run (from the federation's settings and the site's cap)."""
 
     rounds: int
     local_epochs: int
-    sample_rate: float  # q, fixed by the site's record count
+    sample_rate: float  # q, from the site's declared size (common/schedule.sampling)
+    expected_batch: float  # the public constant the noisy sums are divided by
     steps_per_round: int
     lr: float
     optimizer: str
@@ -218,7 +223,7 @@ class Recipe:
     delta: float
     accountant: str
     target_epsilon: float  # what sigma was calibrated for (after the site's cap)
-    accounted_epsilon: float  # what the accountant charges for (sigma, q, rounds x steps_per_round)
+    accounted_epsilon: float  # what the accountant charges for the whole run (both phases)
 
     @property
     def steps(self) -> int:
@@ -243,8 +248,8 @@ class AuditRun:
 def _settings(recipe: Recipe, run: str) -> TrainSettings:
     base = TrainSettings(
         epochs=recipe.local_epochs,
-        batch_size=None,
         sample_rate=recipe.sample_rate,
+        expected_batch=recipe.expected_batch,
         lr=recipe.lr,
         optimizer=recipe.optimizer,
         max_physical_batch_size=HEAD_PHYSICAL_BATCH,
@@ -423,6 +428,7 @@ def prepare_site(
 ) -> SiteAuditInputs:
     """Load the site's records and backbone, build the round-0 model and its frozen features, and
     calibrate sigma as the site would for a run. Reads files only; writes none."""
+    from fedprompt.common.accounting import compute_epsilon
     from fedprompt.common.backbone import load_backbone
     from fedprompt.common.config import FederationConfig, SiteConfig
     from fedprompt.common.encoding import encode
@@ -430,11 +436,10 @@ def prepare_site(
     from fedprompt.common.model import HEAD_BIAS_KEY, HEAD_WEIGHT_KEY, build_model
     from fedprompt.common.plan import RoundPlan, prompt_config
     from fedprompt.common.records import load_labelled, load_records
+    from fedprompt.common.schedule import sgd_rounds
     from fedprompt.common.zeroshot import initial_global_state
 
-    from .dp import plan_steps
-    from .hospital import site_noise
-    from .ledger import compute_epsilon
+    from .hospital import site_run
     from .trainer import resolve_device
 
     timings: dict[str, float] = {}
@@ -491,18 +496,25 @@ def prepare_site(
 
     t = time.perf_counter()
     plan = RoundPlan.for_run(fed, config)
-    q, steps = plan_steps(len(feats), plan.batch_size or None, plan.local_epochs, plan.sample_rate)
+    if sgd_rounds(plan) == 0:
+        # A one-shot run (the default) has no DP-SGD rounds: audit the DP-SGD a longer run would train,
+        # at the run's whole target. (The one-shot release is one Gaussian mechanism of sensitivity 1:
+        # tests/test_schedule.py checks its clipping.)
+        plan = plan.replaced(total_rounds=AUDIT_SGD_ROUNDS, class_sums_share=0.0)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        noise = site_noise(site, plan, q, steps)  # the memo is read, never written
-        sigma, delta = noise.sigma, noise.calibration.delta
-        accounted = compute_epsilon(site.privacy.accountant, [(sigma, q, steps * plan.total_rounds)], delta)
+        # the run's SGD phase is what the audit trains (the memo is read, never written)
+        run = site_run(site, plan, len(feats))
+        assert run.noise is not None and run.noise.sgd is not None  # a private plan with SGD rounds
+        sigma, delta = run.noise.sgd, run.delta
+        accounted = compute_epsilon(site.privacy.accountant, run.noise.history(run.sampling, sgd_rounds(plan)), delta)
     timings["calibration"] = time.perf_counter() - t
     recipe = Recipe(
-        rounds=plan.total_rounds,
+        rounds=sgd_rounds(plan),
         local_epochs=plan.local_epochs,
-        sample_rate=q,
-        steps_per_round=steps,
+        sample_rate=run.sampling.sample_rate,
+        expected_batch=run.sampling.expected_batch,
+        steps_per_round=run.sampling.steps_per_round,
         lr=plan.lr,
         optimizer=plan.optimizer,
         max_grad_norm=plan.max_grad_norm,
@@ -510,7 +522,7 @@ def prepare_site(
         noise_multiplier=sigma,
         delta=delta,
         accountant=site.privacy.accountant,
-        target_epsilon=noise.calibration.target_epsilon,
+        target_epsilon=run.target_epsilon,
         accounted_epsilon=accounted,
     )
     head = {"weight": state[HEAD_WEIGHT_KEY], "bias": state[HEAD_BIAS_KEY]}

@@ -32,6 +32,7 @@ from fedprompt.common.logs import ensure_handler  # noqa: E402
 from fedprompt.common.wire import MAX_HOSPITAL_ID, refusal, round_of  # noqa: E402
 
 from .hospital import evaluate_round, train_round  # noqa: E402
+from .preflight import preflight  # noqa: E402
 from .workspace import list_hospitals  # noqa: E402
 
 _IMPORT_END = time.time()
@@ -102,7 +103,8 @@ def answer(kind: str, content: RecordDict, site: Path, *, run_id: str = "") -> t
     """
     timings: dict[str, float] = {}
     try:
-        handler = {"train": train_round, "evaluate": evaluate_round}[kind]  # looked up per call (tests patch them)
+        # looked up per call (tests patch them); "query" is the run's pre-flight (client/preflight.py)
+        handler = {"train": train_round, "evaluate": evaluate_round, "query": preflight}[kind]
         return handler(content, site, run_id=run_id, timings=timings), timings
     except Exception:  # noqa: BLE001 - whatever it is, its text must not leave the site
         fallback = site.parent.name if 0 < len(site.parent.name) <= MAX_HOSPITAL_ID else "unknown"
@@ -147,6 +149,10 @@ def make_client_app(site_paths: list[Path] | None = None, torch_threads: int | N
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         return handle("evaluate", msg, context)
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return handle("query", msg, context)
 
     return app
 

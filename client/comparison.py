@@ -19,7 +19,7 @@ from fedprompt.common.features import cached_features
 from fedprompt.common.model import PromptConfig, build_model
 from fedprompt.common.records import load_records
 
-from .personalize import Head, own_model_features, personalize_features, scores
+from .personalize import OWN, Head, personalize_features, scores
 
 MODELS = ("zero_shot", "alone", "federated", "personalized")
 
@@ -45,9 +45,9 @@ def compare_site(
         )
 
     n = config.num_labels
-    train, val, test = (split(p, final) for p in (site.train, site.validation, site.test))
-    personal = personalize_features(final, config, train, val)
-    alone, _ = own_model_features(train, n, val)
+    train, test = split(site.train, final), split(site.test, final)
+    personal = personalize_features(final, config, train)  # chosen by cross-validation on train
+    alone = personal.heads[OWN]  # the site alone: the same candidate personalisation weighed
     found = {
         # its features come with the initial prompt
         "zero_shot": scores(Head.of(initial), split(site.test, initial), n),

@@ -8,7 +8,6 @@ its own per-call accountant, while the site's cumulative account lives in the le
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -17,12 +16,13 @@ from pathlib import Path
 
 import torch
 from opacus import GradSampleModule
-from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer
 from torch.utils.data import TensorDataset
 
 import fedprompt.common.grad_samplers  # noqa: F401  (registers the SoftPrompt sampler)
+
+from .secure_noise import SecureNoiseDPOptimizer
 
 
 class PerSampleGradientError(RuntimeError):
@@ -35,40 +35,13 @@ class PerSampleGradientError(RuntimeError):
 
 
 def entropy_generator(device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator seeded from OS entropy: re-seeding the process must not repeat the noise."""
+    """A generator seeded from OS entropy, for sampling and shuffling only: which records form a
+    batch is not what DP hides (the accounting assumes the aggregator may know the sampling
+    scheme, and the batch never leaves), so a seeded Mersenne Twister is enough there. Noise is
+    drawn from the CSPRNG (client/secure_noise.py); a re-seeded process must not repeat either."""
     gen = torch.Generator(device=device)
     gen.manual_seed(int.from_bytes(os.urandom(8), "little"))
     return gen
-
-
-def plan_steps(num_examples: int, batch_size: int | None, epochs: int, sample_rate: float = 1.0) -> tuple[float, int]:
-    """Poisson sample rate q and the number of logical steps for `epochs` passes.
-
-    The rule every site follows: q = batch_size / n when an expected batch is fixed, else the
-    federation's `sample_rate` (then the expected batch q x n grows with the site, and a round
-    is epochs / q steps at every site).
-    """
-    if num_examples < 1:
-        raise ValueError("no training examples")
-    q = min(1.0, batch_size / num_examples) if batch_size else sample_rate
-    return q, epochs * int(1 / q)
-
-
-@functools.lru_cache(maxsize=64)
-def calibrate_noise(
-    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv"
-) -> float:
-    """Noise multiplier that spends `target_epsilon` over `steps` steps (calibrated once per run)."""
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant=accountant,
-            epsilon_tolerance=0.01,
-        )
-    )
 
 
 class NoiseMemo:
@@ -147,17 +120,23 @@ def wrap_private(
     max_grad_norm: float,
     noise_generator: torch.Generator | None = None,
     sample_generator: torch.Generator | None = None,
+    expected_batch: float | None = None,
 ) -> tuple[GradSampleModule, DPOptimizer, DPDataLoader]:
-    """Hook the trainable layers, make the optimizer clip-and-noise, make batches Poisson."""
-    device = next(p for p in model.parameters() if p.requires_grad).device
+    """Hook the trainable layers, make the optimizer clip-and-noise, make batches Poisson.
+    `expected_batch`: what the noisy sum is divided by; a site passes its public one
+    (common/schedule.Sampling); None: sample_rate x len(dataset), for the self-test and benchmarks.
+    `noise_generator`: None (a site) draws the noise from the OS's CSPRNG (client/secure_noise.py);
+    a seeded generator (tests, benchmarks) makes it reproducible."""
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
-    dp_opt = DPOptimizer(
+    dp_opt = SecureNoiseDPOptimizer(
         optimizer,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
-        expected_batch_size=max(1, round(sample_rate * len(dataset))),
+        # A public constant (common/schedule.Sampling): Opacus divides the noisy sum by it, so the
+        # released noise scale must not follow the site's true record count.
+        expected_batch_size=expected_batch or sample_rate * len(dataset),  # a float: Opacus only divides by it
         loss_reduction="mean",
-        generator=noise_generator if noise_generator is not None else entropy_generator(device),
+        generator=noise_generator,  # None: the CSPRNG (SecureNoiseDPOptimizer), what a site uses
     )
     loader = DPDataLoader(
         dataset,

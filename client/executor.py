@@ -215,7 +215,8 @@ class WorkerHandle:
 
 
 def _deadline(content: RecordDict, received: float) -> float:
-    """Answer before the aggregator's round timeout (the plan carries it), with a margin."""
+    """Answer before the aggregator's round timeout (the plan carries it), with a margin. Deadlines are
+    time.monotonic() values (`received` too): the wall clock can jump, and is only logged."""
     config = content.config_records.get("config")
     timeout = config.get("fp.round_timeout") if config is not None else None
     seconds = float(timeout) if isinstance(timeout, (int, float)) and timeout > 0 else DEFAULT_DEADLINE_S
@@ -295,9 +296,9 @@ class Executor:
         context, status, details = None, SubStatus.FAILED, "fedprompt executor failed"
         try:
             message, context, run, fab = pull_task_input(client)
-            pulled = time.time()
+            pulled = time.time()  # a timestamp for the log only (the deadline is on the monotonic clock)
             kind = str(message.metadata.message_type)
-            content, timing = self._answer(message, fab.content, kind, pulled)
+            content, timing = self._answer(message, fab.content, kind)
             push_message(client, Message(content=content, reply_to=message), context)
             status, details = SubStatus.COMPLETED, ""
             self.handled += 1
@@ -311,20 +312,24 @@ class Executor:
                 heartbeat.stop()
                 client.close()
 
-    def _answer(self, message: Message, fab: bytes, kind: str, pulled: float) -> tuple[RecordDict, dict]:
-        """The reply content: a refusal for an untrusted bundle or a lost worker, else the worker's answer."""
+    def _answer(self, message: Message, fab: bytes, kind: str) -> tuple[RecordDict, dict]:
+        """The reply content: a refusal for an untrusted bundle or a lost worker, else the worker's answer,
+        which is awaited until the message's deadline, counted from now."""
+        received = time.monotonic()
         reason = untrusted_reason(fab, self.trusted_apps)
         if reason is not None:
             log.warning("%s refuses the message [untrusted app]: %s; nothing of it runs here", self.hospital_id, reason)
             return refusal(self.hospital_id, "untrusted app"), {}
-        if kind not in ("train", "evaluate"):
+        if kind not in ("train", "evaluate", "query"):  # query: the run's pre-flight (client/preflight.py)
             log.warning(
-                "%s refuses a %r message [configuration]: only train and evaluate are served", self.hospital_id, kind
+                "%s refuses a %r message [configuration]: only train, evaluate and query are served",
+                self.hospital_id,
+                kind,
             )
             return refusal(self.hospital_id, "configuration"), {}
         try:
             return self.worker.call(
-                kind, str(message.metadata.run_id), message.content, _deadline(message.content, pulled)
+                kind, str(message.metadata.run_id), message.content, _deadline(message.content, received)
             )
         except WorkerUnavailable as exc:
             log.warning("%s refuses the %s message [worker unavailable]: the worker %s", self.hospital_id, kind, exc)

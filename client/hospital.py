@@ -17,19 +17,29 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from flwr.app import MetricRecord, RecordDict
 
+from fedprompt.common.accounting import calibrate_noise
 from fedprompt.common.backbone import Backbone, load_backbone
 from fedprompt.common.config import SiteConfig
 from fedprompt.common.encoding import Encoded, encode
 from fedprompt.common.errors import InputError, LedgerError, PrivacyBudgetExceeded
+from fedprompt.common.features import cached_features, group_by_patient
 from fedprompt.common.metrics import ClassCounts, evaluate
 from fedprompt.common.model import build_model
 from fedprompt.common.plan import RoundPlan
-from fedprompt.common.records import Records, load_records
+from fedprompt.common.records import Records, load_records, redacted
+from fedprompt.common.schedule import (
+    MAX_UNITS_PER_DECLARED,
+    RunNoise,
+    Sampling,
+    calibrate_run,
+    class_sums_round,
+    noise_ratio,
+    sampling,
+)
 from fedprompt.common.wire import (
     ARRAYS,
     EVAL_METRIC_KEYS,
@@ -44,9 +54,13 @@ from fedprompt.common.wire import (
     status_record,
 )
 
-from .dp import NoiseMemo, calibrate_noise, entropy_generator, plan_steps
+from .class_sums import noisy_class_sums
+from .dp import NoiseMemo
 from .ledger import PrivacyLedger, file_sha256, state_sha256
+from .limits import check_limits, check_received
+from .secure_noise import gaussian
 from .trainer import local_update, resolve_device
+from .workspace import declared_weight
 
 log = logging.getLogger("fedprompt.hospital")
 
@@ -109,6 +123,16 @@ def _refuse_as(category: str, *also: type[Exception]) -> Iterator[None]:
         raise Refused(str(exc), category) from exc
 
 
+def log_detail(exc: Exception, site: SiteConfig | None) -> str:
+    """A refusal's text for the site's log. Bad records are named by file, line and field; the values
+    read from them (a label outside the label space, a record's text, a patient id) only with
+    `site.yaml: log_records: true`. None (site.yaml unread): withheld, the safe default."""
+    cause = exc if isinstance(exc, InputError) else exc.__cause__
+    if isinstance(cause, InputError) and not (site is not None and site.log_records):
+        return redacted(cause)
+    return str(exc)
+
+
 def _category(exc: Exception) -> str:
     if isinstance(exc, Refused):
         return exc.category
@@ -149,6 +173,7 @@ def _prepare(
 def check_plan(site: SiteConfig, plan: RoundPlan) -> None:
     """Refusals decided by site.yaml and the aggregator's plan alone, before any record is read
     (Refused); train_round and `fedprompt plan` ask the same."""
+    check_limits(site, plan)  # first: the site's bounds on any plan (site.yaml `limits`)
     if site.patient_field is not None and plan.train_prompt:
         raise Refused(
             f"{site.source}: patient_field: patient-level DP is supported for the head-only recipe "
@@ -173,40 +198,85 @@ def dp_units(records: Records) -> int:
     return len(records) if records.patients is None else len(set(records.patients))
 
 
-class Calibration(NamedTuple):
-    """calibrate_noise's arguments for a site's run (also the key of its noise memo)."""
+class MemoCalibration:
+    """calibrate_noise through the site's noise memo (client/dp.NoiseMemo). What it calibrates anew
+    is written to the memo only by `save`, once the ledger entry it prices is durable: a refused
+    round writes nothing."""
 
-    target_epsilon: float
-    delta: float
-    sample_rate: float
-    steps: int  # of the whole run
-    accountant: str
+    def __init__(self, site: SiteConfig):
+        self.memo = _noise_memo(site)
+        self.new: dict[tuple, float] = {}
+
+    def __call__(self, *args) -> float:
+        known = self.memo.get(args)
+        if known is not None:
+            return known
+        self.new[args] = sigma = calibrate_noise(*args)
+        return sigma
+
+    def save(self) -> None:
+        for args, sigma in self.new.items():
+            self.memo.put(args, sigma)
+
+
+def declared_size(site: SiteConfig, units: int) -> float:
+    """site.yaml `weight`, or (not declared) the unit count to 1 significant digit."""
+    return site.weight if site.weight is not None else declared_weight(units)
 
 
 @dataclass(frozen=True)
-class Noise:
-    calibration: Calibration
-    calibrated: float  # calibrate_noise(*calibration)
-    sigma: float  # what trains: the calibrated sigma, or the site's min_noise_multiplier if larger
+class SiteRun:
+    """What a site trains with in a run, from public values only (common/schedule.py): its declared
+    size, its sampling, and (private runs) the noise of both phases at what the site grants."""
+
+    declared_size: float
+    sampling: Sampling
+    target_epsilon: float
+    delta: float
+    noise: RunNoise | None  # None: a non-private run
+    calibration: MemoCalibration
+
+    def mechanism(self, plan: RoundPlan) -> tuple[float | None, float, int]:
+        """This round's (sigma, q, steps), as the ledger records it (sigma None: non-private)."""
+        sums = class_sums_round(plan)
+        if sums:
+            q, steps = 1.0, 1
+        else:
+            q, steps = self.sampling.sample_rate, self.sampling.steps_per_round
+        if self.noise is None:
+            return None, q, steps
+        return (self.noise.class_sums if sums else self.noise.sgd), q, steps
 
 
-def site_noise(site: SiteConfig, plan: RoundPlan, sample_rate: float, steps_per_round: int) -> Noise:
-    """The noise of the site's private rounds of this run, calibrated once per run on what the site
-    grants. One function for train_round, `fedprompt plan` and the audit; the noise memo is read
-    here and written only by train_round, once its ledger entry is durable."""
-    target = min(plan.target_epsilon, site.privacy.max_epsilon)  # the site's cap wins
-    # The aggregator may ask for a smaller delta (more privacy), never a larger one.
+def site_run(site: SiteConfig, plan: RoundPlan, units: int) -> SiteRun:
+    """The site's schedule for this run, calibrated once per run on what the site grants (its cap wins
+    over the plan's target; the aggregator may ask for a smaller delta, never a larger one). One
+    function for train_round, the pre-flight, `fedprompt plan` and the audit. Refuses (Refused) a
+    declared size below the records it holds, and a run in which its update would be mostly noise."""
+    size = declared_size(site, units)
+    if units > MAX_UNITS_PER_DECLARED * size:
+        raise Refused(
+            f"{site.source}: weight: the declared size {size:g} is below this site's {units} training units "
+            f"(at most {MAX_UNITS_PER_DECLARED:g}x is allowed): declare about {declared_weight(units):g}",
+            "configuration",
+        )
+    s = sampling(plan, size)
+    target = min(plan.target_epsilon, site.privacy.max_epsilon)
     delta = min(plan.delta, site.privacy.delta) if plan.delta > 0 else site.privacy.delta
-    return _noise(
-        site, Calibration(target, delta, sample_rate, steps_per_round * plan.total_rounds, site.privacy.accountant)
-    )
-
-
-def _noise(site: SiteConfig, args: Calibration) -> Noise:
-    """Calibrated (or remembered) sigma for `args`, raised to the site's noise floor: training and
-    the evaluation release alike."""
-    calibrated = _noise_memo(site).get(args) or calibrate_noise(*args)
-    return Noise(args, calibrated, max(calibrated, site.privacy.min_noise_multiplier))
+    calibration = MemoCalibration(site)
+    noise = None
+    if plan.private:
+        floor = site.privacy.min_noise_multiplier
+        noise = calibrate_run(plan, s, target, delta, site.privacy.accountant, floor, calibration)
+        ratio = noise_ratio(plan, size, noise)
+        if ratio > plan.max_noise_ratio:
+            raise Refused(
+                f"under this plan the site's update would be mostly noise: noise bound {ratio:.2f}x its signal "
+                f"bound, above the plan's max_noise_ratio {plan.max_noise_ratio:g} (declared size {size:g}, "
+                f"epsilon {target:g}); a larger budget, fewer rounds or a larger min_expected_batch would help",
+                "too few records",
+            )
+    return SiteRun(size, s, target, delta, noise, calibration)
 
 
 def _noise_memo(site: SiteConfig) -> NoiseMemo:
@@ -236,9 +306,11 @@ def train_round(
 ) -> RecordDict:
     """`timings`, if given, receives the seconds of each phase (backbone, records, privacy, build, train, reply)."""
     hospital = Path(site_path).parent.name
+    site: SiteConfig | None = None
     try:
         site, plan, backbone = _prepare(content, site_path, timings)
         hospital = site.hospital_id
+        check_received(content.array_records.get(ARRAYS), plan)
         check_plan(site, plan)
         with _timed(timings, "records"), _refuse_as("records", OSError):
             train_sha256 = file_sha256(site.train)
@@ -251,14 +323,13 @@ def train_round(
                 _, validation = encoded_records(site.validation, validation_sha256, site, plan, backbone)
             shared = _validate_received(site, plan, backbone, content, run_id, validation, validation_sha256, timings)
         units = dp_units(records)
-        q, steps = plan_steps(units, plan.batch_size, plan.local_epochs, plan.sample_rate)
-        # The FedAvg weight is the one the site declares, never len(records) (docs/deployment.md 5).
-        metrics: dict = {"num-examples": site.weight, "private": int(plan.private)}
+        run = site_run(site, plan, units)
+        sigma, q, steps = run.mechanism(plan)
+        # The FedAvg weight is the size the site declares, never len(records) (docs/deployment.md 5).
+        metrics: dict = {"num-examples": run.declared_size, "private": int(plan.private)}
         with _timed(timings, "privacy"):  # noise calibration + durable ledger entry
-            if plan.private:
-                ledger = PrivacyLedger.for_site(site)
-                noise = site_noise(site, plan, q, steps)
-                sigma, delta = noise.sigma, noise.calibration.delta
+            ledger = PrivacyLedger.for_site(site)
+            if sigma is not None:
                 # Durable BEFORE training: a crash from here on over-counts, never under-counts.
                 spent = ledger.record(
                     sigma,
@@ -268,14 +339,13 @@ def train_round(
                     **_ledger_binding(plan, content, run_id, train_sha256),
                 )
                 # Only once the entry is durable: a refused round writes nothing else.
-                _noise_memo(site).put(noise.calibration, noise.calibrated)
-                _NEXT_ROUND[site.source] = (sigma, q, steps)
-                metrics.update({"epsilon-spent": spent, "epsilon-cap": site.privacy.max_epsilon, "delta": delta})
+                run.calibration.save()
+                if run.noise is not None and run.noise.sgd is not None:  # what the next round will ask
+                    _NEXT_ROUND[site.source] = (run.noise.sgd, run.sampling.sample_rate, run.sampling.steps_per_round)
+                metrics.update({"epsilon-spent": spent, "epsilon-cap": site.privacy.max_epsilon, "delta": run.delta})
             else:
-                sigma = None
                 # Recorded too, durably BEFORE training: from this entry on the site's epsilon is
                 # infinite, for good (`privacy show`), and its cap refuses every later private round.
-                ledger = PrivacyLedger.for_site(site)
                 ledger.record_non_private(
                     q,
                     steps,
@@ -284,24 +354,34 @@ def train_round(
                 )
     except (Refused, InputError, LedgerError, PrivacyBudgetExceeded) as exc:
         category = _category(exc)
-        log.warning("%s refuses round [%s]: %s", hospital, category, exc)  # the detail stays here
+        log.warning("%s refuses round [%s]: %s", hospital, category, log_detail(exc, site))  # the detail stays here
         return refusal(hospital, category)
 
     device = resolve_device(site.device)
     with _timed(timings, "build"):
         model = build_model(backbone, plan.prompt_config(), arrays_to_state(content.array_records[ARRAYS]))
     with _timed(timings, "train"):  # (frozen features included: computed once per prompt and process)
-        result = local_update(
-            model,
-            encoded.dataset,
-            plan,
-            sigma,
-            device,
-            max_physical_batch_size=site.max_physical_batch_size,
-            progress=progress,
-            progress_label=f"{hospital} r{plan.round}",
-            patients=records.patients,
-        )
+        if class_sums_round(plan):
+            features = cached_features(model, encoded.dataset, device)
+            if records.patients is not None:
+                features = group_by_patient(features, list(records.patients))
+            with torch.no_grad():
+                model.head.weight.copy_(noisy_class_sums(features, len(plan.labels), sigma or 0.0, run.declared_size))
+            done = "released its class sums once"
+        else:
+            result = local_update(
+                model,
+                encoded.dataset,
+                plan,
+                run.sampling,
+                sigma,
+                device,
+                max_physical_batch_size=site.max_physical_batch_size,
+                progress=progress,
+                progress_label=f"{hospital} r{plan.round}",
+                patients=records.patients,
+            )
+            done = f"{result.steps} steps, loss {result.mean_loss:.4f}"
     try:  # the update that leaves, bound to this round's entry durably BEFORE the reply (else nothing is sent)
         with _timed(timings, "privacy"):
             ledger.complete(state_sha256(model.trainable_state()))
@@ -311,20 +391,19 @@ def train_round(
     # Loss, record count, truncation, steps, sigma and q: the hospital's log only, never the reply.
     eps = (
         f"sigma {sigma:.4g}, q {q:.4g}, eps {metrics['epsilon-spent']:.3f}/{site.privacy.max_epsilon:g}"
-        if plan.private
+        if sigma is not None
         else "NON-PRIVATE"
     )
     unit = "" if records.patients is None else f" of {units} patients (patient-level DP)"
     log.info(
-        "%s round %d (local log, not sent): %d records%s (%d truncated at %d tokens), %d steps, loss %.4f, %s",
+        "%s round %d (local log, not sent): %d records%s (%d truncated at %d tokens), %s, %s",
         hospital,
         plan.round,
         len(encoded.dataset),
         unit,
         encoded.truncated,
         plan.max_length,
-        result.steps,
-        result.mean_loss,
+        done,
         eps,
     )
     with _timed(timings, "reply"):
@@ -357,14 +436,15 @@ def project_next_round(site_path: Path) -> None:
 EVAL_COUNT_SENSITIVITY = math.sqrt(2.0)
 
 
-def noised_counts(counts: ClassCounts, sigma: float, generator: torch.Generator) -> dict[str, list[float]]:
-    """tp, fp, fn per class plus Gaussian noise of std sigma x sensitivity: one Gaussian mechanism
-    release, which the ledger accounts as one step of the subsampled Gaussian at q = 1."""
+def noised_counts(counts: ClassCounts, sigma: float) -> dict[str, list[float]]:
+    """tp, fp, fn per class plus Gaussian noise of std sigma x sensitivity from the OS's CSPRNG
+    (client/secure_noise.py), in float64: one Gaussian mechanism release, which the ledger accounts
+    as one step of the subsampled Gaussian at q = 1."""
     std = sigma * EVAL_COUNT_SENSITIVITY
     out = {}
     for key in ("tp", "fp", "fn"):
         values = getattr(counts, key)
-        noise = torch.randn(len(values), generator=generator, dtype=torch.float64) * std
+        noise = gaussian((len(values),), std)
         out[key] = [float(v) + float(z) for v, z in zip(values, noise, strict=True)]
     return out
 
@@ -407,8 +487,11 @@ def _validate_received(
         return None
     with _timed(timings, "privacy"):
         ledger = PrivacyLedger.for_site(site)
-        noise = _noise(site, Calibration(site.evaluation_epsilon, ledger.delta, 1.0, 1, site.privacy.accountant))
-        sigma = noise.sigma
+        calibration = MemoCalibration(site)
+        sigma = max(
+            calibration(site.evaluation_epsilon, ledger.delta, 1.0, 1, site.privacy.accountant),
+            site.privacy.min_noise_multiplier,
+        )
         # Durable BEFORE the counts leave: a crash from here on over-counts, never under-counts.
         spent = ledger.record(
             sigma,
@@ -417,7 +500,7 @@ def _validate_received(
             epsilon_cap=site.privacy.max_epsilon,
             **_ledger_binding(plan, content, run_id, records_sha256, "/evaluation"),
         )
-        _noise_memo(site).put(noise.calibration, noise.calibrated)
+        calibration.save()
     log.info(
         "%s round %d: sends noised validation counts (sigma %.4g, std %.4g per count), eps %.3f/%g",
         site.hospital_id,
@@ -427,7 +510,7 @@ def _validate_received(
         spent,
         site.privacy.max_epsilon,
     )
-    return metric_record(noised_counts(counts, sigma, entropy_generator()), EVAL_METRIC_KEYS)
+    return metric_record(noised_counts(counts, sigma), EVAL_METRIC_KEYS)
 
 
 def evaluate_round(
@@ -437,9 +520,12 @@ def evaluate_round(
     received model (_validate_received); the reply is the status record, plus noised counts if the
     site shares them. `timings`, if given, receives the seconds of each phase."""
     hospital = Path(site_path).parent.name
+    site: SiteConfig | None = None
     try:
         site, plan, backbone = _prepare(content, site_path, timings)
         hospital = site.hospital_id
+        check_limits(site, plan)  # as for training: no run outside the site's bounds, nor any model
+        check_received(content.array_records.get(ARRAYS), plan)
         if site.validation is None:
             raise Refused("no validation file configured (site.yaml: validation)", "configuration")
         with _timed(timings, "records"), _refuse_as("records", OSError):
@@ -447,7 +533,8 @@ def evaluate_round(
             _, encoded = encoded_records(site.validation, validation_sha256, site, plan, backbone)
     except (Refused, InputError) as exc:
         category = _category(exc)
-        log.warning("%s refuses evaluation [%s]: %s", hospital, category, exc)  # the detail stays here
+        # the detail stays here
+        log.warning("%s refuses evaluation [%s]: %s", hospital, category, log_detail(exc, site))
         return refusal(hospital, category)
     try:
         shared = _validate_received(site, plan, backbone, content, run_id, encoded, validation_sha256, timings)

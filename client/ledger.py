@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, Self, TypeGuar
 import numpy as np
 from pydantic import AfterValidator, Field, ValidationError, model_validator
 
+from fedprompt.common.accounting import accountant_history, compute_epsilon
 from fedprompt.common.atomic import DirectorySyncError, atomic_write
 from fedprompt.common.errors import LedgerError, PrivacyBudgetExceeded
 from fedprompt.common.schema import SHA256_PATTERN, Schema, Sha256, issues
@@ -73,7 +74,6 @@ LOCK_TIMEOUT_S = 300.0
 # Above this RDP epsilon the guarantee is meaningless and Opacus's PRV discretisation needs
 # gigabytes (it was OOM-killed on a 23 GB host at RDP epsilon ~30000); report the RDP bound there,
 # which is also a valid upper bound, so the ledger still never under-counts.
-PRV_CEILING = 100.0
 
 _SHA256 = re.compile(SHA256_PATTERN)
 _NEVER_RECREATE = (
@@ -312,44 +312,6 @@ class _State:
             "history": [e.to_doc() for e in self.history],
             "completions": [c.to_doc() for c in self.completions],
         }
-
-
-def accountant_history(
-    steps: Iterable[tuple[float | None, float, int]],
-) -> list[tuple[float | None, float, int]]:
-    """(sigma, q, steps) triples as Opacus's accountant would hold them had it stepped through them."""
-    merged: list[tuple[float | None, float, int]] = []
-    for sigma, q, n in steps:
-        if merged and merged[-1][:2] == (sigma, q):
-            merged[-1] = (sigma, q, merged[-1][2] + n)
-        else:
-            merged.append((sigma, q, n))
-    return merged
-
-
-def compute_epsilon(mechanism: str, steps: Iterable[tuple[float | None, float, int]], delta: float) -> float:
-    """Epsilon of a (sigma, q, steps) history at `delta`, by Opacus's PRV or RDP accountant.
-
-    A sigma of None is a non-private round: the epsilon is infinite, whatever else the history holds.
-    """
-    steps = list(steps)
-    if any(sigma is None for sigma, _, _ in steps):
-        return math.inf
-    history = accountant_history(steps)
-    if not history:
-        return 0.0
-    # Imported here: opacus pulls in torch (seconds), and the CLI should start fast.
-    from opacus.accountants import PRVAccountant, RDPAccountant
-
-    rdp = RDPAccountant()
-    rdp.history = list(history)
-    rdp_eps = float(rdp.get_epsilon(delta))
-    if mechanism == "rdp" or rdp_eps > PRV_CEILING:
-        return rdp_eps
-    prv = PRVAccountant()
-    prv.history = list(history)
-    prv_eps = float(prv.get_epsilon(delta))
-    return prv_eps if math.isfinite(prv_eps) else rdp_eps
 
 
 def _triples(history: Iterable[LedgerEntry]) -> list[tuple[float | None, float, int]]:
@@ -734,6 +696,25 @@ class PrivacyLedger:
         return cls(path, state, anchor_path)
 
     @classmethod
+    def create_for_site(cls, site: SiteConfig) -> PrivacyLedger:
+        """The site's new, empty ledger as its site.yaml describes it (cap, delta, accountant,
+        `ledger_anchor`): `privacy init`, and the commands that write a new site (`data demo`,
+        `data partition`, the compose demo). The ledger's folder is made; the anchor's must exist.
+        Refuses, as `create` does, an existing ledger or one whose anchor says the site has trained."""
+        try:
+            site.ledger.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LedgerError(f"cannot create the ledger folder {site.ledger.parent}: {exc.strerror or exc}") from exc
+        return cls.create(
+            site.ledger,
+            hospital_id=site.hospital_id,
+            epsilon_cap=site.privacy.max_epsilon,
+            delta=site.privacy.delta,
+            mechanism=site.privacy.accountant,
+            anchor=site.ledger_anchor,
+        )
+
+    @classmethod
     def open(
         cls,
         path: str | Path,
@@ -872,6 +853,14 @@ class PrivacyLedger:
         """Epsilon after adding these steps to the history in memory; nothing is written."""
         _check_step_args(noise_multiplier, sample_rate, steps)
         return self._epsilon([*_triples(self._state.history), (float(noise_multiplier), float(sample_rate), steps)])
+
+    def project_all(self, releases: Iterable[tuple[float, float, int]]) -> float:
+        """Epsilon after adding these (noise multiplier, sample rate, steps) releases, in order, to the
+        history in memory; nothing is written (client/preflight.py: a whole run's rounds)."""
+        triples = [(float(sigma), float(q), steps) for sigma, q, steps in releases]
+        for triple in triples:
+            _check_step_args(*triple)
+        return self._epsilon([*_triples(self._state.history), *triples])
 
     def record(
         self,

@@ -1,7 +1,11 @@
 """Split a real labelled corpus into a federation: a stratified held-out test set, then the rest
 over hospitals with Dirichlet(alpha) label skew (small alpha: each hospital sees few classes, as
 a cancer centre and a cardiology clinic would), each hospital's rows split into train /
-validation / local test. Every row is used exactly once; same seed, same split.
+validation / local test. Every row is used at most once; same seed, same split.
+
+Repeated texts (same text after whitespace normalisation) never leak: all copies of a text go to
+the same side (test, or one hospital's train, validation or local test). A text read under two
+or more labels is dropped from the split, all its copies (Partition.dropped_rows).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedprompt.common.errors import InputError, Problem
-from fedprompt.common.records import Records, csv_rows, load_labelled, load_records, read_text
+from fedprompt.common.records import Records, csv_rows, load_labelled, load_records, read_text, text_groups
 
 from .workspace import Row
 
@@ -102,6 +106,8 @@ class Partition:
     # id -> the hospital's own held-out rows (same label mix as its train rows), for measuring
     # personalisation where it happens; empty lists when local_test_frac is 0.
     local_tests: dict[str, list[Row]] = field(default_factory=dict)
+    conflicting_texts: int = 0  # texts read under two or more labels: left out of the split
+    dropped_rows: int = 0  # their rows
 
 
 def load_corpus(
@@ -132,16 +138,21 @@ def partition(
     are split stratified into validation (`val_frac` of them), local test (`local_test_frac` of
     them, taken after validation) and train (the rest).
 
-    With local_test_frac 0 no random draw is added, so the split is exactly the one made before
-    local tests existed (same seed, same rows): recorded benchmark splits stay valid."""
+    Sizes and draws count distinct texts; each text's copies follow it (module docstring). On a
+    corpus without repeated texts, with local_test_frac 0 no random draw is added, so the split is
+    exactly the one made before local tests and duplicate handling existed (same seed, same rows)."""
     if not (0 <= val_frac < 1 and 0 <= local_test_frac < 1 and val_frac + local_test_frac < 1):
         raise ValueError(
             f"need val_frac, local_test_frac >= 0 with val_frac + local_test_frac < 1, got {val_frac} and "
             f"{local_test_frac}"
         )
     rng = random.Random(seed)
-    by_class = [[i for i, y in enumerate(records.labels) if y == c] for c in range(len(labels))]
-    test_ix, pool = _stratified_take(rng, by_class, round(test_frac * len(records)))
+    groups = text_groups(records.texts)
+    kept = [g for g in groups if len({records.labels[i] for i in g}) == 1]
+    # A text's first row stands for all its copies: the draws below are over distinct texts.
+    copies = {g[0]: g for g in kept}
+    by_class = [[g[0] for g in kept if records.labels[g[0]] == c] for c in range(len(labels))]
+    test_ix, pool = _stratified_take(rng, by_class, round(test_frac * len(kept)))
 
     for _ in range(MAX_DRAWS):
         shares = [_apportion(len(ix), [rng.gammavariate(alpha, 1.0) + 1e-12 for _ in range(hospitals)]) for ix in pool]
@@ -151,13 +162,13 @@ def partition(
     else:
         raise InputError.at(
             records.path,
-            f"{sum(map(len, pool))} rows outside the test set cannot give each of {hospitals} hospitals "
+            f"{sum(map(len, pool))} distinct texts outside the test set cannot give each of {hospitals} hospitals "
             f"{min_train} training rows at alpha {alpha} (tried {MAX_DRAWS} draws): raise --alpha, "
             "lower --hospitals, --test-frac or --local-test-frac",
         )
 
     def rows(ix: list[int]) -> list[Row]:
-        return [(records.texts[i], labels[records.labels[i]]) for i in ix]
+        return [(records.texts[j], labels[records.labels[j]]) for i in ix for j in copies[i]]
 
     sites: dict[str, tuple[list[Row], list[Row]]] = {}
     local_tests: dict[str, list[Row]] = {}
@@ -176,4 +187,6 @@ def partition(
         rng.shuffle(train_ix)
         sites[str(h + 1)] = (rows(train_ix), rows(val_ix))
         local_tests[str(h + 1)] = rows(local_ix)
-    return Partition(list(labels), sites, rows(test_ix), local_tests)
+    conflicting = len(groups) - len(kept)
+    dropped = len(records) - sum(map(len, kept))
+    return Partition(list(labels), sites, rows(test_ix), local_tests, conflicting, dropped)

@@ -171,7 +171,7 @@ def check_backbone_frozen(backbone: Backbone, device: torch.device) -> Check:
     ids, mask, labels = _batch(backbone, device)
     dataset = TensorDataset(ids.cpu(), mask.cpu(), labels.cpu())
     settings = TrainSettings(
-        epochs=2, batch_size=3, lr=0.1, noise_multiplier=1.0, max_grad_norm=1.0, max_physical_batch_size=2
+        epochs=2, sample_rate=0.5, lr=0.1, noise_multiplier=1.0, max_grad_norm=1.0, max_physical_batch_size=2
     )
     result = train(model, dataset, settings, device)
     after = model.encoder.state_dict()

@@ -18,8 +18,9 @@ import yaml
 from pydantic_core import PydanticUndefined
 
 from fedprompt.common.atomic import atomic_write
-from fedprompt.common.config import PrivacyCap, SiteConfig
+from fedprompt.common.config import PrivacyCap, SiteConfig, SiteLimits
 from fedprompt.common.errors import InputError, Problem
+from fedprompt.common.schema import Schema
 
 # The values of the required privacy fields that have no default: the docs' recommendation
 # (docs/deployment.md section 4). 1e-5 is below 1/n for any site of up to 100,000 training
@@ -27,7 +28,7 @@ from fedprompt.common.errors import InputError, Problem
 RECOMMENDED = {"privacy.max_epsilon": 8.0, "privacy.delta": 1e-5}
 
 # (dotted field, what it means), in the order a hospital fills them in. Nested fields follow
-# their parent ("privacy"). tests/test_site_template.py checks that this covers every field.
+# their parent (SECTIONS). tests/test_site_template.py checks that this covers every field.
 LAYOUT: list[tuple[str, str]] = [
     (
         "hospital_id",
@@ -111,6 +112,12 @@ LAYOUT: list[tuple[str, str]] = [
         "fedprompt: sha256 digests of bundles the site has reviewed. Even for these the installed code "
         "runs; any other bundle is refused ('untrusted app'). Keep empty.",
     ),
+    (
+        "log_records",
+        "May this site's daemon log quote values read from the records (a record's text, a label outside "
+        "the label space, a patient id) when it refuses bad records? false: file, line and field only; "
+        "`fedprompt data check` shows the values at your own terminal. Keep false.",
+    ),
     ("device", "'auto' (a GPU if there is one), 'cpu' or 'cuda'."),
     (
         "backbone",
@@ -120,6 +127,37 @@ LAYOUT: list[tuple[str, str]] = [
     (
         "max_physical_batch_size",
         "The most records per forward/backward pass (memory only; the privacy accounting does not depend on it).",
+    ),
+    (
+        "limits",
+        "Plans this site refuses before reading a record, calibrating noise or writing to the ledger: "
+        "what one run may cost this host and this site's privacy. Raise a limit only on purpose.",
+    ),
+    (
+        "limits.max_total_rounds",
+        "The most rounds a run may plan (the noise is calibrated for all of them at the first round).",
+    ),
+    (
+        "limits.min_total_rounds",
+        "The fewest rounds a private run's noise may be calibrated for: fewer would spend the run's "
+        "whole epsilon in a few low-noise updates.",
+    ),
+    (
+        "limits.max_steps",
+        "The most DP-SGD steps a run may plan (steps per round x rounds): calibration and training grow "
+        "with it (calibrating 20,000 steps took 35 s and 0.9 GB on a busy 2-core host).",
+    ),
+    ("limits.max_labels", "The largest label space this site trains or evaluates."),
+    ("limits.max_tensor_values", "The most values in the prompt and head together (4 bytes each)."),
+    (
+        "limits.allow_fixed_batch",
+        "Accept plans that fix the expected batch (batch_size)? The sample rate and the epsilon this "
+        "site reports then follow its size. Keep false.",
+    ),
+    (
+        "limits.max_run_epsilon",
+        "The most epsilon one run may target; a plan asking for more is refused. null: the lifetime cap "
+        "privacy.max_epsilon, which then wins silently over a larger target.",
     ),
 ]
 
@@ -133,13 +171,20 @@ HEADER = """\
 """
 
 
+# The nested sections of site.yaml: written as their fields, one by one.
+SECTIONS: dict[str, type[Schema]] = {"privacy": PrivacyCap, "limits": SiteLimits}
+
+
 def _defaults() -> dict[str, object]:
     """Each field's default (dotted names), PydanticUndefined for the required ones."""
-    out: dict[str, object] = {}
-    for cls, prefix in ((SiteConfig, ""), (PrivacyCap, "privacy.")):
+    out: dict[str, object] = {
+        name: f.get_default(call_default_factory=True)
+        for name, f in SiteConfig.model_fields.items()
+        if name not in SECTIONS
+    }
+    for section, cls in SECTIONS.items():
         for name, f in cls.model_fields.items():
-            if name != "privacy":  # privacy: its fields, below
-                out[prefix + name] = f.get_default(call_default_factory=True)
+            out[f"{section}.{name}"] = f.get_default(call_default_factory=True)
     return out
 
 
@@ -161,8 +206,8 @@ def render(values: Mapping[str, object], name: str = "site.yaml", path: str = "s
         depth = key.count(".")
         indent = "  " * depth
         field = key.rsplit(".", 1)[-1]
-        if key == "privacy":
-            lines += ["", *textwrap.wrap(meaning, 100, initial_indent="# ", subsequent_indent="# "), "privacy:"]
+        if key in SECTIONS:
+            lines += ["", *textwrap.wrap(meaning, 100, initial_indent="# ", subsequent_indent="# "), f"{key}:"]
             continue
         default = defaults[key]
         value = values.get(key, RECOMMENDED.get(key, None if default is PydanticUndefined else default))

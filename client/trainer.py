@@ -21,8 +21,9 @@ from fedprompt.common.errors import InputError
 from fedprompt.common.features import PAD_LABEL, cached_features, group_by_patient
 from fedprompt.common.model import PromptClassifier
 from fedprompt.common.plan import RoundPlan
+from fedprompt.common.schedule import Sampling, site_lr
 
-from .dp import check_per_sample_shapes, entropy_generator, noise_only_step, plan_steps, wrap_private
+from .dp import check_per_sample_shapes, entropy_generator, noise_only_step, wrap_private
 
 HEAD_PHYSICAL_BATCH = 4096  # frozen features are a few KB a batch: no memory limit needed for the head
 
@@ -30,8 +31,11 @@ HEAD_PHYSICAL_BATCH = 4096  # frozen features are a few KB a batch: no memory li
 @dataclass
 class TrainSettings:
     epochs: int = 1
-    batch_size: int | None = None  # expected logical batch size; None: sample_rate decides
-    sample_rate: float = 0.25
+    sample_rate: float = 0.25  # Poisson rate per step; a round is epochs x int(1 / sample_rate) steps
+    # What the noisy gradient sum is divided by: a public constant (common/schedule.Sampling), never
+    # the true q x n (that would reveal n through the noise scale). None: q x len(dataset), for
+    # callers without a declared size (tests, the self-test).
+    expected_batch: float | None = None
     lr: float = 0.01
     optimizer: str = "adam"
     max_physical_batch_size: int = 32
@@ -114,8 +118,10 @@ def train(
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(settings.optimizer, params, settings.lr)
-    q, planned = plan_steps(len(dataset), settings.batch_size, settings.epochs, settings.sample_rate)
-    batch = settings.batch_size or max(1, round(q * len(dataset)))
+    q = settings.sample_rate
+    planned = settings.epochs * int(1 / q)
+    expected = settings.expected_batch or q * len(dataset)
+    batch = max(1, round(expected))
     if not settings.private:
         planned = settings.epochs * math.ceil(len(dataset) / batch)
     label = progress_label or ("dp-sgd" if settings.private else "NON-PRIVATE")
@@ -131,6 +137,7 @@ def train(
                 anchor,
                 dataset,
                 q,
+                expected,
                 settings,
                 device,
                 bar,
@@ -162,6 +169,7 @@ def local_update(
     model: PromptClassifier,
     encoded: TensorDataset,
     plan: RoundPlan,
+    sampling: Sampling,
     noise_multiplier: float | None,
     device: torch.device,
     *,
@@ -175,7 +183,8 @@ def local_update(
     """One site's training for one round, as the federation's plan says: the prompt and head on
     token batches (`train_prompt`), or the head alone on the frozen features of the prompt as
     received (the encoder then runs once per record, and once per run with the feature cache).
-    The hospital daemon and the benchmarks both train through here.
+    The hospital daemon and the benchmarks both train through here. `sampling`: the site's sample
+    rate and public expected batch for this plan (common/schedule.sampling of its declared size).
 
     `patients` (each record's patient id, site.yaml: patient_field): patient-level DP, head-only
     recipe only. The frozen features are grouped by patient (group_by_patient), so the Poisson
@@ -189,9 +198,9 @@ def local_update(
         )
     settings = TrainSettings(
         epochs=plan.local_epochs,
-        batch_size=plan.batch_size or None,
-        sample_rate=plan.sample_rate,
-        lr=plan.lr,
+        sample_rate=sampling.sample_rate,
+        expected_batch=sampling.expected_batch,
+        lr=site_lr(plan, sampling, noise_multiplier),
         optimizer=plan.optimizer,
         max_physical_batch_size=max_physical_batch_size if plan.train_prompt else HEAD_PHYSICAL_BATCH,
         noise_multiplier=noise_multiplier,
@@ -254,6 +263,7 @@ def _train_private(
     anchor,
     dataset,
     q,
+    expected_batch: float,
     settings: TrainSettings,
     device,
     bar,
@@ -268,6 +278,7 @@ def _train_private(
         optimizer,
         dataset,
         sample_rate=q,
+        expected_batch=expected_batch,
         noise_multiplier=settings.noise_multiplier,
         max_grad_norm=settings.max_grad_norm,
         noise_generator=noise_gen,

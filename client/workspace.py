@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import yaml
 
 from fedprompt.common.atomic import atomic_directory, atomic_write
-from fedprompt.common.config import FederationConfig, PrivacyCap, SiteConfig
+from fedprompt.common.config import FederationConfig, PrivacyCap, SiteConfig, SiteLimits
 from fedprompt.common.errors import InputError, Problem
 from fedprompt.common.records import natural_key
 
@@ -146,6 +147,8 @@ def write_workspace(
                 allow_non_private=allow_non_private,
                 weight=declared_weight(len(train)),
                 backbone=backbone,
+                # One author writes the federation and its sites: they admit its plan (SiteLimits.admitting).
+                limits=SiteLimits.admitting(FederationConfig.model_validate(federation)),
             )
             _write_yaml(
                 folder / SITE_FILE,
@@ -154,6 +157,24 @@ def write_workspace(
             )
         load_workspace(tmp)  # what we wrote must load: fail here, not at the first training round
     return out
+
+
+def create_ledgers(workspace: str | Path) -> list[str]:
+    """Create the privacy ledgers of a workspace's sites that have none yet (each one's `privacy
+    init`); the hospital ids whose ledger was created. Only for a workspace written moments ago
+    by the same command (`data demo`, `data partition`, `simulate`'s fresh demo) or by a test:
+    anywhere else a missing ledger may be a LOST one, which is never replaced (`fedprompt
+    simulate` and the hospital daemon refuse to run without it)."""
+    # numpy only, and only here: the other `data` commands start without it
+    from fedprompt.client.ledger import PrivacyLedger
+
+    _, sites, _ = load_workspace(workspace)
+    created = []
+    for site in sites:
+        if not os.path.lexists(site.ledger):
+            PrivacyLedger.create_for_site(site)
+            created.append(site.hospital_id)
+    return created
 
 
 def list_hospitals(workspace: str | Path) -> list[Path]:

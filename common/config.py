@@ -25,6 +25,7 @@ NonNegative = Annotated[float, Field(ge=0)]
 Delta = Annotated[float, Field(gt=0, lt=1)]
 SampleRate = Annotated[float, Field(gt=0, le=1)]
 NVirtualTokens = Annotated[int, Field(ge=1, le=256)]
+PromptLayer = Annotated[int, Field(ge=-1, le=255)]  # common/model.py NO_PROMPT; the backbone bounds it further
 MaxLength = Annotated[int, Field(ge=8, le=512)]
 Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]  # a ConfigRecord integer is 64-bit
 Pooling = Literal["mean", "cls"]
@@ -46,6 +47,11 @@ class ModelSettings(Schema):
     """Soft-prompt length. 4 label-word vectors: 20 measurably blurred the frozen features the private head
     learns on (BENCHMARKS.md "Choosing the private recipe"), and fewer values mean less noise if trained."""
     prompt_init: PromptInit = "labels"
+    prompt_layer: PromptLayer = 0
+    """Where the prompt enters the encoder: 0 at the input; k (1..layers-1) before layer k (a late prompt:
+    the layers below run once per record, cached); -1 nowhere (the record path is the plain encoder).
+    With `training.train_prompt: false` the run uses -1 whatever this says: an untrained prompt only
+    blurs the frozen features."""
     pooling: Pooling = "mean"
     max_length: MaxLength = 256
     """Tokens per record: all-MiniLM-L6-v2 was trained on 256; abstracts average ~250."""
@@ -73,11 +79,30 @@ class TrainingSettings(Schema):
 
     local_epochs: Annotated[int, Field(ge=1)] = 1
     sample_rate: SampleRate = 0.25
+    min_expected_batch: Annotated[int, Field(ge=1)] = 64
+    """A site's sample rate is raised until its expected batch (q x its declared size) reaches this, up to
+    full batch: a small site's noise would otherwise swamp its signal (common/schedule.py)."""
     batch_size: Annotated[int | None, Field(ge=1)] = None
     """The expected batch per step; null: sample_rate decides."""
     lr: Positive = 8.0
     optimizer: Optimizer = "sgd"
     train_prompt: bool = False
+    class_sums_share: Annotated[float, Field(ge=0, lt=1)] = 0.75
+    """Round 1 releases each site's per-class feature sums once (Gaussian), and the head is built from the
+    noisy class means; in a run of more than one round this share of each site's epsilon goes to that
+    release, the rest to DP-SGD rounds (a one-round run spends it all on the release). 0: no release,
+    DP-SGD from the zero-shot head."""
+    label_prior: NonNegative = 30.0
+    """k in the label embedding's weight beside the class sums when the head is built from them:
+    k x sigma x sqrt(sites) records' worth, about 1.5x the noise norm of a class's summed rows, so that a
+    class the noise swamps (or few sites hold) falls back to its zero-shot prototype (BENCHMARKS.md)."""
+    noise_lr_ref: Positive = 0.01
+    """DP-SGD's learning rate follows the noise: a site whose noise per expected-batch example
+    (sigma / expected batch) exceeds this takes lr x noise_lr_ref / that, so a noisy site's steps stay as
+    large in noise as a quiet one's (at epsilon 1 a fixed lr fell below the zero-shot start)."""
+    max_noise_ratio: Positive = 4.0
+    """A site whose update's noise bound exceeds this many times its signal bound refuses the run before
+    spending ("too few records"); the aggregator's bound on an honest update follows from it."""
 
 
 class PrivacyRequest(Schema):
@@ -99,8 +124,10 @@ class StrategySettings(Schema):
     """fedtrimmedavg: the fraction cut at each end."""
     server_lr: Positive = 0.1
     """fedadam: the server's learning rate."""
-    update_norm_bound: Positive = 100.0
-    """L2 norm of (update - global); larger replies are rejected."""
+    update_norm_bound: Annotated[float | None, Field(gt=0)] = None
+    """L2 norm of (update - global) above which a reply is rejected. null (recommended): derived each round
+    from the plan and the site's declared size (common/schedule.update_bound), so that no honest DP
+    update is rejected; a number must be at least that derived bound, or the run is refused at start."""
 
 
 class LabelSpec(Schema):
@@ -124,7 +151,10 @@ class FederationConfig(ConfigFile):
     name: NonEmptyStr
     labels: Annotated[list[Label], Field(min_length=2), AfterValidator(distinct_labels)]
     """The label space: names, or {name, description} mappings."""
-    rounds: Annotated[int, Field(ge=1)] = 20
+    rounds: Annotated[int, Field(ge=1)] = 1
+    """1 (the default): the one-shot class-sums release, each site's whole epsilon in one Gaussian release;
+    on the public corpus it matched or beat every DP-SGD schedule in every regime measured (BENCHMARKS.md,
+    "Private utility across regimes"). More: that release, then DP-SGD rounds of the head (or prompt)."""
     min_hospitals: Annotated[int, Field(ge=1)] = 2
     round_timeout: Positive = 600.0
     """Seconds the aggregator waits for replies each round."""
@@ -156,6 +186,45 @@ class PrivacyCap(Schema):
     accountant: Literal["prv", "rdp"] = "prv"
 
 
+class SiteLimits(Schema):
+    """Plans this site refuses (as "configuration"), checked before any record is read, any noise is
+    calibrated or any ledger entry is written (client/limits.py). The defaults bound what one run can
+    cost the site (memory, time, epsilon) and what its replies can reveal; raise them deliberately."""
+
+    max_total_rounds: Annotated[int, Field(ge=1, le=100_000)] = 200
+    """The most rounds a run may plan: the site calibrates its noise for all of them at once."""
+    min_total_rounds: Annotated[int, Field(ge=1)] = 5
+    """The fewest rounds a private run with DP-SGD rounds may be calibrated for: fewer would release the run's
+    whole epsilon in a few low-noise updates. (A one-round run is the one-shot class-sums release alone.)"""
+    max_steps: Annotated[int, Field(ge=1, le=100_000)] = 20_000
+    """The most DP-SGD steps a run may plan (steps per round x rounds): bounds calibration and training. The
+    PRV calibration of 20,000 steps took 35 s and 0.9 GB on a busy 2-core host, of 50,000 about 2 min."""
+    max_labels: Annotated[int, Field(ge=2)] = 1_000
+    """The largest label space this site trains or evaluates."""
+    max_tensor_values: Annotated[int, Field(ge=1)] = 1_000_000
+    """The most values in the model's trainable tensors (prompt + head): 4 MB in float32 per message."""
+    allow_fixed_batch: bool = False
+    """Train plans that fix the expected batch (`batch_size`)? The site's sample rate, and with it the
+    epsilon-spent it reports, then follow its size (q = batch_size / size); under sample_rate plans they
+    are the same at every site of more than min_expected_batch / sample_rate units."""
+    max_run_epsilon: Positive | None = None
+    """The most epsilon one run may target; a plan asking for more is refused. null: the lifetime cap
+    (privacy.max_epsilon), which then wins silently over a larger target."""
+
+    @classmethod
+    def admitting(cls, fed: FederationConfig) -> SiteLimits:
+        """The default limits, widened just enough for `fed`'s own plan (its rounds, labels, fixed batch):
+        for a workspace whose author writes the federation and every site at once (client/workspace.py),
+        never for a hospital's own site.yaml."""
+        limits = cls()
+        return limits.replaced(
+            max_total_rounds=max(limits.max_total_rounds, fed.rounds),
+            min_total_rounds=min(limits.min_total_rounds, fed.rounds),
+            max_labels=max(limits.max_labels, len(fed.labels)),
+            allow_fixed_batch=fed.training.batch_size is not None,
+        )
+
+
 class SiteConfig(ConfigFile):
     hospital_id: Annotated[str, Field(pattern=HOSPITAL_ID_PATTERN)]
     train: LocalPath
@@ -179,12 +248,14 @@ class SiteConfig(ConfigFile):
     max_physical_batch_size: Annotated[int, Field(ge=1)] = 32
     allow_non_private: bool = False
     """May the aggregator run this site without DP (reference runs)?"""
-    weight: Annotated[float, Field(gt=0, le=1e9)] = 1.0
-    """The FedAvg weight this site declares (sent as `num-examples`): a constant the site chooses, never
-    read from its records. 1.0 everywhere = equal weights. Workspaces written by fedprompt declare the
-    training-set size rounded to 1 significant digit (client/workspace.declared_weight): weighting by
-    size is worth 2 points of macro-F1 on the benchmark (BENCHMARKS.md), and a hospital's approximate
-    size is a fact about the hospital, not about a patient (docs/deployment.md 5)."""
+    weight: Annotated[float | None, Field(gt=0, le=1e9)] = None
+    """The site's declared size: its number of DP units (records, or patients with patient_field) to about
+    1 significant digit, a public fact about the hospital (docs/deployment.md 5). It is the FedAvg weight
+    (sent as `num-examples`) and sets the site's sample rate and the public constant its noisy gradient
+    sums are divided by (common/schedule.py), so the released noise reveals this value and nothing finer.
+    The site refuses to train if it holds more than twice this many units. null: the count rounded to 1
+    significant digit at each run (workspaces written by fedprompt write it here; declare it, so that it
+    stays a constant rather than a function of the records)."""
     share_evaluation: Literal["none", "noised"] = "none"
     """Validation results: "none" = computed and logged at the site only, nothing sent (default);
     "noised" = per-class counts with Gaussian noise sent, each evaluation charged `evaluation_epsilon`
@@ -194,6 +265,12 @@ class SiteConfig(ConfigFile):
     """App bundles this site accepts besides the code-free one naming the installed fedprompt: sha256
     hex digests of bundles the site has reviewed. Even for these, the installed code is what runs
     (client/bundle.py); anything else is refused as "untrusted app"."""
+    limits: SiteLimits = SiteLimits()
+    """The plans this site refuses before spending anything on them (SiteLimits)."""
+    log_records: bool = False
+    """May the daemon's log quote values read from the records (a label outside the label space, a
+    record's text, a patient id) when it refuses bad records? false: the log names file, line and
+    field only (`fedprompt data check` shows the values at the operator's own terminal)."""
 
     # Checks across fields, as field validators (not model validators) so that a problem names its
     # field and line; the fields they compare with are declared above them.

@@ -4,6 +4,10 @@ With the prompt held fixed (head-only training, evaluation, personalisation) the
 fixed feature map, so one forward pass per record serves every step and every round that
 follows: `cached_features` keeps the most recent results in this process, keyed by the
 records' token ids, the prompt's bytes and the model settings that shape a feature.
+
+With a late prompt (PromptConfig.prompt_layer = k >= 1) being trained, the layers below k never
+see a trainable tensor: `cached_layer_states` keeps each record's hidden states entering layer k,
+so a training step runs only layers k..L-1 (model.LayerStateClassifier).
 """
 
 from __future__ import annotations
@@ -14,10 +18,13 @@ from collections import OrderedDict
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from .model import PromptClassifier
+from .model import PromptClassifier, cut_padding
 
 PAD_LABEL = -100  # a padding position of a patient's records (cross_entropy's ignore_index)
 CACHE_ENTRIES = 16  # a site's train, validation and test splits, the aggregator's test set, a few prompts back
+# Layer states are [records, tokens, hidden]: about 0.4 MB a record of 256 tokens on a 384-wide
+# encoder in float32 (0.2 MB in bf16), so that cache is bounded by bytes, not entries.
+LAYER_CACHE_BYTES = 4 * 2**30
 
 
 def feature_dtype(device: torch.device | str) -> torch.dtype:
@@ -61,7 +68,15 @@ def _key(model: PromptClassifier, dataset: TensorDataset, device: torch.device |
     c = model.config
     h.update(
         repr(
-            (c.backbone_fingerprint, c.n_virtual_tokens, c.pooling, c.max_length, c.normalize, feature_dtype(device))
+            (
+                c.backbone_fingerprint,
+                c.n_virtual_tokens,
+                c.prompt_layer,
+                c.pooling,
+                c.max_length,
+                c.normalize,
+                feature_dtype(device),
+            )
         ).encode()
     )
     h.update(model.prompt.weight.detach().float().cpu().numpy().tobytes())
@@ -85,6 +100,85 @@ def cached_features(
     while len(_cache) > CACHE_ENTRIES:
         _cache.popitem(last=False)
     return out
+
+
+@torch.no_grad()
+def extract_layer_states(
+    model: PromptClassifier,
+    dataset: Dataset,
+    device: torch.device | str = "cpu",
+    batch_size: int = 64,
+    dtype: torch.dtype | None = None,
+    storage_dtype: torch.dtype = torch.float32,
+) -> TensorDataset:
+    """(states, attention_mask, labels) of an encoded dataset (input_ids, attention_mask, labels):
+    model.layer_states() per record, on the CPU in `storage_dtype`, cut to the dataset's longest
+    record (so a batch of them is what model.features_from_states() takes).
+    `dtype`: the encoder forward's precision (default feature_dtype(device))."""
+    device = torch.device(device)
+    dtype = dtype or feature_dtype(device)
+    was_training = model.training
+    model.to(device).eval()
+    loader = DataLoader(dataset, batch_size=batch_size)
+    longest = max((int(mask.sum(1).max()) for _, mask, _ in loader), default=1)
+    states, masks, labels = [], [], []
+    for input_ids, mask, y in loader:
+        ids, mask = input_ids[:, :longest].to(device), mask[:, :longest].to(device)
+        with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32):
+            h = model.layer_states(*cut_padding(ids, mask))
+        padded = torch.zeros(len(ids), longest, h.shape[-1], dtype=storage_dtype)
+        padded[:, : h.shape[1]] = h.to("cpu", storage_dtype)
+        states.append(padded)
+        masks.append(mask.cpu())
+        labels.append(y)
+    model.train(was_training)
+    if not states:
+        return TensorDataset(
+            torch.zeros(0, 1, model.config.hidden_size, dtype=storage_dtype),
+            torch.zeros(0, 1, dtype=torch.long),
+            torch.zeros(0, dtype=torch.long),
+        )
+    return TensorDataset(torch.cat(states), torch.cat(masks), torch.cat(labels))
+
+
+def _layer_key(model: PromptClassifier, dataset: TensorDataset, device, storage_dtype: torch.dtype) -> str:
+    # The backbone's own fingerprint (not the config's copy): the states are the weights' output.
+    # No prompt bytes: nothing trainable runs below the prompt's layer.
+    h = hashlib.sha256()
+    c = model.config
+    h.update(
+        repr((model.backbone_fingerprint, c.prompt_layer, c.max_length, feature_dtype(device), storage_dtype)).encode()
+    )
+    for t in dataset.tensors:
+        h.update(t.cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+_layer_cache: OrderedDict[str, TensorDataset] = OrderedDict()
+
+
+def cached_layer_states(
+    model: PromptClassifier,
+    dataset: TensorDataset,
+    device: torch.device | str = "cpu",
+    storage_dtype: torch.dtype = torch.float32,
+) -> TensorDataset:
+    """extract_layer_states, remembered in this process (LRU within LAYER_CACHE_BYTES) for the same
+    records, backbone, prompt layer and max_length: computed once per run, reused by every step
+    and round. A change of any of them computes afresh."""
+    key = _layer_key(model, dataset, device, storage_dtype)
+    if key in _layer_cache:
+        _layer_cache.move_to_end(key)
+        return _layer_cache[key]
+    out = _layer_cache[key] = extract_layer_states(model, dataset, device, storage_dtype=storage_dtype)
+    while len(_layer_cache) > 1 and sum(state_bytes(d) for d in _layer_cache.values()) > LAYER_CACHE_BYTES:
+        _layer_cache.popitem(last=False)
+    return out
+
+
+def state_bytes(states: TensorDataset) -> int:
+    """Memory a cached_layer_states() result holds (all its tensors)."""
+    return sum(t.numel() * t.element_size() for t in states.tensors)
 
 
 def group_by_patient(features: TensorDataset, patients: list[str]) -> TensorDataset:

@@ -13,6 +13,7 @@ from .model import SoftPrompt
 
 @register_grad_sampler(SoftPrompt)
 def soft_prompt_grad_sample(layer: SoftPrompt, activations, backprops: torch.Tensor) -> dict:
-    # out[b] = cat(weight, x[b]); so d loss_b / d weight = d loss_b / d out[b][:n_virtual].
+    # out[b] = cat(weight, x[b]) whether x is the word embeddings (prompt at the input) or the hidden
+    # states entering layer k (a late prompt); so d loss_b / d weight = d loss_b / d out[b][:n_virtual].
     # `backprops` is already per sample (and rescaled by Opacus for mean-reduced losses).
     return {layer.weight: backprops[:, : layer.n_virtual, :].to(layer.weight.dtype)}

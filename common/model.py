@@ -5,15 +5,29 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 from torch import nn
+from transformers import PreTrainedModel
+from transformers.masking_utils import create_bidirectional_mask
 
 from .atomic import atomic_write
 from .backbone import Backbone
 from .errors import InputError
+
+# PromptConfig.prompt_layer: where the soft prompt enters the encoder. 0: at the input (prepended to
+# the word embeddings); k in 1..L-1: a "late" prompt, concatenated to the output of layer k-1, so
+# layers 0..k-1 see the record alone and their output can be computed once and cached;
+# NO_PROMPT: the record path is the plain encoder (the zero-shot classifier's features), the
+# prompt tensor still travels (the wire format is fixed) but nothing reads it.
+NO_PROMPT = -1
+# Encoders whose layers take (hidden_states, attention_mask) alone: a late prompt runs their
+# upper layers on its own. MPNet's layers also take a relative position bias computed from the
+# sequence length, which virtual tokens do not have.
+LATE_PROMPT_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "camembert")
 
 # The only tensors that ever leave a hospital, under these fixed names.
 PROMPT_KEY = "prompt.weight"
@@ -42,6 +56,8 @@ class PromptConfig:
     # feature has norm 1, which bounds a head gradient before DP clipping. Absent in exports
     # written before it existed: those were trained on raw pooled features.
     normalize: bool = False
+    # Absent in exports written before it existed: those put the prompt at the input (0).
+    prompt_layer: int = 0
     seed: int = 0
     private: bool = True
     extra: dict = field(default_factory=dict)  # provenance (rounds, epsilons, run name)
@@ -49,6 +65,11 @@ class PromptConfig:
     @property
     def num_labels(self) -> int:
         return len(self.labels)
+
+    @property
+    def has_prompt(self) -> bool:
+        """Whether the soft prompt is on the record path (see NO_PROMPT)."""
+        return self.prompt_layer != NO_PROMPT
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {
@@ -59,10 +80,12 @@ class PromptConfig:
 
 
 class SoftPrompt(nn.Module):
-    """`n_virtual x hidden` learned vectors prepended to every sequence's word embeddings.
+    """`n_virtual x hidden` learned vectors prepended to every sequence: to its word embeddings
+    (prompt_layer 0) or to its hidden states entering layer k (a late prompt).
 
     Kept in its own module with no buffers so that Opacus can hook it; its exact per-sample
-    gradient is registered in `common/grad_samplers.py`.
+    gradient is registered in `common/grad_samplers.py` (the same for both places: the output
+    is cat(weight, input) in either case).
     """
 
     def __init__(self, n_virtual: int, hidden: int):
@@ -78,6 +101,59 @@ class SoftPrompt(nn.Module):
         return torch.cat([prompt, word_embeddings], dim=1).contiguous()
 
 
+def position_budget(encoder: PreTrainedModel, config: PromptConfig) -> tuple[int, int]:
+    """(positions the records and an input prompt use, positions the encoder has).
+
+    RoBERTa-style embeddings number positions from padding_idx + 1, so they reserve
+    padding_idx + 1 (two, for RoBERTa) of max_position_embeddings. A late prompt enters after
+    the position embeddings (at layer k, where nothing reads positions any more): its virtual
+    tokens need no position, only the record's tokens do.
+    """
+    max_pos = int(getattr(encoder.config, "max_position_embeddings", 512))
+    padding_idx = getattr(getattr(encoder, "embeddings", None), "padding_idx", None)
+    reserved = padding_idx + 1 if isinstance(padding_idx, int) else 0
+    virtual = config.n_virtual_tokens if config.prompt_layer == 0 else 0
+    return reserved + virtual + config.max_length, max_pos
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """[B, H] from the top layer's states of the record's own tokens ([B, T, H], mask [B, T])."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    # mean over real tokens (how all-MiniLM-L6-v2 was trained)
+    m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def encoder_layers(encoder: PreTrainedModel) -> nn.ModuleList:
+    """The transformer layers, in the BERT-family layout (LATE_PROMPT_MODEL_TYPES): encoder.encoder.layer."""
+    return cast(nn.ModuleList, cast(nn.Module, encoder.encoder).layer)
+
+
+def lower_states(
+    encoder: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int
+) -> torch.Tensor:
+    """The encoder's hidden states entering layer k (k >= 1): embeddings, then layers 0..k-1."""
+    hidden = cast(nn.Module, encoder.embeddings)(input_ids=input_ids)
+    if hasattr(encoder, "embeddings_project"):  # ELECTRA: embedding size -> hidden size
+        hidden = cast(nn.Module, encoder.embeddings_project)(hidden)
+    return run_layers(encoder, hidden, attention_mask, 0, k)
+
+
+def run_layers(
+    encoder: PreTrainedModel, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int, stop: int
+) -> torch.Tensor:
+    """Encoder layers start..stop-1 on `hidden` ([B, T, H]) with a 2-D padding mask ([B, T]).
+
+    The 4-D mask is built by the same transformers helper the encoder's own forward uses, so it
+    has the format the configured attention implementation ("sdpa", "eager", ...) expects.
+    """
+    mask = create_bidirectional_mask(config=encoder.config, inputs_embeds=hidden, attention_mask=attention_mask)
+    for layer in encoder_layers(encoder)[start:stop]:
+        hidden = layer(hidden, mask)
+    return hidden
+
+
 class PromptClassifier(nn.Module):
     def __init__(self, backbone: Backbone, config: PromptConfig):
         super().__init__()
@@ -85,14 +161,31 @@ class PromptClassifier(nn.Module):
             raise InputError.at(
                 str(backbone.path), f"hidden size {backbone.hidden_size} != prompt's {config.hidden_size}"
             )
-        max_pos = getattr(backbone.model.config, "max_position_embeddings", 512)
-        if config.n_virtual_tokens + config.max_length > max_pos:
+        layers = int(backbone.model.config.num_hidden_layers)
+        if not NO_PROMPT <= config.prompt_layer < layers:
             raise InputError.at(
                 str(backbone.path),
-                f"n_virtual_tokens + max_length = {config.n_virtual_tokens + config.max_length} "
-                f"exceeds the encoder's {max_pos} positions",
+                f"prompt_layer {config.prompt_layer} is not {NO_PROMPT} (no prompt), 0 (input) or a layer "
+                f"1..{layers - 1} of this {layers}-layer encoder",
+                field="prompt_layer",
+            )
+        model_type = backbone.model.config.model_type
+        if config.prompt_layer > 0 and model_type not in LATE_PROMPT_MODEL_TYPES:
+            raise InputError.at(
+                str(backbone.path),
+                f"a late prompt (prompt_layer {config.prompt_layer}) needs one of: "
+                f"{', '.join(LATE_PROMPT_MODEL_TYPES)} (this encoder is {model_type!r})",
+                field="prompt_layer",
+            )
+        used, max_pos = position_budget(backbone.model, config)
+        if used > max_pos:
+            raise InputError.at(
+                str(backbone.path),
+                f"max_length {config.max_length} + {used - config.max_length} positions (virtual tokens at the "
+                f"input, positions the encoder reserves) = {used} exceeds the encoder's {max_pos} positions",
             )
         self.config = config
+        self.backbone_fingerprint = backbone.fingerprint  # what the encoder really is (cache keys)
         self.encoder_tokenizer = backbone.tokenizer
         self.encoder = backbone.model
         self.encoder.requires_grad_(False)
@@ -110,21 +203,40 @@ class PromptClassifier(nn.Module):
         return self.head(self.features(input_ids, attention_mask))
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """What the head sees: the pooled encoder output over prompt + text (normalised if configured)."""
-        # Inputs are padded to max_length; cut to the longest real sequence in this batch.
-        longest = max(int(attention_mask.sum(dim=1).max().item()), 1) if attention_mask.numel() else 1
-        input_ids, attention_mask = input_ids[:, :longest], attention_mask[:, :longest]
-        with torch.no_grad():
-            words = self.encoder.get_input_embeddings()(input_ids)
-        x = self.prompt(words)
-        n = self.config.n_virtual_tokens
-        ones = torch.ones(attention_mask.shape[0], n, dtype=attention_mask.dtype, device=attention_mask.device)
-        hidden = self.encoder(inputs_embeds=x, attention_mask=torch.cat([ones, attention_mask], 1)).last_hidden_state
-        if self.config.pooling == "cls":
-            pooled = hidden[:, n]  # [CLS] sits right after the virtual tokens
-        else:  # mean over real tokens (how all-MiniLM-L6-v2 was trained)
-            m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden[:, n:] * m).sum(1) / m.sum(1).clamp(min=1.0)
+        """What the head sees: the pooled encoder output over the record (and the prompt, where it
+        enters), normalised if configured."""
+        input_ids, attention_mask = cut_padding(input_ids, attention_mask)
+        return self.features_from_states(self.layer_states(input_ids, attention_mask), attention_mask)
+
+    @torch.no_grad()
+    def layer_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The record's part of the path that no trainable tensor touches, [B, T, H]: its word
+        embeddings (prompt_layer 0), its hidden states entering layer k (a late prompt: cacheable,
+        common/features.py cached_layer_states), or the top layer's states (no prompt)."""
+        k = self.config.prompt_layer
+        if k == 0:
+            return self.encoder.get_input_embeddings()(input_ids)
+        if k == NO_PROMPT:  # the plain encoder, exactly as the label prototypes are computed
+            return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return lower_states(self.encoder, input_ids, attention_mask, k)
+
+    def features_from_states(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """features() from layer_states() (computed now or cached, in any float precision)."""
+        states, attention_mask = cut_padding(states, attention_mask)
+        k, n = self.config.prompt_layer, self.config.n_virtual_tokens
+        if k == NO_PROMPT:
+            hidden = states
+        else:
+            # the trainable part runs in the trainable tensors' precision (float32) whatever the cache holds
+            x = self.prompt(states.to(self.head.weight.dtype))
+            ones = torch.ones(attention_mask.shape[0], n, dtype=attention_mask.dtype, device=attention_mask.device)
+            mask = torch.cat([ones, attention_mask], 1)
+            if k == 0:
+                hidden = self.encoder(inputs_embeds=x, attention_mask=mask).last_hidden_state
+            else:
+                hidden = run_layers(self.encoder, x, mask, k, len(encoder_layers(self.encoder)))
+            hidden = hidden[:, n:]  # the record's own positions ([CLS] first)
+        pooled = pool(hidden, attention_mask, self.config.pooling)
         return nn.functional.normalize(pooled, dim=-1) if self.config.normalize else pooled
 
     # --- trainable state -------------------------------------------------------------------
@@ -166,6 +278,32 @@ class PromptClassifier(nn.Module):
         return model
 
 
+class LayerStateClassifier(nn.Module):
+    """A PromptClassifier's logits from its cached layer states: forward(states, mask).
+
+    What DP-SGD wraps to train a late prompt + head on cached_layer_states() rows
+    (states, mask, labels): only the layers above the prompt run per step. Its trainable
+    parameters are the classifier's own (prompt and head, shared, not copied).
+    """
+
+    def __init__(self, model: PromptClassifier):
+        super().__init__()
+        self.model = model
+
+    def forward(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model.head(self.model.features_from_states(states, attention_mask))
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return self.model.trainable_parameters()
+
+
+def cut_padding(x: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs are padded to max_length (cached states to their longest record): cut both to the
+    longest real sequence in this batch."""
+    longest = max(int(attention_mask.sum(dim=1).max().item()), 1) if attention_mask.numel() else 1
+    return x[:, :longest], attention_mask[:, :longest]
+
+
 def initial_state(backbone: Backbone, config: PromptConfig) -> dict[str, torch.Tensor]:
     """Deterministic (by `config.seed`) starting prompt and head, the same on every machine."""
     gen = torch.Generator().manual_seed(config.seed)
@@ -178,9 +316,16 @@ def initial_state(backbone: Backbone, config: PromptConfig) -> dict[str, torch.T
         rows = torch.tensor([ids[i % len(ids)] for i in range(n)])
     else:  # random vocabulary rows
         rows = torch.randint(0, table.shape[0], (n,), generator=gen)
+    prompt = table[rows].clone()
+    if config.prompt_layer > 0:
+        # A late prompt lives among layer-k hidden states, whose scale is not the word
+        # embeddings': start from the same tokens' states entering layer k (run as one sequence).
+        with torch.no_grad():
+            ids = rows.unsqueeze(0).to(embeddings.device)
+            prompt = lower_states(backbone.model, ids, torch.ones_like(ids), config.prompt_layer)[0].float().cpu()
     bound = 1.0 / config.hidden_size**0.5
     return {
-        PROMPT_KEY: table[rows].clone(),
+        PROMPT_KEY: prompt,
         HEAD_WEIGHT_KEY: (torch.rand(config.num_labels, config.hidden_size, generator=gen) * 2 - 1) * bound,
         HEAD_BIAS_KEY: torch.zeros(config.num_labels),
     }

@@ -22,12 +22,13 @@ from .config import (
     Pooling,
     Positive,
     PromptInit,
+    PromptLayer,
     SampleRate,
     Seed,
     distinct_labels,
 )
 from .errors import InputError, Problem
-from .model import PromptConfig
+from .model import NO_PROMPT, PromptConfig
 from .schema import NonEmptyStr, Schema, Sha256, issues
 
 PREFIX = "fp."  # the plan's keys in the ConfigRecord (Flower adds its own, e.g. "server-round")
@@ -43,6 +44,9 @@ def prompt_config(fed: FederationConfig, backbone: Backbone) -> PromptConfig:
         pooling=fed.model.pooling,
         max_length=fed.model.max_length,
         prompt_init=fed.model.prompt_init,
+        # A prompt the run does not train stays off the record path: round 0 is then the plain
+        # label-embedding classifier exactly (an untrained prompt lowered it on unseen label spaces).
+        prompt_layer=fed.model.prompt_layer if fed.training.train_prompt else NO_PROMPT,
         normalize=fed.model.normalize,
         seed=fed.model.seed,
         private=fed.privacy.private,
@@ -60,14 +64,19 @@ class RoundPlan(Schema):
     pooling: Pooling
     max_length: MaxLength
     prompt_init: PromptInit
+    prompt_layer: PromptLayer = 0  # absent in plans from aggregators before it: the prompt at the input
     normalize: bool
     seed: Seed
     local_epochs: Annotated[int, Field(ge=1)]
     sample_rate: SampleRate
     batch_size: Annotated[int, Field(ge=0)]  # 0: use sample_rate (a ConfigRecord has no null)
+    min_expected_batch: Annotated[int, Field(ge=1)]
     lr: Positive
     optimizer: Optimizer
     train_prompt: bool
+    class_sums_share: Annotated[float, Field(ge=0, lt=1)]
+    max_noise_ratio: Positive
+    noise_lr_ref: Positive
     private: bool
     target_epsilon: Positive
     delta: Annotated[float, Field(ge=0, lt=1)]  # 0.0: each site uses its own delta
@@ -89,9 +98,13 @@ class RoundPlan(Schema):
             local_epochs=fed.training.local_epochs,
             sample_rate=fed.training.sample_rate,
             batch_size=fed.training.batch_size or 0,
+            min_expected_batch=fed.training.min_expected_batch,
             lr=fed.training.lr,
             optimizer=fed.training.optimizer,
             train_prompt=fed.training.train_prompt,
+            class_sums_share=fed.training.class_sums_share,
+            max_noise_ratio=fed.training.max_noise_ratio,
+            noise_lr_ref=fed.training.noise_lr_ref,
             private=fed.privacy.private,
             target_epsilon=fed.privacy.target_epsilon,
             delta=fed.privacy.delta or 0.0,

@@ -12,8 +12,8 @@ import csv
 import io
 import json
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import InputError, Problem
@@ -27,6 +27,7 @@ class Records:
     labels: list[int]  # index into the federation's label space
     path: Path
     patients: list[str] | None = None  # each record's patient id (site.yaml: patient_field), if asked for
+    lines: list[int] | None = None  # each record's line in its file (as read from one; None when built in memory)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -46,6 +47,30 @@ class _Row:
     patient: str | None = None
 
 
+@dataclass(frozen=True)
+class RecordProblem(Problem):
+    """A problem whose message quotes a value read from a record (its text, a label outside the
+    label space, a patient id): `withheld` is the same message without it, for logs (redacted())."""
+
+    value: str = ""
+    withheld: str = ""
+
+    def redacted(self) -> str:
+        # No hash of the value either: label names and patient ids come from small vocabularies, so
+        # a short hash of one is reversed by hashing the candidates.
+        return str(replace(self, message=f"{self.withheld} [value withheld from this log]"))
+
+
+def redacted(error: InputError) -> str:
+    """An InputError's text for a log that must not hold record values (a hospital's daemon log):
+    file, line, field and what is wrong, never the text, label or patient id read. The operator sees
+    the values with `fedprompt data check`, at their own terminal."""
+    lines = [p.redacted() if isinstance(p, RecordProblem) else str(p) for p in error.problems]
+    if error.omitted:
+        lines.append(f"... and {error.omitted} more problem(s) not shown")
+    return "\n".join(lines)
+
+
 class _Problems:
     """Collects problems up to a limit and counts the rest."""
 
@@ -53,11 +78,16 @@ class _Problems:
         self.path, self.limit, self.omitted = str(path), limit, 0
         self.items: list[Problem] = []
 
-    def add(self, line: int | None, field: str | None, message: str) -> None:
-        if len(self.items) < self.limit:
+    def add(
+        self, line: int | None, field: str | None, message: str, *, value: str | None = None, withheld: str = ""
+    ) -> None:
+        """`value`: what `message` quotes from a record; `withheld`: the message without it."""
+        if len(self.items) >= self.limit:
+            self.omitted += 1
+        elif value is None:
             self.items.append(Problem(self.path, line, field, message))
         else:
-            self.omitted += 1
+            self.items.append(RecordProblem(self.path, line, field, message, value, withheld))
 
     def raise_any(self) -> None:
         if self.items:
@@ -183,23 +213,32 @@ def _jsonl(
         ]
         for name in missing:
             found = ", ".join(repr(k) for k in obj) or "none"
-            problems.add(line, name, f"missing field (found fields: {found})")
+            problems.add(line, name, f"missing field (found fields: {found})", value=found, withheld="missing field")
         if missing:
             continue
         text, label = obj[text_field], obj[label_field]
         if not isinstance(text, str):
-            problems.add(line, text_field, f"expected a string, got {json.dumps(text)[:40]}")
+            shown = json.dumps(text)[:40]
+            problems.add(line, text_field, f"expected a string, got {shown}", value=shown, withheld="expected a string")
             continue
         # An integer label is read as its digits: accepted only where that equals a label name.
         if isinstance(label, bool) or not isinstance(label, (str, int)):
-            problems.add(line, label_field, f"expected a string, got {json.dumps(label)[:40]}")
+            shown = json.dumps(label)[:40]
+            problems.add(
+                line, label_field, f"expected a string, got {shown}", value=shown, withheld="expected a string"
+            )
             continue
         patient = None
         if patient_field is not None:
             patient = obj[patient_field]
             if isinstance(patient, bool) or not isinstance(patient, (str, int)):
+                shown = json.dumps(patient)[:40]
                 problems.add(
-                    line, patient_field, f"expected a patient id (string or integer), got {json.dumps(patient)[:40]}"
+                    line,
+                    patient_field,
+                    f"expected a patient id (string or integer), got {shown}",
+                    value=shown,
+                    withheld="expected a patient id (string or integer)",
                 )
                 continue
             patient = str(patient)
@@ -244,7 +283,14 @@ def _read_rows(
             problems.add(row.line, label_field, "empty label")
             ok = False
         elif labels is not None and label not in known:
-            problems.add(row.line, label_field, f"unknown label {label!r} (expected one of: {describe_labels(labels)})")
+            expected = f"(expected one of: {describe_labels(labels)})"
+            problems.add(
+                row.line,
+                label_field,
+                f"unknown label {label!r} {expected}",
+                value=label,
+                withheld=f"unknown label {expected}",
+            )
             ok = False
         patient = None if patient_field is None else (row.patient or "").strip()
         if patient_field is not None and not patient:
@@ -279,7 +325,7 @@ def load_records(
     rows = _read_rows(path, text_field, label_field, labels, max_problems, patient_field)
     index = {name: i for i, name in enumerate(labels)}
     patients = None if patient_field is None else _patients(rows)
-    return Records([r.text for r in rows], [index[r.label] for r in rows], path, patients)
+    return Records([r.text for r in rows], [index[r.label] for r in rows], path, patients, [r.line for r in rows])
 
 
 def load_labelled(
@@ -291,4 +337,119 @@ def load_labelled(
     labels = sorted({r.label for r in rows}, key=natural_key)
     index = {name: i for i, name in enumerate(labels)}
     patients = None if patient_field is None else _patients(rows)
-    return Records([r.text for r in rows], [index[r.label] for r in rows], path, patients), labels
+    records = Records([r.text for r in rows], [index[r.label] for r in rows], path, patients, [r.line for r in rows])
+    return records, labels
+
+
+# --- duplicates -------------------------------------------------------------------------------
+# A text read twice counts twice in training, and a copy in both a training and an evaluation file
+# is a leak (the evaluation then measures memorisation). Texts under two labels cap accuracy.
+
+
+def normalised_text(text: str) -> str:
+    """A record's text as compared for duplicates: runs of whitespace as one space, ends stripped
+    (a re-wrapped copy is still the same record; case and punctuation still count)."""
+    return " ".join(text.split())
+
+
+def text_groups(texts: Sequence[str]) -> list[list[int]]:
+    """The indices of `texts` grouped by normalised text, groups in order of first occurrence."""
+    groups: dict[str, list[int]] = {}
+    for i, text in enumerate(texts):
+        groups.setdefault(normalised_text(text), []).append(i)
+    return list(groups.values())
+
+
+@dataclass(frozen=True)
+class Copy:
+    """One copy of a repeated text: where it was read and under which label (its name)."""
+
+    path: Path
+    line: int | None  # None for records built in memory
+    label: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line if self.line is not None else '?'}"
+
+
+@dataclass(frozen=True)
+class Duplicates:
+    """The texts read more than once across some record files (after whitespace normalisation)."""
+
+    rows: int  # records read, in all the files
+    distinct: int  # distinct texts among them
+    groups: tuple[tuple[Copy, ...], ...]  # each text read more than once: its copies, in reading order
+
+    @property
+    def repeated_rows(self) -> int:
+        return sum(map(len, self.groups))
+
+    @property
+    def conflicts(self) -> tuple[tuple[Copy, ...], ...]:
+        """The texts read under two or more labels."""
+        return tuple(g for g in self.groups if len({c.label for c in g}) > 1)
+
+    def shared(self, first: Collection[Path], second: Collection[Path]) -> tuple[tuple[Copy, ...], ...]:
+        """The texts with a copy in one of the `first` files and one in the `second` files."""
+        return tuple(g for g in self.groups if any(c.path in first for c in g) and any(c.path in second for c in g))
+
+    def report(self, limit: int = 5) -> list[str]:
+        """Warning lines for `data check` and `data partition` (none if no text repeats): counts,
+        then the first `limit` repeated texts' copies as file:line."""
+        if not self.groups:
+            return []
+        out = [
+            f"warning: duplicate records: {self.repeated_rows} rows hold {_count(len(self.groups), 'text')} read more "
+            f"than once (of {self.rows} rows, {self.distinct} distinct texts); each copy counts as one more record: "
+            + _examples(self.groups, limit, labelled=False)
+        ]
+        conflicts = self.conflicts
+        if conflicts:
+            out.append(
+                f"warning: conflicting records: {_count(len(conflicts), 'text')} read under two or more labels "
+                f"({sum(map(len, conflicts))} rows): " + _examples(conflicts, limit, labelled=True)
+            )
+        return out
+
+    def leak_report(self, train: Collection[Path], held_out: Collection[Path], limit: int = 5) -> list[str]:
+        """A warning line if a text of the `train` files is also in a `held_out` (validation/test) file."""
+        shared = self.shared(train, held_out)
+        if not shared:
+            return []
+        return [
+            f"warning: LEAK: {_count(len(shared), 'training text')} also in the validation/test records "
+            "(evaluation on them measures memorisation, not learning; remove them from one side): "
+            + _examples(shared, limit, labelled=False)
+        ]
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _examples(groups: Sequence[tuple[Copy, ...]], limit: int, *, labelled: bool) -> str:
+    """The first `limit` groups' copies: `file:line = file:line; ...`, or `file: lines a = b; ...`
+    when they are all in one file."""
+    shown = groups[:limit]
+    paths = {c.path for g in shown for c in g}
+    one_file = len(paths) == 1
+
+    def copy(c: Copy) -> str:
+        where = str(c.line if c.line is not None else "?") if one_file else str(c)
+        return f"{where} ({c.label})" if labelled else where
+
+    text = "; ".join(" = ".join(map(copy, g)) for g in shown)
+    if one_file:
+        text = f"{paths.pop()}: lines {text}"
+    return text + (f"; ... ({len(groups) - limit} more)" if len(groups) > limit else "")
+
+
+def find_duplicates(files: Sequence[tuple[Records, Sequence[str]]]) -> Duplicates:
+    """The repeated texts of record files, each given with its label names (`Records.labels` index them)."""
+    copies = [
+        Copy(records.path, None if records.lines is None else records.lines[i], names[y])
+        for records, names in files
+        for i, y in enumerate(records.labels)
+    ]
+    groups = text_groups([t for records, _ in files for t in records.texts])
+    return Duplicates(len(copies), len(groups), tuple(tuple(copies[i] for i in g) for g in groups if len(g) > 1))

@@ -10,6 +10,7 @@ Every field of every reply is type-checked here before the aggregator uses it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TypeGuard
 
 import numpy as np
@@ -39,6 +40,8 @@ REFUSAL_CATEGORIES = (
     "backbone",  # the site's backbone differs from the federation's, or cannot be loaded
     "records",  # the site's records are unreadable or invalid (e.g. a label outside the label space)
     "configuration",  # the site's or the federation's configuration is invalid or incompatible
+    # under the plan, the site's update would be mostly noise (its declared size is small for its budget)
+    "too few records",
     "non-private refused",  # the aggregator asked for training without DP and the site does not allow it
     "internal",  # an unexpected failure at the site (its log has the traceback)
     # the submitted app bundle is not a code-free bundle naming the installed fedprompt (client/bundle.py)
@@ -173,11 +176,13 @@ def validate_update(
     content: RecordDict,
     expected_shapes: dict[str, tuple[int, ...]],
     global_state: dict[str, torch.Tensor],
-    norm_bound: float,
+    norm_bound: float | Callable[[float], float],
 ) -> str | None:
     """Return why a train reply must be rejected, or None if it is well-formed.
 
     Every field is checked for presence and type, so that nothing downstream can trip on it.
+    `norm_bound`: on the L2 norm of (update - global); or a function of the reply's declared weight
+    (`num-examples`) giving it (common/schedule.update_bound).
     """
     # the model received, validated (opt-in, noised)
     shared = {EVALUATION} if EVALUATION in content.metric_records else set()
@@ -192,28 +197,46 @@ def validate_update(
     reason = validate_train_metrics(content.metric_records[METRICS]) or validate_status(content, ("ok",))
     if reason:
         return reason
+    try:
+        decoded = decode_tensors(arrays, expected_shapes)
+    except ValueError as exc:
+        return str(exc)
     sq = 0.0
+    for key, values in decoded.items():
+        sq += float(((values.astype(np.float64) - global_state[key].numpy().astype(np.float64)) ** 2).sum())
+    norm = math.sqrt(sq)
+    weight = content.metric_records[METRICS]["num-examples"]  # validated above: a positive number
+    bound = norm_bound if isinstance(norm_bound, (int, float)) else norm_bound(float(weight))  # type: ignore[arg-type]
+    if norm > bound:
+        return f"update norm {norm:.3g} exceeds the bound {bound:g}"
+    return None
+
+
+def decode_tensors(arrays: ArrayRecord, expected_shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """The tensors of `arrays`, decoded; ValueError (the reason) unless they are exactly the expected
+    keys, each float32 of its expected shape with finite values. The aggregator checks every update
+    with it (validate_update), a site every model it receives (client/limits.py)."""
+    if set(arrays.keys()) != set(expected_shapes):
+        raise ValueError(f"tensor keys {sorted(arrays.keys())} != expected {sorted(expected_shapes)}")
+    decoded = {}
     for key, shape in expected_shapes.items():
         arr = arrays[key]
         if arr.dtype != "float32":
-            return f"{key}: dtype {arr.dtype} != float32"
+            raise ValueError(f"{key}: dtype {arr.dtype} != float32")
         if tuple(arr.shape) != tuple(shape):
-            return f"{key}: shape {tuple(arr.shape)} != expected {tuple(shape)}"
+            raise ValueError(f"{key}: shape {tuple(arr.shape)} != expected {tuple(shape)}")
         try:
             values = arr.numpy()
         except Exception as exc:
-            return f"{key}: undecodable tensor ({exc})"
+            raise ValueError(f"{key}: undecodable tensor ({exc})") from None
         if values.dtype != np.float32:
-            return f"{key}: dtype {values.dtype} != float32"
+            raise ValueError(f"{key}: dtype {values.dtype} != float32")
         if tuple(values.shape) != tuple(shape):
-            return f"{key}: decoded shape {tuple(values.shape)} != expected {tuple(shape)}"
+            raise ValueError(f"{key}: decoded shape {tuple(values.shape)} != expected {tuple(shape)}")
         if not np.isfinite(values).all():
-            return f"{key}: non-finite values (NaN or Inf)"
-        sq += float(((values.astype(np.float64) - global_state[key].numpy().astype(np.float64)) ** 2).sum())
-    norm = math.sqrt(sq)
-    if norm > norm_bound:
-        return f"update norm {norm:.3g} exceeds the bound {norm_bound:g}"
-    return None
+            raise ValueError(f"{key}: non-finite values (NaN or Inf)")
+        decoded[key] = values
+    return decoded
 
 
 def validate_evaluation(content: RecordDict, num_labels: int) -> str | None:

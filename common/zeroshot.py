@@ -1,10 +1,11 @@
 """The zero-shot start: a head whose rows are the label texts' embeddings, so that the global model
 before any training is a cosine classifier between a record's feature and each label's.
 
-A record's feature comes through the model (initial prompt included); a label's embedding is
-the plain backbone's pooled output, without the prompt: measured on the public corpus, that
-pairing is the better zero-shot classifier (BENCHMARKS.md, "Zero-shot start"). No record is
-involved: the initial model is public, computed from the label space alone.
+A record's feature comes through the model (the initial prompt included where
+PromptConfig.prompt_layer puts one); a label's embedding is the plain backbone's pooled output,
+without the prompt. With prompt_layer NO_PROMPT both are the plain backbone's, so round 0 is the
+plain label-embedding zero-shot classifier (tests/test_late_prompt.py). No record is involved:
+the initial model is public, computed from the label space alone.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .backbone import Backbone
-from .model import HEAD_BIAS_KEY, HEAD_WEIGHT_KEY, PromptConfig, initial_state
+from .model import HEAD_BIAS_KEY, HEAD_WEIGHT_KEY, PromptConfig, initial_state, pool
 
 
 @torch.no_grad()
@@ -25,12 +26,7 @@ def label_prototypes(backbone: Backbone, config: PromptConfig, label_texts: list
     backbone.model.eval()
     hidden = backbone.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state.float()
     backbone.model.train(was_training)
-    if config.pooling == "cls":
-        pooled = hidden[:, 0]
-    else:
-        m = enc["attention_mask"].unsqueeze(-1).float()
-        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
-    return torch.nn.functional.normalize(pooled, dim=-1)
+    return torch.nn.functional.normalize(pool(hidden, enc["attention_mask"], config.pooling), dim=-1)
 
 
 def initial_global_state(

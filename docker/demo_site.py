@@ -60,13 +60,7 @@ def hospital(args: argparse.Namespace) -> int:
         )
         return 3
     # `fedprompt privacy init --site ...`, once in the life of the site: the site was seeded just now
-    PrivacyLedger.create(
-        site.ledger,
-        hospital_id=site.hospital_id,
-        epsilon_cap=site.privacy.max_epsilon,
-        delta=site.privacy.delta,
-        mechanism=site.privacy.accountant,
-    )
+    PrivacyLedger.create_for_site(site)
     print(f"created privacy ledger {site.ledger}")
     return 0
 

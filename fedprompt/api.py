@@ -125,8 +125,10 @@ def simulate(
     non_private: bool = False,
     seed: int = 0,
     verbose: bool = False,
+    engine: str = "ray",
 ) -> SimulationResult:
-    """A federation on this machine, on Flower's simulation engine (needs fedprompt[simulation]).
+    """A federation on this machine, on Flower's simulation engine (`engine="ray"`, needs
+    fedprompt[simulation]) or in this process (`engine="local"`: fedprompt/local_engine.py).
 
     `workspace`: a folder of federation.yaml + hospital-*/site.yaml, each site with its ledger
     (`fedprompt privacy init`); None: a fresh 3-hospital demo in OUT/workspace (its ledgers
@@ -134,14 +136,15 @@ def simulate(
     fedprompt's lines (rounds, hospitals, epsilon) go to stdout; Flower's, Ray's and the
     hospitals' output to OUT/logs/simulate.log (and with `verbose` to the console too).
     """
-    from fedprompt import simulation as engine
+    from fedprompt import simulation as engine_module
     from fedprompt.client.demo_data import generate_demo, write_demo_workspace
     from fedprompt.common.config import FederationConfig
     from fedprompt.common.logs import CONSOLE, console
 
     if rounds is not None:  # before the demo is written; the engine applies it by the same rule
         FederationConfig.check_field("rounds", rounds, origin="--rounds")
-    engine.require_ray()
+    if engine == "ray":
+        engine_module.require_ray()
     workspace = None if workspace is None else Path(workspace)
     backbone = None if backbone is None else Path(backbone).resolve()
     out = (
@@ -163,7 +166,7 @@ def simulate(
                 log.info("demo workspace (3 hospitals, synthetic notes) written to %s", workspace, extra=CONSOLE)
         # Ledgers are created only for the demo written just now; any other site must have its own
         # (`fedprompt privacy init --site ...`): a missing ledger may be a lost one.
-        metrics = engine.simulate(
+        metrics = engine_module.simulate(
             workspace,
             out,
             rounds=rounds,
@@ -173,6 +176,7 @@ def simulate(
             non_private=non_private,
             create_ledgers=fresh,
             verbose=verbose,
+            engine=engine,
         )
     return SimulationResult(
         run=metrics["run"],

@@ -1,6 +1,7 @@
-"""A whole federation on one machine: Flower's simulation engine (Ray), one virtual node per
-hospital of a workspace, the same ServerApp and ClientApp code as the deployment. Both sides run
-in this one process, so this module lives outside server/ and client/ and imports both."""
+"""A whole federation on one machine: one virtual node per hospital of a workspace, the same
+ServerApp and ClientApp code as the deployment, on Flower's simulation engine (Ray) or on the
+in-process engine (fedprompt/local_engine.py: no Ray, every hospital in this process). Both sides
+run in this one process, so this module lives outside server/ and client/ and imports both."""
 
 from __future__ import annotations
 
@@ -15,14 +16,14 @@ import torch
 
 from fedprompt.client.client_app import make_client_app
 from fedprompt.client.comparison import compare_site
-from fedprompt.client.ledger import PrivacyLedger
-from fedprompt.client.workspace import list_hospitals, load_workspace
+from fedprompt.client.workspace import create_ledgers, list_hospitals, load_workspace
 from fedprompt.common.atomic import atomic_write
 from fedprompt.common.config import SiteConfig
 from fedprompt.common.errors import InputError, Problem
 from fedprompt.common.logs import CONSOLE, captured_output
 from fedprompt.common.records import load_records
 from fedprompt.common.zeroshot import initial_global_state
+from fedprompt.local_engine import ENGINES, run_local
 from fedprompt.server.federation import PreparedRun, RunSpec, prepare_run
 from fedprompt.server.history import read_metrics
 from fedprompt.server.outcome import TRAINED
@@ -50,26 +51,10 @@ def _not_run_simulation_deprecation(record: logging.LogRecord) -> bool:
 
 
 def ensure_ledgers(workspace: Path) -> list[str]:
-    """Create the ledgers of a workspace's sites that have none yet (the operator's `privacy init`).
-
-    Only for a workspace written moments ago by the same command (the fresh demo of `fedprompt
-    simulate`) or by a test: anywhere else a missing ledger may be a LOST one (`check_ledgers`).
-    """
-    created = []
-    _, sites, _ = load_workspace(workspace)
-    for site in sites:
-        if not site.ledger.exists():
-            site.ledger.parent.mkdir(parents=True, exist_ok=True)
-            PrivacyLedger.create(
-                site.ledger,
-                hospital_id=site.hospital_id,
-                epsilon_cap=site.privacy.max_epsilon,
-                delta=site.privacy.delta,
-                mechanism=site.privacy.accountant,
-                anchor=site.ledger_anchor,
-            )
-            created.append(site.hospital_id)
-    return created
+    """Create the ledgers of a workspace's sites that have none yet (the operator's `privacy init`):
+    client/workspace.create_ledgers, which says where that is right (a workspace written moments
+    ago by the same command or a test; anywhere else a missing ledger may be a LOST one)."""
+    return create_ledgers(workspace)
 
 
 def check_ledgers(sites: list[SiteConfig]) -> None:
@@ -115,14 +100,24 @@ def simulate(
     non_private: bool = False,
     create_ledgers: bool = False,
     verbose: bool = False,
+    engine: str = "ray",
+    compare: bool = True,
 ) -> dict:
     """`create_ledgers`: only for a workspace this same command has just written (the fresh demo);
     otherwise a site without its ledger stops the run before anything trains (`check_ledgers`).
     Flower's, Ray's and the hospitals' output goes to OUT/logs/simulate.log, and with `verbose`
     to the console too (common/logs.captured_output).
+    `engine`: "ray" (Flower's simulation engine) or "local" (fedprompt/local_engine.py: the same
+    apps, each hospital's messages handled in this process, one after another).
+    `compare`: measure each hospital's zero-shot / alone / federated / personalised models on its
+    local test split (comparison.json; cross-validated personalisation at every site: the slowest
+    part of a small run).
     Returns metrics.json's content; when no hospital trained (`outcome` is not TRAINED) there is
     no export and no per-hospital comparison."""
-    require_ray()
+    if engine not in ENGINES:
+        raise InputError.at("fedprompt simulate", f"unknown engine {engine!r} (one of {', '.join(ENGINES)})")
+    if engine == "ray":
+        require_ray()
     fed, sites, test = load_workspace(workspace)
     check_records(sites, fed.label_names)
     if rounds is not None:
@@ -138,9 +133,40 @@ def simulate(
             log.info("created privacy ledger for hospital %s", h, extra=CONSOLE)
     else:
         check_ledgers(sites)
-    n = len(sites)
+    server_app = make_server_app(run)
+    site_paths = list_hospitals(workspace)
+    backend = _ray_backend(len(sites)) if engine == "ray" else None  # (imports Ray before the capture)
+    # Flower logs through its own handler; without this a root handler set up by a dependency
+    # prints every line twice.
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.propagate = False
+    log_file = out_dir / "logs" / LOG_NAME
+    with captured_output(log_file, verbose=verbose):
+        if backend is not None:
+            _run_on_ray(server_app, make_client_app(site_paths, torch_threads=1), len(sites), backend)
+        else:
+            # One process: the hospitals take turns on its threads and share its caches.
+            run_local(server_app, make_client_app(site_paths), len(sites))
+        metrics_path = out_dir / "metrics.json"
+        if not metrics_path.exists() or (run.history and run.history[-1]["round"] < run.done):
+            raise RuntimeError(f"the simulation ended without finishing the run (see {log_file})")
+        metrics = read_metrics(metrics_path)
+        if metrics["outcome"] != TRAINED or not compare:  # (no federated model to compare: metrics.json says why)
+            return metrics
+        metrics["hospital_comparison"] = compare_hospitals(run, sites)
+    atomic_write(out_dir / "comparison.json", (json.dumps(metrics["hospital_comparison"], indent=1) + "\n").encode())
+    return metrics
+
+
+def _ray_backend(n: int) -> dict[str, dict[str, Any]]:
+    """Flower's Ray backend config for `n` hospitals. Imports Ray: call it before `captured_output`
+    (Ray binds its log handler to the console at import; the capture detaches it)."""
     gpus = (1.0 / min(n, 4)) if torch.cuda.is_available() else 0.0
-    backend: dict[str, dict[str, Any]] = {
+    # The run's log keeps every hospital's lines, which Ray would merge by default.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    import ray  # noqa: F401
+
+    return {
         "client_resources": {"num_cpus": 1, "num_gpus": gpus},
         # log_to_driver: the actors' (hospitals') output comes to this process, which files it.
         "init_args": {
@@ -150,50 +176,29 @@ def simulate(
             "logging_level": logging.WARNING,
         },
     }
+
+
+def _run_on_ray(server_app, client_app, n: int, backend: dict) -> None:
     from flwr.simulation import run_simulation
 
-    # Before the capture: Ray binds its log handler to the console at import (captured_output
-    # detaches it); and the run's log keeps every hospital's lines, which Ray would merge by default.
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    import ray  # noqa: F401
-
-    # Flower logs through its own handler; without this a root handler set up by a dependency
-    # prints every line twice.
     flwr_logger = logging.getLogger("flwr")
-    flwr_logger.propagate = False
-    log_file = out_dir / "logs" / LOG_NAME
-    with captured_output(log_file, verbose=verbose):
-        # Flower 1.42 deprecates run_simulation for `flwr run`, which starts a packaged app in other
-        # processes (flwr-simulation, then this same engine). This command hands the ServerApp a run
-        # it has validated here (workspace, records, ledgers, backbone) and reads the outcome in this
-        # process, so it keeps the engine's Python entry and drops the notice.
-        flwr_logger.addFilter(_not_run_simulation_deprecation)
-        # Flower's Ray backend exports PYTHONPATH (this interpreter's sys.path) into this process'
-        # environment for good: every program started afterwards (a notebook's, the caller's) would
-        # import this venv's packages. Restored when the simulation ends.
-        pythonpath = os.environ.get("PYTHONPATH")
-        try:
-            run_simulation(
-                server_app=make_server_app(run),
-                client_app=make_client_app(list_hospitals(workspace), torch_threads=1),
-                num_supernodes=n,
-                backend_config=backend,
-            )
-        finally:
-            flwr_logger.removeFilter(_not_run_simulation_deprecation)
-            if pythonpath is None:
-                os.environ.pop("PYTHONPATH", None)
-            else:
-                os.environ["PYTHONPATH"] = pythonpath
-        metrics_path = out_dir / "metrics.json"
-        if not metrics_path.exists() or (run.history and run.history[-1]["round"] < run.done):
-            raise RuntimeError(f"the simulation ended without finishing the run (see {log_file})")
-        metrics = read_metrics(metrics_path)
-        if metrics["outcome"] != TRAINED:  # no federated model to compare: metrics.json says why
-            return metrics
-        metrics["hospital_comparison"] = compare_hospitals(run, sites)
-    atomic_write(out_dir / "comparison.json", (json.dumps(metrics["hospital_comparison"], indent=1) + "\n").encode())
-    return metrics
+    # Flower 1.42 deprecates run_simulation for `flwr run`, which starts a packaged app in other
+    # processes (flwr-simulation, then this same engine). This command hands the ServerApp a run
+    # it has validated here (workspace, records, ledgers, backbone) and reads the outcome in this
+    # process, so it keeps the engine's Python entry and drops the notice.
+    flwr_logger.addFilter(_not_run_simulation_deprecation)
+    # Flower's Ray backend exports PYTHONPATH (this interpreter's sys.path) into this process'
+    # environment for good: every program started afterwards (a notebook's, the caller's) would
+    # import this venv's packages. Restored when the simulation ends.
+    pythonpath = os.environ.get("PYTHONPATH")
+    try:
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n, backend_config=backend)
+    finally:
+        flwr_logger.removeFilter(_not_run_simulation_deprecation)
+        if pythonpath is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = pythonpath
 
 
 def compare_hospitals(run: PreparedRun, sites: list[SiteConfig]) -> list[dict]:

@@ -30,7 +30,8 @@ def export_model(
         )
 
     privacy = (
-        "Trained with DP-SGD at every hospital; epsilon spent per hospital (cumulative, that hospital's own ledger): "
+        "Trained with differential privacy at every hospital (the one-shot class-sums release, and DP-SGD in "
+        "later rounds); epsilon spent per hospital (cumulative, that hospital's own ledger): "
         + (", ".join(f"{h} {e:.3f}" for h, e in sorted(eps.items())) or "none recorded")
         if prompt.private
         else "**NON-PRIVATE**: trained WITHOUT differential privacy (reference run). Do not deploy on patient data."

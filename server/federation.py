@@ -2,8 +2,11 @@
 
 Checkpoints after every round and rewrites the report in the background (server/live_report.py:
 an operator can watch a run in a browser); a resumed run continues the round numbering and the
-history. At the end: the export, metrics.json and the report; a run in which no hospital
-trained gets no export, and metrics.json and the report say why (server/outcome.py).
+history. Before its first round a run asks every node it will sample whether it will train the
+whole run (the pre-flight, client/preflight.py): it starts only when at least min_hospitals
+confirm, and the others are sent no train message. At the end: the export, metrics.json and the
+report; a run in which no hospital trained (or that the pre-flight stopped) gets no export, and
+metrics.json and the report say why (server/outcome.py).
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from flwr.app import MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from torch.utils.data import TensorDataset
 
 from fedprompt.common.atomic import atomic_write
@@ -25,21 +29,30 @@ from fedprompt.common.backbone import Backbone, load_backbone
 from fedprompt.common.config import FederationConfig
 from fedprompt.common.encoding import encode
 from fedprompt.common.errors import InputError
-from fedprompt.common.logs import PROGRESS
+from fedprompt.common.logs import CONSOLE, PROGRESS
 from fedprompt.common.metrics import evaluate
-from fedprompt.common.model import PromptConfig, build_model
+from fedprompt.common.model import HEAD_WEIGHT_KEY, PromptConfig, build_model
 from fedprompt.common.plan import RoundPlan, prompt_config
 from fedprompt.common.records import load_records
-from fedprompt.common.wire import arrays_to_state, state_to_arrays
-from fedprompt.common.zeroshot import initial_global_state
+from fedprompt.common.schedule import largest_update_bound
+from fedprompt.common.wire import (
+    ARRAYS,
+    CONFIG,
+    STATUS,
+    arrays_to_state,
+    state_to_arrays,
+    validate_refusal,
+    validate_status,
+)
+from fedprompt.common.zeroshot import initial_global_state, label_prototypes
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .export import export_model
-from .history import RunMetrics
+from .history import Preflight, PreflightAnswer, RunMetrics
 from .live_report import LiveReport
-from .outcome import RUNNING, TRAINED, Outcome, run_outcome
+from .outcome import RUNNING, TRAINED, Outcome, preflight_shortfall, run_outcome
 from .report import write_report
-from .strategy import ValidatedStrategy, build_strategy
+from .strategy import ValidatedStrategy, _identity, build_strategy
 
 log = logging.getLogger("fedprompt.server")
 
@@ -64,6 +77,7 @@ class PreparedRun:
     done: int
     history: list[dict] = field(default_factory=list)
     test_set: TensorDataset | None = None
+    preflight: Preflight | None = None  # this invocation's (ask_preflight)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -105,10 +119,28 @@ def prepare_run(spec: RunSpec) -> PreparedRun:
             head_init=fed.model.head_init,
             logit_scale=fed.model.logit_scale,
         )
+    check_norm_bound(fed, run)
     if spec.test_path is not None:
         records = load_records(spec.test_path, text_field="text", label_field="label", labels=prompt.labels)
         run.test_set = encode(backbone.tokenizer, records.texts, records.labels, prompt.max_length).dataset
     return run
+
+
+def check_norm_bound(fed: FederationConfig, run: PreparedRun) -> None:
+    """A fixed strategy.update_norm_bound below what an honest DP update can reach would reject honest
+    sites (and spend their budget for nothing): refused before anything is sent."""
+    bound = fed.strategy.update_norm_bound
+    if bound is None:
+        return
+    plan = RoundPlan.for_run(fed, run.prompt)
+    honest = largest_update_bound(plan, float(torch.linalg.vector_norm(run.state[HEAD_WEIGHT_KEY])))
+    if bound < honest:
+        raise InputError.at(
+            fed.source or "federation.yaml",
+            f"{bound:g} is below the largest update an honest site can send under this plan ({honest:.4g}; "
+            "common/schedule.py): remove it to have the bound derived for each reply",
+            field="strategy.update_norm_bound",
+        )
 
 
 def _test_metrics(run: PreparedRun, state: dict[str, torch.Tensor]) -> dict | None:
@@ -132,8 +164,16 @@ def execute(grid: Grid, run: PreparedRun) -> dict:
         min_hospitals=fed.min_hospitals,
         round_offset=run.done,
         evaluate_in_train=in_train,
+        label_prototypes=label_prototypes(run.backbone, run.prompt, fed.label_texts),
+        label_prior=fed.training.label_prior,
+        logit_scale=fed.model.logit_scale,
     )
     plan = RoundPlan.for_run(fed, run.prompt).to_config_record()
+    if remaining > 0:  # before anything that could charge a site (round 0's shared evaluation included)
+        run.preflight, strategy.declined = ask_preflight(grid, run, state_to_arrays(run.state), plan)
+        log.info("%s", preflight_line(run.preflight, fed.rounds), extra=CONSOLE)
+        if run.preflight.confirmed < fed.min_hospitals:
+            return finish(run)
     t_round = [time.perf_counter(), time.time()]
     start_at_zero = not any(h["round"] == 0 for h in run.history)  # a resumed run has its round 0 already
     live = LiveReport(run.spec.out_dir)
@@ -159,6 +199,10 @@ def execute(grid: Grid, run: PreparedRun) -> dict:
             # Wall-clock (epoch) phase boundaries: round start, instructions sent, replies in, round end.
             "timing": {"start": t_round[1], **strategy.timing.get(server_round, {}), "end": time.time()},
         }
+        if broke := refused_after_preflight(run.preflight, hospitals):
+            record["refused_after_preflight"] = broke
+            for hospital, category in sorted(broke.items()):
+                log.warning("round %d: %s refused after confirming in pre-flight: %s", r, hospital, category)
         t_round[:] = [time.perf_counter(), time.time()]
         run.history.append(record)
         run.state, run.done = state, r
@@ -173,8 +217,9 @@ def execute(grid: Grid, run: PreparedRun) -> dict:
         # Round 0: the hospitals validate the initial (zero-shot) model before anyone trains, each
         # in its own log; only sites with `share_evaluation: noised` send (noised) counts back.
         # (With `evaluation: in_train` they do so inside round 1's train message.)
+        messages = strategy.configure_evaluate(0, state_to_arrays(run.state), plan, grid)
         replies = grid.send_and_receive(
-            strategy.configure_evaluate(0, state_to_arrays(run.state), plan, grid), timeout=fed.round_timeout
+            [m for m in messages if m.metadata.dst_node_id not in strategy.declined], timeout=fed.round_timeout
         )
         strategy.aggregate_evaluate(0, replies)
     if remaining > 0:
@@ -193,13 +238,102 @@ def execute(grid: Grid, run: PreparedRun) -> dict:
     return finish(run)
 
 
+def ask_preflight(
+    grid: Grid, run: PreparedRun, arrays: ArrayRecord, plan: ConfigRecord
+) -> tuple[Preflight, frozenset[int]]:
+    """Ask every node the run will sample whether it will train all of the run's remaining rounds
+    (client/preflight.py answers, spending nothing). Returns the answers, and the nodes that did
+    not confirm (refused, failed, malformed or silent), which the strategy sends no train message."""
+    fed = run.spec.federation
+    # Whom the strategy will sample: every node connected once this many are (build_strategy).
+    _, nodes = sample_nodes(grid, max(fed.min_hospitals, run.spec.expected_hospitals or 0), 0)
+    config = ConfigRecord(dict(plan))
+    config["fp.round"] = run.done + 1  # the first round of this invocation: the site checks it and every later one
+    content = RecordDict({ARRAYS: arrays, CONFIG: config})
+    messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=node) for node in nodes]
+    replies = list(grid.send_and_receive(messages, timeout=fed.round_timeout))
+    sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # ids are set when sent
+    answers: dict[str, PreflightAnswer] = {}
+    answered: set[int] = set()
+    confirmed: set[int] = set()
+    for msg in replies:
+        node = sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+        answered.add(node)
+        who = _identity(msg, node, set(answers))
+        answers[who] = answer = _judge_preflight(msg)
+        if answer.status == "ok":
+            confirmed.add(node)
+        elif answer.status == "refused":
+            log.info("pre-flight: %s refused: %s", who, answer.reason)
+        else:
+            log.warning("pre-flight: %s answer %s: %s", who, answer.status, answer.reason)
+    for node in sorted(set(nodes) - answered):
+        answers[f"node-{node}"] = PreflightAnswer("failed", "no reply within the round timeout")
+    result = Preflight(round=run.done + 1, min_hospitals=fed.min_hospitals, confirmed=len(confirmed), hospitals=answers)
+    return result, frozenset(nodes) - confirmed
+
+
+def _judge_preflight(msg: Message) -> PreflightAnswer:
+    """A pre-flight reply carries the status record alone: "ok", or a refusal naming its category."""
+    if msg.has_error():
+        return PreflightAnswer("failed", f"error reply: {msg.error.reason}")
+    content = msg.content
+    status = content.config_records.get(STATUS)
+    if status is not None and status.get("status") == "refused":
+        reason = validate_refusal(content)
+        return (
+            PreflightAnswer("rejected", f"malformed refusal: {reason}")
+            if reason
+            else PreflightAnswer("refused", str(status["reason"]))
+        )
+    if set(content.keys()) != {STATUS}:
+        return PreflightAnswer("rejected", f"a pre-flight reply carries only {STATUS!r}, got {sorted(content.keys())}")
+    reason = validate_status(content, ("ok",))
+    return PreflightAnswer("rejected", reason) if reason else PreflightAnswer("ok")
+
+
+def _declined(preflight: Preflight) -> dict[str, str]:
+    """hospital -> why it will not train the run (its refusal category, or the aggregator's words)."""
+    return {h: a.reason or a.status for h, a in preflight.hospitals.items() if a.status != "ok"}
+
+
+def refused_after_preflight(preflight: Preflight | None, hospitals: dict[str, dict]) -> dict[str, str]:
+    """hospital -> category, for the round's refusals by sites that had confirmed the run in pre-flight."""
+    if preflight is None:
+        return {}
+    said_yes = {h for h, a in preflight.hospitals.items() if a.status == "ok"}
+    return {h: o["reason"] for h, o in hospitals.items() if o["status"] == "refused" and h in said_yes}
+
+
+def preflight_line(preflight: Preflight, total: int) -> str:
+    """The pre-flight for the operator: how many sites confirmed, and why each other one will not train."""
+    declined = _declined(preflight)
+    parts = [
+        f"pre-flight for rounds {preflight.round}-{total}",
+        f"{preflight.confirmed} of {len(preflight.hospitals)} site(s) will train the run "
+        f"(min_hospitals {preflight.min_hospitals})",
+    ]
+    if declined:
+        parts.append("not: " + ", ".join(f"{h} ({why})" for h, why in sorted(declined.items())))
+    if preflight.confirmed < preflight.min_hospitals:
+        parts.append("the run does not start: no site is charged")
+    return " | ".join(parts)
+
+
 def finish(run: PreparedRun) -> dict:
     fed, out = run.spec.federation, run.spec.out_dir
-    outcome, why = run_outcome(run.history)
+    preflight = run.preflight
+    not_started = (  # the pre-flight stopped this invocation before its first round
+        preflight_shortfall(preflight.confirmed, preflight.min_hospitals, _declined(preflight))
+        if preflight is not None and preflight.confirmed < preflight.min_hospitals
+        else None
+    )
+    outcome, why = run_outcome(run.history, not_started)
     export_dir = (
         export_model(out / "export", run.prompt, run.state, run.history, fed.name) if outcome == TRAINED else None
     )
     metrics = run_metrics(run, outcome, why, export_dir)
+    out.mkdir(parents=True, exist_ok=True)  # a run the pre-flight stopped has written nothing yet
     atomic_write(out / "metrics.json", (json.dumps(metrics, indent=1) + "\n").encode())
     write_report(metrics, out)
     if why is not None:
@@ -221,6 +355,7 @@ def run_metrics(run: PreparedRun, outcome: Outcome, why: str | None = None, expo
             labels=fed.label_names,
             rounds=run.history,
             export=None if export_dir is None else str(export_dir),
+            **({} if run.preflight is None else {"preflight": run.preflight}),
         )
     ).model_dump(exclude_unset=True)
 
@@ -238,7 +373,13 @@ def round_line(rec: dict, total: int) -> str:
         parts.append(
             ", ".join(
                 f"{h} {o['status']}"
-                + (f" ({o['reason']})" if o["status"] != "ok" and o.get("reason") else "")
+                + (
+                    f" after confirming in pre-flight: {o['reason']}"
+                    if h in rec.get("refused_after_preflight", {})
+                    else f" ({o['reason']})"
+                    if o["status"] != "ok" and o.get("reason")
+                    else ""
+                )
                 + (f" eps {o['epsilon_spent']:.2f}" if o.get("epsilon_spent") is not None else "")
                 for h, o in sorted(sites.items())
             )

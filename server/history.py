@@ -39,9 +39,21 @@ class HospitalOutcome:
     upload_bytes: NonNegativeInt = 0
 
 
+@dataclass(config=_FACTS)
+class PreflightAnswer:
+    """One hospital's answer to the run's pre-flight (server/federation.py): will it train the whole run?"""
+
+    status: Literal["ok", "refused", "rejected", "failed"]
+    reason: str = ""  # refused: the site's category (common/wire.REFUSAL_CATEGORIES); else the aggregator's own words
+
+
 def _outcome(value: Any) -> Any:
     # A strict model takes only instances of a dataclass; a file gives mappings, validated by its constructor.
     return HospitalOutcome(**value) if isinstance(value, dict) else value
+
+
+def _answer(value: Any) -> Any:
+    return PreflightAnswer(**value) if isinstance(value, dict) else value
 
 
 class HeldOutScores(Schema):
@@ -83,6 +95,19 @@ class RoundRecord(Schema):
     aggregate_cpu_seconds: float | None = None
     aggregated: bool | None = None  # did the round change the global model (>= min_hospitals valid updates)?
     timing: dict[str, float] = {}  # wall-clock (epoch) phase boundaries of the round
+    # hospital -> the category it refused this round with, after it confirmed the run in pre-flight
+    refused_after_preflight: dict[str, NonEmptyStr] = {}
+
+
+class Preflight(Schema):
+    """The pre-flight of this invocation (a resumed run asks again): each hospital asked, its answer.
+    The run starts only when at least `min_hospitals` confirm; the others are sent no train message."""
+
+    model_config = _FACTS
+    round: Annotated[int, Field(ge=1)]  # the first round asked about; the run's last is the plan's
+    min_hospitals: Annotated[int, Field(ge=1)]
+    confirmed: NonNegativeInt
+    hospitals: dict[str, Annotated[PreflightAnswer, BeforeValidator(_answer)]]
 
 
 class RunMetrics(Schema):
@@ -98,6 +123,7 @@ class RunMetrics(Schema):
     labels: list[NonEmptyStr]
     rounds: list[RoundRecord]
     export: str | None
+    preflight: Preflight | None = None  # absent from runs written before the pre-flight existed
 
 
 class CheckpointState(Schema):

@@ -1,7 +1,8 @@
 """Did a run produce a model? Its `outcome` in metrics.json, and the exit status when it did not.
 
 A run in which no hospital's update was accepted in any round (every site refused, e.g. its
-privacy budget spent, or was rejected or failed) has nothing to deliver: its global model is
+privacy budget spent, or was rejected or failed), or which fewer than min_hospitals sites
+confirmed in pre-flight (it never started, and no site was charged), has nothing to deliver: its global model is
 still the zero-shot start. It must not pass for a finished run: no export is written, metrics.json
 and the report say why, and `fedprompt aggregator run` / `fedprompt simulate` exit with
 EXIT_NOTHING_TRAINED. Kept free of heavy imports: the operator's CLI reads it.
@@ -10,10 +11,11 @@ EXIT_NOTHING_TRAINED. Kept free of heavy imports: the operator's CLI reads it.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from typing import Final, Literal
 
 TRAINED: Final = "trained"  # at least one round aggregated valid updates (the global model changed)
-# every training reply of every round was a refusal, rejection or failure
+# every training reply of every round was a refusal, rejection or failure; or the pre-flight stopped the run
 NOTHING_TRAINED: Final = "no hospital trained"
 RUNNING: Final = "running"  # the report rewritten after each round, before the run ends
 Outcome = Literal["trained", "no hospital trained", "running"]  # the three above (metrics.json's "outcome")
@@ -21,12 +23,21 @@ Outcome = Literal["trained", "no hospital trained", "running"]  # the three abov
 EXIT_NOTHING_TRAINED = 5
 
 
-def run_outcome(history: list[dict]) -> tuple[Outcome, str | None]:
+def preflight_shortfall(confirmed: int, min_hospitals: int, declined: Mapping[str, str]) -> str:
+    """Why a run did not start: too few sites confirmed it in pre-flight (server/federation.py).
+    `declined`: hospital -> its refusal category, or the aggregator's words (no reply, malformed)."""
+    return f"pre-flight: only {confirmed} of min_hospitals {min_hospitals} sites can train the run: " + ", ".join(
+        f"{hospital}: {why}" for hospital, why in sorted(declined.items())
+    )
+
+
+def run_outcome(history: list[dict], not_started: str | None = None) -> tuple[Outcome, str | None]:
     """(outcome, why) of a run from its whole history (a resumed run's earlier rounds count).
 
-    `why` is None for a TRAINED run; for NOTHING_TRAINED it tallies every training reply of every
-    round by status, refusals by their category ("refused 6 (budget 6)"): the per-round, per-hospital
-    detail is in metrics.json's rounds.
+    `why` is None for a TRAINED run; for NOTHING_TRAINED it is `not_started` when the pre-flight
+    stopped this invocation before its first round (preflight_shortfall), else it tallies every
+    training reply of every round by status, refusals by their category ("refused 6 (budget 6)"):
+    the per-round, per-hospital detail is in metrics.json's rounds.
     """
     training = [r for r in history if r.get("round", 0) > 0]
     training_rounds = len(training)
@@ -35,6 +46,8 @@ def run_outcome(history: list[dict]) -> tuple[Outcome, str | None]:
     # not move. (Histories written before the field existed: an accepted update counts.)
     if any(r.get("aggregated", any(o["status"] == "ok" for o in r.get("hospitals", {}).values())) for r in training):
         return TRAINED, None
+    if not_started is not None:
+        return NOTHING_TRAINED, not_started
     if any(o["status"] == "ok" for o in replies):
         return NOTHING_TRAINED, (
             f"fewer valid updates than min_hospitals in every one of {training_rounds} training round(s): "

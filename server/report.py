@@ -645,6 +645,38 @@ def _hospital_rows(rounds: list[Mapping[str, Any]], xs: list[int], hospitals: li
     return rows
 
 
+def _preflight_rows(metrics: Mapping[str, Any], rounds: list[Mapping[str, Any]], xs: list[int]) -> dict | None:
+    """The run's pre-flight (server/federation.py): each hospital's answer, and the rounds in which a
+    hospital that confirmed refused after all ("refused after confirming in pre-flight")."""
+    preflight = _dict(metrics.get("preflight"))
+    if not preflight:
+        return None
+    later: dict[str, list[str]] = {}
+    for rnd, x in zip(rounds, xs, strict=True):
+        for hospital, category in _dict(rnd.get("refused_after_preflight")).items():
+            later.setdefault(str(hospital), []).append(f"round {x}: {_str(category)}")
+    answers = _dict(preflight.get("hospitals"))
+    rows = []
+    for hospital in sorted(answers, key=_natural_key):
+        answer = _dict(answers[hospital])
+        status = _str(answer.get("status"))
+        rows.append(
+            {
+                "name": hospital,
+                "status": status if status in STATUSES else "failed",
+                "answer": "confirmed" if status == "ok" else status or _MISSING,
+                "reason": _str(answer.get("reason")),
+                "later": "; ".join(f"refused after confirming in pre-flight: {w}" for w in later.get(hospital, [])),
+            }
+        )
+    return {
+        "round": _fmt_int(preflight.get("round")),
+        "confirmed": _fmt_int(preflight.get("confirmed")),
+        "min_hospitals": _fmt_int(preflight.get("min_hospitals")),
+        "rows": rows,
+    }
+
+
 def _export_link(export: Any, out_dir: Path) -> dict | None:
     if not export:
         return None
@@ -713,6 +745,7 @@ def _render_html(
         figures=[{"name": name, "caption": caption, "alt": alt} for name, caption, alt in figures],
         round_rows=_round_rows(rounds, xs),
         hospital_rows=_hospital_rows(trained, trained_xs, hospitals),
+        preflight=_preflight_rows(metrics, rounds, xs),
         export=_export_link(metrics.get("export"), out_dir),
         stamp=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     )

@@ -21,10 +21,14 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Strategy
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedprompt.common.config import FederationConfig
 from fedprompt.common.metrics import ClassCounts
-from fedprompt.common.model import PromptConfig
+from fedprompt.common.model import HEAD_WEIGHT_KEY, PromptConfig
+from fedprompt.common.plan import PREFIX as PLAN_PREFIX
+from fedprompt.common.plan import RoundPlan
+from fedprompt.common.schedule import DEFAULT_DELTA, class_sums_round, class_sums_sigma, update_bound
 from fedprompt.common.wire import (
     ARRAYS,
     EVALUATION,
@@ -32,11 +36,13 @@ from fedprompt.common.wire import (
     STATUS,
     arrays_to_state,
     payload_bytes,
+    state_to_arrays,
     validate_evaluation,
     validate_refusal,
     validate_update,
 )
 
+from .class_means import head_from_class_sums, label_weight
 from .history import HospitalOutcome
 
 log = logging.getLogger("fedprompt.server")
@@ -91,18 +97,26 @@ class ValidatedStrategy(Strategy):
         inner: Strategy,
         prompt: PromptConfig,
         *,
-        norm_bound: float,
+        norm_bound: float | None,
         min_hospitals: int,
         round_offset: int = 0,
         evaluate_in_train: bool = False,
+        label_prototypes: torch.Tensor | None = None,
+        label_prior: float = 0.0,
+        logit_scale: float = 10.0,
     ):
         self.inner = inner
+        # The class-sums round builds the head from the released sums and these (server/class_means.py).
+        self.label_prototypes = label_prototypes
+        self.label_prior = label_prior
+        self.logit_scale = logit_scale
+        self._plan: RoundPlan | None = None  # this round's, as sent
         # One message per round: no evaluate messages; sites validate the model received inside
         # the train message, and those that share send noised counts with their update.
         self.evaluate_in_train = evaluate_in_train
         self.shapes = prompt.shapes()
         self.num_labels = prompt.num_labels
-        self.norm_bound = norm_bound
+        self.norm_bound = norm_bound  # None: derived per reply from the plan and its declared size
         self.min_hospitals = min_hospitals
         self.round_offset = round_offset
         self._global: dict[str, torch.Tensor] | None = None
@@ -126,6 +140,9 @@ class ValidatedStrategy(Strategy):
     def summary(self) -> None:
         self.inner.summary()
 
+    # Nodes that did not confirm the run in pre-flight (server/federation.py): never sent a train message.
+    declined: frozenset[int] = frozenset()
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -133,7 +150,14 @@ class ValidatedStrategy(Strategy):
         self._global = arrays_to_state(arrays)
         config = ConfigRecord(dict(config))
         config["fp.round"] = self.global_round(server_round)
-        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        # The server's own plan (server/federation.py); a bare config (tests of the guard) carries none.
+        self._plan = RoundPlan.from_config_record(config) if f"{PLAN_PREFIX}run_name" in config else None
+        # The inner strategy samples every connected node: the declined ones are taken out of its sample.
+        messages = [
+            m
+            for m in self.inner.configure_train(server_round, arrays, config, grid)
+            if m.metadata.dst_node_id not in self.declined
+        ]
         self._sent[server_round] = messages
         return messages
 
@@ -198,7 +222,11 @@ class ValidatedStrategy(Strategy):
             )
             return None, None
         untouched = self._untouched(accepted)  # before the inner strategy, which may consume the replies
-        arrays, _ = self.inner.aggregate_train(server_round, accepted)
+        arrays: ArrayRecord | None
+        if self._plan is not None and class_sums_round(self._plan):
+            arrays = self._class_means_head(accepted)
+        else:
+            arrays, _ = self.inner.aggregate_train(server_round, accepted)
         self.aggregated[server_round] = arrays is not None
         if arrays is not None:
             assert self._global is not None  # set by configure_train (_untouched checked it too)
@@ -206,6 +234,32 @@ class ValidatedStrategy(Strategy):
                 arrays[key] = Array(np.ascontiguousarray(self._global[key].numpy().astype(np.float32)))
         total = sum(o.weight for o in outcomes.values() if o.status == "ok")
         return arrays, MetricRecord({"hospitals-ok": len(accepted), "weight": float(total)})
+
+    def _class_means_head(self, accepted: list[Message]) -> ArrayRecord:
+        """The class-sums round: the weighted mean of the replies (each site's noisy sums over its
+        declared size, weighted by that size: sum(S) / sum(w)) made into the head. Whatever robust
+        strategy runs the other rounds, this one is a mean: the sums are meant to be added."""
+        assert self._global is not None and self.label_prototypes is not None
+        weights = [_number(m.content.metric_records[METRICS]["num-examples"]) for m in accepted]
+        merged = aggregate_arrayrecords([m.content for m in accepted], "num-examples")
+        state = arrays_to_state(merged)
+        assert self._plan is not None  # a class-sums round is known from its plan
+        sigma = class_sums_sigma(self._plan, self._plan.delta or DEFAULT_DELTA) if self._plan.private else 0.0
+        prior = label_weight(self.label_prior, sigma, len(accepted))
+        state[HEAD_WEIGHT_KEY] = head_from_class_sums(
+            state[HEAD_WEIGHT_KEY], sum(weights), self.label_prototypes, prior, self.logit_scale
+        )
+        return state_to_arrays(state)
+
+    def _bound(self, declared_size: float) -> float:
+        """The largest update norm an honest site of this declared size sends this round."""
+        if self.norm_bound is not None:
+            return self.norm_bound
+        if self._plan is None:
+            raise ValueError("a derived norm bound needs the round plan in the train config")
+        assert self._global is not None
+        global_norm = float(torch.linalg.vector_norm(self._global[HEAD_WEIGHT_KEY]))
+        return update_bound(self._plan, declared_size, global_norm)
 
     def _untouched(self, accepted: list[Message]) -> list[str]:
         """The tensors no hospital changed: they stay bit-identical to the ones sent.
@@ -233,7 +287,7 @@ class ValidatedStrategy(Strategy):
         except Exception:  # noqa: BLE001 - a hostile Array may not even have bytes
             upload = 0
         assert self._global is not None  # set by configure_train, before any reply
-        reason = validate_update(content, self.shapes, self._global, self.norm_bound)
+        reason = validate_update(content, self.shapes, self._global, self._bound)
         if reason:
             return HospitalOutcome("rejected", reason, upload_bytes=upload)
         m = content.metric_records[METRICS]  # every field present and typed: validate_update checked them
@@ -253,6 +307,8 @@ class ValidatedStrategy(Strategy):
             return []
         config = ConfigRecord(dict(config))
         config["fp.round"] = self.global_round(server_round)
+        # The server's own plan (server/federation.py); a bare config (tests of the guard) carries none.
+        self._plan = RoundPlan.from_config_record(config) if f"{PLAN_PREFIX}run_name" in config else None
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

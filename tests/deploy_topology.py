@@ -131,6 +131,8 @@ def make_workspace(
     for site in sorted(ws.glob("hospital-*/site.yaml")):
         doc = yaml.safe_load(site.read_text())
         doc["backbone"] = str(backbone)
+        # The topology's runs are short and fix the batch (the federation below): its sites admit them.
+        doc["limits"].update(min_total_rounds=1, allow_fixed_batch=True)
         if max_epsilon is not None:
             doc["privacy"]["max_epsilon"] = max_epsilon
         site.write_text(yaml.safe_dump(doc, sort_keys=False))

@@ -106,3 +106,87 @@ def test_wheel_install_resolves_the_default_app_from_package_data(tmp_path):
     module, app = r.stdout.split()
     assert Path(module).resolve().parent == (site / "fedprompt").resolve()  # the wheel's copy, not the working tree
     assert Path(app) == (site / "fedprompt" / "app").resolve() and (Path(app) / "pyproject.toml").is_file()
+
+
+def _fab_with(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+def test_a_zip_bomb_bundle_is_refused_from_its_metadata_without_inflating_it(no_env_app):
+    """The issue's bundle: 918 KB on the wire, a pyproject.toml that inflates to 900 MiB (accepted
+    after 14 s and +1.8 GB before). Refused from the central directory, before any inflating."""
+    import time
+    import tracemalloc
+
+    from flwr.cli.build import build_fab_from_disk
+
+    from fedprompt.client.bundle import MAX_UNCOMPRESSED_BYTES, untrusted_reason
+
+    valid = build_fab_from_disk(default_app())
+    with zipfile.ZipFile(io.BytesIO(valid)) as z:
+        pyproject, manifest = z.read("pyproject.toml"), z.read(".info/CONTENT")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as z:
+        with z.open("pyproject.toml", "w") as f:  # a real TOML head, then 900 MiB of padding
+            f.write(pyproject)
+            mib = b"\n" * (1 << 20)
+            for _ in range(900):
+                f.write(mib)
+        z.writestr(".info/CONTENT", manifest)
+    bomb = buf.getvalue()
+    assert len(bomb) < 1 << 20  # it passes the bundle's byte limit: only the metadata can tell
+    with zipfile.ZipFile(io.BytesIO(bomb)) as z:
+        assert z.getinfo("pyproject.toml").file_size > 900 << 20
+
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    reason = untrusted_reason(bomb)
+    seconds = time.perf_counter() - t0
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    print(f"zip bomb of {len(bomb)} bytes refused in {seconds * 1000:.1f} ms, peak {peak / 1e6:.2f} MB")
+    assert reason is not None and f"at most {MAX_UNCOMPRESSED_BYTES}" in reason and "'pyproject.toml'" in reason
+    assert peak < 50e6
+
+    # The same bomb declaring 2,000 bytes (local header and central directory both patched): the
+    # read stops where the declared size ends, and the CRC of what was read fails.
+    lying = bytearray(bomb)
+    with zipfile.ZipFile(io.BytesIO(bomb)) as z:
+        local, central = z.getinfo("pyproject.toml").header_offset + 22, z.start_dir + 24
+    for offset in (local, central):
+        lying[offset : offset + 4] = (2000).to_bytes(4, "little")
+    tracemalloc.start()
+    reason = untrusted_reason(bytes(lying))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert reason is not None and "unreadable" in reason and "CRC" in reason, reason
+    assert peak < 50e6
+    # Every member at most 100:1 (padding compresses ~1,000:1; a pyproject.toml ~3:1).
+    padded = _fab_with({"pyproject.toml": pyproject + b"\n" * 500_000, ".info/CONTENT": manifest})
+    assert "inflates" in (untrusted_reason(padded) or "")
+
+
+def test_info_holds_only_flowers_manifest(no_env_app):
+    from flwr.cli.build import build_fab_from_disk
+
+    from fedprompt.client.bundle import MAX_MEMBERS, untrusted_reason
+
+    valid = build_fab_from_disk(default_app())
+    assert untrusted_reason(valid) is None  # what `flwr run` submits still passes
+    with zipfile.ZipFile(io.BytesIO(valid)) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    extra = _fab_with({**members, ".info/payload.py": b"import os\n"})
+    assert ".info/payload.py" in (untrusted_reason(extra) or "")
+    assert untrusted_reason(_fab_with({**members, ".info/": b""})) is not None  # not even a folder entry
+    no_manifest = _fab_with({"pyproject.toml": members["pyproject.toml"]})
+    assert untrusted_reason(no_manifest) is None  # the manifest is Flower's, not the site's concern
+    twice = io.BytesIO(valid)
+    with zipfile.ZipFile(twice, "a") as z, pytest.warns(UserWarning, match="Duplicate name"):
+        z.writestr("pyproject.toml", b'[tool.flwr.app.components]\nclientapp = "evil:app"\n')
+    assert "twice" in (untrusted_reason(twice.getvalue()) or "")
+    many = _fab_with({**members, **{f".info/{i}": b"" for i in range(MAX_MEMBERS)}})
+    assert f"at most {MAX_MEMBERS}" in (untrusted_reason(many) or "")

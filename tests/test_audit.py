@@ -141,11 +141,13 @@ def inputs(world):
 
 def test_prepare_uses_the_sites_recipe(inputs):
     rc = inputs.recipe
+    # 200 records, expected batch raised to min_expected_batch 64: q 0.32, 3 steps a round; the default
+    # one-shot run has no DP-SGD rounds, so the audit plans the 20 a longer run would take
     assert (rc.rounds, rc.local_epochs, rc.sample_rate, rc.steps_per_round, rc.lr, rc.optimizer) == (
-        20,
+        audit.AUDIT_SGD_ROUNDS,
         1,
-        0.25,
-        4,
+        pytest.approx(0.32),
+        3,
         8.0,
         "sgd",
     )
@@ -167,7 +169,9 @@ def test_private_run_stays_below_its_epsilon_and_both_controls_are_clearly_above
     assert runs[NO_DP] == pytest.approx(report["ceiling"])  # no noise: every guess right
     assert report["passed"] and report["reasons"] == []
     for r in report["runs"].values():
-        assert (r["m"], r["r"]) == (80, 32) and r["steps"] == (80 if r["name"] != NO_DP else r["steps"])
+        assert (r["m"], r["r"]) == (80, 32) and r["steps"] == (
+            inputs.recipe.steps if r["name"] != NO_DP else r["steps"]
+        )
         assert 0 <= r["v"] <= r["r"] and 0 < r["included"] < 80
     assert report["runs"][LOW_NOISE]["noise_multiplier"] == pytest.approx(inputs.recipe.noise_multiplier / 100)
     assert report["runs"][NO_DP]["noise_multiplier"] is None

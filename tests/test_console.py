@@ -65,10 +65,10 @@ def test_simulate_console_holds_only_fedprompt_lines(tmp_path):
     assert r.returncode == 0, shown[-4000:]
     assert r.stderr == "", r.stderr[-4000:]
     lines = [line for line in r.stdout.splitlines() if line]
-    summary = lines.index("[fedprompt] run 'quiet' finished: 2 round(s), DP-SGD at every hospital")
+    summary = lines.index("[fedprompt] run 'quiet' finished: 2 round(s), differential privacy at every hospital")
     assert all(line.startswith("[fedprompt] ") for line in lines[:summary]), shown
     assert all(line.startswith("  ") for line in lines[summary + 1 :]), shown  # the summary's own lines
-    assert [line.split(" | ")[0] for line in lines[:summary]] == [
+    assert [line.split(" | ")[0] for line in lines[:summary]] == ["[fedprompt] pre-flight for rounds 1-2"] + [
         f"[fedprompt] round {r}/2" + (" (zero-shot start, no training)" if r == 0 else "") for r in (0, 1, 2)
     ]
     assert re.search(r"hospital-1 ok eps \d+\.\d\d, hospital-2 ok eps \d+\.\d\d", lines[summary - 1]), lines[

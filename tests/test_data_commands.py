@@ -15,6 +15,7 @@ import pytest
 
 from fedprompt.client.demo_data import LABELS, PER_HOSPITAL, generate_demo
 from fedprompt.client.download import FILES, TEST_FILE
+from fedprompt.client.ledger import PrivacyLedger
 from fedprompt.client.workspace import list_hospitals, load_workspace, site_delta, write_workspace
 from fedprompt.common.config import FederationConfig, SiteConfig
 from fedprompt.common.records import load_records
@@ -25,6 +26,11 @@ TEST_SHA = FILES[TEST_FILE]
 
 def tree(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def data_tree(folder: Path) -> dict[str, bytes]:
+    """`tree` without the sites' new ledgers (each holds its creation time: never byte-identical)."""
+    return {name: data for name, data in tree(folder).items() if "/ledger/" not in name}
 
 
 def rows(path: Path) -> list[tuple[str, str]]:
@@ -51,11 +57,15 @@ def test_demo_is_deterministic_and_loads(tmp_path, data_cli, capsys):
     assert "hospital-3" in table and "480/120/40" in table and "neoplasms" in table and "train/val/local test" in table
     assert data_cli(["data", "demo", "--hospitals", "3", "--out", str(tmp_path / "b"), "--seed", "7"]) == 0
     assert data_cli(["data", "demo", "--hospitals", "3", "--out", str(tmp_path / "c"), "--seed", "8"]) == 0
-    a, b, c = (tree(tmp_path / x) for x in "abc")
+    a, b, c = (data_tree(tmp_path / x) for x in "abc")
     assert a == b and a != c
     assert sorted(a) == sorted(
         ["federation.yaml", "test.csv"]
         + [f"hospital-{i}/{f}" for i in (1, 2, 3) for f in ("site.yaml", "train.csv", "val.csv", "test.csv")]
+    )
+    ledgers = sorted(set(tree(tmp_path / "a")) - set(a))  # and each site's ledger, so `simulate` runs at once
+    assert ledgers == sorted(
+        f"hospital-{i}/ledger/privacy-ledger.json{s}" for i in (1, 2, 3) for s in ("", ".anchor", ".lock")
     )
 
     federation, sites, test = load_workspace(tmp_path / "a")
@@ -64,10 +74,9 @@ def test_demo_is_deterministic_and_loads(tmp_path, data_cli, capsys):
     assert [s.hospital_id for s in sites] == ["hospital-1", "hospital-2", "hospital-3"]
     for site in sites:
         assert not site.allow_non_private and site.privacy.max_epsilon == 8.0  # docs/deployment.md's recommendation
-        assert (
-            site.ledger == tmp_path / "a" / site.hospital_id / "ledger" / "privacy-ledger.json"
-            and not site.ledger.parent.exists()
-        )
+        assert site.ledger == tmp_path / "a" / site.hospital_id / "ledger" / "privacy-ledger.json"
+        ledger = PrivacyLedger.for_site(site)  # as the daemon opens it: this site's, at its cap and delta
+        assert list(ledger.history) == [] and ledger.epsilon_cap == 8.0 and ledger.delta == site.privacy.delta
         train = load_records(
             site.train, text_field=site.text_field, label_field=site.label_field, labels=federation.labels
         )
@@ -186,7 +195,7 @@ def test_partition_deterministic_exact_and_skewed(tmp_path, data_cli, capsys):
     assert "hospital-1" in capsys.readouterr().out
     assert _partition(data_cli, corpus, names, tmp_path / "b", "--name", "t") == 0
     assert _partition(data_cli, corpus, names, tmp_path / "c", "--name", "t", "--seed", "4") == 0
-    assert tree(tmp_path / "a") == tree(tmp_path / "b") != tree(tmp_path / "c")
+    assert data_tree(tmp_path / "a") == data_tree(tmp_path / "b") != data_tree(tmp_path / "c")
 
     mapping = dict(zip("12345", LABELS, strict=True))
     corpus_rows = [
@@ -242,12 +251,23 @@ def test_partition_real_medical_abstracts(tmp_path, data_cli, capsys):
         pytest.skip(f"shared corpus not found at {SHARED} (it sits beside the repository, read-only)")
     corpus = SHARED / "medical_tc_test.csv"
     assert _partition(data_cli, corpus, SHARED / "medical_tc_labels.csv", tmp_path / "ws") == 0
-    capsys.readouterr()
+    capsys_out = capsys.readouterr().out
     mapping = dict(zip("12345", LABELS, strict=True))
     with corpus.open(encoding="utf-8", newline="") as f:
         corpus_rows = [(r["medical_abstract"], mapping[r["condition_label"]]) for r in csv.DictReader(f)]
     assert len(corpus_rows) == 2888
-    _check_partition(corpus_rows, tmp_path / "ws", 0.3)
+    out = capsys_out
+    # The corpus repeats 113 texts (231 rows), every one under two or more labels: all left out.
+    assert "warning: duplicate records: 231 rows hold 113 texts read more than once (of 2888 rows, 2770" in out
+    assert "warning: conflicting records: 113 texts read under two or more labels (231 rows)" in out
+    assert f"{corpus}: lines 20 (nervous system diseases) = 2032 (general pathological conditions); " in out
+    assert "left out of the split: the 231 rows of the conflicting records" in out
+    by_text: dict[str, set[str]] = {}
+    for text, label in corpus_rows:
+        by_text.setdefault(" ".join(text.split()), set()).add(label)
+    kept = [(t, y) for t, y in corpus_rows if len(by_text[" ".join(t.split())]) == 1]
+    assert len(kept) == 2657
+    _check_partition(kept, tmp_path / "ws", 0.3)
     for site in list_hospitals(tmp_path / "ws"):
         assert data_cli(["data", "check", "--site", str(site)]) == 0
 

@@ -321,8 +321,8 @@ def test_a_bundle_with_code_is_refused_at_every_hospital(deployment):
     )
     assert r.returncode == 5, r.stdout[-3000:] + r.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    outcomes = metrics["rounds"][-1]["hospitals"]
-    assert metrics["outcome"] == "no hospital trained" and metrics["export"] is None, metrics
+    outcomes = metrics["preflight"]["hospitals"]  # every site refuses the run's pre-flight: it never starts
+    assert metrics["outcome"] == "no hospital trained" and metrics["export"] is None and not metrics["rounds"], metrics
     assert len(outcomes) == 3 and all(
         h["status"] == "refused" and h["reason"] == "untrusted app" for h in outcomes.values()
     ), outcomes

@@ -11,8 +11,9 @@ from opacus.accountants.utils import get_noise_multiplier
 from safetensors.torch import load_file, save_file
 
 from fedprompt.client import selftest
-from fedprompt.client.dp import PerSampleGradientError, calibrate_noise, noise_only_step, plan_steps, wrap_private
+from fedprompt.client.dp import PerSampleGradientError, noise_only_step, wrap_private
 from fedprompt.client.trainer import TrainSettings, train
+from fedprompt.common.accounting import calibrate_noise
 from fedprompt.common.backbone import load_backbone
 from fedprompt.common.encoding import encode
 from fedprompt.common.errors import InputError
@@ -74,7 +75,7 @@ def test_trainer_refuses_to_step_with_a_broadcast_prompt(tiny):
     # the trainer's parameter list is what the guard checks: point it at the broadcast prompt
     model.trainable_parameters = lambda: {"prompt.weight": model.prompt.embedding.weight}
     with pytest.raises(PerSampleGradientError, match="broadcast over the batch"):
-        train(model, _dataset(tiny), TrainSettings(epochs=1, batch_size=6, noise_multiplier=1.0), CPU)
+        train(model, _dataset(tiny), TrainSettings(epochs=1, sample_rate=0.5, noise_multiplier=1.0), CPU)
 
 
 def test_backbone_bit_identical_after_training(tiny):
@@ -113,8 +114,10 @@ def test_empty_poisson_batch_takes_a_counted_noise_only_step(tiny):
     assert all(m > 0 for m in moved)  # noise was added although no sample was drawn
     # and in the training loop: with q = 1/4 some Poisson batches are empty; all steps counted
     gen = torch.Generator().manual_seed(3)
-    result = train(model, ds, TrainSettings(epochs=6, batch_size=1, noise_multiplier=1.0), CPU, sample_generator=gen)
-    assert result.steps == plan_steps(4, 1, 6)[1] == 24
+    result = train(
+        model, ds, TrainSettings(epochs=6, sample_rate=0.25, noise_multiplier=1.0), CPU, sample_generator=gen
+    )
+    assert result.steps == 6 * int(1 / 0.25) == 24
     assert result.empty_batches > 0
 
 
@@ -123,7 +126,7 @@ def test_physical_batches_split_logical_ones_and_steps_are_logical(tiny):
     result = train(
         model,
         _dataset(tiny, 24),
-        TrainSettings(epochs=2, batch_size=12, max_physical_batch_size=3, noise_multiplier=1.0),
+        TrainSettings(epochs=2, sample_rate=0.5, max_physical_batch_size=3, noise_multiplier=1.0),
         CPU,
     )
     assert result.steps == 2 * int(24 / 12)
@@ -144,14 +147,14 @@ def test_noise_is_not_repeated_by_reseeding_the_process(tiny):
     for _ in range(2):
         torch.manual_seed(0)  # the global RNG must not drive DP noise
         model = build_model(tiny, _config(tiny))
-        train(model, _dataset(tiny), TrainSettings(epochs=1, batch_size=6, noise_multiplier=1.0), CPU)
+        train(model, _dataset(tiny), TrainSettings(epochs=1, sample_rate=0.5, noise_multiplier=1.0), CPU)
         results.append(model.trainable_state()["prompt.weight"])
     assert not torch.equal(results[0], results[1])
 
 
 def test_non_private_mode_trains_and_says_so(tiny):
     model = build_model(tiny, _config(tiny))
-    result = train(model, _dataset(tiny), TrainSettings(epochs=1, batch_size=4, noise_multiplier=None), CPU)
+    result = train(model, _dataset(tiny), TrainSettings(epochs=1, sample_rate=1 / 3, noise_multiplier=None), CPU)
     assert result.private is False and result.noise_multiplier is None and result.steps == 3
 
 
@@ -217,7 +220,7 @@ def test_label_init_uses_label_token_embeddings(tiny):
 
 def test_save_and_load_round_trip_and_fingerprint_check(tiny, tiny_dir, tmp_path):
     model = build_model(tiny, _config(tiny))
-    train(model, _dataset(tiny), TrainSettings(epochs=1, batch_size=6, noise_multiplier=1.0), CPU)
+    train(model, _dataset(tiny), TrainSettings(epochs=1, sample_rate=0.5, noise_multiplier=1.0), CPU)
     model.save_pretrained(tmp_path / "export")
     config, state = load_prompt(tmp_path / "export")
     assert config == model.config
@@ -276,9 +279,10 @@ def test_dp_training_on_real_abstracts_with_default_backbone():
     )
     model = build_model(bb, cfg)
     loss_before = evaluate(model, train_ds, 5).summary()["loss"]
-    q, steps = plan_steps(len(train_ds), 32, 3)
+    q = 32 / len(train_ds)
+    steps = 3 * int(1 / q)
     sigma = calibrate_noise(8.0, 1e-4, q, steps)  # delta < 1/n
-    settings = TrainSettings(epochs=3, batch_size=32, lr=0.05, noise_multiplier=sigma)
+    settings = TrainSettings(epochs=3, sample_rate=q, lr=0.05, noise_multiplier=sigma)
     noise, sampling = torch.Generator().manual_seed(100), torch.Generator().manual_seed(200)
     result = train(model, train_ds, settings, CPU, noise_generator=noise, sample_generator=sampling)
     assert result.private and result.steps == steps

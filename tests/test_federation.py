@@ -189,6 +189,10 @@ def rogue_client_app(site_paths, rogue_index: int):
     def evaluate(msg: Message, context: Context) -> Message:
         return honest(msg, context)
 
+    @app.query()  # the run's pre-flight
+    def query(msg: Message, context: Context) -> Message:
+        return honest(msg, context)
+
     return app
 
 
@@ -226,8 +230,9 @@ def test_rogue_updates_rejected_and_capped_hospital_refused(tmp_path, tiny_dir):
     assert "stolen.embeddings" in reasons[2]["reason"]
     for r in metrics["rounds"][1:]:
         assert r["hospitals"]["hospital-1"]["status"] == r["hospitals"]["hospital-2"]["status"] == "ok"
-        assert r["hospitals"]["hospital-4"]["status"] == "refused"
-        assert r["hospitals"]["hospital-4"]["reason"] == "budget"  # the category: the detail stays in its log
+        assert "hospital-4" not in r["hospitals"]  # it refused the run in pre-flight: sent no train message
+    # the category: the detail stays in its log
+    assert metrics["preflight"]["hospitals"]["hospital-4"] == {"status": "refused", "reason": "budget"}
     after = json.loads((ws / "hospital-4" / "ledger" / "privacy-ledger.json").read_text())
     assert [e["run_id"] for e in after["history"]] == ["earlier"]  # refused before recording or training
     final = load_checkpoint(tmp_path / "out" / "checkpoint").state
@@ -404,7 +409,7 @@ def test_site_refuses_on_backbone_mismatch_and_bad_records(tmp_path, tiny_dir, c
     with caplog.at_level("WARNING", logger="fedprompt.hospital"):
         reply = train_round(_train_content(run), site_yaml)
     assert dict(reply[STATUS]) == {"hospital-id": "hospital-1", "status": "refused", "reason": "records"}
-    assert f"train.csv:{line}: label: unknown label 'not-a-label'" in caplog.text
+    assert f"train.csv:{line}: label: unknown label (expected one of: " in caplog.text  # the value: log_records
     assert ledger.read_bytes() == before  # nothing recorded, nothing trained, nothing sent
 
     val_csv = ws / "hospital-1" / "val.csv"
@@ -490,6 +495,7 @@ def test_partitioned_real_corpus_trains(tmp_path, tiny_dir):
     for site in list_hospitals(ws):
         data = yaml.safe_load(site.read_text())
         data["backbone"] = str(tiny_dir)
+        data["limits"].update(min_total_rounds=1, allow_fixed_batch=True)  # the one fixed-batch round above
         site.write_text(yaml.safe_dump(data, sort_keys=False))
     ensure_ledgers(ws)
     metrics = simulate(ws, tmp_path / "out", backbone=tiny_dir)
@@ -519,12 +525,14 @@ def test_partitioned_real_corpus_trains(tmp_path, tiny_dir):
 
 
 def test_default_recipe_is_what_the_ledger_accounts(tmp_path, tiny_dir):
-    """With the product's training defaults (sample rate, not a batch size), a round records exactly
-    the sampling rate, steps and noise multiplier the documented rule gives, before training."""
-    from fedprompt.client.dp import calibrate_noise, plan_steps
+    """With the product's training defaults, round 1 records the one-shot class-sums release and
+    round 2 the DP-SGD rounds' (sigma, q, steps), each exactly as the documented rule gives from the
+    site's declared size, before training; the whole run composes to the target, and no more."""
     from fedprompt.client.hospital import train_round
-    from fedprompt.client.ledger import PrivacyLedger, compute_epsilon
+    from fedprompt.client.ledger import PrivacyLedger
+    from fedprompt.common.accounting import calibrate_noise, compute_epsilon
     from fedprompt.common.config import TrainingSettings
+    from fedprompt.common.schedule import sampling
     from fedprompt.simulation import ensure_ledgers
 
     ws = make_workspace(
@@ -534,23 +542,25 @@ def test_default_recipe_is_what_the_ledger_accounts(tmp_path, tiny_dir):
     fed, (site,), _ = load_workspace(ws)
     assert fed.training == TrainingSettings()  # nothing overridden: the defaults under test
     run = prepare_run(RunSpec(fed, tmp_path / "out", None, tiny_dir))
-    reply = train_round(_train_content(run, round_=1), list_hospitals(ws)[0])
-    assert reply[STATUS]["status"] == "ok", reply[STATUS]
-    n = len(site.train.read_text().splitlines()) - 1
-    q, steps = plan_steps(n, None, fed.training.local_epochs, fed.training.sample_rate)
-    assert (q, steps) == (fed.training.sample_rate, int(fed.training.local_epochs / fed.training.sample_rate))
+    for round_ in (1, 2):
+        reply = train_round(_train_content(run, round_=round_), list_hospitals(ws)[0])
+        assert reply[STATUS]["status"] == "ok", reply[STATUS]
+    assert site.weight is not None  # declared by the workspace, never counted
+    s = sampling(RoundPlan.for_run(fed, run.prompt), site.weight)
+    target, delta = min(fed.privacy.target_epsilon, site.privacy.max_epsilon), site.privacy.delta
+    sums = calibrate_noise(fed.training.class_sums_share * target, delta, 1.0, 1, "prv")
     sigma = calibrate_noise(
-        min(fed.privacy.target_epsilon, site.privacy.max_epsilon), site.privacy.delta, q, steps * fed.rounds, "prv"
+        target, delta, s.sample_rate, s.steps_per_round * (fed.rounds - 1), "prv", ((sums, 1.0, 1),)
     )
-    (entry,) = PrivacyLedger.open(site.ledger).history
-    assert (entry.noise_multiplier, entry.sample_rate, entry.steps) == (sigma, q, steps)
-    # the reply carries none of sigma, q, steps (with a batch size they would reveal N): the ledger has them
+    first, second = PrivacyLedger.open(site.ledger).history
+    assert (first.noise_multiplier, first.sample_rate, first.steps) == (sums, 1.0, 1)
+    assert (second.noise_multiplier, second.sample_rate, second.steps) == (sigma, s.sample_rate, s.steps_per_round)
+    # the reply carries none of sigma, q, steps: the ledger has them
     assert set(reply[METRICS].keys()) == DEFAULT_TRAIN_FIELDS
     assert reply[METRICS]["epsilon-spent"] == pytest.approx(PrivacyLedger.open(site.ledger).epsilon_spent())
-    # a whole run at this sigma spends the target, and no more
-    assert compute_epsilon("prv", [(sigma, q, steps)] * fed.rounds, site.privacy.delta) == pytest.approx(
-        fed.privacy.target_epsilon, rel=0.01
-    )
+    # a whole run at these sigmas spends the target, and no more
+    whole = [(sums, 1.0, 1)] + [(sigma, s.sample_rate, s.steps_per_round)] * (fed.rounds - 1)
+    assert compute_epsilon("prv", whole, delta) == pytest.approx(target, abs=0.02)
 
 
 # --- privacy hardening: each channel that used to leak at zero epsilon --------------------------------
@@ -570,7 +580,7 @@ def test_record_count_never_leaves_the_weight_is_declared(tmp_path, tiny_dir):
         csv.writer(f).writerows(rows[:26])  # 25 records against 40
     site2 = ws / "hospital-2" / "site.yaml"
     data = yaml.safe_load(site2.read_text())
-    data["weight"] = 2.5
+    data["weight"] = 20.0
     site2.write_text(yaml.safe_dump(data, sort_keys=False))
     ensure_ledgers(ws)
     fed, sites, _ = load_workspace(ws)
@@ -578,7 +588,7 @@ def test_record_count_never_leaves_the_weight_is_declared(tmp_path, tiny_dir):
     run = prepare_run(RunSpec(fed, tmp_path / "out", None, tiny_dir))
     big, little = (train_round(_train_content(run), path) for path in list_hospitals(ws))
     assert big[STATUS]["status"] == little[STATUS]["status"] == "ok"
-    assert big[METRICS]["num-examples"] == 30.0 and little[METRICS]["num-examples"] == 2.5  # as declared
+    assert big[METRICS]["num-examples"] == 30.0 and little[METRICS]["num-examples"] == 20.0  # as declared
     assert {**dict(big[METRICS]), "num-examples": 0} == {**dict(little[METRICS]), "num-examples": 0}
 
 
@@ -645,9 +655,8 @@ def test_noised_counts_have_the_gaussian_mechanism_std():
     from fedprompt.common.metrics import ClassCounts
 
     assert EVAL_COUNT_SENSITIVITY == pytest.approx(2**0.5)
-    gen = torch.Generator().manual_seed(0)
     counts = ClassCounts([10, 0, 3], [1, 2, 3], [0, 4, 4])
-    draws = np.array([[v for k in ("tp", "fp", "fn") for v in noised_counts(counts, 2.0, gen)[k]] for _ in range(4000)])
+    draws = np.array([[v for k in ("tp", "fp", "fn") for v in noised_counts(counts, 2.0)[k]] for _ in range(4000)])
     exact = np.array(counts.tp + counts.fp + counts.fn, dtype=float)
     assert np.allclose(draws.mean(axis=0), exact, atol=0.25)
     assert np.allclose(draws.std(axis=0), 2.0 * 2**0.5, rtol=0.06)

@@ -13,11 +13,13 @@ from opacus import GradSampleModule
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fedprompt.client.dp import check_per_sample_shapes, plan_steps, wrap_private
+from fedprompt.client.dp import check_per_sample_shapes, wrap_private
 from fedprompt.client.trainer import patient_loss
+from fedprompt.client.workspace import declared_weight
 from fedprompt.common.errors import InputError
 from fedprompt.common.features import PAD_LABEL, group_by_patient
 from fedprompt.common.records import load_records
+from fedprompt.common.schedule import sampling
 
 from tinybert import make_tiny_backbone
 
@@ -204,7 +206,7 @@ def _content(run, **plan_changes):
     from fedprompt.common.plan import RoundPlan
     from fedprompt.common.wire import ARRAYS, state_to_arrays
 
-    plan = RoundPlan.for_run(run.spec.federation, run.prompt, round=1).replaced(**plan_changes)
+    plan = RoundPlan.for_run(run.spec.federation, run.prompt, round=2).replaced(**plan_changes)
     return RecordDict({ARRAYS: state_to_arrays(run.state), "config": plan.to_config_record()}), plan
 
 
@@ -214,16 +216,15 @@ def test_train_round_accounts_patients_not_records(tmp_path, tiny_dir, caplog):
     from fedprompt.common.wire import STATUS
 
     run, site_yaml, n_records, train_csv = _patient_site(tmp_path, tiny_dir)
-    plan_changes = {"batch_size": 4}  # q = 4 / patients, not 4 / records
-    content, plan = _content(run, **plan_changes)
+    content, plan = _content(run)
     with caplog.at_level("INFO", logger="fedprompt.hospital"):
         reply = train_round(content, site_yaml)
     assert reply[STATUS]["status"] == "ok", caplog.text
     ledger = json.loads(SiteConfig.load(site_yaml).ledger.read_text())
     entry = ledger["history"][-1]
-    q, steps = plan_steps(N_PATIENTS, plan.batch_size, plan.local_epochs, plan.sample_rate)
-    assert (entry["sample_rate"], entry["steps"]) == (q, steps)
-    assert (q, steps) != plan_steps(n_records, plan.batch_size, plan.local_epochs, plan.sample_rate)
+    # the declared size (not declared here: the patient count to 1 significant digit) sets q
+    s = sampling(plan, declared_weight(N_PATIENTS))
+    assert (entry["sample_rate"], entry["steps"]) == (s.sample_rate, s.steps_per_round)
     assert f"of {N_PATIENTS} patients" in caplog.text
 
     # A record without its patient: refused, the file and line in the hospital's log only.
@@ -256,7 +257,7 @@ def test_patient_field_with_prompt_training_is_refused(tmp_path, tiny_dir, caplo
     assert "patient_field: patient-level DP is supported for the head-only recipe" in caplog.text
     assert ledger_path.read_bytes() == before  # refused before anything is accounted
     with pytest.raises(InputError, match="patient-level DP is supported for the head-only recipe"):
-        local_update(None, None, plan, 1.0, torch.device("cpu"), patients=["p"])
+        local_update(None, None, plan, sampling(plan, 10.0), 1.0, torch.device("cpu"), patients=["p"])
 
 
 def test_data_check_validates_patient_field(tmp_path, data_cli, capsys):

@@ -15,17 +15,23 @@ import yaml
 from torch.utils.data import TensorDataset
 
 from fedprompt.client.personalize import (
-    DEFAULT_PENALTY,
+    CANDIDATES,
+    FOLDS,
     GLOBAL,
-    LOCAL_HEAD,
     METHODS,
     OWN,
+    PENALTIES,
     PERSONALIZED,
     PRIOR,
+    SMALL_SITE_FOLDS,
     Head,
+    criterion,
+    cv_folds,
+    fit_head,
     own_model_features,
     personalize_features,
     prior_shift,
+    scores,
 )
 from fedprompt.client.workspace import write_workspace
 from fedprompt.common.backbone import load_backbone
@@ -91,7 +97,7 @@ def world(tmp_path_factory) -> Path:
     feats = extract_features(
         model, encode(bb.tokenizer, [t for t, _ in federation], [LABELS.index(y) for _, y in federation], 24).dataset
     )
-    head, _ = own_model_features(feats, len(LABELS))
+    head = own_model_features(feats, len(LABELS))
     save_prompt(root / "export", config, head.into(state))
 
     hospitals = {
@@ -170,20 +176,26 @@ def test_personalised_model_has_the_export_format_and_its_provenance(world, pers
         provenance["base_model_sha256"]
         == hashlib.sha256((world / "export" / "prompt.safetensors").read_bytes()).hexdigest()
     )
-    validation = report["validation"]
-    assert set(validation) == set(report["test"]) == {GLOBAL, PRIOR, LOCAL_HEAD, PERSONALIZED, OWN}
-    # the chosen candidate is the first best on validation macro-F1, and it is what was saved
-    order = [GLOBAL, PRIOR, LOCAL_HEAD]
-    best = max(order, key=lambda m: validation[m]["macro_f1"])
-    assert provenance["method"] == report["method"] == best and provenance["penalty"] == report["penalty"]
+    cv = report["cross_validation"]
+    assert set(cv) == set(report["validation"]) == set(report["test"]) == {*CANDIDATES, PERSONALIZED}
+    assert report["folds"] == FOLDS and all(row["num_examples"] == 120 for row in cv.values())
+    # the chosen candidate is the first best (simplest first) on the pooled cross-validation
+    # criterion of the train split, over every penalty; the validation split plays no part
+    grid = report["cross_validation_grid"]
+    assert len(grid) == 2 + 2 * len(PENALTIES)
+    assert all(row["criterion"] == round((row["accuracy"] + row["macro_f1"]) / 2, 12) for row in grid)
+    top = max(grid, key=lambda row: row["criterion"])
+    best = top["candidate"]
     assert (
-        provenance["validation"][best]["macro_f1"]
-        == validation[best]["macro_f1"]
-        == validation[PERSONALIZED]["macro_f1"]
+        provenance["method"] == report["method"] == best
+        and provenance["penalty"] == report["penalty"] == top["penalty"]
     )
+    assert provenance["cross_validation"] == cv and cv[PERSONALIZED] == cv[best]
+    assert cv[best]["criterion"] == top["criterion"] == max(cv[m]["criterion"] for m in CANDIDATES)
     assert config.private is (best == GLOBAL)  # fitted on the site's records without DP
     assert report["num_records"] == {"train": 120, "validation": 40, "test": 60}
     assert report["test"][PERSONALIZED] == report["test"][best]
+    assert report["validation"][PERSONALIZED] == report["validation"][best]
 
 
 def test_personalised_beats_the_global_model_on_a_site_with_another_label_mix(personalized):
@@ -281,7 +293,7 @@ def test_prior_correction_shifts_the_bias_by_log_p_site_minus_log_p_model():
     assert torch.allclose(prior_shift(head, feats, 3), expected, atol=1e-12)
     state = head.into({PROMPT_KEY: torch.zeros(2, 4)})
     config = PromptConfig(labels=["a", "b", "c"], hidden_size=4, backbone_fingerprint="x", n_virtual_tokens=2)
-    result = personalize_features(state, config, feats, feats)
+    result = personalize_features(state, config, feats)
     prior = result.heads[PRIOR]
     assert torch.equal(prior.weight, head.weight) and torch.allclose(
         prior.bias.double(), bias.double() + expected, atol=1e-6
@@ -299,15 +311,91 @@ def test_prior_correction_shifts_the_bias_by_log_p_site_minus_log_p_model():
     assert torch.allclose(prior_shift(head, TensorDataset(x, y), 3), p_site.log() - p_model.log(), atol=1e-12)
 
 
-def test_without_validation_the_local_head_is_taken_with_the_default_penalty():
+def clusters(n: int, seed: int, noise: float = 0.1) -> TensorDataset:
+    """n records of 3 labels, nearly in turn, each feature its label's axis in 8 dimensions plus
+    noise, unit length: a site whose features separate its labels."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    x = torch.nn.functional.one_hot(y, 8).float() + noise * torch.randn(n, 8, generator=gen)
+    return TensorDataset(torch.nn.functional.normalize(x, dim=-1), y)
+
+
+def three_labels(head: Head) -> tuple[dict[str, torch.Tensor], PromptConfig]:
+    config = PromptConfig(labels=["a", "b", "c"], hidden_size=8, backbone_fingerprint="x", n_virtual_tokens=2)
+    return head.into({PROMPT_KEY: torch.ones(2, 8)}), config
+
+
+def test_the_sites_own_model_is_chosen_where_it_wins_cross_validation():
+    # A global model confidently wrong for this site: its rows permuted (label a's row is c's
+    # axis...) and 1e5 long. The local head cannot undo that at any penalty: a row moves at most
+    # sum_i ||x_i|| / penalty = 60 / 0.01 = 6,000 from the global row. The site alone can.
+    axes = torch.eye(3, 8)
+    state, config = three_labels(Head(1e5 * axes[[2, 0, 1]], torch.zeros(3)))
+    train, test = clusters(60, seed=0), clusters(60, seed=1)
+    result = personalize_features(state, config, train)
+    assert result.method == OWN and result.folds == FOLDS
+    cv = result.cross_validation
+    assert cv is not None
+    own = criterion(cv[(OWN, result.penalty)])
+    assert own == 1.0 and all(criterion(s) < own for (m, _), s in cv.items() if m != OWN)
+    # refitted on the whole train split at the chosen penalty, and that is the saved head
+    refit = fit_head(train, Head(torch.zeros(3, 8), torch.zeros(3)), result.penalty)
+    assert torch.equal(result.heads[OWN].weight, refit.weight) and torch.equal(
+        result.state[HEAD_WEIGHT_KEY], refit.weight
+    )
+    assert torch.equal(result.state[PROMPT_KEY], state[PROMPT_KEY])
+    on_test = {m: scores(head, test, 3) for m, head in result.heads.items()}
+    assert on_test[OWN]["macro_f1"] == 1.0 and on_test[GLOBAL]["macro_f1"] == 0.0
+    assert on_test[OWN]["macro_f1"] >= on_test[GLOBAL]["macro_f1"]
+
+
+def test_a_site_with_very_few_records_keeps_a_good_global_model():
+    # Six noisy records (leave-one-out): a head fitted on five of them misses, the global model
+    # (the right axes) does not, and on a tie the global model would win anyway.
+    state, config = three_labels(Head(10 * torch.eye(3, 8), torch.zeros(3)))
+    train, test = clusters(6, seed=2, noise=0.6), clusters(300, seed=3, noise=0.6)
+    result = personalize_features(state, config, train)
+    assert result.method == GLOBAL and result.penalty is None and result.folds == 6
+    assert torch.equal(result.state[HEAD_WEIGHT_KEY], state[HEAD_WEIGHT_KEY])
+    assert torch.equal(result.state[HEAD_BIAS_KEY], state[HEAD_BIAS_KEY])
+    on_test = {m: scores(head, test, 3)["macro_f1"] for m, head in result.heads.items()}
+    assert on_test[GLOBAL] >= max(on_test.values()) - 0.01, on_test
+
+
+def test_folds_on_a_tiny_site_are_stratified_deterministic_and_the_choice_too():
+    y = torch.tensor([0, 1, 2] * 4)  # 12 records, 3 labels of 4
+    folds = cv_folds(y)
+    assert folds is not None and torch.equal(folds, cv_folds(y))
+    assert sorted(folds.tolist()) == sorted(list(range(SMALL_SITE_FOLDS)) + [0, 1])  # 10 folds, none empty
+    for label in range(3):  # a label with fewer records than folds: one of them per fold
+        assert len(set(folds[y == label].tolist())) == 4
+    assert cv_folds(torch.tensor([1])) is None and cv_folds(torch.tensor([0, 1])).tolist() in ([0, 1], [1, 0])
+    # 5 folds from 50 records: each fold's label mix is the site's, to within a record
+    y = torch.tensor([0] * 30 + [1] * 17 + [2] * 6)
+    folds = cv_folds(y)
+    assert folds.max() + 1 == FOLDS
+    for label in range(3):
+        counts = torch.bincount(folds[y == label], minlength=FOLDS)
+        assert counts.max() - counts.min() <= 1
+
+    state, config = three_labels(Head(torch.randn(3, 8, generator=torch.Generator().manual_seed(4)), torch.zeros(3)))
+    train = clusters(12, seed=5, noise=0.5)
+    first, again = (personalize_features(state, config, train) for _ in range(2))
+    assert first.folds == SMALL_SITE_FOLDS and first.method in CANDIDATES
+    assert (first.method, first.penalty) == (again.method, again.penalty)
+    assert all(torch.equal(first.state[k], again.state[k]) for k in first.state)
+    # a label with a single record, and a site of one record: no crash; one record keeps the global model
+    lone = TensorDataset(train.tensors[0][:10], torch.tensor([0, 1] * 4 + [1, 2]))
+    assert personalize_features(state, config, lone).folds == 10
+    single = personalize_features(state, config, TensorDataset(train.tensors[0][:1], train.tensors[1][:1]))
+    assert single.method == GLOBAL and single.folds == 0 and single.cross_validation is None
+
+
+def test_own_model_features_is_a_plain_probe_at_one_penalty():
     gen = torch.Generator().manual_seed(3)
     y = torch.randint(0, 3, (60,), generator=gen)
     x = torch.nn.functional.one_hot(y, 4).float() + 0.3 * torch.randn(60, 4, generator=gen)
-    state = {PROMPT_KEY: torch.ones(2, 4), HEAD_WEIGHT_KEY: torch.zeros(3, 4), HEAD_BIAS_KEY: torch.zeros(3)}
-    config = PromptConfig(labels=["a", "b", "c"], hidden_size=4, backbone_fingerprint="x", n_virtual_tokens=2)
-    result = personalize_features(state, config, TensorDataset(x, y))
-    assert result.method == LOCAL_HEAD and result.penalty == DEFAULT_PENALTY and result.validation is None
-    assert torch.equal(result.state[PROMPT_KEY], state[PROMPT_KEY])
-    assert torch.equal(result.state[HEAD_WEIGHT_KEY], result.heads[LOCAL_HEAD].weight)
-    own, penalty = own_model_features(TensorDataset(x, y), 3)
-    assert penalty == DEFAULT_PENALTY and (own.logits(x).argmax(-1) == y).float().mean() > 0.9
+    own = own_model_features(TensorDataset(x, y), 3)
+    assert (own.logits(x).argmax(-1) == y).float().mean() > 0.9
+    strong = own_model_features(TensorDataset(x, y), 3, penalty=100.0)
+    assert strong.weight.norm() < own.weight.norm()  # the penalty pulls towards zero

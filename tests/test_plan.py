@@ -102,16 +102,12 @@ def test_the_plan_is_what_a_round_records(tmp_path, tiny, capsys):
         row = planned[site.parent.name]
         ledger = PrivacyLedger.for_site(SiteConfig.load(site))
         entry = ledger.history[-1]
-        assert (entry.noise_multiplier, entry.sample_rate, entry.steps) == (
-            row["noise_multiplier"],
-            row["sample_rate"],
-            row["steps_per_round"],
-        )
-        assert ledger.delta == row["delta"]
-        # The whole run is the plan's projection: this round's entry, twice more.
-        assert ledger.project(entry.noise_multiplier, entry.sample_rate, 2 * entry.steps) == pytest.approx(
-            row["epsilon_after_run"]
-        )
+        # round 1 is the one-shot class-sums release (q 1, one step)
+        assert (entry.noise_multiplier, entry.sample_rate, entry.steps) == (row["class_sums_noise_multiplier"], 1.0, 1)
+        assert ledger.delta == row["delta"] and row["noise_ratio"] <= 4.0
+        # The whole run is the plan's projection: this round's entry, then the DP-SGD rounds.
+        sgd = (row["noise_multiplier"], row["sample_rate"], row["steps_per_round"])
+        assert ledger.project_all([sgd, sgd]) == pytest.approx(row["epsilon_after_run"])
 
 
 def test_the_sites_the_plan_says_refuse_do_refuse(tmp_path, tiny, capsys):

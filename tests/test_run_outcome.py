@@ -123,17 +123,17 @@ def test_simulate_with_every_budget_spent_writes_why_and_no_export(nothing_train
     rc = main(["simulate", "--workspace", str(ws), "--out", str(out), "--backbone", str(tiny)])
     captured = capsys.readouterr()
     assert rc == EXIT_NOTHING_TRAINED, captured.out[-3000:] + captured.err[-3000:]
-    why = "no hospital's update was accepted in 2 training round(s): refused 4 (budget 4)"
+    # Both sites refuse the run in its pre-flight (server/federation.py): it never starts.
+    why = "pre-flight: only 0 of min_hospitals 2 sites can train the run: hospital-1: budget, hospital-2: budget"
     assert f"did not train: {why}" in captured.err and "run 'spent' finished" not in captured.out
     metrics = json.loads((out / "metrics.json").read_text())
     assert returned == [metrics]  # simulate() returns the outcome it wrote
     assert (metrics["outcome"], metrics["outcome_reason"], metrics["export"]) == (NOTHING_TRAINED, why, None)
-    assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]
-    for r in metrics["rounds"][1:]:  # the per-round categories, as before
-        assert {h: (o["status"], o["reason"]) for h, o in r["hospitals"].items()} == {
-            "hospital-1": ("refused", "budget"),
-            "hospital-2": ("refused", "budget"),
-        }
+    assert metrics["rounds"] == []
+    assert {h: (a["status"], a["reason"]) for h, a in metrics["preflight"]["hospitals"].items()} == {
+        "hospital-1": ("refused", "budget"),
+        "hospital-2": ("refused", "budget"),
+    }
     assert not (out / "export").exists() and not (out / "comparison.json").exists()
     page = (out / "report.html").read_text(encoding="utf-8")
     assert (

@@ -148,7 +148,7 @@ def test_every_problem_of_a_file_at_once(tmp_path):
         f"{path}:6: rounds: expected an integer, got 'many'",
         f"{path}:11: strategy.trim_beta: expected 0 < trim_beta < 0.5, got 0.7",
         f"{path}:18: model.colour: unknown key (expected one of: backbone_fingerprint, head_init, logit_scale, "
-        "max_length, n_virtual_tokens, normalize, pooling, prompt_init, seed)",
+        "max_length, n_virtual_tokens, normalize, pooling, prompt_init, prompt_layer, seed)",
     ]
 
 
@@ -198,9 +198,13 @@ PLAN = dict(
     local_epochs=1,
     sample_rate=0.25,
     batch_size=0,
+    min_expected_batch=32,
     lr=8.0,
     optimizer="sgd",
     train_prompt=False,
+    class_sums_share=0.5,
+    max_noise_ratio=4.0,
+    noise_lr_ref=0.01,
     private=True,
     target_epsilon=8.0,
     delta=0.0,

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from fedprompt.client.site_template import LAYOUT, RECOMMENDED, render
-from fedprompt.common.config import PrivacyCap, SiteConfig
+from fedprompt.common.config import PrivacyCap, SiteConfig, SiteLimits
 from fedprompt.common.errors import InputError
 
 
@@ -29,8 +29,9 @@ def _records(folder: Path) -> tuple[Path, Path]:
 
 
 def test_every_field_is_documented_once():
-    """A field added to SiteConfig (or its privacy cap) must be explained in the template too."""
+    """A field added to SiteConfig (or its privacy cap, or its limits) must be explained in the template too."""
     fields = list(SiteConfig.model_fields) + [f"privacy.{name}" for name in PrivacyCap.model_fields]
+    fields += [f"limits.{name}" for name in SiteLimits.model_fields]
     documented = [key for key, _ in LAYOUT]
     assert sorted(documented) == sorted(fields) and len(set(documented)) == len(documented)
     text, required = render({})
@@ -40,7 +41,7 @@ def test_every_field_is_documented_once():
         field, indent = key.rsplit(".", 1)[-1], "  " * key.count(".")
         at = next(i for i, line in enumerate(lines) if line.startswith(f"{indent}{field}:"))
         assert lines[at - 1].lstrip().startswith("#"), key  # its meaning, right above it
-        if key != "privacy":
+        if key not in ("privacy", "limits"):  # sections: their fields carry the defaults
             assert any(w in lines[at - 1] for w in ("Default:", "REQUIRED", "Required")), (key, lines[at - 1])
 
 
@@ -81,7 +82,7 @@ def test_init_with_paths_writes_a_site_that_loads_with_the_recommended_private_s
     assert (site.allow_non_private, site.share_evaluation, site.weight, site.patient_field) == (
         False,
         "none",
-        1.0,
+        None,
         None,
     )
     defaults = SiteConfig(hospital_id="x", train=Path("t"), privacy=site.privacy, ledger=Path("l"))

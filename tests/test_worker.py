@@ -162,6 +162,53 @@ def test_hung_worker_is_replaced_before_the_deadline(site):
         worker.stop()
 
 
+def _message(content: RecordDict) -> Message:
+    md = Metadata(
+        run_id=1,
+        message_id="m1",
+        src_node_id=0,
+        dst_node_id=1,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60,
+        message_type="train",
+    )
+    return Message(metadata=md, content=content)
+
+
+def test_a_stopped_worker_is_answered_worker_unavailable_before_the_round_timeout(site, tmp_path):
+    """The executor's own answer path, deadline from the plan's round timeout on the monotonic clock
+    (it once compared time.time() with time.monotonic(): the early answer never came, and a site
+    was charged for replies the aggregator had already dropped). A worker stopped before the
+    message arrives answers nothing and charges nothing."""
+    from fedprompt.client.executor import DEADLINE_MARGIN_S, Executor, WorkerHandle
+    from fedprompt.common.config import SiteConfig
+
+    run, site_yaml = site
+    ledger = SiteConfig.load(site_yaml).ledger
+    before = ledger.read_bytes()
+    worker = WorkerHandle(site_yaml, dict(os.environ))
+    worker.start()
+    executor = Executor("127.0.0.1:1", b"secret", site_yaml, "hospital-1", frozenset(), worker)
+    timeout = 4.0  # the aggregator stops waiting after this; the executor answers at max(timeout - margin, timeout / 2)
+    assert timeout - DEADLINE_MARGIN_S < timeout / 2
+    content = _train_content(run, 1)
+    content["config"]["fp.round_timeout"] = timeout
+    try:
+        worker.wait_ready(time.monotonic() + 300)
+        os.kill(worker.proc.pid, signal.SIGSTOP)  # alive, silent: it never reads the message
+        received = time.monotonic()
+        reply, _ = executor._answer(_message(content), _bundle(tmp_path / "app"), "train")
+        answered = time.monotonic() - received
+        assert _status(reply) == ("refused", "worker unavailable")
+        assert timeout / 2 <= answered < timeout, answered  # at the executor's deadline, before the aggregator's
+        assert worker.restarts == 1 and worker.alive()
+    finally:
+        worker.stop()
+    assert ledger.read_bytes() == before  # nothing charged for a round that sent nothing
+
+
 def test_executor_refuses_an_untrusted_bundle_without_running_it(site, tmp_path):
     """The executor's answer path: a bundle whose ClientApp would read the records is refused
     as "untrusted app" and the worker never sees the message (nothing of the bundle runs)."""
@@ -176,18 +223,6 @@ def test_executor_refuses_an_untrusted_bundle_without_running_it(site, tmp_path)
     )
     worker = WorkerHandle(site_yaml, dict(os.environ))  # never started: a call would raise
     executor = Executor("127.0.0.1:1", b"secret", site_yaml, "hospital-1", frozenset(), worker)
-    md = Metadata(
-        run_id=1,
-        message_id="m1",
-        src_node_id=0,
-        dst_node_id=1,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=60,
-        message_type="train",
-    )
-    message = Message(metadata=md, content=_train_content(run, 1))
-    content, _ = executor._answer(message, evil, "train", time.time())
+    content, _ = executor._answer(_message(_train_content(run, 1)), evil, "train")
     assert _status(content) == ("refused", "untrusted app")
     assert worker.proc is None and not marker.exists()

@@ -10,10 +10,17 @@ import os
 from pathlib import Path
 
 from fedprompt.client import demo_data, download, partition
-from fedprompt.client.workspace import check_empty_target, label_table, write_workspace
+from fedprompt.client.workspace import (
+    FEDERATION_FILE,
+    TEST_FILE,
+    check_empty_target,
+    create_ledgers,
+    label_table,
+    write_workspace,
+)
 from fedprompt.common.config import FederationConfig, SiteConfig
 from fedprompt.common.errors import InputError, LedgerError, Problem
-from fedprompt.common.records import Records, load_labelled, load_records, natural_key
+from fedprompt.common.records import Records, find_duplicates, load_labelled, load_records, natural_key
 
 
 def _positive_int(text: str) -> int:
@@ -104,7 +111,18 @@ def run_demo(args: argparse.Namespace) -> int:
     out = demo_data.write_demo_workspace(args.out, demo)
     print(label_table(demo.labels, demo.hospitals, demo.test, demo.local_tests))
     print(f"demo workspace written to {out}")
+    _create_ledgers(out)
     return 0
+
+
+def _create_ledgers(workspace: Path) -> None:
+    """The new workspace's sites get their ledgers now (each one's `privacy init`): `fedprompt
+    simulate --workspace` runs right after `data demo` or `data partition`."""
+    created = create_ledgers(workspace)
+    print(
+        f"privacy ledgers created for {', '.join(created)} (each site's ledger/privacy-ledger.json; "
+        "`fedprompt privacy show --site hospital-N/site.yaml`)"
+    )
 
 
 def run_partition(args: argparse.Namespace) -> int:
@@ -118,6 +136,8 @@ def run_partition(args: argparse.Namespace) -> int:
     records, labels = partition.load_corpus(
         args.input, text_column=args.text_column, label_column=args.label_column, label_names=args.label_names
     )
+    # Reported before the split: a hospital wants to know what its corpus repeats before it trains.
+    duplicates = find_duplicates([(records, labels)])
     split = partition.partition(
         records,
         labels,
@@ -137,7 +157,15 @@ def run_partition(args: argparse.Namespace) -> int:
         local_tests=split.local_tests,
     )
     print(label_table(split.labels, split.hospitals, split.test, split.local_tests))
-    print(f"workspace written to {out} ({len(records)} rows from {args.input})")
+    for line in duplicates.report():
+        print(line)
+    if split.dropped_rows:
+        print(f"left out of the split: the {split.dropped_rows} rows of the conflicting records")
+    if len(duplicates.groups) > split.conflicting_texts:
+        print("every other repeated text has all its copies on one side (the same hospital and split, or the test set)")
+    used = len(records) - split.dropped_rows
+    print(f"workspace written to {out} ({used} of {len(records)} rows from {args.input})")
+    _create_ledgers(out)
     return 0
 
 
@@ -203,9 +231,28 @@ def run_check(args: argparse.Namespace) -> int:
         problems.append(
             Problem(str(site.source), None, "backbone", f"{site.backbone} is not a model directory (no config.json)")
         )
+    # In a workspace (`data demo`/`data partition`) the federation's held-out test set sits beside
+    # federation.yaml, read as the aggregator reads it (server/federation.py): a training text also
+    # in it is a leak too. A hospital that was only handed federation.yaml has no such file.
+    files = [(r, names[s]) for s, r in loaded.items()]
+    assert site.source is not None  # loaded from a file
+    workspace = site.source.parent.parent
+    test_path = workspace / TEST_FILE
+    in_workspace = federation_path is not None and federation_path.resolve() == workspace / FEDERATION_FILE
+    if federation is not None and in_workspace and test_path.is_file():
+        try:
+            test = load_records(test_path, text_field="text", label_field="label", labels=federation.label_names)
+            files.append((test, federation.label_names))
+        except InputError as exc:
+            problems += exc.problems
     ledger = _check_ledger(site, problems)
     if problems:
         raise InputError(problems)
+    duplicates = find_duplicates(files)
+    warnings = duplicates.report()
+    if "train" in loaded:
+        train = loaded["train"].path
+        warnings += duplicates.leak_report([train], [r.path for r, _ in files if r.path != train])
     labels = (
         federation.label_names
         if federation is not None
@@ -230,7 +277,9 @@ def run_check(args: argparse.Namespace) -> int:
         )
     else:
         print(f"labels checked against the label space of {federation.source}")
-    print("ok")
+    for line in warnings:
+        print(line)
+    print("ok")  # warnings are not errors: the records are valid, and the data manager decides
     return 0
 
 

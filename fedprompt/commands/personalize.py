@@ -14,7 +14,8 @@ from pathlib import Path
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "personalize",
-        help="adapt an exported model to this hospital's records (label prior, local head); stays at the site",
+        help="adapt an exported model to this hospital's records (label prior, local head or its own model, "
+        "chosen by cross-validation); stays at the site",
     )
     p.add_argument(
         "--site",
@@ -32,33 +33,32 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fedprompt.client.personalize import GLOBAL, LOCAL_HEAD, METHODS, OWN, PERSONALIZED, PRIOR, personalize_site
+    from fedprompt.client.personalize import CANDIDATES, GLOBAL, METHODS, PERSONALIZED, personalize_site
 
     report = personalize_site(args.site, args.model, args.out)
-    rows = [
-        (GLOBAL, METHODS[GLOBAL]),
-        (PRIOR, METHODS[PRIOR]),
-        (LOCAL_HEAD, METHODS[LOCAL_HEAD]),
-        (PERSONALIZED, "personalised (chosen)"),
-        (OWN, "site alone (own model)"),
-    ]
+    rows = [(name, METHODS[name]) for name in CANDIDATES] + [(PERSONALIZED, "personalised (chosen)")]
     splits = [
         (title, report[name])
-        for name, title in (("validation", "validation"), ("test", "local test"))
+        for name, title in (
+            ("cross_validation", f"train {report['folds']}-fold CV"),
+            ("validation", "validation"),
+            ("test", "local test"),
+        )
         if report[name] is not None
     ]
     if splits:
         width = max(len(label) for _, label in rows)
-        print(f"{'candidate'.ljust(width)}  " + "  ".join(f"{title + ' acc / macro-F1':>26}" for title, _ in splits))
+        print(f"{'candidate'.ljust(width)}  " + "  ".join(f"{title + ' acc / macro-F1':>30}" for title, _ in splits))
         for key, label in rows:
             cells = (f"{m[key]['accuracy']:.3f} / {m[key]['macro_f1']:.3f}" for _, m in splits)
-            print(f"{label.ljust(width)}  " + "  ".join(f"{c:>26}" for c in cells))
+            print(f"{label.ljust(width)}  " + "  ".join(f"{c:>30}" for c in cells))
+    penalty = "" if report["penalty"] is None else f" (penalty {report['penalty']:g})"
     how = (
-        "chosen on validation macro-F1"
-        if report["validation"] is not None
-        else "no validation split: local head taken as is"
+        f"chosen by {report['folds']}-fold cross-validation on the train split (mean of accuracy and macro-F1)"
+        if report["cross_validation"] is not None
+        else "a single training record: nothing to cross-validate, the global model kept"
     )
-    print(f"{report['hospital_id']}: {METHODS[report['method']]} (penalty {report['penalty']:g}), {how}")
+    print(f"{report['hospital_id']}: {METHODS[report['method']]}{penalty}, {how}")
     if report["method"] == GLOBAL:
         print(f"the global model is unchanged; written to {args.out}")
     else:

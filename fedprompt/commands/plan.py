@@ -3,9 +3,11 @@
 Per hospital: its DP units, the sampling rate q and steps per round, the noise multiplier sigma,
 the epsilon it has spent, the epsilon it would reach after the whole run against its cap, and
 whether it would refuse. Computed by the functions a round uses (client/hospital.py check_plan,
-dp_units, site_noise; client/dp.py plan_steps; the ledger's own projection), on the round plan
-the aggregator would send. Reads files only: no ledger entry, no noise memo, nothing sent.
-Exit 0 (refusals included); 2: bad input (workspace, records, backbone).
+with the site's limits, and site_run; the pre-flight's account of the run's releases; the ledger's
+own projection), on the round plan the aggregator would send. Reads files only: no ledger entry,
+no noise memo, nothing sent; nothing is calibrated for a site that refuses the plan outright.
+Exit 0: some hospital would train (refusals listed); 1: none would (each one's reason on stderr);
+2: bad input (workspace, records, backbone).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,29 +47,24 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def plan_site(site: SiteConfig, plan: RoundPlan) -> dict:
     """One hospital's row: what train_round would compute for every round of `plan`."""
-    from fedprompt.client.dp import plan_steps
-    from fedprompt.client.hospital import Refused, check_plan, dp_units, site_noise
+    from fedprompt.client.hospital import Refused, check_plan, site_run
     from fedprompt.client.ledger import PrivacyLedger, json_epsilon
+    from fedprompt.client.preflight import count_units, remaining_releases
     from fedprompt.common.errors import LedgerError
-    from fedprompt.common.records import load_records
+    from fedprompt.common.schedule import noise_ratio
 
-    records = load_records(
-        site.train,
-        text_field=site.text_field,
-        label_field=site.label_field,
-        labels=plan.labels,
-        patient_field=site.patient_field,
-    )
-    units = dp_units(records)
-    q, steps = plan_steps(units, plan.batch_size, plan.local_epochs, plan.sample_rate)
+    units = count_units(site, plan)
     cap = site.privacy.max_epsilon
     row: dict[str, Any] = {
         "hospital_id": site.hospital_id,
         "site": str(site.source),
-        "dp_unit": "record" if records.patients is None else "patient",
+        "dp_unit": "record" if site.patient_field is None else "patient",
         "units": units,
-        "sample_rate": q,
-        "steps_per_round": steps,
+        "declared_size": None,
+        "class_sums_noise_multiplier": None,
+        "noise_ratio": None,
+        "sample_rate": None,
+        "steps_per_round": None,
         "noise_multiplier": None,
         "delta": None,
         "epsilon_spent": None,
@@ -75,35 +73,52 @@ def plan_site(site: SiteConfig, plan: RoundPlan) -> dict:
         "epsilon_remaining": None,
         "refusal": None,
     }
-    refusal = None
+    refusal, run = None, None
     try:
+        # As train_round: the site's limits and the recipe first, then the run's schedule and its
+        # calibration (never for a plan the site refuses: a plan outside its limits costs nothing).
         check_plan(site, plan)
+        run = site_run(site, plan, units)
     except Refused as exc:
         refusal = exc.category, str(exc)
-    if plan.private:
-        noise = site_noise(site, plan, q, steps)
-        row.update(noise_multiplier=noise.sigma, delta=noise.calibration.delta)
+    if run is not None:
+        row.update(
+            declared_size=run.declared_size,
+            sample_rate=run.sampling.sample_rate,
+            steps_per_round=run.sampling.steps_per_round,
+        )
+        if run.noise is not None:
+            row.update(
+                noise_multiplier=run.noise.sgd,
+                class_sums_noise_multiplier=run.noise.class_sums,
+                noise_ratio=noise_ratio(plan, run.declared_size, run.noise),
+                delta=run.delta,
+            )
     try:
         ledger = PrivacyLedger.for_site(site)
     except LedgerError as exc:
         refusal = refusal or ("budget", str(exc))  # as train_round: no usable ledger, no round
     else:
         spent = ledger.epsilon_spent()
-        after = ledger.project(noise.sigma, q, steps * plan.total_rounds) if plan.private else math.inf
-        row.update(
-            epsilon_spent=json_epsilon(spent),
-            epsilon_after_run=json_epsilon(after),
-            epsilon_remaining=max(cap - spent, 0.0),
-        )
-        # ledger.record refuses the private round that would cross the cap, and every later one (a
-        # non-private round: never).
-        if plan.private and refusal is None and after > cap:
-            first = "its first round" if ledger.project(noise.sigma, q, steps) > cap else "a later round"
-            refusal = (
-                "budget",
-                f"the run would bring epsilon from {spent:.4f} to {after:.4f}, over the site's cap {cap:g}: it "
-                f"refuses {first}",
-            )
+        row.update(epsilon_spent=json_epsilon(spent), epsilon_remaining=max(cap - spent, 0.0))
+        if run is not None:
+            # The pre-flight's account of the whole run: every round's release and evaluation charge.
+            after = ledger.project_all(remaining_releases(site, plan, run, ledger.delta)) if plan.private else math.inf
+            row.update(epsilon_after_run=json_epsilon(after))
+            # ledger.record refuses the private round that would cross the cap, and every later one (a
+            # non-private round: never).
+            if plan.private and refusal is None and after > cap:
+                sigma, q, steps = run.mechanism(plan)
+                first = (
+                    "its first round"
+                    if sigma is not None and ledger.project(sigma, q, steps) > cap
+                    else "a later round"
+                )
+                refusal = (
+                    "budget",
+                    f"the run would bring epsilon from {spent:.4f} to {after:.4f}, over the site's cap {cap:g}: it "
+                    f"refuses {first}",
+                )
     if refusal is not None:
         row["refusal"] = {"category": refusal[0], "reason": refusal[1]}
     return row
@@ -143,32 +158,65 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.json:
         print(json.dumps(report))
-        return 0
+        return _none_trains(rows)
     print(
         f"fedprompt plan: run {fed.name!r}, {plan.total_rounds} rounds, "
         + (
-            f"DP-SGD, target epsilon {plan.target_epsilon:g} per run (each site's cap wins)"
+            f"DP, target epsilon {plan.target_epsilon:g} per run (each site's cap wins)"
             if plan.private
             else "NON-PRIVATE"
         )
     )
+    print(f"recipe: {recipe(plan)}")
     header = (
-        f"{'hospital':<16} {'DP units':>14} {'q':>9} {'steps/round':>11} {'sigma':>8} {'eps spent':>10} "
-        f"{'after run':>10} {'cap':>7} {'left now':>9}  verdict"
+        f"{'hospital':<16} {'DP units':>14} {'declared':>8} {'q':>9} {'steps/round':>11} {'sigma':>8} "
+        f"{'sigma sums':>10} {'noise/sig':>9} {'eps spent':>10} {'after run':>10} {'cap':>7} {'left now':>9}  verdict"
     )
     print(header)
     print("-" * len(header))
     for r in rows:
         verdict = "trains" if r["refusal"] is None else f"REFUSES [{r['refusal']['category']}]"
         print(
-            f"{r['hospital_id']:<16} {r['units']:>6} {r['dp_unit'] + 's':<7} {r['sample_rate']:>9.4g} "
-            f"{r['steps_per_round']:>11} {_num(r['noise_multiplier'], '.4g'):>8} {_num(r['epsilon_spent']):>10} "
+            f"{r['hospital_id']:<16} {r['units']:>6} {r['dp_unit'] + 's':<7} {_num(r['declared_size'], 'g'):>8} "
+            f"{_num(r['sample_rate'], '.4g'):>9} {_num(r['steps_per_round'], 'd'):>11} "
+            f"{_num(r['noise_multiplier'], '.4g'):>8} {_num(r['class_sums_noise_multiplier'], '.4g'):>10} "
+            f"{_num(r['noise_ratio'], '.2f'):>9} {_num(r['epsilon_spent']):>10} "
             f"{_num(r['epsilon_after_run']):>10} {r['epsilon_cap']:>7g} {_num(r['epsilon_remaining']):>9}  {verdict}"
         )
     for r in rows:
         if r["refusal"] is not None:
             print(f"{r['hospital_id']}: {r['refusal']['reason']}")
-    return 0
+    return _none_trains(rows)
+
+
+def recipe(plan: RoundPlan) -> str:
+    """What the run trains and why, in one line."""
+    from fedprompt.common.schedule import sgd_rounds
+
+    parts = []
+    if plan.class_sums_share > 0:
+        parts.append(
+            f"round 1 releases each site's class sums once ({plan.class_sums_share:.0%} of its epsilon) and the "
+            "head starts from the noisy class means"
+        )
+    what = "the soft prompt and the head" if plan.train_prompt else "the head on frozen features"
+    parts.append(f"{sgd_rounds(plan)} DP-SGD round(s) train {what}")
+    if not plan.train_prompt:
+        parts.append(
+            "the prompt stays off the record path (training.train_prompt: false; on this project's measurements "
+            "a trained prompt costs 18-51x a head step on CPU and has not beaten the head under DP: BENCHMARKS.md)"
+        )
+    return "; ".join(parts)
+
+
+def _none_trains(rows: list[dict]) -> int:
+    """1 (and why, on stderr) when no hospital would train the run: nothing to start; else 0."""
+    if any(r["refusal"] is None for r in rows):
+        return 0
+    print(f"fedprompt plan: no hospital would train this run ({len(rows)} refuse):", file=sys.stderr)
+    for r in rows:
+        print(f"  {r['hospital_id']} [{r['refusal']['category']}]: {r['refusal']['reason']}", file=sys.stderr)
+    return 1
 
 
 def _num(value: float | str | None, spec: str = ".4f") -> str:

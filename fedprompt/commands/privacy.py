@@ -15,7 +15,6 @@ from pathlib import Path
 
 from fedprompt.client.ledger import PrivacyLedger, compute_epsilon, verify_ledger
 from fedprompt.common.config import SiteConfig
-from fedprompt.common.errors import LedgerError
 
 EXIT_LEDGER = 3
 
@@ -147,19 +146,7 @@ def run_anchor(args: argparse.Namespace) -> int:
 
 
 def run_init(args: argparse.Namespace) -> int:
-    site = SiteConfig.load(args.site)
-    try:
-        site.ledger.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise LedgerError(f"cannot create the ledger folder {site.ledger.parent}: {exc.strerror or exc}") from exc
-    ledger = PrivacyLedger.create(
-        site.ledger,
-        hospital_id=site.hospital_id,
-        epsilon_cap=site.privacy.max_epsilon,
-        delta=site.privacy.delta,
-        mechanism=site.privacy.accountant,
-        anchor=site.ledger_anchor,
-    )
+    ledger = PrivacyLedger.create_for_site(SiteConfig.load(args.site))
     print(
         f"created privacy ledger {ledger.path} for hospital {ledger.hospital_id} (cap {ledger.epsilon_cap:g}, delta "
         f"{ledger.delta:g}, accountant {ledger.mechanism}; anchor {ledger.anchor_path})"

@@ -9,7 +9,8 @@ from pathlib import Path
 EXIT_CODES = """exit status:
   0  the run finished and at least one hospital trained (export in OUT/export)
   1  the simulation ended without finishing the run (see OUT/logs/simulate.log)
-  2  bad input (workspace, records, backbone), or Ray missing (install fedprompt[simulation]); nothing was run
+  2  bad input (workspace, records, backbone), or Ray missing for --engine ray (install
+     fedprompt[simulation]); nothing was run
   3  a privacy ledger is unusable
   5  no hospital trained in any round (all refused, rejected or failed): no export;
      OUT/metrics.json ("outcome", "outcome_reason") and OUT/report.html say why"""
@@ -37,6 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the demo workspace")
     p.add_argument(
+        "--engine",
+        choices=("ray", "local"),
+        default="ray",
+        help="ray: Flower's simulation engine (default); local: every hospital in this process, no Ray",
+    )
+    p.add_argument(
         "--verbose",
         action="store_true",
         help="Flower's, Ray's and the hospitals' output on the console too (always in OUT/logs/)",
@@ -59,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         non_private=args.non_private,
         seed=args.seed,
         verbose=args.verbose,
+        engine=args.engine,
     )
     out = result.out_dir
     if not result.trained:
@@ -71,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     trained = sum(1 for r in result.rounds if r.round > 0)  # round 0 is the zero-shot start
     print(
         f"\n[fedprompt] run {result.run!r} finished: {trained} round(s), "
-        f"{'DP-SGD at every hospital' if result.private else 'NON-PRIVATE reference run'}"
+        f"{'differential privacy at every hospital' if result.private else 'NON-PRIVATE reference run'}"
     )
     first, last = result.rounds[0], result.rounds[-1]
     for key, now, start in (("evaluate", last.evaluate, first.evaluate), ("test", last.test, first.test)):

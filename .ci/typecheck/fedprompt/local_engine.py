@@ -1,0 +1,1 @@
+../../../fedprompt/local_engine.py

@@ -1,0 +1,205 @@
+"""A site's DP schedule for one run, from public values only: the round plan and the site's declared size.
+
+Nothing here reads a record. The sample rate, the expected batch that normalises the noisy gradient
+sum, the steps, the noise multipliers and the bounds on an honest update all follow from the plan and
+the size the site declares (site.yaml `weight`), so the released tensors' noise scale reveals nothing
+beyond that declared size (design.md invariant 1); and the aggregator, which sees the declared size
+in every reply, derives the same bound the site checks itself against (invariant 4).
+
+A run has up to two phases:
+  class sums  (round 1, if `class_sums_share` > 0) one Gaussian release of the per-class sums of the
+              site's unit-norm features, divided by the declared size; the aggregator's weighted mean of
+              those is sum(S) / sum(w), from which it builds the head (server/prototypes.py);
+  sgd         (every other round) DP-SGD on the trainable tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .accounting import calibrate_noise, compute_epsilon
+from .plan import RoundPlan
+
+# An honest site holds at most this many DP units per unit of declared size; it checks so itself
+# (client/hospital.py) and refuses otherwise. Sizes rounded to one significant digit stay within 1.5x.
+MAX_UNITS_PER_DECLARED = 2.0
+# Every bound below holds but with probability e^-TAIL per update (Chernoff for the Poisson batch
+# sizes, Gaussian concentration for the noise norm).
+TAIL = 20.0
+# Where the plan leaves delta to the sites (delta 0), the aggregator's stand-in for it: the largest a
+# site's generated config uses (client/workspace.site_delta). A smaller delta means a little more noise.
+DEFAULT_DELTA = 1e-5
+# Adam's per-coordinate step is at most lr x (1 - beta1) / sqrt(1 - beta2) (= 3.16 at torch's defaults).
+ADAM_STEP = 3.2
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Poisson sampling of one site's rounds: all of it public (the plan and the declared size)."""
+
+    sample_rate: float
+    expected_batch: float  # sample_rate x declared size: what the noisy gradient sum is divided by
+    steps_per_round: int
+
+
+def sampling(plan: RoundPlan, declared_size: float) -> Sampling:
+    """The site's sample rate: the plan's, raised so that the expected batch reaches the plan's floor
+    (a site of 40 records at q 0.25 would average over 10, and its noise would swamp its signal);
+    at most 1 (full batch). A fixed `batch_size` sets the expected batch itself."""
+    if declared_size <= 0:
+        raise ValueError(f"declared size must be positive, got {declared_size}")
+    if plan.batch_size:
+        q = min(1.0, plan.batch_size / declared_size)
+    else:
+        q = min(1.0, max(plan.sample_rate, plan.min_expected_batch / declared_size))
+    return Sampling(q, q * declared_size, plan.local_epochs * int(1 / q))
+
+
+def class_sums_round(plan: RoundPlan) -> bool:
+    """Is this round the one-shot release of class sums (the run's first round)?"""
+    return plan.class_sums_share > 0 and plan.round <= 1
+
+
+def sgd_rounds(plan: RoundPlan) -> int:
+    return plan.total_rounds - (1 if plan.class_sums_share > 0 else 0)
+
+
+@dataclass(frozen=True)
+class RunNoise:
+    """The noise multipliers of a site's run (None: the phase does not happen)."""
+
+    class_sums: float | None
+    sgd: float | None
+
+    def history(self, s: Sampling, rounds: int) -> list[tuple[float, float, int]]:
+        """The run's (sigma, q, steps) mechanisms, as the ledger will hold them."""
+        out: list[tuple[float, float, int]] = []
+        if self.class_sums is not None:
+            out.append((self.class_sums, 1.0, 1))
+        if self.sgd is not None and rounds > 0:
+            out.append((self.sgd, s.sample_rate, s.steps_per_round * rounds))
+        return out
+
+
+def calibrate_run(
+    plan: RoundPlan,
+    s: Sampling,
+    target_epsilon: float,
+    delta: float,
+    accountant: str,
+    floor: float = 0.0,
+    calibrate: Callable[..., float] = calibrate_noise,
+) -> RunNoise:
+    """Noise for the whole run at `target_epsilon`: the class sums alone cost `class_sums_share` of it,
+    and the SGD rounds' sigma is calibrated on the composition with that release (so the run's epsilon
+    is the target, not the sum of two targets). `floor`: the site's min_noise_multiplier. `calibrate`:
+    calibrate_noise, or the site's memo of it."""
+    rounds = sgd_rounds(plan)
+    sums = None
+    if plan.class_sums_share > 0:
+        share = plan.class_sums_share if rounds > 0 else 1.0
+        sums = max(calibrate(share * target_epsilon, delta, 1.0, 1, accountant), floor)
+    if rounds == 0:
+        return RunNoise(sums, None)
+    after = ((sums, 1.0, 1),) if sums is not None else ()
+    sgd = calibrate(target_epsilon, delta, s.sample_rate, s.steps_per_round * rounds, accountant, after)
+    return RunNoise(sums, max(sgd, floor))
+
+
+def class_sums_sigma(plan: RoundPlan, delta: float, accountant: str = "prv") -> float:
+    """The noise of the class-sums release at the plan's own target (a site with a lower cap or delta
+    adds more): what the aggregator weighs the label embeddings against (server/class_means.py)."""
+    share = plan.class_sums_share if sgd_rounds(plan) > 0 else 1.0
+    return calibrate_noise(share * plan.target_epsilon, delta, 1.0, 1, accountant)
+
+
+def run_epsilon(noise: RunNoise, plan: RoundPlan, s: Sampling, delta: float, accountant: str) -> float:
+    return compute_epsilon(accountant, noise.history(s, sgd_rounds(plan)), delta)
+
+
+def site_lr(plan: RoundPlan, s: Sampling, sigma: float | None) -> float:
+    """The learning rate a site's DP-SGD steps take: the plan's, scaled down where the noise per expected
+    example (sigma / expected batch) exceeds the plan's `noise_lr_ref`. Public values only."""
+    if sigma is None:
+        return plan.lr
+    return plan.lr * min(1.0, plan.noise_lr_ref * s.expected_batch / sigma) if sigma > 0 else plan.lr
+
+
+# --- what an honest update can be ------------------------------------------------------------------
+
+
+def trainable_dim(plan: RoundPlan) -> int:
+    """Values DP-SGD noises each step: the head, and the prompt if it is trained."""
+    head = len(plan.labels) * (plan.hidden_size + 1)
+    return head + (plan.n_virtual_tokens * plan.hidden_size if plan.train_prompt else 0)
+
+
+def _poisson_excess(mean: float) -> float:
+    """t with P(Binomial sum >= mean + t) <= e^-TAIL (Chernoff: exp(-t^2 / (2 (mean + t / 3))))."""
+    return TAIL / 3 + math.sqrt((TAIL / 3) ** 2 + 2 * TAIL * mean)
+
+
+def sgd_signal(plan: RoundPlan, s: Sampling) -> float:
+    """Bound (in units of lr x clip) on the clipped-gradient part of a round's SGD update: per step the
+    sum of at most |batch| clipped gradients over the expected batch; the batches of a round hold at
+    most MAX_UNITS_PER_DECLARED x declared x steps units, and (w.h.p.) not much over their mean."""
+    r, t = MAX_UNITS_PER_DECLARED, s.steps_per_round
+    mean = t * r * s.expected_batch
+    return min(t * r / s.sample_rate, (mean + _poisson_excess(mean)) / s.expected_batch)
+
+
+def sgd_noise(plan: RoundPlan, s: Sampling, sigma: float) -> float:
+    """Bound (same units) on the noise part: the sum of the round's steps' Gaussian noise over the expected batch."""
+    return (
+        sigma * math.sqrt(s.steps_per_round) * (math.sqrt(trainable_dim(plan)) + math.sqrt(2 * TAIL)) / s.expected_batch
+    )
+
+
+def class_sums_signal() -> float:
+    """||S / declared||: unit-norm features summed per class have Frobenius norm <= units <= r x declared."""
+    return MAX_UNITS_PER_DECLARED
+
+
+def class_sums_noise(plan: RoundPlan, declared_size: float, sigma: float) -> float:
+    return sigma * (math.sqrt(len(plan.labels) * plan.hidden_size) + math.sqrt(2 * TAIL)) / declared_size
+
+
+def noise_ratio(plan: RoundPlan, declared_size: float, noise: RunNoise) -> float:
+    """The site's noise bound over its signal bound, in the noisier of the run's phases: above the
+    plan's `max_noise_ratio` its updates would be mostly noise, and the site refuses the whole run
+    before spending anything (the pre-flight asks the same)."""
+    ratios = []
+    if noise.class_sums is not None:
+        ratios.append(class_sums_noise(plan, declared_size, noise.class_sums) / class_sums_signal())
+    if noise.sgd is not None:
+        s = sampling(plan, declared_size)
+        ratios.append(sgd_noise(plan, s, noise.sgd) / sgd_signal(plan, s))
+    return max(ratios, default=0.0)
+
+
+def update_bound(plan: RoundPlan, declared_size: float, global_norm: float) -> float:
+    """The largest L2 norm of (update - global) an honest site of this declared size can send this round
+    (with probability >= 1 - e^-TAIL): its signal bound plus noise up to `max_noise_ratio` times it (a
+    noisier site refuses). `global_norm`: the norm of the global tensors the class sums replace."""
+    if class_sums_round(plan):
+        return global_norm + (1 + plan.max_noise_ratio) * class_sums_signal()
+    s = sampling(plan, declared_size)
+    if plan.optimizer == "adam":  # the step is bounded per coordinate, whatever the gradient
+        return plan.lr * ADAM_STEP * s.steps_per_round * math.sqrt(trainable_dim(plan))
+    return plan.lr * plan.max_grad_norm * (1 + plan.max_noise_ratio) * sgd_signal(plan, s)
+
+
+def largest_update_bound(plan: RoundPlan, global_norm: float) -> float:
+    """The largest honest bound over every declared size and both phases: what a fixed
+    `update_norm_bound` must reach. The SGD bound peaks where the sample rate stops being raised
+    (declared size min_expected_batch / sample_rate); a fixed batch_size has no such peak (the steps of
+    a round grow with the site), so only the derived per-reply bound fits it."""
+    if plan.batch_size:
+        return math.inf
+    first = plan.model_copy(update={"round": 1})
+    later = plan.model_copy(update={"round": 2})
+    sizes = [plan.min_expected_batch / plan.sample_rate, *(2.0**k for k in range(-2, 31))]
+    sgd = max(update_bound(later, w, global_norm) for w in sizes)
+    return max(sgd, update_bound(first, 1.0, global_norm)) if plan.class_sums_share > 0 else sgd

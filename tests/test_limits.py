@@ -1,0 +1,194 @@
+"""A site's limits on what an aggregator may ask (site.yaml `limits`, client/limits.py), and its check
+of the model it receives: each refused as "configuration" through the real train_round /
+evaluate_round on a real site directory, before any calibration, noise memo or ledger entry (the
+ledger's folder is byte-for-byte unchanged); `fedprompt plan` says so with exit 1, no traceback."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from flwr.app import Array, ArrayRecord, RecordDict
+
+from fedprompt.cli import main
+from fedprompt.client.demo_data import generate_demo
+from fedprompt.client.hospital import evaluate_round, train_round
+from fedprompt.client.workspace import list_hospitals, load_workspace, write_workspace
+from fedprompt.common.config import FederationConfig, SiteConfig, SiteLimits
+from fedprompt.common.model import HEAD_BIAS_KEY, HEAD_WEIGHT_KEY, PROMPT_KEY
+from fedprompt.common.plan import RoundPlan
+from fedprompt.common.wire import ARRAYS, STATUS, state_to_arrays
+from fedprompt.server.federation import RunSpec, prepare_run
+from fedprompt.simulation import ensure_ledgers
+
+from tinybert import make_tiny_backbone
+
+ROUNDS = 5  # the default limits.min_total_rounds: the workspace's own plan is within every default
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_tiny_backbone(tmp_path_factory.mktemp("tinybert").resolve(), hidden=32, layers=2)
+
+
+@pytest.fixture
+def site(tmp_path, tiny):
+    """(the aggregator's prepared run, site.yaml) of a one-hospital workspace with its ledger."""
+    demo = generate_demo(hospitals=1, per_hospital=20, test_size=10, seed=1)
+    ws = write_workspace(
+        tmp_path / "ws",
+        name="limits",
+        labels=demo.labels,
+        hospitals=demo.hospitals,
+        test_rows=demo.test,
+        federation_overrides={"rounds": ROUNDS, "model": {"n_virtual_tokens": 2, "max_length": 16}},
+        epsilon_cap=10.0,
+        backbone=tiny,
+    )
+    site_yaml = list_hospitals(ws)[0]
+    _edit(site_yaml, lambda d: d["privacy"].update(accountant="rdp"))  # PRV costs seconds on a shared host
+    ensure_ledgers(ws)
+    fed, _, _ = load_workspace(ws)
+    return prepare_run(RunSpec(fed, tmp_path / "out", None, tiny)), site_yaml
+
+
+def _edit(path: Path, change) -> None:
+    data = yaml.safe_load(path.read_text())
+    change(data)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def _content(run, arrays: ArrayRecord | None = None, **plan_changes) -> RecordDict:
+    config = RoundPlan.for_run(run.spec.federation, run.prompt, round=1).to_config_record()
+    config.update({f"fp.{k}": v for k, v in plan_changes.items()})
+    return RecordDict({ARRAYS: arrays if arrays is not None else state_to_arrays(run.state), "config": config})
+
+
+def _ledger_folder(site_yaml: Path) -> dict[str, bytes]:
+    """Every file beside the ledger (the ledger, its anchor, the noise memo), by name."""
+    folder = SiteConfig.load(site_yaml).ledger.parent
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _refused(handler, content: RecordDict, site_yaml: Path, caplog, why: str) -> None:
+    """`handler` refuses `content` as "configuration", logs `why`, and the ledger's folder is untouched."""
+    before = _ledger_folder(site_yaml)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fedprompt.hospital"):
+        reply = handler(content, site_yaml)
+    assert (reply[STATUS]["status"], reply[STATUS]["reason"]) == ("refused", "configuration"), caplog.text
+    assert why in caplog.text
+    assert _ledger_folder(site_yaml) == before  # no entry, no memo, no anchor rewrite
+
+
+def _arrays(shapes: dict[str, tuple[int, ...]], value: float = 0.0, dtype=np.float32) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.full(shape, value, dtype=dtype)) for k, shape in shapes.items()})
+
+
+def test_each_limit_refuses_before_anything_is_spent(site, caplog):
+    run, site_yaml = site
+    ledger_names = set(_ledger_folder(site_yaml))
+    cases = [
+        (
+            {"total_rounds": 1_000_000},
+            "limits.max_total_rounds: the plan has 1000000 rounds, above this site's limit 200",
+        ),
+        ({"round": ROUNDS + 1}, f"the plan's round {ROUNDS + 1} is beyond its total of {ROUNDS} rounds"),
+        # 4 steps a round at sample_rate 0.25: 10,000 epochs x 4 x 5 rounds
+        ({"local_epochs": 10_000}, "limits.max_steps: the run plans 200,000 DP-SGD steps"),
+        ({"batch_size": 8}, "limits.allow_fixed_batch: the plan fixes the expected batch (batch_size 8)"),
+        ({"total_rounds": 2}, "limits.min_total_rounds: the plan's noise would be calibrated for 2 round(s)"),
+    ]
+    for changes, why in cases:
+        _refused(train_round, _content(run, **changes), site_yaml, caplog, why)
+    # The separate evaluate message obeys the same limits.
+    _refused(evaluate_round, _content(run, total_rounds=1_000_000), site_yaml, caplog, "limits.max_total_rounds")
+
+    # Limits the site lowers: the tensors' size and the run's epsilon (the plan asks for 8).
+    _edit(site_yaml, lambda d: d["limits"].update(max_tensor_values=100, max_run_epsilon=2.0))
+    _refused(train_round, _content(run), site_yaml, caplog, "limits.max_tensor_values: the plan's prompt and head hold")
+    _edit(site_yaml, lambda d: d["limits"].update(max_tensor_values=1_000_000))
+    _refused(
+        train_round,
+        _content(run),
+        site_yaml,
+        caplog,
+        "limits.max_run_epsilon: the plan targets epsilon 8 for the run, above this site's per-run limit 2",
+    )
+    # A site that allows fixed batches bounds their steps by its declared size, or refuses without one.
+    _edit(site_yaml, lambda d: d["limits"].update(max_run_epsilon=None, allow_fixed_batch=True, max_steps=50))
+    size = SiteConfig.load(site_yaml).weight
+    assert size is not None
+    steps = ROUNDS * int(size)  # batch 1 of the declared size: q = 1 / size, size steps a round
+    _refused(train_round, _content(run, batch_size=1), site_yaml, caplog, f"the run plans {steps:,} DP-SGD steps")
+    _edit(site_yaml, lambda d: d.update(weight=None))
+    _refused(train_round, _content(run, batch_size=1), site_yaml, caplog, "weight: the plan fixes the expected batch")
+    assert set(_ledger_folder(site_yaml)) == ledger_names  # nothing was calibrated: no noise memo appeared
+
+    # Within the limits (max_run_epsilon null: the lifetime cap wins silently over a larger target), it trains.
+    _edit(site_yaml, lambda d: d["limits"].update(max_run_epsilon=None))
+    before = _ledger_folder(site_yaml)
+    reply = train_round(_content(run, target_epsilon=50.0), site_yaml)
+    assert reply[STATUS]["status"] == "ok"
+    assert _ledger_folder(site_yaml) != before  # this one is charged
+
+
+def test_received_models_are_checked_before_training(site, caplog):
+    run, site_yaml = site
+    shapes, head = run.prompt.shapes(), HEAD_WEIGHT_KEY
+    values = {k: t.numpy().astype(np.float32) for k, t in run.state.items()}
+    values[head][0, 0] = np.nan  # one value of the real model
+    nan = {k: Array(v) for k, v in values.items()}
+    inf = {**nan, head: Array(np.full(shapes[head], np.inf, dtype=np.float32))}
+    wrong_shape = {**shapes, head: (shapes[head][0] + 1, shapes[head][1])}
+    missing = {k: v for k, v in shapes.items() if k != head}
+    cases = [
+        (ArrayRecord(nan), f"{head}: non-finite values (NaN or Inf)"),
+        (ArrayRecord(inf), f"{head}: non-finite values (NaN or Inf)"),
+        (_arrays(wrong_shape), f"{head}: shape {wrong_shape[head]} != expected {shapes[head]}"),
+        (_arrays(missing), "tensor keys"),
+        (_arrays(shapes, dtype=np.float64), "dtype float64 != float32"),
+        (_arrays(shapes, value=1e5), "values up to 1e+05 in size, beyond +-10000"),
+    ]
+    for arrays, why in cases:
+        _refused(train_round, _content(run, arrays), site_yaml, caplog, why)
+        _refused(evaluate_round, _content(run, arrays), site_yaml, caplog, why)
+
+
+def test_a_5005_label_model_is_refused(site, caplog):
+    """The plan and the tensors agree (5,005 labels): the site's label limit refuses it, as the
+    aggregator's typo or attack it is, before a 7.7 MB model is trained or charged."""
+    run, site_yaml = site
+    labels = [f"label-{i}" for i in range(5005)]
+    hidden, virtual = run.prompt.hidden_size, run.prompt.n_virtual_tokens
+    arrays = _arrays({PROMPT_KEY: (virtual, hidden), HEAD_WEIGHT_KEY: (5005, hidden), HEAD_BIAS_KEY: (5005,)})
+    _refused(
+        train_round,
+        _content(run, arrays, labels=labels),
+        site_yaml,
+        caplog,
+        "limits.max_labels: the plan has 5005 labels, above this site's limit 1000",
+    )
+
+
+def test_a_generated_workspace_admits_its_own_plan_only():
+    """write_workspace's sites widen the defaults just enough for the federation they are written with."""
+    fed = FederationConfig(name="x", labels=["a", "b"], rounds=3, training={"batch_size": 8})
+    limits = SiteLimits.admitting(fed)
+    assert (limits.min_total_rounds, limits.allow_fixed_batch, limits.max_total_rounds) == (3, True, 200)
+    assert SiteLimits.admitting(FederationConfig(name="x", labels=["a", "b"])) == SiteLimits()
+
+
+def test_fedprompt_plan_refuses_a_million_rounds_without_a_traceback(site, tiny, capsys):
+    run, site_yaml = site
+    ws = site_yaml.parent.parent
+    before = _ledger_folder(site_yaml)
+    assert main(["plan", "--workspace", str(ws), "--backbone", str(tiny), "--rounds", "1000000"]) == 1
+    out, err = capsys.readouterr()
+    assert "REFUSES [configuration]" in out and "Traceback" not in out + err
+    assert "fedprompt plan: no hospital would train this run (1 refuse)" in err
+    assert "limits.max_total_rounds: the plan has 1000000 rounds, above this site's limit 200" in err
+    assert _ledger_folder(site_yaml) == before
