@@ -102,9 +102,11 @@ LAYOUT: list[tuple[str, str]] = [
     ("evaluation_epsilon", "What one noised evaluation costs (only with share_evaluation: noised)."),
     (
         "weight",
-        "The FedAvg weight this site declares (sent as-is, never counted from the records). 1.0 "
-        "discloses nothing; the training-set size rounded to 1 significant digit weights larger sites "
-        "more and discloses that approximate size (docs/deployment.md section 5).",
+        "This site's declared size: its training records (or patients) to about 1 significant digit, "
+        "e.g. 600 for 581. Sent as the FedAvg weight; it also sets the sample rate and the public "
+        "constant the noisy sums are divided by, so the noise reveals this value and nothing finer. "
+        "The site refuses to train with more than twice this many. null: rounded from the count at "
+        "each run; declare it (docs/deployment.md section 5).",
     ),
     (
         "trusted_apps",

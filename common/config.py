@@ -92,10 +92,11 @@ class TrainingSettings(Schema):
     noisy class means; in a run of more than one round this share of each site's epsilon goes to that
     release, the rest to DP-SGD rounds (a one-round run spends it all on the release). 0: no release,
     DP-SGD from the zero-shot head."""
-    label_prior: NonNegative = 30.0
+    label_prior: NonNegative = 60.0
     """k in the label embedding's weight beside the class sums when the head is built from them:
-    k x sigma x sqrt(sites) records' worth, about 1.5x the noise norm of a class's summed rows, so that a
-    class the noise swamps (or few sites hold) falls back to its zero-shot prototype (BENCHMARKS.md)."""
+    k x sigma x sqrt(sites) records' worth, about 3x the noise norm of a class's summed rows, so that a
+    class the noise swamps (or few sites hold) falls back to its zero-shot prototype. 30 was as good at
+    epsilon 4-8 but let epsilon 1 fall below the zero-shot start on small sites (BENCHMARKS.md)."""
     noise_lr_ref: Positive = 0.01
     """DP-SGD's learning rate follows the noise: a site whose noise per expected-batch example
     (sigma / expected batch) exceeds this takes lr x noise_lr_ref / that, so a noisy site's steps stay as
@@ -219,7 +220,10 @@ class SiteLimits(Schema):
         limits = cls()
         return limits.replaced(
             max_total_rounds=max(limits.max_total_rounds, fed.rounds),
-            min_total_rounds=min(limits.min_total_rounds, fed.rounds),
+            # a one-round run without DP-SGD rounds (the one-shot release) needs no lower minimum
+            min_total_rounds=min(limits.min_total_rounds, fed.rounds)
+            if fed.rounds > 1 or fed.training.class_sums_share == 0
+            else limits.min_total_rounds,
             max_labels=max(limits.max_labels, len(fed.labels)),
             allow_fixed_batch=fed.training.batch_size is not None,
         )

@@ -3,8 +3,8 @@
 The aggregator's weighted mean of the replies (weights = declared sizes, each reply already divided
 by its own declared size) is sum(S) / sum(w): every site's noisy class sums added up, over the total
 declared size. Each label's row of the new head is the direction of those sums plus `prior` records'
-worth of the label text's embedding, prior = label_prior x sigma x sqrt(sites): about 1.5x the norm
-of the noise summed into a row (sigma x sqrt(sites x hidden)) at the default 30, so that a class the
+worth of the label text's embedding, prior = label_prior x sigma x sqrt(sites): about 3x the norm
+of the noise summed into a row (sigma x sqrt(sites x hidden)) at the default 60, so that a class the
 noise swamps, or few sites hold, falls back towards its zero-shot prototype. Chosen on the public
 corpus across six regimes (BENCHMARKS.md): a fixed prior lost 8-12 points at epsilon 1. Post-processing
 of released values only: free.

@@ -69,7 +69,9 @@ def test_demo_is_deterministic_and_loads(tmp_path, data_cli, capsys):
     )
 
     federation, sites, test = load_workspace(tmp_path / "a")
-    assert federation.labels == LABELS and federation.min_hospitals == 3 and federation.rounds == 20
+    assert (
+        federation.labels == LABELS and federation.min_hospitals == 3 and federation.rounds == 1
+    )  # the one-shot release
     assert federation.name == "demo" and federation == FederationConfig.load(tmp_path / "a" / "federation.yaml")
     assert [s.hospital_id for s in sites] == ["hospital-1", "hospital-2", "hospital-3"]
     for site in sites:

@@ -907,7 +907,8 @@ def tiny_workspace(root: Path, tiny: Path, *, hospitals: int = 1) -> Path:
 
 @pytest.fixture
 def one_hospital(tmp_path, tiny, monkeypatch):
-    """(site.yaml, SiteConfig, run, content(round, private), sigmas the trainer was called with)."""
+    """(site.yaml, SiteConfig, run, content(round, private), sigmas DP-SGD was called with: round 1 is
+    the one-shot class-sums release, which does not call it)."""
     from flwr.app import RecordDict
 
     from fedprompt.client import hospital
@@ -923,7 +924,7 @@ def one_hospital(tmp_path, tiny, monkeypatch):
     run = prepare_run(RunSpec(fed, tmp_path / "out", None, tiny))
     trained: list = []
     real = hospital.local_update
-    monkeypatch.setattr(hospital, "local_update", lambda *a, **k: trained.append(a[3]) or real(*a, **k))  # a[3]: sigma
+    monkeypatch.setattr(hospital, "local_update", lambda *a, **k: trained.append(a[4]) or real(*a, **k))  # a[4]: sigma
     monkeypatch.setattr(hospital, "calibrate_noise", lambda *a, **k: 3.0)  # calibration is not under test (seconds)
 
     def content(round_: int, private: bool = True) -> RecordDict:
@@ -939,7 +940,7 @@ def test_hospital_records_a_non_private_round_and_refuses_private_ones_after(one
 
     site_yaml, site, run, content, trained = one_hospital
     reply = hospital.train_round(content(1, private=False), site_yaml)
-    assert reply[STATUS]["status"] == "ok" and trained == [None]
+    assert reply[STATUS]["status"] == "ok" and trained == []  # the release, without noise
     ledger = PrivacyLedger.for_site(SiteConfig.load(site_yaml))
     (entry,), (done,) = ledger.history, ledger.completions
     assert (entry.non_private, entry.noise_multiplier, entry.round, entry.epsilon_cap) == (True, None, 1, 10.0)
@@ -963,7 +964,7 @@ def test_hospital_records_a_non_private_round_and_refuses_private_ones_after(one
         assert "over the site's cap" in caplog.text and "WITHOUT differential privacy in run" in caplog.text, (
             caplog.text
         )
-    assert trained == [None] and site.ledger.read_bytes() == before
+    assert trained == [] and site.ledger.read_bytes() == before
 
 
 def test_hospital_refuses_a_rolled_back_ledger_before_training(one_hospital, caplog):
@@ -975,7 +976,7 @@ def test_hospital_refuses_a_rolled_back_ledger_before_training(one_hospital, cap
     assert reply[STATUS]["status"] == "ok"
     old = site.ledger.read_bytes()
     reply = hospital.train_round(content(2), site_yaml)
-    assert reply[STATUS]["status"] == "ok" and trained == [3.0, 3.0]
+    assert reply[STATUS]["status"] == "ok" and trained == [3.0]  # round 2's DP-SGD
     ledger = PrivacyLedger.for_site(SiteConfig.load(site_yaml))
     assert [(c.entry, c.model_out_sha256) for c in ledger.completions][-1] == (
         1,
@@ -988,7 +989,7 @@ def test_hospital_refuses_a_rolled_back_ledger_before_training(one_hospital, cap
         reply = hospital.train_round(content(3), site_yaml)
     assert "was rolled back: its history has 1 entries but its anchor" in caplog.text, caplog.text
     assert set(reply.keys()) == {STATUS} and reply[STATUS]["status"] == "refused"
-    assert trained == [3.0, 3.0] and site.ledger.read_bytes() == old
+    assert trained == [3.0] and site.ledger.read_bytes() == old
 
 
 class _EngineReached(Exception):

@@ -75,7 +75,13 @@ def site(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("worker")
     tiny = make_tiny_backbone(root / "tinybert")
-    overrides = {"rounds": 3, "round_timeout": 120.0, "model": {"n_virtual_tokens": 2, "max_length": 16}}
+    # 300 local epochs (full-batch steps on this small site): a DP-SGD round long enough to be killed mid-way
+    overrides = {
+        "rounds": 3,
+        "round_timeout": 120.0,
+        "model": {"n_virtual_tokens": 2, "max_length": 16},
+        "training": {"local_epochs": 300},
+    }
     demo = generate_demo(hospitals=1, per_hospital=24, test_size=10, seed=3)
     ws = write_workspace(
         root / "ws",

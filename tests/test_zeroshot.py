@@ -10,7 +10,7 @@ from fedprompt.common.backbone import load_backbone
 from fedprompt.common.config import FederationConfig, LabelSpec, ModelSettings
 from fedprompt.common.encoding import encode
 from fedprompt.common.errors import InputError
-from fedprompt.common.model import HEAD_BIAS_KEY, HEAD_WEIGHT_KEY, PROMPT_KEY, build_model
+from fedprompt.common.model import HEAD_BIAS_KEY, HEAD_WEIGHT_KEY, build_model
 from fedprompt.common.plan import prompt_config
 from fedprompt.common.zeroshot import initial_global_state
 
@@ -39,21 +39,16 @@ def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _zero_shot_by_hand(
-    bb, fed: FederationConfig, prompt: torch.Tensor, texts: list[str], max_length: int
-) -> torch.Tensor:
-    """cos(record through the encoder with the prompt before its words, label text through the plain encoder)."""
+def _zero_shot_by_hand(bb, fed: FederationConfig, texts: list[str], max_length: int) -> torch.Tensor:
+    """cos(record through the plain encoder, label text through the plain encoder)."""
     lab = bb.tokenizer(fed.label_texts, padding=True, return_tensors="pt")
     labels = _mean_pool(
         bb.model(input_ids=lab["input_ids"], attention_mask=lab["attention_mask"]).last_hidden_state,
         lab["attention_mask"],
     )
     enc = bb.tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-    words = bb.model.get_input_embeddings()(enc["input_ids"])
-    n = prompt.shape[0]
-    x = torch.cat([prompt.unsqueeze(0).expand(len(texts), -1, -1), words], 1)
-    mask = torch.cat([torch.ones(len(texts), n, dtype=enc["attention_mask"].dtype), enc["attention_mask"]], 1)
-    records = _mean_pool(bb.model(inputs_embeds=x, attention_mask=mask).last_hidden_state[:, n:], enc["attention_mask"])
+    hidden = bb.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+    records = _mean_pool(hidden, enc["attention_mask"])
     return torch.nn.functional.normalize(records, dim=-1) @ torch.nn.functional.normalize(labels, dim=-1).T
 
 
@@ -76,7 +71,9 @@ def test_round_zero_is_the_zero_shot_classifier(bb):
     ids, mask, _ = encode(bb.tokenizer, TEXTS, [0] * len(TEXTS), 32).dataset.tensors
     with torch.no_grad():
         logits = model(ids, mask)
-    cos = _zero_shot_by_hand(bb, fed, state[PROMPT_KEY], TEXTS, 32)
+    # the default run does not train the prompt, so it is off the record path: the plain encoder
+    assert not config.has_prompt
+    cos = _zero_shot_by_hand(bb, fed, TEXTS, 32)
     assert torch.equal(logits.argmax(-1), cos.argmax(-1))
     assert len(set(cos.argmax(-1).tolist())) > 1  # a real decision, not one class for everything
     # logits = scale x cosine, bias 0
