@@ -41,7 +41,6 @@ from fedprompt.common.wire import (
     STATUS,
     arrays_to_state,
     state_to_arrays,
-    validate_refusal,
     validate_status,
 )
 from fedprompt.common.zeroshot import initial_global_state, label_prototypes
@@ -52,7 +51,7 @@ from .history import Preflight, PreflightAnswer, RunMetrics
 from .live_report import LiveReport
 from .outcome import RUNNING, TRAINED, Outcome, preflight_shortfall, run_outcome
 from .report import write_report
-from .strategy import ValidatedStrategy, _identity, build_strategy
+from .strategy import ValidatedStrategy, _identity, build_strategy, judge_unanswered
 
 log = logging.getLogger("fedprompt.server")
 
@@ -275,17 +274,9 @@ def ask_preflight(
 
 def _judge_preflight(msg: Message) -> PreflightAnswer:
     """A pre-flight reply carries the status record alone: "ok", or a refusal naming its category."""
-    if msg.has_error():
-        return PreflightAnswer("failed", f"error reply: {msg.error.reason}")
+    if (settled := judge_unanswered(msg)) is not None:
+        return PreflightAnswer(*settled)
     content = msg.content
-    status = content.config_records.get(STATUS)
-    if status is not None and status.get("status") == "refused":
-        reason = validate_refusal(content)
-        return (
-            PreflightAnswer("rejected", f"malformed refusal: {reason}")
-            if reason
-            else PreflightAnswer("refused", str(status["reason"]))
-        )
     if set(content.keys()) != {STATUS}:
         return PreflightAnswer("rejected", f"a pre-flight reply carries only {STATUS!r}, got {sorted(content.keys())}")
     reason = validate_status(content, ("ok",))

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -81,6 +81,20 @@ def _numbers(value: object) -> list[float]:
     """A metric list that validation has already checked to hold finite numbers."""
     assert isinstance(value, list)
     return [float(v) for v in value]
+
+
+def judge_unanswered(msg: Message) -> tuple[Literal["failed", "rejected", "refused"], str] | None:
+    """An error reply ("failed") or a refusal ("refused" with its category, or "rejected" if malformed);
+    None for a reply that answers the message (train and pre-flight replies alike)."""
+    if msg.has_error():
+        return "failed", f"error reply: {msg.error.reason}"
+    status = msg.content.config_records.get(STATUS)
+    if status is not None and status.get("status") == "refused":
+        reason = validate_refusal(msg.content)
+        if reason:
+            return "rejected", f"malformed refusal: {reason}"
+        return "refused", str(status["reason"])  # a category: validate_refusal checked it
+    return None
 
 
 def _identity(msg: Message, node_id: int, taken: set[str]) -> str:
@@ -273,15 +287,9 @@ class ValidatedStrategy(Strategy):
         return [key for key, sent in self._global.items() if all(torch.equal(r[key], sent) for r in replies)]
 
     def _judge(self, msg: Message) -> HospitalOutcome:
-        if msg.has_error():
-            return HospitalOutcome("failed", f"error reply: {msg.error.reason}")
+        if (settled := judge_unanswered(msg)) is not None:
+            return HospitalOutcome(*settled)
         content = msg.content
-        status = content.config_records.get(STATUS)
-        if status is not None and status.get("status") == "refused":
-            reason = validate_refusal(content)
-            if reason:
-                return HospitalOutcome("rejected", f"malformed refusal: {reason}")
-            return HospitalOutcome("refused", str(status["reason"]))  # a category: validate_refusal checked it
         try:
             upload = payload_bytes(content.array_records[ARRAYS]) if ARRAYS in content.array_records else 0
         except Exception:  # noqa: BLE001 - a hostile Array may not even have bytes
