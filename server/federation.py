@@ -51,7 +51,7 @@ from .history import Preflight, PreflightAnswer, RunMetrics
 from .live_report import LiveReport
 from .outcome import RUNNING, TRAINED, Outcome, preflight_shortfall, run_outcome
 from .report import write_report
-from .strategy import ValidatedStrategy, _identity, build_strategy, judge_unanswered
+from .strategy import ValidatedStrategy, build_strategy, identity, judge_unanswered
 
 log = logging.getLogger("fedprompt.server")
 
@@ -169,7 +169,7 @@ def execute(grid: Grid, run: PreparedRun) -> dict:
     )
     plan = RoundPlan.for_run(fed, run.prompt).to_config_record()
     if remaining > 0:  # before anything that could charge a site (round 0's shared evaluation included)
-        run.preflight, strategy.declined = ask_preflight(grid, run, state_to_arrays(run.state), plan)
+        run.preflight, strategy.declined = ask_preflight(grid, run, state_to_arrays(run.state), plan, strategy.names)
         log.info("%s", preflight_line(run.preflight, fed.rounds), extra=CONSOLE)
         if run.preflight.confirmed < fed.min_hospitals:
             return finish(run)
@@ -238,11 +238,12 @@ def execute(grid: Grid, run: PreparedRun) -> dict:
 
 
 def ask_preflight(
-    grid: Grid, run: PreparedRun, arrays: ArrayRecord, plan: ConfigRecord
+    grid: Grid, run: PreparedRun, arrays: ArrayRecord, plan: ConfigRecord, names: dict[int, str]
 ) -> tuple[Preflight, frozenset[int]]:
     """Ask every node the run will sample whether it will train all of the run's remaining rounds
     (client/preflight.py answers, spending nothing). Returns the answers, and the nodes that did
-    not confirm (refused, failed, malformed or silent), which the strategy sends no train message."""
+    not confirm (refused, failed, malformed or silent), which the strategy sends no train message.
+    `names` learns each answering node's hospital id (the strategy's, for later silent rounds)."""
     fed = run.spec.federation
     # Whom the strategy will sample: every node connected once this many are (build_strategy).
     _, nodes = sample_nodes(grid, max(fed.min_hospitals, run.spec.expected_hospitals or 0), 0)
@@ -258,7 +259,7 @@ def ask_preflight(
     for msg in replies:
         node = sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
         answered.add(node)
-        who = _identity(msg, node, set(answers))
+        who = identity(msg, node, set(answers), names)
         answers[who] = answer = _judge_preflight(msg)
         if answer.status == "ok":
             confirmed.add(node)
@@ -267,7 +268,7 @@ def ask_preflight(
         else:
             log.warning("pre-flight: %s answer %s: %s", who, answer.status, answer.reason)
     for node in sorted(set(nodes) - answered):
-        answers[f"node-{node}"] = PreflightAnswer("failed", "no reply within the round timeout")
+        answers[names.get(node, f"node-{node}")] = PreflightAnswer("failed", "no reply within the round timeout")
     result = Preflight(round=run.done + 1, min_hospitals=fed.min_hospitals, confirmed=len(confirmed), hospitals=answers)
     return result, frozenset(nodes) - confirmed
 

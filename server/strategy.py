@@ -97,11 +97,17 @@ def judge_unanswered(msg: Message) -> tuple[Literal["failed", "rejected", "refus
     return None
 
 
-def _identity(msg: Message, node_id: int, taken: set[str]) -> str:
+def identity(msg: Message, node_id: int, taken: set[str], known: dict[int, str]) -> str:
+    """The hospital a reply is from: the id its status record names, else (an error reply, a node the
+    SuperLink answered for) the name `known` learned for its node from an earlier reply (the pre-flight's
+    included), else `node-<id>`. A reply that names itself teaches `known`."""
     node = f"node-{node_id}"
     status = msg.content.config_records.get(STATUS) if not msg.has_error() else None
     name = status.get("hospital-id") if status is not None else None
-    name = name if isinstance(name, str) and name and len(name) <= 64 else node
+    if isinstance(name, str) and name and len(name) <= 64:
+        known[node_id] = name
+    else:
+        name = known.get(node_id, node)
     return name if name not in taken else f"{name}@{node}"
 
 
@@ -125,6 +131,9 @@ class ValidatedStrategy(Strategy):
         self.label_prior = label_prior
         self.logit_scale = logit_scale
         self._plan: RoundPlan | None = None  # this round's, as sent
+        # Each node's hospital id, from the replies that named it: a silent or failed node is then
+        # reported by name, not as node-<id>.
+        self.names: dict[int, str] = {}
         # One message per round: no evaluate messages; sites validate the model received inside
         # the train message, and those that share send noised counts with their update.
         self.evaluate_in_train = evaluate_in_train
@@ -205,7 +214,7 @@ class ValidatedStrategy(Strategy):
         for msg in replies:
             node = sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             answered.add(node)
-            who = _identity(msg, node, set(outcomes))
+            who = identity(msg, node, set(outcomes), self.names)
             outcome = self._judge(msg)
             outcomes[who] = outcome
             if outcome.status == "ok":
@@ -223,7 +232,9 @@ class ValidatedStrategy(Strategy):
             else:
                 log.info("round %d: %s refused: %s", self.global_round(server_round), who, outcome.reason)
         for node in sorted(set(sent.values()) - answered):
-            outcomes[f"node-{node}"] = HospitalOutcome("failed", "no reply within the round timeout")
+            outcomes[self.names.get(node, f"node-{node}")] = HospitalOutcome(
+                "failed", "no reply within the round timeout"
+            )
         self.train_outcomes[server_round] = outcomes
         if self.evaluate_in_train:
             self.eval_results[server_round] = self._sum_counts(shared, model_round=self.global_round(server_round) - 1)

@@ -106,6 +106,19 @@ def test_every_kind_of_bad_update_is_rejected_and_the_round_completes():
     assert dict(metrics) == {"hospitals-ok": 2, "weight": 40.0}  # no loss: no site sends one
 
 
+def test_a_node_that_named_itself_once_is_reported_by_name_when_it_fails_later():
+    s = guarded("fedavg")
+    s._sent[1] = [instruction(n) for n in (2, 3)]
+    s.aggregate_train(1, [reply(2, update(1.0, hospital="h2")), reply(3, update(1.0, hospital="h3"))])
+    s._sent[2] = [instruction(n) for n in (2, 3)]
+    # round 2: node 3 is gone (the SuperLink answers for it); node 2 is silent until the timeout
+    s.aggregate_train(2, [reply(3, error="Node Unavailable", sender=1)])
+    outcomes = s.train_outcomes[2]
+    assert set(outcomes) == {"h2", "h3"}
+    assert outcomes["h3"].status == "failed" and "Node Unavailable" in outcomes["h3"].reason
+    assert outcomes["h2"].status == "failed" and "timeout" in outcomes["h2"].reason
+
+
 def test_missing_replies_are_reported_as_failed():
     s = guarded("fedavg")
     s.aggregate_train(1, [reply(1, update(1.0, hospital="h1"))])
