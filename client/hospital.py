@@ -248,6 +248,12 @@ class SiteRun:
         return (self.noise.class_sums if sums else self.noise.sgd), q, steps
 
 
+def evaluation_sigma(site: SiteConfig, delta: float, calibration: MemoCalibration) -> float:
+    """The noise of one release of noised validation counts (`share_evaluation: noised`)."""
+    sigma = calibration(site.evaluation_epsilon, delta, 1.0, 1, site.privacy.accountant)
+    return max(sigma, site.privacy.min_noise_multiplier)
+
+
 def site_run(site: SiteConfig, plan: RoundPlan, units: int) -> SiteRun:
     """The site's schedule for this run, calibrated once per run on what the site grants (its cap wins
     over the plan's target; the aggregator may ask for a smaller delta, never a larger one). One
@@ -488,10 +494,7 @@ def _validate_received(
     with _timed(timings, "privacy"):
         ledger = PrivacyLedger.for_site(site)
         calibration = MemoCalibration(site)
-        sigma = max(
-            calibration(site.evaluation_epsilon, ledger.delta, 1.0, 1, site.privacy.accountant),
-            site.privacy.min_noise_multiplier,
-        )
+        sigma = evaluation_sigma(site, ledger.delta, calibration)
         # Durable BEFORE the counts leave: a crash from here on over-counts, never under-counts.
         spent = ledger.record(
             sigma,

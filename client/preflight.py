@@ -31,6 +31,7 @@ from .hospital import (
     _timed,
     check_plan,
     dp_units,
+    evaluation_sigma,
     log_detail,
     site_run,
 )
@@ -82,12 +83,7 @@ def remaining_releases(site: SiteConfig, plan: RoundPlan, run: SiteRun, ledger_d
     releases: list[Release] = [(sigma, q, steps) for sigma, q, steps in train if sigma is not None]
     if site.share_evaluation != "noised" or site.validation is None:
         return releases
-    # As _validate_received prices one release of the noised counts.
-    sigma = max(
-        run.calibration(site.evaluation_epsilon, ledger_delta, 1.0, 1, site.privacy.accountant),
-        site.privacy.min_noise_multiplier,
-    )
-    evaluation: Release = (sigma, 1.0, 1)
+    evaluation: Release = (evaluation_sigma(site, ledger_delta, run.calibration), 1.0, 1)
     if plan.evaluate_in_train:  # the received model is validated (and charged) before the round trains
         return [r for release in releases for r in (evaluation, release)]
     return [evaluation] * (plan.round == 1) + [r for release in releases for r in (release, evaluation)]

@@ -67,14 +67,14 @@ class ModelSettings(Schema):
 
 
 class TrainingSettings(Schema):
-    """The private recipe (chosen on the public corpus, BENCHMARKS.md "Choosing the private recipe").
+    """The private recipe, chosen on six regimes of the public corpus (BENCHMARKS.md "regimes").
 
-    Each site samples records with probability `sample_rate` per step (Poisson), so the expected
-    batch grows with the site (q x n) and a round is `local_epochs / sample_rate` steps whatever
-    the site's size; `batch_size`, if set, fixes the expected batch instead (q = batch_size / n).
-    `train_prompt: false` trains the head on frozen features (the encoder runs once per record):
-    under DP on a few thousand records the noise on 7,680 prompt values costs more than the
-    prompt brings, while the head (5 x 384) learns well.
+    Round 1 is the one-shot class-sums release (class_sums_share, label_prior). DP-SGD rounds, if
+    the run has more: each site samples at the public rate of common/schedule.sampling
+    (sample_rate, raised to an expected batch of min_expected_batch, from its declared size);
+    `batch_size`, if set, fixes the expected batch instead (q = batch_size / declared size).
+    `train_prompt: false` trains the head on frozen features (the encoder runs once per record)
+    and keeps the prompt off the record path.
     """
 
     local_epochs: Annotated[int, Field(ge=1)] = 1

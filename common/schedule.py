@@ -19,7 +19,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .accounting import calibrate_noise, compute_epsilon
+from .accounting import calibrate_noise
 from .plan import RoundPlan
 
 # An honest site holds at most this many DP units per unit of declared size; it checks so itself
@@ -115,16 +115,12 @@ def class_sums_sigma(plan: RoundPlan, delta: float, accountant: str = "prv") -> 
     return calibrate_noise(share * plan.target_epsilon, delta, 1.0, 1, accountant)
 
 
-def run_epsilon(noise: RunNoise, plan: RoundPlan, s: Sampling, delta: float, accountant: str) -> float:
-    return compute_epsilon(accountant, noise.history(s, sgd_rounds(plan)), delta)
-
-
 def site_lr(plan: RoundPlan, s: Sampling, sigma: float | None) -> float:
     """The learning rate a site's DP-SGD steps take: the plan's, scaled down where the noise per expected
     example (sigma / expected batch) exceeds the plan's `noise_lr_ref`. Public values only."""
-    if sigma is None:
+    if not sigma:  # non-private (None) or noiseless
         return plan.lr
-    return plan.lr * min(1.0, plan.noise_lr_ref * s.expected_batch / sigma) if sigma > 0 else plan.lr
+    return plan.lr * min(1.0, plan.noise_lr_ref * s.expected_batch / sigma)
 
 
 # --- what an honest update can be ------------------------------------------------------------------
