@@ -11,13 +11,20 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .schema import HOSPITAL_ID_PATTERN, ConfigFile, LocalPath, NonEmptyStr, Schema, Sha256, str_or
-
-StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedtrimmedavg", "fedmedian"]
 
 # Constrained types shared with the round plan (common/plan.py), which carries these settings on the wire.
 Positive = Annotated[float, Field(gt=0)]
@@ -117,18 +124,138 @@ class PrivacyRequest(Schema):
     max_grad_norm: Positive = 1.0
 
 
-class StrategySettings(Schema):
-    name: StrategyName = "fedavg"
-    proximal_mu: NonNegative = 0.01
-    """fedprox: the proximal term's weight."""
-    trim_beta: Annotated[float, Field(gt=0, lt=0.5)] = 0.2
-    """fedtrimmedavg: the fraction cut at each end."""
-    server_lr: Positive = 0.1
-    """fedadam: the server's learning rate."""
+# --- strategies: one settings model per strategy, chosen by `name` (server/strategies/ builds each) ----
+
+StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedtrimmedavg", "fedmedian", "krum", "multikrum", "bulyan"]
+
+# Earlier releases had one flat strategy block, and every federation.yaml fedprompt wrote holds all of
+# it: a strategy accepts another's parameter at that old default (it never had an effect) and drops it.
+_FLAT_DEFAULTS = {"proximal_mu": 0.01, "trim_beta": 0.2, "server_lr": 0.1}
+
+
+def _flat_defaults_in_schema(schema: dict[str, Any], model: type) -> None:
+    """The published JSON Schema accepts those old keys as the loader does: at their old value only."""
+    fields = getattr(model, "model_fields", {})
+    schema["properties"].update(
+        {key: {"const": value, "deprecated": True} for key, value in _FLAT_DEFAULTS.items() if key not in fields}
+    )
+
+
+class StrategyBase(Schema):
+    """What every strategy's settings hold: its name and the guard's norm bound (server/strategy.py)."""
+
+    model_config = ConfigDict(json_schema_extra=_flat_defaults_in_schema)
+
+    name: str
     update_norm_bound: Annotated[float | None, Field(gt=0)] = None
     """L2 norm of (update - global) above which a reply is rejected. null (recommended): derived each round
     from the plan and the site's declared size (common/schedule.update_bound), so that no honest DP
     update is rejected; a number must be at least that derived bound, or the run is refused at start."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_flat_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        return {k: v for k, v in data.items() if k in cls.model_fields or _FLAT_DEFAULTS.get(k, ...) != v}
+
+    def least_hospitals(self) -> tuple[int, str]:
+        """The fewest updates the rule needs in every aggregated round, and why (the rule's condition)."""
+        return 1, "one update"
+
+
+class FedAvgSettings(StrategyBase):
+    """The weighted mean of the updates (weights: the sites' declared sizes)."""
+
+    name: Literal["fedavg"] = "fedavg"
+
+
+class FedProxSettings(StrategyBase):
+    """FedAvg, with a proximal term in each site's local objective."""
+
+    name: Literal["fedprox"]
+    proximal_mu: NonNegative = 0.01
+    """The proximal term's weight (sent to the sites in the round plan)."""
+
+
+class FedAdamSettings(StrategyBase):
+    """The mean update applied by a server-side Adam optimiser."""
+
+    name: Literal["fedadam"]
+    server_lr: Positive = 0.1
+    """The server's learning rate."""
+
+
+class FedTrimmedAvgSettings(StrategyBase):
+    """The coordinate-wise mean after cutting the largest and smallest values."""
+
+    name: Literal["fedtrimmedavg"]
+    trim_beta: Annotated[float, Field(gt=0, lt=0.5)] = 0.2
+    """The fraction cut at each end."""
+
+
+class FedMedianSettings(StrategyBase):
+    """The coordinate-wise median."""
+
+    name: Literal["fedmedian"]
+
+
+class _Byzantine(StrategyBase):
+    malicious_hospitals: Annotated[int, Field(ge=0, le=1000)] = 1
+    """f: how many hospitals may send arbitrary (within the norm bound) updates without moving the result
+    far. The rule needs more hospitals than f in every round: min_hospitals is checked against it."""
+
+
+class KrumSettings(_Byzantine):
+    """Krum (Blanchard et al. 2017): the one update closest to its n - f - 2 nearest others."""
+
+    name: Literal["krum"]
+
+    def least_hospitals(self) -> tuple[int, str]:
+        return 2 * self.malicious_hospitals + 3, "n > 2f + 2"
+
+
+class MultiKrumSettings(_Byzantine):
+    """Multi-Krum: the mean of the m updates Krum scores best."""
+
+    name: Literal["multikrum"]
+    selected_hospitals: Annotated[int, Field(ge=1, le=1000)] = 2
+    """m: how many of the best-scored updates are averaged (1 is Krum)."""
+
+    def least_hospitals(self) -> tuple[int, str]:
+        f, m = self.malicious_hospitals, self.selected_hospitals
+        return max(2 * f + 3, f + m), "n > 2f + 2 and n >= f + m"
+
+
+class BulyanSettings(_Byzantine):
+    """Bulyan (El Mhamdi et al. 2018): Multi-Krum's n - 2f best, then a coordinate-wise trimmed mean
+    around their median."""
+
+    name: Literal["bulyan"]
+
+    def least_hospitals(self) -> tuple[int, str]:
+        return 4 * self.malicious_hospitals + 3, "n >= 4f + 3"
+
+
+def _strategy_tag(value: Any) -> str:
+    """A strategy block's union tag, `name|<name>` (common/schema.py: an unknown one is a bad `name`);
+    a block without a name is FedAvg's, as in earlier releases."""
+    name = value.get("name", "fedavg") if isinstance(value, dict) else getattr(value, "name", None)
+    return f"name|{name}"
+
+
+StrategySettings = Annotated[
+    Annotated[FedAvgSettings, Tag("name|fedavg")]
+    | Annotated[FedProxSettings, Tag("name|fedprox")]
+    | Annotated[FedAdamSettings, Tag("name|fedadam")]
+    | Annotated[FedTrimmedAvgSettings, Tag("name|fedtrimmedavg")]
+    | Annotated[FedMedianSettings, Tag("name|fedmedian")]
+    | Annotated[KrumSettings, Tag("name|krum")]
+    | Annotated[MultiKrumSettings, Tag("name|multikrum")]
+    | Annotated[BulyanSettings, Tag("name|bulyan")],
+    Discriminator(_strategy_tag),
+]
+"""federation.yaml's `strategy`: the settings model its `name` selects."""
 
 
 class LabelSpec(Schema):
@@ -163,10 +290,29 @@ class FederationConfig(ConfigFile):
     """"in_train": one message per round; each site validates the model it receives inside the train
     message (its log; noised counts in the reply if it shares them). "separate": an evaluate message
     after each round, as Flower's strategies send by default (one more round trip)."""
-    strategy: StrategySettings = StrategySettings()
+    strategy: StrategySettings = FedAvgSettings()
+    """How the updates are aggregated: `name` (fedavg, fedprox, fedadam, fedtrimmedavg, fedmedian, krum,
+    multikrum, bulyan) and that strategy's own parameters."""
     model: ModelSettings = ModelSettings()
     training: TrainingSettings = TrainingSettings()
     privacy: PrivacyRequest = PrivacyRequest()
+
+    @field_validator("strategy")
+    @classmethod
+    def _enough_hospitals_for_the_rule(cls, strategy: StrategyBase, info: ValidationInfo) -> StrategyBase:
+        # A round aggregates only with at least min_hospitals valid updates (server/strategy.py): checked
+        # against that, the rule's condition holds in every round it aggregates.
+        least, rule = strategy.least_hospitals()
+        have = info.data.get("min_hospitals")
+        if have is not None and have < least:
+            params = ", ".join(
+                f"{k} {v}" for k, v in strategy.model_dump().items() if k not in ("name", "update_norm_bound")
+            )
+            raise ValueError(
+                f"{strategy.name} ({params}) needs min_hospitals >= {least} ({rule}, n: the updates aggregated in "
+                f"a round, at least min_hospitals), got min_hospitals {have}"
+            )
+        return strategy
 
     @property
     def label_names(self) -> list[str]:

@@ -223,9 +223,8 @@ def line_of(lines: Mapping[str, int], key: str) -> int | None:
 # --- pydantic errors -> fedprompt's problems ---------------------------------------------------------
 
 # Tags of discriminated unions appear in pydantic's error locations; they are not keys of the file.
-# (A tag has a '|', which no field name can.)
+# (A tag has a '|', which no field name can.) A union keyed by a field tags its members `<key>|<value>`.
 _STR_TAG, _MAPPING_TAG = "str|", "mapping|"
-UNION_TAGS = (_STR_TAG, _MAPPING_TAG)
 
 
 def str_or(model: type[BaseModel]) -> Any:
@@ -242,14 +241,21 @@ def dotted(loc: Iterable[Any]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part not in UNION_TAGS:
+        elif "|" not in part:
             out += f".{part}" if out else str(part)
     return out
 
 
+def _loc(err: Mapping[str, Any]) -> tuple:
+    """An error's location; a union's unknown tag `<key>|<value>` is a bad value of that key."""
+    if err["type"] == "union_tag_invalid":
+        return (*err["loc"], err["ctx"]["tag"].partition("|")[0])
+    return tuple(err["loc"])
+
+
 def issues(cls: type[BaseModel], exc: ValidationError) -> list[tuple[str, str]]:
     """(dotted field, message) for each of `exc`'s errors, in fedprompt's wording."""
-    return [(dotted(err["loc"]), _message(err, cls, err["loc"])) for err in exc.errors()]
+    return [(dotted(_loc(err)), _message(err, cls, _loc(err))) for err in exc.errors()]
 
 
 def _fields_of(model: Any) -> dict[str, Any]:
@@ -269,6 +275,12 @@ def _literals_in(annotation: Any) -> tuple:
     return tuple(v for arg in get_args(annotation) for v in _literals_in(arg))
 
 
+def _members(annotation: Any) -> dict[str, type]:
+    """A discriminated union's member models by tag."""
+    tagged = [get_args(arg) for arg in get_args(annotation) if get_origin(arg) is Annotated]
+    return {m.tag: member for member, *meta in tagged for m in meta if isinstance(m, Tag)}
+
+
 def _walk(cls: type[BaseModel], loc: Iterable[Any]) -> tuple[type | None, Any]:
     """The model `loc` points into (for a nested mapping) and the FieldInfo of its last key (None where unknown).
 
@@ -277,7 +289,11 @@ def _walk(cls: type[BaseModel], loc: Iterable[Any]) -> tuple[type | None, Any]:
     model: type | None = cls
     info = None
     for part in loc:
-        if isinstance(part, int) or part in UNION_TAGS:
+        if isinstance(part, int):
+            continue
+        if "|" in part:  # a union's tag: the member it names, where that is a model
+            member = _members(info.annotation).get(part) if info is not None else None
+            model = member if _fields_of(member) else model
             continue
         fields = _fields_of(model)
         if part not in fields:
@@ -351,6 +367,9 @@ def _message(err: Mapping[str, Any], cls: type[BaseModel], loc: tuple) -> str:
         name = dotted(loc).rsplit(".", 1)[-1]
         bound = next(iter(ctx.values()))
         return _range(info, name, f"expected {_BOUND_OPS[kind]} {_number(bound)}") + got
+    if kind == "union_tag_invalid":
+        tags = [tag.strip("'").partition("|")[2] for tag in ctx["expected_tags"].split(", ")]
+        return f"expected one of {', '.join(map(repr, tags))}, got {ctx['tag'].partition('|')[2]!r}"
     if kind == "too_short":
         return f"expected at least {ctx['min_length']} item(s), got {ctx['actual_length']}"
     if kind == "string_too_short":

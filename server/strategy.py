@@ -1,4 +1,4 @@
-"""Strategy choice, and the guard every strategy runs behind.
+"""The guard every strategy runs behind (the strategies themselves: server/strategies/).
 
 `ValidatedStrategy` wraps any Flower Message-API strategy: it checks every field of each reply
 before anything reads it (a malformed reply is "rejected", never a crash, and never reaches the
@@ -14,16 +14,15 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import asdict
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Strategy
+from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from fedprompt.common.config import FederationConfig
 from fedprompt.common.metrics import ClassCounts
 from fedprompt.common.model import HEAD_WEIGHT_KEY, PromptConfig
 from fedprompt.common.plan import PREFIX as PLAN_PREFIX
@@ -44,31 +43,9 @@ from fedprompt.common.wire import (
 
 from .class_means import head_from_class_sums, label_weight
 from .history import HospitalOutcome
+from .strategies import build_strategy as build_strategy  # its home before the registry
 
 log = logging.getLogger("fedprompt.server")
-
-
-def build_strategy(fed: FederationConfig, wait_for: int | None = None) -> Strategy:
-    """`wait_for`: hospitals to wait for before a round starts (default: min_hospitals).
-    Flower samples whoever is connected once that many are, so a simulation waits for all."""
-    s = fed.strategy
-    available = max(fed.min_hospitals, wait_for or 0)
-    common: dict[str, Any] = dict(
-        fraction_train=1.0,
-        fraction_evaluate=1.0,
-        min_train_nodes=available,
-        min_evaluate_nodes=available,
-        min_available_nodes=available,
-    )
-    if s.name == "fedprox":
-        return FedProx(proximal_mu=s.proximal_mu, **common)
-    if s.name == "fedadam":
-        return FedAdam(eta=s.server_lr, **common)
-    if s.name == "fedtrimmedavg":
-        return FedTrimmedAvg(beta=s.trim_beta, **common)
-    if s.name == "fedmedian":
-        return FedMedian(**common)
-    return FedAvg(**common)
 
 
 def _number(value: object) -> float:

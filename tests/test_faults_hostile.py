@@ -39,7 +39,6 @@ from fedprompt.client import hospital, trainer
 from fedprompt.client.partition import load_corpus, partition, stratified_subset
 from fedprompt.client.workspace import load_workspace, write_workspace
 from fedprompt.common.backbone import load_backbone
-from fedprompt.common.config import StrategySettings
 from fedprompt.common.encoding import encode
 from fedprompt.common.metrics import evaluate
 from fedprompt.common.model import build_model, initial_state
@@ -168,7 +167,7 @@ def run_federation(
     None (hospital-5 honest), "scaled", "noise", or "absent" (hospital-5 never replies)."""
     fed, prompt, backbone = fx["fed"], fx["prompt"], fx["backbone"]
     guard = ValidatedStrategy(
-        build_strategy(fed.replaced(strategy=StrategySettings(name=strategy))),
+        build_strategy(fed.replaced(strategy={"name": strategy})),
         prompt,
         norm_bound=norm_bound,
         min_hospitals=HOSPITALS - 1,

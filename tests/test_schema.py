@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from fedprompt.common.config import FederationConfig, SiteConfig, StrategySettings, json_schemas
+from fedprompt.common.config import FederationConfig, FedTrimmedAvgSettings, SiteConfig, json_schemas
 from fedprompt.common.errors import InputError
 from fedprompt.common.plan import RoundPlan
 
@@ -107,9 +107,7 @@ BAD_VALUES = [
     ("federation", "  - cardiovascular", "  - [cardiovascular]", "labels[0]"),
     ("federation", "    description: tumours", "    description: [tumours]", "labels[1].description"),
     ("federation", "  name: fedtrimmedavg", "  name: fedsgd", "strategy.name"),
-    ("federation", "  proximal_mu: 0.01", "  proximal_mu: -0.01", "strategy.proximal_mu"),
     ("federation", "  trim_beta: 0.2", "  trim_beta: 0.7", "strategy.trim_beta"),
-    ("federation", "  server_lr: 0.1", "  server_lr: -1", "strategy.server_lr"),
     ("federation", "  update_norm_bound: 100.0", "  update_norm_bound: 0", "strategy.update_norm_bound"),
     ("federation", "  n_virtual_tokens: 4", "  n_virtual_tokens: 4.5", "model.n_virtual_tokens"),
     ("federation", "  max_length: 256", "  max_length: 4096", "model.max_length"),
@@ -164,9 +162,9 @@ def test_overrides_are_validated_and_never_mutate(tmp_path):
     with pytest.raises(
         InputError, match=r"federation.yaml: strategy.trim_beta: expected 0 < trim_beta < 0.5, got 0.6$"
     ):
-        fed.replaced(strategy={"trim_beta": 0.6})
+        fed.replaced(strategy={"name": "fedtrimmedavg", "trim_beta": 0.6})
     with pytest.raises(ValidationError):
-        StrategySettings(trim_beta=0.5)
+        FedTrimmedAvgSettings(name="fedtrimmedavg", trim_beta=0.5)
 
 
 def test_cli_rounds_zero_is_refused_by_the_federation_rule(tmp_path, monkeypatch, capsys):

@@ -1,19 +1,27 @@
 """The aggregator's guard: every malformed update is rejected with its reason, the round goes on,
 and each strategy aggregates only the accepted tensors (no simulation needed: real Messages).
 Every field of a reply is type-checked: each missing, and each of a wrong type, is "rejected",
-never a crash."""
+never a crash. The strategy registry (server/strategies/) covers every name federation.yaml accepts;
+Krum, Multi-Krum and Bulyan run a real round and refuse a federation too small for their rule."""
 
 from __future__ import annotations
+
+from typing import get_args
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.serverapp.strategy import Strategy
 
-from fedprompt.common.config import FederationConfig, StrategySettings
+from fedprompt.common.config import FederationConfig, StrategyName, StrategySettings
+from fedprompt.common.errors import InputError
 from fedprompt.common.model import PromptConfig
 from fedprompt.common.wire import ARRAYS, METRICS, REFUSAL_CATEGORIES, STATUS, refusal, state_to_arrays, status_record
-from fedprompt.server.strategy import ValidatedStrategy, build_strategy
+from fedprompt.server.strategies import REGISTRY, build_strategy
+from fedprompt.server.strategy import ValidatedStrategy
+
+from tinybert import make_tiny_backbone
 
 PROMPT = PromptConfig(labels=["a", "b", "c"], hidden_size=4, backbone_fingerprint="f" * 64, n_virtual_tokens=2)
 GLOBAL = {"prompt.weight": torch.zeros(2, 4), "head.weight": torch.zeros(3, 4), "head.bias": torch.zeros(3)}
@@ -61,9 +69,9 @@ def instruction(node: int) -> Message:
     return Message(metadata=md, content=RecordDict())
 
 
-def guarded(name: str, min_hospitals: int = 1, norm_bound: float = 100.0) -> ValidatedStrategy:
+def guarded(name: str, min_hospitals: int = 1, norm_bound: float = 100.0, **params) -> ValidatedStrategy:
     fed = FederationConfig(
-        name="t", labels=PROMPT.labels, min_hospitals=min_hospitals, strategy=StrategySettings(name=name)
+        name="t", labels=PROMPT.labels, min_hospitals=min_hospitals, strategy={"name": name, **params}
     )
     s = ValidatedStrategy(
         build_strategy(fed), PROMPT, norm_bound=norm_bound, min_hospitals=min_hospitals, round_offset=4
@@ -145,12 +153,20 @@ def test_below_min_hospitals_keeps_the_global_model():
 
 
 @pytest.mark.parametrize(
-    "name, expected", [("fedmedian", 1.0), ("fedtrimmedavg", 1.0), ("fedavg", (1 + 1 + 1 + 1 + 15) / 5)]
+    "name, params, n, expected",
+    [
+        ("fedmedian", {}, 5, 1.0),
+        ("fedtrimmedavg", {}, 5, 1.0),
+        ("krum", {"malicious_hospitals": 1}, 5, 1.0),
+        ("multikrum", {"malicious_hospitals": 1, "selected_hospitals": 3}, 5, 1.0),
+        ("bulyan", {"malicious_hospitals": 1}, 7, 1.0),
+        ("fedavg", {}, 5, (1 + 1 + 1 + 1 + 15) / 5),
+    ],
 )
-def test_robust_strategies_resist_an_outlier_within_the_norm_bound(name, expected):
-    s = guarded(name)
-    replies = [reply(i, update(1.0, hospital=f"h{i}")) for i in range(1, 5)] + [
-        reply(5, update(15.0, hospital="outlier"))
+def test_robust_strategies_resist_an_outlier_within_the_norm_bound(name, params, n, expected):
+    s = guarded(name, min_hospitals=n, **params)
+    replies = [reply(i, update(1.0, hospital=f"h{i}")) for i in range(1, n)] + [
+        reply(n, update(15.0, hospital="outlier"))
     ]
     arrays, _ = s.aggregate_train(1, replies)
     np.testing.assert_allclose(arrays["head.bias"].numpy(), expected, rtol=1e-6)
@@ -162,6 +178,153 @@ def test_fedprox_and_fedadam_build_and_aggregate():
         s.inner.current_arrays = {k: v.numpy() for k, v in GLOBAL.items()}  # set by configure_train (needs a Grid)
         arrays, _ = s.aggregate_train(1, [reply(1, update(1.0, hospital="a")), reply(2, update(1.0, hospital="b"))])
         assert set(arrays.keys()) == set(GLOBAL)
+
+
+# --- the registry: one entry per strategy, for every name federation.yaml accepts ---------------------
+def _members() -> dict[str, type]:
+    """StrategySettings' member models by the name their `name` field holds."""
+    union, _ = get_args(StrategySettings)  # Annotated[member | ..., Discriminator]
+    models = [get_args(tagged)[0] for tagged in get_args(union)]
+    return {get_args(m.model_fields["name"].annotation)[0]: m for m in models}
+
+
+def test_the_registry_covers_every_strategy_the_configuration_accepts():
+    members = _members()
+    assert set(members) == set(REGISTRY) == set(get_args(StrategyName))
+    assert len(REGISTRY) == 8 and {"krum", "multikrum", "bulyan"} <= set(REGISTRY)
+    for name, entry in REGISTRY.items():
+        assert entry["settings"] is members[name]
+        least, _ = members[name].model_validate({"name": name}).least_hospitals()
+        fed = FederationConfig(name="t", labels=["a", "b"], min_hospitals=least, strategy={"name": name})
+        built = build_strategy(fed, wait_for=least + 2)
+        assert isinstance(built, Strategy) and type(built).__name__.lower() == name
+        assert built.min_train_nodes == least + 2  # samples every connected node once all are
+
+    # each strategy's own parameters reach Flower's
+    def built(min_hospitals: int = 2, **strategy):
+        return build_strategy(
+            FederationConfig(name="t", labels=["a", "b"], min_hospitals=min_hospitals, strategy=strategy)
+        )
+
+    assert built(name="fedprox", proximal_mu=0.3).proximal_mu == 0.3
+    assert built(name="fedadam", server_lr=0.5).eta == 0.5
+    assert built(name="fedtrimmedavg", trim_beta=0.1).beta == 0.1
+    assert built(9, name="krum", malicious_hospitals=3).num_malicious_nodes == 3
+    multi = built(7, name="multikrum", malicious_hospitals=2, selected_hospitals=4)
+    assert (multi.num_malicious_nodes, multi.num_nodes_to_select) == (2, 4)
+    assert built(11, name="bulyan", malicious_hospitals=2).num_malicious_nodes == 2
+
+
+FLAT = """\
+name: t
+labels: [a, b]
+min_hospitals: 7
+strategy:
+  name: {name}
+  proximal_mu: {mu}
+  trim_beta: 0.2
+  server_lr: 0.1
+  update_norm_bound: null
+"""
+
+
+def test_a_flat_strategy_block_of_earlier_releases_still_loads(tmp_path):
+    """Every federation.yaml fedprompt wrote held all the strategies' parameters in one block: each
+    strategy accepts the others' at their old defaults. Another value (it never had an effect) is refused."""
+    path = tmp_path / "federation.yaml"
+    for name in get_args(StrategyName):
+        path.write_text(FLAT.format(name=name, mu=0.01))
+        assert FederationConfig.load(path).strategy == REGISTRY[name]["settings"].model_validate({"name": name})
+    path.write_text(FLAT.format(name="fedavg", mu=0.5))
+    with pytest.raises(InputError) as err:
+        FederationConfig.load(path)
+    assert str(err.value) == f"{path}:6: strategy.proximal_mu: unknown key (expected one of: name, update_norm_bound)"
+
+
+@pytest.mark.parametrize(
+    "strategy, least, message",
+    [
+        ("name: krum", 5, "krum (malicious_hospitals 1) needs min_hospitals >= 5 (n > 2f + 2"),
+        (
+            "name: krum\n  malicious_hospitals: 2",
+            7,
+            "krum (malicious_hospitals 2) needs min_hospitals >= 7 (n > 2f + 2",
+        ),
+        (
+            "name: multikrum\n  selected_hospitals: 5",
+            6,
+            "multikrum (malicious_hospitals 1, selected_hospitals 5) needs min_hospitals >= 6 "
+            "(n > 2f + 2 and n >= f + m",
+        ),
+        ("name: bulyan", 7, "bulyan (malicious_hospitals 1) needs min_hospitals >= 7 (n >= 4f + 3"),
+    ],
+)
+def test_a_federation_too_small_for_the_rule_is_refused_at_start(tmp_path, strategy, least, message):
+    path = tmp_path / "federation.yaml"
+    text = f"name: t\nlabels: [a, b]\nmin_hospitals: {least - 1}\nstrategy:\n  {strategy}\n"
+    path.write_text(text)
+    with pytest.raises(InputError) as err:
+        FederationConfig.load(path)
+    assert str(err.value).startswith(f"{path}:4: strategy: {message}, n: the updates aggregated in a round")
+    assert str(err.value).endswith(f"got min_hospitals {least - 1}") and err.value.exit_code == 2
+    path.write_text(text.replace(f"min_hospitals: {least - 1}", f"min_hospitals: {least}"))
+    assert FederationConfig.load(path).strategy.least_hospitals()[0] == least
+
+
+def test_the_simulate_command_refuses_krum_with_too_few_hospitals_before_anything_runs(tmp_path, capsys):
+    from test_federation import make_workspace
+
+    from fedprompt import cli
+
+    ws = make_workspace(tmp_path, None, hospitals=3, per_hospital=10, test_size=10)
+    fed_yaml = ws / "federation.yaml"
+    fed_yaml.write_text(fed_yaml.read_text().replace("name: fedavg", "name: krum"))
+    out = tmp_path / "out"
+    assert cli.main(["simulate", "--workspace", str(ws), "--out", str(out), "--engine", "local"]) == 2
+    err = capsys.readouterr().err
+    assert f"{fed_yaml}:" in err and "strategy: krum (malicious_hospitals 1) needs min_hospitals >= 5" in err
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_backbone(tmp_path_factory.mktemp("tinybert"), hidden=32, layers=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "strategy, hospitals",
+    [
+        ({"name": "krum", "malicious_hospitals": 1}, 5),
+        ({"name": "multikrum", "malicious_hospitals": 1, "selected_hospitals": 2}, 5),
+        ({"name": "bulyan", "malicious_hospitals": 1}, 7),
+    ],
+    ids=["krum", "multikrum", "bulyan"],
+)
+def test_byzantine_robust_strategies_run_a_real_round(tmp_path, tiny_dir, strategy, hospitals):
+    """One DP-SGD round (no class-sums release: that round is a mean whatever the strategy) of the
+    product's apps on the in-process engine, aggregated by Flower's Krum / MultiKrum / Bulyan."""
+    from test_federation import make_workspace
+
+    from fedprompt.simulation import LOG_NAME, ensure_ledgers, simulate
+
+    overrides = {
+        "rounds": 1,
+        "model": {"max_length": 16},
+        "training": {"class_sums_share": 0.0, "local_epochs": 1, "lr": 0.05},
+        "strategy": strategy,
+    }
+    ws = make_workspace(tmp_path, tiny_dir, hospitals=hospitals, per_hospital=12, test_size=12, overrides=overrides)
+    ensure_ledgers(ws)
+    out = tmp_path / "out"
+    metrics = simulate(ws, out, backbone=tiny_dir, non_private=True, engine="local", compare=False)
+    assert (metrics["strategy"], metrics["outcome"]) == (strategy["name"], "trained")
+    last = metrics["rounds"][-1]
+    assert last["round"] == 1 and last["aggregated"] is True
+    assert sorted(o["status"] for o in last["hospitals"].values()) == ["ok"] * hospitals
+    log = (out / "logs" / LOG_NAME).read_text()
+    flower_name = {"krum": "Krum", "multikrum": "MultiKrum", "bulyan": "Bulyan"}[strategy["name"]]
+    assert f"{flower_name} settings:" in log and "Number of malicious nodes: 1" in log  # Flower's own summary
 
 
 def _eval_reply(node: int, metrics: dict | None = None, hospital: str = "h") -> Message:
