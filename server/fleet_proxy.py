@@ -9,9 +9,9 @@ proxy, which forwards `POST /v1/fleet/<method>` and answers everything else with
 
 What the SuperNode speaks (read from flwr 1.42: `flwr/supernode/fleet_http_client.py`,
 `flwr/supercore/protobuf/client.py`): protobuf bodies over plain HTTP/1.1 (httpx, no HTTP/2,
-30 s read timeout), POST to `/v1/fleet/<kebab-case-rpc>`, inside TLS; SuperNode authentication
-travels in request headers (public key, timestamp, signature), which this proxy passes unchanged.
-Only the Control API streams responses; Fleet answers are single protobuf messages.
+30 s read timeout), POST to `/v1/fleet/<kebab-case-rpc>`, inside TLS, each request signed by the
+node's key in three headers. Only the Control API streams responses; Fleet answers are single
+protobuf messages.
 
 Why h11 + asyncio and not nginx/HAProxy: the proxy ships inside the `fedprompt` package, so
 `fedprompt aggregator start` and the container run one Python process that the tests start as-is,
@@ -21,12 +21,17 @@ hospitals' HTTP/1.1, and a second h11 connection writes a fresh request to the S
 SuperLink never sees the client's raw framing and nothing can be smuggled behind an allowed
 request. Every request on a kept-alive connection is checked, not just the first.
 
-Bounds, so that no unauthenticated client can exhaust the aggregator (see `ProxyConfig`): a cap
-on open connections per client address and in total, checked before the TLS handshake; timeouts
-for the handshake, the request head, keep-alive idleness and a stalled body; a request body
-limit; bodies and chunks relayed in pieces of at most READ_SIZE with backpressure, never
-buffered whole; the upstream connection opened only once the head is accepted and the body has
-begun. Refusals are logged at most once per client address per `log_interval`, then summarised.
+The SuperLink reads each request body whole into memory and logs every request it cannot parse,
+so no unauthenticated byte reaches it: a request's signature headers are checked against the keys
+registered at the SuperLink (proxy_auth.py) before its body is read or any upstream connection is
+opened; strangers are answered here, as the SuperLink would answer them. Bounds (`ProxyConfig`,
+proxy_limits.py): each Fleet method's body is capped to what Flower needs; the body bytes being
+sent to the SuperLink at once are capped in all; a body must arrive at a minimum rate and never
+stall; connections are capped in all and per source network (/24, /64) before the TLS handshake,
+with slots kept for nodes that authenticated, and a stranger's oldest connection gives way when
+the strangers' share is full; timeouts for the handshake, the request head and keep-alive
+idleness; bodies and chunks relayed in pieces of at most READ_SIZE with backpressure. Refusals
+are logged at most once per source network per `log_interval`, then summarised.
 
 Run: `fedprompt aggregator proxy ...` or `python -m fedprompt.server.fleet_proxy --help`.
 """
@@ -46,9 +51,14 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn
 
 import h11
+
+from fedprompt.common.exit_codes import ExitCode
+
+from .proxy_auth import LIST_NODES, NodeAuth
+from .proxy_limits import PUSH_MESSAGES_BODY, ByteBudget, Slots, body_cap, source_group
 
 log = logging.getLogger("fedprompt.fleet_proxy")
 
@@ -60,11 +70,13 @@ READ_SIZE = 16 * 1024  # one read from a socket (a TLS record's worth); the stre
 # holds more than MAX_HEAD (shorter ones always pass; 48-64 KiB ones may, depending on how they arrive).
 MAX_HEAD = 64 * 1024
 _INCOMPLETE = MAX_HEAD - READ_SIZE
-# Flower 1.42 sends tensors with `/v1/fleet/push-object`, one object per request, arrays split in
-# chunks of FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE (5 MiB); other records (configs, metrics) are not
-# split. This project's messages are 14 KB to a few MB: 64 MiB leaves room without letting one
-# request make the SuperLink (which reads a body whole) hold much more.
-DEFAULT_MAX_BODY = 64 * 1024 * 1024
+# push-object's body cap (the largest any Fleet method needs, see proxy_limits.body_cap): Flower
+# 1.42 pushes one object per request, arrays in chunks of FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
+# (5 MiB); 8 MiB leaves room for the protobuf around a chunk and for unsplit records.
+DEFAULT_MAX_BODY = 8 * 1024 * 1024
+# A 21-digit Content-Length, which h11 refuses as unparseable before the proxy sees the head: too
+# large rather than malformed (413).
+HUGE_LENGTH = re.compile(rb"(?i)\ncontent-length[ \t]*:[ \t]*[0-9]{21}")
 # asyncio's TLS layer preallocates a read buffer of SSLProtocol.max_size (256 KiB) per connection,
 # which made each hospital-side TLS connection cost ~280 KB; a TLS record holds at most 16 KiB of
 # data, so 32 KiB reads lose nothing and a TLS connection costs ~57 KB. Set for the whole process
@@ -86,6 +98,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+MAX_KEYS_ANSWER = 4 * 1024 * 1024  # the SuperLink's list of registered nodes (~350 bytes a node)
 
 
 @dataclass(frozen=True)
@@ -97,39 +110,71 @@ class ProxyConfig:
     server_ssl: ssl.SSLContext | None = None  # None: plain HTTP towards hospitals (tests only)
     upstream_ssl: ssl.SSLContext | None = None  # None: plain HTTP towards the SuperLink
     upstream_server_name: str | None = None  # TLS name to verify (default: upstream_host)
-    max_body: int = DEFAULT_MAX_BODY  # request body bytes; more: 413
-    # A hospital's SuperNode holds one or two connections; 32 leaves room for sites behind one NAT
-    # address. 512 in all bounds the proxy's memory (~60 KB per idle TLS connection, a few 100 KB
-    # while a body streams) and the number of requests the SuperLink holds at once.
-    max_connections_per_ip: int = 32
+    max_body: int = DEFAULT_MAX_BODY  # push-object's body bytes (other methods: proxy_limits); more: 413
+    # The body bytes being sent to the SuperLink at once, all requests together (it reads each body
+    # whole): a request waits for room up to body_timeout, then 503 (which a SuperNode retries).
+    max_inflight: int = 64 * 1024 * 1024
+    # A SuperNode holds one or two connections. 512 in all bounds the proxy's memory (~60 KB per
+    # idle TLS connection); 64 of them are kept for connections and addresses that authenticated;
+    # strangers (not authenticated yet) get at most 32 per source network (/24 or /64), which
+    # leaves room for sites behind one NAT address.
+    max_connections_per_source: int = 32
     max_connections: int = 512
+    reserved_connections: int = 64
     handshake_timeout: float = 10.0  # TCP accepted -> TLS established
     head_timeout: float = 15.0  # first byte of a request -> its whole head (slow-header clients)
     idle_timeout: float = 30.0  # keep-alive wait for the next request (SuperNodes poll every ~3 s)
     body_timeout: float = 30.0  # longest silence while a request body arrives, or a client reads an answer
+    # A body must keep up min_body_rate after body_grace seconds (8 MiB: within 266 s; a 256 kbit/s link passes).
+    min_body_rate: float = 32 * 1024
+    body_grace: float = 10.0
     io_timeout: float = 300.0  # the SuperLink's answer, and each write to it (generous: long-polls)
     connect_timeout: float = 10.0  # opening the upstream connection
-    log_interval: float = 60.0  # at most one refusal line per client address per interval
+    log_interval: float = 60.0  # at most one refusal line per source network per interval
+    keys_refresh: float = 60.0  # re-read the registered SuperNode keys from the SuperLink
+    keys_miss_interval: float = 5.0  # at most this often when an unknown key asks (a hospital just registered)
 
     def __post_init__(self) -> None:
         for name in (
             "max_body",
-            "max_connections_per_ip",
+            "max_inflight",
+            "max_connections_per_source",
             "max_connections",
             "handshake_timeout",
             "head_timeout",
             "idle_timeout",
             "body_timeout",
+            "min_body_rate",
+            "body_grace",
             "io_timeout",
             "connect_timeout",
             "log_interval",
+            "keys_refresh",
+            "keys_miss_interval",
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"ProxyConfig.{name}: expected > 0, got {getattr(self, name)}")
+        if not 0 <= self.reserved_connections < self.max_connections:
+            raise ValueError(
+                f"ProxyConfig.reserved_connections: expected 0 <= it < max_connections ({self.max_connections}), "
+                f"got {self.reserved_connections}"
+            )
+        if self.max_inflight < max(self.max_body, PUSH_MESSAGES_BODY):
+            raise ValueError(
+                f"ProxyConfig.max_inflight: expected >= max_body and {PUSH_MESSAGES_BODY} (one request must fit), "
+                f"got {self.max_inflight}"
+            )
 
 
 def allowed(method: bytes, target: bytes) -> bool:
     return method == b"POST" and FLEET_PATH.fullmatch(target) is not None
+
+
+async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader, timeout: float) -> Any:
+    """The SuperLink's next h11 event (reading as needed, each read within `timeout`)."""
+    while (event := conn.next_event()) is h11.NEED_DATA:
+        conn.receive_data(await asyncio.wait_for(reader.read(READ_SIZE), timeout))
+    return event
 
 
 class RateLimitedLog:
@@ -197,30 +242,35 @@ class FleetProxy:
         self.forwarded = 0
         self.refused = 0
         self.rate_log = RateLimitedLog(config.log_interval)
-        self.open_per_ip: dict[str, int] = {}
+        self.slots = Slots(config.max_connections, config.reserved_connections, config.max_connections_per_source)
+        self.budget = ByteBudget(config.max_inflight)
+        self.auth = NodeAuth(self.list_nodes, refresh=config.keys_refresh, miss_interval=config.keys_miss_interval)
         self.tasks: set[asyncio.Task] = set()
-        self._summary: asyncio.Task | None = None
+        self._background: list[asyncio.Task] = []
 
     async def start(self) -> None:
         c = self.config
         loop = asyncio.get_running_loop()
         asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
         self.server = await loop.create_server(lambda: _Held(self), c.listen_host, c.listen_port)
-        self._summary = loop.create_task(self._summarise())
+        self._background = [loop.create_task(self._summarise()), loop.create_task(self._refresh_keys())]
         names = ", ".join(str(s.getsockname()[:2]) for s in self.server.sockets)
         scheme = "https" if c.server_ssl else "http"
         up = "https" if c.upstream_ssl else "http"
         log.info(
-            "fleet proxy on %s (%s) -> %s://%s:%d; only POST /v1/fleet/* is forwarded; max %d connections "
-            "(%d per address), body <= %d bytes",
+            "fleet proxy on %s (%s) -> %s://%s:%d; only POST /v1/fleet/* signed by a registered SuperNode key is "
+            "forwarded; max %d connections (%d kept for authenticated nodes, %d per source network for others), "
+            "push-object body <= %d bytes, %d bytes in flight",
             names,
             scheme,
             up,
             c.upstream_host,
             c.upstream_port,
             c.max_connections,
-            c.max_connections_per_ip,
+            c.reserved_connections,
+            c.max_connections_per_source,
             c.max_body,
+            c.max_inflight,
         )
 
     @property
@@ -236,9 +286,9 @@ class FleetProxy:
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        if self._summary is not None:
-            self._summary.cancel()
-            await asyncio.gather(self._summary, return_exceptions=True)
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         self.rate_log.flush()
 
     async def _summarise(self) -> None:
@@ -246,41 +296,72 @@ class FleetProxy:
             await asyncio.sleep(self.config.log_interval)
             self.rate_log.flush()
 
+    async def _refresh_keys(self) -> None:
+        while True:
+            read = await self.auth.refresh()
+            # Until the SuperLink has answered once (it may start after the proxy), every second.
+            await asyncio.sleep(self.config.keys_refresh if read or self.auth.keys is not None else 1.0)
+
+    async def list_nodes(self) -> bytes:
+        """The SuperLink's Control API `list-nodes` answer (a ListNodesResponse), on the internal side."""
+        c = self.config
+        reader, writer = await self.open_upstream()
+        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=_INCOMPLETE)
+        try:
+            head = h11.Request(
+                method=b"POST",
+                target=LIST_NODES,
+                headers=[
+                    (b"host", (c.upstream_server_name or c.upstream_host).encode("idna")),
+                    (b"content-type", b"application/protobuf"),
+                    (b"content-length", b"0"),
+                    (b"connection", b"close"),
+                ],
+            )
+            writer.write(b"".join(conn.send(e) or b"" for e in (head, h11.EndOfMessage())))
+            body, status = bytearray(), 0
+            while not isinstance(event := await _next_event(conn, reader, c.io_timeout), h11.EndOfMessage):
+                if isinstance(event, h11.Response):
+                    status = event.status_code
+                elif isinstance(event, h11.Data) and len(body) + len(event.data) <= MAX_KEYS_ANSWER:
+                    body += event.data
+                elif not isinstance(event, h11.InformationalResponse):
+                    raise OSError(
+                        f"list-nodes: unexpected {type(event).__name__} (answer over {MAX_KEYS_ANSWER} bytes?)"
+                    )
+            if status != 200:
+                raise OSError(f"list-nodes answered {status}: {bytes(body[:200])!r}")
+            return bytes(body)
+        finally:
+            writer.close()
+
     def _refuse(self, ip: str, msg: str, *args: object) -> None:
+        """Counted; logged at most once per source network and interval (many addresses, one line)."""
         self.refused += 1
-        self.rate_log.warn(ip, msg, *args)
+        self.rate_log.warn(source_group(ip), "%s: " + msg, ip, *args)
 
     # -- connections -------------------------------------------------------------------------
 
     def _admit(self, transport: asyncio.Transport) -> None:
-        c = self.config
         peer = transport.get_extra_info("peername")
         ip = str(peer[0]) if peer else "?"
-        open_here, open_all = self.open_per_ip.get(ip, 0), len(self.tasks)
-        if open_here >= c.max_connections_per_ip or open_all >= c.max_connections:
+        refusal, evicted = self.slots.decide(ip)
+        if refusal is not None:
             # Before TLS nothing can be answered: close. The client's retry comes when a slot is free.
-            self._refuse(
-                ip,
-                "connection closed: %d open from this address (cap %d), %d in all (cap %d)",
-                open_here,
-                c.max_connections_per_ip,
-                open_all,
-                c.max_connections,
-            )
+            self._refuse(ip, "connection closed: %s", refusal)
             transport.close()
             return
-        self.open_per_ip[ip] = open_here + 1
+        if evicted is not None:
+            assert isinstance(evicted, asyncio.Task)
+            evicted.cancel()  # a stranger's oldest connection gives its slot (its task closes it)
         task = asyncio.get_running_loop().create_task(self._connection(transport, ip))
+        self.slots.add(task, ip)
         self.tasks.add(task)
-        task.add_done_callback(lambda t: self._release(t, ip))
+        task.add_done_callback(self._release)
 
-    def _release(self, task: asyncio.Task, ip: str) -> None:
+    def _release(self, task: asyncio.Task) -> None:
         self.tasks.discard(task)
-        left = self.open_per_ip[ip] - 1
-        if left:
-            self.open_per_ip[ip] = left
-        else:
-            del self.open_per_ip[ip]
+        self.slots.remove(task)
 
     async def _connection(self, transport: asyncio.Transport, ip: str) -> None:
         c = self.config
@@ -315,6 +396,7 @@ class FleetProxy:
             transport.close()
 
     async def open_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A new connection to the SuperLink (TLS as configured)."""
         c = self.config
         kwargs: dict[str, Any] = {}
         if c.upstream_ssl is not None:
@@ -343,6 +425,9 @@ class _Client:
         self.proxy, self.config = proxy, proxy.config
         self.reader, self.writer, self.ip = reader, writer, ip
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_INCOMPLETE)
+        self.head_tail = b""  # the end of what was read of the current head (HUGE_LENGTH across reads)
+        self.huge_length = False
+        self.body_started, self.body_received = 0.0, 0  # the current request body: when, how much
 
     async def serve(self) -> None:
         try:
@@ -361,7 +446,7 @@ class _Client:
 
     # -- reading the client --------------------------------------------------------------
 
-    async def _feed(self, timeout: float) -> None:
+    async def _feed(self, timeout: float) -> bytes:
         try:
             data = await asyncio.wait_for(self.reader.read(READ_SIZE), max(timeout, 0.0))
         except TimeoutError:  # an OSError too, but the caller's to answer
@@ -369,18 +454,27 @@ class _Client:
         except OSError as exc:  # reset: nobody left to answer
             raise _Ended from exc
         self.conn.receive_data(data)  # b"": end of stream, which h11 turns into an event or an error
+        return data
+
+    def _scan_head(self, data: bytes) -> None:
+        window = self.head_tail + data
+        self.huge_length = self.huge_length or HUGE_LENGTH.search(window) is not None
+        self.head_tail = window[-128:]
 
     async def _read_head(self) -> h11.Request | None:
         """The next request head; None when the client closed or stayed idle."""
         loop = asyncio.get_running_loop()
         started = bool(self.conn.trailing_data[0])  # a pipelined request already begun
         deadline = loop.time() + (self.config.head_timeout if started else self.config.idle_timeout)
+        self.head_tail, self.huge_length = b"", False
         while True:
             try:
                 event = self.conn.next_event()
             except h11.RemoteProtocolError as exc:
                 if self.conn.trailing_data[1]:  # the client left halfway through a head: nobody to answer
                     raise _Ended from exc
+                if self.huge_length:
+                    await self._fail(413, "a Content-Length of 21 digits or more: far over any Fleet method's limit")
                 if exc.error_status_hint == 431:
                     await self._fail(431, f"request head over {MAX_HEAD // 1024} KiB")
                 await self._fail(501 if exc.error_status_hint == 501 else 400, f"bad request: {exc}")
@@ -389,7 +483,7 @@ class _Client:
             if event is not h11.NEED_DATA:  # ConnectionClosed: the client is done
                 return None
             try:
-                await self._feed(deadline - loop.time())
+                self._scan_head(await self._feed(deadline - loop.time()))
             except TimeoutError:
                 if started:  # slow headers: nothing can be answered to a half-sent head
                     self.proxy._refuse(
@@ -401,7 +495,7 @@ class _Client:
                 deadline = loop.time() + self.config.head_timeout
 
     async def _body_event(self) -> h11.Data | h11.EndOfMessage:
-        """The next piece of the request body (bounded by READ_SIZE and the body timeout)."""
+        """The next piece of the request body (bounded by READ_SIZE, the body timeout and rate)."""
         while True:
             try:
                 event = self.conn.next_event()
@@ -411,13 +505,26 @@ class _Client:
                 # Inside a body, h11's 431 means an over-long chunk-size line: plain bad framing.
                 why = f"a chunk-size line over {MAX_HEAD // 1024} KiB" if exc.error_status_hint == 431 else str(exc)
                 await self._fail(400, f"bad request body: {why}")
+            if isinstance(event, h11.Data):
+                self.body_received += len(event.data)
             if isinstance(event, (h11.Data, h11.EndOfMessage)):
                 return event
             # Otherwise NEED_DATA: a body cut short is an h11 error, never a ConnectionClosed event.
+            wait, why = self._body_wait()
             try:
-                await self._feed(self.config.body_timeout)
+                await self._feed(wait)
             except TimeoutError:
-                await self._fail(408, f"request body stalled for {self.config.body_timeout:g}s")
+                await self._fail(408, why)
+
+    def _body_wait(self) -> tuple[float, str]:
+        """How long the next piece of body may take: the silence limit, or less where the body has
+        fallen behind its minimum rate (a total deadline that grows with what has arrived)."""
+        c = self.config
+        elapsed = asyncio.get_running_loop().time() - self.body_started
+        behind = c.body_grace + self.body_received / c.min_body_rate - elapsed
+        if behind < c.body_timeout:
+            return behind, f"request body slower than {c.min_body_rate:g} bytes/s after {c.body_grace:g}s"
+        return c.body_timeout, f"request body stalled for {c.body_timeout:g}s"
 
     # -- answering the client -------------------------------------------------------------
 
@@ -432,20 +539,22 @@ class _Client:
         except (TimeoutError, OSError) as exc:
             raise _Ended from exc
 
-    async def _fail(self, status: int, text: str, *, log_it: bool = True) -> NoReturn:
-        """Answer `status` (if no answer has begun), close the connection, end the exchange."""
+    async def _fail(self, status: int, text: str, *, log_it: bool = True, json_body: bytes | None = None) -> NoReturn:
+        """Answer `status` (if no answer has begun), close the connection, end the exchange. The
+        answer is `text`, or `json_body` (the SuperLink's own format) with `text` only logged."""
         text = text[:300]  # h11's messages quote the client's bytes
         if log_it:
             self.proxy._refuse(self.ip, "%d %s", status, text)
         if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            body = (text + "\n").encode("utf-8", "replace")
+            body = json_body if json_body is not None else (text + "\n").encode("utf-8", "replace")
+            kind = b"application/json" if json_body is not None else b"text/plain; charset=utf-8"
             try:
                 await self._send(
                     h11.Response(
                         status_code=status,
                         reason=http.HTTPStatus(status).phrase.encode(),
                         headers=[
-                            (b"content-type", b"text/plain; charset=utf-8"),
+                            (b"content-type", kind),
                             (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close"),
                         ],
@@ -486,7 +595,7 @@ class _Client:
     # -- one request ----------------------------------------------------------------------
 
     async def _exchange(self, request: h11.Request) -> None:
-        headers = request.headers
+        headers, c = request.headers, self.config
         if (
             not allowed(request.method, request.target)
             or request.http_version != b"1.1"
@@ -504,16 +613,31 @@ class _Client:
                 "forbidden: this endpoint serves the Flower Fleet API only (POST /v1/fleet/<method>, HTTP/1.1)",
                 log_it=False,
             )
+        method = request.target.rpartition(b"/")[2]
+        cap = body_cap(method, c.max_body)
+        if cap is None:
+            await self._fail(404, f"no Fleet method {method.decode('ascii')!r}")
         length = _values(headers, b"content-length")  # h11 has refused differing values and collapsed equal ones
         if length and _values(headers, b"transfer-encoding"):
             await self._fail(400, "bad request: both Transfer-Encoding and Content-Length")
-        if length and int(length[0]) > self.config.max_body:
-            await self._fail(413, f"request body of {int(length[0])} bytes: the limit is {self.config.max_body}")
-        if self.conn.they_are_waiting_for_100_continue:
-            await self._send(h11.InformationalResponse(status_code=100, headers=[]))
-        # Open the upstream connection only once the body has begun: a head alone costs the SuperLink nothing.
-        first = await self._body_event()
-        await _Upstream(self, request, first).relay()
+        if length and int(length[0]) > cap:
+            await self._fail(413, f"{method.decode()} body of {int(length[0])} bytes: the limit is {cap}")
+        # Authenticated before any body byte is read or the SuperLink is reached.
+        refusal = await self.proxy.auth.check(method, list(headers))
+        if refusal is not None:
+            await self._fail(refusal.status, f"{method.decode()}: {refusal.reason}", json_body=refusal.body)
+        self.proxy.slots.trust(asyncio.current_task())
+        need = int(length[0]) if length else cap  # chunked: its length is known only as it arrives
+        if not await self.proxy.budget.acquire(need, c.body_timeout):
+            await self._fail(503, f"{self.proxy.budget.used} body bytes in flight to the aggregator: retry")
+        try:
+            if self.conn.they_are_waiting_for_100_continue:
+                await self._send(h11.InformationalResponse(status_code=100, headers=[]))
+            self.body_started, self.body_received = asyncio.get_running_loop().time(), 0
+            first = await self._body_event()
+            await _Upstream(self, request, first, cap).relay()
+        finally:
+            self.proxy.budget.release(need)
         self.proxy.forwarded += 1
 
 
@@ -521,9 +645,9 @@ class _Upstream:
     """One request relayed to the SuperLink on a connection of its own (never reused: no race with
     the SuperLink's keep-alive timeout), written by h11 from the parsed request."""
 
-    def __init__(self, client: _Client, request: h11.Request, first: h11.Data | h11.EndOfMessage):
+    def __init__(self, client: _Client, request: h11.Request, first: h11.Data | h11.EndOfMessage, cap: int):
         self.client, self.config = client, client.config
-        self.request, self.first = request, first
+        self.request, self.first, self.cap = request, first, cap
         self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=_INCOMPLETE)
 
     async def relay(self) -> None:
@@ -573,7 +697,7 @@ class _Upstream:
         await asyncio.wait_for(writer.drain(), self.config.io_timeout)
 
     async def _send_request(self, writer: asyncio.StreamWriter) -> None:
-        client, limit = self.client, self.config.max_body
+        client, limit = self.client, self.cap
         headers = _forwarded_headers(self.request.headers)
         if _values(self.request.headers, b"transfer-encoding"):
             headers.append((b"transfer-encoding", b"chunked"))
@@ -588,17 +712,10 @@ class _Upstream:
             event = await client._body_event()
         await self._write(writer, h11.EndOfMessage())  # trailers, if any, are not forwarded
 
-    async def _upstream_event(self, reader: asyncio.StreamReader) -> h11.Event | type[h11.PAUSED]:
-        while True:
-            event = self.conn.next_event()
-            if event is not h11.NEED_DATA:  # (a sentinel class: the type checker does not narrow on it)
-                return cast("h11.Event | type[h11.PAUSED]", event)
-            self.conn.receive_data(await asyncio.wait_for(reader.read(READ_SIZE), self.config.io_timeout))
-
     async def _relay_response(self, reader: asyncio.StreamReader) -> None:
         client = self.client
         while True:
-            event = await self._upstream_event(reader)
+            event = await _next_event(self.conn, reader, self.config.io_timeout)
             if isinstance(event, h11.InformationalResponse):
                 continue  # 1xx are hop-by-hop (no Expect is sent upstream)
             if isinstance(event, h11.Response):
@@ -700,27 +817,53 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         type=_positive(int),
         default=d.max_body,
         metavar="BYTES",
-        help=f"largest request body; more: 413 (default {d.max_body})",
+        help=f"largest push-object body (other Fleet methods: 64 KiB, push-messages 1 MiB); more: 413 "
+        f"(default {d.max_body})",
+    )
+    g.add_argument(
+        "--max-inflight",
+        type=_positive(int),
+        default=d.max_inflight,
+        metavar="BYTES",
+        help=f"body bytes being sent to the SuperLink at once, all requests together (default {d.max_inflight})",
     )
     g.add_argument(
         "--max-connections",
         type=_positive(int),
         default=d.max_connections,
         metavar="N",
-        help=f"open connections in all; more are closed at once (default {d.max_connections})",
+        help=f"open connections in all (default {d.max_connections})",
     )
     g.add_argument(
-        "--max-connections-per-ip",
-        type=_positive(int),
-        default=d.max_connections_per_ip,
+        "--reserved-connections",
+        type=int,
+        default=d.reserved_connections,
         metavar="N",
-        help=f"open connections from one client address (default {d.max_connections_per_ip})",
+        help="of those, kept for connections and addresses that authenticated as a registered SuperNode "
+        f"(default {d.reserved_connections})",
+    )
+    g.add_argument(
+        "--max-connections-per-source",
+        type=_positive(int),
+        default=d.max_connections_per_source,
+        metavar="N",
+        help="connections not authenticated yet from one source network, /24 (IPv4) or /64 (IPv6) "
+        f"(default {d.max_connections_per_source})",
+    )
+    g.add_argument(
+        "--min-body-rate",
+        type=_positive(float),
+        default=d.min_body_rate,
+        metavar="BYTES_PER_S",
+        help=f"a request body must keep up this rate after --body-grace seconds; slower: 408 "
+        f"(default {d.min_body_rate:g})",
     )
     for flag, field, what in [
         ("--handshake-timeout", "handshake_timeout", "to complete the TLS handshake"),
         ("--head-timeout", "head_timeout", "from a request's first byte to its whole head"),
         ("--idle-timeout", "idle_timeout", "a kept-alive connection may wait for its next request"),
         ("--body-timeout", "body_timeout", "of silence while a request body arrives (then 408)"),
+        ("--body-grace", "body_grace", "before --min-body-rate applies to a request body"),
         ("--upstream-timeout", "io_timeout", "for the SuperLink's answer (then 504)"),
     ]:
         g.add_argument(
@@ -754,7 +897,11 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         upstream_server_name=args.upstream_name,
         max_body=args.max_body,
         max_connections=args.max_connections,
-        max_connections_per_ip=args.max_connections_per_ip,
+        max_connections_per_source=args.max_connections_per_source,
+        reserved_connections=args.reserved_connections,
+        max_inflight=args.max_inflight,
+        min_body_rate=args.min_body_rate,
+        body_grace=args.body_grace,
         handshake_timeout=args.handshake_timeout,
         head_timeout=args.head_timeout,
         idle_timeout=args.idle_timeout,
@@ -770,12 +917,12 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
     except (ValueError, OSError, ssl.SSLError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.BAD_INPUT
     try:
         asyncio.run(serve(config))
     except OSError as exc:
         print(f"error: cannot listen on {args.listen}: {exc}", file=sys.stderr)
-        return 1
+        return ExitCode.FAILED
     return 0
 
 
