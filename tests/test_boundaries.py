@@ -1,61 +1,97 @@
-"""The aggregator's code never reaches into the hospital's: server/ imports only common/ (and Flower,
-the standard library, third-party packages), never client/, not even lazily inside a function, and
-starts no hospital module by name (`-m fedprompt.client...`). Code both sides need lives in common/;
-code that runs both sides in one process (the simulation) lives in fedprompt/."""
+"""The layers stay apart: common/ (what both sides share) imports neither client/ nor server/; the
+aggregator's code (server/) never reaches into the hospital's (client/), and the hospital's never into
+the aggregator's, not even lazily inside a function, and none starts the other's module by name
+(`-m fedprompt.client...`). Code both sides need lives in common/; code that runs both sides in one
+process (the simulation, the CLI) lives in fedprompt/."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
-SERVER = Path(__file__).resolve().parent.parent / "server"
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# folder -> the fedprompt packages its modules must not import (third-party and the standard library
+# are free; so is fedprompt's own top level, which no layer below it imports today either).
+FORBIDDEN = {"common": ("client", "server"), "client": ("server",), "server": ("client",)}
+# References that name the other side without importing or starting it.
+ALLOWED = {
+    # the ServerApp a code-free bundle must name: the hospital compares the string, never imports it
+    "client/bundle.py: fedprompt.server.server_app:app",
+}
 
 
-def _is_client(name: str) -> bool:
-    return name == "fedprompt.client" or name.startswith("fedprompt.client.")
+def _package_of(path: Path, root: Path) -> str:
+    """`server/strategies/krum.py` -> fedprompt.server.strategies: the package its relative imports start in."""
+    return ".".join(["fedprompt", *path.relative_to(root).parent.parts])
 
 
-def _client_references(path: Path) -> list[str]:
-    """`file:line: name` of each import of fedprompt.client (absolute, or relative from server/) and
-    of each string naming it, in line order."""
+def _references(path: Path, root: Path, forbidden: tuple[str, ...]) -> list[str]:
+    """`file:line: name` of each import of a forbidden fedprompt package (absolute, or relative from
+    the file's own package) and of each string naming one, in line order."""
+    bad = tuple(f"fedprompt.{name}" for name in forbidden)
+
+    def hit(name: str) -> bool:
+        return any(name == b or name.startswith(b + ".") for b in bad)
+
+    package = _package_of(path, root).split(".")
     found = []
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            if node.level == 0:
-                base = node.module or ""
-            else:  # `from .x import y` is fedprompt.server.x; `from ..x import y`, fedprompt.x
-                base = ".".join(filter(None, ["fedprompt", "server" if node.level == 1 else None, node.module]))
+            # `from .x import y` is <package>.x; each further dot climbs one package up
+            parent = package[: len(package) - node.level + 1] if node.level else []
+            base = ".".join(filter(None, [*parent, node.module]))
             names = [base, *(f"{base}.{alias.name}" for alias in node.names)]
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
-            names = [word for word in node.value.split() if _is_client(word)]
+            names = [word for word in node.value.split() if hit(word)]
         else:
             continue
-        hits = [name for name in names if _is_client(name)]
+        hits = [name for name in names if hit(name)]
         if hits:
-            found.append((node.lineno, f"{path.name}:{node.lineno}: {hits[0]}"))
+            found.append((node.lineno, f"{path.relative_to(root)}:{node.lineno}: {hits[0]}"))
     return [ref for _, ref in sorted(found)]
 
 
-def test_server_never_imports_the_hospital_side():
-    files = sorted(SERVER.glob("*.py"))
-    assert files, SERVER
-    assert [ref for path in files for ref in _client_references(path)] == []
+@pytest.mark.parametrize("folder", sorted(FORBIDDEN))
+def test_each_layer_imports_only_what_lies_below_it(folder):
+    files = sorted((ROOT / folder).rglob("*.py"))
+    assert len(files) > 5, folder  # subpackages (server/strategies/) included
+    refs = [ref for path in files for ref in _references(path, ROOT, FORBIDDEN[folder])]
+    assert [ref for ref in refs if re.sub(r":\d+: ", ": ", ref, count=1) not in ALLOWED] == []
 
 
 def test_the_check_sees_every_form_of_import(tmp_path):
-    sample = tmp_path / "sample.py"
+    sample = tmp_path / "server" / "strategies" / "sample.py"
+    sample.parent.mkdir(parents=True)
     sample.write_text(
         "import fedprompt.client.ledger\n"
         "from fedprompt.client import hospital\n"
         "from fedprompt import client\n"
-        "from ..client.records import load_records\n"
-        "from .. import client\n"
+        "from ...client.records import load_records\n"
+        "from ... import client\n"
         "def later():\n"
         "    from fedprompt.client.dp import plan_steps\n"
         "ARGV = ['-m', 'fedprompt.client.supernode_main']\n"
         "from fedprompt.common.records import load_records\n"
-        "from .federation import prepare_run\n"
+        "from ..federation import prepare_run\n"
+        "from .. import client_names\n"
+        "from .registry import register\n"
     )
-    assert [ref.split(":")[1] for ref in _client_references(sample)] == ["1", "2", "3", "4", "5", "7", "8"]
+    refs = _references(sample, tmp_path, ("client",))
+    assert [ref.split(":")[1] for ref in refs] == ["1", "2", "3", "4", "5", "7", "8"]
+    assert refs[3] == "server/strategies/sample.py:4: fedprompt.client.records"
+    # common/ is checked against both sides
+    shared = tmp_path / "common" / "wire.py"
+    shared.parent.mkdir()
+    shared.write_text(
+        "from ..server.history import HospitalOutcome\nfrom .schema import Schema\nimport fedprompt.client\n"
+    )
+    assert [ref.split(": ")[1] for ref in _references(shared, tmp_path, FORBIDDEN["common"])] == [
+        "fedprompt.server.history",
+        "fedprompt.client",
+    ]

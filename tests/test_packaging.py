@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -28,6 +29,27 @@ def test_ray_only_where_simulation_runs():
         ), dockerfile
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert 'pip install -e ".[simulation]" && fedprompt simulate --out runs/demo' in readme
+
+
+def test_fedprompt_holds_links_to_the_three_top_folders():
+    """common/, client/ and server/ stay at the top; fedprompt/ links to them, so that one folder is the
+    package that setuptools, an editable install, mypy and IDEs read (pyproject.toml [tool.setuptools])."""
+    for name in ("common", "client", "server"):
+        link = ROOT / "fedprompt" / name
+        assert link.is_symlink() and os.readlink(link) == f"../{name}", link
+        assert link.resolve() == (ROOT / name).resolve()
+    assert "package-dir" not in _project()["tool"]["setuptools"]
+
+
+def test_every_package_is_listed_for_setuptools():
+    """A subpackage missing from the list would be left out of the wheel (the images install one),
+    while an editable install still finds it."""
+    found = {"fedprompt.app"}  # a data folder without __init__.py (Flower's code-free app)
+    for folder, _, files in os.walk(ROOT / "fedprompt", followlinks=True):
+        if "__init__.py" in files:
+            found.add(".".join(Path(folder).relative_to(ROOT).parts))
+    assert "fedprompt.server.strategies" in found
+    assert set(_project()["tool"]["setuptools"]["packages"]) == found
 
 
 def test_report_template_ships_as_package_data():

@@ -1,1 +1,0 @@
-../../../fedprompt/__init__.py

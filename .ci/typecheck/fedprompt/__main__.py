@@ -1,1 +1,0 @@
-../../../fedprompt/__main__.py

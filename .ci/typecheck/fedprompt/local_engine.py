@@ -1,1 +1,0 @@
-../../../fedprompt/local_engine.py

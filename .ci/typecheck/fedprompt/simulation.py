@@ -1,1 +1,0 @@
-../../../fedprompt/simulation.py
