@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from .common import PROJECT_ROOT, Context, describe, md_table
+from .common import PROJECT_ROOT, Context, describe, md_table, tree_rss_mb
 
 HOSPITALS = 3
 PER_HOSPITAL = 40
@@ -83,27 +83,6 @@ def _workspace(root: Path, backbone: str | None, rounds: int) -> Path:
     fed_path.write_text(yaml.safe_dump(fed, sort_keys=False))
     ensure_ledgers(ws)
     return ws
-
-
-def _tree_rss_mb(pid: int) -> float:
-    """Resident memory of a process and all its descendants (Linux /proc), in MB."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    total, todo = 0.0, [pid]
-    while todo:
-        p = todo.pop()
-        todo += children.get(p, [])
-        try:
-            rss = next(line for line in Path(f"/proc/{p}/status").read_text().splitlines() if line.startswith("VmRSS:"))
-            total += int(rss.split()[1]) / 1024
-        except (OSError, StopIteration):
-            pass
-    return total
 
 
 def _deploy(ctx: Context, root: Path, rounds: int) -> tuple[dict, list[dict], dict]:
@@ -165,7 +144,7 @@ def _deploy(ctx: Context, root: Path, rounds: int) -> tuple[dict, list[dict], di
         if rc != 0 or not (out / "metrics.json").is_file():
             raise RuntimeError(f"deployment run failed (rc {rc}); logs in {logs}:\n" + procs.log("run")[-3000:])
         time.sleep(5)  # the daemons idle again
-        idle_mb = [_tree_rss_mb(procs.procs[f"hospital-{i}"].pid) for i in range(1, HOSPITALS + 1)]
+        idle_mb = [tree_rss_mb(procs.procs[f"hospital-{i}"].pid) for i in range(1, HOSPITALS + 1)]
         lines = [
             json.loads(line.split(TAG, 1)[1])
             for i in range(1, HOSPITALS + 1)

@@ -627,7 +627,8 @@ class _Client:
         if refusal is not None:
             await self._fail(refusal.status, f"{method.decode()}: {refusal.reason}", json_body=refusal.body)
         self.proxy.slots.trust(asyncio.current_task())
-        need = int(length[0]) if length else cap  # chunked: its length is known only as it arrives
+        # Chunked: its length is known only as it arrives, so its method's cap; neither framing: no body.
+        need = int(length[0]) if length else cap if _values(headers, b"transfer-encoding") else 0
         if not await self.proxy.budget.acquire(need, c.body_timeout):
             await self._fail(503, f"{self.proxy.budget.used} body bytes in flight to the aggregator: retry")
         try:

@@ -438,6 +438,53 @@ def test_trailing_newline_in_target_is_refused(topo):
         )
 
 
+def test_body_bytes_in_flight_to_the_superlink_are_bounded():
+    """In-process, --max-inflight 1 MiB: while one registered request's 1 MiB body is on its way to
+    the stand-in, a second request waits for room, and gets 503 after --body-timeout (1 s); once the
+    first is answered, it passes."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    stand_in = StandIn(key)
+
+    async def main() -> list[int]:
+        server = await asyncio.start_server(stand_in.serve, "127.0.0.1", 0)
+        upstream = server.sockets[0].getsockname()[1]
+        config = ProxyConfig(
+            "127.0.0.1", 0, "127.0.0.1", upstream, max_body=1 << 20, max_inflight=1 << 20, body_timeout=1
+        )
+        proxy = FleetProxy(config)
+        await proxy.start()
+        try:
+            while proxy.auth.keys is None:
+                await asyncio.sleep(0.01)
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            head = b"POST /v1/fleet/push-object HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n" % (1 << 20)
+            writer.write(head + auth_lines(key) + b"\r\n" + b"a" * 1000)  # held: 1 MiB of room taken
+            await writer.drain()
+            while proxy.budget.used == 0:
+                await asyncio.sleep(0.01)
+            second = asyncio.ensure_future(
+                _post(proxy.port, b"/v1/fleet/push-object", signed_headers(key), b"b" * 10, "length")
+            )
+            sent = 1000
+            while not second.done():  # the first body keeps coming (never silent for --body-timeout)
+                writer.write(b"a" * 1000)
+                sent += 1000
+                await asyncio.wait([second], timeout=0.2)
+            waited = second.result()
+            writer.write(b"a" * ((1 << 20) - sent))  # the first body completes: answered, room freed
+            first = await asyncio.wait_for(reader.read(12), 30)
+            writer.close()
+            while proxy.budget.used:
+                await asyncio.sleep(0.01)
+            passed = await _post(proxy.port, b"/v1/fleet/push-object", signed_headers(key), b"b" * 10, "length")
+            return [waited[0], int(first[9:12]), passed[0]]
+        finally:
+            await proxy.close()
+            server.close()
+
+    assert asyncio.run(main()) == [503, 200, 200]
+
+
 # The documented framing answers (docs/deployment.md, "Why a proxy"). AUTH: hospital-1's signature
 # headers, signed when the test runs (bodies are parsed only once a request authenticates).
 AUTH = b"{AUTH}"
