@@ -27,6 +27,7 @@ from itertools import pairwise
 from pathlib import Path
 
 from .common import PROJECT_ROOT, Context, md_table
+from .tiny_backbone import make_tiny_backbone
 
 SIZES, SIZES_QUICK = (10, 50, 100), (5, 10)
 ROUNDS, ROUNDS_QUICK = 3, 2
@@ -114,17 +115,6 @@ def _watch(proc: subprocess.Popen, timeout: float) -> dict:
 
 
 # --- one N, in its own process ----------------------------------------------------------------
-def _tiny_backbone(directory: Path) -> Path:
-    """The tests' tiny random BERT (tests/tinybert.py), loaded by path: tests/ is no package."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("tinybert", PROJECT_ROOT / "tests" / "tinybert.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.make_tiny_backbone(directory, hidden=32, layers=2)
-
-
 def one_size(spec: dict) -> dict:
     """Build an N-hospital demo workspace on the given backbone and simulate it; runs in the child."""
     import yaml
@@ -266,7 +256,7 @@ def run(ctx: Context) -> dict:
     rounds = int(ctx.knob("scale_rounds", ROUNDS, ROUNDS_QUICK))
     with tempfile.TemporaryDirectory(prefix="fedprompt-scale-") as tmp:
         root = Path(tmp)
-        backbone = ctx.backbone or str(_tiny_backbone(root / "tinybert"))
+        backbone = ctx.backbone or str(make_tiny_backbone(root / "tinybert"))
         per_n = []
         for n in sizes:
             ctx.log(f"scale: {n} hospitals, {rounds} round(s)")

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from tinybert import make_tiny_backbone
-
-pytestmark = pytest.mark.slow  # a whole demo federation (3 x 600 notes) on Ray, minutes on a loaded 2-core host
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.simulation,
+]  # a whole demo federation (3 x 600 notes) on Ray, minutes on a loaded 2-core host
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -21,10 +22,10 @@ def readme_example() -> str:
     return code
 
 
-def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
+def test_readme_python_example_runs(tmp_path, tiny_backbone, monkeypatch, capsys):
     """The example's one substitution: its `backbone = None` line names a tiny BERT instead."""
     # the demo's 256 tokens + prompt
-    tiny = make_tiny_backbone(tmp_path / "tinybert", hidden=32, layers=2, max_positions=512)
+    tiny = tiny_backbone(max_positions=512)
     code = readme_example()
     assert code.count("backbone = None") == 1
     monkeypatch.chdir(tmp_path)  # the example writes runs/notebook

@@ -10,18 +10,12 @@ import csv
 import json
 import math
 import random
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `benchmarks` is a top-level package of the repository
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks.__main__ import main  # noqa: E402
-
-from tinybert import WORDS, make_tiny_backbone  # noqa: E402
+from benchmarks.__main__ import main
+from benchmarks.tiny_backbone import WORDS
 
 LABELS = ["neoplasms", "digestive", "nervous", "cardiovascular", "general"]
 
@@ -47,8 +41,8 @@ def _positive_finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
-def test_runner_comm_and_micro_dp(tmp_path):
-    backbone = make_tiny_backbone(tmp_path / "tinybert", hidden=32, layers=2)
+def test_runner_comm_and_micro_dp(tmp_path, tiny_dir):
+    backbone = tiny_dir
     data = _corpus(tmp_path / "data")
     out = tmp_path / "out"
     argv = [
@@ -124,8 +118,10 @@ def test_runner_rejects_unknown_suite(tmp_path, capsys):
 
 
 @pytest.mark.slow  # one Flower simulation (Ray daemons + actor processes)
-def test_runner_scale_suite_one_size(tmp_path):
-    backbone = make_tiny_backbone(tmp_path / "tinybert", hidden=32, layers=2)
+@pytest.mark.simulation
+@pytest.mark.subprocess
+def test_runner_scale_suite_one_size(tmp_path, tiny_dir):
+    backbone = tiny_dir
     out = tmp_path / "out"
     argv = [
         "run",
@@ -254,9 +250,9 @@ def test_round_suite_analysis_and_report(tmp_path):
     )
 
 
-def test_runner_accuracy_suite_micro(tmp_path):
+def test_runner_accuracy_suite_micro(tmp_path, tiny_dir):
     """Every accuracy mode on a tiny BERT and a synthetic corpus: well-formed results, no figures asserted."""
-    backbone = make_tiny_backbone(tmp_path / "tinybert", hidden=32, layers=2)
+    backbone = tiny_dir
     data = _corpus(tmp_path / "data", rows=90)
     out = tmp_path / "out"
     assert (
@@ -321,9 +317,9 @@ def test_runner_accuracy_suite_micro(tmp_path):
     }
 
 
-def test_runner_recipe_suite_micro(tmp_path):
+def test_runner_recipe_suite_micro(tmp_path, tiny_dir):
     """The recipe sweep on a tiny BERT: every point through the product's path, well-formed."""
-    backbone = make_tiny_backbone(tmp_path / "tinybert", hidden=32, layers=2)
+    backbone = tiny_dir
     data = _corpus(tmp_path / "data", rows=90)
     out = tmp_path / "out"
     assert (
@@ -352,10 +348,11 @@ def test_runner_recipe_suite_micro(tmp_path):
     assert (out / "recipe.png").is_file() and "**default**" in (out / "results.md").read_text()
 
 
-def test_regimes_quick_runs_the_product_federation(tmp_path):
+@pytest.mark.simulation
+def test_regimes_quick_runs_the_product_federation(tmp_path, tiny_dir):
     """`--suite regimes --quick` on a tiny BERT: a real workspace per regime, federations through the
     product's apps on the in-process engine, the table and a plot per regime."""
-    backbone = make_tiny_backbone(tmp_path / "tinybert", hidden=32, layers=2)
+    backbone = tiny_dir
     data = _corpus(tmp_path / "data", rows=300)
     out = tmp_path / "out"
     argv = ["run", "--suite", "regimes", "--quick", "--out", str(out), "--backbone", str(backbone), "--data", str(data)]

@@ -12,34 +12,22 @@ import subprocess
 import sys
 
 import pytest
-import yaml
+from conftest import make_workspace
 
 from fedprompt.cli import main
-from fedprompt.client.demo_data import generate_demo
-from fedprompt.client.workspace import list_hospitals, write_workspace
 from fedprompt.common.logs import CONSOLE, FORMAT_ENV, PROGRESS, captured_output, console
 from fedprompt.simulation import LOG_NAME, ensure_ledgers
 
-from tinybert import make_tiny_backbone
 
-
-def test_simulate_console_holds_only_fedprompt_lines(tmp_path):
+@pytest.mark.simulation
+@pytest.mark.subprocess
+def test_simulate_console_holds_only_fedprompt_lines(tmp_path, tiny_dir):
     """The done-when of the quiet console: a real `fedprompt simulate` (tiny BERT, 2 hospitals, 2
     rounds) in a fresh process, its stdout and stderr as an operator's terminal would get them."""
-    tiny = make_tiny_backbone(tmp_path / "tinybert", hidden=32, layers=2)
-    demo = generate_demo(hospitals=2, per_hospital=30, test_size=20, seed=1)
-    ws = write_workspace(
-        tmp_path / "ws",
-        name="quiet",
-        labels=demo.labels,
-        hospitals=demo.hospitals,
-        test_rows=demo.test,
-        federation_overrides={"rounds": 2, "model": {"n_virtual_tokens": 4, "max_length": 32}},
+    overrides = {"rounds": 2, "model": {"n_virtual_tokens": 4, "max_length": 32}}
+    ws = make_workspace(
+        tmp_path, tiny_dir, hospitals=2, per_hospital=30, test_size=20, overrides=overrides, name="quiet"
     )
-    for site in list_hospitals(ws):
-        doc = yaml.safe_load(site.read_text())
-        doc["backbone"] = str(tiny)
-        site.write_text(yaml.safe_dump(doc, sort_keys=False))
     ensure_ledgers(ws)
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLWR_LOG", "RAY_"))}
@@ -54,7 +42,7 @@ def test_simulate_console_holds_only_fedprompt_lines(tmp_path):
             "--out",
             str(out),
             "--backbone",
-            str(tiny),
+            str(tiny_dir),
         ],
         capture_output=True,
         text=True,
@@ -140,6 +128,7 @@ def test_progress_lines_are_rewritten_in_place_on_a_terminal():
     )
 
 
+@pytest.mark.subprocess
 def test_daemons_log_json_lines(tmp_path):
     code = (
         "import logging, os; from fedprompt.common.logs import configure_logging, FORMAT_ENV; "

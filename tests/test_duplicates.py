@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import yaml
+from conftest import edit_yaml
 
 from fedprompt.client.ledger import PrivacyLedger
 from fedprompt.client.partition import partition
@@ -154,7 +154,7 @@ def _run_partition(data_cli, corpus: Path, out: Path) -> int:
     )
 
 
-def test_partition_command_reports_and_creates_ledgers_simulate_accepts(tmp_path, data_cli, capsys, monkeypatch):
+def test_partition_command_reports_and_creates_ledgers_simulate_accepts(tmp_path, data_cli, cli_with, capsys):
     rows = [(f"abstract {i}", "123"[i % 3]) for i in range(150)]
     rows[10] = ("abstract 0", "1")  # line 12: line 2 again, same label
     rows[20] = ("abstract  1", "3")  # line 22: line 3 (label 2) under label 3
@@ -181,13 +181,12 @@ def test_partition_command_reports_and_creates_ledgers_simulate_accepts(tmp_path
 
     # The ledgers are there, empty, each its site's: `privacy show` reads them, and `simulate
     # --workspace` (which never creates one) finds every one.
-    from fedprompt import cli
     from fedprompt.simulation import check_ledgers
 
     check_ledgers(sites)
-    monkeypatch.setattr(cli, "COMMANDS", ("privacy",))  # `data_cli` registered `data` only
+    privacy_cli = cli_with("privacy")  # `data_cli` registered `data` only
     for site in sites:
-        assert cli.main(["privacy", "show", "--site", str(site.source), "--json"]) == 0
+        assert privacy_cli(["privacy", "show", "--site", str(site.source), "--json"]) == 0
         shown = json.loads(capsys.readouterr().out)
         assert shown["hospital_id"] == site.hospital_id and shown["history"] == []
         assert shown["epsilon_cap"] == 8.0 and shown["delta"] == site.privacy.delta
@@ -198,9 +197,7 @@ def test_create_ledgers_honours_the_anchor_and_never_replaces_a_ledger(tmp_path)
     anchors = tmp_path / "anchors"  # another volume, in real life
     anchors.mkdir()
     site_file = ws / "hospital-2" / "site.yaml"
-    doc = yaml.safe_load(site_file.read_text(encoding="utf-8"))
-    doc["ledger_anchor"] = str(anchors / "hospital-2.anchor")
-    site_file.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    edit_yaml(site_file, lambda d: d.update(ledger_anchor=str(anchors / "hospital-2.anchor")))
     first = SiteConfig.load(ws / "hospital-1" / "site.yaml")
     PrivacyLedger.create_for_site(first)  # hospital-1 already has its ledger (`privacy init`)
     kept = first.ledger.read_bytes()

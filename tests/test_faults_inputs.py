@@ -27,13 +27,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import FAST, edit_yaml, make_workspace
 from flwr.app import RecordDict
 
 from fedprompt.cli import main
 from fedprompt.client import hospital
-from fedprompt.client.demo_data import generate_demo
 from fedprompt.client.ledger import PrivacyLedger
-from fedprompt.client.workspace import list_hospitals, load_workspace, write_workspace
+from fedprompt.client.workspace import load_workspace
 from fedprompt.common import atomic as atomic_mod
 from fedprompt.common.plan import RoundPlan
 from fedprompt.common.wire import ARRAYS, METRICS, STATUS, state_to_arrays
@@ -42,38 +42,13 @@ from fedprompt.server.export import export_model
 from fedprompt.server.federation import RunSpec, prepare_run
 from fedprompt.simulation import ensure_ledgers
 
-from tinybert import make_tiny_backbone
-
 pytestmark = pytest.mark.faults
 
-TARGET_EPSILON = 2.0  # the federation's request; below every site cap used here, so sigma never depends on the cap
-FAST = {
-    "rounds": 3,
-    "min_hospitals": 1,
-    "model": {"n_virtual_tokens": 4, "max_length": 32},
-    "training": {"local_epochs": 1, "batch_size": 8, "lr": 0.05},
-    "privacy": {"target_epsilon": TARGET_EPSILON},
-}
+# the federation's request; below every site cap used here, so sigma never depends on the cap
+TARGET_EPSILON = FAST["privacy"]["target_epsilon"]
 
 
 # --- the template: one workspace, its ledger, an export and a checkpoint -------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return make_tiny_backbone(tmp_path_factory.mktemp("tinybert").resolve(), hidden=32, layers=2)
-
-
-@pytest.fixture(scope="module")
-def other_dir(tmp_path_factory) -> Path:
-    """Same architecture and vocabulary, other weights: another fingerprint."""
-    return make_tiny_backbone(tmp_path_factory.mktemp("otherbert").resolve(), seed=7, hidden=32, layers=2)
-
-
-def _edit_yaml(path: Path, change: Callable[[dict], None]) -> None:
-    data = yaml.safe_load(path.read_text())
-    change(data)
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
 @pytest.fixture(scope="module")
@@ -81,24 +56,9 @@ def template(tmp_path_factory, tiny_dir) -> Path:
     """root/ws (1 hospital, 16 train + 4 validation notes, rdp accountant, empty ledger),
     root/export (an exported prompt), root/run/checkpoint (a round-1 checkpoint)."""
     root = tmp_path_factory.mktemp("template").resolve()
-    demo = generate_demo(hospitals=1, per_hospital=20, test_size=10, seed=1)
-    ws = write_workspace(
-        root / "ws",
-        name="t",
-        labels=demo.labels,
-        hospitals=demo.hospitals,
-        test_rows=demo.test,
-        federation_overrides=FAST,
-        epsilon_cap=10.0,
-        allow_non_private=False,
+    ws = make_workspace(
+        root, tiny_dir, hospitals=1, per_hospital=20, test_size=10, allow_non_private=False, accountant="rdp"
     )
-    for site in list_hospitals(ws):
-
-        def change(d):
-            d["backbone"] = str(tiny_dir)
-            d["privacy"]["accountant"] = "rdp"  # PRV costs seconds per epsilon on a shared 2-core box
-
-        _edit_yaml(site, change)
     ensure_ledgers(ws)
     fed, _, _ = load_workspace(ws)
     run = prepare_run(RunSpec(fed, root / "never-created", None, tiny_dir))
@@ -171,7 +131,7 @@ class Ctx:
 
     # edits
     def yaml(self, path: Path, change: Callable[[dict], None]) -> None:
-        _edit_yaml(path, change)
+        edit_yaml(path, change)
 
     def labels(self) -> list[str]:
         return yaml.safe_load(self.fed.read_text())["labels"]

@@ -14,58 +14,35 @@ import numpy as np
 import pytest
 import torch
 import yaml
+
+# FAST and make_workspace: tests/conftest.py (imported here too by the modules that import them from here)
+from conftest import FAST, edit_yaml, make_workspace
 from flwr.app import Array, ArrayRecord, Context, Message, Metadata, RecordDict
 
 from fedprompt.client.client_app import make_client_app
-from fedprompt.client.demo_data import generate_demo
-from fedprompt.client.workspace import list_hospitals, load_workspace, write_workspace
+from fedprompt.client.workspace import list_hospitals, load_workspace
 from fedprompt.common.backbone import load_backbone
 from fedprompt.common.config import FederationConfig
 from fedprompt.common.encoding import encode
 from fedprompt.common.model import TRAINABLE_KEYS, PromptClassifier, build_model, initial_state
 from fedprompt.common.plan import RoundPlan
 from fedprompt.common.records import load_records
-from fedprompt.common.wire import ARRAYS, METRICS, REFUSAL_CATEGORIES, STATUS, STATUS_KEYS, state_to_arrays
+from fedprompt.common.wire import (
+    ARRAYS,
+    LEDGER,
+    METRICS,
+    REFUSAL_CATEGORIES,
+    STATUS,
+    Status,
+    TrainMetrics,
+    TrainReply,
+    state_to_arrays,
+)
 from fedprompt.server.checkpoint import load_checkpoint
 from fedprompt.server.federation import RunSpec, prepare_run
 from fedprompt.simulation import ensure_ledgers, simulate
 
-from tinybert import make_tiny_backbone
-
 pytestmark = pytest.mark.slow
-
-FAST = {
-    "rounds": 3,
-    "model": {"n_virtual_tokens": 4, "max_length": 32},
-    "training": {"local_epochs": 2, "batch_size": 8, "lr": 0.05},
-    "privacy": {"target_epsilon": 8.0},
-}
-
-
-def make_workspace(
-    root: Path, backbone: Path | None, *, hospitals=3, per_hospital=60, test_size=60, overrides=None, cap=10.0
-) -> Path:
-    demo = generate_demo(hospitals=hospitals, per_hospital=per_hospital, test_size=test_size, seed=1)
-    ws = write_workspace(
-        root / "ws",
-        name="t",
-        labels=demo.labels,
-        hospitals=demo.hospitals,
-        test_rows=demo.test,
-        federation_overrides=overrides or FAST,
-        epsilon_cap=cap,
-        allow_non_private=True,
-    )
-    for site in list_hospitals(ws):
-        data = yaml.safe_load(site.read_text())
-        data["backbone"] = str(backbone) if backbone else None
-        site.write_text(yaml.safe_dump(data, sort_keys=False))
-    return ws
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return make_tiny_backbone(tmp_path_factory.mktemp("tinybert"), hidden=32, layers=2)
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +65,7 @@ def finished_run(tmp_path_factory):
     return ws, root / "out", metrics
 
 
+@pytest.mark.simulation
 def test_three_hospitals_learn_together_and_export(finished_run):
     ws, out, metrics = finished_run
     assert [r["round"] for r in metrics["rounds"]] == list(range(11))
@@ -119,6 +97,7 @@ def test_three_hospitals_learn_together_and_export(finished_run):
     assert (out / "report.html").is_file() and (out / "export" / "MODEL_CARD.md").is_file()
 
 
+@pytest.mark.simulation
 def test_export_predicts_exactly_like_the_final_global_model(finished_run):
     ws, out, metrics = finished_run
     bb = load_backbone()
@@ -133,22 +112,21 @@ def test_export_predicts_exactly_like_the_final_global_model(finished_run):
         assert torch.equal(exported(ids, mask), final(ids, mask))
 
 
-def test_predict_cli_on_the_export(finished_run, capsys):
+@pytest.mark.simulation
+def test_predict_cli_on_the_export(finished_run, other_dir, capsys):
     from fedprompt.cli import main
 
     ws, out, metrics = finished_run
     assert main(["predict", "--model", str(out / "export"), "--text", "chest pain", "--json"]) == 0
     row = json.loads(capsys.readouterr().out.splitlines()[0])
     assert row["label"] in metrics["labels"] and abs(sum(row["probabilities"].values()) - 1) < 1e-5
-    other = make_tiny_backbone(out.parent / "other", seed=7)
-    assert main(["predict", "--model", str(out / "export"), "--backbone", str(other), "--text", "x"]) == 2
+    assert main(["predict", "--model", str(out / "export"), "--backbone", str(other_dir), "--text", "x"]) == 2
     assert "backbone_fingerprint" in capsys.readouterr().err
 
 
+@pytest.mark.simulation
 def test_resume_continues_round_numbering_and_history(tmp_path, tiny_dir):
-    ws = make_workspace(
-        tmp_path, tiny_dir, overrides={**FAST, "training": {"local_epochs": 1, "batch_size": 8, "lr": 0.05}}
-    )
+    ws = make_workspace(tmp_path, tiny_dir)
     ensure_ledgers(ws)
     first = simulate(ws, tmp_path / "out", backbone=tiny_dir, stop_after=2)
     assert [r["round"] for r in first["rounds"]] == [0, 1, 2]
@@ -196,6 +174,7 @@ def rogue_client_app(site_paths, rogue_index: int):
     return app
 
 
+@pytest.mark.simulation
 def test_rogue_updates_rejected_and_capped_hospital_refused(tmp_path, tiny_dir):
     from flwr.simulation import run_simulation
 
@@ -210,9 +189,7 @@ def test_rogue_updates_rejected_and_capped_hospital_refused(tmp_path, tiny_dir):
     site4 = ws / "hospital-4" / "site.yaml"
     ledger4 = PrivacyLedger.open(ws / "hospital-4" / "ledger" / "privacy-ledger.json")
     spent = ledger4.record(1.0, 0.2, 30, epsilon_cap=10.0, run_id="earlier", round=1)
-    data = yaml.safe_load(site4.read_text())
-    data["privacy"]["max_epsilon"] = round(spent + 0.01, 3)
-    site4.write_text(yaml.safe_dump(data, sort_keys=False))
+    edit_yaml(site4, lambda d: d["privacy"].update(max_epsilon=round(spent + 0.01, 3)))
     fed, sites, test = load_workspace(ws)
     run = prepare_run(RunSpec(fed, tmp_path / "out", test, tiny_dir, expected_hospitals=4))
     run_simulation(
@@ -245,8 +222,8 @@ def wire_bytes(obj) -> bytes:
     return obj.deflate() + b"".join(wire_bytes(c) for c in (obj.children or {}).values())
 
 
-# What a train reply may carry besides the tensors, under default settings (docs/deployment.md 5).
-DEFAULT_TRAIN_FIELDS = {"num-examples", "private", "epsilon-spent", "epsilon-cap", "delta"}
+# What a train reply's metrics may carry (docs/deployment.md 5): the reply model's, all of them under default settings.
+DEFAULT_TRAIN_FIELDS = TrainMetrics.keys()
 
 
 def _message(kind: str, content: RecordDict) -> Message:
@@ -264,12 +241,12 @@ def _message(kind: str, content: RecordDict) -> Message:
     return Message(metadata=md, content=content)
 
 
-def test_wire_audit_only_declared_tensors_and_aggregates_leave(tmp_path, monkeypatch, caplog):
+def test_wire_audit_only_declared_tensors_and_aggregates_leave(tmp_path, tiny_backbone, monkeypatch, caplog):
     """Every byte of a train, evaluate and refusal reply under the default settings: the declared
     tensors, the documented minimal fields, a status record; no loss, no per-class counts, no
     record count, no truncation count, no record line, label or path in any reason."""
     # hidden 384 like the default backbone, so the payload has its real size
-    bb_dir = make_tiny_backbone(tmp_path / "bb", hidden=384, layers=1)
+    bb_dir = tiny_backbone(hidden=384, layers=1)
     ws = make_workspace(
         tmp_path,
         bb_dir,
@@ -308,7 +285,8 @@ def test_wire_audit_only_declared_tensors_and_aggregates_leave(tmp_path, monkeyp
         train_reply, eval_reply = ask("train"), ask("evaluate")
     local_log = caplog.text
     c = train_reply.content
-    assert set(c.keys()) == {ARRAYS, METRICS, STATUS}
+    assert set(c.keys()) == {ARRAYS, METRICS, STATUS, LEDGER}
+    TrainReply.from_content(c)  # exactly the reply model's records and keys, each typed
     shapes = {k: tuple(c[ARRAYS][k].shape) for k in c[ARRAYS].keys()}
     assert shapes == {k: tuple(v) for k, v in run.prompt.shapes().items()} and tuple(shapes) == TRAINABLE_KEYS
     assert all(c[ARRAYS][k].dtype == "float32" for k in TRAINABLE_KEYS)
@@ -317,6 +295,11 @@ def test_wire_audit_only_declared_tensors_and_aggregates_leave(tmp_path, monkeyp
     # 32 training records: the site.yaml fedprompt wrote declares 30 (one significant digit)
     assert c[METRICS]["num-examples"] == 30.0 and c[METRICS]["private"] == 1
     assert dict(c[STATUS]) == {"hospital-id": "hospital-1", "status": "ok", "reason": ""}  # no truncation count
+    # the ledger record: the hashes of the site's own ledger entries (this run's), nothing else
+    from fedprompt.client.ledger import PrivacyLedger
+
+    assert list(c[LEDGER].keys()) == ["chain"]
+    assert c[LEDGER]["chain"] == [e.hash for e in PrivacyLedger.for_site(site).history]
     # evaluate: the status record alone (the site validated locally and logged it)
     assert set(eval_reply.content.keys()) == {STATUS} and dict(eval_reply.content[STATUS])["reason"] == ""
     # what stayed behind is in the hospital's own log
@@ -369,8 +352,9 @@ def test_wire_audit_only_declared_tensors_and_aggregates_leave(tmp_path, monkeyp
             assert needle.encode() not in blob, (needle, reply.metadata.message_type)
         for record in reply.content.metric_records.values():  # no field is the record count
             assert all(v not in (n_train, n_val) for v in record.values() if not isinstance(v, list))
-        for record in reply.content.config_records.values():
-            assert set(record.keys()) == STATUS_KEYS and record["reason"] in ("", *REFUSAL_CATEGORIES)
+        for name, record in reply.content.config_records.items():
+            if name != LEDGER:  # checked above: hashes only
+                assert set(record.keys()) == Status.keys() and record["reason"] in ("", *REFUSAL_CATEGORIES)
     raw = sum(v.numel() * 4 for v in initial_state(bb, run.prompt).values())
     assert len(wire_bytes(train_reply.content)) <= 1.1 * raw, (len(wire_bytes(train_reply.content)), raw)
 
@@ -452,6 +436,7 @@ def test_tampered_noise_memo_changes_only_what_the_ledger_accounts(tmp_path, tin
     assert reply[METRICS]["epsilon-spent"] == pytest.approx(book.epsilon_spent())
 
 
+@pytest.mark.simulation
 def test_partitioned_real_corpus_trains(tmp_path, tiny_dir):
     """`fedprompt data partition` on the shared abstracts yields a workspace a federation trains on."""
     from fedprompt.cli import main
@@ -489,18 +474,21 @@ def test_partitioned_real_corpus_trains(tmp_path, tiny_dir):
         )
         == 0
     )
-    fed = yaml.safe_load((ws / "federation.yaml").read_text())
-    fed.update(
-        rounds=1,
-        model={**fed["model"], "n_virtual_tokens": 4, "max_length": 32},
-        training={**fed["training"], "local_epochs": 1, "batch_size": 64},
+    edit_yaml(
+        ws / "federation.yaml",
+        lambda d: d.update(
+            rounds=1,
+            model={**d["model"], "n_virtual_tokens": 4, "max_length": 32},
+            training={**d["training"], "local_epochs": 1, "batch_size": 64},
+        ),
     )
-    (ws / "federation.yaml").write_text(yaml.safe_dump(fed, sort_keys=False))
     for site in list_hospitals(ws):
-        data = yaml.safe_load(site.read_text())
-        data["backbone"] = str(tiny_dir)
-        data["limits"].update(min_total_rounds=1, allow_fixed_batch=True)  # the one fixed-batch round above
-        site.write_text(yaml.safe_dump(data, sort_keys=False))
+
+        def local(d):
+            d["backbone"] = str(tiny_dir)
+            d["limits"].update(min_total_rounds=1, allow_fixed_batch=True)  # the one fixed-batch round above
+
+        edit_yaml(site, local)
     ensure_ledgers(ws)
     metrics = simulate(ws, tmp_path / "out", backbone=tiny_dir)
     start, r = metrics["rounds"]
@@ -584,9 +572,7 @@ def test_record_count_never_leaves_the_weight_is_declared(tmp_path, tiny_dir):
     with small.open("w", newline="") as f:
         csv.writer(f).writerows(rows[:26])  # 25 records against 40
     site2 = ws / "hospital-2" / "site.yaml"
-    data = yaml.safe_load(site2.read_text())
-    data["weight"] = 20.0
-    site2.write_text(yaml.safe_dump(data, sort_keys=False))
+    edit_yaml(site2, lambda d: d.update(weight=20.0))
     ensure_ledgers(ws)
     fed, sites, _ = load_workspace(ws)
     assert sites[0].privacy.delta == sites[1].privacy.delta
@@ -606,10 +592,8 @@ def test_evaluation_shared_only_noised_and_charged_to_the_ledger(tmp_path, tiny_
     from fedprompt.common.accounting import calibrate_noise
 
     ws, run, site_yaml, ledger = one_site(tmp_path, tiny_dir)
-    data = yaml.safe_load(site_yaml.read_text())
-    data.update(share_evaluation="noised", evaluation_epsilon=0.5)
-    site_yaml.write_text(yaml.safe_dump(data, sort_keys=False))
-    delta = data["privacy"]["delta"]
+    edit_yaml(site_yaml, lambda d: d.update(share_evaluation="noised", evaluation_epsilon=0.5))
+    delta = yaml.safe_load(site_yaml.read_text())["privacy"]["delta"]
     with caplog.at_level("INFO", logger="fedprompt.hospital"):
         reply = evaluate_round(_train_content(run), site_yaml, run_id="7")
     assert set(reply.keys()) == {METRICS, STATUS} and set(reply[METRICS].keys()) == {"tp", "fp", "fn"}
@@ -622,8 +606,7 @@ def test_evaluation_shared_only_noised_and_charged_to_the_ledger(tmp_path, tiny_
     assert compute_epsilon("prv", [(sigma, 1.0, 1)], delta) == pytest.approx(0.5, rel=0.02)
     assert "validation of the model received (local log, not sent)" in caplog.text
 
-    data["privacy"]["max_epsilon"] = 0.6  # a second release (0.5 more) would pass the cap
-    site_yaml.write_text(yaml.safe_dump(data, sort_keys=False))
+    edit_yaml(site_yaml, lambda d: d["privacy"].update(max_epsilon=0.6))  # a second release (0.5 more) passes it
     before = ledger.read_bytes()
     reply = evaluate_round(_train_content(run), site_yaml, run_id="7")
     assert dict(reply[STATUS]) == {"hospital-id": "hospital-1", "status": "refused", "reason": "budget"}
@@ -637,21 +620,21 @@ def test_one_message_round_charges_the_shared_evaluation_before_training(tmp_pat
     train reply has no such record (test_wire_audit_only_declared_tensors_and_aggregates_leave)."""
     from fedprompt.client.hospital import train_round
     from fedprompt.client.ledger import PrivacyLedger
-    from fedprompt.common.wire import EVALUATION, validate_update
+    from fedprompt.common.wire import EVALUATION, check_update
 
     ws, run, site_yaml, ledger = one_site(tmp_path, tiny_dir)
-    data = yaml.safe_load(site_yaml.read_text())
-    data.update(share_evaluation="noised", evaluation_epsilon=0.5)
-    site_yaml.write_text(yaml.safe_dump(data, sort_keys=False))
+    edit_yaml(site_yaml, lambda d: d.update(share_evaluation="noised", evaluation_epsilon=0.5))
     content = _train_content(run)
     assert content["config"]["fp.evaluate_in_train"] is True
     reply = train_round(content, site_yaml, run_id="7")
-    assert set(reply.keys()) == {ARRAYS, METRICS, STATUS, EVALUATION}
+    assert set(reply.keys()) == {ARRAYS, METRICS, STATUS, LEDGER, EVALUATION}
     assert set(reply[EVALUATION].keys()) == {"tp", "fp", "fn"}
     evaluation, training = PrivacyLedger.open(ledger).history
     assert (evaluation.run_id, evaluation.sample_rate, evaluation.steps) == ("t/7/evaluation", 1.0, 1)
     assert training.run_id == "t/7" and training.round == evaluation.round == 1
-    assert validate_update(reply, run.prompt.shapes(), run.state, norm_bound=1e9) is None
+    parsed = TrainReply.from_content(reply, num_labels=run.prompt.num_labels)
+    assert parsed.evaluation is not None and parsed.ledger.chain == [evaluation.hash, training.hash]
+    assert check_update(reply[ARRAYS], run.prompt.shapes(), run.state, 1e9) is None
 
 
 def test_noised_counts_have_the_gaussian_mechanism_std():

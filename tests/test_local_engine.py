@@ -9,17 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import edit_yaml, make_workspace
 from flwr.app import Message, RecordDict
 from flwr.clientapp import ClientApp
 from safetensors.torch import load_file
-from test_federation import make_workspace
 
 from fedprompt.client.ledger import PrivacyLedger
 from fedprompt.client.workspace import list_hospitals, load_workspace
 from fedprompt.local_engine import LocalGrid
 from fedprompt.simulation import ensure_ledgers, simulate
-
-from tinybert import make_tiny_backbone
 
 pytestmark = pytest.mark.slow
 
@@ -42,21 +40,15 @@ PRIVATE = {
 }
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return make_tiny_backbone(tmp_path_factory.mktemp("tinybert"), hidden=32, layers=2)
-
-
 def _run(root: Path, tiny_dir: Path, engine: str, overrides: dict, **kw) -> tuple[Path, dict]:
     ws = make_workspace(root, tiny_dir, per_hospital=40, test_size=40, overrides=overrides)
     for site in list_hospitals(ws):
-        data = yaml.safe_load(site.read_text())
-        data["weight"] = DECLARED_SIZE
-        site.write_text(yaml.safe_dump(data, sort_keys=False))
+        edit_yaml(site, lambda d: d.update(weight=DECLARED_SIZE))
     ensure_ledgers(ws)
     return ws, simulate(ws, root / "out", backbone=tiny_dir, engine=engine, **kw)
 
 
+@pytest.mark.simulation
 def test_local_engine_trains_the_same_global_model_as_ray(tmp_path, tiny_dir):
     _, ray = _run(tmp_path / "ray", tiny_dir, "ray", DETERMINISTIC, non_private=True)
     _, local = _run(tmp_path / "local", tiny_dir, "local", DETERMINISTIC, non_private=True)
@@ -80,6 +72,7 @@ def test_local_engine_trains_the_same_global_model_as_ray(tmp_path, tiny_dir):
     assert json.loads((tmp_path / "local" / "out" / "comparison.json").read_text()) == local["hospital_comparison"]
 
 
+@pytest.mark.simulation
 def test_private_run_writes_the_same_ledger_entries_on_both_engines(tmp_path, tiny_dir):
     entries = {}
     for engine in ("ray", "local"):

@@ -5,8 +5,8 @@ in (site.yaml: log_records). `fedprompt data check`, the operator's own terminal
 from __future__ import annotations
 
 import pytest
-import yaml
-from test_federation import _train_content, make_workspace
+from conftest import edit_yaml, make_workspace
+from test_federation import _train_content
 
 from fedprompt.client.hospital import evaluate_round, train_round
 from fedprompt.client.preflight import preflight
@@ -16,14 +16,7 @@ from fedprompt.common.wire import STATUS
 from fedprompt.server.federation import RunSpec, prepare_run
 from fedprompt.simulation import ensure_ledgers
 
-from tinybert import make_tiny_backbone
-
 SECRET = "hiv-positive-secret"
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return make_tiny_backbone(tmp_path_factory.mktemp("tinybert"), hidden=32, layers=2)
 
 
 @pytest.fixture
@@ -45,8 +38,7 @@ def site(tmp_path, tiny_dir):
 
 
 def _opt_in(site_yaml) -> None:
-    doc = yaml.safe_load(site_yaml.read_text())
-    site_yaml.write_text(yaml.safe_dump({**doc, "log_records": True}, sort_keys=False))
+    edit_yaml(site_yaml, lambda d: d.update(log_records=True))
 
 
 def test_refusals_name_line_and_field_but_withhold_the_value_by_default(site, caplog):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from conftest import edit_yaml
 from torch.utils.data import TensorDataset
 
 from fedprompt.client.personalize import (
@@ -51,7 +51,7 @@ from fedprompt.common.model import (
 )
 
 from site_isolation import watched
-from tinybert import TOY_KEYWORDS, TOY_LABELS, TOY_NEUTRAL, make_tiny_backbone
+from tinybert import TOY_KEYWORDS, TOY_LABELS, TOY_NEUTRAL
 
 LABELS, KEYWORDS, NEUTRAL = TOY_LABELS, TOY_KEYWORDS, TOY_NEUTRAL
 FEDERATION_MIX = [0.8, 0.1, 0.1]  # what the global model learnt from
@@ -74,12 +74,12 @@ def notes(rng: random.Random, mix: list[float], n: int) -> list[tuple[str, str]]
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
+def world(tmp_path_factory, tiny_dir, other_dir) -> Path:
     """root/tinybert, root/otherbert, root/export (a global model fitted on FEDERATION_MIX notes),
     root/ws: hospital-1 (SITE_MIX: train, val, local test) and hospital-2 (must stay untouched)."""
     root = tmp_path_factory.mktemp("personalize").resolve()
-    tiny = make_tiny_backbone(root / "tinybert", hidden=32, layers=2)
-    make_tiny_backbone(root / "otherbert", seed=7, hidden=32, layers=2)
+    tiny = shutil.copytree(tiny_dir, root / "tinybert")  # inside the root its file watch covers
+    shutil.copytree(other_dir, root / "otherbert")
     bb = load_backbone(tiny)
     config = PromptConfig(
         labels=LABELS,
@@ -105,21 +105,13 @@ def world(tmp_path_factory) -> Path:
         "2": (notes(rng, FEDERATION_MIX, 60), notes(rng, FEDERATION_MIX, 20)),
     }
     local = {"1": notes(rng, SITE_MIX, 60), "2": notes(rng, FEDERATION_MIX, 20)}
-    ws = write_workspace(root / "ws", name="t", labels=LABELS, hospitals=hospitals, local_tests=local)
-    for hid in hospitals:
-        path = ws / f"hospital-{hid}" / "site.yaml"
-        data = yaml.safe_load(path.read_text())
-        data["backbone"] = str(tiny)
-        path.write_text(yaml.safe_dump(data, sort_keys=False))
+    write_workspace(root / "ws", name="t", labels=LABELS, hospitals=hospitals, local_tests=local, backbone=tiny)
     return root
 
 
 @pytest.fixture
-def cli(monkeypatch):
-    from fedprompt import cli
-
-    monkeypatch.setattr(cli, "COMMANDS", ("personalize", "predict"))
-    return cli.main
+def cli(cli_with):
+    return cli_with("personalize", "predict")
 
 
 @pytest.fixture(scope="module")
@@ -239,9 +231,7 @@ def test_personalised_model_refuses_another_backbone(world, personalized, cli, c
     # a site on another backbone cannot personalise the export either, and writes nothing
     site = tmp_path / "hospital-1"
     shutil.copytree(world / "ws" / "hospital-1", site)
-    data = yaml.safe_load((site / "site.yaml").read_text())
-    data["backbone"] = str(other)
-    (site / "site.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    edit_yaml(site / "site.yaml", lambda d: d.update(backbone=str(other)))
     assert (
         cli(
             [

@@ -8,37 +8,23 @@ import csv
 import json
 
 import pytest
-import yaml
+from conftest import edit_yaml, make_workspace
 from flwr.app import RecordDict
 
 from fedprompt.cli import main
-from fedprompt.client.demo_data import generate_demo
 from fedprompt.client.hospital import train_round
 from fedprompt.client.ledger import PrivacyLedger
-from fedprompt.client.workspace import list_hospitals, load_workspace, write_workspace
+from fedprompt.client.workspace import list_hospitals, load_workspace
 from fedprompt.common.config import SiteConfig
 from fedprompt.common.plan import RoundPlan
 from fedprompt.common.wire import ARRAYS, STATUS, state_to_arrays
 from fedprompt.server.federation import RunSpec, prepare_run
 from fedprompt.simulation import ensure_ledgers
 
-from tinybert import make_tiny_backbone
-
 PATIENTS = 5
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_backbone(tmp_path_factory.mktemp("tinybert"))
-
-
-def _edit(path, change):
-    data = yaml.safe_load(path.read_text())
-    change(data)
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-
-
-def _workspace(root, tiny, **training):
+def _workspace(root, tiny_dir, **training):
     """Two hospitals on the tiny BERT, ledgers created. hospital-1 has a noise floor above its
     calibrated sigma; hospital-2 accounts patients (PATIENTS of them), not records."""
     overrides = {
@@ -46,20 +32,20 @@ def _workspace(root, tiny, **training):
         "model": {"n_virtual_tokens": 2, "max_length": 16},
         "training": {"batch_size": 4, **training},
     }
-    demo = generate_demo(hospitals=2, per_hospital=24, test_size=10, seed=3)
-    ws = write_workspace(
-        root / "ws",
+    ws = make_workspace(
+        root,
+        tiny_dir,
+        hospitals=2,
+        per_hospital=24,
+        test_size=10,
+        overrides=overrides,
+        allow_non_private=False,
         name="plan",
-        labels=demo.labels,
-        hospitals=demo.hospitals,
-        test_rows=demo.test,
-        federation_overrides=overrides,
-        epsilon_cap=10.0,
-        backbone=tiny,
+        seed=3,
     )
     one, two = list_hospitals(ws)
-    _edit(one, lambda d: d["privacy"].update(min_noise_multiplier=2.0))
-    _edit(two, lambda d: d.update(patient_field="patient", privacy={**d["privacy"], "delta": 1e-3}))
+    edit_yaml(one, lambda d: d["privacy"].update(min_noise_multiplier=2.0))
+    edit_yaml(two, lambda d: d.update(patient_field="patient", privacy={**d["privacy"], "delta": 1e-3}))
     train = two.parent / "train.csv"
     rows = list(csv.reader(train.open(newline="")))
     with train.open("w", newline="") as f:
@@ -70,34 +56,34 @@ def _workspace(root, tiny, **training):
     return ws
 
 
-def _plan(capsys, ws, tiny, *extra) -> dict:
-    assert main(["plan", "--workspace", str(ws), "--backbone", str(tiny), "--json", *extra]) == 0
+def _plan(capsys, ws, tiny_dir, *extra) -> dict:
+    assert main(["plan", "--workspace", str(ws), "--backbone", str(tiny_dir), "--json", *extra]) == 0
     return {row["hospital_id"]: row for row in json.loads(capsys.readouterr().out)["hospitals"]}
 
 
-def _round_1(ws, tiny, tmp_path) -> dict[str, str]:
+def _round_1(ws, tiny_dir, tmp_path) -> dict[str, str]:
     """Each site's status after a real train_round of round 1 of the workspace's run."""
     fed, _, _ = load_workspace(ws)
-    run = prepare_run(RunSpec(fed, tmp_path / "out", None, tiny))
+    run = prepare_run(RunSpec(fed, tmp_path / "out", None, tiny_dir))
     plan = RoundPlan.for_run(run.spec.federation, run.prompt, round=1)
     content = {ARRAYS: state_to_arrays(run.state), "config": plan.to_config_record()}
     return {site.parent.name: train_round(RecordDict(content), site)[STATUS]["status"] for site in list_hospitals(ws)}
 
 
-def test_the_plan_is_what_a_round_records(tmp_path, tiny, capsys):
-    ws = _workspace(tmp_path, tiny)
-    planned = _plan(capsys, ws, tiny)
+def test_the_plan_is_what_a_round_records(tmp_path, tiny_dir, capsys):
+    ws = _workspace(tmp_path, tiny_dir)
+    planned = _plan(capsys, ws, tiny_dir)
     one, two = planned["hospital-1"], planned["hospital-2"]
     assert (one["dp_unit"], one["units"]) == ("record", 20) and (two["dp_unit"], two["units"]) == ("patient", PATIENTS)
     assert one["noise_multiplier"] == 2.0  # the site's floor, above what calibration gives
     for row in planned.values():
         assert row["refusal"] is None and row["epsilon_spent"] == 0.0 and row["epsilon_remaining"] == 10.0
         assert 0 < row["epsilon_after_run"] <= row["epsilon_cap"]
-    assert main(["plan", "--workspace", str(ws), "--backbone", str(tiny)]) == 0
+    assert main(["plan", "--workspace", str(ws), "--backbone", str(tiny_dir)]) == 0
     table = capsys.readouterr().out
     assert "hospital-2" in table and f"{PATIENTS} patients" in table and "trains" in table
 
-    assert _round_1(ws, tiny, tmp_path) == {"hospital-1": "ok", "hospital-2": "ok"}
+    assert _round_1(ws, tiny_dir, tmp_path) == {"hospital-1": "ok", "hospital-2": "ok"}
     for site in list_hospitals(ws):
         row = planned[site.parent.name]
         ledger = PrivacyLedger.for_site(SiteConfig.load(site))
@@ -110,41 +96,41 @@ def test_the_plan_is_what_a_round_records(tmp_path, tiny, capsys):
         assert ledger.project_all([sgd, sgd]) == pytest.approx(row["epsilon_after_run"])
 
 
-def test_the_sites_the_plan_says_refuse_do_refuse(tmp_path, tiny, capsys):
-    ws = _workspace(tmp_path, tiny)
+def test_the_sites_the_plan_says_refuse_do_refuse(tmp_path, tiny_dir, capsys):
+    ws = _workspace(tmp_path, tiny_dir)
     one, two = list_hospitals(ws)
     earlier = PrivacyLedger.for_site(SiteConfig.load(one))
     earlier.record(0.5, 0.5, 400, epsilon_cap=1e6, run_id="earlier", round=1)  # an earlier run spent past the cap of 10
-    planned = _plan(capsys, ws, tiny)
+    planned = _plan(capsys, ws, tiny_dir)
     row = planned["hospital-1"]
     assert row["refusal"]["category"] == "budget" and "its first round" in row["refusal"]["reason"]
     assert row["epsilon_spent"] > 10 and row["epsilon_remaining"] == 0.0
     assert planned["hospital-2"]["refusal"] is None
-    assert _round_1(ws, tiny, tmp_path) == {"hospital-1": "refused", "hospital-2": "ok"}
+    assert _round_1(ws, tiny_dir, tmp_path) == {"hospital-1": "refused", "hospital-2": "ok"}
 
     # A non-private run: refused where allow_non_private is false, infinite epsilon where it is true.
-    _edit(two, lambda d: d.update(allow_non_private=True))
-    planned = _plan(capsys, ws, tiny, "--non-private")
+    edit_yaml(two, lambda d: d.update(allow_non_private=True))
+    planned = _plan(capsys, ws, tiny_dir, "--non-private")
     assert planned["hospital-1"]["refusal"]["category"] == "non-private refused"
     assert planned["hospital-2"]["refusal"] is None and planned["hospital-2"]["epsilon_after_run"] == "inf"
     assert planned["hospital-2"]["noise_multiplier"] is None
 
 
-def test_patient_level_dp_with_prompt_training_is_refused(tmp_path, tiny, capsys):
-    ws = _workspace(tmp_path, tiny, train_prompt=True)
-    planned = _plan(capsys, ws, tiny)
+def test_patient_level_dp_with_prompt_training_is_refused(tmp_path, tiny_dir, capsys):
+    ws = _workspace(tmp_path, tiny_dir, train_prompt=True)
+    planned = _plan(capsys, ws, tiny_dir)
     assert planned["hospital-1"]["refusal"] is None
     assert planned["hospital-2"]["refusal"]["category"] == "configuration"
     assert "patient-level DP is supported for the head-only recipe" in planned["hospital-2"]["refusal"]["reason"]
 
 
-def test_bad_input_exits_2_with_file_and_line(tmp_path, tiny, capsys):
-    ws = _workspace(tmp_path, tiny)
+def test_bad_input_exits_2_with_file_and_line(tmp_path, tiny_dir, capsys):
+    ws = _workspace(tmp_path, tiny_dir)
     train = list_hospitals(ws)[0].parent / "train.csv"
     lines = len(train.read_text().splitlines())
     with train.open("a") as f:
         f.write('"a note",not-a-label\n')
-    assert main(["plan", "--workspace", str(ws), "--backbone", str(tiny)]) == 2
+    assert main(["plan", "--workspace", str(ws), "--backbone", str(tiny_dir)]) == 2
     captured = capsys.readouterr()
     assert f"{train}:{lines + 1}: label: unknown label 'not-a-label'" in captured.err and captured.out == ""
-    assert main(["plan", "--workspace", str(tmp_path / "nowhere"), "--backbone", str(tiny)]) == 2
+    assert main(["plan", "--workspace", str(tmp_path / "nowhere"), "--backbone", str(tiny_dir)]) == 2

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
+from conftest import edit_yaml
 
 from fedprompt.client.workspace import write_workspace
 from fedprompt.common.errors import InputError
@@ -253,9 +253,7 @@ def test_check_without_a_federation_checks_the_site_alone(workspace, data_cli, c
     assert f"{site / 'train.csv'}:22: label: unknown label 'cancer'" in capsys.readouterr().err
     # What the site can check alone is still checked: columns, empty texts, delta, backbone, ledger.
     (site / "val.csv").write_text("text,diagnosis\nx,neoplasms\n", encoding="utf-8")
-    doc = yaml.safe_load((site / "site.yaml").read_text(encoding="utf-8"))
-    doc["privacy"]["delta"], doc["backbone"] = 0.1, str(tmp_path)
-    (site / "site.yaml").write_text(yaml.safe_dump(doc), encoding="utf-8")
+    edit_yaml(site / "site.yaml", lambda d: d.update(privacy={**d["privacy"], "delta": 0.1}, backbone=str(tmp_path)))
     (site / "ledger").mkdir()
     (site / "ledger" / "privacy-ledger.json").write_text("{}", encoding="utf-8")
     before = tree(workspace)

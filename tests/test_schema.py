@@ -167,12 +167,9 @@ def test_overrides_are_validated_and_never_mutate(tmp_path):
         FedTrimmedAvgSettings(name="fedtrimmedavg", trim_beta=0.5)
 
 
-def test_cli_rounds_zero_is_refused_by_the_federation_rule(tmp_path, monkeypatch, capsys):
-    from fedprompt import cli
-
-    monkeypatch.setattr(cli, "COMMANDS", ("simulate",))
+def test_cli_rounds_zero_is_refused_by_the_federation_rule(tmp_path, cli_with, capsys):
     out = tmp_path / "run"
-    assert cli.main(["simulate", "--rounds", "0", "--out", str(out)]) == 2
+    assert cli_with("simulate")(["simulate", "--rounds", "0", "--out", str(out)]) == 2
     assert capsys.readouterr().err.strip() == "error: --rounds: expected >= 1, got 0"
     assert not out.exists()  # refused before the demo workspace is written
     (tmp_path / "federation.yaml").write_text(FEDERATION.replace("rounds: 20", "rounds: 0"))

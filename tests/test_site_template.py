@@ -13,11 +13,8 @@ from fedprompt.common.errors import InputError
 
 
 @pytest.fixture
-def cli(monkeypatch):
-    from fedprompt import cli
-
-    monkeypatch.setattr(cli, "COMMANDS", ("hospital", "data"))
-    return cli.main
+def cli(cli_with):
+    return cli_with("hospital", "data")
 
 
 def _records(folder: Path) -> tuple[Path, Path]:

@@ -29,10 +29,9 @@ import warnings
 from pathlib import Path
 
 import pytest
-import yaml
+from conftest import edit_yaml
 
 from deploy_topology import Processes, can_connect, deploy_env, free_port, wait_for
-from tinybert import make_tiny_backbone
 
 pytestmark = pytest.mark.deployment
 
@@ -62,12 +61,12 @@ class Site:
 
 
 @pytest.fixture(scope="module")
-def shared():
+def shared(tiny_dir):
     # Not tmp_path_factory: a concurrent pytest session may rotate its numbered folders away
     # while these daemons still use them.
     root = Path(tempfile.mkdtemp(prefix="fedprompt-walkthrough-"))
     try:
-        backbone = make_tiny_backbone(root / "backbone")  # the "local backbone directory" every party installs
+        backbone = shutil.copytree(tiny_dir, root / "backbone")  # the "local backbone directory" every party installs
         site = Site(VENV_BIN / "fedprompt", _env(root))
         pki, keys = root / "pki", root / "keys"
         # Section 2, step 1 (aggregator, once): CA + server certificate naming its host names.
@@ -122,6 +121,7 @@ def _compiled(target: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("flavour", ["editable", "wheel"])
+@pytest.mark.subprocess
 def test_deployment_guide_walkthrough(flavour, shared, monkeypatch):
     t0 = time.monotonic()
     root = shared["root"] / flavour
@@ -153,9 +153,7 @@ def test_deployment_guide_walkthrough(flavour, shared, monkeypatch):
         federation.mkdir()
         for name in ("federation.yaml", "test.csv"):
             shutil.copyfile(demo / name, federation / name)
-        doc = yaml.safe_load((federation / "federation.yaml").read_text())
-        doc["model"]["max_length"] = 32  # short notes, tiny backbone
-        (federation / "federation.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+        edit_yaml(federation / "federation.yaml", lambda d: d["model"].update(max_length=32))  # tiny backbone
 
         # Section 3: the aggregator daemon (SuperLink on its internal address + the Fleet-only proxy).
         state = root / "var-lib-fedprompt"

@@ -1,19 +1,10 @@
-"""A tiny randomly initialised BERT + WordPiece tokenizer, saved as a real HF directory."""
+"""The tests' tiny random BERT (benchmarks/tiny_backbone.py) and a toy label space over its vocabulary."""
 
 from __future__ import annotations
 
-import string
-from pathlib import Path
+from benchmarks.tiny_backbone import WORDS, make_tiny_backbone
 
-import torch
-from transformers import BertConfig, BertModel, BertTokenizerFast
-
-WORDS = (
-    "the patient pain chest abdominal headache fever tumor cancer mass heart blood pressure "
-    "stomach liver bowel nerve brain seizure stroke denies reports history of with and no "
-    "cardiac carcinoma neoplasm gastric colon neurologic infection inflammation normal exam"
-).split()
-
+__all__ = ["TOY_KEYWORDS", "TOY_LABELS", "TOY_NEUTRAL", "WORDS", "make_tiny_backbone"]
 
 # A three-class toy label space over words the tiny vocabulary holds whole: each class's keywords,
 # and words that say nothing about the class (tests/test_audit.py, tests/test_personalize.py).
@@ -24,36 +15,3 @@ TOY_KEYWORDS = [
     ["brain", "seizure", "stroke", "nerve", "neurologic"],
 ]
 TOY_NEUTRAL = ["the", "patient", "pain", "fever", "history", "exam", "normal", "denies", "reports"]
-
-
-def make_tiny_backbone(
-    directory: Path,
-    seed: int = 0,
-    hidden: int = 32,
-    layers: int = 2,
-    words: list[str] | None = None,
-    init_range: float = 0.02,
-    max_positions: int = 256,
-) -> Path:
-    """`words` extends the vocabulary (e.g. with a corpus' frequent words) so that short
-    max_length settings still cover whole sentences instead of single characters."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
-    vocab = (
-        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars] + WORDS + list(words or [])
-    )
-    vocab = list(dict.fromkeys(vocab))
-    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True).save_pretrained(directory)
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        intermediate_size=2 * hidden,
-        max_position_embeddings=max_positions,
-        initializer_range=init_range,
-    )
-    BertModel(config).save_pretrained(directory)
-    return directory
