@@ -115,6 +115,7 @@ class NodeAuth:
         self.fetch, self.refresh_interval, self.miss_interval = fetch, refresh, miss_interval
         self.keys: dict[bytes, ec.EllipticCurvePublicKey] | None = None  # None: never read
         self.read_at = -float("inf")  # monotonic time of the last attempt to read them
+        self.failing = False  # the last attempt failed (logged once, not at every retry)
 
     async def refresh(self) -> bool:
         """Read the registered keys from the SuperLink; False (keys kept) if it cannot be read."""
@@ -122,8 +123,13 @@ class NodeAuth:
         try:
             keys = parse_keys(await self.fetch())
         except Exception as exc:  # noqa: BLE001 - unreachable, refused, malformed: the old keys stay
-            log.warning("cannot read the registered SuperNode keys from the SuperLink: %r", exc)
+            if not self.failing:
+                log.warning("cannot read the registered SuperNode keys from the SuperLink (retrying): %r", exc)
+            self.failing = True
             return False
+        if self.failing:
+            log.info("the registered SuperNode keys are readable again")
+        self.failing = False
         if keys.keys() != (self.keys or {}).keys():
             log.info("%d registered SuperNode key(s)", len(keys))
         self.keys = keys

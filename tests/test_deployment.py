@@ -30,6 +30,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cryptography.hazmat.primitives import serialization
+
+from fedprompt.server.proxy_auth import signed_headers
 
 from deploy_topology import (
     APP,
@@ -185,9 +188,9 @@ def test_control_and_runtime_apis_refused_through_proxy(deployment):
     ]:
         status, body = https_post(port, path, ca, method)
         assert status == 403, (method, path, status, body)
-    # A Fleet call passes the proxy and is answered by the SuperLink itself (not 403: 401/4xx from Flower).
+    # An unsigned Fleet call gets the SuperLink's own 401, from the proxy (which never forwards it).
     status, _ = https_post(port, "/v1/fleet/get-run", ca)
-    assert status != 403 and 400 <= status < 500
+    assert status == 401
     # The SuperLink itself still serves the Control API: on the aggregator's internal address only.
     status, _ = https_post(deployment["link_port"], "/v1/control/list-runs", ca)
     assert status != 403
@@ -332,8 +335,10 @@ def test_a_bundle_with_code_is_refused_at_every_hospital(deployment):
 
 
 def test_proxy_checks_every_request_on_a_kept_alive_connection(deployment):
-    """A Control request pipelined behind an allowed Fleet request is refused too; framing tricks get 400."""
+    """A Control request pipelined behind an allowed (signed) Fleet request is refused too; framing tricks get 400."""
     ctx = ssl.create_default_context(cafile=str(deployment["pki"] / "ca.pem"))
+    key = serialization.load_ssh_private_key((deployment["keys"] / "hospital-1.key").read_bytes(), None)
+    auth = b"".join(name + b": " + value + b"\r\n" for name, value in signed_headers(key))
 
     def exchange(payload: bytes) -> bytes:
         with (
@@ -350,7 +355,9 @@ def test_proxy_checks_every_request_on_a_kept_alive_connection(deployment):
         return data
 
     fleet = (
-        b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\nContent-Type: application/protobuf\r\nContent-Length: 0\r\n\r\n"
+        b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\nContent-Type: application/protobuf\r\n"
+        + auth
+        + b"Content-Length: 0\r\n\r\n"
     )
     control = (
         b"POST /v1/control/list-runs HTTP/1.1\r\nHost: x\r\nContent-Type: application/protobuf\r\nContent-Length: "

@@ -28,6 +28,7 @@ import shutil
 import signal
 import socket
 import ssl
+import sys
 import tempfile
 import time
 from base64 import b64encode
@@ -71,6 +72,7 @@ def topo():
     logs.mkdir()
     procs = Processes(logs)
     env = deploy_env(root)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the SuperLink's flower-superexec
     try:
         pki, keydir = init_pki(root, env, keys=2)
         link, state = free_port(), root / "state"
@@ -627,6 +629,14 @@ def is_closed(s: socket.socket) -> bool:
         return False
     except OSError:
         return True
+
+
+def test_sources_are_counted_per_network():
+    """One host with many addresses counts once: a /24 for IPv4 (also IPv4-mapped IPv6), a /64 for IPv6."""
+    assert source_group("10.1.2.3") == source_group("10.1.2.250") == "10.1.2.0/24"
+    assert source_group("::ffff:10.1.2.3") == "10.1.2.0/24"
+    assert source_group("2001:db8:1:2:3::1") == source_group("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert source_group("2001:db8:1:3::1") != source_group("2001:db8:1:2::1")
 
 
 def test_slots_are_kept_for_registered_nodes_and_strangers_counted_per_network(topo):
