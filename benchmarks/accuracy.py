@@ -163,9 +163,8 @@ def run(ctx: Context) -> dict:
     from fedprompt.common.features import cached_features
     from fedprompt.common.metrics import evaluate
     from fedprompt.common.model import build_model
-    from fedprompt.common.plan import RoundPlan, prompt_config
+    from fedprompt.common.plan import RoundPlan, initial_global_state_for, prompt_config
     from fedprompt.common.schedule import sampling
-    from fedprompt.common.zeroshot import initial_global_state
 
     rows = int(ctx.knob("acc_rows", 10**9, 240))
     seeds = int(ctx.knob("acc_seeds", 3, 1))
@@ -185,9 +184,7 @@ def run(ctx: Context) -> dict:
         fed = fed.replaced(model=fed.model.replaced(max_length=int(ctx.overrides["max_length"])))
     config = prompt_config(fed, bb)
     plan = RoundPlan.for_run(fed, config)
-    state0 = initial_global_state(
-        bb, config, label_texts=fed.label_texts, head_init=fed.model.head_init, logit_scale=fed.model.logit_scale
-    )
+    state0 = initial_global_state_for(fed, bb)
     index = {name: i for i, name in enumerate(labels)}
 
     def encoded(rows_):

@@ -93,8 +93,7 @@ def run(ctx: Context) -> dict:
     from flwr.app import ConfigRecord, RecordDict
 
     from fedprompt.common.config import FederationConfig
-    from fedprompt.common.model import PromptConfig, initial_state
-    from fedprompt.common.plan import RoundPlan
+    from fedprompt.common.plan import RoundPlan, initial_global_state_for, prompt_config
     from fedprompt.common.wire import (
         ARRAYS,
         CONFIG,
@@ -113,14 +112,16 @@ def run(ctx: Context) -> dict:
     labels = _label_names(ctx.data)
     C, H = len(labels), facts["hidden"]
     n_virtual = int(ctx.knob("n_virtual", N_VIRTUAL, N_VIRTUAL))
-    cfg = PromptConfig(labels=labels, hidden_size=H, backbone_fingerprint=bb.fingerprint, n_virtual_tokens=n_virtual)
-    state = initial_state(bb, cfg)
+    # the product's own model, round-0 state and plan for this federation (its defaults but n_virtual)
+    fed = FederationConfig.model_validate(
+        {"name": "benchmark", "labels": labels, "model": {"n_virtual_tokens": n_virtual}}
+    )
+    state = initial_global_state_for(fed, bb)
     raw = sum(t.numel() * t.element_size() for t in state.values())
     shapes = {k: list(t.shape) for k, t in state.items()}
 
     # --- the aggregator's train instruction (download) --------------------------------------------
-    fed = FederationConfig.model_validate({"name": "benchmark", "labels": labels})
-    plan = RoundPlan.for_run(fed, cfg, round=1)  # the product's own plan for this model
+    plan = RoundPlan.for_run(fed, prompt_config(fed, bb), round=1)
     config = ConfigRecord(dict(plan.to_config_record()))
     config["fp.round"] = 1  # ValidatedStrategy.configure_train
     config["server-round"] = 1  # FedAvg.configure_train

@@ -50,8 +50,7 @@ def run(ctx: Context) -> dict:
     from fedprompt.common.encoding import encode
     from fedprompt.common.metrics import evaluate
     from fedprompt.common.model import build_model
-    from fedprompt.common.plan import RoundPlan, prompt_config
-    from fedprompt.common.zeroshot import initial_global_state
+    from fedprompt.common.plan import RoundPlan, initial_global_state_for, prompt_config
 
     rows = int(ctx.knob("acc_rows", 10**9, 240))
     seeds = int(ctx.knob("acc_seeds", 3, 1))
@@ -74,9 +73,7 @@ def run(ctx: Context) -> dict:
             name="recipe", labels=labels, model=ModelSettings(n_virtual_tokens=n_virtual, max_length=max_length)
         )
         config = prompt_config(fed, bb)
-        state0 = initial_global_state(
-            bb, config, label_texts=fed.label_texts, head_init=fed.model.head_init, logit_scale=fed.model.logit_scale
-        )
+        state0 = initial_global_state_for(fed, bb)
 
         def encoded(rows_):  # called in this iteration only: the loop variables are the current ones
             texts, ys = [t for t, _ in rows_], [index[y] for _, y in rows_]

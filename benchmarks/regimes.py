@@ -237,16 +237,13 @@ def references(workspace: Path, backbone: str | None) -> dict:
     from fedprompt.common.features import cached_features
     from fedprompt.common.metrics import evaluate
     from fedprompt.common.model import NO_PROMPT, build_model
-    from fedprompt.common.plan import prompt_config
+    from fedprompt.common.plan import initial_global_state_for, prompt_config
     from fedprompt.common.records import load_records
-    from fedprompt.common.zeroshot import initial_global_state
 
     fed, sites, test_path = load_workspace(workspace)
     bb = load_backbone(backbone)
     config = prompt_config(fed, bb)
-    start = initial_global_state(
-        bb, config, label_texts=fed.label_texts, head_init=fed.model.head_init, logit_scale=fed.model.logit_scale
-    )
+    start = initial_global_state_for(fed, bb)
 
     def dataset(path):
         r = load_records(path, text_field="text", label_field="label", labels=config.labels)

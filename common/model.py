@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Annotated, Any, cast
 
 import torch
+from pydantic import AfterValidator, Field, ValidationError
 from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 from torch import nn
@@ -16,7 +17,19 @@ from transformers.masking_utils import create_bidirectional_mask
 
 from .atomic import atomic_write
 from .backbone import Backbone
-from .errors import InputError
+from .config import (
+    MaxLength,
+    ModelSettings,
+    NVirtualTokens,
+    Pooling,
+    PrivacyRequest,
+    PromptInit,
+    PromptLayer,
+    Seed,
+    distinct_labels,
+)
+from .errors import InputError, Problem
+from .schema import NonEmptyStr, Schema, Sha256, issues
 
 # PromptConfig.prompt_layer: where the soft prompt enters the encoder. 0: at the input (prepended to
 # the word embeddings); k in 1..L-1: a "late" prompt, concatenated to the output of layer k-1, so
@@ -40,6 +53,10 @@ WEIGHTS_NAME = "prompt.safetensors"
 FORMAT = "fedprompt-prompt/1"
 
 
+# The model's defaults are ModelSettings' (federation.yaml `model:`), defined there once.
+_MODEL, _PRIVACY = ModelSettings(), PrivacyRequest()
+
+
 @dataclass
 class PromptConfig:
     """Everything needed to rebuild the classifier around the same backbone."""
@@ -47,19 +64,17 @@ class PromptConfig:
     labels: list[str]
     hidden_size: int
     backbone_fingerprint: str
-    n_virtual_tokens: int = 20
-    pooling: str = "mean"
-    max_length: int = 128
-    prompt_init: str = "labels"
+    n_virtual_tokens: int = _MODEL.n_virtual_tokens
+    pooling: str = _MODEL.pooling
+    max_length: int = _MODEL.max_length
+    prompt_init: str = _MODEL.prompt_init
     # L2-normalise the pooled representation: the head is then a cosine classifier (its rows
     # start as label prototypes, so round 0 is the zero-shot classifier) and every record's
-    # feature has norm 1, which bounds a head gradient before DP clipping. Absent in exports
-    # written before it existed: those were trained on raw pooled features.
-    normalize: bool = False
-    # Absent in exports written before it existed: those put the prompt at the input (0).
-    prompt_layer: int = 0
-    seed: int = 0
-    private: bool = True
+    # feature has norm 1, which bounds a head gradient before DP clipping.
+    normalize: bool = _MODEL.normalize
+    prompt_layer: int = _MODEL.prompt_layer
+    seed: int = _MODEL.seed
+    private: bool = _PRIVACY.private
     extra: dict = field(default_factory=dict)  # provenance (rounds, epsilons, run name)
 
     @property
@@ -339,14 +354,40 @@ def build_model(
     return model
 
 
+class PromptSchema(Schema):
+    """PromptConfig's fields as a round plan and an export carry them, validated. A field added after
+    the first plans and exports has a default: what those meant without it (not today's default,
+    which PromptConfig takes from ModelSettings)."""
+
+    labels: Annotated[list[NonEmptyStr], Field(min_length=2), AfterValidator(distinct_labels)]
+    hidden_size: Annotated[int, Field(ge=1)]
+    backbone_fingerprint: Sha256
+    n_virtual_tokens: NVirtualTokens
+    pooling: Pooling
+    max_length: MaxLength
+    prompt_init: PromptInit
+    prompt_layer: PromptLayer = 0  # absent: the prompt at the input
+    normalize: bool
+    seed: Seed
+
+
+class SavedConfig(PromptSchema):
+    """An export's config.json (less its `format`), validated when it is loaded."""
+
+    normalize: bool = False  # absent: an export written before it, trained on raw pooled features
+    private: bool
+    extra: dict[str, Any] = {}
+
+
 def save_prompt(directory: str | Path, config: PromptConfig, state: dict[str, torch.Tensor]) -> Path:
     directory = Path(directory)
+    saved = SavedConfig.model_validate(asdict(config))  # never writes what load_prompt would refuse
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write(
         directory / WEIGHTS_NAME,
         save_tensors({k: v.contiguous() for k, v in state.items()}, metadata={"format": FORMAT}),
     )
-    payload = {"format": FORMAT, **asdict(config)}
+    payload = {"format": FORMAT, **saved.model_dump()}
     atomic_write(directory / CONFIG_NAME, (json.dumps(payload, indent=2) + "\n").encode())
     return directory
 
@@ -366,9 +407,11 @@ def load_prompt(directory: str | Path) -> tuple[PromptConfig, dict[str, torch.Te
     if raw.pop("format", None) != FORMAT:
         raise InputError.at(cfg_path, f"expected format {FORMAT!r}", field="format")
     try:
-        config = PromptConfig(**raw)
-    except TypeError as exc:
-        raise InputError.at(cfg_path, f"bad prompt config: {exc}") from None
+        config = PromptConfig(**SavedConfig.model_validate(raw).model_dump())
+    except ValidationError as exc:
+        raise InputError(
+            [Problem(str(cfg_path), None, key, message) for key, message in issues(SavedConfig, exc)]
+        ) from None
     try:
         state = load_file(str(w_path))
     except Exception as exc:

@@ -9,33 +9,35 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Annotated
 
+import torch
 from flwr.app import ConfigRecord
-from pydantic import AfterValidator, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from .backbone import Backbone
 from .config import (
     FederationConfig,
-    MaxLength,
     NonNegative,
-    NVirtualTokens,
     Optimizer,
-    Pooling,
     Positive,
-    PromptInit,
-    PromptLayer,
     SampleRate,
-    Seed,
-    distinct_labels,
 )
 from .errors import InputError, Problem
-from .model import NO_PROMPT, PromptConfig
-from .schema import NonEmptyStr, Schema, Sha256, issues
+from .model import NO_PROMPT, PromptConfig, PromptSchema
+from .schema import NonEmptyStr, issues
+from .zeroshot import initial_global_state
 
 PREFIX = "fp."  # the plan's keys in the ConfigRecord (Flower adds its own, e.g. "server-round")
 
 
 def prompt_config(fed: FederationConfig, backbone: Backbone) -> PromptConfig:
-    """The federation's model, around this backbone."""
+    """The federation's model, around this backbone: refused if federation.yaml pins another one."""
+    pinned = fed.model.backbone_fingerprint
+    if pinned and pinned != backbone.fingerprint:
+        raise InputError.at(
+            fed.source or "federation.yaml",
+            f"pinned backbone {pinned[:16]}... but the backbone at {backbone.path} is {backbone.fingerprint[:16]}...",
+            field="model.backbone_fingerprint",
+        )
     return PromptConfig(
         labels=fed.label_names,
         hidden_size=backbone.hidden_size,
@@ -53,20 +55,21 @@ def prompt_config(fed: FederationConfig, backbone: Backbone) -> PromptConfig:
     )
 
 
-class RoundPlan(Schema):
+def initial_global_state_for(fed: FederationConfig, backbone: Backbone) -> dict[str, torch.Tensor]:
+    """The federation's round-0 tensors on this backbone: its initial prompt and head (common/zeroshot.py)."""
+    return initial_global_state(
+        backbone,
+        prompt_config(fed, backbone),
+        label_texts=fed.label_texts,
+        head_init=fed.model.head_init,
+        logit_scale=fed.model.logit_scale,
+    )
+
+
+class RoundPlan(PromptSchema):  # the model's fields (common/model.py), then the run's and the round's
     run_name: NonEmptyStr
     round: Annotated[int, Field(ge=0)]  # global round number (continues across resumes)
     total_rounds: Annotated[int, Field(ge=1)]  # for the sites' one-off noise calibration over the whole run
-    labels: Annotated[list[NonEmptyStr], Field(min_length=2), AfterValidator(distinct_labels)]
-    hidden_size: Annotated[int, Field(ge=1)]
-    backbone_fingerprint: Sha256
-    n_virtual_tokens: NVirtualTokens
-    pooling: Pooling
-    max_length: MaxLength
-    prompt_init: PromptInit
-    prompt_layer: PromptLayer = 0  # absent in plans from aggregators before it: the prompt at the input
-    normalize: bool
-    seed: Seed
     local_epochs: Annotated[int, Field(ge=1)]
     sample_rate: SampleRate
     batch_size: Annotated[int, Field(ge=0)]  # 0: use sample_rate (a ConfigRecord has no null)

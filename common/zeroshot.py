@@ -33,18 +33,19 @@ def initial_global_state(
     backbone: Backbone,
     config: PromptConfig,
     *,
-    label_texts: list[str] | None = None,
-    head_init: str = "prototypes",
-    logit_scale: float = 10.0,
+    label_texts: list[str],
+    head_init: str,
+    logit_scale: float,
 ) -> dict[str, torch.Tensor]:
     """The federation's round-0 tensors: the initial prompt, and the zero-shot head (or a random one).
+    A federation's: common/plan.initial_global_state_for (its settings from ModelSettings).
 
     logits = logit_scale x cos(feature, prototype) when the model normalises its features: the
     scale only sets how confident round 0 is (its argmax is the zero-shot classifier's).
     """
     state = initial_state(backbone, config)
     if head_init == "prototypes":
-        protos = label_prototypes(backbone, config, label_texts or list(config.labels))
+        protos = label_prototypes(backbone, config, label_texts)
         state[HEAD_WEIGHT_KEY] = protos * logit_scale
         state[HEAD_BIAS_KEY] = torch.zeros(config.num_labels)
     return state

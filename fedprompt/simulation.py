@@ -21,8 +21,8 @@ from fedprompt.common.atomic import atomic_write
 from fedprompt.common.config import SiteConfig
 from fedprompt.common.errors import InputError, Problem
 from fedprompt.common.logs import CONSOLE, captured_output
+from fedprompt.common.plan import initial_global_state_for
 from fedprompt.common.records import load_records
-from fedprompt.common.zeroshot import initial_global_state
 from fedprompt.local_engine import ENGINES, run_local
 from fedprompt.server.federation import PreparedRun, RunSpec, prepare_run
 from fedprompt.server.history import read_metrics
@@ -205,13 +205,7 @@ def compare_hospitals(run: PreparedRun, sites: list[SiteConfig]) -> list[dict]:
     """Each site with a local test split: zero-shot, alone, federated, personalised (client/comparison.py).
     The simulation's operator holds every site's records, so it can measure what each one gains."""
     fed = run.spec.federation
-    initial = initial_global_state(
-        run.backbone,
-        run.prompt,
-        label_texts=fed.label_texts,
-        head_init=fed.model.head_init,
-        logit_scale=fed.model.logit_scale,
-    )
+    initial = initial_global_state_for(fed, run.backbone)
     return [
         row for site in sites if (row := compare_site(site, run.backbone, run.prompt, initial, run.state)) is not None
     ]

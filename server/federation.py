@@ -32,7 +32,7 @@ from fedprompt.common.errors import InputError
 from fedprompt.common.logs import CONSOLE, PROGRESS
 from fedprompt.common.metrics import evaluate
 from fedprompt.common.model import HEAD_WEIGHT_KEY, PromptConfig, build_model
-from fedprompt.common.plan import RoundPlan, prompt_config
+from fedprompt.common.plan import RoundPlan, initial_global_state_for, prompt_config
 from fedprompt.common.records import load_records
 from fedprompt.common.schedule import largest_update_bound
 from fedprompt.common.wire import (
@@ -43,7 +43,7 @@ from fedprompt.common.wire import (
     state_to_arrays,
     validate_status,
 )
-from fedprompt.common.zeroshot import initial_global_state, label_prototypes
+from fedprompt.common.zeroshot import label_prototypes
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .export import export_model
@@ -86,14 +86,6 @@ class PreparedRun:
 def prepare_run(spec: RunSpec) -> PreparedRun:
     fed = spec.federation
     backbone = load_backbone(spec.backbone)
-    pinned = fed.model.backbone_fingerprint
-    if pinned and pinned != backbone.fingerprint:
-        raise InputError.at(
-            fed.source or "federation.yaml",
-            f"pinned backbone {pinned[:16]}... but the aggregator's backbone ({backbone.path}) is "
-            f"{backbone.fingerprint[:16]}...",
-            field="model.backbone_fingerprint",
-        )
     prompt = prompt_config(fed, backbone)
     run = PreparedRun(spec, backbone, prompt, {}, 0)
     ckpt = load_checkpoint(run.checkpoint_dir)
@@ -111,13 +103,7 @@ def prepare_run(spec: RunSpec) -> PreparedRun:
             )
         run.state, run.done, run.history = ckpt.state, ckpt.round, ckpt.history
     else:
-        run.state = initial_global_state(
-            backbone,
-            prompt,
-            label_texts=fed.label_texts,
-            head_init=fed.model.head_init,
-            logit_scale=fed.model.logit_scale,
-        )
+        run.state = initial_global_state_for(fed, backbone)
     check_norm_bound(fed, run)
     if spec.test_path is not None:
         records = load_records(spec.test_path, text_field="text", label_field="label", labels=prompt.labels)

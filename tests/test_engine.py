@@ -15,18 +15,13 @@ from fedprompt.client.dp import PerSampleGradientError, noise_only_step, wrap_pr
 from fedprompt.client.trainer import TrainSettings, train
 from fedprompt.common.accounting import calibrate_noise
 from fedprompt.common.backbone import load_backbone
+from fedprompt.common.config import FederationConfig, TrainingSettings
 from fedprompt.common.encoding import encode
 from fedprompt.common.errors import InputError
 from fedprompt.common.model import TRAINABLE_KEYS, PromptClassifier, PromptConfig, build_model, load_prompt
-
-from tinybert import make_tiny_backbone
+from fedprompt.common.plan import RoundPlan, initial_global_state_for, prompt_config
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return make_tiny_backbone(tmp_path_factory.mktemp("tinybert"))
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +213,7 @@ def test_label_init_uses_label_token_embeddings(tiny):
     assert torch.equal(prompt[0], table[ids[0]]) and torch.equal(prompt[1], table[ids[1]])
 
 
-def test_save_and_load_round_trip_and_fingerprint_check(tiny, tiny_dir, tmp_path):
+def test_save_and_load_round_trip_and_fingerprint_check(tiny, tiny_backbone, tmp_path):
     model = build_model(tiny, _config(tiny))
     train(model, _dataset(tiny), TrainSettings(epochs=1, sample_rate=0.5, noise_multiplier=1.0), CPU)
     model.save_pretrained(tmp_path / "export")
@@ -227,9 +222,37 @@ def test_save_and_load_round_trip_and_fingerprint_check(tiny, tiny_dir, tmp_path
     again = PromptClassifier.from_pretrained(tmp_path / "export", tiny)
     ids, mask, _ = _dataset(tiny).tensors
     assert torch.equal(again.eval()(ids, mask), model.eval()(ids, mask))
-    other = load_backbone(make_tiny_backbone(tmp_path / "other", seed=1))
+    other = load_backbone(tiny_backbone(seed=1))
     with pytest.raises(InputError, match="backbone_fingerprint"):
         PromptClassifier.from_pretrained(tmp_path / "export", other)
+
+
+def test_an_old_export_keeps_its_meaning_and_a_bad_config_names_file_and_field(tiny, tmp_path):
+    build_model(tiny, _config(tiny, normalize=True)).save_pretrained(tmp_path / "old")
+    path = tmp_path / "old" / "config.json"
+    doc = json.loads(path.read_text())
+    del doc["normalize"], doc["prompt_layer"]  # written before either existed
+    path.write_text(json.dumps(doc))
+    config, _ = load_prompt(tmp_path / "old")
+    # their meaning then (raw features, the prompt at the input), not today's defaults (normalize on)
+    assert (config.normalize, config.prompt_layer) == (False, 0) and PromptConfig(["a", "b"], 1, "f").normalize
+    path.write_text(json.dumps({**doc, "hidden_size": "32", "pooling": "max", "head": 1}))
+    with pytest.raises(InputError) as err:
+        load_prompt(tmp_path / "old")
+    text = str(err.value)
+    assert f"{path}: hidden_size: expected an integer, got '32'" in text, text
+    assert f"{path}: pooling: expected one of 'mean', 'cls', got 'max'" in text and f"{path}: head: unknown key" in text
+
+
+def test_the_model_defaults_are_the_federations_and_a_pinned_backbone_is_checked(tiny):
+    fed = FederationConfig(name="d", labels=["a", "b"], training=TrainingSettings(train_prompt=True))
+    bare = PromptConfig(labels=["a", "b"], hidden_size=tiny.hidden_size, backbone_fingerprint=tiny.fingerprint)
+    assert prompt_config(fed, tiny) == bare  # one source of defaults: ModelSettings
+    plan = RoundPlan.for_run(fed, bare)
+    assert (plan.n_virtual_tokens, plan.max_length, plan.normalize) == (4, 256, True)
+    pinned = fed.replaced(model=fed.model.replaced(backbone_fingerprint="0" * 64))
+    with pytest.raises(InputError, match=r"model\.backbone_fingerprint: pinned backbone 0000000000000000"):
+        initial_global_state_for(pinned, tiny)
 
 
 # --- the real default backbone on real abstracts ---------------------------------------------------

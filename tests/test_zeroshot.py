@@ -11,10 +11,7 @@ from fedprompt.common.config import FederationConfig, LabelSpec, ModelSettings
 from fedprompt.common.encoding import encode
 from fedprompt.common.errors import InputError
 from fedprompt.common.model import HEAD_BIAS_KEY, HEAD_WEIGHT_KEY, build_model
-from fedprompt.common.plan import prompt_config
-from fedprompt.common.zeroshot import initial_global_state
-
-from tinybert import make_tiny_backbone
+from fedprompt.common.plan import initial_global_state_for, prompt_config
 
 TEXTS = [
     "the patient reports chest pain and high blood pressure",
@@ -29,8 +26,8 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def bb(tmp_path_factory):
-    return load_backbone(make_tiny_backbone(tmp_path_factory.mktemp("bb"), hidden=32, layers=2, init_range=0.5))
+def bb(tiny_backbone):
+    return load_backbone(tiny_backbone(init_range=0.5))
 
 
 def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -64,9 +61,7 @@ def test_round_zero_is_the_zero_shot_classifier(bb):
         model=ModelSettings(max_length=32),
     )
     config = prompt_config(fed, bb)
-    state = initial_global_state(
-        bb, config, label_texts=fed.label_texts, head_init="prototypes", logit_scale=fed.model.logit_scale
-    )
+    state = initial_global_state_for(fed, bb)
     model = build_model(bb, config, state).eval()
     ids, mask, _ = encode(bb.tokenizer, TEXTS, [0] * len(TEXTS), 32).dataset.tensors
     with torch.no_grad():
@@ -90,17 +85,14 @@ def test_label_descriptions_shape_the_prototypes(bb):
     )
     assert described.label_names == plain.label_names == ["cardiovascular", "neoplasms"]
     assert described.label_texts == ["cardiovascular: heart and blood pressure", "neoplasms"]
-    heads = [
-        initial_global_state(bb, prompt_config(f, bb), label_texts=f.label_texts)[HEAD_WEIGHT_KEY]
-        for f in (plain, described)
-    ]
+    heads = [initial_global_state_for(f, bb)[HEAD_WEIGHT_KEY] for f in (plain, described)]
     assert not torch.allclose(heads[0][0], heads[1][0]) and torch.equal(heads[0][1], heads[1][1])
     assert torch.allclose(heads[1].norm(dim=1), torch.full((2,), 10.0))  # unit prototypes x logit_scale
 
 
 def test_random_head_is_still_available(bb):
     fed = FederationConfig(name="r", labels=["a", "b"], model=ModelSettings(max_length=32, head_init="random"))
-    state = initial_global_state(bb, prompt_config(fed, bb), label_texts=fed.label_texts, head_init="random")
+    state = initial_global_state_for(fed, bb)
     assert state[HEAD_WEIGHT_KEY].abs().max() <= 1 / 32**0.5  # the old uniform init, no prototypes
 
 
