@@ -58,7 +58,7 @@ up as a bound at the ceiling, far above a correct run's (measured with the real 
 medical-abstracts sites of 356 and 500 records at epsilon 8: private 0.9-1.3, both controls 3.49,
 the ceiling for m = 250). It passes
 (exit 0) when the private bound is at most the accounted epsilon AND both controls exceed it by
-CLEAR_MARGIN; else it fails (exit 4). A correct implementation can still fail, rarely (the bound
+CLEAR_MARGIN; else it fails (exit 4, ExitCode.AUDIT_FAILED). A correct implementation can still fail, rarely (the bound
 holds at 95%): rerun; a repeated failure is a bug.
 """
 
@@ -87,7 +87,6 @@ CANARY_NORM = 2.0  # R: a canary's feature norm (real features are unit vectors 
 CLEAR_MARGIN = 1.0  # a control must beat the private run's bound by this much
 NOISE_REDUCTION = 100.0  # the "broken" control: sigma / 100
 MAX_DIRECTION_SHARE = 2 / 3  # canaries may use at most this share of the feature dimensions left
-EXIT_AUDIT_FAILED = 4
 
 PRIVATE, NO_DP, LOW_NOISE = "private", "no_dp", "noise_100x_low"
 RUN_TITLES = {

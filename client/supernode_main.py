@@ -37,11 +37,12 @@ def main() -> int:
     from flwr.supernode import start_client_internal
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
+    from fedprompt.common.exit_codes import ExitCode
     from fedprompt.common.flower_polling import shorten_object_pull_backoff
 
     if not 0.05 <= POLL_S <= 60:
         print(f"error: FEDPROMPT_SUPERNODE_POLL_S must be between 0.05 and 60 seconds, got {POLL_S}", file=sys.stderr)
-        return 2
+        return ExitCode.BAD_INPUT
     patched = types.SimpleNamespace(**{name: getattr(time, name) for name in dir(time) if not name.startswith("_")})
     patched.sleep = _sleep
     # only this module's waits; time.time & co. unchanged (a stand-in for the module: a cast for the type checker)

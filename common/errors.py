@@ -1,11 +1,11 @@
-"""User-facing errors: each names the file, line and field, and maps to exit code 2."""
+"""User-facing errors: each names the file, line and field, and maps to exit code 2 (ExitCode.BAD_INPUT)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-EXIT_BAD_INPUT = 2
+from .exit_codes import ExitCode
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class InputError(Exception):
     Carries every problem found in the input at once, so a user fixes a file in one pass.
     """
 
-    exit_code = EXIT_BAD_INPUT
+    exit_code = ExitCode.BAD_INPUT
 
     def __init__(self, problems: list[Problem] | Problem, *, omitted: int = 0):
         self.problems = [problems] if isinstance(problems, Problem) else list(problems)

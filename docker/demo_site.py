@@ -6,7 +6,7 @@
 Both sides regenerate the same seeded synthetic demo and keep only their own part: a hospital
 writes only its own records, site.yaml and ledger; the aggregator only federation.yaml and the
 held-out test set. Idempotent: nothing that exists is touched. A ledger is created only for a site seeded in the
-same call; a seeded site whose ledger has gone is refused (exit 3), never given a new one.
+same call; a seeded site whose ledger has gone is refused (exit 3, ExitCode.LEDGER), never given a new one.
 A real site replaces this step by its own records and site.yaml (see docs/deployment.md).
 """
 
@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from fedprompt.common.exit_codes import ExitCode
+
 
 def _demo(tmp: Path) -> Path:
     from fedprompt.client.demo_data import generate_demo, write_demo_workspace
@@ -30,6 +32,7 @@ def _demo(tmp: Path) -> Path:
 def hospital(args: argparse.Namespace) -> int:
     from fedprompt.client.ledger import PrivacyLedger
     from fedprompt.common.config import SiteConfig
+    from fedprompt.common.errors import LedgerError
 
     site_path = args.data / "site.yaml"
     seeded = not site_path.exists()
@@ -38,7 +41,7 @@ def hospital(args: argparse.Namespace) -> int:
             src = _demo(Path(tmp)) / f"hospital-{args.id}"
             if not src.is_dir():
                 print(f"no demo hospital {args.id}", file=sys.stderr)
-                return 2
+                return ExitCode.BAD_INPUT
             for name in ("train.csv", "val.csv"):
                 shutil.copyfile(src / name, args.data / name)
             site = yaml.safe_load((src / "site.yaml").read_text())
@@ -58,9 +61,13 @@ def hospital(args: argparse.Namespace) -> int:
             "(never re-create the ledger of a site that has trained)",
             file=sys.stderr,
         )
-        return 3
+        return ExitCode.LEDGER
     # `fedprompt privacy init --site ...`, once in the life of the site: the site was seeded just now
-    PrivacyLedger.create_for_site(site)
+    try:
+        PrivacyLedger.create_for_site(site)  # site.yaml's ledger, cap, delta, accountant and ledger_anchor
+    except LedgerError as exc:  # e.g. the anchor says this site has trained: its ledger was lost
+        print(str(exc), file=sys.stderr)
+        return ExitCode.LEDGER
     print(f"created privacy ledger {site.ledger}")
     return 0
 

@@ -10,6 +10,7 @@ import socket
 import sys
 
 port = int(os.environ.get("FEDPROMPT_HEALTH_PORT", "9094"))
+# Docker's HEALTHCHECK statuses (0 healthy, 1 unhealthy), not fedprompt's (common/exit_codes.py).
 try:
     with socket.create_connection(("127.0.0.1", port), timeout=3):
         pass

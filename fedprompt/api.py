@@ -94,7 +94,9 @@ class RoundMetrics:
 @dataclass(frozen=True)
 class SimulationResult:
     run: str
-    outcome: str  # "trained", or "no hospital trained" (then `outcome_reason` says why and there is no export)
+    # "trained"; "no hospital trained" (then `outcome_reason` says why and there is no export); or "partly
+    # trained": most rounds did not aggregate (`outcome_reason` says which and why; the export is the last model)
+    outcome: str
     outcome_reason: str | None
     private: bool
     rounds: list[RoundMetrics]

@@ -7,6 +7,7 @@ import importlib
 import sys
 
 from fedprompt import __version__
+from fedprompt.common.exit_codes import ExitCode, epilog
 
 # name -> module in fedprompt.commands exposing `register(subparsers)`; each sets `func(args) -> int`.
 COMMANDS = (
@@ -26,7 +27,10 @@ COMMANDS = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fedprompt", description="Federated soft-prompt tuning for hospitals, with differential privacy."
+        prog="fedprompt",
+        description="Federated soft-prompt tuning for hospitals, with differential privacy.",
+        epilog=epilog(),  # every code; each command's --help lists its own
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"fedprompt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -46,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except (LedgerError, PrivacyBudgetExceeded) as exc:
         print(f"privacy: {exc}", file=sys.stderr)
-        return 3
+        return ExitCode.LEDGER
     except KeyboardInterrupt:
-        return 130
+        return ExitCode.INTERRUPTED
 
 
 if __name__ == "__main__":

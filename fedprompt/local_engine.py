@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import logging
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -50,9 +50,11 @@ def _random_id() -> int:
 
 
 class LocalGrid(Grid):
-    """`num_nodes` virtual nodes, each answering with `client_app` in this process."""
+    """`num_nodes` virtual nodes, each answering with `client_app` in this process. `names`: the
+    hospital each partition is (client/client_app.py `site_path`'s order), for this engine's own
+    log lines."""
 
-    def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int | None = None):
+    def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int | None = None, names: Sequence[str] = ()):
         if num_nodes < 1:
             raise ValueError(f"a federation needs at least one node, got {num_nodes}")
         self.client_app = client_app
@@ -65,6 +67,10 @@ class LocalGrid(Grid):
             if node_id not in self.contexts:
                 self.contexts[node_id] = self._node_context(node_id, len(self.contexts), num_nodes)
         self._replies: dict[str, Message] = {}
+        self.names = {
+            node: names[partition % len(names)] if names else f"node {node}"
+            for partition, node in enumerate(self.contexts)
+        }
 
     def _node_context(self, node_id: int, partition: int, num_nodes: int) -> Context:
         # What the Ray engine's node store registers for each virtual node (vce_api._register_node_info_stores).
@@ -112,7 +118,7 @@ class LocalGrid(Grid):
         try:
             reply = self.client_app(message=received, context=context)
         except Exception as exc:  # noqa: BLE001 - Flower's engines turn it into an error reply too
-            log.exception("node %d: ClientApp raised", msg.metadata.dst_node_id)
+            log.exception("%s: ClientApp raised", self.names[msg.metadata.dst_node_id])
             reply = Message(
                 Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc)}:<'{exc}'>"), reply_to=received
             )
@@ -128,9 +134,11 @@ class LocalGrid(Grid):
         return self.pull_messages(list(self.push_messages(messages)))
 
 
-def run_local(server_app: ServerApp, client_app: ClientApp, num_nodes: int) -> Context:
-    """Run `server_app`'s main on a LocalGrid of `num_nodes` nodes; returns the ServerApp's context."""
-    grid = LocalGrid(client_app, num_nodes)
+def run_local(server_app: ServerApp, client_app: ClientApp, nodes: int | Sequence[str]) -> Context:
+    """Run `server_app`'s main on a LocalGrid of `nodes` nodes (a count, or the hospitals' names in
+    partition order); returns the ServerApp's context."""
+    names = () if isinstance(nodes, int) else tuple(nodes)
+    grid = LocalGrid(client_app, nodes if isinstance(nodes, int) else len(names), names=names)
     # The process' task identity, which `Message(...)` stamps on instructions (Flower's
     # run_simulation sets the same for its ServerApp thread).
     TaskIdentity.run_id = grid.run.run_id

@@ -26,13 +26,20 @@ from fedprompt.common.records import load_records
 from fedprompt.local_engine import ENGINES, run_local
 from fedprompt.server.federation import PreparedRun, RunSpec, prepare_run
 from fedprompt.server.history import read_metrics
-from fedprompt.server.outcome import TRAINED
+from fedprompt.server.outcome import NOTHING_TRAINED
 from fedprompt.server.server_app import make_server_app
 
 log = logging.getLogger("fedprompt.server")
 
 
 LOG_NAME = "simulate.log"  # in RUN_DIR/logs/: Flower's, Ray's and the simulated hospitals' output
+# A hospital's Ray actor whose process dies (Ray's memory monitor, the kernel's OOM killer, a crash)
+# is restarted by Ray up to ACTOR_RESTARTS times in a run, and the message it was handling, or one
+# sent to it while it restarted, is handed to the restarted actor MESSAGE_RETRIES more time(s). A
+# message the site had begun may so be charged twice in its ledger: an over-count, never an
+# under-count. Bounded: an actor that keeps dying ends as a failed hospital, never a hung run.
+ACTOR_RESTARTS = 3
+MESSAGE_RETRIES = 1
 
 
 def require_ray() -> None:
@@ -112,8 +119,8 @@ def simulate(
     `compare`: measure each hospital's zero-shot / alone / federated / personalised models on its
     local test split (comparison.json; cross-validated personalisation at every site: the slowest
     part of a small run).
-    Returns metrics.json's content; when no hospital trained (`outcome` is not TRAINED) there is
-    no export and no per-hospital comparison."""
+    Returns metrics.json's content; when no hospital trained (`outcome` NOTHING_TRAINED) there is
+    no export and no per-hospital comparison; a "partly trained" run has both (server/outcome.py)."""
     if engine not in ENGINES:
         raise InputError.at("fedprompt simulate", f"unknown engine {engine!r} (one of {', '.join(ENGINES)})")
     if engine == "ray":
@@ -146,12 +153,12 @@ def simulate(
             _run_on_ray(server_app, make_client_app(site_paths, torch_threads=1), len(sites), backend)
         else:
             # One process: the hospitals take turns on its threads and share its caches.
-            run_local(server_app, make_client_app(site_paths), len(sites))
+            run_local(server_app, make_client_app(site_paths), [site.hospital_id for site in sites])
         metrics_path = out_dir / "metrics.json"
         if not metrics_path.exists() or (run.history and run.history[-1]["round"] < run.done):
             raise RuntimeError(f"the simulation ended without finishing the run (see {log_file})")
         metrics = read_metrics(metrics_path)
-        if metrics["outcome"] != TRAINED or not compare:  # (no federated model to compare: metrics.json says why)
+        if metrics["outcome"] == NOTHING_TRAINED or not compare:  # (no federated model: metrics.json says why)
             return metrics
         metrics["hospital_comparison"] = compare_hospitals(run, sites)
     atomic_write(out_dir / "comparison.json", (json.dumps(metrics["hospital_comparison"], indent=1) + "\n").encode())
@@ -167,10 +174,17 @@ def _ray_backend(n: int) -> dict[str, dict[str, Any]]:
     import ray  # noqa: F401
 
     return {
-        "client_resources": {"num_cpus": 1, "num_gpus": gpus},
+        # Flower passes these to the actors' `.options()` (ray_transport/ray_actor.py BasicActorPool).
+        "client_resources": {
+            "num_cpus": 1,
+            "num_gpus": gpus,
+            "max_restarts": ACTOR_RESTARTS,
+            "max_task_retries": MESSAGE_RETRIES,
+        },
         # log_to_driver: the actors' (hospitals') output comes to this process, which files it.
         "init_args": {
-            "num_cpus": os.cpu_count() or 1,
+            # one actor per hospital at most: more would sit idle, each a process with its own memory
+            "num_cpus": min(os.cpu_count() or 1, n),
             "include_dashboard": False,
             "log_to_driver": True,
             "logging_level": logging.WARNING,

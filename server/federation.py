@@ -49,7 +49,7 @@ from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .export import export_model
 from .history import Preflight, PreflightAnswer, RunMetrics
 from .live_report import LiveReport
-from .outcome import RUNNING, TRAINED, Outcome, preflight_shortfall, run_outcome
+from .outcome import NOTHING_TRAINED, RUNNING, Outcome, preflight_shortfall, run_outcome
 from .report import write_report
 from .strategy import ValidatedStrategy, build_strategy, identity, judge_unanswered
 
@@ -306,16 +306,25 @@ def finish(run: PreparedRun) -> dict:
         if preflight is not None and preflight.confirmed < preflight.min_hospitals
         else None
     )
-    outcome, why = run_outcome(run.history, not_started)
+    # a resumed run is judged on the rounds this invocation ran
+    outcome, why = run_outcome(run.history, not_started, None if preflight is None else preflight.round)
     export_dir = (
-        export_model(out / "export", run.prompt, run.state, run.history, fed.name) if outcome == TRAINED else None
+        None
+        if outcome == NOTHING_TRAINED
+        else export_model(out / "export", run.prompt, run.state, run.history, fed.name)
     )
     metrics = run_metrics(run, outcome, why, export_dir)
     out.mkdir(parents=True, exist_ok=True)  # a run the pre-flight stopped has written nothing yet
     atomic_write(out / "metrics.json", (json.dumps(metrics, indent=1) + "\n").encode())
     write_report(metrics, out)
     if why is not None:
-        log.info("%s: %s; no export written (the per-round reasons are in %s)", outcome, why, out / "metrics.json")
+        log.info(
+            "%s: %s; %s (the per-round reasons are in %s)",
+            outcome,
+            why,
+            "no export written" if export_dir is None else f"exported to {export_dir}",
+            out / "metrics.json",
+        )
     return metrics
 
 

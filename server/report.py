@@ -731,7 +731,7 @@ def _render_html(
         private=private,
         non_private_detail=non_private_detail,
         outcome=outcome,
-        # set only for a run that produced no model (server/outcome.py)
+        # set only for a run that produced no model or trained in too few rounds (server/outcome.py)
         outcome_reason=_str(metrics.get("outcome_reason")),
         running=outcome == RUNNING,
         strategy=_str(metrics.get("strategy")) or _MISSING,
@@ -759,8 +759,9 @@ def _render_html(
 def write_report(metrics: Mapping[str, Any], out_dir: Path) -> Path:
     """Write ``out_dir/report.html`` and its three PNG plots; return the HTML path.
 
-    ``metrics`` is the run's ``metrics.json`` content: ``run``, ``outcome`` ("trained" or "no
-    hospital trained"), ``outcome_reason`` (why nothing trained, else null), ``private``, ``strategy``,
+    ``metrics`` is the run's ``metrics.json`` content: ``run``, ``outcome`` ("trained", "no
+    hospital trained" or "partly trained"), ``outcome_reason`` (why not "trained", else null), ``private``,
+    ``strategy``,
     ``backbone_fingerprint``, ``labels``, ``export`` and ``rounds``, a list of
     ``{"round", "seconds", "aggregate_seconds", "aggregate_cpu_seconds", "upload_bytes", "evaluate",
     "test", "hospitals"}`` (``aggregate_*``: wall and CPU time in the strategy's aggregate_train,

@@ -63,8 +63,9 @@ def _numbers(value: object) -> list[float]:
 def judge_unanswered(msg: Message) -> tuple[Literal["failed", "rejected", "refused"], str] | None:
     """An error reply ("failed") or a refusal ("refused" with its category, or "rejected" if malformed);
     None for a reply that answers the message (train and pre-flight replies alike)."""
-    if msg.has_error():
-        return "failed", f"error reply: {msg.error.reason}"
+    if msg.has_error():  # its first line: an engine's reason can run to pages (a dead Ray actor's does)
+        first = (msg.error.reason or "").strip().split("\n", 1)[0]
+        return "failed", f"error reply: {first[:200]}"
     status = msg.content.config_records.get(STATUS)
     if status is not None and status.get("status") == "refused":
         reason = validate_refusal(msg.content)

@@ -24,11 +24,12 @@ from fedprompt.client.hospital import site_run
 from fedprompt.client.ledger import PrivacyLedger
 from fedprompt.client.preflight import count_units, remaining_releases
 from fedprompt.client.workspace import list_hospitals, load_workspace
+from fedprompt.common.exit_codes import ExitCode
 from fedprompt.common.plan import RoundPlan
 from fedprompt.common.wire import ARRAYS, CONFIG, STATUS, refusal, state_to_arrays
 from fedprompt.local_engine import run_local
 from fedprompt.server.federation import RunSpec, prepare_run
-from fedprompt.server.outcome import EXIT_NOTHING_TRAINED, NOTHING_TRAINED, TRAINED
+from fedprompt.server.outcome import NOTHING_TRAINED, TRAINED
 from fedprompt.server.server_app import make_server_app
 from fedprompt.simulation import ensure_ledgers
 
@@ -81,7 +82,7 @@ def test_run_that_not_enough_sites_can_afford_never_starts_and_charges_nothing(t
     argv = ["simulate", "--workspace", str(ws), "--out", str(out), "--backbone", str(tiny_dir), "--engine", "local"]
     rc = main(argv)
     captured = capsys.readouterr()
-    assert rc == EXIT_NOTHING_TRAINED, captured.out[-3000:] + captured.err[-3000:]
+    assert rc == ExitCode.NOTHING_TRAINED, captured.out[-3000:] + captured.err[-3000:]
     why = "pre-flight: only 2 of min_hospitals 3 sites can train the run: hospital-3: budget"
     assert f"did not train: {why}" in captured.err
     assert (

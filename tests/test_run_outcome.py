@@ -1,13 +1,17 @@
-"""A run in which no hospital trained must not pass for a finished one (server/outcome.py).
+"""A run in which no hospital trained, or in which most rounds did not aggregate, must not pass for a
+finished one (server/outcome.py).
 
 Every hospital refuses (its privacy budget is spent): no export, metrics.json and the report say
-why, and `fedprompt simulate` / `fedprompt aggregator run` exit with EXIT_NOTHING_TRAINED (5).
-A run in which one hospital trained once stays a success.
+why, and `fedprompt simulate` / `fedprompt aggregator run` exit with ExitCode.NOTHING_TRAINED (5).
+Most rounds failed, or a resumed run's new rounds accepted nothing: ExitCode.PARTLY_TRAINED (6),
+with the export of the last model that aggregated. Every exit status in the CLI's help is the one
+common/exit_codes.py defines.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -18,7 +22,8 @@ from fedprompt.cli import main
 from fedprompt.client.demo_data import generate_demo
 from fedprompt.client.ledger import PrivacyLedger
 from fedprompt.client.workspace import list_hospitals, write_workspace
-from fedprompt.server.outcome import EXIT_NOTHING_TRAINED, NOTHING_TRAINED, TRAINED, run_outcome
+from fedprompt.common.exit_codes import ExitCode
+from fedprompt.server.outcome import NOTHING_TRAINED, PARTLY_TRAINED, TRAINED, exit_code, run_outcome
 from fedprompt.simulation import ensure_ledgers
 
 from tinybert import make_tiny_backbone
@@ -57,13 +62,45 @@ def test_outcome_tallies_why_nothing_trained():
     assert run_outcome([_round(0)]) == (NOTHING_TRAINED, "no training round ran")
 
 
-def test_one_accepted_update_in_any_round_is_a_trained_run():
+def test_a_run_trained_in_half_its_rounds_is_trained():
     refused = _site("refused", "budget")
-    # a resumed run: round 1 (before the restart) trained, every later round was refused
+    # round 1 trained, round 2 was refused: half of the rounds aggregated
     assert run_outcome([_round(0), _round(1, h1=_site("ok"), h2=refused), _round(2, h1=refused, h2=refused)]) == (
         TRAINED,
         None,
     )
+
+
+def test_a_run_whose_most_rounds_did_not_aggregate_is_partly_trained():
+    """The issue's run: the hospitals' processes died after round 1 and every later round failed. It
+    has a model (round 1's) but must not pass for a finished run."""
+    died = _site("failed", "error reply: <class 'ray.exceptions.ActorDiedError'>:<'The actor died'>")
+    history = [_round(0), _round(1, h1=_site("ok"), h2=_site("ok"))] + [_round(r, h1=died, h2=died) for r in (2, 3)]
+    assert run_outcome(history) == (
+        PARTLY_TRAINED,
+        "only 1 of 3 training round(s) aggregated; rounds 2, 3 did not (failed 4); the model is that of round 1",
+    )
+    assert exit_code(PARTLY_TRAINED) == ExitCode.PARTLY_TRAINED == 6
+
+
+def test_a_resumed_run_is_judged_on_its_new_rounds():
+    """A resumed run whose new round accepted nothing (all refused) is partly trained, although most
+    rounds of its whole history aggregated; a resumed run the pre-flight stopped is too."""
+    ok, refused = _site("ok"), _site("refused", "budget")
+    history = [_round(0), _round(1, h1=ok, h2=ok), _round(2, h1=ok, h2=ok), _round(3, h1=refused, h2=refused)]
+    assert run_outcome(history) == (TRAINED, None)  # judged as one invocation: 2 of 3
+    assert run_outcome(history, first_round=3) == (
+        PARTLY_TRAINED,
+        "only 0 of 1 training round(s) since round 3 aggregated; round 3 did not (refused 2 (budget 2)); the model "
+        "is that of round 2",
+    )
+    stopped = "pre-flight: only 0 of min_hospitals 2 sites can train the run: h1: budget, h2: budget"
+    assert run_outcome(history[:3], stopped, first_round=3) == (
+        PARTLY_TRAINED,
+        f"{stopped}; no new round ran, the model is that of round 2",
+    )
+    # nothing ever aggregated: still "no hospital trained", whatever this invocation did
+    assert run_outcome([_round(0)], stopped, first_round=1) == (NOTHING_TRAINED, stopped)
 
 
 def test_accepted_updates_below_min_hospitals_did_not_train():
@@ -122,7 +159,7 @@ def test_simulate_with_every_budget_spent_writes_why_and_no_export(nothing_train
     monkeypatch.setattr(sim, "simulate", recording)  # the command imports it when it runs
     rc = main(["simulate", "--workspace", str(ws), "--out", str(out), "--backbone", str(tiny)])
     captured = capsys.readouterr()
-    assert rc == EXIT_NOTHING_TRAINED, captured.out[-3000:] + captured.err[-3000:]
+    assert rc == ExitCode.NOTHING_TRAINED, captured.out[-3000:] + captured.err[-3000:]
     # Both sites refuse the run in its pre-flight (server/federation.py): it never starts.
     why = "pre-flight: only 0 of min_hospitals 2 sites can train the run: hospital-1: budget, hospital-2: budget"
     assert f"did not train: {why}" in captured.err and "run 'spent' finished" not in captured.out
@@ -144,17 +181,20 @@ def test_simulate_with_every_budget_spent_writes_why_and_no_export(nothing_train
     assert all(path.read_bytes() == before for path, before in ledgers.items())  # refused before spending anything
 
 
-@pytest.mark.parametrize("outcome", [NOTHING_TRAINED, TRAINED])
+@pytest.mark.parametrize("outcome", [NOTHING_TRAINED, PARTLY_TRAINED, TRAINED])
 def test_aggregator_run_exit_status_follows_the_outcome(nothing_trained, outcome, tmp_path, monkeypatch, capsys):
     """`aggregator run` against a stand-in `flwr`: the SuperLink reports the run completed and the
-    ServerApp has written metrics.json (that of the simulated run above, or a trained one)."""
+    ServerApp has written metrics.json (that of the simulated run above, a partly trained or a trained one)."""
     from fedprompt.commands.aggregator import packaged_app
     from fedprompt.server import deploy
 
     root, ws, _, _ = nothing_trained
     done = json.loads((root / "out" / "metrics.json").read_text())
-    if outcome == TRAINED:
-        done.update(outcome=TRAINED, outcome_reason=None, export=str(tmp_path / "out" / "export"))
+    why = "only 1 of 3 training round(s) aggregated; rounds 2, 3 did not (failed 4); the model is that of round 1"
+    if outcome != NOTHING_TRAINED:
+        done.update(outcome=outcome, outcome_reason=None, export=str(tmp_path / "out" / "export"))
+    if outcome == PARTLY_TRAINED:
+        done.update(outcome_reason=why)
     state, out = tmp_path / "state", tmp_path / "out"
     deploy.write_connection(state, "127.0.0.1:9", tmp_path / "ca.pem")
     submitted: list[tuple[str, ...]] = []
@@ -174,15 +214,47 @@ def test_aggregator_run_exit_status_follows_the_outcome(nothing_trained, outcome
     rc = main(["aggregator", "run", "--state", str(state), "--workspace", str(ws), "--out", str(out)])
     captured = capsys.readouterr()
     assert submitted[0][:2] == ("run", str(packaged_app()))  # the code-free app, by default
-    if outcome == TRAINED:
-        assert rc == 0 and "run finished" in captured.out
-    else:
-        assert rc == EXIT_NOTHING_TRAINED and "run finished" not in captured.out
+    assert rc == exit_code(outcome) == {TRAINED: 0, NOTHING_TRAINED: 5, PARTLY_TRAINED: 6}[outcome]
+    assert ("run finished" in captured.out) == (outcome == TRAINED)
+    if outcome == NOTHING_TRAINED:
         assert f"run 7 ended without training: {done['outcome_reason']}; no export written" in captured.err
+    if outcome == PARTLY_TRAINED:
+        assert f"run 7 PARTLY TRAINED: {why} (exported to {out / 'export'}" in captured.err
 
 
-@pytest.mark.parametrize("command", [["aggregator", "run"], ["simulate"]])
-def test_help_documents_the_exit_status(command, capsys):
+def _exit_rows(help_text: str) -> dict[int, str]:
+    """code -> meaning, from the "exit status:" block of a --help text."""
+    block = help_text.split("exit status:\n", 1)[1]
+    return {int(code): meaning for code, meaning in re.findall(r"^ +(\d+)  (.+)$", block, re.MULTILINE)}
+
+
+@pytest.mark.parametrize(
+    ("command", "codes"),
+    [
+        ([], set(ExitCode)),  # `fedprompt --help`: every code
+        (["simulate"], {0, 1, 2, 3, 5, 6, 130}),
+        (["aggregator", "run"], {0, 1, 2, 5, 6, 130}),
+        (["privacy", "verify"], {0, 2, 3}),
+        (["audit"], {0, 2, 4}),
+    ],
+)
+def test_help_lists_the_exit_codes_the_enum_defines(command, codes, capsys):
     with pytest.raises(SystemExit):
         main([*command, "--help"])
-    assert "5  " in capsys.readouterr().out.split("exit status:")[1]
+    rows = _exit_rows(capsys.readouterr().out)
+    assert rows == {int(code): ExitCode(code).meaning for code in codes}
+
+
+def test_exit_codes_keep_their_numbers():
+    """Scripts branch on the numbers: each is distinct, and the published ones never move."""
+    assert len({c.meaning for c in ExitCode}) == len(ExitCode)
+    assert [(c.name, int(c)) for c in ExitCode] == [
+        ("OK", 0),
+        ("FAILED", 1),
+        ("BAD_INPUT", 2),
+        ("LEDGER", 3),
+        ("AUDIT_FAILED", 4),
+        ("NOTHING_TRAINED", 5),
+        ("PARTLY_TRAINED", 6),
+        ("INTERRUPTED", 130),
+    ]

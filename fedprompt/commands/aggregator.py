@@ -23,14 +23,18 @@ import sys
 import time
 from pathlib import Path
 
+from fedprompt.common.exit_codes import ExitCode, epilog
+
 log = logging.getLogger("fedprompt.aggregator")
 
-RUN_EXIT_CODES = """exit status:
-  0  the run finished and at least one hospital trained (export in OUT/export); with --detach: submitted
-  1  the run was not accepted, failed (after --retries), or --timeout stopped following it
-  2  bad input (workspace, --out, connection, app); nothing was submitted
-  5  the run finished but no hospital trained in any round (all refused, rejected or failed): no export;
-     OUT/metrics.json ("outcome", "outcome_reason") and OUT/report.html say why"""
+RUN_EXIT_CODES = (
+    ExitCode.OK,
+    ExitCode.FAILED,
+    ExitCode.BAD_INPUT,
+    ExitCode.NOTHING_TRAINED,
+    ExitCode.PARTLY_TRAINED,
+    ExitCode.INTERRUPTED,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -96,7 +100,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "run",
         help="submit a federation run (flwr run) and follow its log until it ends",
-        epilog=RUN_EXIT_CODES,
+        epilog=epilog(*RUN_EXIT_CODES),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--state", type=Path, required=True, help="aggregator state folder (as given to `start`)")
@@ -356,7 +360,7 @@ def run_run(args: argparse.Namespace) -> int:
     from fedprompt.common.errors import InputError
     from fedprompt.server import deploy
     from fedprompt.server.history import read_metrics
-    from fedprompt.server.outcome import EXIT_NOTHING_TRAINED, NOTHING_TRAINED
+    from fedprompt.server.outcome import NOTHING_TRAINED, PARTLY_TRAINED, exit_code
 
     if args.rounds is not None and args.rounds < 1:
         raise InputError.at("--rounds", f"expected >= 1, got {args.rounds}")
@@ -396,7 +400,7 @@ def run_run(args: argparse.Namespace) -> int:
         if run_id is None:
             print(submitted.stdout, end="", file=sys.stderr)
             print("[fedprompt] the SuperLink did not accept the run (above: what flwr said)", file=sys.stderr)
-            return submitted.returncode or 1
+            return submitted.returncode or ExitCode.FAILED
         if args.detach:
             print(
                 f"[fedprompt] run {run_id} submitted; follow it with: FLWR_HOME={deploy.flwr_home(args.state)} flwr "
@@ -412,7 +416,7 @@ def run_run(args: argparse.Namespace) -> int:
                 f"[fedprompt] stopped following run {run_id} after {args.timeout:g}s (it goes on at the SuperLink)",
                 file=sys.stderr,
             )
-            return 1
+            return ExitCode.FAILED
         metrics = args.out / "metrics.json"
         if status == "finished:completed" and metrics.is_file():
             done = read_metrics(metrics)
@@ -422,9 +426,15 @@ def run_run(args: argparse.Namespace) -> int:
                     f"(see {metrics} and {args.out / 'report.html'})",
                     file=sys.stderr,
                 )
-                return EXIT_NOTHING_TRAINED
-            print(f"[fedprompt] run finished: {metrics}")
-            return 0
+            elif done["outcome"] == PARTLY_TRAINED:
+                print(
+                    f"[fedprompt] run {run_id} PARTLY TRAINED: {done['outcome_reason']} (exported to {done['export']}; "
+                    f"see {metrics} and {args.out / 'report.html'})",
+                    file=sys.stderr,
+                )
+            else:
+                print(f"[fedprompt] run finished: {metrics}")
+            return exit_code(done["outcome"])
         print(
             f"[fedprompt] run {run_id} ended {status}"
             + ("" if metrics.is_file() else f" without writing {metrics}")
@@ -432,7 +442,7 @@ def run_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         if status != "finished:failed" or attempt >= args.retries or not checkpoint.is_file():
-            return 1
+            return ExitCode.FAILED
         # A ServerApp can fail on a transient SuperLink error (an HTTP 500 under load): go on
         # from the last complete round, as `--resume` would. Hospitals that trained in the lost
         # round have recorded it already: their ledgers over-count, never under-count.

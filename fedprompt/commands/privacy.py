@@ -15,8 +15,7 @@ from pathlib import Path
 
 from fedprompt.client.ledger import PrivacyLedger, compute_epsilon, verify_ledger
 from fedprompt.common.config import SiteConfig
-
-EXIT_LEDGER = 3
+from fedprompt.common.exit_codes import ExitCode, epilog
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,7 +32,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_init)
 
     p = sub.add_parser(
-        "verify", help="check the ledger's hash chain and anchor, recompute its epsilon (exit 3 if it fails)"
+        "verify",
+        help=f"check the ledger's hash chain and anchor, recompute its epsilon (exit {ExitCode.LEDGER:d} if it fails)",
+        epilog=epilog(ExitCode.OK, ExitCode.BAD_INPUT, ExitCode.LEDGER),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--site", type=Path, required=True, help="the hospital's site.yaml")
     p.add_argument("--json", action="store_true", help="machine-readable verdict on stdout (exit code as without)")
@@ -100,10 +102,10 @@ def run_verify(args: argparse.Namespace) -> int:
         verdict.update(epsilon_cap=cap, over_cap=spent > cap)
     if args.json:
         print(json.dumps(verdict))
-        return 0 if verdict["ok"] else EXIT_LEDGER
+        return ExitCode.OK if verdict["ok"] else ExitCode.LEDGER
     if not verdict["ok"]:
         print(f"privacy: verification FAILED: {verdict['failure']['message']}", file=sys.stderr)
-        return EXIT_LEDGER
+        return ExitCode.LEDGER
     print(
         f"ledger  {verdict['ledger']}: {verdict['entries']} entries, {verdict['completions']} completions, chain "
         f"intact (head {verdict['head'][:16]}...)"

@@ -5,22 +5,29 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-EXIT_CODES = """exit status:
-  0  the run finished and at least one hospital trained (export in OUT/export)
-  1  the simulation ended without finishing the run (see OUT/logs/simulate.log)
-  2  bad input (workspace, records, backbone), or Ray missing for --engine ray (install
-     fedprompt[simulation]); nothing was run
-  3  a privacy ledger is unusable
-  5  no hospital trained in any round (all refused, rejected or failed): no export;
-     OUT/metrics.json ("outcome", "outcome_reason") and OUT/report.html say why"""
+from fedprompt.common.exit_codes import ExitCode, epilog
+
+if TYPE_CHECKING:
+    from fedprompt.api import SimulationResult
+
+EXIT_CODES = (
+    ExitCode.OK,
+    ExitCode.FAILED,
+    ExitCode.BAD_INPUT,
+    ExitCode.LEDGER,
+    ExitCode.NOTHING_TRAINED,
+    ExitCode.PARTLY_TRAINED,
+    ExitCode.INTERRUPTED,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "simulate",
         help="run a federation on this machine (default: a 3-hospital demo)",
-        epilog=EXIT_CODES,
+        epilog=epilog(*EXIT_CODES),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--workspace", type=Path, help="workspace folder (default: make a 3-hospital demo in OUT/workspace)")
@@ -53,8 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fedprompt.api import simulate
-    from fedprompt.client.comparison import format_comparison
-    from fedprompt.server.outcome import EXIT_NOTHING_TRAINED
+    from fedprompt.server.outcome import NOTHING_TRAINED, PARTLY_TRAINED, exit_code
 
     result = simulate(
         args.workspace,
@@ -69,18 +75,30 @@ def run(args: argparse.Namespace) -> int:
         engine=args.engine,
     )
     out = result.out_dir
-    if not result.trained:
+    if result.outcome == NOTHING_TRAINED:
         print(
             f"\n[fedprompt] run {result.run!r} did not train: {result.outcome_reason}; no export written\n"
             f"  metrics   {out / 'metrics.json'}\n  report    {out / 'report.html'}",
             file=sys.stderr,
         )
-        return EXIT_NOTHING_TRAINED
-    trained = sum(1 for r in result.rounds if r.round > 0)  # round 0 is the zero-shot start
-    print(
-        f"\n[fedprompt] run {result.run!r} finished: {trained} round(s), "
-        f"{'differential privacy at every hospital' if result.private else 'NON-PRIVATE reference run'}"
-    )
+        return exit_code(NOTHING_TRAINED)
+    if result.outcome == PARTLY_TRAINED:  # never "finished": the exit status says so too
+        print(f"\n[fedprompt] run {result.run!r} PARTLY TRAINED: {result.outcome_reason}", file=sys.stderr)
+    else:
+        trained = sum(1 for r in result.rounds if r.round > 0)  # round 0 is the zero-shot start
+        print(
+            f"\n[fedprompt] run {result.run!r} finished: {trained} round(s), "
+            f"{'differential privacy at every hospital' if result.private else 'NON-PRIVATE reference run'}"
+        )
+    _print_scores(result)
+    return exit_code(result.outcome)
+
+
+def _print_scores(result: SimulationResult) -> None:
+    """The last round against the zero-shot start, each hospital's comparison, where the files are."""
+    from fedprompt.client.comparison import format_comparison
+
+    out = result.out_dir
     first, last = result.rounds[0], result.rounds[-1]
     for key, now, start in (("evaluate", last.evaluate, first.evaluate), ("test", last.test, first.test)):
         if now:
@@ -96,4 +114,3 @@ def run(args: argparse.Namespace) -> int:
         f"export    {result.export}"
     )
     print(f'  try       fedprompt predict --model {result.export} --text "chest pain radiating to the left arm"')
-    return 0
