@@ -97,14 +97,14 @@ def run(ctx: Context) -> dict:
     from fedprompt.common.wire import (
         ARRAYS,
         CONFIG,
-        EVAL_METRIC_KEYS,
-        METRICS,
-        STATUS,
-        TRAIN_METRIC_KEYS,
-        metric_record,
+        Counts,
+        EvaluateReply,
+        LedgerChain,
+        Status,
+        TrainMetrics,
+        TrainReply,
         payload_bytes,
         state_to_arrays,
-        status_record,
     )
 
     facts = _backbone_facts(ctx.backbone)
@@ -128,23 +128,19 @@ def run(ctx: Context) -> dict:
     down_train = RecordDict({ARRAYS: state_to_arrays(state), CONFIG: config})
 
     # --- the hospital's train reply (upload), as client/hospital.py train_round builds it ---------
-    # (the declared weight, the privacy fields and a status record: docs/deployment.md section 5)
-    metrics = {"num-examples": 1.0, "private": 1, "epsilon-spent": 2.71828, "epsilon-cap": 8.0, "delta": 1e-5}
-    up_train = RecordDict(
-        {
-            ARRAYS: state_to_arrays(state),
-            METRICS: metric_record(metrics, TRAIN_METRIC_KEYS),
-            STATUS: status_record("hospital-1", "ok"),
-        }
-    )
+    # (the declared weight, the privacy fields, a status record and the ledger chain of a 2-round
+    # run's 2nd round: docs/deployment.md section 5)
+    up_train = TrainReply(
+        status=Status.ok("hospital-1"),
+        metrics=TrainMetrics(num_examples=1.0, private=1, epsilon_spent=2.71828, epsilon_cap=8.0, delta=1e-5),
+        ledger=LedgerChain(chain=["0" * 64, "f" * 64]),
+    ).to_content(state_to_arrays(state))
     # --- evaluate round trip (evaluate_round's reply; Flower sends arrays + config again) ---------
     # The largest evaluate reply: a site that shares noised per-class counts (the default sends
     # the status record alone).
     down_eval = RecordDict({ARRAYS: state_to_arrays(state), CONFIG: config})
-    eval_metrics = {"tp": [10.123456789] * C, "fp": [3.123456789] * C, "fn": [4.123456789] * C}
-    up_eval = RecordDict(
-        {METRICS: metric_record(eval_metrics, EVAL_METRIC_KEYS), STATUS: status_record("hospital-1", "ok")}
-    )
+    counts = Counts(tp=[10.123456789] * C, fp=[3.123456789] * C, fn=[4.123456789] * C)
+    up_eval = EvaluateReply(status=Status.ok("hospital-1"), metrics=counts).to_content()
 
     msgs = {
         "train_download": _sizes(down_train, "train", reply=False),

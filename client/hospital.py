@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from flwr.app import MetricRecord, RecordDict
+from flwr.app import RecordDict
 
 from fedprompt.common.accounting import calibrate_noise
 from fedprompt.common.backbone import Backbone, load_backbone
@@ -42,16 +42,15 @@ from fedprompt.common.schedule import (
 )
 from fedprompt.common.wire import (
     ARRAYS,
-    EVAL_METRIC_KEYS,
-    EVALUATION,
-    METRICS,
-    STATUS,
-    TRAIN_METRIC_KEYS,
+    Counts,
+    EvaluateReply,
+    LedgerChain,
+    Status,
+    TrainMetrics,
+    TrainReply,
     arrays_to_state,
-    metric_record,
     refusal,
     state_to_arrays,
-    status_record,
 )
 
 from .class_sums import noisy_class_sums
@@ -302,6 +301,14 @@ def _ledger_binding(plan: RoundPlan, content: RecordDict, run_id: str, records_s
     }
 
 
+def run_chain(ledger: PrivacyLedger, run_name: str) -> list[str]:
+    """The hashes of the ledger's entries from this run's first on, its head last (common/wire.LedgerChain):
+    the aggregator checks that they hold the last head it saw from this site (a rollback witness)."""
+    history = ledger.history
+    first = next(i for i, e in enumerate(history) if e.run_id == run_name or e.run_id.startswith(run_name + "/"))
+    return [e.hash for e in history[first:]]
+
+
 def train_round(
     content: RecordDict,
     site_path: Path,
@@ -331,8 +338,7 @@ def train_round(
         units = dp_units(records)
         run = site_run(site, plan, units)
         sigma, q, steps = run.mechanism(plan)
-        # The FedAvg weight is the size the site declares, never len(records) (docs/deployment.md 5).
-        metrics: dict = {"num-examples": run.declared_size, "private": int(plan.private)}
+        privacy: dict = {}  # the reply's privacy fields (TrainMetrics): a private round's only
         with _timed(timings, "privacy"):  # noise calibration + durable ledger entry
             ledger = PrivacyLedger.for_site(site)
             if sigma is not None:
@@ -348,7 +354,7 @@ def train_round(
                 run.calibration.save()
                 if run.noise is not None and run.noise.sgd is not None:  # what the next round will ask
                     _NEXT_ROUND[site.source] = (run.noise.sgd, run.sampling.sample_rate, run.sampling.steps_per_round)
-                metrics.update({"epsilon-spent": spent, "epsilon-cap": site.privacy.max_epsilon, "delta": run.delta})
+                privacy = {"epsilon_spent": spent, "epsilon_cap": site.privacy.max_epsilon, "delta": run.delta}
             else:
                 # Recorded too, durably BEFORE training: from this entry on the site's epsilon is
                 # infinite, for good (`privacy show`), and its cap refuses every later private round.
@@ -396,7 +402,7 @@ def train_round(
         return refusal(hospital, _category(exc))
     # Loss, record count, truncation, steps, sigma and q: the hospital's log only, never the reply.
     eps = (
-        f"sigma {sigma:.4g}, q {q:.4g}, eps {metrics['epsilon-spent']:.3f}/{site.privacy.max_epsilon:g}"
+        f"sigma {sigma:.4g}, q {q:.4g}, eps {privacy['epsilon_spent']:.3f}/{site.privacy.max_epsilon:g}"
         if sigma is not None
         else "NON-PRIVATE"
     )
@@ -413,16 +419,13 @@ def train_round(
         eps,
     )
     with _timed(timings, "reply"):
-        reply = RecordDict(
-            {
-                ARRAYS: state_to_arrays(model.trainable_state()),
-                METRICS: metric_record(metrics, TRAIN_METRIC_KEYS),
-                STATUS: status_record(hospital, "ok"),
-            }
-        )
-        if shared is not None:
-            reply[EVALUATION] = shared
-        return reply
+        return TrainReply(
+            status=Status.ok(hospital),
+            # The FedAvg weight is the size the site declares, never len(records) (docs/deployment.md 5).
+            metrics=TrainMetrics(num_examples=run.declared_size, private=int(plan.private), **privacy),
+            ledger=LedgerChain(chain=run_chain(ledger, plan.run_name)),
+            evaluation=shared,
+        ).to_content(state_to_arrays(model.trainable_state()))
 
 
 _NEXT_ROUND: dict[Path | None, tuple[float, float, int]] = {}  # a site's last private round's (sigma, q, steps)
@@ -464,7 +467,7 @@ def _validate_received(
     encoded: Encoded,
     records_sha256: str,
     timings: dict[str, float] | None,
-) -> MetricRecord | None:
+) -> Counts | None:
     """Validate the model received on the site's validation records and LOG the result.
 
     Returns None with `share_evaluation: none` (the default): exact counts back for any tensors
@@ -513,7 +516,7 @@ def _validate_received(
         spent,
         site.privacy.max_epsilon,
     )
-    return metric_record(noised_counts(counts, sigma), EVAL_METRIC_KEYS)
+    return Counts(**noised_counts(counts, sigma))
 
 
 def evaluate_round(
@@ -544,6 +547,4 @@ def evaluate_round(
     except (LedgerError, PrivacyBudgetExceeded) as exc:
         log.warning("%s refuses to share its evaluation [budget]: %s", hospital, exc)
         return refusal(hospital, "budget")
-    if shared is None:
-        return RecordDict({STATUS: status_record(hospital, "ok")})
-    return RecordDict({METRICS: shared, STATUS: status_record(hospital, "ok")})
+    return EvaluateReply(status=Status.ok(hospital), metrics=shared).to_content()

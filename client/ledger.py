@@ -544,14 +544,39 @@ def _anchor_doc(state: _State) -> dict[str, Any]:
     ).model_dump(by_alias=True)
 
 
+# Re-creating a lost anchor needs the head the aggregator last witnessed (docs/privacy.md, "rollback witness").
+_REANCHOR = (
+    "`fedprompt privacy anchor --site site.yaml --last-head HEX` (HEX: the last `ledger_head` the aggregator's "
+    "metrics.json records for this site)"
+)
+
+
+def _contains_head(state: _State, last_head: str | None, path: Path) -> None:
+    """Refuse to re-anchor a ledger that has entries unless its chain holds `last_head`, the head the
+    aggregator last saw from this site: without it, a ledger cut and re-anchored would pass for whole."""
+    if not state.history:
+        return  # nothing recorded, nothing to lose
+    if last_head is None:
+        raise LedgerIntegrityError(
+            f"privacy ledger {path} has {len(state.history)} entries and no usable anchor: re-creating one needs "
+            f"the last ledger head the aggregator recorded for this site: {_REANCHOR}; nothing was written",
+            kind="anchor",
+        )
+    if last_head not in {e.hash for e in state.history}:
+        raise LedgerIntegrityError(
+            f"privacy ledger {path} does not contain the head {last_head[:16]}... the aggregator last saw: entries "
+            f"were cut or an older copy restored; nothing was written. Restore the latest ledger. {_NEVER_RECREATE}",
+            kind="rollback",
+        )
+
+
 def _read_anchor(path: Path) -> _Anchor | None:
     """The anchor, None if there is none; an unreadable or malformed one is an error."""
 
     def bad(detail: str) -> LedgerIntegrityError:
         return LedgerIntegrityError(
             f"the privacy ledger's anchor {path} is unusable ({detail}); nothing may be trained until it is restored "
-            "(or, only if you are sure the ledger is the latest, re-created with `fedprompt privacy anchor --site "
-            "site.yaml`)",
+            f"(or, only if you are sure the ledger is the latest, re-created with {_REANCHOR})",
             kind="anchor",
         )
 
@@ -583,7 +608,7 @@ def _check_anchor(state: _State, anchor: _Anchor | None, anchor_path: Path, path
             f"{len(state.history)} entries: an anchor is written with every entry, so it was lost, moved, or this "
             "ledger was put in another's place. Nothing may be trained until the anchor is restored (or site.yaml "
             "`ledger_anchor` points at it); only if you are sure this ledger is the latest, re-create it with "
-            "`fedprompt privacy anchor --site site.yaml`",
+            f"{_REANCHOR}",
             kind="anchor",
         )
     if anchor.hospital_id != state.hospital_id:
@@ -990,16 +1015,17 @@ class PrivacyLedger:
             self._pending = None
         return done
 
-    def reanchor(self) -> str:
+    def reanchor(self, last_head: str | None = None) -> str:
         """Rewrite the anchor from the ledger as it is now, its chain verified: for a lost or moved
-        anchor. Never over a rollback: an anchor that shows one stays (restore the latest ledger)."""
+        anchor. Never over a rollback: an anchor that shows one stays (restore the latest ledger); a
+        ledger with entries and no usable anchor is re-anchored only if its chain holds `last_head`,
+        the last head the aggregator recorded for this site (a cut ledger does not)."""
         with _exclusive_lock(self.path):
             fresh = type(self)._load(self.path, self.anchor_path)
             anchor, error = fresh._found
-            if error is not None:
-                before = "unusable"
-            elif anchor is None:
-                before = "missing"
+            if error is not None or anchor is None:
+                before = "unusable" if error is not None else "missing"
+                _contains_head(fresh._state, last_head, self.path)
             else:
                 before = _check_anchor(fresh._state, anchor, self.anchor_path, self.path)  # raises on a rollback
             _write_atomic(self.anchor_path, _anchor_doc(fresh._state), anchor=True)

@@ -20,7 +20,7 @@ from fedprompt.common.config import SiteConfig
 from fedprompt.common.errors import InputError, LedgerError, PrivacyBudgetExceeded
 from fedprompt.common.plan import RoundPlan
 from fedprompt.common.records import load_records
-from fedprompt.common.wire import ARRAYS, STATUS, refusal, status_record
+from fedprompt.common.wire import ARRAYS, PreflightReply, Status, refusal
 
 from .hospital import (
     Refused,
@@ -128,4 +128,4 @@ def preflight(
         plan.round,
         plan.total_rounds,
     )
-    return RecordDict({STATUS: status_record(hospital, "ok")})
+    return PreflightReply(status=Status.ok(hospital)).to_content()

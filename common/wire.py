@@ -1,39 +1,33 @@
-"""What crosses the wire, and the aggregator's check of every update before aggregation.
+"""What crosses the wire: the tensors, the typed replies, and the aggregator's check of every update.
 
-Hospitals send exactly the trainable tensors (common/model.TRAINABLE_KEYS) as float32, plus
-the few fields whitelisted below and a small status record. Nothing else: anything computed from
-records (losses, counts, truncation, refusal details) stays in the hospital's log, or leaves
-noised and charged to its ledger (docs/deployment.md section 5 lists every field and its cost).
-Every field of every reply is type-checked here before the aggregator uses it.
+Hospitals send exactly the trainable tensors (common/model.TRAINABLE_KEYS) as float32, plus the
+records of a reply model below and nothing else: anything computed from records (losses, counts,
+truncation, refusal details) stays in the hospital's log, or leaves noised and charged to its
+ledger (docs/deployment.md section 5 lists every field and its cost). A hospital builds its reply
+from a model (`to_content`) and the aggregator parses it with the same model (`from_content`), so
+a field is declared once: its record, its wire key (the field's name, kebab-cased), its type and range.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import TypeGuard
+from typing import Annotated, Any, ClassVar, Literal, Self, get_args
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from pydantic import AfterValidator, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
-from .model import HEAD_BIAS_KEY, TRAINABLE_KEYS
+from .model import TRAINABLE_KEYS
+from .schema import Schema, Sha256, issues
 
 ARRAYS = "arrays"  # Flower strategies' default record keys
 METRICS = "metrics"
 CONFIG = "config"
 STATUS = "fedprompt.status"
 EVALUATION = "fedprompt.evaluation"  # a train reply's noised validation counts (one message per round)
+LEDGER = "fedprompt.ledger"  # a train reply's ledger chain: the rollback witness (docs/privacy.md)
 
-# What a train reply's MetricRecord may carry (docs/deployment.md section 5 says what each costs).
-# `num-examples` is Flower's FedAvg weight key: it carries the weight the site DECLARES in its
-# site.yaml (`weight`, default 1.0), never its record count. No loss, no steps, no sigma, no q.
-TRAIN_METRIC_KEYS = frozenset({"num-examples", "private", "epsilon-spent", "epsilon-cap", "delta"})
-PRIVATE_METRIC_KEYS = frozenset({"epsilon-spent", "epsilon-cap", "delta"})  # present iff private == 1
-# An evaluate reply carries no MetricRecord unless the site opted in (`share_evaluation: noised`):
-# then only Gaussian-noised per-class counts, charged to its ledger. Never a loss, never N.
-EVAL_METRIC_KEYS = frozenset({"tp", "fp", "fn"})
-STATUS_KEYS = frozenset({"hospital-id", "status", "reason"})
 # All a refusal says about why: the detail (files, lines, labels, paths) stays in the site's log.
 REFUSAL_CATEGORIES = (
     "budget",  # epsilon cap reached, or the privacy ledger cannot account for the round
@@ -52,6 +46,224 @@ MAX_HOSPITAL_ID = 64
 MAX_WEIGHT = 1e9  # a declared FedAvg weight above this is rejected (a sum of them must stay finite)
 
 
+class ReplyError(ValueError):
+    """A reply that does not match its model: the reason names the record and field."""
+
+
+# --- one record of a reply ------------------------------------------------------------------------
+
+
+class _Fields(Schema):
+    """The fields of one record, under their wire keys (the field's name with '-' for '_')."""
+
+    model_config = ConfigDict(alias_generator=lambda name: name.replace("_", "-"), populate_by_name=True)
+    kind: ClassVar[type[MetricRecord] | type[ConfigRecord]]
+
+    @classmethod
+    def keys(cls) -> frozenset[str]:
+        """The wire keys this record may carry."""
+        return frozenset(f.alias or name for name, f in cls.model_fields.items())
+
+    def to_record(self) -> MetricRecord | ConfigRecord:
+        return self.kind(self.model_dump(by_alias=True, exclude_none=True))
+
+
+class Status(_Fields):
+    """Who answered, and whether it took part (a refusal names only its category)."""
+
+    kind = ConfigRecord
+    hospital_id: Annotated[str, Field(min_length=1, max_length=MAX_HOSPITAL_ID)]
+    status: Literal["ok", "refused"]
+    reason: str  # "" when ok
+
+    @classmethod
+    def ok(cls, hospital_id: str) -> Status:
+        return cls(hospital_id=hospital_id, status="ok", reason="")
+
+    @model_validator(mode="after")
+    def _reason_fits(self) -> Self:
+        if self.status == "ok" and self.reason:
+            raise ValueError("reason must be empty when status is ok")
+        if self.status == "refused" and self.reason not in REFUSAL_CATEGORIES:
+            raise ValueError(f"a refusal's reason must be one of {list(REFUSAL_CATEGORIES)}, got {self.reason!r}")
+        return self
+
+
+class TrainMetrics(_Fields):
+    """A train reply's numbers. No loss, no steps, no sigma, no q, no record count."""
+
+    kind = MetricRecord
+    # Flower's FedAvg weight key: the weight the site DECLARES (site.yaml `weight`), never its record count.
+    num_examples: Annotated[float, Field(gt=0, le=MAX_WEIGHT)]
+    private: Annotated[int, Field(ge=0, le=1)]  # 1: trained with DP-SGD
+    # Present exactly when private is 1: the site's cumulative epsilon (its ledger), its cap, its delta.
+    epsilon_spent: Annotated[float, Field(ge=0)] | None = None
+    epsilon_cap: Annotated[float, Field(gt=0)] | None = None
+    delta: Annotated[float, Field(gt=0, lt=1)] | None = None
+
+    @model_validator(mode="after")
+    def _privacy_fields(self) -> Self:
+        given = [self.epsilon_spent, self.epsilon_cap, self.delta]
+        if self.private and None in given:
+            raise ValueError("a private update carries epsilon-spent, epsilon-cap and delta")
+        if not self.private and given != [None, None, None]:
+            raise ValueError("a non-private update carries no epsilon-spent, epsilon-cap or delta")
+        if self.epsilon_spent is not None and self.epsilon_cap is not None and self.epsilon_spent > self.epsilon_cap:
+            raise ValueError(
+                f"epsilon-spent {self.epsilon_spent:g} exceeds the site's own epsilon-cap {self.epsilon_cap:g}"
+            )
+        return self
+
+
+class LedgerChain(_Fields):
+    """The hashes of the site's ledger entries from this run's first on, the head (its last entry) last.
+
+    Public: hashes of the site's own accounting records. The aggregator keeps the head of each accepted
+    reply and rejects a later reply whose chain does not contain it (a ledger cut or rolled back).
+    """
+
+    kind = ConfigRecord
+    chain: Annotated[list[Sha256], Field(min_length=1)]
+
+    @property
+    def head(self) -> str:
+        return self.chain[-1]
+
+
+def _num_labels(values: list[float], info: ValidationInfo) -> list[float]:
+    n = (info.context or {}).get("num_labels")
+    if n is not None and len(values) != n:
+        raise ValueError(f"expected one count per label ({n}), got {len(values)}")
+    return values
+
+
+PerLabel = Annotated[list[float], AfterValidator(_num_labels)]
+
+
+class Counts(_Fields):
+    """Noised per-class validation counts (`share_evaluation: noised`), charged to the site's ledger."""
+
+    kind = MetricRecord
+    tp: PerLabel
+    fp: PerLabel
+    fn: PerLabel
+
+
+# --- replies: records by name ----------------------------------------------------------------------
+
+
+class _Reply(Schema):
+    """A reply: each field one record (its alias the record's name); `tensors` says if it carries ARRAYS."""
+
+    model_config = ConfigDict(populate_by_name=True)
+    tensors: ClassVar[bool] = False
+
+    @classmethod
+    def records(cls) -> dict[str, type[_Fields]]:
+        return {f.alias or name: _record_model(f.annotation) for name, f in cls.model_fields.items()}
+
+    @classmethod
+    def from_content(cls, content: RecordDict, *, num_labels: int | None = None) -> Self:
+        """The reply in `content`, validated; ReplyError names the record and field of each problem."""
+        records, data = cls.records(), {}
+        for name in content.keys():
+            record = content[name]
+            if name == ARRAYS and cls.tensors:
+                if not isinstance(record, ArrayRecord):
+                    raise ReplyError(f"record {name!r}: expected an ArrayRecord, got a {type(record).__name__}")
+                continue
+            if name not in records:
+                allowed = ", ".join(repr(r) for r in sorted([*records, *([ARRAYS] if cls.tensors else [])]))
+                raise ReplyError(f"unexpected record {name!r}: a {cls.__name__} carries only {allowed}")
+            kind = records[name].kind
+            if not isinstance(record, kind):
+                raise ReplyError(f"record {name!r}: expected a {kind.__name__}, got a {type(record).__name__}")
+            data[name] = dict(record)
+        if cls.tensors and ARRAYS not in content.keys():
+            raise ReplyError(f"missing record {ARRAYS!r} (an ArrayRecord)")
+        for field, info in cls.model_fields.items():
+            key = info.alias or field
+            if info.is_required() and key not in data:
+                raise ReplyError(f"missing record {key!r} (a {records[key].kind.__name__})")
+        try:
+            return cls.model_validate(data, context={"num_labels": num_labels})
+        except ValidationError as exc:
+            problems = (f"{key}: {message}" if key else message for key, message in issues(cls, exc))
+            raise ReplyError("; ".join(problems)) from None
+
+    def to_content(self, arrays: ArrayRecord | None = None) -> RecordDict:
+        content = RecordDict({ARRAYS: arrays} if arrays is not None else {})
+        for name, f in type(self).model_fields.items():
+            value = getattr(self, name)
+            if value is not None:
+                content[f.alias or name] = value.to_record()
+        return content
+
+
+def _record_model(annotation: Any) -> type[_Fields]:
+    """The record model of a reply's field (`Counts | None` -> Counts)."""
+    if isinstance(annotation, type) and issubclass(annotation, _Fields):
+        return annotation
+    return next(_record_model(a) for a in get_args(annotation) if a is not type(None))
+
+
+def _ok(status: Status) -> Status:
+    if status.status != "ok":
+        raise ValueError(f"status must be ok, got {status.status!r}")
+    return status
+
+
+def _refused(status: Status) -> Status:
+    if status.status != "refused":
+        raise ValueError(f"status must be refused, got {status.status!r}")
+    return status
+
+
+OkStatus = Annotated[Status, Field(alias=STATUS), AfterValidator(_ok)]
+
+
+class TrainReply(_Reply):
+    """The site trained this round: the tensors (ARRAYS) and these records."""
+
+    tensors = True
+    status: OkStatus
+    metrics: Annotated[TrainMetrics, Field(alias=METRICS)]
+    ledger: Annotated[LedgerChain, Field(alias=LEDGER)]
+    # the model received, validated (opt-in, noised; `evaluation: in_train`)
+    evaluation: Annotated[Counts | None, Field(alias=EVALUATION)] = None
+
+
+class EvaluateReply(_Reply):
+    """The site validated the model received: its status alone (the default), or noised counts too."""
+
+    status: OkStatus
+    metrics: Annotated[Counts | None, Field(alias=METRICS)] = None
+
+
+class PreflightReply(_Reply):
+    """The site will train the run: its status alone."""
+
+    status: OkStatus
+
+
+class Refusal(_Reply):
+    """The site did not take part: the category alone (REFUSAL_CATEGORIES)."""
+
+    status: Annotated[Status, Field(alias=STATUS), AfterValidator(_refused)]
+
+
+def refusal(hospital_id: str, category: str) -> RecordDict:
+    """A well-formed reply saying that a site did not train or evaluate (not an error).
+
+    Only the category (REFUSAL_CATEGORIES) leaves: the detail stays in the site's own log. Any
+    other category is a programming error (ValueError): free text never reaches the wire.
+    """
+    return Refusal(status=Status(hospital_id=hospital_id, status="refused", reason=category)).to_content()
+
+
+# --- the tensors ------------------------------------------------------------------------------------
+
+
 def state_to_arrays(state: dict[str, torch.Tensor]) -> ArrayRecord:
     return ArrayRecord(
         {k: Array(np.ascontiguousarray(state[k].detach().cpu().numpy().astype(np.float32))) for k in TRAINABLE_KEYS}
@@ -67,22 +279,8 @@ def payload_bytes(record: ArrayRecord) -> int:
     return sum(len(arr.data) for arr in record.values())
 
 
-def status_record(hospital_id: str, status: str, reason: str = "") -> ConfigRecord:
-    return ConfigRecord({"hospital-id": hospital_id, "status": status, "reason": reason})
-
-
-def refusal(hospital_id: str, category: str) -> RecordDict:
-    """A well-formed reply saying that a site did not train or evaluate (not an error).
-
-    Only the category (REFUSAL_CATEGORIES) leaves: the detail stays in the site's own log.
-    """
-    if category not in REFUSAL_CATEGORIES:  # a programming error: never let free text onto the wire
-        raise ValueError(f"refusal category {category!r} is not one of {REFUSAL_CATEGORIES}")
-    return RecordDict({STATUS: status_record(hospital_id, "refused", category)})
-
-
 def _show(value: object) -> str:
-    """A value from a reply, named safely in a rejection reason (type + bounded repr)."""
+    """A value from a message, named safely in a reason (type + bounded repr)."""
     text = repr(value)
     return f"{type(value).__name__} {text[:40] + '...' if len(text) > 40 else text}"
 
@@ -95,108 +293,15 @@ def round_of(config: ConfigRecord | None) -> int:
     return int(value)
 
 
-def _is_number(value: object) -> TypeGuard[int | float]:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_records(content: RecordDict, arrays: set[str], metrics: set[str], configs: set[str]) -> str | None:
-    got = {
-        "ArrayRecord": (set(content.array_records.keys()), arrays),
-        "MetricRecord": (set(content.metric_records.keys()), metrics),
-        "ConfigRecord": (set(content.config_records.keys()), configs),
-    }
-    for kind, (have, want) in got.items():
-        if have != want:
-            return f"expected {kind}s {sorted(want)}, got {sorted(have)}"
-    extra = set(content.keys()) - arrays - metrics - configs
-    return f"unexpected records {sorted(extra)}" if extra else None
-
-
-def validate_status(content: RecordDict, allowed: tuple[str, ...] = ("ok", "refused")) -> str | None:
-    """Why a reply's status record is malformed, or None. Every field type-checked."""
-    if STATUS not in content.config_records:
-        return f"no status record '{STATUS}'"
-    status = content.config_records[STATUS]
-    if set(status.keys()) != STATUS_KEYS:
-        return f"status keys {sorted(status.keys())} != expected {sorted(STATUS_KEYS)}"
-    hospital_id, state, reason = status["hospital-id"], status["status"], status["reason"]
-    if not (isinstance(hospital_id, str) and 0 < len(hospital_id) <= MAX_HOSPITAL_ID):
-        return f"status hospital-id must be a string of 1..{MAX_HOSPITAL_ID} characters, got {_show(hospital_id)}"
-    if not (isinstance(state, str) and state in allowed):
-        return f"status must be one of {list(allowed)}, got {_show(state)}"
-    if not isinstance(reason, str):
-        return f"status reason must be a string, got {_show(reason)}"
-    if state == "ok" and reason:
-        return "status reason must be empty when status is ok"
-    if state == "refused" and reason not in REFUSAL_CATEGORIES:
-        return f"refusal reason must be one of {list(REFUSAL_CATEGORIES)}, got {_show(reason)}"
-    return None
-
-
-def validate_refusal(content: RecordDict) -> str | None:
-    """Why a refusal reply is malformed (it carries only a status record with a category), or None."""
-    return _check_records(content, set(), set(), {STATUS}) or validate_status(content, ("refused",))
-
-
-def validate_train_metrics(metrics: MetricRecord) -> str | None:
-    """Why a train reply's MetricRecord is malformed, or None: whitelisted keys, each typed."""
-    keys = set(metrics.keys())
-    if keys - TRAIN_METRIC_KEYS:
-        return f"metric keys not allowed: {sorted(keys - TRAIN_METRIC_KEYS)}"
-    for key in ("num-examples", "private"):
-        if key not in keys:
-            return f"missing metric {key!r}"
-    weight = metrics["num-examples"]
-    if not (_is_number(weight) and 0 < weight <= MAX_WEIGHT):
-        return (
-            f"num-examples (the site's declared weight) must be a finite number in (0, {MAX_WEIGHT:g}], got "
-            f"{_show(weight)}"
-        )
-    private = metrics["private"]
-    if not (isinstance(private, int) and not isinstance(private, bool) and private in (0, 1)):
-        return f"private must be the integer 0 or 1, got {_show(private)}"
-    if private and PRIVATE_METRIC_KEYS - keys:
-        return f"private update lacks {sorted(PRIVATE_METRIC_KEYS - keys)}"
-    if not private and keys & PRIVATE_METRIC_KEYS:
-        return f"non-private update carries {sorted(keys & PRIVATE_METRIC_KEYS)}"
-    if private:
-        spent, cap, delta = metrics["epsilon-spent"], metrics["epsilon-cap"], metrics["delta"]
-        if not (_is_number(spent) and spent >= 0):
-            return f"epsilon-spent must be a finite number >= 0, got {_show(spent)}"
-        if not (_is_number(cap) and cap > 0):
-            return f"epsilon-cap must be a finite number > 0, got {_show(cap)}"
-        if not (_is_number(delta) and 0 < delta < 1):
-            return f"delta must be a number in (0, 1), got {_show(delta)}"
-        if spent > cap:
-            return f"epsilon-spent {spent:g} exceeds the site's own epsilon-cap {cap:g}"
-    return None
-
-
-def validate_update(
-    content: RecordDict,
+def check_update(
+    arrays: ArrayRecord,
     expected_shapes: dict[str, tuple[int, ...]],
     global_state: dict[str, torch.Tensor],
-    norm_bound: float | Callable[[float], float],
+    bound: float,
 ) -> str | None:
-    """Return why a train reply must be rejected, or None if it is well-formed.
-
-    Every field is checked for presence and type, so that nothing downstream can trip on it.
-    `norm_bound`: on the L2 norm of (update - global); or a function of the reply's declared weight
-    (`num-examples`) giving it (common/schedule.update_bound).
-    """
-    # the model received, validated (opt-in, noised)
-    shared = {EVALUATION} if EVALUATION in content.metric_records else set()
-    reason = _check_records(content, {ARRAYS}, {METRICS} | shared, {STATUS})
-    if reason:
-        return reason
-    if shared and (reason := validate_counts(content.metric_records[EVALUATION], expected_shapes[HEAD_BIAS_KEY][0])):
-        return f"evaluation: {reason}"
-    arrays = content.array_records[ARRAYS]
-    if set(arrays.keys()) != set(expected_shapes):
-        return f"tensor keys {sorted(arrays.keys())} != expected {sorted(expected_shapes)}"
-    reason = validate_train_metrics(content.metric_records[METRICS]) or validate_status(content, ("ok",))
-    if reason:
-        return reason
+    """Why a train reply's tensors must be rejected, or None: exactly the expected keys, each float32 of
+    its shape with finite values, and the L2 norm of (update - global) within `bound`
+    (common/schedule.update_bound, from the reply's declared weight)."""
     try:
         decoded = decode_tensors(arrays, expected_shapes)
     except ValueError as exc:
@@ -205,8 +310,6 @@ def validate_update(
     for key, values in decoded.items():
         sq += float(((values.astype(np.float64) - global_state[key].numpy().astype(np.float64)) ** 2).sum())
     norm = math.sqrt(sq)
-    weight = content.metric_records[METRICS]["num-examples"]  # validated above: a positive number
-    bound = norm_bound if isinstance(norm_bound, (int, float)) else norm_bound(float(weight))  # type: ignore[arg-type]
     if norm > bound:
         return f"update norm {norm:.3g} exceeds the bound {bound:g}"
     return None
@@ -215,7 +318,7 @@ def validate_update(
 def decode_tensors(arrays: ArrayRecord, expected_shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
     """The tensors of `arrays`, decoded; ValueError (the reason) unless they are exactly the expected
     keys, each float32 of its expected shape with finite values. The aggregator checks every update
-    with it (validate_update), a site every model it receives (client/limits.py)."""
+    with it (check_update), a site every model it receives (client/limits.py)."""
     if set(arrays.keys()) != set(expected_shapes):
         raise ValueError(f"tensor keys {sorted(arrays.keys())} != expected {sorted(expected_shapes)}")
     decoded = {}
@@ -237,37 +340,3 @@ def decode_tensors(arrays: ArrayRecord, expected_shapes: dict[str, tuple[int, ..
             raise ValueError(f"{key}: non-finite values (NaN or Inf)")
         decoded[key] = values
     return decoded
-
-
-def validate_evaluation(content: RecordDict, num_labels: int) -> str | None:
-    """Why an evaluate reply is malformed, or None.
-
-    Well-formed: a refusal; a status record alone (the site evaluated locally, the default); or a
-    status record and noised per-class counts (`share_evaluation: noised`): exactly `tp`, `fp`,
-    `fn`, each a list of `num_labels` finite numbers.
-    """
-    if STATUS in content.config_records and content.config_records[STATUS].get("status") == "refused":
-        return validate_refusal(content)
-    metrics = {METRICS} if METRICS in content.metric_records else set()
-    reason = _check_records(content, set(), metrics, {STATUS}) or validate_status(content, ("ok",))
-    if reason or not metrics:
-        return reason
-    return validate_counts(content.metric_records[METRICS], num_labels)
-
-
-def validate_counts(m: MetricRecord, num_labels: int) -> str | None:
-    """Why noised per-class counts are malformed, or None: exactly tp, fp, fn, each `num_labels` finite numbers."""
-    if set(m.keys()) != EVAL_METRIC_KEYS:
-        return f"evaluation metric keys {sorted(m.keys())} != expected {sorted(EVAL_METRIC_KEYS)}"
-    for key in sorted(EVAL_METRIC_KEYS):
-        values = m[key]
-        if not (isinstance(values, list) and len(values) == num_labels and all(_is_number(v) for v in values)):
-            return f"{key} must be a list of {num_labels} finite numbers, got {_show(values)}"
-    return None
-
-
-def metric_record(values: dict, allowed: frozenset[str]) -> MetricRecord:
-    unknown = set(values) - allowed
-    if unknown:  # a programming error: never let a new key slip onto the wire unreviewed
-        raise ValueError(f"metric keys not whitelisted: {sorted(unknown)}")
-    return MetricRecord(values)

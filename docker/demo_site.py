@@ -1,6 +1,6 @@
 """Seed the compose demo: one hospital's private data volume, or the aggregator's federation folder.
 
-    python docker/demo_site.py hospital --id 1 --data /data --ledger /ledger
+    python docker/demo_site.py hospital --id 1 --data /data --ledger /ledger [--anchor /anchor]
     python docker/demo_site.py federation --out /federation
 
 Both sides regenerate the same seeded synthetic demo and keep only their own part: a hospital
@@ -46,6 +46,8 @@ def hospital(args: argparse.Namespace) -> int:
                 shutil.copyfile(src / name, args.data / name)
             site = yaml.safe_load((src / "site.yaml").read_text())
             site["ledger"] = str(args.ledger / "privacy-ledger.json")
+            if args.anchor is not None:  # on its own volume: restoring the ledger's volume leaves it
+                site["ledger_anchor"] = str(args.anchor / "privacy-ledger.json.anchor")
             site_path.write_text(
                 "# Demo hospital site config (see docs/deployment.md)\n" + yaml.safe_dump(site, sort_keys=False)
             )
@@ -90,6 +92,7 @@ def main() -> int:
     h.add_argument("--id", required=True)
     h.add_argument("--data", type=Path, required=True)
     h.add_argument("--ledger", type=Path, required=True)
+    h.add_argument("--anchor", type=Path, help="the folder of the ledger's anchor (default: beside the ledger)")
     h.set_defaults(func=hospital)
     f = sub.add_parser("federation")
     f.add_argument("--out", type=Path, required=True)

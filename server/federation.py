@@ -38,10 +38,10 @@ from fedprompt.common.schedule import largest_update_bound
 from fedprompt.common.wire import (
     ARRAYS,
     CONFIG,
-    STATUS,
+    PreflightReply,
+    ReplyError,
     arrays_to_state,
     state_to_arrays,
-    validate_status,
 )
 from fedprompt.common.zeroshot import label_prototypes
 
@@ -51,7 +51,7 @@ from .history import Preflight, PreflightAnswer, RunMetrics
 from .live_report import LiveReport
 from .outcome import NOTHING_TRAINED, RUNNING, Outcome, preflight_shortfall, run_outcome
 from .report import write_report
-from .strategy import ValidatedStrategy, build_strategy, identity, judge_unanswered
+from .strategy import ValidatedStrategy, build_strategy, identity, judge_unanswered, witnessed
 
 log = logging.getLogger("fedprompt.server")
 
@@ -152,6 +152,7 @@ def execute(grid: Grid, run: PreparedRun) -> dict:
         label_prototypes=label_prototypes(run.backbone, run.prompt, fed.label_texts),
         label_prior=fed.training.label_prior,
         logit_scale=fed.model.logit_scale,
+        witnessed=witnessed(run.history),
     )
     plan = RoundPlan.for_run(fed, run.prompt).to_config_record()
     if remaining > 0:  # before anything that could charge a site (round 0's shared evaluation included)
@@ -263,11 +264,11 @@ def _judge_preflight(msg: Message) -> PreflightAnswer:
     """A pre-flight reply carries the status record alone: "ok", or a refusal naming its category."""
     if (settled := judge_unanswered(msg)) is not None:
         return PreflightAnswer(*settled)
-    content = msg.content
-    if set(content.keys()) != {STATUS}:
-        return PreflightAnswer("rejected", f"a pre-flight reply carries only {STATUS!r}, got {sorted(content.keys())}")
-    reason = validate_status(content, ("ok",))
-    return PreflightAnswer("rejected", reason) if reason else PreflightAnswer("ok")
+    try:
+        PreflightReply.from_content(msg.content)
+    except ReplyError as exc:
+        return PreflightAnswer("rejected", str(exc))
+    return PreflightAnswer("ok")
 
 
 def _declined(preflight: Preflight) -> dict[str, str]:

@@ -36,6 +36,8 @@ class HospitalOutcome:
     weight: float = 0.0  # the FedAvg weight the site declared (its site.yaml `weight`), not a record count
     epsilon_spent: float | None = None
     epsilon_cap: float | None = None
+    # the hash of the last entry of the site's privacy ledger after this round: public, the rollback witness
+    ledger_head: Sha256 | None = None
     upload_bytes: NonNegativeInt = 0
 
 

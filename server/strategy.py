@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import numpy as np
@@ -30,15 +30,17 @@ from fedprompt.common.plan import RoundPlan
 from fedprompt.common.schedule import DEFAULT_DELTA, class_sums_round, class_sums_sigma, update_bound
 from fedprompt.common.wire import (
     ARRAYS,
-    EVALUATION,
     METRICS,
     STATUS,
+    Counts,
+    EvaluateReply,
+    Refusal,
+    ReplyError,
+    TrainReply,
     arrays_to_state,
+    check_update,
     payload_bytes,
     state_to_arrays,
-    validate_evaluation,
-    validate_refusal,
-    validate_update,
 )
 
 from .class_means import head_from_class_sums, label_weight
@@ -54,12 +56,6 @@ def _number(value: object) -> float:
     return float(value)
 
 
-def _numbers(value: object) -> list[float]:
-    """A metric list that validation has already checked to hold finite numbers."""
-    assert isinstance(value, list)
-    return [float(v) for v in value]
-
-
 def judge_unanswered(msg: Message) -> tuple[Literal["failed", "rejected", "refused"], str] | None:
     """An error reply ("failed") or a refusal ("refused" with its category, or "rejected" if malformed);
     None for a reply that answers the message (train and pre-flight replies alike)."""
@@ -68,10 +64,51 @@ def judge_unanswered(msg: Message) -> tuple[Literal["failed", "rejected", "refus
         return "failed", f"error reply: {first[:200]}"
     status = msg.content.config_records.get(STATUS)
     if status is not None and status.get("status") == "refused":
-        reason = validate_refusal(msg.content)
-        if reason:
-            return "rejected", f"malformed refusal: {reason}"
-        return "refused", str(status["reason"])  # a category: validate_refusal checked it
+        try:
+            return "refused", Refusal.from_content(msg.content).status.reason  # a category
+        except ReplyError as exc:
+            return "rejected", f"malformed refusal: {exc}"
+    return None
+
+
+@dataclass(frozen=True)
+class Witness:
+    """What a site's last accepted reply showed of its privacy ledger (its head: the last entry's hash)."""
+
+    head: str
+    epsilon_spent: float | None  # None: a non-private round
+    round: int
+
+
+def witnessed(history: Iterable[dict]) -> dict[str, Witness]:
+    """Each hospital's last accepted ledger head and epsilon in a run's history (a resumed run goes on from them)."""
+    seen: dict[str, Witness] = {}
+    for record in history:
+        for hospital, o in record["hospitals"].items():
+            if o["status"] == "ok" and o.get("ledger_head"):
+                seen[hospital] = Witness(o["ledger_head"], o.get("epsilon_spent"), record["round"])
+    return seen
+
+
+def rolled_back(seen: Witness | None, reply: TrainReply) -> str | None:
+    """Why a site's ledger is not a continuation of the one it showed before, or None.
+
+    An honest ledger only grows: its epsilon never decreases, and its chain keeps every entry the
+    aggregator saw (LedgerChain holds the run's entry hashes, so a site that skipped or lost a round
+    still shows the head it reported before it)."""
+    if seen is None:
+        return None
+    hospital, spent = reply.status.hospital_id, reply.metrics.epsilon_spent
+    if seen.epsilon_spent is not None and spent is not None and spent < seen.epsilon_spent:
+        return (
+            f"{hospital}: privacy ledger rolled back: epsilon spent {spent:.4f} is below the {seen.epsilon_spent:.4f} "
+            f"it reported in round {seen.round}"
+        )
+    if seen.head not in reply.ledger.chain:
+        return (
+            f"{hospital}: privacy ledger rolled back or replaced: its chain does not extend the head "
+            f"{seen.head[:16]}... it reported in round {seen.round} (entries were cut, or an older copy restored)"
+        )
     return None
 
 
@@ -102,8 +139,11 @@ class ValidatedStrategy(Strategy):
         label_prototypes: torch.Tensor | None = None,
         label_prior: float = 0.0,
         logit_scale: float = 10.0,
+        witnessed: dict[str, Witness] | None = None,
     ):
         self.inner = inner
+        # Each hospital's ledger head and epsilon as its last accepted reply showed them (rollback witness).
+        self.witnessed: dict[str, Witness] = dict(witnessed or {})
         # The class-sums round builds the head from the released sums and these (server/class_means.py).
         self.label_prototypes = label_prototypes
         self.label_prior = label_prior
@@ -188,16 +228,16 @@ class ValidatedStrategy(Strategy):
         outcomes: dict[str, HospitalOutcome] = {}
         accepted: list[Message] = []
         answered: set[int] = set()
-        shared: list[MetricRecord] = []
+        shared: list[Counts] = []
         for msg in replies:
             node = sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             answered.add(node)
             who = identity(msg, node, set(outcomes), self.names)
-            outcome = self._judge(msg)
+            outcome, reply = self._judge(msg, server_round)
             outcomes[who] = outcome
-            if outcome.status == "ok":
-                if EVALUATION in msg.content.metric_records:  # validated with the update by _judge
-                    shared.append(msg.content.metric_records[EVALUATION])
+            if reply is not None:
+                if reply.evaluation is not None:
+                    shared.append(reply.evaluation)
                 # The strategy sees only the tensors and the weight: nothing else to trip on.
                 msg.content = RecordDict(
                     {ARRAYS: msg.content[ARRAYS], METRICS: MetricRecord({"num-examples": outcome.weight})}
@@ -275,26 +315,36 @@ class ValidatedStrategy(Strategy):
         replies = [arrays_to_state(m.content.array_records[ARRAYS]) for m in accepted]
         return [key for key, sent in self._global.items() if all(torch.equal(r[key], sent) for r in replies)]
 
-    def _judge(self, msg: Message) -> HospitalOutcome:
+    def _judge(self, msg: Message, server_round: int) -> tuple[HospitalOutcome, TrainReply | None]:
+        """The reply's outcome, and the reply parsed (None unless accepted)."""
         if (settled := judge_unanswered(msg)) is not None:
-            return HospitalOutcome(*settled)
+            return HospitalOutcome(*settled), None
         content = msg.content
         try:
             upload = payload_bytes(content.array_records[ARRAYS]) if ARRAYS in content.array_records else 0
         except Exception:  # noqa: BLE001 - a hostile Array may not even have bytes
             upload = 0
         assert self._global is not None  # set by configure_train, before any reply
-        reason = validate_update(content, self.shapes, self._global, self._bound)
+        try:
+            reply = TrainReply.from_content(content, num_labels=self.num_labels)
+        except ReplyError as exc:
+            return HospitalOutcome("rejected", str(exc), upload_bytes=upload), None
+        m, hospital = reply.metrics, reply.status.hospital_id
+        reason = rolled_back(self.witnessed.get(hospital), reply) or check_update(
+            content.array_records[ARRAYS], self.shapes, self._global, self._bound(m.num_examples)
+        )
         if reason:
-            return HospitalOutcome("rejected", reason, upload_bytes=upload)
-        m = content.metric_records[METRICS]  # every field present and typed: validate_update checked them
-        return HospitalOutcome(
+            return HospitalOutcome("rejected", reason, upload_bytes=upload), None
+        self.witnessed[hospital] = Witness(reply.ledger.head, m.epsilon_spent, self.global_round(server_round))
+        outcome = HospitalOutcome(
             "ok",
-            weight=_number(m["num-examples"]),
-            epsilon_spent=_number(m["epsilon-spent"]) if "epsilon-spent" in m else None,
-            epsilon_cap=_number(m["epsilon-cap"]) if "epsilon-cap" in m else None,
+            weight=m.num_examples,
+            epsilon_spent=m.epsilon_spent,
+            epsilon_cap=m.epsilon_cap,
+            ledger_head=reply.ledger.head,
             upload_bytes=upload,
         )
+        return outcome, reply
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -320,14 +370,15 @@ class ValidatedStrategy(Strategy):
             return None  # the counts came with the updates (aggregate_train)
         shared = []
         for msg in replies:
-            if msg.has_error():
+            if judge_unanswered(msg) is not None:  # an error reply or a refusal (well-formed or not)
                 continue
-            reason = validate_evaluation(msg.content, self.num_labels)
-            if reason:
-                log.warning("round %d: malformed evaluation reply ignored: %s", self.global_round(server_round), reason)
+            try:
+                reply = EvaluateReply.from_content(msg.content, num_labels=self.num_labels)
+            except ReplyError as exc:
+                log.warning("round %d: malformed evaluation reply ignored: %s", self.global_round(server_round), exc)
                 continue
-            if METRICS in msg.content.metric_records:  # else refused, or evaluated locally (the default)
-                shared.append(msg.content.metric_records[METRICS])
+            if reply.metrics is not None:  # else evaluated locally (the default)
+                shared.append(reply.metrics)
         self.eval_results[server_round] = result = self._sum_counts(shared, model_round=self.global_round(server_round))
         if result is None:
             return None
@@ -335,12 +386,12 @@ class ValidatedStrategy(Strategy):
             {k: float(v) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         )
 
-    def _sum_counts(self, shared: list[MetricRecord], model_round: int) -> dict | None:
+    def _sum_counts(self, shared: list[Counts], model_round: int) -> dict | None:
         """The sum of the sites' noised per-class counts (validated), each total clipped at 0;
         None if no site shared. `model_round`: the global model they evaluated."""
         total = ClassCounts.zeros(self.num_labels)
         for m in shared:
-            total = total + ClassCounts(_numbers(m["tp"]), _numbers(m["fp"]), _numbers(m["fn"]))
+            total = total + ClassCounts(m.tp, m.fp, m.fn)
         clipped = ClassCounts(
             [max(0.0, v) for v in total.tp], [max(0.0, v) for v in total.fp], [max(0.0, v) for v in total.fn]
         )

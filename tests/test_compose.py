@@ -68,20 +68,27 @@ def test_no_hospital_service_mounts_another_hospitals_volumes(compose):
             assert other is None or other.group(1) == m.group(1), f"{name} mounts {src}"
 
 
-def test_data_read_only_and_own_ledger_volume(compose):
+def test_data_read_only_and_own_ledger_and_anchor_volumes(compose):
+    """The ledger's anchor lives on its own volume: restoring an old copy of the ledger's volume
+    leaves the anchor that shows the rollback."""
     ledgers: dict[str, str] = {}
     for name, (hid, service) in daemons(compose).items():
         by_target = {t: (src, mode) for src, t, mode in mounts(service)}
         assert by_target["/data"] == (f"hospital-{hid}-data", "ro"), name
         assert by_target["/key"] == (f"hospital-{hid}-key", "ro"), name
         assert by_target["/ledger"] == (f"hospital-{hid}-ledger", "rw"), name
+        assert by_target["/anchor"] == (f"hospital-{hid}-anchor", "rw"), name
         assert ledgers.setdefault(hid, by_target["/ledger"][0]) == by_target["/ledger"][0]
-        writable = [t for _, t, mode in mounts(service) if mode != "ro"]
-        assert writable == ["/ledger"], f"{name}: writable mounts {writable}"
+        writable = sorted(t for _, t, mode in mounts(service) if mode != "ro")
+        assert writable == ["/anchor", "/ledger"], f"{name}: writable mounts {writable}"
         assert service.get("read_only") is True, name
         command = service["command"]
         assert command[:2] == ["hospital", "start"] and "fleet-proxy:9443" in command
     assert len(set(ledgers.values())) == 3  # one ledger volume per hospital
+    for hid in ledgers:  # the seeding step writes site.yaml's ledger_anchor onto that volume
+        setup = compose["services"][f"hospital-{hid}-setup"]
+        assert (f"hospital-{hid}-anchor", "/anchor", "rw") in mounts(setup)
+        assert setup["command"][-2:] == ["--anchor", "/anchor"]
 
 
 def test_hospitals_reach_only_the_proxy(compose):

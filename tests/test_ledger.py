@@ -708,7 +708,14 @@ def test_a_missing_anchor_refuses_until_re_anchored_never_over_a_rollback(tmp_pa
     rc, verdict = verify(cli, capsys, site)
     assert rc == 3 and verdict["failure"]["kind"] == "anchor"
 
-    assert cli(["privacy", "anchor", "--site", str(site)]) == 0
+    # re-anchoring needs the last head the aggregator saw (metrics.json), and the chain must hold it
+    head = ledger.head
+    assert cli(["privacy", "anchor", "--site", str(site)]) == 3
+    assert "needs the last ledger head the aggregator recorded" in capsys.readouterr().err
+    assert cli(["privacy", "anchor", "--site", str(site), "--last-head", "0" * 64]) == 3
+    assert "does not contain the head 0000000000000000..." in capsys.readouterr().err
+    assert not ledger.anchor_path.exists()  # nothing written
+    assert cli(["privacy", "anchor", "--site", str(site), "--last-head", head]) == 0
     assert "2 entries" in capsys.readouterr().out
     assert verify(cli, capsys, site)[0] == 0
 
@@ -718,6 +725,31 @@ def test_a_missing_anchor_refuses_until_re_anchored_never_over_a_rollback(tmp_pa
     anchor = ledger.anchor_path.read_bytes()
     assert cli(["privacy", "anchor", "--site", str(site)]) == 3  # a rollback is never blessed
     assert "rolled back" in capsys.readouterr().err and ledger.anchor_path.read_bytes() == anchor
+
+
+def test_a_cut_ledger_cannot_be_re_anchored_past_the_head_the_aggregator_saw(tmp_path, cli, capsys):
+    """Entries cut from the end (the chain stays valid) and the anchor deleted: `privacy anchor` with
+    the last head the aggregator recorded refuses (exit 3), and with a malformed head argparse does (2)."""
+    site = write_site(tmp_path, accountant="rdp")
+    assert cli(["privacy", "init", "--site", str(site)]) == 0
+    ledger = PrivacyLedger.for_site(SiteConfig.load(site))
+    for r in range(3):
+        record(ledger, 1.0, 0.01, 10, round=r)
+    witnessed, spent = ledger.head, ledger.epsilon_spent()  # what the aggregator recorded
+    doc = json.loads(ledger.path.read_text())
+    doc["history"] = doc["history"][:1]  # cut: what is left is a valid chain, with less epsilon
+    ledger.path.write_text(json.dumps(doc))
+    ledger.anchor_path.unlink()
+    with pytest.raises(SystemExit) as exited:
+        cli(["privacy", "anchor", "--site", str(site), "--last-head", "xyz"])
+    assert exited.value.code == 2 and "expected a sha256 hex digest" in capsys.readouterr().err
+    assert cli(["privacy", "anchor", "--site", str(site), "--last-head", witnessed]) == 3
+    assert f"does not contain the head {witnessed[:16]}..." in capsys.readouterr().err
+    assert not ledger.anchor_path.exists()
+    with pytest.raises(LedgerError, match="anchor of privacy ledger .* is missing"):  # still nothing may train
+        PrivacyLedger.for_site(SiteConfig.load(site))
+    cut = PrivacyLedger.for_site(SiteConfig.load(site), anchored=False)
+    assert cut.epsilon_spent() < spent
 
 
 def test_schema_1_ledger_is_read_then_migrated_on_the_next_write(tmp_path, cli, capsys):

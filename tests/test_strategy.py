@@ -17,9 +17,26 @@ from flwr.serverapp.strategy import Strategy
 from fedprompt.common.config import FederationConfig, StrategyName, StrategySettings
 from fedprompt.common.errors import InputError
 from fedprompt.common.model import PromptConfig
-from fedprompt.common.wire import ARRAYS, METRICS, REFUSAL_CATEGORIES, STATUS, refusal, state_to_arrays, status_record
+from fedprompt.common.wire import (
+    ARRAYS,
+    EVALUATION,
+    LEDGER,
+    METRICS,
+    REFUSAL_CATEGORIES,
+    STATUS,
+    Counts,
+    EvaluateReply,
+    LedgerChain,
+    Refusal,
+    ReplyError,
+    Status,
+    TrainMetrics,
+    TrainReply,
+    refusal,
+    state_to_arrays,
+)
 from fedprompt.server.strategies import REGISTRY, build_strategy
-from fedprompt.server.strategy import ValidatedStrategy
+from fedprompt.server.strategy import ValidatedStrategy, Witness, witnessed
 
 from tinybert import make_tiny_backbone
 
@@ -44,13 +61,21 @@ def reply(node: int, content: RecordDict | None = None, error: str | None = None
     return Message(metadata=md, content=content)
 
 
-def update(value: float, n: int = 10, hospital: str = "h", **tweak) -> RecordDict:
+HEAD = "a" * 64  # a ledger head
+
+
+def update(
+    value: float, n: int = 10, hospital: str = "h", chain: tuple[str, ...] = (HEAD,), spent: float = 1.5, **tweak
+) -> RecordDict:
     state = {k: torch.full_like(v, value) for k, v in GLOBAL.items()}
     arrays = state_to_arrays(state)
     for key, arr in tweak.items():
         arrays[key.replace("__", ".")] = Array(arr)
-    metrics = MetricRecord({"num-examples": n, "private": 1, "epsilon-spent": 1.5, "epsilon-cap": 8.0, "delta": 1e-5})
-    return RecordDict({ARRAYS: arrays, METRICS: metrics, STATUS: status_record(hospital, "ok")})
+    return TrainReply(
+        status=Status.ok(hospital),
+        metrics=TrainMetrics(num_examples=n, private=1, epsilon_spent=spent, epsilon_cap=8.0, delta=1e-5),
+        ledger=LedgerChain(chain=list(chain)),
+    ).to_content(arrays)
 
 
 def instruction(node: int) -> Message:
@@ -328,7 +353,7 @@ def test_byzantine_robust_strategies_run_a_real_round(tmp_path, tiny_dir, strate
 
 
 def _eval_reply(node: int, metrics: dict | None = None, hospital: str = "h") -> Message:
-    content = RecordDict({STATUS: status_record(hospital, "ok")})
+    content = RecordDict({STATUS: Status.ok(hospital).to_record()})
     if metrics is not None:
         content[METRICS] = MetricRecord(metrics)
     return reply(node, content)
@@ -395,15 +420,12 @@ def test_a_tensor_no_hospital_changed_stays_bit_identical():
             ttl=60,
             message_type="train",
         )
-        metrics = MetricRecord({"num-examples": n, "private": 0})
-        replies.append(
-            Message(
-                metadata=md,
-                content=RecordDict(
-                    {ARRAYS: state_to_arrays(state), METRICS: metrics, STATUS: status_record(f"h{i}", "ok")}
-                ),
-            )
-        )
+        content = TrainReply(
+            status=Status.ok(f"h{i}"),
+            metrics=TrainMetrics(num_examples=n, private=0),
+            ledger=LedgerChain(chain=[HEAD]),
+        ).to_content(state_to_arrays(state))
+        replies.append(Message(metadata=md, content=content))
     strategy._sent[1] = [instruction(i) for i in range(3)]
     arrays, _ = strategy.aggregate_train(1, replies)
     assert np.array_equal(arrays["prompt.weight"].numpy(), sent["prompt.weight"].numpy())
@@ -457,7 +479,7 @@ TRAIN_FIELDS = [  # (what, how the reply is changed, a fragment of the rejection
     (
         "extra: a second ConfigRecord",
         lambda c: c.__setitem__("notes", ConfigRecord({"text": "chest pain"})),
-        "ConfigRecord",
+        "unexpected record 'notes'",
     ),
     # tensors
     *[(f"missing: {k}", _del(ARRAYS, k), "tensor keys") for k in GLOBAL],
@@ -475,7 +497,10 @@ TRAIN_FIELDS = [  # (what, how the reply is changed, a fragment of the rejection
     ),
     # metrics
     *[(f"missing: {k}", _del(METRICS, k), k) for k in ("num-examples", "private")],
-    *[(f"missing: {k}", _del(METRICS, k), "lacks") for k in ("epsilon-spent", "epsilon-cap", "delta")],
+    *[
+        (f"missing: {k}", _del(METRICS, k), "a private update carries")
+        for k in ("epsilon-spent", "epsilon-cap", "delta")
+    ],
     ("type: num-examples a list", _set(METRICS, "num-examples", [10]), "num-examples"),
     ("type: num-examples NaN", _set(METRICS, "num-examples", float("nan")), "num-examples"),
     ("value: num-examples 0", _set(METRICS, "num-examples", 0), "num-examples"),
@@ -491,20 +516,28 @@ TRAIN_FIELDS = [  # (what, how the reply is changed, a fragment of the rejection
     ("type: delta a list", _set(METRICS, "delta", [1e-5]), "delta"),
     ("value: delta 1", _set(METRICS, "delta", 1), "delta"),
     ("value: epsilon-spent over the cap", _set(METRICS, "epsilon-spent", 9.0), "exceeds the site's own epsilon-cap"),
-    ("extra: train-loss (private data)", _set(METRICS, "train-loss", 1.0), "not allowed"),
-    ("extra: noise-multiplier (reveals N)", _set(METRICS, "noise-multiplier", 0.9), "not allowed"),
+    ("extra: train-loss (private data)", _set(METRICS, "train-loss", 1.0), "metrics.train-loss: unknown key"),
+    ("extra: noise-multiplier (reveals N)", _set(METRICS, "noise-multiplier", 0.9), "noise-multiplier: unknown key"),
     ("extra: privacy fields on a non-private update", _set(METRICS, "private", 0), "non-private update carries"),
     # status
-    *[(f"missing: status {k}", _del(STATUS, k), "status keys") for k in ("hospital-id", "status", "reason")],
+    *[
+        (f"missing: status {k}", _del(STATUS, k), f"{k}: missing required key")
+        for k in ("hospital-id", "status", "reason")
+    ],
     ("type: hospital-id an int", _set(STATUS, "hospital-id", 7), "hospital-id"),
     ("type: hospital-id bytes", _set(STATUS, "hospital-id", b"h1"), "hospital-id"),
     ("value: hospital-id empty", _set(STATUS, "hospital-id", ""), "hospital-id"),
     ("value: hospital-id too long", _set(STATUS, "hospital-id", "h" * 65), "hospital-id"),
-    ("type: status a bool", _set(STATUS, "status", True), "status must be"),
-    ("value: status unknown", _set(STATUS, "status", "fine"), "status must be"),
+    ("type: status a bool", _set(STATUS, "status", True), "status.status: expected one of"),
+    ("value: status unknown", _set(STATUS, "status", "fine"), "status.status: expected one of"),
     ("type: reason a list", _set(STATUS, "reason", ["x"]), "reason"),
     ("value: reason text on an ok update", _set(STATUS, "reason", "train.csv:17: label"), "reason"),
-    ("extra: status truncated (private data)", _set(STATUS, "truncated", 12), "status keys"),
+    ("extra: status truncated (private data)", _set(STATUS, "truncated", 12), "status.truncated: unknown key"),
+    # the ledger chain (the rollback witness)
+    ("missing: ledger record", _del(LEDGER), "missing record 'fedprompt.ledger'"),
+    ("value: ledger chain empty", _set(LEDGER, "chain", []), "chain: expected at least 1"),
+    ("value: ledger head not a hash", _set(LEDGER, "chain", ["/data/train.csv"]), "chain[0]: expected a sha256"),
+    ("extra: ledger epsilon", _set(LEDGER, "sigma", "0.9"), "fedprompt.ledger.sigma: unknown key"),
 ]
 
 
@@ -526,14 +559,18 @@ REFUSALS = [
     (
         "free text with a record line and a label",
         _set(STATUS, "reason", "train.csv:17: label: unknown label 'x'"),
-        "refusal reason",
+        "a refusal's reason must be one of",
     ),
     ("reason an int", _set(STATUS, "reason", 3), "reason"),
-    ("missing reason", _del(STATUS, "reason"), "status keys"),
-    ("missing hospital-id", _del(STATUS, "hospital-id"), "status keys"),
+    ("missing reason", _del(STATUS, "reason"), "reason: missing required key"),
+    ("missing hospital-id", _del(STATUS, "hospital-id"), "hospital-id: missing required key"),
     ("hospital-id a list", _set(STATUS, "hospital-id", ["h"]), "hospital-id"),
-    ("carries tensors", lambda c: c.__setitem__(ARRAYS, state_to_arrays(GLOBAL)), "ArrayRecord"),
-    ("carries metrics", lambda c: c.__setitem__(METRICS, MetricRecord({"num-examples": 40})), "MetricRecord"),
+    ("carries tensors", lambda c: c.__setitem__(ARRAYS, state_to_arrays(GLOBAL)), "unexpected record 'arrays'"),
+    (
+        "carries metrics",
+        lambda c: c.__setitem__(METRICS, MetricRecord({"num-examples": 40})),
+        "unexpected record 'metrics'",
+    ),
 ]
 
 
@@ -560,15 +597,15 @@ def test_every_refusal_category_is_a_well_formed_refusal(category):
 
 
 EVALUATIONS = [
-    ("metrics without status", lambda c: c.__delitem__(STATUS), "ConfigRecord"),
+    ("metrics without status", lambda c: c.__delitem__(STATUS), "missing record 'fedprompt.status'"),
     ("status reason text", _set(STATUS, "reason", "val.csv:3"), "reason"),
-    ("tensors in an evaluate reply", lambda c: c.__setitem__(ARRAYS, state_to_arrays(GLOBAL)), "ArrayRecord"),
-    ("missing tp", _del(METRICS, "tp"), "evaluation metric keys"),
-    ("extra num-examples (exact N)", _set(METRICS, "num-examples", 30), "evaluation metric keys"),
-    ("extra loss-sum", _set(METRICS, "loss-sum", 3.0), "evaluation metric keys"),
-    ("tp a scalar", _set(METRICS, "tp", 5.0), "tp must be"),
-    ("fp wrong length", _set(METRICS, "fp", [1.0]), "fp must be"),
-    ("fn with NaN", _set(METRICS, "fn", [1.0, float("nan"), 0.0]), "fn must be"),
+    ("tensors in an evaluate reply", lambda c: c.__setitem__(ARRAYS, state_to_arrays(GLOBAL)), "record 'arrays'"),
+    ("missing tp", _del(METRICS, "tp"), "metrics.tp: missing required key"),
+    ("extra num-examples (exact N)", _set(METRICS, "num-examples", 30), "metrics.num-examples: unknown key"),
+    ("extra loss-sum", _set(METRICS, "loss-sum", 3.0), "metrics.loss-sum: unknown key"),
+    ("tp a scalar", _set(METRICS, "tp", 5.0), "metrics.tp: expected a list"),
+    ("fp wrong length", _set(METRICS, "fp", [1.0]), "metrics.fp: expected one count per label (3), got 1"),
+    ("fn with NaN", _set(METRICS, "fn", [1.0, float("nan"), 0.0]), "metrics.fn[1]: expected a finite number"),
 ]
 
 
@@ -583,4 +620,102 @@ def test_each_field_of_an_evaluate_reply_missing_or_mistyped_is_ignored(change, 
     assert s.eval_results[1]["accuracy"] == 1.0 and s.eval_results[1]["hospitals"] == 1  # only the good one counted
     assert any("malformed evaluation reply" in r.getMessage() and fragment in r.getMessage() for r in caplog.records), (
         caplog.text
+    )
+
+
+# --- the typed replies (common/wire.py): one model builds and parses each -------------------------
+def test_the_reply_models_round_trip_and_name_each_bad_field():
+    counts = Counts(tp=[1.0, 2.0, 3.0], fp=[0.5] * 3, fn=[-0.25] * 3)
+    train = TrainReply(
+        status=Status.ok("h1"),
+        metrics=TrainMetrics(num_examples=30.0, private=1, epsilon_spent=1.5, epsilon_cap=8.0, delta=1e-5),
+        ledger=LedgerChain(chain=[HEAD, "b" * 64]),
+        evaluation=counts,
+    )
+    content = train.to_content(state_to_arrays(GLOBAL))
+    assert set(content.keys()) == {ARRAYS, STATUS, METRICS, LEDGER, EVALUATION}
+    assert dict(content[METRICS]) == {
+        "num-examples": 30.0,
+        "private": 1,
+        "epsilon-spent": 1.5,
+        "epsilon-cap": 8.0,
+        "delta": 1e-5,
+    }
+    assert dict(content[LEDGER]) == {"chain": [HEAD, "b" * 64]} and train.ledger.head == "b" * 64
+    assert TrainReply.from_content(content, num_labels=3) == train
+    evaluate = EvaluateReply(status=Status.ok("h1"), metrics=counts)
+    assert EvaluateReply.from_content(evaluate.to_content(), num_labels=3) == evaluate
+    assert Refusal.from_content(refusal("h1", "budget")).status.reason == "budget"
+
+    def problem(change) -> str:
+        bad = train.to_content(state_to_arrays(GLOBAL))
+        change(bad)
+        with pytest.raises(ReplyError) as caught:
+            TrainReply.from_content(bad, num_labels=3)
+        return str(caught.value)
+
+    assert problem(_set(METRICS, "loss", 0.3)) == (
+        "metrics.loss: unknown key (expected one of: delta, epsilon-cap, epsilon-spent, num-examples, private)"
+    )
+    assert problem(_del(METRICS, "num-examples")) == "metrics.num-examples: missing required key"
+    assert problem(_del(LEDGER)) == "missing record 'fedprompt.ledger' (a ConfigRecord)"
+    assert problem(_set(EVALUATION, "tp", [1.0])) == "fedprompt.evaluation.tp: expected one count per label (3), got 1"
+    assert problem(lambda c: c.__setitem__("notes", ConfigRecord({"x": "y"}))).startswith(
+        "unexpected record 'notes': a TrainReply carries only 'arrays', 'fedprompt.evaluation', 'fedprompt.ledger', "
+    )
+
+
+# --- the rollback witness: each site's ledger head and epsilon, round after round -------------------
+def _witness_round(s: ValidatedStrategy, server_round: int, content: RecordDict):
+    s.aggregate_train(server_round, [reply(1, content)])
+    return s.train_outcomes[server_round]["h1"]
+
+
+def test_a_site_whose_epsilon_decreases_is_rejected_by_name():
+    s = guarded("fedavg")
+    first = _witness_round(s, 1, update(1.0, hospital="h1", chain=(HEAD,), spent=6.38))
+    assert (first.status, first.ledger_head, first.epsilon_spent) == ("ok", HEAD, 6.38)
+    cut = _witness_round(s, 2, update(1.0, hospital="h1", chain=(HEAD, "b" * 64), spent=5.40))
+    assert cut.status == "rejected" and cut.reason == (
+        "h1: privacy ledger rolled back: epsilon spent 5.4000 is below the 6.3800 it reported in round 5"
+    )
+    # the witness stays at what was accepted: the next reply is judged against round 5's head and epsilon
+    assert _witness_round(s, 3, update(1.0, hospital="h1", chain=(HEAD, "c" * 64), spent=6.5)).status == "ok"
+
+
+def test_a_site_whose_chain_does_not_extend_the_last_head_is_rejected_and_one_that_skipped_rounds_is_not():
+    s = guarded("fedavg")
+    assert _witness_round(s, 1, update(1.0, hospital="h1", chain=(HEAD,))).status == "ok"
+    # rounds it was not heard in (a refusal after recording, a reply lost): its chain still holds the head
+    skipped = _witness_round(s, 2, update(1.0, hospital="h1", chain=(HEAD, "b" * 64, "c" * 64)))
+    assert (skipped.status, skipped.ledger_head) == ("ok", "c" * 64)
+    # cut and re-anchored: the same epsilon, but the chain no longer holds round 6's head
+    cut = _witness_round(s, 3, update(1.0, hospital="h1", chain=(HEAD, "d" * 64)))
+    assert cut.status == "rejected" and cut.reason == (
+        "h1: privacy ledger rolled back or replaced: its chain does not extend the head cccccccccccccccc... it "
+        "reported in round 6 (entries were cut, or an older copy restored)"
+    )
+    assert cut.ledger_head is None  # the history records only what was accepted
+
+
+def test_a_resumed_run_witnesses_from_its_history():
+    history = [
+        {"round": 1, "hospitals": {"h1": {"status": "ok", "ledger_head": HEAD, "epsilon_spent": 3.0}}},
+        {"round": 2, "hospitals": {"h1": {"status": "rejected", "ledger_head": None, "epsilon_spent": None}}},
+    ]
+    assert witnessed(history) == {"h1": Witness(HEAD, 3.0, 1)}
+    s = ValidatedStrategy(
+        build_strategy(FederationConfig(name="t", labels=PROMPT.labels)),
+        PROMPT,
+        norm_bound=100.0,
+        min_hospitals=1,
+        round_offset=2,
+        witnessed=witnessed(history),
+    )
+    s._global, s._sent[1] = dict(GLOBAL), [instruction(1)]
+    assert _witness_round(s, 1, update(1.0, hospital="h1", chain=("b" * 64,), spent=3.5)).reason.endswith(
+        "it reported in round 1 (entries were cut, or an older copy restored)"
+    )
+    assert _witness_round(s, 2, update(1.0, hospital="h1", chain=(HEAD,), spent=2.0)).reason.endswith(
+        "epsilon spent 2.0000 is below the 3.0000 it reported in round 1"
     )

@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
 from fedprompt.client.ledger import PrivacyLedger, compute_epsilon, verify_ledger
 from fedprompt.common.config import SiteConfig
 from fedprompt.common.exit_codes import ExitCode, epilog
+from fedprompt.common.schema import SHA256_PATTERN
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,7 +47,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "anchor", help="re-create a lost or moved ledger anchor from the ledger as it is (never over a rollback)"
     )
     p.add_argument("--site", type=Path, required=True, help="the hospital's site.yaml")
+    p.add_argument(
+        "--last-head",
+        type=_sha256,
+        metavar="HEX",
+        help="the last ledger head the aggregator recorded for this site (metrics.json: rounds[].hospitals[<id>]."
+        "ledger_head); needed when the anchor is missing or unusable: the ledger must contain it",
+    )
     p.set_defaults(func=run_anchor)
+
+
+def _sha256(value: str) -> str:
+    if not re.fullmatch(SHA256_PATTERN, value):
+        raise argparse.ArgumentTypeError(f"expected a sha256 hex digest (64 lowercase hex characters), got {value!r}")
+    return value
 
 
 def run_show(args: argparse.Namespace) -> int:
@@ -139,7 +154,7 @@ def run_verify(args: argparse.Namespace) -> int:
 def run_anchor(args: argparse.Namespace) -> int:
     site = SiteConfig.load(args.site)
     ledger = PrivacyLedger.for_site(site, anchored=False)  # the anchor is what is repaired here
-    before = ledger.reanchor()
+    before = ledger.reanchor(args.last_head)
     print(
         f"anchor {ledger.anchor_path} written for privacy ledger {ledger.path} ({len(ledger.history)} entries, "
         f"head {ledger.head[:16]}...; the anchor was {before})"
