@@ -1,4 +1,5 @@
-"""server/report.py: report.html + three PNGs from a run's metrics.json content."""
+"""server/report.py: report.html + three PNGs (server/plots.py) from a run's metrics, read as the
+history's typed model (server/history.RunMetrics): content that is not valid metrics is refused."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import re
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
+from fedprompt.server.history import RunMetrics
 from fedprompt.server.report import EPSILON_PNG, METRICS_PNG, UPLOAD_PNG, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -26,21 +29,40 @@ def _site(status, *, eps=None, cap=10.0, upload=38400, reason=""):
     }
 
 
+def _val(accuracy: float, macro_f1: float, model_round: int) -> dict:
+    """The sum of the noised counts the sites that share them sent (no loss: no site sends one)."""
+    return {
+        "accuracy": accuracy,
+        "macro_f1": macro_f1,
+        "loss": None,
+        "num_examples": 120,
+        "noised": True,
+        "hospitals": 2,
+        "model_round": model_round,
+    }
+
+
+def _test(accuracy: float, macro_f1: float, loss: float) -> dict:
+    return {"accuracy": accuracy, "macro_f1": macro_f1, "loss": loss, "num_examples": 200}
+
+
 @pytest.fixture
 def private_metrics() -> dict:
     return {
         "run": "demo-run",
+        "outcome": "trained",
+        "outcome_reason": None,
         "private": True,
         "strategy": "fedavg",
-        "backbone_fingerprint": "0c41d7a9e3b2f5aa6b9c0d1e2f3a4b5c6d7e8f90",
+        "backbone_fingerprint": "0c41d7a9e3b2f5aa6b9c0d1e2f3a4b5c6d7e8f90" + "0" * 24,
         "labels": ["neoplasms", "digestive", "nervous", "cardiovascular", "general"],
         "rounds": [
             {
                 "round": 1,
                 "seconds": 12.34,
                 "upload_bytes": 115200,
-                "evaluate": {"accuracy": 0.41, "macro_f1": 0.35, "loss": 1.41, "num_examples": 120},
-                "test": {"accuracy": 0.40, "macro_f1": 0.33, "loss": 1.45, "num_examples": 200},
+                "evaluate": _val(0.41, 0.35, 1),
+                "test": _test(0.40, 0.33, 1.45),
                 "hospitals": {
                     "h1": _site("ok", eps=2.1),
                     "h2": _site("ok", eps=1.8, cap=8.0),
@@ -51,8 +73,9 @@ def private_metrics() -> dict:
                 "round": 2,
                 "seconds": 11.0,
                 "upload_bytes": 76800,
-                "evaluate": {"accuracy": 0.525, "macro_f1": 0.4812, "loss": 1.2, "num_examples": 120},
-                "hospitals": {  # no "test" key this round
+                "evaluate": _val(0.525, 0.4812, 2),
+                "test": None,  # no held-out test this round
+                "hospitals": {
                     "h1": _site("ok", eps=4.2),
                     "h2": _site("refused", reason="budget"),
                     "h3": _site("ok", eps=4.6, cap=6.0),
@@ -62,8 +85,8 @@ def private_metrics() -> dict:
                 "round": 3,
                 "seconds": 10.5,
                 "upload_bytes": 76800,
-                "evaluate": {"accuracy": 0.6, "macro_f1": 0.5567, "loss": 1.05, "num_examples": 120},
-                "test": {"accuracy": 0.58, "macro_f1": 0.51, "loss": 1.1, "num_examples": 200},
+                "evaluate": _val(0.6, 0.5567, 3),
+                "test": _test(0.58, 0.51, 1.1),
                 "hospitals": {
                     "h1": _site("ok", eps=6.3),
                     "h2": _site("refused", reason="budget"),
@@ -125,10 +148,13 @@ def test_private_report(private_metrics, tmp_path):
     assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt; &amp; more" in page  # MarkupSafe's escapes
     assert "budget" in page  # a refusal names its category only
 
-    # round, val acc, val F1, val loss, test acc, test F1, ok, refused, rejected, failed, bytes, seconds
-    assert _row(page, 1) == ["1", "0.410", "0.350", "1.410", "0.400", "0.330", "3", "0", "0", "0", "115,200", "12.3"]
-    assert _row(page, 2) == ["2", "0.525", "0.481", "1.200", "—", "—", "2", "1", "0", "0", "76,800", "11.0"]
-    assert _row(page, 3) == ["3", "0.600", "0.557", "1.050", "0.580", "0.510", "1", "1", "1", "0", "76,800", "10.5"]
+    # round, val acc, val F1, test acc, test F1, test loss, ok, refused, rejected, failed, bytes, seconds
+    assert _row(page, 1) == ["1", "0.410", "0.350", "0.400", "0.330", "1.450", "3", "0", "0", "0", "115,200", "12.3"]
+    assert _row(page, 2) == ["2", "0.525", "0.481", "—", "—", "—", "2", "1", "0", "0", "76,800", "11.0"]
+    assert _row(page, 3) == ["3", "0.600", "0.557", "0.580", "0.510", "1.100", "1", "1", "1", "0", "76,800", "10.5"]
+    # the typed metrics themselves (as the aggregator holds them) render the same page
+    typed = write_report(RunMetrics.model_validate(private_metrics), tmp_path / "typed").read_text(encoding="utf-8")
+    assert typed == page
 
     # Summary: final round's scores, largest epsilon spent (h1, 6.30 of cap 10).
     assert "Final round 3" in page and "<b>0.557</b>" in page and "<b>0.600</b>" in page
@@ -155,10 +181,23 @@ def test_non_private_banner(non_private_metrics, tmp_path):
     assert "ε spent / cap" not in page  # no epsilon column when there is no accounting
 
 
-def test_missing_private_flag_is_not_reported_as_private(private_metrics, tmp_path):
-    del private_metrics["private"]
-    page = write_report(private_metrics, tmp_path).read_text(encoding="utf-8")
-    assert "NON-PRIVATE run" in page
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (lambda m: m.pop("private"), "private"),  # never reported as private (nor as not) without the flag
+        (lambda m: m["rounds"][0]["hospitals"].update(h9={"status": "weird"}), "status"),
+        (lambda m: m["rounds"][0]["hospitals"]["h1"].update(upload_bytes="12"), "upload_bytes"),
+        (lambda m: m["rounds"][0]["hospitals"].update(h9=None), "h9"),
+        (lambda m: m["rounds"].append({"hospitals": {}}), "round"),
+        (lambda m: m["rounds"][0]["evaluate"].update(loss=1.4), "loss"),  # no site sends a loss
+    ],
+    ids=["no private flag", "unknown status", "bytes as text", "null hospital", "no round number", "shared loss"],
+)
+def test_metrics_the_history_model_refuses_are_not_rendered(private_metrics, tmp_path, change, field):
+    change(private_metrics)
+    with pytest.raises(ValidationError, match=field):
+        write_report(private_metrics, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written
 
 
 def test_empty_rounds(private_metrics, tmp_path):
@@ -185,7 +224,6 @@ def test_nulls_and_rewrite(private_metrics, tmp_path):
     rnd = private_metrics["rounds"][2]
     rnd["evaluate"] = None
     rnd["test"] = None
-    rnd["seconds"] = None
     rnd["hospitals"]["h1"] = _site("failed", reason="connection lost")
     page = write_report(private_metrics, tmp_path).read_text(encoding="utf-8")
     assert _row(page, 3)[:6] == ["3", "—", "—", "—", "—", "—"]
@@ -195,19 +233,18 @@ def test_nulls_and_rewrite(private_metrics, tmp_path):
 
 
 def test_hostile_and_odd_values_render(private_metrics, tmp_path):
-    """Remote-supplied ids/reasons and non-finite or mistyped values never break the render."""
+    """Remote-supplied ids (mathtext, a leading underscore) and non-finite scores never break the render."""
     rnd = private_metrics["rounds"][0]
     rnd["hospitals"]["cost $5 $x^{"] = _site("ok", eps=1.0, reason="a $ b")
-    rnd["hospitals"]["_hidden"] = {"status": "weird", "reason": None, "upload_bytes": "12"}
-    rnd["hospitals"]["h9"] = None
-    rnd["evaluate"]["loss"] = float("inf")
-    rnd["test"]["accuracy"] = float("nan")
-    private_metrics["rounds"].append({"hospitals": {}})  # no round number, nothing else
+    rnd["hospitals"]["_hidden"] = _site("failed", reason="error reply: $x^{")
+    rnd["test"].update(loss=float("inf"), accuracy=float("nan"))
+    empty = {"round": 4, "seconds": 0.0, "evaluate": None, "test": None, "hospitals": {}, "upload_bytes": 0}
+    private_metrics["rounds"].append(empty)
     page = write_report(private_metrics, tmp_path).read_text(encoding="utf-8")
     _assert_pngs(tmp_path)
-    assert _row(page, 1)[3:5] == ["∞", "NaN"]
-    assert _row(page, 1)[6:10] == ["4", "0", "0", "2"]  # unknown/absent status counts as failed
-    assert 'id="round-4"' in page
+    assert _row(page, 1)[3:6] == ["NaN", "0.330", "∞"]
+    assert _row(page, 1)[6:10] == ["4", "0", "0", "1"]
+    assert _row(page, 4) == ["4", "—", "—", "—", "—", "—", "0", "0", "0", "0", "0", "0.0"]
 
 
 def test_hostile_hospital_id_and_reason_are_escaped_everywhere(private_metrics, tmp_path):
@@ -264,8 +301,8 @@ def test_round_zero_is_shown_as_the_zero_shot_start(private_metrics, tmp_path):
         "seconds": 3.0,
         "upload_bytes": 0,
         "hospitals": {},
-        "evaluate": {"accuracy": 0.30, "macro_f1": 0.247, "loss": 1.6, "num_examples": 120},
-        "test": {"accuracy": 0.31, "macro_f1": 0.235, "loss": 1.6, "num_examples": 200},
+        "evaluate": _val(0.30, 0.247, 0),
+        "test": _test(0.31, 0.235, 1.6),
     }
     private_metrics["rounds"].insert(0, start)
     html = write_report(private_metrics, tmp_path).read_text()
