@@ -27,7 +27,17 @@ from fedprompt.common.encoding import encode
 from fedprompt.common.model import TRAINABLE_KEYS, PromptClassifier, build_model, initial_state
 from fedprompt.common.plan import RoundPlan
 from fedprompt.common.records import load_records
-from fedprompt.common.wire import ARRAYS, METRICS, REFUSAL_CATEGORIES, STATUS, STATUS_KEYS, state_to_arrays
+from fedprompt.common.wire import (
+    ARRAYS,
+    LEDGER,
+    METRICS,
+    REFUSAL_CATEGORIES,
+    STATUS,
+    Status,
+    TrainMetrics,
+    TrainReply,
+    state_to_arrays,
+)
 from fedprompt.server.checkpoint import load_checkpoint
 from fedprompt.server.federation import RunSpec, prepare_run
 from fedprompt.simulation import ensure_ledgers, simulate
@@ -212,8 +222,8 @@ def wire_bytes(obj) -> bytes:
     return obj.deflate() + b"".join(wire_bytes(c) for c in (obj.children or {}).values())
 
 
-# What a train reply may carry besides the tensors, under default settings (docs/deployment.md 5).
-DEFAULT_TRAIN_FIELDS = {"num-examples", "private", "epsilon-spent", "epsilon-cap", "delta"}
+# What a train reply's metrics may carry (docs/deployment.md 5): the reply model's, all of them under default settings.
+DEFAULT_TRAIN_FIELDS = TrainMetrics.keys()
 
 
 def _message(kind: str, content: RecordDict) -> Message:
@@ -275,7 +285,8 @@ def test_wire_audit_only_declared_tensors_and_aggregates_leave(tmp_path, tiny_ba
         train_reply, eval_reply = ask("train"), ask("evaluate")
     local_log = caplog.text
     c = train_reply.content
-    assert set(c.keys()) == {ARRAYS, METRICS, STATUS}
+    assert set(c.keys()) == {ARRAYS, METRICS, STATUS, LEDGER}
+    TrainReply.from_content(c)  # exactly the reply model's records and keys, each typed
     shapes = {k: tuple(c[ARRAYS][k].shape) for k in c[ARRAYS].keys()}
     assert shapes == {k: tuple(v) for k, v in run.prompt.shapes().items()} and tuple(shapes) == TRAINABLE_KEYS
     assert all(c[ARRAYS][k].dtype == "float32" for k in TRAINABLE_KEYS)
@@ -284,6 +295,11 @@ def test_wire_audit_only_declared_tensors_and_aggregates_leave(tmp_path, tiny_ba
     # 32 training records: the site.yaml fedprompt wrote declares 30 (one significant digit)
     assert c[METRICS]["num-examples"] == 30.0 and c[METRICS]["private"] == 1
     assert dict(c[STATUS]) == {"hospital-id": "hospital-1", "status": "ok", "reason": ""}  # no truncation count
+    # the ledger record: the hashes of the site's own ledger entries (this run's), nothing else
+    from fedprompt.client.ledger import PrivacyLedger
+
+    assert list(c[LEDGER].keys()) == ["chain"]
+    assert c[LEDGER]["chain"] == [e.hash for e in PrivacyLedger.for_site(site).history]
     # evaluate: the status record alone (the site validated locally and logged it)
     assert set(eval_reply.content.keys()) == {STATUS} and dict(eval_reply.content[STATUS])["reason"] == ""
     # what stayed behind is in the hospital's own log
@@ -336,8 +352,9 @@ def test_wire_audit_only_declared_tensors_and_aggregates_leave(tmp_path, tiny_ba
             assert needle.encode() not in blob, (needle, reply.metadata.message_type)
         for record in reply.content.metric_records.values():  # no field is the record count
             assert all(v not in (n_train, n_val) for v in record.values() if not isinstance(v, list))
-        for record in reply.content.config_records.values():
-            assert set(record.keys()) == STATUS_KEYS and record["reason"] in ("", *REFUSAL_CATEGORIES)
+        for name, record in reply.content.config_records.items():
+            if name != LEDGER:  # checked above: hashes only
+                assert set(record.keys()) == Status.keys() and record["reason"] in ("", *REFUSAL_CATEGORIES)
     raw = sum(v.numel() * 4 for v in initial_state(bb, run.prompt).values())
     assert len(wire_bytes(train_reply.content)) <= 1.1 * raw, (len(wire_bytes(train_reply.content)), raw)
 
@@ -603,19 +620,21 @@ def test_one_message_round_charges_the_shared_evaluation_before_training(tmp_pat
     train reply has no such record (test_wire_audit_only_declared_tensors_and_aggregates_leave)."""
     from fedprompt.client.hospital import train_round
     from fedprompt.client.ledger import PrivacyLedger
-    from fedprompt.common.wire import EVALUATION, validate_update
+    from fedprompt.common.wire import EVALUATION, check_update
 
     ws, run, site_yaml, ledger = one_site(tmp_path, tiny_dir)
     edit_yaml(site_yaml, lambda d: d.update(share_evaluation="noised", evaluation_epsilon=0.5))
     content = _train_content(run)
     assert content["config"]["fp.evaluate_in_train"] is True
     reply = train_round(content, site_yaml, run_id="7")
-    assert set(reply.keys()) == {ARRAYS, METRICS, STATUS, EVALUATION}
+    assert set(reply.keys()) == {ARRAYS, METRICS, STATUS, LEDGER, EVALUATION}
     assert set(reply[EVALUATION].keys()) == {"tp", "fp", "fn"}
     evaluation, training = PrivacyLedger.open(ledger).history
     assert (evaluation.run_id, evaluation.sample_rate, evaluation.steps) == ("t/7/evaluation", 1.0, 1)
     assert training.run_id == "t/7" and training.round == evaluation.round == 1
-    assert validate_update(reply, run.prompt.shapes(), run.state, norm_bound=1e9) is None
+    parsed = TrainReply.from_content(reply, num_labels=run.prompt.num_labels)
+    assert parsed.evaluation is not None and parsed.ledger.chain == [evaluation.hash, training.hash]
+    assert check_update(reply[ARRAYS], run.prompt.shapes(), run.state, 1e9) is None
 
 
 def test_noised_counts_have_the_gaussian_mechanism_std():
