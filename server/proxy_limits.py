@@ -62,13 +62,16 @@ class Slots:
     ones are for connections that authenticated and for addresses that authenticated within
     `known_ttl`. When the strangers' share (or the whole) is full, a new connection takes the slot
     of the oldest stranger, which is closed: holding slots does not lock anyone out, and a
-    hospital's new connection authenticates within its first request."""
+    hospital's new connection authenticates within its first request. Strangers may open at most
+    `stranger_rate` connections a second (all together, bursts of as many): a TLS handshake costs
+    the proxy milliseconds of CPU, which a flood of new connections would take from the hospitals."""
 
     KNOWN_MAX = 1024  # addresses remembered (only authenticated requests add one)
 
-    def __init__(self, total: int, reserved: int, per_source: int, known_ttl: float = 86400.0):
+    def __init__(self, total: int, reserved: int, per_source: int, stranger_rate: float, known_ttl: float = 86400.0):
         self.total, self.per_source, self.known_ttl = total, per_source, known_ttl
         self.strangers_max = total - reserved
+        self.stranger_rate, self.tokens, self.refilled = stranger_rate, stranger_rate, time.monotonic()
         self.open: dict[Hashable, str] = {}  # token -> address
         self.strangers: OrderedDict[Hashable, str] = OrderedDict()  # token -> network, oldest first
         self.per_group: Counter[str] = Counter()
@@ -84,6 +87,8 @@ class Slots:
         group = source_group(ip)
         if stranger and self.per_group[group] >= self.per_source:
             return f"{self.per_group[group]} connections from {group} not authenticated (cap {self.per_source})", None
+        if stranger and not self._take_token():
+            return f"over {self.stranger_rate:g} new connections a second from addresses not authenticated", None
         full = len(self.open) >= self.total or (stranger and len(self.strangers) >= self.strangers_max)
         if not full:
             return None, None
@@ -92,6 +97,15 @@ class Slots:
         victim = next(iter(self.strangers))
         self.remove(victim)
         return None, victim
+
+    def _take_token(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(max(self.stranger_rate, 1.0), self.tokens + (now - self.refilled) * self.stranger_rate)
+        self.refilled = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
 
     def add(self, token: Hashable, ip: str) -> None:
         self.open[token] = ip

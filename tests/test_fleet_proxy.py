@@ -3,10 +3,11 @@
 and SuperNode authentication, once for the module, with hospital-1's key registered).
 
 Proxies, each `fedprompt aggregator proxy` in front of that SuperLink (TLS to it):
-    plain   --insecure, default limits               framing answers, path checks, authentication, logs
-    tls     --pki, default limits                    200 attacking connections: memory, latency
+    plain   --insecure, 10000 new strangers a second framing answers, path checks, authentication, logs
+    tls     --pki, 1000 new strangers a second       200 attacking connections: memory, latency
     tight   --pki, 1-3 s timeouts, small caps/body   timeouts, 408/413, body rate
     slots   --pki, 8 connections, 2 reserved, 4 per source network, 20 s handshake timeout
+    rate    --pki, 4 new connections a second from addresses not authenticated, 20 s handshake timeout
     dead    --insecure, upstream is a closed port    keys unreadable: 503
 and in-process proxies in front of an h11 stand-in for the SuperLink that answers `list-nodes` with a
 registered key, echoes what it gets, and records every connection: bodies relayed whole, and no
@@ -103,8 +104,8 @@ def topo():
                 env,
             )
 
-        proxy("plain", link, "--insecure", "--pki", str(pki))
-        proxy("tls", link, "--pki", str(pki))
+        proxy("plain", link, "--insecure", "--pki", str(pki), "--stranger-rate", "10000")  # 500 refusals in a row
+        proxy("tls", link, "--pki", str(pki), "--stranger-rate", "1000")  # the attack opens its 200 at once
         proxy(
             "tight",
             link,
@@ -139,6 +140,7 @@ def topo():
             "--handshake-timeout",
             "20",
         )
+        proxy("rate", link, "--pki", str(pki), "--stranger-rate", "4", "--handshake-timeout", "20")
         proxy("dead", free_port(), "--insecure", "--upstream-insecure")
         wait_for(lambda: all(can_connect(p) for p in ports.values()), 120, "the proxies")
         read = [name for name in ports if name != "dead"]
@@ -165,7 +167,7 @@ def fleet(topo, method: bytes = b"get-run", key: str = "hospital-1") -> bytes:
 
 def connect(topo, name: str, src: str = "127.0.0.1", timeout: float = 10) -> socket.socket:
     raw = socket.create_connection(("127.0.0.1", topo["ports"][name]), timeout=timeout, source_address=(src, 0))
-    if name in ("tls", "tight", "slots"):
+    if name in ("tls", "tight", "slots", "rate"):
         return topo["ctx"].wrap_socket(raw, server_hostname="localhost")
     return raw
 
@@ -666,6 +668,26 @@ def test_slots_are_kept_for_registered_nodes_and_strangers_counted_per_network(t
         assert [is_closed(s) for s in strangers] == [True] + [False] * 5
     finally:
         for s in net1 + net2:
+            s.close()
+
+
+def test_new_connections_from_strangers_are_rate_limited_before_tls(topo):
+    """Rate proxy: strangers may open 4 connections a second (bursts of 4). Of 12 opened at once
+    from an unknown address, at most 5 are held (a token may refill meanwhile); the rest are closed
+    before any handshake. The hospital's address, known once it authenticated, is not limited."""
+    port, request = topo["ports"]["rate"], b"Content-Length: 0\r\nConnection: close\r\n\r\n"
+    assert superlink_answer(exchange(topo, "rate", fleet(topo) + request))
+    time.sleep(1.0)  # the bucket refills
+    flood = [
+        socket.create_connection(("127.0.0.1", port), timeout=10, source_address=("127.20.0.2", 0)) for _ in range(12)
+    ]
+    try:
+        time.sleep(0.5)
+        held = [not is_closed(s) for s in flood]
+        assert 3 <= sum(held) <= 5 and not any(held[6:]), held
+        assert all(superlink_answer(exchange(topo, "rate", fleet(topo) + request)) for _ in range(6))
+    finally:
+        for s in flood:
             s.close()
 
 
