@@ -50,7 +50,7 @@ from flwr.supercore.inflatable.inflatable_protobuf_utils import (
 from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
 from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
 from flwr.supercore.interceptors.http.superexec_auth import SuperExecAuthHttpInterceptor
-from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.retry import RetryInvoker, make_simple_http_retry_invoker
 from flwr.supercore.run import Run
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
@@ -68,6 +68,7 @@ TIMING_TAG = "fedprompt-timing"
 POLL_S = 0.05  # AcquireTask on loopback: cheap, and every poll interval is added to each round
 DEFAULT_DEADLINE_S = 3600.0  # a message whose plan names no round timeout
 DEADLINE_MARGIN_S = 10.0  # refuse this long before the aggregator stops waiting, so the refusal arrives
+RUNTIME_RETRY_S = 10.0  # the SuperNode's Runtime API, on loopback: unanswered this long, the SuperNode is gone
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -117,6 +118,7 @@ class WorkerHandle:
         self.conn: Connection | None = None
         self.ready = False
         self.restarts = 0
+        self.closed = False  # the daemon is ending: never restarted again
         self.lock = threading.Lock()  # the executor's call and the supervisor's idle check
 
     def start(self) -> None:
@@ -149,7 +151,18 @@ class WorkerHandle:
             self.conn.close()
         self.proc, self.conn = None, None
 
+    def close(self) -> None:
+        """The daemon is ending: kill the worker (a message in flight gets "worker unavailable") and
+        never restart it. Safe while a call runs (stop() is not: it drops the socket under it)."""
+        self.closed = True
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+
     def restart(self, why: str) -> None:
+        if self.closed:
+            log.info("worker %s (the daemon is ending)", why)
+            return
         log.warning("worker %s: restarting it", why)
         self.stop()
         self.restarts += 1
@@ -160,7 +173,7 @@ class WorkerHandle:
 
     def restart_if_dead(self) -> None:
         """Between messages: replace a worker that died, so the next message finds one warm."""
-        if self.proc is None or not self.lock.acquire(blocking=False):
+        if self.proc is None or self.closed or not self.lock.acquire(blocking=False):
             return  # stopped, or a message is in flight (call() handles it)
         try:
             if not self.alive():
@@ -250,8 +263,22 @@ class Executor:
             insecure=True,
             root_certificates=None,
             interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), *extra],
-            retry_invoker=make_simple_http_retry_invoker(),
+            retry_invoker=self._bounded_retry(),
         )
+
+    def _bounded_retry(self) -> RetryInvoker:
+        """Flower's retry for a task's Runtime API calls, which would retry a dead SuperNode forever
+        (and its push threads would then hold the daemon's exit): at most RUNTIME_RETRY_S, and none
+        once the executor is told to stop."""
+        invoker = make_simple_http_retry_invoker()
+        invoker.max_time = RUNTIME_RETRY_S
+        flower_giveup = invoker.should_giveup
+        invoker.should_giveup = lambda exc: self.stopping.is_set() or bool(flower_giveup and flower_giveup(exc))
+        invoker.wait_function = self._retry_wait
+        return invoker
+
+    def _retry_wait(self, seconds: float) -> None:
+        self.stopping.wait(seconds)  # a retry's backoff, cut short by stop()
 
     def run(self) -> None:
         """Poll for tasks until stop(); each is answered before the next is taken."""
@@ -303,11 +330,16 @@ class Executor:
             status, details = SubStatus.COMPLETED, ""
             self.handled += 1
             self._log_timing(kind, message, acquired, pulled, timing)
-        except Exception:  # noqa: BLE001 - one task's failure must not stop the daemon
-            log.exception("task failed (Flower's own liveness rules apply to it)")
+        except Exception as exc:  # noqa: BLE001 - one task's failure must not stop the daemon
+            if self.stopping.is_set():  # the SuperNode is gone or stopping: nothing can be pushed
+                log.warning("the message is dropped, the hospital daemon is ending: %r", exc)
+            else:
+                log.exception("task failed (Flower's own liveness rules apply to it)")
         finally:
             try:
                 push_task_output(client=client, context=context, sub_status=status, details=details)
+            except Exception as exc:  # noqa: BLE001 - the SuperNode is gone: the supervisor ends the daemon
+                log.warning("could not report the task's end to the SuperNode: %r", exc)
             finally:
                 heartbeat.stop()
                 client.close()

@@ -4,8 +4,9 @@ Everything is validated BEFORE the SuperNode starts (exit 2 on bad input): the s
 record files, its privacy ledger (created once with `fedprompt privacy init --site ...`), the
 SuperNode key and the aggregator's CA certificate. Then, by default, this process supervises the
 SuperNode (`--isolation process`), the executor and the warm worker (client/daemon.py), and exits
-with the SuperNode's exit code. `--executor flower` instead becomes `flower-supernode` (exec) with
-Flower's per-message ClientApp processes, which import the submitted bundle's ClientApp.
+non-zero within seconds when the SuperNode dies (0 when stopped by SIGTERM/SIGINT). `--executor
+flower` instead becomes `flower-supernode` (exec) with Flower's per-message ClientApp processes,
+which import the submitted bundle's ClientApp.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import threading
 from pathlib import Path
 
 log = logging.getLogger("fedprompt.hospital")
@@ -107,6 +109,7 @@ def run_start(args: argparse.Namespace) -> int:
         raise InputError.at(args.trusted_entities, "trusted entities file not found")
     checked = deploy.check_hospital(args.site, args.key, args.root_certificates)
     from fedprompt.client import daemon
+    from fedprompt.client.fleet_session import FleetSession
 
     port = args.runtime_port or daemon.free_local_port()
     argv = deploy.supernode_argv(
@@ -131,17 +134,23 @@ def run_start(args: argparse.Namespace) -> int:
     configure_logging(args.log_format)  # before the daemon's environment: its worker inherits the format
     env = flower_env(args.flwr_home or deploy.site_flwr_home(checked.ledger))
     log.info("%s", summary)
-    deploy.flwr_home_of(env).mkdir(parents=True, exist_ok=True)
+    state_dir = deploy.flwr_home_of(env)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    session = FleetSession(args.superlink, args.root_certificates, args.key, state_dir)
+    if args.max_wait_time is not None:
+        session.wait_s = min(session.wait_s, args.max_wait_time)
     if args.executor == "flower":
+        session.clear(threading.Event())  # a session its crashed predecessor left open (client/fleet_session.py)
         os.execve(argv[0], argv, env)
-    return daemon.run(
+    daemon.run(  # ends the process
         supernode_argv=argv,
         runtime_port=port,
         site=checked.site_path,
         hospital_id=checked.hospital_id,
         trusted_apps=frozenset(checked.trusted_apps),
-        state_dir=deploy.flwr_home_of(env),
+        state_dir=state_dir,
         env=env,
+        session=session,
     )
 
 
