@@ -141,6 +141,7 @@ def test_docker_compose_config_is_valid(profile):
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.subprocess
 def test_demo_seeding_never_recreates_a_lost_ledger(tmp_path):
     """The compose demo's seeding step creates a hospital's ledger only when it seeds the site in
     the same call; a site seeded earlier whose ledger volume is gone is refused (exit 3)."""
@@ -175,3 +176,16 @@ def test_demo_seeding_never_recreates_a_lost_ledger(tmp_path):
     lost = seed()
     assert lost.returncode == 3 and "restore it from a backup" in lost.stderr
     assert not book.exists()
+
+    # The whole site lost but its ledger's anchor kept (its own volume, in real life: site.yaml's
+    # ledger_anchor), which says the site has trained: seeding refuses to give it a new ledger.
+    from fedprompt.client.ledger import PrivacyLedger
+
+    (data / "site.yaml").unlink()
+    assert seed().returncode == 0 and book.is_file()
+    PrivacyLedger.open(book).record(1.0, 0.5, 4, epsilon_cap=8.0, run_id="demo", round=1)
+    book.unlink()
+    (data / "site.yaml").unlink()
+    trained = seed()
+    assert trained.returncode == 3 and "has trained" in trained.stderr, trained.stderr
+    assert "Traceback" not in trained.stderr and not book.exists()
