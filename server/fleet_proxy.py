@@ -28,10 +28,11 @@ opened; strangers are answered here, as the SuperLink would answer them. Bounds 
 proxy_limits.py): each Fleet method's body is capped to what Flower needs; the body bytes being
 sent to the SuperLink at once are capped in all; a body must arrive at a minimum rate and never
 stall; connections are capped in all and per source network (/24, /64) before the TLS handshake,
-with slots kept for nodes that authenticated, and a stranger's oldest connection gives way when
-the strangers' share is full; timeouts for the handshake, the request head and keep-alive
-idleness; bodies and chunks relayed in pieces of at most READ_SIZE with backpressure. Refusals
-are logged at most once per source network per `log_interval`, then summarised.
+with slots kept for nodes that authenticated, a stranger's oldest connection giving way when the
+strangers' share is full, and new connections from strangers rate-limited; timeouts for the
+handshake, the request head and keep-alive idleness; bodies and chunks relayed in pieces of at
+most READ_SIZE with backpressure. Refusals are logged at most once per source network per
+`log_interval`, then summarised.
 
 Run: `fedprompt aggregator proxy ...` or `python -m fedprompt.server.fleet_proxy --help`.
 """
