@@ -60,6 +60,7 @@ from fedprompt.common.flower_polling import BACKOFF_CAP_S, INITIAL_BACKOFF_S
 from fedprompt.common.wire import refusal, round_of
 
 from .bundle import untrusted_reason
+from .reply_timing import coarse_stamp, hold, site_grid
 from .worker import decode_content, encode_content
 
 log = logging.getLogger("fedprompt.executor")
@@ -325,8 +326,8 @@ class Executor:
             message, context, run, fab = pull_task_input(client)
             pulled = time.time()  # a timestamp for the log only (the deadline is on the monotonic clock)
             kind = str(message.metadata.message_type)
-            content, timing = self._answer(message, fab.content, kind)
-            push_message(client, Message(content=content, reply_to=message), context)
+            reply, timing = self.reply(message, fab.content, kind)
+            push_message(client, reply, context)
             status, details = SubStatus.COMPLETED, ""
             self.handled += 1
             self._log_timing(kind, message, acquired, pulled, timing)
@@ -343,6 +344,15 @@ class Executor:
             finally:
                 heartbeat.stop()
                 client.close()
+
+    def reply(self, message: Message, fab: bytes, kind: str) -> tuple[Message, dict]:
+        """The reply, held until its point of the site's reply grid and stamped to the whole second
+        (client/reply_timing.py: when it leaves says nothing finer about the records), and the
+        worker's timing (this site's log only)."""
+        received = time.monotonic()
+        content, timing = self._answer(message, fab, kind)
+        hold(received, site_grid(self.site), _deadline(message.content, received))
+        return coarse_stamp(Message(content=content, reply_to=message), message), timing
 
     def _answer(self, message: Message, fab: bytes, kind: str) -> tuple[RecordDict, dict]:
         """The reply content: a refusal for an untrusted bundle or a lost worker, else the worker's answer,

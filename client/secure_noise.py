@@ -29,6 +29,8 @@ the 2^-53 discretisation of the CDF and the cut tail, which the accounting treat
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -36,6 +38,22 @@ from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
 _MANTISSA_BITS = 53
+_scale = 1.0  # 1 except inside `weakened` (the audit's simulated noise bug)
+
+
+@contextmanager
+def weakened(factor: float) -> Iterator[None]:
+    """Inside, every Gaussian drawn here is `factor` times its std while the ledger still charges the
+    calibrated sigma: the noise bug `fedprompt audit` simulates, on its throwaway copy of the site,
+    to show it can see one (client/audit.py; nothing else enters it, tests/test_audit.py checks)."""
+    global _scale
+    if not 0 <= factor <= 1:
+        raise ValueError(f"a weakened noise is a factor in [0, 1], got {factor}")
+    before, _scale = _scale, factor
+    try:
+        yield
+    finally:
+        _scale = before
 
 
 def uniforms(n: int) -> torch.Tensor:
@@ -54,7 +72,7 @@ def gaussian(
 
     Drawn on the CPU and moved: an accelerator has no access to the kernel's generator, and the
     released tensors of this project are tens of thousands of values (milliseconds)."""
-    n = int(np.prod(shape, dtype=np.int64))
+    n, std = int(np.prod(shape, dtype=np.int64)), std * _scale
     if std == 0 or n == 0:
         return torch.zeros(shape, dtype=dtype, device=device)
     z = torch.special.ndtri(uniforms(n)) * std

@@ -14,14 +14,17 @@ RecordDicts serialised with Flower's own protobuf codec.
     supervisor -> worker   ("message", kind, run_id, RecordDict protobuf bytes)
     worker -> supervisor   ("ready", info) once warm; ("reply", RecordDict bytes, timing) per message
 
-Run by the daemon only: `python -m fedprompt.client.worker --site SITE --fd N`.
+Run by the daemon only: `python -m fedprompt.client.worker --site SITE --fd N`. It writes no core
+file: its memory holds the site's records, their features and the training state.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
+import resource
 import sys
 import time
 from multiprocessing.connection import Connection
@@ -34,6 +37,23 @@ from fedprompt.common.logs import FORMAT_ENV, configure_logging
 
 log = logging.getLogger("fedprompt.worker")
 
+PR_GET_DUMPABLE, PR_SET_DUMPABLE = 3, 4  # linux/prctl.h
+
+
+def no_core_dumps() -> int | None:
+    """Before any record is read: no core file (RLIMIT_CORE 0, the hard limit too, so nothing in the
+    process raises it again) and, on Linux, not dumpable (no core whatever the limit, no ptrace attach
+    by the site's other non-root processes). Returns the dumpable flag the kernel then reports (0), or
+    None where prctl is not available."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    if prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        log.warning("could not mark the worker non-dumpable (errno %d); core files stay off", ctypes.get_errno())
+    return prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)
+
 
 def encode_content(content) -> bytes:
     return recorddict_to_proto(content).SerializeToString()
@@ -45,7 +65,7 @@ def decode_content(data: bytes):
     return recorddict_from_proto(proto)
 
 
-def warm_up(site_path: Path) -> dict:
+def warm_up(site_path: Path, dumpable: int | None = None) -> dict:
     """Import the training stack and load the site's backbone before the first message arrives."""
     from fedprompt.client.hospital import cached_backbone
     from fedprompt.client.trainer import resolve_device
@@ -61,15 +81,16 @@ def warm_up(site_path: Path) -> dict:
         "hospital": site.hospital_id,
         "device": str(device),
         "backbone": backbone.fingerprint[:16],
+        "dumpable": dumpable,
     }
 
 
-def serve(conn: Connection, site_path: Path) -> int:
+def serve(conn: Connection, site_path: Path, dumpable: int | None = None) -> int:
     from fedprompt.client.client_app import answer
     from fedprompt.client.hospital import project_next_round
 
     try:
-        info = warm_up(site_path)
+        info = warm_up(site_path, dumpable)
     except Exception:  # noqa: BLE001 - whatever fails, the supervisor answers "worker unavailable"
         log.exception("the worker could not start for %s", site_path)
         return 1
@@ -104,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fd", type=int, required=True, help="the socket inherited from the supervisor")
     args = parser.parse_args(argv)
     configure_logging(os.environ.get(FORMAT_ENV, "text"))  # the daemon's --log-format
-    return serve(Connection(args.fd), args.site)
+    dumpable = no_core_dumps()
+    return serve(Connection(args.fd), args.site, dumpable)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,13 @@ def compute_epsilon(mechanism: str, steps: Iterable[tuple[float | None, float, i
     history = accountant_history(steps)
     if not history:
         return 0.0
+    return _epsilon(mechanism, tuple(history), delta)
+
+
+@functools.lru_cache(maxsize=256)
+def _epsilon(mechanism: str, history: History, delta: float) -> float:
+    """compute_epsilon of a merged, private history, remembered in this process: a site's ledger, its
+    projections and the audit's runs ask for the same histories again (seconds each on PRV)."""
     # Imported here: opacus pulls in torch (seconds), and the CLI should start fast.
     from opacus.accountants import PRVAccountant, RDPAccountant
 

@@ -421,6 +421,12 @@ class SiteConfig(ConfigFile):
     """May the daemon's log quote values read from the records (a label outside the label space, a
     record's text, a patient id) when it refuses bad records? false: the log names file, line and
     field only (`fedprompt data check` shows the values at the operator's own terminal)."""
+    reply_after_s: NonNegative = 2.0
+    """Timing: a reply leaves this many seconds after its message arrived, or if not ready by then at
+    twice, four times ... that (or at the message's deadline), never when it is ready: how long the site
+    took, which grows with its records, shows only as which of these points it hit (client/reply_timing.py).
+    Set it above the site's slowest round (a run's first: every record is encoded once) and every reply
+    leaves at the same point. 0: replies leave when ready (the timing channel is then unbounded)."""
 
     # Checks across fields, as field validators (not model validators) so that a problem names its
     # field and line; the fields they compare with are declared above them.

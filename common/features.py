@@ -96,10 +96,21 @@ def cached_features(
     if key in _cache:
         _cache.move_to_end(key)
         return _cache[key]
-    out = _cache[key] = extract_features(model, dataset, device)
+    return remember_features(model, dataset, device, extract_features(model, dataset, device))
+
+
+def remember_features(
+    model: PromptClassifier, dataset: TensorDataset, device: torch.device | str, features: TensorDataset
+) -> TensorDataset:
+    """`features` as what cached_features returns for these records under this model. `fedprompt audit`
+    sets its canary records' features this way (white-box canaries: client/audit.py); everything else
+    stores what the encoder computed."""
+    key = _key(model, dataset, device)
+    _cache[key] = features
+    _cache.move_to_end(key)
     while len(_cache) > CACHE_ENTRIES:
         _cache.popitem(last=False)
-    return out
+    return features
 
 
 @torch.no_grad()

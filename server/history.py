@@ -36,6 +36,7 @@ class HospitalOutcome:
     weight: float = 0.0  # the FedAvg weight the site declared (its site.yaml `weight`), not a record count
     epsilon_spent: float | None = None
     epsilon_cap: float | None = None
+    delta: float | None = None  # the delta the site's ledger accounts at (its epsilon's delta)
     # the hash of the last entry of the site's privacy ledger after this round: public, the rollback witness
     ledger_head: Sha256 | None = None
     upload_bytes: NonNegativeInt = 0

@@ -341,6 +341,7 @@ class ValidatedStrategy(Strategy):
             weight=m.num_examples,
             epsilon_spent=m.epsilon_spent,
             epsilon_cap=m.epsilon_cap,
+            delta=m.delta,
             ledger_head=reply.ledger.head,
             upload_bytes=upload,
         )

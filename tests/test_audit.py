@@ -1,12 +1,13 @@
-"""`fedprompt audit`: the one-run privacy audit (Steinke, Nasr & Jagielski 2023) at a hospital
-(tiny random BERT, synthetic records, CPU; seeded generators here, OS entropy in the product)."""
+"""`fedprompt audit`: the one-run privacy audit (Steinke, Nasr & Jagielski 2023) at a hospital, its
+runs through the site's own train_round on a throwaway copy (tiny random BERT, synthetic records,
+CPU; seeded canaries here, OS entropy in the product; the noise from the CSPRNG as at a site)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import random
+import tempfile
 from itertools import pairwise
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from fedprompt.client.audit import (
     run_audit,
 )
 from fedprompt.client.workspace import write_workspace
+from fedprompt.common.schedule import sgd_rounds
 
 from site_isolation import watched
 from tinybert import TOY_KEYWORDS, TOY_LABELS, TOY_NEUTRAL, make_tiny_backbone
@@ -113,10 +115,14 @@ def notes(rng: random.Random, n: int) -> list[tuple[str, str]]:
     return out
 
 
+EPSILON = 2.0  # the tests' target: a private bound far enough below the controls' ceiling (2.32 at m 80)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    """root/tinybert; root/ws: federation.yaml (max_length 32: the tiny BERT has 256 positions) and
-    hospital-1 (200 train records, 30 validation)."""
+    """root/tinybert; root/ws: federation.yaml (max_length 32: the tiny BERT has 256 positions; 5 rounds
+    of DP-SGD, no class-sums release: the shortest run a site's limits admit) and hospital-1 (200 train
+    records, 30 validation)."""
     root = tmp_path_factory.mktemp("audit").resolve()
     tiny = make_tiny_backbone(root / "tinybert", hidden=HIDDEN, layers=2)
     rng = random.Random(0)
@@ -125,7 +131,11 @@ def world(tmp_path_factory) -> Path:
         name="t",
         labels=LABELS,
         hospitals={"1": (notes(rng, 200), notes(rng, 30))},
-        federation_overrides={"model": {"max_length": 32}},
+        federation_overrides={
+            "rounds": 5,
+            "model": {"max_length": 32},
+            "training": {"class_sums_share": 0.0, "train_prompt": False},
+        },
     )
     path = ws / "hospital-1" / "site.yaml"
     data = yaml.safe_load(path.read_text())
@@ -134,60 +144,140 @@ def world(tmp_path_factory) -> Path:
     return root
 
 
+def _variant(world: Path, name: str, **changes) -> Path:
+    """A copy of hospital-1's site.yaml (same records) with `changes`; its ledger not created."""
+    site = world / "ws" / "hospital-1"
+    folder = world / name
+    folder.mkdir(exist_ok=True)
+    data = yaml.safe_load((site / "site.yaml").read_text())
+    data.update(
+        {
+            "train": str(site / data["train"]),
+            "validation": str(site / data["validation"]),
+            "ledger": str(folder / "ledger.json"),
+            **changes,
+        }
+    )
+    (folder / "site.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    return folder / "site.yaml"
+
+
 @pytest.fixture(scope="module")
 def inputs(world):
-    return prepare_site(world / "ws" / "hospital-1" / "site.yaml", federation_path=world / "ws" / "federation.yaml")
+    return prepare_site(
+        world / "ws" / "hospital-1" / "site.yaml", federation_path=world / "ws" / "federation.yaml", epsilon=EPSILON
+    )
 
 
-def test_prepare_uses_the_sites_recipe(inputs):
-    rc = inputs.recipe
-    # 200 records, expected batch raised to min_expected_batch 64: q 0.32, 3 steps a round; the default
-    # one-shot run has no DP-SGD rounds, so the audit plans the 20 a longer run would take
-    assert (rc.rounds, rc.local_epochs, rc.sample_rate, rc.steps_per_round, rc.lr, rc.optimizer) == (
-        audit.AUDIT_SGD_ROUNDS,
-        1,
+@pytest.fixture(scope="module")
+def report(inputs):
+    """The whole audit, every run, on the tiny site."""
+    return run_audit(inputs, seed=0)
+
+
+def test_prepare_takes_the_sites_plan_and_records(inputs):
+    plan = inputs.plan
+    assert (plan.total_rounds, sgd_rounds(plan), plan.local_epochs, plan.lr, plan.optimizer) == (5, 5, 1, 8.0, "sgd")
+    assert plan.target_epsilon == EPSILON and plan.labels == LABELS
+    assert inputs.declared_size == 200 and len(inputs.records) == 200 and inputs.features.shape == (200, HIDDEN)
+    assert inputs.head_weight.shape == (3, HIDDEN)
+    # the default (250) fits neither the 128-wide backbone (83) nor, at worst all included, 2 x 200 - 200 units
+    assert inputs.canaries == audit.canary_capacity(HIDDEN, 3) == 83
+    assert audit.resolve_canaries(None, 384, 3, room=40) == 40
+
+
+def test_every_run_trains_the_sites_rounds_and_is_charged_as_the_site_would_be(report):
+    # The copy's ledger: train_round's entries, 5 rounds of q 0.32 (200 declared, min_expected_batch 64), 3 steps
+    (charge,) = report["charges"]
+    assert (charge["release"], charge["sample_rate"], charge["steps"], charge["entries"]) == (
+        "training",
         pytest.approx(0.32),
         3,
-        8.0,
-        "sgd",
+        5,
     )
-    assert rc.target_epsilon == 8.0 and rc.delta == 1e-5 and rc.max_grad_norm == 1.0
-    assert 7.9 <= rc.accounted_epsilon <= 8.0
-    assert len(inputs.records) == 200 and inputs.records.tensors[0].shape == (200, HIDDEN)
-    assert inputs.head_state["weight"].shape == (3, HIDDEN)
-    # the default (250) does not fit a 128-wide backbone
-    assert inputs.canaries == audit.canary_capacity(HIDDEN, 3) == 83
+    # calibrated on the site's target (less a margin for retried rounds: client/hospital.site_run)
+    assert 0.8 * EPSILON < report["accounted_epsilon"] <= EPSILON
+    runs = report["runs"]
+    assert list(runs) == [PRIVATE, audit.HALF, audit.QUARTER, LOW_NOISE, NO_DP]
+    for name, run in runs.items():
+        assert (run["m"], run["r"], run["rounds"]) == (83, 32, 5) and 0 < run["included"] < 83
+        # a noise bug is charged as the private run: the ledger never sees it
+        assert run["accounted_epsilon"] == (None if name == NO_DP else report["accounted_epsilon"])
+    assert [runs[n]["noise_scale"] for n in runs] == [1.0, 0.5, 0.25, 0.01, None]
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_private_run_stays_below_its_epsilon_and_both_controls_are_clearly_above(inputs, seed):
-    report = run_audit(inputs.records, inputs.head_state, inputs.recipe, canaries=80, seed=seed)
-    runs = {k: v["epsilon_lower_bound"] for k, v in report["runs"].items()}
-    assert set(runs) == {PRIVATE, NO_DP, LOW_NOISE}
-    assert runs[PRIVATE] <= report["accounted_epsilon"]
-    assert runs[NO_DP] >= runs[PRIVATE] + 1.0 and runs[LOW_NOISE] >= runs[PRIVATE] + 1.0, runs
-    assert runs[NO_DP] == pytest.approx(report["ceiling"])  # no noise: every guess right
+def test_private_run_stays_below_its_epsilon_and_both_controls_are_clearly_above(report):
+    bound = {k: v["epsilon_lower_bound"] for k, v in report["runs"].items()}
+    assert bound[PRIVATE] <= report["accounted_epsilon"]
+    assert bound[NO_DP] >= bound[PRIVATE] + 1.0 and bound[LOW_NOISE] >= bound[PRIVATE] + 1.0, bound
+    assert bound[NO_DP] == pytest.approx(report["ceiling"])  # no noise: every guess right
     assert report["passed"] and report["reasons"] == []
-    for r in report["runs"].values():
-        assert (r["m"], r["r"]) == (80, 32) and r["steps"] == (
-            inputs.recipe.steps if r["name"] != NO_DP else r["steps"]
-        )
-        assert 0 <= r["v"] <= r["r"] and 0 < r["included"] < 80
-    assert report["runs"][LOW_NOISE]["noise_multiplier"] == pytest.approx(inputs.recipe.noise_multiplier / 100)
-    assert report["runs"][NO_DP]["noise_multiplier"] is None
 
 
-def test_a_noise_bug_fails_the_audit(inputs):
-    # What a broken site would do: charge for sigma, train with sigma / 100.
-    broken = dataclasses.replace(inputs.recipe, noise_multiplier=inputs.recipe.noise_multiplier / 100)
-    report = run_audit(
-        inputs.records, inputs.head_state, dataclasses.replace(broken, accounted_epsilon=1.0), canaries=80, seed=0
+def test_the_power_table(report):
+    bound = {k: v["epsilon_lower_bound"] for k, v in report["runs"].items()}
+    assert report["detection_threshold"] == pytest.approx(bound[PRIVATE] + audit.CLEAR_MARGIN)
+    rows = {row["run"]: row for row in report["power"]}
+    assert [row["noise_scale"] for row in report["power"]] == [1.0, 0.5, 0.25]
+    for name, row in rows.items():
+        assert row["epsilon_lower_bound"] == bound[name]
+        assert row["detected"] == (name != PRIVATE and bound[name] >= report["detection_threshold"])
+    assert bound[audit.QUARTER] >= bound[PRIVATE]  # less noise, more seen
+
+
+def test_patient_level_and_noised_evaluation_are_audited_as_they_ship(world, caplog):
+    """The site's options train_round carries: with patient_field every record of a patient (and each
+    canary, a patient of its own) is one unit; a shared evaluation is released and charged each round."""
+    fed = world / "ws" / "federation.yaml"
+    site = world / "ws" / "hospital-1"
+    rows = (site / "train.csv").read_text().splitlines()
+    with (world / "patients.csv").open("w") as f:  # 200 records of 100 patients, two notes each
+        f.write(rows[0] + ",patient\n")
+        f.writelines(f"{row},p{i // 2}\n" for i, row in enumerate(rows[1:]))
+    patients = prepare_site(
+        _variant(world, "by-patient", train=str(world / "patients.csv"), patient_field="patient", weight=100),
+        federation_path=fed,
+        epsilon=EPSILON,
     )
+    assert len(patients.records) == 200 and patients.declared_size == 100
+    report = run_audit(patients, seed=1, runs=(PRIVATE,))
+    assert report["dp_unit"] == "patient"
+    (charge,) = report["charges"]  # 100 declared patients: q = 64 / 100
+    assert (charge["sample_rate"], charge["steps"], charge["entries"]) == (pytest.approx(0.64), 1, 5)
+
+    shared = prepare_site(
+        _variant(world, "shared-eval", share_evaluation="noised", evaluation_epsilon=0.1),
+        federation_path=fed,
+        epsilon=EPSILON,
+    )
+    report = run_audit(shared, seed=1, runs=(PRIVATE,))
+    releases = {c["release"]: c for c in report["charges"]}
+    assert releases["evaluation"]["entries"] == 5 and releases["evaluation"]["sample_rate"] == 1.0
+    assert releases["training"]["entries"] == 5
+    assert report["dp_unit"] == "record" and report["accounted_epsilon"] <= EPSILON
+
+
+def test_a_noise_bug_fails_the_audit(inputs, monkeypatch):
+    # What a broken site would do: charge for sigma, draw sigma / 100.
+    monkeypatch.setitem(audit.RUNS, PRIVATE, 0.01)
+    report = run_audit(inputs, seed=0, runs=(PRIVATE, NO_DP))
     private = report["runs"][PRIVATE]["epsilon_lower_bound"]
-    assert private == pytest.approx(report["ceiling"]) and private > 1.0
+    assert private == pytest.approx(report["ceiling"]) and private > report["accounted_epsilon"]
     assert not report["passed"]
     assert any("exceeds the accounted epsilon" in r for r in report["reasons"])
     assert any("not clearly above" in r for r in report["reasons"])
+
+
+def test_only_the_audit_weakens_the_noise():
+    """secure_noise.weakened is the audit's simulated bug: no other module of the product names it."""
+    package = Path(audit.__file__).resolve().parent.parent
+    users = {
+        str(p.relative_to(package))
+        for folder in ("client", "common", "server", "fedprompt")
+        for p in (package / folder).rglob("*.py")
+        if "weakened" in p.read_text()
+    }
+    assert users == {"client/audit.py", "client/secure_noise.py"}
 
 
 # --- the command -----------------------------------------------------------------------------------
@@ -207,27 +297,22 @@ def test_the_command_is_registered():
     assert "audit" in cli.COMMANDS
 
 
-def test_command_writes_nothing_spends_nothing_and_opens_no_socket(world, cli, capsys):
+def test_command_spends_nothing_sends_nothing_and_leaves_no_file(world, cli, capsys):
     site = world / "ws" / "hospital-1"
     assert cli(["privacy", "init", "--site", str(site / "site.yaml")]) == 0
     ledger = site / "ledger" / "privacy-ledger.json"
     ledger_bytes = ledger.read_bytes()
     capsys.readouterr()
+    argv = ["audit", "--site", str(site / "site.yaml"), "--federation", str(world / "ws" / "federation.yaml")]
     with watched(world) as watch:
-        code = cli(
-            [
-                "audit",
-                "--site",
-                str(site / "site.yaml"),
-                "--federation",
-                str(world / "ws" / "federation.yaml"),
-                "--json",
-            ]
-        )
+        code = cli([*argv, "--epsilon", str(EPSILON), "--json"])
     assert watch.changed == set()
     assert ledger.read_bytes() == ledger_bytes
     assert watch.dials == [] and watch.sockets == []
-    assert watch.written == [], watch.written
+    # written: only its throwaway copy of the site, in one temporary folder that is gone
+    folders = {Path(p).resolve().relative_to(Path(tempfile.gettempdir()).resolve()).parts[0] for p in watch.written}
+    assert len(folders) == 1 and next(iter(folders)).startswith("fedprompt-audit-"), watch.written
+    assert not (Path(tempfile.gettempdir()) / next(iter(folders))).exists()
     out = capsys.readouterr().out
     report = json.loads(out)
     assert code == 0, report["reasons"]
@@ -238,28 +323,30 @@ def test_command_writes_nothing_spends_nothing_and_opens_no_socket(world, cli, c
     for name in (NO_DP, LOW_NOISE):
         assert report["runs"][name]["epsilon_lower_bound"] >= report["runs"][PRIVATE]["epsilon_lower_bound"] + 1.0
 
+    from fedprompt.commands.audit import print_report
 
-def test_command_table_and_exit_4_on_a_privacy_bug(world, cli, capsys, monkeypatch):
-    site, fed = world / "ws" / "hospital-1" / "site.yaml", world / "ws" / "federation.yaml"
-    assert cli(["audit", "--site", str(site), "--federation", str(fed), "--canaries", "60", "--epsilon", "4"]) == 0
-    out = capsys.readouterr().out
-    for text in (
-        "accounted epsilon: 3.9",
-        "ceiling of this audit:",
+    print_report(report)
+    text = capsys.readouterr().out
+    for line in (
+        "audited run: 5 rounds of the site's own train_round (5 of DP-SGD)",
+        "DP unit: record; declared size 200",
+        "charged (the copy's ledger): training sigma",
+        f"accounted epsilon: {report['accounted_epsilon']:.3f} (target 2)",
         "private (as the site trains)",
         "control: no noise, no clipping",
         "control: noise 100x too small",
+        f"told apart at a bound >= {report['detection_threshold']:.3f}",
+        "sigma / 2",
+        "sigma / 4",
         "PASS",
     ):
-        assert text in out, out
+        assert line in text, text
 
-    settings = audit._settings  # a bug: the private run trains with a hundredth of the noise it is charged for
 
-    def broken(recipe, run):
-        s = settings(recipe, run)
-        return dataclasses.replace(s, noise_multiplier=s.noise_multiplier / 100) if run == PRIVATE else s
-
-    monkeypatch.setattr(audit, "_settings", broken)
+def test_command_exit_4_on_a_privacy_bug(world, cli, capsys, monkeypatch):
+    site, fed = world / "ws" / "hospital-1" / "site.yaml", world / "ws" / "federation.yaml"
+    # a bug: the private run draws a hundredth of the noise it is charged for
+    monkeypatch.setattr(audit, "RUNS", {PRIVATE: 0.01, NO_DP: None})
     assert cli(["audit", "--site", str(site), "--federation", str(fed), "--canaries", "60", "--epsilon", "1"]) == 4
     out = capsys.readouterr().out
     assert "AUDIT FAILED" in out and "exceeds the accounted epsilon" in out
@@ -282,6 +369,10 @@ def test_bad_input_is_exit_2(world, cli, capsys, tmp_path):
 
     assert cli(["audit", "--site", str(site), "--federation", str(fed), "--canaries", "5000"]) == 2
     assert "at most 83" in capsys.readouterr().err
+    # a plan this site refuses (its limits: at most 3 rounds) is not audited: the site would not train it
+    limited = _variant(world, "limited", limits={"max_total_rounds": 3})
+    assert cli(["audit", "--site", str(limited), "--federation", str(fed)]) == 2
+    assert f"{limited}: this site refuses round 1 of the audited run [configuration]" in capsys.readouterr().err
     assert cli(["audit", "--site", str(site), "--federation", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml" in capsys.readouterr().err
     assert (

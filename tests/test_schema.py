@@ -272,6 +272,7 @@ def test_run_files_are_read_through_their_models(tmp_path):
         "weight": 0.0,
         "epsilon_spent": None,
         "epsilon_cap": None,
+        "delta": None,
         "ledger_head": None,
         "upload_bytes": 0,
     }

@@ -7,6 +7,7 @@
   messages with the same handler simulation uses; killed mid-round, the message gets a
   well-formed "worker unavailable" refusal, the worker is restarted, the next round trains, and
   the ledger is whole (the crashed round counted: recorded before training, over-count only).
+  The worker writes no core file (its memory holds the records).
 """
 
 from __future__ import annotations
@@ -148,6 +149,25 @@ def test_worker_crash_mid_round_refuses_restarts_and_keeps_the_ledger_whole(site
     # Round 2 may have been recorded before the kill (over-count, never under-count); 1 and 3 always.
     assert rounds in ([1, 2, 3], [1, 3]), rounds
     assert len(ledger.completions) == 2 and ledger.epsilon_spent() > 0  # rounds 1 and 3 sent an update
+
+
+@pytest.mark.skipif(not Path("/proc/self/limits").exists(), reason="reads /proc/<pid>/limits (Linux)")
+def test_the_worker_can_write_no_core_file(site):
+    """A real worker, once warm: its core-file size limit is 0, soft and hard (so nothing in it can
+    raise it again), as the kernel reports it in /proc/<pid>/limits, and it is not dumpable."""
+    from fedprompt.client.executor import WorkerHandle
+
+    _, site_yaml = site
+    worker = WorkerHandle(site_yaml, dict(os.environ))
+    worker.start()
+    try:
+        info = worker.wait_ready(time.monotonic() + 300)
+        limits = Path(f"/proc/{worker.proc.pid}/limits").read_text().splitlines()
+    finally:
+        worker.stop()
+    core = next(line for line in limits if line.startswith("Max core file size"))
+    assert core.split()[4:6] == ["0", "0"], core
+    assert info["dumpable"] == 0, info
 
 
 def test_hung_worker_is_replaced_before_the_deadline(site):

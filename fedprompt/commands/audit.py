@@ -1,8 +1,9 @@
 """`fedprompt audit`: an empirical one-run privacy audit at a hospital (client/audit.py).
 
-Trains throwaway copies of the head on the site's own records plus synthetic canaries, with the
-site's private settings, and reports a 95% lower bound on epsilon next to the accounted epsilon.
-Spends nothing from the ledger, writes no file, sends nothing. Exit 0: the audit passed; 4: it
+Runs the site's own rounds (train_round) on a throwaway copy of the site with synthetic canaries
+added, and reports a 95% lower bound on epsilon next to the accounted epsilon, with two controls and
+a power table (the bound when the noise is drawn at sigma / 2 and sigma / 4). Spends nothing from
+the site's ledger, writes nothing outside a temporary folder it deletes, sends nothing. Exit 0: the audit passed; 4: it
 failed (a privacy bug, or a rare false alarm: rerun); 2: bad input.
 """
 
@@ -62,17 +63,31 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _noise(scale: float | None) -> str:
+    if scale is None:
+        return "none"
+    return "sigma" if scale == 1 else f"sigma / {1 / scale:g}"
+
+
+def _charge(c: dict) -> str:
+    return (
+        f"{c['release']} sigma {c['noise_multiplier']:.4g}, q {c['sample_rate']:.4g}, {c['steps']} steps "
+        f"x {c['entries']}"
+    )
+
+
 def print_report(report: dict) -> None:
-    rc = report["recipe"]
+    plan = report["plan"]
     print(
         f"fedprompt audit: {report['hospital_id']}, {report['num_records']} records + {report['canaries']} canaries "
         "(one-run audit, Steinke, Nasr & Jagielski 2023)"
     )
     print(
-        f"recipe: head-only DP-SGD, {rc['rounds']} rounds x {rc['steps_per_round']} steps, q {rc['sample_rate']:.4g}, "
-        f"sigma {rc['noise_multiplier']:.4g}, C {rc['max_grad_norm']:g}, lr {rc['lr']:g} ({rc['optimizer']}); "
-        f"delta {report['delta']:g} ({rc['accountant']})"
+        f"audited run: {plan['rounds']} rounds of the site's own train_round ({plan['sgd_rounds']} of DP-SGD), "
+        f"lr {plan['lr']:g} ({plan['optimizer']}), C {plan['max_grad_norm']:g}; DP unit: {report['dp_unit']}; "
+        f"declared size {report['declared_size']:g}; delta {report['delta']:g}"
     )
+    print("charged (the copy's ledger): " + "; ".join(_charge(c) for c in report["charges"]))
     print(f"accounted epsilon: {report['accounted_epsilon']:.3f} (target {report['target_epsilon']:g})")
     print(
         f"ceiling of this audit: {report['ceiling']:.3f} (all {report['guesses']} guesses right, "
@@ -80,14 +95,24 @@ def print_report(report: dict) -> None:
     )
     print()
     width = max(len(r["title"]) for r in report["runs"].values())
-    header = f"{'run'.ljust(width)}  {'sigma':>9}  {'C':>5}  {'m':>5}  {'r':>5}  {'v':>5}  {'eps lower bound':>15}"
+    header = (
+        f"{'run'.ljust(width)}  {'noise':>11}  {'m':>5}  {'r':>5}  {'v':>5}  {'accounted':>9}  {'eps lower bound':>15}"
+    )
     print(header)
     print("-" * len(header))
     for r in report["runs"].values():
         print(
-            f"{r['title'].ljust(width)}  {_fmt(r['noise_multiplier'], '.4g'):>9}  {_fmt(r['max_grad_norm'], 'g'):>5}  "
-            f"{r['m']:>5}  {r['r']:>5}  {r['v']:>5}  {r['epsilon_lower_bound']:>15.3f}"
+            f"{r['title'].ljust(width)}  {_noise(r['noise_scale']):>11}  {r['m']:>5}  {r['r']:>5}  {r['v']:>5}  "
+            f"{_fmt(r['accounted_epsilon']):>9}  {r['epsilon_lower_bound']:>15.3f}"
         )
+    print()
+    print(
+        f"power (noise drawn smaller than charged; told apart at a bound >= {report['detection_threshold']:.3f}, "
+        f"the private run's + {report['clear_margin']:g}):"
+    )
+    for row in report["power"]:
+        seen = "-" if row["noise_scale"] == 1 else ("told apart" if row["detected"] else "NOT told apart")
+        print(f"  {_noise(row['noise_scale']):>11}  {row['epsilon_lower_bound']:6.3f}  {seen}")
     print()
     private = report["runs"]["private"]["epsilon_lower_bound"]
     if report["passed"]:
@@ -97,14 +122,14 @@ def print_report(report: dict) -> None:
         )
     else:
         print(
-            f"AUDIT FAILED (exit {ExitCode.AUDIT_FAILED:d}): a privacy bug is likely; rerun once to rule out a false "
-            "alarm (the bound holds at 95%)"
+            "AUDIT FAILED (exit 4): a privacy bug is likely; rerun once to rule out a false alarm (the bound holds "
+            "at 95%)"
         )
         for reason in report["reasons"]:
             print(f"  - {reason}")
     print(
         f"(the audit detects privacy bugs; it cannot certify epsilon {report['accounted_epsilon']:.3g}: its ceiling "
-        f"here is {report['ceiling']:.2f}. Nothing was spent, written or sent.)"
+        f"here is {report['ceiling']:.2f}. Nothing was spent or sent; its throwaway copy of the site is deleted.)"
     )
 
 
