@@ -15,13 +15,13 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from flwr.app import RecordDict
 
-from fedprompt.common.accounting import calibrate_noise
+from fedprompt.common.accounting import calibrate_noise, compute_epsilon
 from fedprompt.common.backbone import Backbone, load_backbone
 from fedprompt.common.config import SiteConfig
 from fedprompt.common.encoding import Encoded, encode
@@ -33,11 +33,16 @@ from fedprompt.common.plan import RoundPlan
 from fedprompt.common.records import Records, load_records, redacted
 from fedprompt.common.schedule import (
     MAX_UNITS_PER_DECLARED,
+    Release,
     RunNoise,
     Sampling,
     calibrate_run,
     class_sums_round,
+    fit_to_budget,
+    grouped,
     noise_ratio,
+    round_mechanism,
+    run_releases,
     sampling,
 )
 from fedprompt.common.wire import (
@@ -226,25 +231,25 @@ def declared_size(site: SiteConfig, units: int) -> float:
 @dataclass(frozen=True)
 class SiteRun:
     """What a site trains with in a run, from public values only (common/schedule.py): its declared
-    size, its sampling, and (private runs) the noise of both phases at what the site grants."""
+    size, its sampling, and (private runs) the noise of both phases at what the site grants, and of
+    its noised evaluations if it shares them."""
 
     declared_size: float
     sampling: Sampling
     target_epsilon: float
     delta: float
     noise: RunNoise | None  # None: a non-private run
+    evaluation: float | None  # the noise of a shared evaluation; None: not shared (or a non-private run)
     calibration: MemoCalibration
 
     def mechanism(self, plan: RoundPlan) -> tuple[float | None, float, int]:
         """This round's (sigma, q, steps), as the ledger records it (sigma None: non-private)."""
-        sums = class_sums_round(plan)
-        if sums:
-            q, steps = 1.0, 1
-        else:
-            q, steps = self.sampling.sample_rate, self.sampling.steps_per_round
-        if self.noise is None:
-            return None, q, steps
-        return (self.noise.class_sums if sums else self.noise.sgd), q, steps
+        return round_mechanism(plan, self.sampling, self.noise)
+
+    def releases(self, plan: RoundPlan, margin: int = 0) -> list[Release]:
+        """The charges of rounds plan.round..total_rounds of a private run (common/schedule.run_releases)."""
+        assert self.noise is not None, "a non-private run has no releases"
+        return run_releases(plan, self.sampling, self.noise, self.evaluation, margin)
 
 
 def evaluation_sigma(site: SiteConfig, delta: float, calibration: MemoCalibration) -> float:
@@ -253,11 +258,15 @@ def evaluation_sigma(site: SiteConfig, delta: float, calibration: MemoCalibratio
     return max(sigma, site.privacy.min_noise_multiplier)
 
 
-def site_run(site: SiteConfig, plan: RoundPlan, units: int) -> SiteRun:
+def site_run(site: SiteConfig, plan: RoundPlan, units: int, ledger: PrivacyLedger | None = None) -> SiteRun:
     """The site's schedule for this run, calibrated once per run on what the site grants (its cap wins
-    over the plan's target; the aggregator may ask for a smaller delta, never a larger one). One
-    function for train_round, the pre-flight, `fedprompt plan` and the audit. Refuses (Refused) a
-    declared size below the records it holds, and a run in which its update would be mostly noise."""
+    over the plan's target; the aggregator may ask for a smaller delta, never a larger one), with the
+    run's noised evaluations and `privacy.retry_margin` retried DP-SGD rounds inside that target. With
+    `ledger`, the noise is then raised, if need be, until the rounds left (plan.round..total_rounds,
+    their evaluations and the margin) fit under the cap after what the ledger has spent: calibrated on
+    what is left. One function for train_round, the pre-flight, `fedprompt plan` and the audit.
+    Refuses (Refused) a declared size below the records it holds, a run in which its update would be
+    mostly noise, and ("budget") one that what is left of the cap cannot hold."""
     size = declared_size(site, units)
     if units > MAX_UNITS_PER_DECLARED * size:
         raise Refused(
@@ -269,19 +278,47 @@ def site_run(site: SiteConfig, plan: RoundPlan, units: int) -> SiteRun:
     target = min(plan.target_epsilon, site.privacy.max_epsilon)
     delta = min(plan.delta, site.privacy.delta) if plan.delta > 0 else site.privacy.delta
     calibration = MemoCalibration(site)
-    noise = None
-    if plan.private:
-        floor = site.privacy.min_noise_multiplier
-        noise = calibrate_run(plan, s, target, delta, site.privacy.accountant, floor, calibration)
-        ratio = noise_ratio(plan, size, noise)
-        if ratio > plan.max_noise_ratio:
-            raise Refused(
-                f"under this plan the site's update would be mostly noise: noise bound {ratio:.2f}x its signal "
-                f"bound, above the plan's max_noise_ratio {plan.max_noise_ratio:g} (declared size {size:g}, "
-                f"epsilon {target:g}); a larger budget, fewer rounds or a larger min_expected_batch would help",
-                "too few records",
-            )
-    return SiteRun(size, s, target, delta, noise, calibration)
+    if not plan.private:
+        return SiteRun(size, s, target, delta, None, None, calibration)
+    shared = site.share_evaluation == "noised" and site.validation is not None
+    evaluation = evaluation_sigma(site, site.privacy.delta, calibration) if shared else None
+    floor, margin = site.privacy.min_noise_multiplier, site.privacy.retry_margin
+    try:
+        noise = calibrate_run(plan, s, target, delta, site.privacy.accountant, floor, calibration, evaluation, margin)
+    except ValueError as exc:  # the evaluations (and the class sums) alone reach the target
+        raise Refused(
+            f"the run's noised evaluations leave nothing of epsilon {target:g} to train: {exc}", "budget"
+        ) from exc
+    ratio = noise_ratio(plan, size, noise)
+    if ratio > plan.max_noise_ratio:
+        raise Refused(
+            f"under this plan the site's update would be mostly noise: noise bound {ratio:.2f}x its signal "
+            f"bound, above the plan's max_noise_ratio {plan.max_noise_ratio:g} (declared size {size:g}, "
+            f"epsilon {target:g}); a larger budget, fewer rounds or a larger min_expected_batch would help",
+            "too few records",
+        )
+    run = SiteRun(size, s, target, delta, noise, evaluation, calibration)
+    if ledger is None:
+        return run
+    cap = site.privacy.max_epsilon
+
+    history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in ledger.history]
+
+    def project(releases: list[Release]) -> float:  # the ledger's epsilon after `releases`
+        return compute_epsilon(ledger.mechanism, grouped([*history, *releases]), ledger.delta)
+
+    def releases(n: RunNoise) -> list[Release]:
+        return run_releases(plan, s, n, evaluation, margin)
+
+    fitted = fit_to_budget(noise, releases, project, cap, plan.max_noise_ratio / ratio)
+    if fitted is None:
+        raise Refused(
+            f"epsilon spent {ledger.epsilon_spent():.4f} leaves too little of this site's cap {cap:g} for rounds "
+            f"{plan.round}-{plan.total_rounds} (their evaluations and a margin of {margin} retried round(s)): even "
+            f"with the noise at max_noise_ratio {plan.max_noise_ratio:g} they would cross it",
+            "budget",
+        )
+    return replace(run, noise=fitted)
 
 
 def _noise_memo(site: SiteConfig) -> NoiseMemo:
@@ -328,6 +365,10 @@ def train_round(
         with _timed(timings, "records"), _refuse_as("records", OSError):
             train_sha256 = file_sha256(site.train)
             records, encoded = encoded_records(site.train, train_sha256, site, plan, backbone, patients=True)
+        units = dp_units(records)
+        with _timed(timings, "privacy"):  # noise calibration on what the ledger leaves, before anything is charged
+            ledger = PrivacyLedger.for_site(site)
+            run = site_run(site, plan, units, ledger)
         # One message per round: the model received is validated here (before training changes it).
         shared = None
         if plan.evaluate_in_train and site.validation is not None:
@@ -335,12 +376,9 @@ def train_round(
                 validation_sha256 = file_sha256(site.validation)
                 _, validation = encoded_records(site.validation, validation_sha256, site, plan, backbone)
             shared = _validate_received(site, plan, backbone, content, run_id, validation, validation_sha256, timings)
-        units = dp_units(records)
-        run = site_run(site, plan, units)
         sigma, q, steps = run.mechanism(plan)
         privacy: dict = {}  # the reply's privacy fields (TrainMetrics): a private round's only
-        with _timed(timings, "privacy"):  # noise calibration + durable ledger entry
-            ledger = PrivacyLedger.for_site(site)
+        with _timed(timings, "privacy"):  # durable ledger entry
             if sigma is not None:
                 # Durable BEFORE training: a crash from here on over-counts, never under-counts.
                 spent = ledger.record(

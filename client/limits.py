@@ -61,6 +61,7 @@ def check_limits(site: SiteConfig, plan: RoundPlan) -> None:
             f"{where}.max_tensor_values: the plan's prompt and head hold {values:,} values, above this site's limit "
             f"{limits.max_tensor_values:,}"
         )
+    check_label_space(site, plan)
     if not plan.private:
         return  # no noise, no epsilon: the privacy limits below have nothing to bound (allow_non_private decides)
     # A one-shot class-sums run (one round) is calibrated for its one release; a run with DP-SGD
@@ -75,6 +76,30 @@ def check_limits(site: SiteConfig, plan: RoundPlan) -> None:
             f"{where}.max_run_epsilon: the plan targets epsilon {plan.target_epsilon:g} for the run, above this "
             f"site's per-run limit {limits.max_run_epsilon:g}"
         )
+
+
+def check_label_space(site: SiteConfig, plan: RoundPlan) -> None:
+    """Refused unless the plan's label space is the one site.yaml pins (`labels`, as a set). Were the
+    records the judge (a label outside the plan's space refused as "records"), an aggregator varying the
+    space would learn for free whether each label occurs in the site's files."""
+    if site.labels is None:
+        raise _refused(
+            f"{site.source}: labels: not set: this site trains and evaluates only on a label space it has pinned; "
+            f"pin the federation's with `fedprompt hospital labels --site {site.source} --federation "
+            "federation.yaml`"
+        )
+    extra, missing = sorted(set(plan.labels) - set(site.labels)), sorted(set(site.labels) - set(plan.labels))
+    differences = [f"not pinned: {_names(extra)}"] * bool(extra)
+    differences += [f"missing from the plan: {_names(missing)}"] * bool(missing)
+    if differences:
+        raise _refused(
+            f"{site.source}: labels: the plan's label space is not the one this site pinned ({'; '.join(differences)})"
+        )
+
+
+def _names(labels: list[str], shown: int = 5) -> str:
+    more = f" and {len(labels) - shown} more" if len(labels) > shown else ""
+    return ", ".join(labels[:shown]) + more
 
 
 def _steps_per_round(site: SiteConfig, plan: RoundPlan) -> int:

@@ -24,14 +24,12 @@ from fedprompt.common.wire import ARRAYS, PreflightReply, Status, refusal
 
 from .hospital import (
     Refused,
-    SiteRun,
     _category,
     _prepare,
     _refuse_as,
     _timed,
     check_plan,
     dp_units,
-    evaluation_sigma,
     log_detail,
     site_run,
 )
@@ -40,53 +38,33 @@ from .limits import check_received
 
 log = logging.getLogger("fedprompt.hospital")
 
-Release = tuple[float, float, int]  # (noise multiplier, sample rate, steps): one ledger entry's charge
-
 
 def run_feasibility(site: SiteConfig, plan: RoundPlan, units: int) -> None:
     """Refused (with the category a round would refuse with) unless this site can train every
     round from `plan.round` to `plan.total_rounds`: each check below is a refusal train_round would
-    otherwise make in some round of the run, after other sites had spent their budget on it."""
+    otherwise make in some round of the run, after other sites had spent their budget on it
+    (check_plan, which needs no record, has passed: `units` were counted after it)."""
     if not 1 <= plan.round <= plan.total_rounds:
         raise Refused(f"pre-flight for round {plan.round} of a {plan.total_rounds}-round run", "configuration")
-    check_plan(site, plan)  # the recipe against site.yaml: DP unit, non-private, delta (and the site's limits)
     if units < 1:
         raise Refused(f"{site.train}: no training records", "records")
-    run = site_run(site, plan, units)  # declared size, and an update that would be mostly noise
     ledger = PrivacyLedger.for_site(site)  # LedgerError (no usable ledger): refused as "budget"
+    # Declared size, an update that would be mostly noise, and the noise fitted to what the ledger
+    # leaves of the cap for every remaining round ("budget" if nothing useful fits).
+    run = site_run(site, plan, units, ledger)
     if not plan.private:
         return  # recorded as a non-private round, never refused by the cap (check_plan asked allow_non_private)
-    cap = site.privacy.max_epsilon
-    spent, after = ledger.epsilon_spent(), ledger.project_all(remaining_releases(site, plan, run, ledger.delta))
-    rounds = f"rounds {plan.round}-{plan.total_rounds}"
-    if after > cap:
-        raise Refused(
-            f"the run's {rounds} would bring epsilon from {spent:.4f} to {after:.4f}, over this site's cap {cap:g}",
-            "budget",
-        )
+    spent, after = ledger.epsilon_spent(), ledger.project_all(run.releases(plan))
     log.info(
-        "%s pre-flight (local log): %s bring epsilon from %.4f to %.4f of cap %g",
+        "%s pre-flight (local log): rounds %d-%d bring epsilon from %.4f to %.4f of cap %g (sigma %s)",
         site.hospital_id,
-        rounds,
+        plan.round,
+        plan.total_rounds,
         spent,
         after,
-        cap,
+        site.privacy.max_epsilon,
+        run.noise,
     )
-
-
-def remaining_releases(site: SiteConfig, plan: RoundPlan, run: SiteRun, ledger_delta: float) -> list[Release]:
-    """Every charge rounds `plan.round`..`total_rounds` of a private run make to the site's ledger,
-    in the order train_round / evaluate_round record them: each round's release (SiteRun.mechanism),
-    and with `share_evaluation: noised` each evaluation of a received model (inside the train
-    message, or a separate evaluate message after each round plus round 0's when the run starts)."""
-    train = [run.mechanism(plan.replaced(round=r)) for r in range(plan.round, plan.total_rounds + 1)]
-    releases: list[Release] = [(sigma, q, steps) for sigma, q, steps in train if sigma is not None]
-    if site.share_evaluation != "noised" or site.validation is None:
-        return releases
-    evaluation: Release = (evaluation_sigma(site, ledger_delta, run.calibration), 1.0, 1)
-    if plan.evaluate_in_train:  # the received model is validated (and charged) before the round trains
-        return [r for release in releases for r in (evaluation, release)]
-    return [evaluation] * (plan.round == 1) + [r for release in releases for r in (release, evaluation)]
 
 
 def count_units(site: SiteConfig, plan: RoundPlan) -> int:
@@ -111,6 +89,8 @@ def preflight(
         site, plan, _ = _prepare(content, site_path, timings)  # site.yaml, the plan, the backbone's fingerprint
         hospital = site.hospital_id
         check_received(content.array_records.get(ARRAYS), plan)  # the model round 1 would start from
+        # Before a record is read: the label space site.yaml pins, the site's limits, the recipe.
+        check_plan(site, plan)
         with _timed(timings, "records"), _refuse_as("records", OSError):
             units = count_units(site, plan)
         with _timed(timings, "privacy"):

@@ -10,6 +10,7 @@ filled in by hand; `SiteConfig.load` then accepts the file and `fedprompt data c
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from collections.abc import Mapping
 from pathlib import Path
@@ -53,6 +54,13 @@ LAYOUT: list[tuple[str, str]] = [
         "label space, exactly (`fedprompt data check --site THIS --federation federation.yaml`).",
     ),
     (
+        "labels",
+        "The federation's label space this site agreed to, e.g. [a, b, c] (any order): a plan with another one "
+        "is refused before a record is read. Written from the federation.yaml given with --federation; "
+        "null: every run is refused until set (`fedprompt hospital labels --site THIS --federation "
+        "federation.yaml`).",
+    ),
+    (
         "patient_field",
         "Patient-level DP: the column / field naming each record's patient. Set, a whole "
         "patient is the unit the epsilon protects (head-only recipe only); null: each record is "
@@ -77,6 +85,11 @@ LAYOUT: list[tuple[str, str]] = [
     (
         "privacy.accountant",
         "How epsilon is accounted: 'prv' (tight) or 'rdp' (a looser upper bound). Fixed for the life of the ledger.",
+    ),
+    (
+        "privacy.retry_margin",
+        "Retried DP-SGD rounds each run keeps room for: the noise is calibrated so that the run's rounds, "
+        "its noised evaluations and this many more fit within the run's epsilon and what is left of the cap.",
     ),
     (
         "ledger",
@@ -119,6 +132,12 @@ LAYOUT: list[tuple[str, str]] = [
         "May this site's daemon log quote values read from the records (a record's text, a label outside "
         "the label space, a patient id) when it refuses bad records? false: file, line and field only; "
         "`fedprompt data check` shows the values at your own terminal. Keep false.",
+    ),
+    (
+        "reply_after_s",
+        "Timing: every reply leaves this many seconds after its message arrived (or, if not ready, at twice, "
+        "four times ... that): set it above this site's slowest round, so that how long the site took says "
+        "nothing about its records. 0: replies leave when ready.",
     ),
     ("device", "'auto' (a GPU if there is one), 'cpu' or 'cuda'."),
     (
@@ -276,3 +295,26 @@ def write_template(out: Path, values: Mapping[str, object]) -> list[str]:
     except OSError as exc:
         raise InputError.at(out, f"cannot write the template: {exc.strerror or exc}") from None
     return required
+
+
+def pin_labels(site_path: Path, labels: list[str]) -> bool:
+    """Pin `labels` (the federation's label space) in the site.yaml at `site_path`, appended as a
+    `labels:` line so that its comments stay; True if written, False if it already pins that set.
+    InputError if it pins another one: changing the pin is the site's decision, made in the file."""
+    site = SiteConfig.load(site_path)
+    if site.labels is not None:
+        if set(site.labels) == set(labels):
+            return False
+        raise InputError.at(
+            site_path,
+            f"labels: already pins {', '.join(site.labels)}; not {', '.join(labels)}: edit the file to change it",
+        )
+    text = Path(site_path).read_text(encoding="utf-8")
+    line = f"labels: {_scalar(list(labels))}"
+    # The template's `labels: null` is replaced in place; a file without the key gets it at the end.
+    text, replaced = re.subn(r"^labels:[ \t]*(?:null|~)?[ \t]*$", line, text, count=1, flags=re.MULTILINE)
+    if not replaced:
+        note = "# The federation's label space this site trains on: a plan with another one is refused."
+        text += ("" if text.endswith("\n") else "\n") + f"{note}\n{line}\n"
+    atomic_write(Path(site_path), text.encode("utf-8"))
+    return True

@@ -118,6 +118,7 @@ def write_workspace(
         raise ValueError(f"rows with labels outside the label space: {sorted(bad)}")
     federation = FederationConfig(name=name, labels=list(labels), min_hospitals=len(hospitals)).model_dump(mode="json")
     federation = _merge(federation, federation_overrides or {})
+    fed = FederationConfig.model_validate(federation)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_directory(out) as tmp:
@@ -147,8 +148,10 @@ def write_workspace(
                 allow_non_private=allow_non_private,
                 weight=declared_weight(len(train)),
                 backbone=backbone,
-                # One author writes the federation and its sites: they admit its plan (SiteLimits.admitting).
-                limits=SiteLimits.admitting(FederationConfig.model_validate(federation)),
+                # One author writes the federation and its sites: they pin its label space and admit its
+                # plan (SiteLimits.admitting).
+                labels=fed.label_names,
+                limits=SiteLimits.admitting(fed),
             )
             _write_yaml(
                 folder / SITE_FILE,

@@ -331,6 +331,10 @@ class PrivacyCap(Schema):
     delta: Delta
     min_noise_multiplier: NonNegative = 0.0
     accountant: Literal["prv", "rdp"] = "prv"
+    retry_margin: Annotated[int, Field(ge=0, le=100)] = 1
+    """Retried DP-SGD rounds each run keeps room for: its noise is calibrated so that its rounds, its noised
+    evaluations and this many more rounds fit within the run's epsilon and what is left of the cap (a round
+    the aggregator sends again is charged again). 0: no room; a retried round may then cost a later round."""
 
 
 class SiteLimits(Schema):
@@ -388,6 +392,11 @@ class SiteConfig(ConfigFile):
     """The site's own held-out records (personalisation's local test split)."""
     text_field: NonEmptyStr = "text"
     label_field: NonEmptyStr = "label"
+    labels: Annotated[list[NonEmptyStr], Field(min_length=2), AfterValidator(distinct_labels)] | None = None
+    """The federation's label space this site agreed to train on (names, in any order). A train, evaluate or
+    pre-flight message whose plan has another one is refused as "configuration" before a record is read: the
+    refusal depends on this list, never on which labels the records hold. null: every such message is refused
+    until it is pinned (`fedprompt hospital labels --site site.yaml --federation federation.yaml`)."""
     patient_field: NonEmptyStr | None = None
     """Patient-level DP: the records' column/field naming the patient. Set, the patient (all of its
     records together) is the sampling and clipping unit, and the ledger's epsilon protects a whole
@@ -436,6 +445,19 @@ class SiteConfig(ConfigFile):
         if anchor is not None and anchor == info.data.get("ledger"):
             raise ValueError(f"must not be the ledger itself ({anchor})")
         return anchor
+
+    @field_validator("share_evaluation")
+    @classmethod
+    def _evaluation_shared_per_record(cls, share: str, info: ValidationInfo) -> str:
+        # The noised counts are released per validation record (sensitivity sqrt(2) for one record); with
+        # patient_field one patient moves up to k of them while the ledger would charge one: refused.
+        if share == "noised" and info.data.get("patient_field") is not None:
+            raise ValueError(
+                "'noised' cannot go with patient_field (patient-level DP): the validation counts are released per "
+                "record, so a patient with k records would move up to k of them while the ledger charges one; set "
+                "share_evaluation: none (results stay in this site's log) or patient_field: null"
+            )
+        return share
 
     @field_validator("evaluation_epsilon")
     @classmethod

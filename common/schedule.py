@@ -16,10 +16,10 @@ A run has up to two phases:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from .accounting import calibrate_noise
+from .accounting import History, calibrate_noise
 from .plan import RoundPlan
 
 # An honest site holds at most this many DP units per unit of declared size; it checks so itself
@@ -66,6 +66,9 @@ def sgd_rounds(plan: RoundPlan) -> int:
     return plan.total_rounds - (1 if plan.class_sums_share > 0 else 0)
 
 
+Release = tuple[float, float, int]  # (sigma, q, steps): one ledger entry's charge
+
+
 @dataclass(frozen=True)
 class RunNoise:
     """The noise multipliers of a site's run (None: the phase does not happen)."""
@@ -73,14 +76,52 @@ class RunNoise:
     class_sums: float | None
     sgd: float | None
 
-    def history(self, s: Sampling, rounds: int) -> list[tuple[float, float, int]]:
+    def history(self, s: Sampling, rounds: int) -> list[Release]:
         """The run's (sigma, q, steps) mechanisms, as the ledger will hold them."""
-        out: list[tuple[float, float, int]] = []
+        out: list[Release] = []
         if self.class_sums is not None:
             out.append((self.class_sums, 1.0, 1))
         if self.sgd is not None and rounds > 0:
             out.append((self.sgd, s.sample_rate, s.steps_per_round * rounds))
         return out
+
+    def scaled(self, factor: float) -> RunNoise:
+        """Both phases' noise times `factor` (fit_to_budget)."""
+        return RunNoise(*(None if x is None else x * factor for x in (self.class_sums, self.sgd)))
+
+
+def round_mechanism(plan: RoundPlan, s: Sampling, noise: RunNoise | None) -> tuple[float | None, float, int]:
+    """Round `plan.round`'s (sigma, q, steps), as the ledger records it (sigma None: non-private)."""
+    sums = class_sums_round(plan)
+    q, steps = (1.0, 1) if sums else (s.sample_rate, s.steps_per_round)
+    if noise is None:
+        return None, q, steps
+    return (noise.class_sums if sums else noise.sgd), q, steps
+
+
+def evaluations(plan: RoundPlan) -> int:
+    """The noised evaluations a run charges a site that shares them: one a round, and with `evaluation:
+    separate` round 0's too."""
+    return plan.total_rounds + (not plan.evaluate_in_train)
+
+
+def run_releases(
+    plan: RoundPlan, s: Sampling, noise: RunNoise, evaluation: float | None, margin: int = 0
+) -> list[Release]:
+    """Every charge rounds `plan.round`..`total_rounds` of a private run make to the site's ledger, in
+    the order they are recorded: each round's release, and (`evaluation`: the noise of a shared
+    evaluation, None: not shared) each evaluation of a received model, inside the train message before
+    it trains, or in a separate message after each round plus round 0's when the run starts. Then
+    `margin` retried DP-SGD rounds (with their evaluations), if the run has any."""
+    ev: list[Release] = [] if evaluation is None else [(evaluation, 1.0, 1)]
+    out: list[Release] = ev if not plan.evaluate_in_train and plan.round == 1 else []
+    for r in range(plan.round, plan.total_rounds + 1):
+        sigma, q, steps = round_mechanism(plan.replaced(round=r), s, noise)
+        assert sigma is not None  # a private run
+        out += [*ev, (sigma, q, steps)] if plan.evaluate_in_train else [(sigma, q, steps), *ev]
+    if noise.sgd is not None and sgd_rounds(plan) > 0:
+        out += [*ev, (noise.sgd, s.sample_rate, s.steps_per_round)] * margin
+    return out
 
 
 def calibrate_run(
@@ -91,21 +132,59 @@ def calibrate_run(
     accountant: str,
     floor: float = 0.0,
     calibrate: Callable[..., float] = calibrate_noise,
+    evaluation: float | None = None,
+    margin: int = 0,
 ) -> RunNoise:
     """Noise for the whole run at `target_epsilon`: the class sums alone cost `class_sums_share` of it,
-    and the SGD rounds' sigma is calibrated on the composition with that release (so the run's epsilon
-    is the target, not the sum of two targets). `floor`: the site's min_noise_multiplier. `calibrate`:
-    calibrate_noise, or the site's memo of it."""
+    and the SGD rounds' sigma is calibrated on the composition with that release, the run's noised
+    evaluations (`evaluation`: their sigma) and `margin` retried SGD rounds, so that the run's epsilon
+    with all of them is the target, not the sum of several targets. `floor`: the site's
+    min_noise_multiplier. `calibrate`: calibrate_noise, or the site's memo of it."""
     rounds = sgd_rounds(plan)
+    n_eval = evaluations(plan) + (margin if rounds > 0 else 0)
+    evals: History = ((evaluation, 1.0, n_eval),) if evaluation is not None else ()
     sums = None
     if plan.class_sums_share > 0:
-        share = plan.class_sums_share if rounds > 0 else 1.0
-        sums = max(calibrate(share * target_epsilon, delta, 1.0, 1, accountant), floor)
+        if rounds > 0:
+            sums = max(calibrate(plan.class_sums_share * target_epsilon, delta, 1.0, 1, accountant), floor)
+        else:  # the one-shot release: the run's epsilon less its evaluations
+            sums = max(calibrate(target_epsilon, delta, 1.0, 1, accountant, evals), floor)
     if rounds == 0:
         return RunNoise(sums, None)
     after = ((sums, 1.0, 1),) if sums is not None else ()
-    sgd = calibrate(target_epsilon, delta, s.sample_rate, s.steps_per_round * rounds, accountant, after)
+    steps = s.steps_per_round * (rounds + margin)
+    sgd = calibrate(target_epsilon, delta, s.sample_rate, steps, accountant, after + evals)
     return RunNoise(sums, max(sgd, floor))
+
+
+def grouped(releases: Iterable[tuple[float | None, float, int]]) -> list[tuple[float | None, float, int]]:
+    """The same composition with each (sigma, q) once, its steps summed. Epsilon does not depend on the
+    order of a composition, and the PRV accountant's cost grows with its distinct entries: a ledger whose
+    evaluation releases interleave its rounds took 15 s, grouped 1.7 s, for the same epsilon to 1e-11."""
+    steps: dict[tuple[float | None, float], int] = {}
+    for sigma, q, n in releases:
+        steps[sigma, q] = steps.get((sigma, q), 0) + n
+    return [(sigma, q, n) for (sigma, q), n in steps.items()]
+
+
+def fit_to_budget(
+    noise: RunNoise,
+    releases: Callable[[RunNoise], list[Release]],
+    project: Callable[[list[Release]], float],
+    cap: float,
+    max_factor: float,
+) -> RunNoise | None:
+    """`noise` scaled by the least factor in [1, max_factor] (to 1%) whose `releases` keep `project`
+    (the ledger's epsilon after them) within `cap`; None if even max_factor does not."""
+    if project(releases(noise)) <= cap:
+        return noise
+    if max_factor <= 1 or project(releases(noise.scaled(max_factor))) > cap:
+        return None
+    low, high = 1.0, max_factor
+    while high - low > 1e-2 * high:
+        mid = (low + high) / 2
+        low, high = (mid, high) if project(releases(noise.scaled(mid))) > cap else (low, mid)
+    return noise.scaled(high)
 
 
 def class_sums_sigma(plan: RoundPlan, delta: float, accountant: str = "prv") -> float:

@@ -5,6 +5,7 @@ ledger's folder is byte-for-byte unchanged); `fedprompt plan` says so with exit 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -192,3 +193,87 @@ def test_fedprompt_plan_refuses_a_million_rounds_without_a_traceback(site, tiny,
     assert "fedprompt plan: no hospital would train this run (1 refuse)" in err
     assert "limits.max_total_rounds: the plan has 1000000 rounds, above this site's limit 200" in err
     assert _ledger_folder(site_yaml) == before
+
+
+def _pin_refused(site_yaml: Path, content: RecordDict, caplog, why: str) -> None:
+    """train, evaluate and pre-flight messages are all refused as "configuration", before a record is read."""
+    from fedprompt.client.preflight import preflight
+
+    for handler in (train_round, evaluate_round, preflight):
+        _refused(handler, content, site_yaml, caplog, why)
+
+
+def test_a_plan_with_another_label_space_is_refused_before_a_record_is_read(site, caplog):
+    """The label space site.yaml pins is the judge, never the records: an aggregator that drops a label
+    the site's records hold, or adds one they don't, gets the same "configuration" refusal, and so
+    learns nothing about which labels occur in the site's files."""
+    run, site_yaml = site
+    pinned = SiteConfig.load(site_yaml).labels
+    assert pinned == run.prompt.labels  # the workspace pinned its federation's label space
+    held = "cardiovascular diseases"  # in this site's training records
+    shapes = lambda labels: dataclasses.replace(run.prompt, labels=labels).shapes()  # noqa: E731
+    dropped = [x for x in pinned if x != held]
+    _pin_refused(
+        site_yaml,
+        _content(run, _arrays(shapes(dropped)), labels=dropped),
+        caplog,
+        "labels: the plan's label space is not the one this site pinned (missing from the plan: cardiovascular",
+    )
+    added = [*pinned, "rare disease"]
+    _pin_refused(
+        site_yaml,
+        _content(run, _arrays(shapes(added)), labels=added),
+        caplog,
+        "labels: the plan's label space is not the one this site pinned (not pinned: rare disease)",
+    )
+    # The order of the names is the aggregator's to choose: the same set trains.
+    reordered = list(reversed(pinned))
+    reply = train_round(_content(run, _arrays(shapes(reordered)), labels=reordered), site_yaml)
+    assert reply[STATUS]["status"] == "ok"
+
+
+def test_a_site_without_a_pinned_label_space_refuses_and_says_how_to_pin_it(site, caplog, capsys):
+    run, site_yaml = site
+    fed_yaml = site_yaml.parent.parent / "federation.yaml"
+    _edit(site_yaml, lambda d: d.pop("labels"))
+    assert SiteConfig.load(site_yaml).labels is None  # an older site.yaml still loads ...
+    how = "labels: not set: this site trains and evaluates only on a label space it has pinned; pin the federation's"
+    how += f" with `fedprompt hospital labels --site {site_yaml} --federation federation.yaml`"
+    _pin_refused(site_yaml, _content(run), caplog, how)  # ... and trains nothing until pinned
+
+    # The command the refusal names pins it, keeping the file's comments; then the site trains.
+    site_yaml.write_text("# the operator's note\n" + site_yaml.read_text())
+    assert main(["hospital", "labels", "--site", str(site_yaml), "--federation", str(fed_yaml)]) == 0
+    assert "labels pinned: neoplasms, digestive system diseases" in capsys.readouterr().out
+    assert site_yaml.read_text().startswith("# the operator's note\n")
+    assert SiteConfig.load(site_yaml).labels == run.prompt.labels
+    assert train_round(_content(run), site_yaml)[STATUS]["status"] == "ok"
+    # Pinning again is a no-op; another label space is the site's decision, made in the file.
+    assert main(["hospital", "labels", "--site", str(site_yaml), "--federation", str(fed_yaml)]) == 0
+    _edit(fed_yaml, lambda d: d.update(labels=["a", "b"]))
+    assert main(["hospital", "labels", "--site", str(site_yaml), "--federation", str(fed_yaml)]) == 2
+    assert "labels: already pins neoplasms" in capsys.readouterr().err
+
+
+def test_fixed_batch_one_round_run_epsilon_and_late_rounds_are_refused_on_every_message(site, caplog):
+    """Plans a site refuses by default (issue 22 item 3), on train, evaluate and pre-flight messages
+    alike, before any calibration or ledger entry (the ledger's folder is byte-for-byte unchanged)."""
+    from fedprompt.client.preflight import preflight
+
+    run, site_yaml = site
+    cases = [
+        ({"batch_size": 8}, "limits.allow_fixed_batch: the plan fixes the expected batch (batch_size 8)"),
+        (
+            {"total_rounds": 1, "class_sums_share": 0.0},
+            "limits.min_total_rounds: the plan's noise would be calibrated for 1 round(s)",
+        ),
+        ({"round": ROUNDS + 1}, f"the plan's round {ROUNDS + 1} is beyond its total of {ROUNDS} rounds"),
+        (
+            {"target_epsilon": 9.0},
+            "limits.max_run_epsilon: the plan targets epsilon 9 for the run, above this site's per-run limit 3",
+        ),
+    ]
+    _edit(site_yaml, lambda d: d["limits"].update(max_run_epsilon=3.0))
+    for changes, why in cases:
+        for handler in (train_round, evaluate_round, preflight):
+            _refused(handler, _content(run, **changes), site_yaml, caplog, why)

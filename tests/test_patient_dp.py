@@ -150,6 +150,34 @@ def test_site_config_validates_patient_field(tmp_path):
         SiteConfig.load(tmp_path / "bad.yaml")
 
 
+def test_patient_level_dp_with_noised_evaluation_is_refused_by_the_schema(tmp_path):
+    """The noised validation counts are released per record (sensitivity sqrt(2) for one record): with
+    patient_field set, one patient would move up to k counts while the ledger charges one. site.yaml
+    refuses the combination, naming the file, the line and both fields; each alone loads."""
+    from fedprompt.common.config import SiteConfig
+
+    base = {
+        "hospital_id": "h1",
+        "train": "train.csv",
+        "validation": "val.csv",
+        "ledger": "l.json",
+        "privacy": {"max_epsilon": 8.0, "delta": 1e-5},
+    }
+    path = tmp_path / "site.yaml"
+    for alone in ({"patient_field": "mrn"}, {"share_evaluation": "noised"}):
+        path.write_text(yaml.safe_dump({**base, **alone}, sort_keys=False))
+        SiteConfig.load(path)
+    path.write_text(yaml.safe_dump({**base, "patient_field": "mrn", "share_evaluation": "noised"}, sort_keys=False))
+    with pytest.raises(InputError) as exc:
+        SiteConfig.load(path)
+    line = path.read_text().splitlines().index("share_evaluation: noised") + 1
+    assert str(exc.value) == (
+        f"{path}:{line}: share_evaluation: 'noised' cannot go with patient_field (patient-level DP): the validation "
+        "counts are released per record, so a patient with k records would move up to k of them while the ledger "
+        "charges one; set share_evaluation: none (results stay in this site's log) or patient_field: null"
+    )
+
+
 # --- a hospital's round -------------------------------------------------------------------------
 
 N_PATIENTS = 5

@@ -103,7 +103,7 @@ def test_the_sites_the_plan_says_refuse_do_refuse(tmp_path, tiny_dir, capsys):
     earlier.record(0.5, 0.5, 400, epsilon_cap=1e6, run_id="earlier", round=1)  # an earlier run spent past the cap of 10
     planned = _plan(capsys, ws, tiny_dir)
     row = planned["hospital-1"]
-    assert row["refusal"]["category"] == "budget" and "its first round" in row["refusal"]["reason"]
+    assert row["refusal"]["category"] == "budget" and "leaves too little of this site's cap" in row["refusal"]["reason"]
     assert row["epsilon_spent"] > 10 and row["epsilon_remaining"] == 0.0
     assert planned["hospital-2"]["refusal"] is None
     assert _round_1(ws, tiny_dir, tmp_path) == {"hospital-1": "refused", "hospital-2": "ok"}

@@ -22,7 +22,7 @@ from fedprompt.client.client_app import make_client_app
 from fedprompt.client.executor import Executor, WorkerHandle
 from fedprompt.client.hospital import site_run
 from fedprompt.client.ledger import PrivacyLedger
-from fedprompt.client.preflight import count_units, remaining_releases
+from fedprompt.client.preflight import count_units
 from fedprompt.client.workspace import list_hospitals, load_workspace
 from fedprompt.common.exit_codes import ExitCode
 from fedprompt.common.plan import RoundPlan
@@ -57,26 +57,25 @@ def _ledger_files(ws: Path) -> dict[Path, bytes]:
     return {p: p.read_bytes() for site in list_hospitals(ws) for p in sorted((site.parent / "ledger").iterdir())}
 
 
-def _near_cap(ws: Path, tiny_dir: Path, hospital: str) -> tuple[float, float, float]:
-    """`hospital` spent budget in an earlier run and its cap now admits this run's first round but
-    not the whole run. Returns (epsilon after round 1, cap, epsilon after the whole run)."""
+def _little_left(ws: Path, tiny_dir: Path, hospital: str) -> tuple[float, float, float]:
+    """`hospital` spent budget in an earlier run and its cap now leaves a little, less than this run's
+    first round at the request's noise: spread over the whole run (calibrated on what is left), its
+    update would be mostly noise. Returns (epsilon spent, cap, epsilon after round 1 at the request's noise)."""
     fed, sites, _ = load_workspace(ws)
     site = next(s for s in sites if s.hospital_id == hospital)
-    PrivacyLedger.for_site(site).record(1.5, 0.2, 30, epsilon_cap=10.0, run_id="earlier", round=1)
+    spent = PrivacyLedger.for_site(site).record(1.5, 0.2, 30, epsilon_cap=10.0, run_id="earlier", round=1)
     plan = RoundPlan.for_run(fed, prepare_run(RunSpec(fed, ws / "unused", None, tiny_dir)).prompt, round=1)
-    ledger = PrivacyLedger.for_site(site)
-    releases = remaining_releases(site, plan, site_run(site, plan, count_units(site, plan)), ledger.delta)
-    first, whole = ledger.project_all(releases[:1]), ledger.project_all(releases)
-    cap = max(plan.target_epsilon, (first + whole) / 2)  # not below the target: the run's noise stays the same
-    _set_cap(site.source, round(cap, 3))
-    return first, cap, whole
+    first = PrivacyLedger.for_site(site).project_all(site_run(site, plan, count_units(site, plan)).releases(plan)[:1])
+    cap = round(spent + 0.01, 3)
+    _set_cap(site.source, cap)
+    return spent, cap, first
 
 
 def test_run_that_not_enough_sites_can_afford_never_starts_and_charges_nothing(tmp_path, tiny_dir, capsys):
     ws = make_workspace(tmp_path, tiny_dir, hospitals=3, per_hospital=40, overrides={**QUICK, "min_hospitals": 3})
     ensure_ledgers(ws)
-    first, cap, whole = _near_cap(ws, tiny_dir, "hospital-3")
-    assert first < cap < whole  # without the pre-flight, hospital-3 would pay for round 1 and refuse later
+    spent, cap, first = _little_left(ws, tiny_dir, "hospital-3")
+    assert spent < cap < first  # some budget left, too little for this run
     before = _ledger_files(ws)
     out = tmp_path / "out"
     argv = ["simulate", "--workspace", str(ws), "--out", str(out), "--backbone", str(tiny_dir), "--engine", "local"]

@@ -207,10 +207,14 @@ def test_deployment_guide_walkthrough(flavour, shared, monkeypatch):
                     ledger,
                     "--backbone",
                     backbone,
+                    # the label space it agreed to, pinned from the aggregator's federation.yaml
+                    "--federation",
+                    federation / "federation.yaml",
                 )
             else:  # ... or filled in afterwards, as an editor would.
                 out = fp.run("hospital", "init", "--out", site, "--hospital-id", hospital)
                 assert "still to fill in (REQUIRED): train, ledger" in out
+                assert "labels not pinned: the site trains nothing until `fedprompt hospital labels" in out
                 text = site.read_text()
                 for key, value in (
                     ("train", records / "train.csv"),
@@ -228,8 +232,11 @@ def test_deployment_guide_walkthrough(flavour, shared, monkeypatch):
                 and out.rstrip().endswith("ok")
             )
             assert "ledger: not created yet" in out
-            # With the aggregator's federation.yaml handed over, the labels are checked too.
+            # With the aggregator's federation.yaml handed over, the labels are checked too, and pinned.
             out = fp.run("data", "check", "--site", site, "--federation", federation / "federation.yaml")
+            if n != 1:
+                out = fp.run("hospital", "labels", "--site", site, "--federation", federation / "federation.yaml")
+                assert "labels pinned: " in out
             assert "labels checked against the label space of" in out
             # Step 3: the ledger, once in the life of the site.
             fp.run("privacy", "init", "--site", site)

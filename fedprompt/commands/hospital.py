@@ -93,7 +93,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument(f"--{name}", type=Path, help=f"{what}; written as an absolute path")
     p.add_argument("--text-field", help="column/field holding the text (default: text)")
     p.add_argument("--label-field", help="column/field holding the label (default: label)")
+    p.add_argument(
+        "--federation", type=Path, help="the aggregator's federation.yaml: its label space is pinned (labels)"
+    )
     p.set_defaults(func=run_init)
+
+    p = sub.add_parser(
+        "labels", help="pin the federation's label space in site.yaml (a plan with another one is refused)"
+    )
+    p.add_argument("--site", type=Path, required=True, help="this hospital's site.yaml")
+    p.add_argument("--federation", type=Path, required=True, help="the aggregator's federation.yaml")
+    p.set_defaults(func=run_labels)
 
 
 def run_start(args: argparse.Namespace) -> int:
@@ -168,12 +178,32 @@ def run_init(args: argparse.Namespace) -> int:
             if getattr(args, k)
         },
     }
+    if args.federation is not None:
+        from fedprompt.common.config import FederationConfig
+
+        given["labels"] = FederationConfig.load(args.federation).label_names
     required = write_template(args.out, {k: v for k, v in given.items() if v is not None})
     print(
         f"[fedprompt] wrote {args.out}" + (f"; still to fill in (REQUIRED): {', '.join(required)}" if required else "")
     )
+    if args.federation is None:
+        print(
+            f"labels not pinned: the site trains nothing until `fedprompt hospital labels --site {args.out} "
+            "--federation FILE`"
+        )
     print(
         f"next: fedprompt data check --site {args.out}   then, once in the life of the site: fedprompt privacy init "
         f"--site {args.out}"
     )
+    return 0
+
+
+def run_labels(args: argparse.Namespace) -> int:
+    from fedprompt.client.site_template import pin_labels
+    from fedprompt.common.config import FederationConfig
+
+    labels = FederationConfig.load(args.federation).label_names
+    written = pin_labels(args.site, labels)
+    print(f"[fedprompt] {args.site}: labels {'pinned' if written else 'already pinned'}: {', '.join(labels)}")
+    print(f"next: fedprompt data check --site {args.site} --federation {args.federation}")
     return 0

@@ -49,7 +49,7 @@ def plan_site(site: SiteConfig, plan: RoundPlan) -> dict:
     """One hospital's row: what train_round would compute for every round of `plan`."""
     from fedprompt.client.hospital import Refused, check_plan, site_run
     from fedprompt.client.ledger import PrivacyLedger, json_epsilon
-    from fedprompt.client.preflight import count_units, remaining_releases
+    from fedprompt.client.preflight import count_units
     from fedprompt.common.errors import LedgerError
     from fedprompt.common.schedule import noise_ratio
 
@@ -73,12 +73,16 @@ def plan_site(site: SiteConfig, plan: RoundPlan) -> dict:
         "epsilon_remaining": None,
         "refusal": None,
     }
-    refusal, run = None, None
+    refusal, run, ledger = None, None, None
+    try:
+        ledger = PrivacyLedger.for_site(site)
+    except LedgerError as exc:
+        refusal = ("budget", str(exc))  # as train_round: no usable ledger, no round
     try:
         # As train_round: the site's limits and the recipe first, then the run's schedule and its
-        # calibration (never for a plan the site refuses: a plan outside its limits costs nothing).
+        # calibration on what the ledger leaves (never for a plan the site refuses outright).
         check_plan(site, plan)
-        run = site_run(site, plan, units)
+        run = site_run(site, plan, units, ledger)
     except Refused as exc:
         refusal = exc.category, str(exc)
     if run is not None:
@@ -94,31 +98,13 @@ def plan_site(site: SiteConfig, plan: RoundPlan) -> dict:
                 noise_ratio=noise_ratio(plan, run.declared_size, run.noise),
                 delta=run.delta,
             )
-    try:
-        ledger = PrivacyLedger.for_site(site)
-    except LedgerError as exc:
-        refusal = refusal or ("budget", str(exc))  # as train_round: no usable ledger, no round
-    else:
+    if ledger is not None:
         spent = ledger.epsilon_spent()
         row.update(epsilon_spent=json_epsilon(spent), epsilon_remaining=max(cap - spent, 0.0))
         if run is not None:
             # The pre-flight's account of the whole run: every round's release and evaluation charge.
-            after = ledger.project_all(remaining_releases(site, plan, run, ledger.delta)) if plan.private else math.inf
+            after = ledger.project_all(run.releases(plan)) if plan.private else math.inf
             row.update(epsilon_after_run=json_epsilon(after))
-            # ledger.record refuses the private round that would cross the cap, and every later one (a
-            # non-private round: never).
-            if plan.private and refusal is None and after > cap:
-                sigma, q, steps = run.mechanism(plan)
-                first = (
-                    "its first round"
-                    if sigma is not None and ledger.project(sigma, q, steps) > cap
-                    else "a later round"
-                )
-                refusal = (
-                    "budget",
-                    f"the run would bring epsilon from {spent:.4f} to {after:.4f}, over the site's cap {cap:g}: it "
-                    f"refuses {first}",
-                )
     if refusal is not None:
         row["refusal"] = {"category": refusal[0], "reason": refusal[1]}
     return row
