@@ -277,3 +277,25 @@ def test_fixed_batch_one_round_run_epsilon_and_late_rounds_are_refused_on_every_
     for changes, why in cases:
         for handler in (train_round, evaluate_round, preflight):
             _refused(handler, _content(run, **changes), site_yaml, caplog, why)
+
+
+def test_hospital_init_pins_the_federations_label_space(tmp_path, capsys):
+    """`hospital init --federation` writes the pin; without it the template says `labels: null`, which
+    `hospital labels` then replaces in place."""
+    fed = tmp_path / "federation.yaml"
+    fed.write_text('name: t\nlabels: [a, "b c"]\n')
+    pinned, later = tmp_path / "pinned.yaml", tmp_path / "later.yaml"
+    assert main(["hospital", "init", "--out", str(pinned), "--hospital-id", "h1", "--federation", str(fed)]) == 0
+    assert main(["hospital", "init", "--out", str(later), "--hospital-id", "h2"]) == 0
+    assert "labels not pinned: the site trains nothing until `fedprompt hospital labels" in capsys.readouterr().out
+    assert "\nlabels: [a, b c]\n" in pinned.read_text() and "\nlabels: null\n" in later.read_text()
+    for site in (pinned, later):  # the REQUIRED paths filled in, as an operator would
+        site.write_text(
+            site.read_text()
+            .replace("\ntrain: null\n", "\ntrain: t.csv\n")
+            .replace("\nledger: null\n", "\nledger: l.json\n")
+        )
+    assert main(["hospital", "labels", "--site", str(later), "--federation", str(fed)]) == 0
+    text = later.read_text()
+    assert text.count("\nlabels:") == 1 and "\nlabels: [a, b c]\n" in text
+    assert SiteConfig.load(later).labels == SiteConfig.load(pinned).labels == ["a", "b c"]
