@@ -63,7 +63,7 @@ from .dp import NoiseMemo
 from .ledger import PrivacyLedger, file_sha256, state_sha256
 from .limits import check_limits, check_received
 from .secure_noise import gaussian
-from .trainer import local_update, resolve_device
+from .trainer import PATIENT_INPUT_PROMPT, local_update, resolve_device
 from .workspace import declared_weight
 
 log = logging.getLogger("fedprompt.hospital")
@@ -178,12 +178,8 @@ def check_plan(site: SiteConfig, plan: RoundPlan) -> None:
     """Refusals decided by site.yaml and the aggregator's plan alone, before any record is read
     (Refused); train_round and `fedprompt plan` ask the same."""
     check_limits(site, plan)  # first: the site's bounds on any plan (site.yaml `limits`)
-    if site.patient_field is not None and plan.train_prompt:
-        raise Refused(
-            f"{site.source}: patient_field: patient-level DP is supported for the head-only recipe "
-            "(train_prompt: false) only; the federation trains the prompt",
-            "configuration",
-        )
+    if site.patient_field is not None and plan.train_prompt and plan.prompt_layer == 0:
+        raise Refused(f"{site.source}: patient_field: {PATIENT_INPUT_PROMPT}", "configuration")
     if not plan.private and not site.allow_non_private:
         raise Refused(
             "the aggregator asked for NON-PRIVATE training and this site does not allow it (allow_non_private: false)",

@@ -1,8 +1,9 @@
 """Local training at one hospital: DP-SGD (default) or a labelled non-private mode.
 
-One loop serves both recipes: the whole PromptClassifier on token batches (prompt + head), or
-its head alone on frozen-feature batches. A batch is `(*inputs, labels)`; the trainable
-parameters are the module's parameters that require grad (the encoder is frozen).
+One loop serves every recipe: the head alone on frozen-feature batches, a late prompt and the head on
+cached layer states, or the whole PromptClassifier on token batches (input prompt + head). A batch is
+`(*inputs, labels)`; the trainable parameters are the module's parameters that require grad (the
+encoder is frozen).
 """
 
 from __future__ import annotations
@@ -18,14 +19,18 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from fedprompt.common.errors import InputError
-from fedprompt.common.features import PAD_LABEL, cached_features, group_by_patient
-from fedprompt.common.model import PromptClassifier
+from fedprompt.common.features import PAD_LABEL, cached_features, cached_layer_states, group_by_patient
+from fedprompt.common.model import IndexedStateClassifier, PromptClassifier
 from fedprompt.common.plan import RoundPlan
 from fedprompt.common.schedule import Sampling, site_lr
 
 from .dp import check_per_sample_shapes, entropy_generator, noise_only_step, wrap_private
 
 HEAD_PHYSICAL_BATCH = 4096  # frozen features are a few KB a batch: no memory limit needed for the head
+PATIENT_INPUT_PROMPT = (
+    "patient-level DP with a trained prompt needs a late prompt (federation.yaml model.prompt_layer >= 1): "
+    "the input prompt would run the whole encoder for every record of every drawn patient"
+)
 
 
 @dataclass
@@ -47,6 +52,23 @@ class TrainSettings:
     @property
     def private(self) -> bool:
         return self.noise_multiplier is not None
+
+    @classmethod
+    def from_plan(
+        cls, plan: RoundPlan, sampling: Sampling, noise_multiplier: float | None, max_physical_batch_size: int
+    ) -> TrainSettings:
+        """A round's settings, all from the plan and the site's public sampling (one place)."""
+        return cls(
+            epochs=plan.local_epochs,
+            sample_rate=sampling.sample_rate,
+            expected_batch=sampling.expected_batch,
+            lr=site_lr(plan, sampling, noise_multiplier),
+            optimizer=plan.optimizer,
+            max_physical_batch_size=max_physical_batch_size,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=plan.max_grad_norm,
+            proximal_mu=plan.proximal_mu,
+        )
 
 
 @dataclass
@@ -180,48 +202,59 @@ def local_update(
     sample_generator: torch.Generator | None = None,
     patients: list[str] | None = None,
 ) -> TrainResult:
-    """One site's training for one round, as the federation's plan says: the prompt and head on
-    token batches (`train_prompt`), or the head alone on the frozen features of the prompt as
-    received (the encoder then runs once per record, and once per run with the feature cache).
-    The hospital daemon and the benchmarks both train through here. `sampling`: the site's sample
-    rate and public expected batch for this plan (common/schedule.sampling of its declared size).
+    """One site's training for one round, as the federation's plan says (trained_rows: the head on
+    frozen features, a late prompt and the head on cached layer states, or the input prompt and the
+    head on token batches). The hospital daemon and the benchmarks both train through here.
+    `sampling`: the site's sample rate and public expected batch for this plan
+    (common/schedule.sampling of its declared size).
 
-    `patients` (each record's patient id, site.yaml: patient_field): patient-level DP, head-only
-    recipe only. The frozen features are grouped by patient (group_by_patient), so the Poisson
-    sample, the clipped unit and the expected batch are patients, and the result's num_examples
-    and steps count patients' batches."""
-    if patients is not None and plan.train_prompt:
-        raise InputError.at(
-            "site.yaml",
-            "patient-level DP is supported for the head-only recipe (train_prompt: false) only",
-            field="patient_field",
-        )
-    settings = TrainSettings(
-        epochs=plan.local_epochs,
-        sample_rate=sampling.sample_rate,
-        expected_batch=sampling.expected_batch,
-        lr=site_lr(plan, sampling, noise_multiplier),
-        optimizer=plan.optimizer,
-        max_physical_batch_size=max_physical_batch_size if plan.train_prompt else HEAD_PHYSICAL_BATCH,
-        noise_multiplier=noise_multiplier,
-        max_grad_norm=plan.max_grad_norm,
-        proximal_mu=plan.proximal_mu,
-    )
-    module, data = (model, encoded) if plan.train_prompt else (model.head, cached_features(model, encoded, device))
-    if patients is not None:
-        data = group_by_patient(data, list(patients))
-        # Keep a physical batch about as large (in records) as the record-level one.
-        settings.max_physical_batch_size = max(1, HEAD_PHYSICAL_BATCH // data.tensors[1].shape[1])
+    `patients` (each record's patient id, site.yaml: patient_field): patient-level DP. The rows are
+    grouped by patient (group_by_patient), so the Poisson sample, the clipped unit and the expected
+    batch are patients, and the result's num_examples and steps count patients' batches."""
+    module, rows, physical = trained_rows(model, encoded, plan, device, patients, max_physical_batch_size)
     return train(
         module,
-        data,
-        settings,
+        rows,
+        TrainSettings.from_plan(plan, sampling, noise_multiplier, physical),
         device,
         progress=progress,
         progress_label=progress_label,
         noise_generator=noise_generator,
         sample_generator=sample_generator,
     )
+
+
+def trained_rows(
+    model: PromptClassifier,
+    encoded: TensorDataset,
+    plan: RoundPlan,
+    device: torch.device,
+    patients: list[str] | None = None,
+    max_records: int = 32,
+) -> tuple[torch.nn.Module, TensorDataset, int]:
+    """(what DP-SGD steps, the rows Poisson sampling draws, the largest physical batch in rows):
+    `max_records` records through the encoder per physical batch (site.yaml max_physical_batch_size).
+
+    The encoder below the prompt never sees a trainable tensor, so its output is computed once per
+    record and cached: the head trains on frozen features; a late prompt (prompt_layer >= 1) on the
+    states entering its layer, picked by index (model.IndexedStateClassifier); only the input prompt
+    runs the whole encoder per step."""
+    per_unit = 1
+    if not plan.train_prompt:
+        module: torch.nn.Module = model.head
+        rows = cached_features(model, encoded, device)
+    elif plan.prompt_layer > 0:
+        states, mask, labels = cached_layer_states(model, encoded, device).tensors
+        module = IndexedStateClassifier(model, states, mask)
+        rows = TensorDataset(torch.arange(len(labels)), labels)
+    elif patients is not None:
+        raise InputError.at("site.yaml", PATIENT_INPUT_PROMPT, field="patient_field")
+    else:
+        module, rows = model, encoded
+    if patients is not None:
+        rows = group_by_patient(rows, list(patients), fill=-1 if plan.train_prompt else 0)
+        per_unit = rows.tensors[1].shape[1]
+    return module, rows, max(1, (max_records if plan.train_prompt else HEAD_PHYSICAL_BATCH) // per_unit)
 
 
 def _proximal_term(params, anchor, mu: float) -> torch.Tensor:

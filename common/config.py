@@ -37,6 +37,7 @@ MaxLength = Annotated[int, Field(ge=8, le=512)]
 Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]  # a ConfigRecord integer is 64-bit
 Pooling = Literal["mean", "cls"]
 PromptInit = Literal["vocab", "labels"]
+PromptStyle = Literal["tokens", "prefix"]
 Optimizer = Literal["adam", "sgd"]
 
 
@@ -54,11 +55,16 @@ class ModelSettings(Schema):
     """Soft-prompt length. 4 label-word vectors: 20 measurably blurred the frozen features the private head
     learns on (BENCHMARKS.md "Choosing the private recipe"), and fewer values mean less noise if trained."""
     prompt_init: PromptInit = "labels"
-    prompt_layer: PromptLayer = 0
-    """Where the prompt enters the encoder: 0 at the input; k (1..layers-1) before layer k (a late prompt:
-    the layers below run once per record, cached); -1 nowhere (the record path is the plain encoder).
-    With `training.train_prompt: false` the run uses -1 whatever this says: an untrained prompt only
-    blurs the frozen features."""
+    prompt_layer: PromptLayer | None = None
+    """Where the prompt enters the encoder: null before its last layer (the cheapest late prompt: one layer
+    runs per step); 0 at the input; k (1..layers-1) before layer k (a late prompt: the layers below run
+    once per record, cached); -1 nowhere (the record path is the plain encoder). A run that does not train
+    the prompt (`training.train_prompt`) uses -1 whatever this says: an untrained prompt only blurs the
+    frozen features."""
+    prompt_style: PromptStyle = "prefix"
+    """A late prompt's form (common/model.py): "prefix", keys and values layer k attends to in a softmax of
+    their own, starting near zero so that round 0 is the zero-shot classifier; or "tokens", virtual tokens
+    concatenated to the states entering layer k."""
     pooling: Pooling = "mean"
     max_length: MaxLength = 256
     """Tokens per record: all-MiniLM-L6-v2 was trained on 256; abstracts average ~250."""
@@ -93,7 +99,10 @@ class TrainingSettings(Schema):
     """The expected batch per step; null: sample_rate decides."""
     lr: Positive = 8.0
     optimizer: Optimizer = "sgd"
-    train_prompt: bool = False
+    train_prompt: bool | Literal["auto"] = "auto"
+    """Train the soft prompt (with the head) in the DP-SGD rounds: true, false, or "auto": decided from the
+    plan (common/schedule.prompt_decision: rounds, budget, the noise a prompt step would carry), and said
+    by `fedprompt plan`. A prompt the run does not train stays off the record path."""
     class_sums_share: Annotated[float, Field(ge=0, lt=1)] = 0.75
     """Round 1 releases each site's per-class feature sums once (Gaussian), and the head is built from the
     noisy class means; in a run of more than one round this share of each site's epsilon goes to that

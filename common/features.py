@@ -47,6 +47,14 @@ def extract_features(
     """(features, labels) of an encoded dataset (input_ids, attention_mask, labels), float32 features on the CPU.
     `dtype`: the encoder forward's precision (default feature_dtype(device))."""
     device = torch.device(device)
+    if model.config.prompt_layer > 0:  # a late prompt: the layers below it once per record, cached
+        assert isinstance(dataset, TensorDataset)
+        states = (
+            cached_layer_states(model, dataset, device)
+            if dtype is None
+            else extract_layer_states(model, dataset, device, dtype=dtype)
+        )
+        return _features_from_states(model, states, device, batch_size)
     dtype = dtype or feature_dtype(device)
     was_training = model.training
     model.to(device).eval()
@@ -61,6 +69,21 @@ def extract_features(
         torch.cat(feats) if feats else torch.zeros(0, hidden),
         torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
     )
+
+
+@torch.no_grad()
+def _features_from_states(
+    model: PromptClassifier, states: TensorDataset, device: torch.device, batch_size: int
+) -> TensorDataset:
+    was_training = model.training
+    model.to(device).eval()
+    feats = [
+        model.features_from_states(x.to(device), mask.to(device)).float().cpu()
+        for x, mask, _ in DataLoader(states, batch_size=batch_size)
+    ]
+    model.train(was_training)
+    labels = states.tensors[2]
+    return TensorDataset(torch.cat(feats) if feats else torch.zeros(0, model.config.hidden_size), labels)
 
 
 def _key(model: PromptClassifier, dataset: TensorDataset, device: torch.device | str) -> str:
@@ -192,24 +215,26 @@ def state_bytes(states: TensorDataset) -> int:
     return sum(t.numel() * t.element_size() for t in states.tensors)
 
 
-def group_by_patient(features: TensorDataset, patients: list[str]) -> TensorDataset:
-    """Per-record (features, labels) grouped by patient, for patient-level DP on the head:
-    features [patients, max_records, hidden] (zero-padded), labels [patients, max_records]
-    (padded with PAD_LABEL). Patients in order of first appearance, records in file order.
+def group_by_patient(rows: TensorDataset, patients: list[str], fill: float = 0) -> TensorDataset:
+    """Per-record (x, labels) grouped by patient, for patient-level DP: x [patients, max_records, ...]
+    (padded with `fill`), labels [patients, max_records] (padded with PAD_LABEL). Patients in order of
+    first appearance, records in file order. `x`: frozen features (the head recipe), or record indices
+    into cached layer states (the prompt recipe, fill -1: model.IndexedStateClassifier).
 
-    One row per patient is what Poisson sampling and clipping then act on; nn.Linear's per-sample
-    gradient on a 3-D input sums over the records axis, i.e. it is the patient's summed gradient.
+    One row per patient is what Poisson sampling and clipping then act on; the trainable layers'
+    per-sample gradients on a patient's rows sum over its records (nn.Linear's sampler on a 3-D input,
+    SoftPrompt drawn once per patient), i.e. they are the patient's summed gradient.
     """
-    x, y = features.tensors
+    x, y = rows.tensors
     if len(patients) != len(y):
         raise ValueError(f"{len(patients)} patient ids for {len(y)} records")
-    rows: dict[str, list[int]] = {}
+    groups: dict[str, list[int]] = {}
     for i, patient in enumerate(patients):
-        rows.setdefault(patient, []).append(i)
-    width = max((len(r) for r in rows.values()), default=1)
-    xs = torch.zeros(len(rows), width, x.shape[-1], dtype=x.dtype)
-    ys = torch.full((len(rows), width), PAD_LABEL, dtype=torch.long)
-    for j, idx in enumerate(rows.values()):
+        groups.setdefault(patient, []).append(i)
+    width = max((len(r) for r in groups.values()), default=1)
+    xs = torch.full((len(groups), width, *x.shape[1:]), fill, dtype=x.dtype)
+    ys = torch.full((len(groups), width), PAD_LABEL, dtype=torch.long)
+    for j, idx in enumerate(groups.values()):
         index = torch.tensor(idx, dtype=torch.long)
         xs[j, : len(idx)] = x[index]
         ys[j, : len(idx)] = y[index]

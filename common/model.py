@@ -25,6 +25,7 @@ from .config import (
     PrivacyRequest,
     PromptInit,
     PromptLayer,
+    PromptStyle,
     Seed,
     distinct_labels,
 )
@@ -37,6 +38,16 @@ from .schema import NonEmptyStr, Schema, Sha256, issues
 # NO_PROMPT: the record path is the plain encoder (the zero-shot classifier's features), the
 # prompt tensor still travels (the wire format is fixed) but nothing reads it.
 NO_PROMPT = -1
+# PromptConfig.prompt_style, for a late prompt (prompt_layer k >= 1; the input prompt is tokens):
+#   "tokens": the virtual tokens are concatenated to the states entering layer k; layers k.. attend
+#             over both (an untrained prompt changes every record's features);
+#   "prefix": the virtual tokens are keys and values that layer k's queries attend to in a softmax of
+#             their own, added to the layer's attention output; the values carry no bias, so a prompt
+#             near zero adds (almost) nothing and round 0 is the plain encoder (the zero-shot start).
+PROMPT_STYLES = ("tokens", "prefix")
+# A prefix starts at this fraction of the label tokens' layer-k states, centred: its values then add
+# O(scale^2) to the layer's output (the prompt's own softmax is near uniform over centred keys).
+PREFIX_INIT_SCALE = 1e-3
 # Encoders whose layers take (hidden_states, attention_mask) alone: a late prompt runs their
 # upper layers on its own. MPNet's layers also take a relative position bias computed from the
 # sequence length, which virtual tokens do not have.
@@ -72,7 +83,10 @@ class PromptConfig:
     # start as label prototypes, so round 0 is the zero-shot classifier) and every record's
     # feature has norm 1, which bounds a head gradient before DP clipping.
     normalize: bool = _MODEL.normalize
-    prompt_layer: int = _MODEL.prompt_layer
+    # federation.yaml's null (the last layer) needs the backbone: plan.prompt_config resolves it; a
+    # config built in code without one puts the prompt at the input.
+    prompt_layer: int = 0
+    prompt_style: str = _MODEL.prompt_style
     seed: int = _MODEL.seed
     private: bool = _PRIVACY.private
     extra: dict = field(default_factory=dict)  # provenance (rounds, epsilons, run name)
@@ -134,10 +148,10 @@ def position_budget(encoder: PreTrainedModel, config: PromptConfig) -> tuple[int
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
     """[B, H] from the top layer's states of the record's own tokens ([B, T, H], mask [B, T])."""
     if pooling == "cls":
-        return hidden[:, 0]
+        return hidden[..., 0, :]
     # mean over real tokens (how all-MiniLM-L6-v2 was trained)
     m = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+    return (hidden * m).sum(-2) / m.sum(-2).clamp(min=1.0)
 
 
 def encoder_layers(encoder: PreTrainedModel) -> nn.ModuleList:
@@ -169,6 +183,31 @@ def run_layers(
     return hidden
 
 
+def prefix_layer(
+    layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None, prefix: torch.Tensor
+) -> torch.Tensor:
+    """One BERT-family layer whose queries also attend to `prefix` ([B, n, H]) in a softmax of its own.
+
+    The record's own attention is the layer's (its configured implementation, `mask` from
+    run_layers' helper); the prefix's context is added to it before the layer's output projection.
+    The prefix's values use the value projection without its bias, so a zero prefix adds nothing.
+    """
+    block: Any = layer  # transformers' BERT-family layer: typed as a plain Module
+    attention, sa = block.attention, block.attention.self
+    context, _ = sa(hidden, attention_mask=mask)
+    size = int(sa.attention_head_size)
+
+    def heads(x: torch.Tensor) -> torch.Tensor:
+        return x.view(*x.shape[:-1], -1, size).transpose(1, 2)
+
+    values = nn.functional.linear(prefix, sa.value.weight)
+    extra = nn.functional.scaled_dot_product_attention(
+        heads(sa.query(hidden)), heads(sa.key(prefix)), heads(values), scale=float(sa.scaling)
+    )
+    context = context + extra.transpose(1, 2).reshape(context.shape)
+    return block.feed_forward_chunk(attention.output(context, hidden))
+
+
 class PromptClassifier(nn.Module):
     def __init__(self, backbone: Backbone, config: PromptConfig):
         super().__init__()
@@ -185,6 +224,12 @@ class PromptClassifier(nn.Module):
                 field="prompt_layer",
             )
         model_type = backbone.model.config.model_type
+        if config.prompt_style not in PROMPT_STYLES:
+            raise InputError.at(
+                str(backbone.path),
+                f"prompt_style {config.prompt_style!r} is not one of {', '.join(PROMPT_STYLES)}",
+                field="prompt_style",
+            )
         if config.prompt_layer > 0 and model_type not in LATE_PROMPT_MODEL_TYPES:
             raise InputError.at(
                 str(backbone.path),
@@ -236,23 +281,43 @@ class PromptClassifier(nn.Module):
         return lower_states(self.encoder, input_ids, attention_mask, k)
 
     def features_from_states(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """features() from layer_states() (computed now or cached, in any float precision)."""
+        """features() from layer_states() (computed now or cached, in any float precision).
+
+        `states` is [B, T, H], or [P, R, T, H] for patient-level DP (R records of each of P patients,
+        padding records masked out): the prompt is then drawn once per patient (its per-sample
+        gradient is the patient's), and the features come back [P, R, H]."""
         states, attention_mask = cut_padding(states, attention_mask)
-        k, n = self.config.prompt_layer, self.config.n_virtual_tokens
-        if k == NO_PROMPT:
+        lead = states.shape[:-2]
+        states, mask = states.flatten(0, -3), attention_mask.flatten(0, -2)
+        if self.config.prompt_layer == NO_PROMPT:
             hidden = states
         else:
             # the trainable part runs in the trainable tensors' precision (float32) whatever the cache holds
-            x = self.prompt(states.to(self.head.weight.dtype))
-            ones = torch.ones(attention_mask.shape[0], n, dtype=attention_mask.dtype, device=attention_mask.device)
-            mask = torch.cat([ones, attention_mask], 1)
-            if k == 0:
-                hidden = self.encoder(inputs_embeds=x, attention_mask=mask).last_hidden_state
-            else:
-                hidden = run_layers(self.encoder, x, mask, k, len(encoder_layers(self.encoder)))
-            hidden = hidden[:, n:]  # the record's own positions ([CLS] first)
-        pooled = pool(hidden, attention_mask, self.config.pooling)
+            x = states.to(self.head.weight.dtype)
+            # one copy of the prompt per DP unit (SoftPrompt's grad sampler reads each copy's gradient)
+            prompt = self.prompt(x.new_zeros(lead[0], 0, x.shape[-1]))
+            if len(lead) == 2:
+                prompt = prompt.repeat_interleave(lead[1], dim=0)
+            hidden = self._upper_layers(x, mask, prompt)
+        pooled = pool(hidden, mask, self.config.pooling).unflatten(0, lead)
         return nn.functional.normalize(pooled, dim=-1) if self.config.normalize else pooled
+
+    def _upper_layers(self, x: torch.Tensor, mask: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        """The top layer's states of the record's own tokens, from the states where the prompt enters."""
+        k, n = self.config.prompt_layer, self.config.n_virtual_tokens
+        layers = len(encoder_layers(self.encoder))
+        if self.config.prompt_style == "prefix" and k > 0:
+            lower = create_bidirectional_mask(config=self.encoder.config, inputs_embeds=x, attention_mask=mask)
+            x = prefix_layer(encoder_layers(self.encoder)[k], x, lower, prompt)
+            return run_layers(self.encoder, x, mask, k + 1, layers)
+        x = torch.cat([prompt, x], 1)
+        ones = torch.ones(mask.shape[0], n, dtype=mask.dtype, device=mask.device)
+        full = torch.cat([ones, mask], 1)
+        if k == 0:
+            hidden = self.encoder(inputs_embeds=x, attention_mask=full).last_hidden_state
+        else:
+            hidden = run_layers(self.encoder, x, full, k, layers)
+        return hidden[:, n:]  # the record's own positions ([CLS] first)
 
     # --- trainable state -------------------------------------------------------------------
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
@@ -312,11 +377,33 @@ class LayerStateClassifier(nn.Module):
         return self.model.trainable_parameters()
 
 
+class IndexedStateClassifier(nn.Module):
+    """A PromptClassifier's logits for rows of cached layer states picked by index: forward(index).
+
+    `index` is [B] record rows, or [P, R] rows of each of P patients (-1: padding), so the table
+    DP-SGD samples is (index, labels): a few bytes a row whatever the states' size, and a patient's
+    records are gathered only when the patient is drawn. The states stay where they were cached
+    (CPU memory); each batch's rows move to the model's device.
+    """
+
+    def __init__(self, model: PromptClassifier, states: torch.Tensor, attention_mask: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.states, self.attention_mask = states, attention_mask  # not buffers: never copied to a device whole
+
+    def forward(self, index: torch.Tensor) -> torch.Tensor:
+        rows = index.clamp(min=0).cpu()
+        device = self.model.head.weight.device
+        mask = self.attention_mask[rows].to(device) * (index >= 0).unsqueeze(-1).to(device)
+        return self.model.head(self.model.features_from_states(self.states[rows].to(device), mask))
+
+
 def cut_padding(x: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs are padded to max_length (cached states to their longest record): cut both to the
     longest real sequence in this batch."""
-    longest = max(int(attention_mask.sum(dim=1).max().item()), 1) if attention_mask.numel() else 1
-    return x[:, :longest], attention_mask[:, :longest]
+    longest = max(int(attention_mask.sum(dim=-1).max().item()), 1) if attention_mask.numel() else 1
+    dim = attention_mask.dim() - 1  # the token axis, in x and in the mask
+    return x.narrow(dim, 0, min(longest, x.shape[dim])), attention_mask.narrow(dim, 0, min(longest, x.shape[dim]))
 
 
 def initial_state(backbone: Backbone, config: PromptConfig) -> dict[str, torch.Tensor]:
@@ -338,6 +425,8 @@ def initial_state(backbone: Backbone, config: PromptConfig) -> dict[str, torch.T
         with torch.no_grad():
             ids = rows.unsqueeze(0).to(embeddings.device)
             prompt = lower_states(backbone.model, ids, torch.ones_like(ids), config.prompt_layer)[0].float().cpu()
+        if config.prompt_style == "prefix":  # (a late prompt's form: the input prompt is tokens)
+            prompt = PREFIX_INIT_SCALE * (prompt - prompt.mean(0))
     bound = 1.0 / config.hidden_size**0.5
     return {
         PROMPT_KEY: prompt,
@@ -367,6 +456,7 @@ class PromptSchema(Schema):
     max_length: MaxLength
     prompt_init: PromptInit
     prompt_layer: PromptLayer = 0  # absent: the prompt at the input
+    prompt_style: PromptStyle = "tokens"  # absent: concatenated tokens
     normalize: bool
     seed: Seed
 

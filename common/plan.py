@@ -6,7 +6,7 @@ plan (a missing key, a wrong type, a value out of range) is refused with the rea
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Annotated
 
 import torch
@@ -38,7 +38,7 @@ def prompt_config(fed: FederationConfig, backbone: Backbone) -> PromptConfig:
             f"pinned backbone {pinned[:16]}... but the backbone at {backbone.path} is {backbone.fingerprint[:16]}...",
             field="model.backbone_fingerprint",
         )
-    return PromptConfig(
+    config = PromptConfig(
         labels=fed.label_names,
         hidden_size=backbone.hidden_size,
         backbone_fingerprint=backbone.fingerprint,
@@ -46,13 +46,35 @@ def prompt_config(fed: FederationConfig, backbone: Backbone) -> PromptConfig:
         pooling=fed.model.pooling,
         max_length=fed.model.max_length,
         prompt_init=fed.model.prompt_init,
-        # A prompt the run does not train stays off the record path: round 0 is then the plain
-        # label-embedding classifier exactly (an untrained prompt lowered it on unseen label spaces).
-        prompt_layer=fed.model.prompt_layer if fed.training.train_prompt else NO_PROMPT,
+        prompt_layer=late_layer(fed, backbone),
+        prompt_style=fed.model.prompt_style,
         normalize=fed.model.normalize,
         seed=fed.model.seed,
         private=fed.privacy.private,
     )
+    if not train_prompt(fed, config, backbone)[0]:
+        # A prompt the run does not train stays off the record path: round 0 is then the plain
+        # label-embedding classifier exactly (an untrained prompt lowered it on unseen label spaces).
+        config.prompt_layer = NO_PROMPT
+    return config
+
+
+def late_layer(fed: FederationConfig, backbone: Backbone) -> int:
+    """federation.yaml's prompt_layer, null resolved to this backbone's last layer."""
+    chosen = fed.model.prompt_layer
+    return int(backbone.model.config.num_hidden_layers) - 1 if chosen is None else chosen
+
+
+def train_prompt(fed: FederationConfig, config: PromptConfig, backbone: Backbone) -> tuple[bool, str]:
+    """Whether the run trains the prompt, and why: federation.yaml's `training.train_prompt`, or with
+    "auto" the plan's own verdict (common/schedule.prompt_decision, public values only)."""
+    choice = fed.training.train_prompt
+    if choice != "auto":
+        return bool(choice), f"training.train_prompt: {str(choice).lower()} in federation.yaml"
+    from .schedule import prompt_decision  # schedule reads RoundPlan: imported here, not at the top
+
+    candidate = replace(config, prompt_layer=late_layer(fed, backbone))
+    return prompt_decision(RoundPlan.for_run(fed, candidate, round=1))
 
 
 def initial_global_state_for(fed: FederationConfig, backbone: Backbone) -> dict[str, torch.Tensor]:
@@ -104,7 +126,7 @@ class RoundPlan(PromptSchema):  # the model's fields (common/model.py), then the
             min_expected_batch=fed.training.min_expected_batch,
             lr=fed.training.lr,
             optimizer=fed.training.optimizer,
-            train_prompt=fed.training.train_prompt,
+            train_prompt=prompt.has_prompt,  # prompt_config() took it off the record path if untrained
             class_sums_share=fed.training.class_sums_share,
             max_noise_ratio=fed.training.max_noise_ratio,
             noise_lr_ref=fed.training.noise_lr_ref,

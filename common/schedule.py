@@ -202,6 +202,39 @@ def site_lr(plan: RoundPlan, s: Sampling, sigma: float | None) -> float:
     return plan.lr * min(1.0, plan.noise_lr_ref * s.expected_batch / sigma)
 
 
+# --- whether a run trains the prompt (train_prompt: auto) ------------------------------------------
+# A prompt step is worth taking only where its noise does not swamp what one step can carry: the
+# noise norm on the prompt's averaged gradient, sigma x clip x sqrt(prompt values) / expected batch,
+# against the clip (the largest a step's signal can be). Chosen on the public corpus (BENCHMARKS.md
+# "prompt"): above this, DP-SGD on the prompt lost to the head-only recipe.
+PROMPT_NOISE_LIMIT = 0.1
+
+
+def prompt_decision(plan: RoundPlan) -> tuple[bool, str]:
+    """Whether a `train_prompt: auto` run trains the prompt, and why: from the plan alone (public).
+
+    The noise is the run's at the smallest site that samples at the plan's own rate (declared size
+    min_expected_batch / sample_rate; smaller sites have their rate raised, larger ones more steps at
+    the same expected batch)."""
+    if plan.prompt_layer < 0:
+        return False, "model.prompt_layer is -1: no prompt on the record path"
+    if sgd_rounds(plan) < 1:
+        return False, "the run has no DP-SGD round (round 1 is the class-sums release; a prompt trains by SGD)"
+    if not plan.private:
+        return True, f"a non-private run with {sgd_rounds(plan)} SGD round(s)"
+    size = plan.min_expected_batch / plan.sample_rate
+    s = sampling(plan, size)
+    sigma = calibrate_run(plan, s, plan.target_epsilon, plan.delta or DEFAULT_DELTA, "prv").sgd
+    assert sigma is not None  # sgd_rounds >= 1
+    ratio = sigma * math.sqrt(plan.n_virtual_tokens * plan.hidden_size) / s.expected_batch
+    verdict = ratio <= PROMPT_NOISE_LIMIT
+    return verdict, (
+        f"a prompt step's noise is {ratio:.2f} x its largest signal at epsilon {plan.target_epsilon:g} (sigma "
+        f"{sigma:.2f}, expected batch {s.expected_batch:g}, {plan.n_virtual_tokens * plan.hidden_size} prompt "
+        f"values): {'at most' if verdict else 'above'} the limit {PROMPT_NOISE_LIMIT:g}"
+    )
+
+
 # --- what an honest update can be ------------------------------------------------------------------
 
 

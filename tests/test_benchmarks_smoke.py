@@ -287,6 +287,7 @@ def test_runner_accuracy_suite_micro(tmp_path, tiny_dir):
         "federated_dp_eps1",
         "federated_dp_eps4",
         "federated_dp_eps8",
+        "federated_prompt_dp_eps8",
         "central_prompt_nonprivate",
         "federated_prompt_nonprivate",
         "personalized",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -247,7 +248,9 @@ def test_an_old_export_keeps_its_meaning_and_a_bad_config_names_file_and_field(t
 def test_the_model_defaults_are_the_federations_and_a_pinned_backbone_is_checked(tiny):
     fed = FederationConfig(name="d", labels=["a", "b"], training=TrainingSettings(train_prompt=True))
     bare = PromptConfig(labels=["a", "b"], hidden_size=tiny.hidden_size, backbone_fingerprint=tiny.fingerprint)
-    assert prompt_config(fed, tiny) == bare  # one source of defaults: ModelSettings
+    # one source of defaults: ModelSettings (its prompt_layer null is the backbone's last layer)
+    last = int(tiny.model.config.num_hidden_layers) - 1
+    assert prompt_config(fed, tiny) == dataclasses.replace(bare, prompt_layer=last)
     plan = RoundPlan.for_run(fed, bare)
     assert (plan.n_virtual_tokens, plan.max_length, plan.normalize) == (4, 256, True)
     pinned = fed.replaced(model=fed.model.replaced(backbone_fingerprint="0" * 64))
@@ -299,6 +302,7 @@ def test_dp_training_on_real_abstracts_with_default_backbone():
         backbone_fingerprint=bb.fingerprint,
         n_virtual_tokens=10,
         max_length=64,
+        normalize=False,  # the raw pooled features these margins were sized on
     )
     model = build_model(bb, cfg)
     loss_before = evaluate(model, train_ds, 5).summary()["loss"]

@@ -78,7 +78,7 @@ def _config(bb, k: int, **kw) -> PromptConfig:
         max_length=MAX_LENGTH,
         prompt_layer=k,
         normalize=True,
-        **kw,
+        **{"prompt_style": "tokens", **kw},  # the concatenated tokens (test_prompt_recipe.py: the prefix)
     )
 
 

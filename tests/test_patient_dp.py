@@ -269,7 +269,7 @@ def test_train_round_accounts_patients_not_records(tmp_path, tiny_dir, caplog):
     assert f"train.csv:{len(lines) + 1}: patient: empty patient id" in caplog.text
 
 
-def test_patient_field_with_prompt_training_is_refused(tmp_path, tiny_dir, caplog):
+def test_patient_level_dp_trains_a_late_prompt_and_refuses_an_input_prompt(tmp_path, tiny_dir, caplog):
     from fedprompt.client.hospital import train_round
     from fedprompt.client.trainer import local_update
     from fedprompt.common.config import SiteConfig
@@ -278,14 +278,23 @@ def test_patient_field_with_prompt_training_is_refused(tmp_path, tiny_dir, caplo
     run, site_yaml, _, _ = _patient_site(tmp_path, tiny_dir)
     ledger_path = SiteConfig.load(site_yaml).ledger
     before = ledger_path.read_bytes()
-    content, plan = _content(run, train_prompt=True)
+    content, plan = _content(run, train_prompt=True, prompt_layer=0)
     with caplog.at_level("WARNING", logger="fedprompt.hospital"):
         reply = train_round(content, site_yaml)
     assert reply[STATUS]["status"] == "refused" and reply[STATUS]["reason"] == "configuration"
-    assert "patient_field: patient-level DP is supported for the head-only recipe" in caplog.text
+    assert "patient_field: patient-level DP with a trained prompt needs a late prompt" in caplog.text
     assert ledger_path.read_bytes() == before  # refused before anything is accounted
-    with pytest.raises(InputError, match="patient-level DP is supported for the head-only recipe"):
+    with pytest.raises(InputError, match="needs a late prompt"):
         local_update(None, None, plan, sampling(plan, 10.0), 1.0, torch.device("cpu"), patients=["p"])
+
+    # a prefix before the last layer: trained per patient, the ledger charged the patients' sampling
+    content, plan = _content(run, train_prompt=True, prompt_layer=1, prompt_style="prefix")
+    with caplog.at_level("INFO", logger="fedprompt.hospital"):
+        reply = train_round(content, site_yaml)
+    assert reply[STATUS]["status"] == "ok", caplog.text
+    entry = json.loads(ledger_path.read_text())["history"][-1]
+    s = sampling(plan, declared_weight(N_PATIENTS))
+    assert (entry["sample_rate"], entry["steps"]) == (s.sample_rate, s.steps_per_round)
 
 
 def test_data_check_validates_patient_field(tmp_path, data_cli, capsys):

@@ -116,12 +116,28 @@ def test_the_sites_the_plan_says_refuse_do_refuse(tmp_path, tiny_dir, capsys):
     assert planned["hospital-2"]["noise_multiplier"] is None
 
 
-def test_patient_level_dp_with_prompt_training_is_refused(tmp_path, tiny_dir, capsys):
-    ws = _workspace(tmp_path, tiny_dir, train_prompt=True)
+def test_patient_level_dp_trains_a_late_prompt_and_refuses_an_input_prompt(tmp_path, tiny_dir, capsys):
+    ws = _workspace(tmp_path, tiny_dir, train_prompt=True)  # model.prompt_layer null: before the last layer
+    planned = _plan(capsys, ws, tiny_dir)
+    assert planned["hospital-1"]["refusal"] is None and planned["hospital-2"]["refusal"] is None
+    edit_yaml(ws / "federation.yaml", lambda d: d["model"].update(prompt_layer=0))
     planned = _plan(capsys, ws, tiny_dir)
     assert planned["hospital-1"]["refusal"] is None
     assert planned["hospital-2"]["refusal"]["category"] == "configuration"
-    assert "patient-level DP is supported for the head-only recipe" in planned["hospital-2"]["refusal"]["reason"]
+    assert "patient-level DP with a trained prompt needs a late prompt" in planned["hospital-2"]["refusal"]["reason"]
+
+
+def test_the_plan_says_whether_the_run_trains_the_prompt_and_why(tmp_path, tiny_dir, capsys):
+    ws = _workspace(tmp_path, tiny_dir)  # train_prompt: auto (the default), 3 rounds at epsilon 8
+    assert main(["plan", "--workspace", str(ws), "--backbone", str(tiny_dir)]) == 0
+    text = capsys.readouterr().out
+    assert "no prompt: a prompt step's noise is" in text and "above the limit" in text
+    main(["plan", "--workspace", str(ws), "--backbone", str(tiny_dir), "--json", "--non-private"])  # sites refuse it
+    report = json.loads(capsys.readouterr().out)
+    assert report["train_prompt"] is True and report["train_prompt_why"] == "a non-private run with 2 SGD round(s)"
+    main(["plan", "--workspace", str(ws), "--backbone", str(tiny_dir), "--json", "--rounds", "1"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["train_prompt"] is False and "no DP-SGD round" in report["train_prompt_why"]
 
 
 def test_bad_input_exits_2_with_file_and_line(tmp_path, tiny_dir, capsys):

@@ -146,7 +146,7 @@ def test_every_problem_of_a_file_at_once(tmp_path):
         f"{path}:6: rounds: expected an integer, got 'many'",
         f"{path}:11: strategy.trim_beta: expected 0 < trim_beta < 0.5, got 0.7",
         f"{path}:18: model.colour: unknown key (expected one of: backbone_fingerprint, head_init, logit_scale, "
-        "max_length, n_virtual_tokens, normalize, pooling, prompt_init, prompt_layer, seed)",
+        "max_length, n_virtual_tokens, normalize, pooling, prompt_init, prompt_layer, prompt_style, seed)",
     ]
 
 

@@ -210,16 +210,10 @@ def run_check(args: argparse.Namespace) -> int:
     unit = "training records"
     if n_train and loaded["train"].patients is not None:  # patient-level DP: the patient is the unit
         n_train, unit = len(set(loaded["train"].patients)), "patients"
-    if site.patient_field is not None and federation is not None and federation.training.train_prompt:
-        problems.append(
-            Problem(
-                str(site.source),
-                None,
-                "patient_field",
-                "patient-level DP is supported for the head-only recipe (train_prompt: false) only; the federation "
-                "trains the prompt",
-            )
-        )
+    if site.patient_field is not None and federation is not None and _input_prompt_trained(federation):
+        from fedprompt.client.trainer import PATIENT_INPUT_PROMPT
+
+        problems.append(Problem(str(site.source), None, "patient_field", PATIENT_INPUT_PROMPT))
     # DP's delta must stay well below 1/n, or disclosing one whole record fits inside the guarantee.
     if n_train and site.privacy.delta >= 1 / n_train:
         problems.append(
@@ -271,7 +265,7 @@ def run_check(args: argparse.Namespace) -> int:
     if federation is None:
         unchecked = "the labels above against the federation's label space"
         if site.patient_field is not None:
-            unchecked += ", and patient_field against the federation's recipe (train_prompt)"
+            unchecked += ", and patient_field against the federation's recipe (a trained input prompt)"
         print(
             f"not checked: {unchecked}: pass --federation FILE (the aggregator's federation.yaml; it holds no secrets)"
         )
@@ -302,3 +296,8 @@ def _check_ledger(site: SiteConfig, problems: list[Problem]) -> str:
         problems += exc.problems
         return ""
     return f"ledger: {site.ledger}: {entries} round(s) recorded; lifetime cap epsilon {site.privacy.max_epsilon:g}"
+
+
+def _input_prompt_trained(federation: FederationConfig) -> bool:
+    """Whether the federation may train a prompt at the input (patient-level DP cannot: trainer.py)."""
+    return federation.training.train_prompt is not False and federation.model.prompt_layer == 0

@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     from fedprompt.client.workspace import load_workspace
     from fedprompt.common.backbone import load_backbone
     from fedprompt.common.errors import InputError
-    from fedprompt.common.plan import RoundPlan, prompt_config
+    from fedprompt.common.plan import RoundPlan, prompt_config, train_prompt
 
     fed, sites, _ = load_workspace(args.workspace)
     if args.rounds is not None:
@@ -122,7 +122,9 @@ def run(args: argparse.Namespace) -> int:
     if args.non_private:
         fed = fed.replaced(privacy=fed.privacy.replaced(private=False))
     # The plan the aggregator would send (round 1; the rounds differ only in their number).
-    plan = RoundPlan.for_run(fed, prompt_config(fed, load_backbone(args.backbone)), round=1)
+    backbone = load_backbone(args.backbone)
+    plan = RoundPlan.for_run(fed, prompt_config(fed, backbone), round=1)
+    _, prompt_why = train_prompt(fed, prompt_config(fed, backbone), backbone)
     rows, problems = [], []
     with warnings.catch_warnings():
         # Opacus' RDP bounds (its PRV domain size; the ledger past PRV_CEILING) warn about their own
@@ -140,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
         "rounds": plan.total_rounds,
         "private": plan.private,
         "target_epsilon": plan.target_epsilon,
+        "train_prompt": plan.train_prompt,
+        "train_prompt_why": prompt_why,
         "hospitals": rows,
     }
     if args.json:
@@ -153,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
             else "NON-PRIVATE"
         )
     )
-    print(f"recipe: {recipe(plan)}")
+    print(f"recipe: {recipe(plan, prompt_why)}")
     header = (
         f"{'hospital':<16} {'DP units':>14} {'declared':>8} {'q':>9} {'steps/round':>11} {'sigma':>8} "
         f"{'sigma sums':>10} {'noise/sig':>9} {'eps spent':>10} {'after run':>10} {'cap':>7} {'left now':>9}  verdict"
@@ -175,23 +179,22 @@ def run(args: argparse.Namespace) -> int:
     return _none_trains(rows)
 
 
-def recipe(plan: RoundPlan) -> str:
+def recipe(plan: RoundPlan, prompt_why: str) -> str:
     """What the run trains and why, in one line."""
     from fedprompt.common.schedule import sgd_rounds
 
     parts = []
     if plan.class_sums_share > 0:
+        share = plan.class_sums_share if sgd_rounds(plan) else 1.0
         parts.append(
-            f"round 1 releases each site's class sums once ({plan.class_sums_share:.0%} of its epsilon) and the "
-            "head starts from the noisy class means"
+            f"round 1 releases each site's class sums once ({share:.0%} of its epsilon) and the head starts from "
+            "the noisy class means"
         )
-    what = "the soft prompt and the head" if plan.train_prompt else "the head on frozen features"
-    parts.append(f"{sgd_rounds(plan)} DP-SGD round(s) train {what}")
-    if not plan.train_prompt:
-        parts.append(
-            "the prompt stays off the record path (training.train_prompt: false; on this project's measurements "
-            "a trained prompt costs 18-51x a head step on CPU and has not beaten the head under DP: BENCHMARKS.md)"
-        )
+    if sgd_rounds(plan):
+        what = "the soft prompt and the head" if plan.train_prompt else "the head on frozen features"
+        parts.append(f"{sgd_rounds(plan)} DP-SGD round(s) train {what}")
+    prompt = f"a {plan.prompt_style} prompt before layer {plan.prompt_layer}" if plan.train_prompt else "no prompt"
+    parts.append(f"{prompt}: {prompt_why}")
     return "; ".join(parts)
 
 
