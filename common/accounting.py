@@ -45,6 +45,11 @@ def compute_epsilon(mechanism: str, steps: Iterable[tuple[float | None, float, i
     return _epsilon(mechanism, tuple(history), delta)
 
 
+def json_epsilon(epsilon: float) -> float | str:
+    """An epsilon fit for JSON: the number, or the string "inf" once a site trained without DP."""
+    return "inf" if epsilon == math.inf else epsilon
+
+
 @functools.lru_cache(maxsize=256)
 def _epsilon(mechanism: str, history: History, delta: float) -> float:
     """compute_epsilon of a merged, private history, remembered in this process: a site's ledger, its

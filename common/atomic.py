@@ -2,7 +2,7 @@
 sees the old file or the new one, and once a write returns the new file survives a power cut.
 
 Used for configs, checkpoints, exports, the report, keys and certificates, downloads, workspaces
-(`atomic_directory`), and the privacy ledger (client/ledger.py), which tells a failed write from a
+(`atomic_directory`), and the privacy ledger (client/ledger/chain.py), which tells a failed write from a
 failed directory sync.
 """
 

@@ -395,7 +395,7 @@ class SiteConfig(ConfigFile):
     ledger: LocalPath
     ledger_anchor: LocalPath | None = None
     """Rollback detection: the ledger's head hash and entry count, rewritten after every ledger write;
-    best on another volume than the ledger. null: `<ledger>.anchor`, beside it (client/ledger.py)."""
+    best on another volume than the ledger. null: `<ledger>.anchor`, beside it (client/ledger/anchor.py)."""
     validation: LocalPath | None = None
     test: LocalPath | None = None
     """The site's own held-out records (personalisation's local test split)."""

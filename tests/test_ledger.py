@@ -212,7 +212,7 @@ def test_concurrent_records_all_survive(tmp_path):
 def test_waits_for_the_lock_then_gives_up(tmp_path, monkeypatch):
     ledger = new_ledger(tmp_path, "rdp")
     before = ledger.path.read_bytes()
-    monkeypatch.setattr(ledger_mod, "LOCK_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(ledger_mod.chain, "LOCK_TIMEOUT_S", 0.2)
     fd = os.open(f"{ledger.path}.lock", os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # another process is recording
