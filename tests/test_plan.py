@@ -134,7 +134,7 @@ def test_the_plan_says_whether_the_run_trains_the_prompt_and_why(tmp_path, tiny_
     assert "no prompt: a prompt step's noise is" in text and "above the limit" in text
     main(["plan", "--workspace", str(ws), "--backbone", str(tiny_dir), "--json", "--non-private"])  # sites refuse it
     report = json.loads(capsys.readouterr().out)
-    assert report["train_prompt"] is True and report["train_prompt_why"] == "a non-private run with 2 SGD round(s)"
+    assert report["train_prompt"] is False and report["train_prompt_why"].startswith("a non-private run")
     main(["plan", "--workspace", str(ws), "--backbone", str(tiny_dir), "--json", "--rounds", "1"])
     report = json.loads(capsys.readouterr().out)
     assert report["train_prompt"] is False and "no DP-SGD round" in report["train_prompt_why"]
