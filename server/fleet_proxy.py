@@ -802,27 +802,8 @@ def _positive(kind: type) -> Callable[[str], int | float]:
     return parse
 
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+def _add_limits(g: argparse._ArgumentGroup) -> None:
     d = ProxyConfig("", 0, "", 0)  # its defaults, shown in --help
-    p = parser or argparse.ArgumentParser(
-        prog="fleet-proxy", description="Forward only the Flower Fleet API (POST /v1/fleet/*); 403 for the rest."
-    )
-    p.add_argument("--listen", default="0.0.0.0:9443", help="HOST:PORT the hospitals connect to (default 0.0.0.0:9443)")
-    p.add_argument(
-        "--upstream", default="127.0.0.1:8000", help="the SuperLink's HOST:PORT on the aggregator's internal network"
-    )
-    p.add_argument("--pki", help="folder from `fedprompt pki init` (server.pem/server.key/ca.pem)")
-    p.add_argument("--certfile", help="TLS certificate presented to hospitals (default: PKI/server.pem)")
-    p.add_argument("--keyfile", help="its private key (default: PKI/server.key)")
-    p.add_argument("--upstream-ca", help="CA that signed the SuperLink's certificate (default: PKI/ca.pem)")
-    p.add_argument(
-        "--upstream-name", help="name to verify in the SuperLink's certificate (default: the --upstream host)"
-    )
-    p.add_argument(
-        "--upstream-insecure", action="store_true", help="plain HTTP to the SuperLink (only if it runs with --insecure)"
-    )
-    p.add_argument("--insecure", action="store_true", help="plain HTTP towards hospitals (testing only)")
-    g = p.add_argument_group("limits (each refusal is answered with an HTTP status where one can be sent)")
     g.add_argument(
         "--max-body",
         type=_positive(int),
@@ -892,6 +873,28 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
             metavar="SECONDS",
             help=f"seconds {what} (default {getattr(d, field):g})",
         )
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(
+        prog="fleet-proxy", description="Forward only the Flower Fleet API (POST /v1/fleet/*); 403 for the rest."
+    )
+    p.add_argument("--listen", default="0.0.0.0:9443", help="HOST:PORT the hospitals connect to (default 0.0.0.0:9443)")
+    p.add_argument(
+        "--upstream", default="127.0.0.1:8000", help="the SuperLink's HOST:PORT on the aggregator's internal network"
+    )
+    p.add_argument("--pki", help="folder from `fedprompt pki init` (server.pem/server.key/ca.pem)")
+    p.add_argument("--certfile", help="TLS certificate presented to hospitals (default: PKI/server.pem)")
+    p.add_argument("--keyfile", help="its private key (default: PKI/server.key)")
+    p.add_argument("--upstream-ca", help="CA that signed the SuperLink's certificate (default: PKI/ca.pem)")
+    p.add_argument(
+        "--upstream-name", help="name to verify in the SuperLink's certificate (default: the --upstream host)"
+    )
+    p.add_argument(
+        "--upstream-insecure", action="store_true", help="plain HTTP to the SuperLink (only if it runs with --insecure)"
+    )
+    p.add_argument("--insecure", action="store_true", help="plain HTTP towards hospitals (testing only)")
+    _add_limits(p.add_argument_group("limits (each refusal is answered with an HTTP status where one can be sent)"))
     return p
 
 

@@ -22,8 +22,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedprompt.common.exit_codes import ExitCode, epilog
+
+if TYPE_CHECKING:
+    from fedprompt.common.pki import PkiPaths
+    from fedprompt.server.fleet_proxy import ProxyConfig
 
 log = logging.getLogger("fedprompt.aggregator")
 
@@ -44,6 +49,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "aggregator", help="run the aggregator (SuperLink + Fleet-only proxy), enrol hospitals, submit runs"
     )
     sub = parser.add_subparsers(dest="aggregator_command", required=True, metavar="ACTION")
+
+    _add_start_parser(sub)
+
+    p = sub.add_parser("proxy", help="run only the Fleet-only reverse proxy (403 for the Control and Runtime APIs)")
+    from fedprompt.server.fleet_proxy import build_parser
+
+    build_parser(p)
+    add_log_format_argument(p)
+    p.set_defaults(func=run_proxy)
+
+    p = sub.add_parser("register", help="register a hospital's SuperNode public key (flwr supernode register)")
+    p.add_argument("public_key", type=Path, help="the hospital's ID.pub from `fedprompt pki hospital`")
+    p.add_argument("--state", type=Path, required=True, help="aggregator state folder (as given to `start`)")
+    p.add_argument("--name", help="a name for the SuperNode (default: the key file's stem)")
+    _connection_args(p)
+    p.set_defaults(func=run_register)
+
+    p = sub.add_parser("nodes", help="list registered SuperNodes and their status (flwr supernode ls)")
+    p.add_argument("--state", type=Path, required=True)
+    _connection_args(p)
+    p.set_defaults(func=run_nodes)
+
+    _add_run_parser(sub)
+
+
+def _add_start_parser(sub: argparse._SubParsersAction) -> None:
+    from fedprompt.common.logs import add_log_format_argument
 
     p = sub.add_parser("start", help="start the SuperLink (internal) and the Fleet-only proxy (for hospitals)")
     p.add_argument("--pki", type=Path, required=True, help="folder from `fedprompt pki init`")
@@ -78,25 +110,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_log_format_argument(p)
     p.set_defaults(func=run_start)
 
-    p = sub.add_parser("proxy", help="run only the Fleet-only reverse proxy (403 for the Control and Runtime APIs)")
-    from fedprompt.server.fleet_proxy import build_parser
 
-    build_parser(p)
-    add_log_format_argument(p)
-    p.set_defaults(func=run_proxy)
-
-    p = sub.add_parser("register", help="register a hospital's SuperNode public key (flwr supernode register)")
-    p.add_argument("public_key", type=Path, help="the hospital's ID.pub from `fedprompt pki hospital`")
-    p.add_argument("--state", type=Path, required=True, help="aggregator state folder (as given to `start`)")
-    p.add_argument("--name", help="a name for the SuperNode (default: the key file's stem)")
-    _connection_args(p)
-    p.set_defaults(func=run_register)
-
-    p = sub.add_parser("nodes", help="list registered SuperNodes and their status (flwr supernode ls)")
-    p.add_argument("--state", type=Path, required=True)
-    _connection_args(p)
-    p.set_defaults(func=run_nodes)
-
+def _add_run_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "run",
         help="submit a federation run (flwr run) and follow its log until it ends",
@@ -200,22 +215,9 @@ def _internal_address(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
 
 
-def run_start(args: argparse.Namespace) -> int:
-    import asyncio
+def _start_superlink(args: argparse.Namespace, pki: PkiPaths, internal: str) -> subprocess.Popen:
+    from fedprompt.server import deploy
 
-    from fedprompt.common.errors import InputError
-    from fedprompt.common.logs import configure_logging
-    from fedprompt.common.pki import PkiPaths
-    from fedprompt.server import deploy, fleet_proxy
-
-    configure_logging(args.log_format)  # this process's lines and the proxy's refusals
-    pki = PkiPaths.of(args.pki)
-    pki.check_server_side()
-    for name in ("port", "fleet_port"):
-        if not (0 < getattr(args, name) < 65536):
-            raise InputError.at(f"--{name.replace('_', '-')}", f"not a port: {getattr(args, name)}")
-    internal = _internal_address(args.host)
-    _check_san(pki, internal)
     state = args.state
     state.mkdir(parents=True, exist_ok=True)
     conn = deploy.write_connection(state, f"{internal}:{args.port}", pki.ca_cert)
@@ -228,7 +230,56 @@ def run_start(args: argparse.Namespace) -> int:
         deploy.CONNECTION,
         conn,
     )
-    link = subprocess.Popen(argv, env=deploy.aggregator_env(state))
+    return subprocess.Popen(argv, env=deploy.aggregator_env(state))
+
+
+async def _serve_proxy(config: ProxyConfig, args: argparse.Namespace, internal: str, link: subprocess.Popen) -> int:
+    """The Fleet-only proxy until a signal or the SuperLink's exit; the SuperLink's exit code."""
+    import asyncio
+
+    from fedprompt.server import fleet_proxy
+
+    proxy = fleet_proxy.FleetProxy(config)
+    await proxy.start()
+    log.info(
+        "Fleet-only proxy on %s:%d -> %s:%d (hospitals connect here; /v1/control and /v1/runtime answer 403)",
+        args.fleet_host,
+        proxy.port,
+        internal,
+        args.port,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        while not stop.is_set() and link.poll() is None:
+            try:
+                await asyncio.wait_for(stop.wait(), 0.5)
+            except TimeoutError:
+                pass
+    finally:
+        await proxy.close()
+    return link.returncode if link.returncode is not None else 0
+
+
+def run_start(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from fedprompt.common.errors import InputError
+    from fedprompt.common.logs import configure_logging
+    from fedprompt.common.pki import PkiPaths
+    from fedprompt.server import fleet_proxy
+
+    configure_logging(args.log_format)  # this process's lines and the proxy's refusals
+    pki = PkiPaths.of(args.pki)
+    pki.check_server_side()
+    for name in ("port", "fleet_port"):
+        if not (0 < getattr(args, name) < 65536):
+            raise InputError.at(f"--{name.replace('_', '-')}", f"not a port: {getattr(args, name)}")
+    internal = _internal_address(args.host)
+    _check_san(pki, internal)
+    link = _start_superlink(args, pki, internal)
 
     def stop_link() -> int:
         if link.poll() is None:
@@ -257,32 +308,8 @@ def run_start(args: argparse.Namespace) -> int:
         upstream_ssl=fleet_proxy.upstream_context(str(pki.ca_cert)),
     )
 
-    async def main() -> int:
-        proxy = fleet_proxy.FleetProxy(config)
-        await proxy.start()
-        log.info(
-            "Fleet-only proxy on %s:%d -> %s:%d (hospitals connect here; /v1/control and /v1/runtime answer 403)",
-            args.fleet_host,
-            proxy.port,
-            internal,
-            args.port,
-        )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            while not stop.is_set() and link.poll() is None:
-                try:
-                    await asyncio.wait_for(stop.wait(), 0.5)
-                except TimeoutError:
-                    pass
-        finally:
-            await proxy.close()
-        return link.returncode if link.returncode is not None else 0
-
     try:
-        rc = asyncio.run(main())
+        rc = asyncio.run(_serve_proxy(config, args, internal, link))
     finally:
         code = stop_link()
     return rc or (code if code and code > 0 else 0)
@@ -355,12 +382,10 @@ def default_app() -> Path:
     return Path(env) if env else packaged_app()
 
 
-def run_run(args: argparse.Namespace) -> int:
+def _checked_run_args(args: argparse.Namespace) -> Path:
+    """`run`'s arguments and workspace checked before anything is submitted; the app folder."""
     from fedprompt.client.workspace import load_workspace
     from fedprompt.common.errors import InputError
-    from fedprompt.server import deploy
-    from fedprompt.server.history import read_metrics
-    from fedprompt.server.outcome import NOTHING_TRAINED, PARTLY_TRAINED, exit_code
 
     if args.rounds is not None and args.rounds < 1:
         raise InputError.at("--rounds", f"expected >= 1, got {args.rounds}")
@@ -380,6 +405,36 @@ def run_run(args: argparse.Namespace) -> int:
         raise InputError.at(
             app, "not a Flower app folder (no pyproject.toml with [tool.flwr.app]): pass --app DIR or set FEDPROMPT_APP"
         )
+    return app
+
+
+def _completed(args: argparse.Namespace, run_id: int, metrics: Path) -> int:
+    """A completed run's outcome, said on the console; its exit code."""
+    from fedprompt.server.history import read_metrics
+    from fedprompt.server.outcome import NOTHING_TRAINED, PARTLY_TRAINED, exit_code
+
+    done = read_metrics(metrics)
+    if done["outcome"] == NOTHING_TRAINED:
+        print(
+            f"[fedprompt] run {run_id} ended without training: {done['outcome_reason']}; no export written "
+            f"(see {metrics} and {args.out / 'report.html'})",
+            file=sys.stderr,
+        )
+    elif done["outcome"] == PARTLY_TRAINED:
+        print(
+            f"[fedprompt] run {run_id} PARTLY TRAINED: {done['outcome_reason']} (exported to {done['export']}; "
+            f"see {metrics} and {args.out / 'report.html'})",
+            file=sys.stderr,
+        )
+    else:
+        print(f"[fedprompt] run finished: {metrics}")
+    return exit_code(done["outcome"])
+
+
+def run_run(args: argparse.Namespace) -> int:
+    from fedprompt.server import deploy
+
+    app = _checked_run_args(args)
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     checkpoint = args.out / "checkpoint" / "state.json"
     resume, attempt = args.resume, 0
@@ -419,22 +474,7 @@ def run_run(args: argparse.Namespace) -> int:
             return ExitCode.FAILED
         metrics = args.out / "metrics.json"
         if status == "finished:completed" and metrics.is_file():
-            done = read_metrics(metrics)
-            if done["outcome"] == NOTHING_TRAINED:
-                print(
-                    f"[fedprompt] run {run_id} ended without training: {done['outcome_reason']}; no export written "
-                    f"(see {metrics} and {args.out / 'report.html'})",
-                    file=sys.stderr,
-                )
-            elif done["outcome"] == PARTLY_TRAINED:
-                print(
-                    f"[fedprompt] run {run_id} PARTLY TRAINED: {done['outcome_reason']} (exported to {done['export']}; "
-                    f"see {metrics} and {args.out / 'report.html'})",
-                    file=sys.stderr,
-                )
-            else:
-                print(f"[fedprompt] run finished: {metrics}")
-            return exit_code(done["outcome"])
+            return _completed(args, run_id, metrics)
         print(
             f"[fedprompt] run {run_id} ended {status}"
             + ("" if metrics.is_file() else f" without writing {metrics}")

@@ -175,17 +175,13 @@ def run_download(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_check(args: argparse.Namespace) -> int:
-    site = SiteConfig.load(args.site)
-    federation_path = args.federation
-    if federation_path is None:  # a workspace (`data demo` / `data partition`) keeps it above hospital-N/
-        assert site.source is not None  # loaded from a file
-        beside = site.source.parent.parent / "federation.yaml"
-        federation_path = beside if beside.is_file() else None
-    federation = None if federation_path is None else FederationConfig.load(federation_path)
+def _load_splits(
+    site: SiteConfig, federation: FederationConfig | None, problems: list[Problem]
+) -> tuple[dict[str, Records], dict[str, list[str]]]:
+    """The site's record files that load, and each split's label names (the federation's, or else
+    those the file holds); each file's problems appended."""
     loaded: dict[str, Records] = {}
-    names: dict[str, list[str]] = {}  # each split's label names: the federation's, or else those the file holds
-    problems: list[Problem] = []
+    names: dict[str, list[str]] = {}
     for split, path in (("train", site.train), ("validation", site.validation), ("test", site.test)):
         if path is not None:
             # The patient field is what training reads: checked on the training records.
@@ -206,6 +202,37 @@ def run_check(args: argparse.Namespace) -> int:
                     )
             except InputError as exc:
                 problems += exc.problems
+    return loaded, names
+
+
+def _print_counts(
+    site: SiteConfig, loaded: dict[str, Records], names: dict[str, list[str]], federation: FederationConfig | None
+) -> None:
+    """The records per label and split, a total last."""
+    labels = (
+        federation.label_names
+        if federation is not None
+        else sorted({n for v in names.values() for n in v}, key=natural_key)
+    )
+    counts = {s: dict(zip(names[s], r.counts(len(names[s])), strict=True)) for s, r in loaded.items()}
+    width = max(map(len, [*labels, "total"]))
+    print(f"{site.hospital_id}: {site.source}")
+    print(f"{'label'.ljust(width)}  " + "  ".join(f"{s:>10}" for s in loaded))
+    for label in labels:
+        print(f"{label.ljust(width)}  " + "  ".join(f"{counts[s].get(label, 0):>10}" for s in loaded))
+    print(f"{'total'.ljust(width)}  " + "  ".join(f"{len(r):>10}" for r in loaded.values()))
+
+
+def run_check(args: argparse.Namespace) -> int:
+    site = SiteConfig.load(args.site)
+    federation_path = args.federation
+    if federation_path is None:  # a workspace (`data demo` / `data partition`) keeps it above hospital-N/
+        assert site.source is not None  # loaded from a file
+        beside = site.source.parent.parent / "federation.yaml"
+        federation_path = beside if beside.is_file() else None
+    federation = None if federation_path is None else FederationConfig.load(federation_path)
+    problems: list[Problem] = []
+    loaded, names = _load_splits(site, federation, problems)
     n_train = len(loaded["train"]) if "train" in loaded else None
     unit = "training records"
     if n_train and loaded["train"].patients is not None:  # patient-level DP: the patient is the unit
@@ -247,18 +274,7 @@ def run_check(args: argparse.Namespace) -> int:
     if "train" in loaded:
         train = loaded["train"].path
         warnings += duplicates.leak_report([train], [r.path for r, _ in files if r.path != train])
-    labels = (
-        federation.label_names
-        if federation is not None
-        else sorted({n for v in names.values() for n in v}, key=natural_key)
-    )
-    counts = {s: dict(zip(names[s], r.counts(len(names[s])), strict=True)) for s, r in loaded.items()}
-    width = max(map(len, [*labels, "total"]))
-    print(f"{site.hospital_id}: {site.source}")
-    print(f"{'label'.ljust(width)}  " + "  ".join(f"{s:>10}" for s in loaded))
-    for label in labels:
-        print(f"{label.ljust(width)}  " + "  ".join(f"{counts[s].get(label, 0):>10}" for s in loaded))
-    print(f"{'total'.ljust(width)}  " + "  ".join(f"{len(r):>10}" for r in loaded.values()))
+    _print_counts(site, loaded, names, federation)
     if unit == "patients":
         print(f"patients (train, the DP unit: {site.patient_field})  {n_train}")
     print(ledger)

@@ -21,12 +21,43 @@ log = logging.getLogger("fedprompt.hospital")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from fedprompt.common.logs import add_log_format_argument
-
     parser = subparsers.add_parser(
         "hospital", help="run this hospital's daemon (Flower SuperNode with the fedprompt ClientApp)"
     )
     sub = parser.add_subparsers(dest="hospital_command", required=True, metavar="ACTION")
+    _add_start_parser(sub)
+
+    p = sub.add_parser(
+        "init", help="write a commented site.yaml template with the recommended private settings (never overwrites)"
+    )
+    p.add_argument("--out", type=Path, required=True, help="the site.yaml to write (refused if it exists)")
+    p.add_argument("--hospital-id", help="this site's id, the one of its SuperNode key (`fedprompt pki hospital --id`)")
+    for name, what in (
+        ("train", "training records (CSV or JSONL)"),
+        ("validation", "validation records"),
+        ("test", "this site's own held-out records (personalisation)"),
+        ("ledger", "privacy ledger file, on a writable, backed-up volume"),
+        ("backbone", "local backbone directory (default: the embedded all-MiniLM-L6-v2)"),
+    ):
+        p.add_argument(f"--{name}", type=Path, help=f"{what}; written as an absolute path")
+    p.add_argument("--text-field", help="column/field holding the text (default: text)")
+    p.add_argument("--label-field", help="column/field holding the label (default: label)")
+    p.add_argument(
+        "--federation", type=Path, help="the aggregator's federation.yaml: its label space is pinned (labels)"
+    )
+    p.set_defaults(func=run_init)
+
+    p = sub.add_parser(
+        "labels", help="pin the federation's label space in site.yaml (a plan with another one is refused)"
+    )
+    p.add_argument("--site", type=Path, required=True, help="this hospital's site.yaml")
+    p.add_argument("--federation", type=Path, required=True, help="the aggregator's federation.yaml")
+    p.set_defaults(func=run_labels)
+
+
+def _add_start_parser(sub: argparse._SubParsersAction) -> None:
+    from fedprompt.common.logs import add_log_format_argument
+
     p = sub.add_parser("start", help="validate the site, then start the SuperNode")
     p.add_argument("--site", type=Path, required=True, help="this hospital's site.yaml")
     p.add_argument(
@@ -77,33 +108,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_log_format_argument(p)
     p.set_defaults(func=run_start)
-
-    p = sub.add_parser(
-        "init", help="write a commented site.yaml template with the recommended private settings (never overwrites)"
-    )
-    p.add_argument("--out", type=Path, required=True, help="the site.yaml to write (refused if it exists)")
-    p.add_argument("--hospital-id", help="this site's id, the one of its SuperNode key (`fedprompt pki hospital --id`)")
-    for name, what in (
-        ("train", "training records (CSV or JSONL)"),
-        ("validation", "validation records"),
-        ("test", "this site's own held-out records (personalisation)"),
-        ("ledger", "privacy ledger file, on a writable, backed-up volume"),
-        ("backbone", "local backbone directory (default: the embedded all-MiniLM-L6-v2)"),
-    ):
-        p.add_argument(f"--{name}", type=Path, help=f"{what}; written as an absolute path")
-    p.add_argument("--text-field", help="column/field holding the text (default: text)")
-    p.add_argument("--label-field", help="column/field holding the label (default: label)")
-    p.add_argument(
-        "--federation", type=Path, help="the aggregator's federation.yaml: its label space is pinned (labels)"
-    )
-    p.set_defaults(func=run_init)
-
-    p = sub.add_parser(
-        "labels", help="pin the federation's label space in site.yaml (a plan with another one is refused)"
-    )
-    p.add_argument("--site", type=Path, required=True, help="this hospital's site.yaml")
-    p.add_argument("--federation", type=Path, required=True, help="the aggregator's federation.yaml")
-    p.set_defaults(func=run_labels)
 
 
 def run_start(args: argparse.Namespace) -> int:
