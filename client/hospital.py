@@ -28,7 +28,7 @@ from fedprompt.common.encoding import Encoded, encode
 from fedprompt.common.errors import InputError, LedgerError, PrivacyBudgetExceeded
 from fedprompt.common.features import cached_features, group_by_patient
 from fedprompt.common.metrics import ClassCounts, evaluate
-from fedprompt.common.model import build_model
+from fedprompt.common.model import PromptClassifier, build_model
 from fedprompt.common.plan import RoundPlan
 from fedprompt.common.records import Records, load_records, redacted
 from fedprompt.common.schedule import (
@@ -342,6 +342,140 @@ def run_chain(ledger: PrivacyLedger, run_name: str) -> list[str]:
     return [e.hash for e in history[first:]]
 
 
+@dataclass
+class _Round:
+    """One round's prepared state: the site, its plan, its records (hashed once) and its privacy run."""
+
+    site: SiteConfig
+    plan: RoundPlan
+    backbone: Backbone
+    train_sha256: str
+    records: Records
+    encoded: Encoded
+    units: int
+    ledger: PrivacyLedger
+    run: SiteRun
+    shared: Counts | None
+    sigma: float | None
+    q: float
+    steps: int
+
+
+def _prepare_round(
+    content: RecordDict,
+    site: SiteConfig,
+    plan: RoundPlan,
+    backbone: Backbone,
+    run_id: str,
+    timings: dict[str, float] | None,
+) -> _Round:
+    check_received(content.array_records.get(ARRAYS), plan)
+    check_plan(site, plan)
+    with _timed(timings, "records"), _refuse_as("records", OSError):
+        train_sha256 = file_sha256(site.train)
+        records, encoded = encoded_records(site.train, train_sha256, site, plan, backbone, patients=True)
+    units = dp_units(records)
+    with _timed(timings, "privacy"):  # noise calibration on what the ledger leaves, before anything is charged
+        ledger = PrivacyLedger.for_site(site)
+        run = site_run(site, plan, units, ledger)
+    # One message per round: the model received is validated here (before training changes it).
+    shared = None
+    if plan.evaluate_in_train and site.validation is not None:
+        with _timed(timings, "records"), _refuse_as("records", OSError):
+            validation_sha256 = file_sha256(site.validation)
+            _, validation = encoded_records(site.validation, validation_sha256, site, plan, backbone)
+        shared = _validate_received(site, plan, backbone, content, run_id, validation, validation_sha256, timings)
+    sigma, q, steps = run.mechanism(plan)
+    return _Round(site, plan, backbone, train_sha256, records, encoded, units, ledger, run, shared, sigma, q, steps)
+
+
+def _reserve_budget(r: _Round, content: RecordDict, run_id: str, timings: dict[str, float] | None) -> dict:
+    """The round's durable ledger entry; returns the reply's privacy fields (TrainMetrics): a private round's only."""
+    site, plan, run = r.site, r.plan, r.run
+    privacy: dict = {}
+    with _timed(timings, "privacy"):  # durable ledger entry
+        if r.sigma is not None:
+            # Durable BEFORE training: a crash from here on over-counts, never under-counts.
+            spent = r.ledger.record(
+                r.sigma,
+                r.q,
+                r.steps,
+                epsilon_cap=site.privacy.max_epsilon,
+                **_ledger_binding(plan, content, run_id, r.train_sha256),
+            )
+            # Only once the entry is durable: a refused round writes nothing else.
+            run.calibration.save()
+            if run.noise is not None and run.noise.sgd is not None:  # what the next round will ask
+                _NEXT_ROUND[site.source] = (run.noise.sgd, run.sampling.sample_rate, run.sampling.steps_per_round)
+            privacy = {"epsilon_spent": spent, "epsilon_cap": site.privacy.max_epsilon, "delta": run.delta}
+        else:
+            # Recorded too, durably BEFORE training: from this entry on the site's epsilon is
+            # infinite, for good (`privacy show`), and its cap refuses every later private round.
+            r.ledger.record_non_private(
+                r.q,
+                r.steps,
+                epsilon_cap=site.privacy.max_epsilon,
+                **_ledger_binding(plan, content, run_id, r.train_sha256),
+            )
+    return privacy
+
+
+def _train(
+    r: _Round, content: RecordDict, hospital: str, progress: bool, timings: dict[str, float] | None
+) -> tuple[PromptClassifier, str]:
+    """The local update (or the class sums' one release); returns the model and what was done, for the log."""
+    site, plan, records, encoded = r.site, r.plan, r.records, r.encoded
+    device = resolve_device(site.device)
+    with _timed(timings, "build"):
+        model = build_model(r.backbone, plan.prompt_config(), arrays_to_state(content.array_records[ARRAYS]))
+    with _timed(timings, "train"):  # (frozen features included: computed once per prompt and process)
+        if class_sums_round(plan):
+            features = cached_features(model, encoded.dataset, device)
+            if records.patients is not None:
+                features = group_by_patient(features, list(records.patients))
+            with torch.no_grad():
+                model.head.weight.copy_(
+                    noisy_class_sums(features, len(plan.labels), r.sigma or 0.0, r.run.declared_size)
+                )
+            done = "released its class sums once"
+        else:
+            result = local_update(
+                model,
+                encoded.dataset,
+                plan,
+                r.run.sampling,
+                r.sigma,
+                device,
+                max_physical_batch_size=site.max_physical_batch_size,
+                progress=progress,
+                progress_label=f"{hospital} r{plan.round}",
+                patients=records.patients,
+            )
+            done = f"{result.steps} steps, loss {result.mean_loss:.4f}"
+    return model, done
+
+
+def _log_round(r: _Round, hospital: str, privacy: dict, done: str) -> None:
+    # Loss, record count, truncation, steps, sigma and q: the hospital's log only, never the reply.
+    eps = (
+        f"sigma {r.sigma:.4g}, q {r.q:.4g}, eps {privacy['epsilon_spent']:.3f}/{r.site.privacy.max_epsilon:g}"
+        if r.sigma is not None
+        else "NON-PRIVATE"
+    )
+    unit = "" if r.records.patients is None else f" of {r.units} patients (patient-level DP)"
+    log.info(
+        "%s round %d (local log, not sent): %d records%s (%d truncated at %d tokens), %s, %s",
+        hospital,
+        r.plan.round,
+        len(r.encoded.dataset),
+        unit,
+        r.encoded.truncated,
+        r.plan.max_length,
+        done,
+        eps,
+    )
+
+
 def train_round(
     content: RecordDict,
     site_path: Path,
@@ -350,115 +484,35 @@ def train_round(
     progress: bool = False,
     timings: dict[str, float] | None = None,
 ) -> RecordDict:
-    """`timings`, if given, receives the seconds of each phase (backbone, records, privacy, build, train, reply)."""
+    """prepare (site, plan, records) -> reserve budget (ledger entry) -> train -> complete -> reply.
+    `timings`, if given, receives the seconds of each phase (backbone, records, privacy, build, train, reply)."""
     hospital = Path(site_path).parent.name
     site: SiteConfig | None = None
     try:
         site, plan, backbone = _prepare(content, site_path, timings)
         hospital = site.hospital_id
-        check_received(content.array_records.get(ARRAYS), plan)
-        check_plan(site, plan)
-        with _timed(timings, "records"), _refuse_as("records", OSError):
-            train_sha256 = file_sha256(site.train)
-            records, encoded = encoded_records(site.train, train_sha256, site, plan, backbone, patients=True)
-        units = dp_units(records)
-        with _timed(timings, "privacy"):  # noise calibration on what the ledger leaves, before anything is charged
-            ledger = PrivacyLedger.for_site(site)
-            run = site_run(site, plan, units, ledger)
-        # One message per round: the model received is validated here (before training changes it).
-        shared = None
-        if plan.evaluate_in_train and site.validation is not None:
-            with _timed(timings, "records"), _refuse_as("records", OSError):
-                validation_sha256 = file_sha256(site.validation)
-                _, validation = encoded_records(site.validation, validation_sha256, site, plan, backbone)
-            shared = _validate_received(site, plan, backbone, content, run_id, validation, validation_sha256, timings)
-        sigma, q, steps = run.mechanism(plan)
-        privacy: dict = {}  # the reply's privacy fields (TrainMetrics): a private round's only
-        with _timed(timings, "privacy"):  # durable ledger entry
-            if sigma is not None:
-                # Durable BEFORE training: a crash from here on over-counts, never under-counts.
-                spent = ledger.record(
-                    sigma,
-                    q,
-                    steps,
-                    epsilon_cap=site.privacy.max_epsilon,
-                    **_ledger_binding(plan, content, run_id, train_sha256),
-                )
-                # Only once the entry is durable: a refused round writes nothing else.
-                run.calibration.save()
-                if run.noise is not None and run.noise.sgd is not None:  # what the next round will ask
-                    _NEXT_ROUND[site.source] = (run.noise.sgd, run.sampling.sample_rate, run.sampling.steps_per_round)
-                privacy = {"epsilon_spent": spent, "epsilon_cap": site.privacy.max_epsilon, "delta": run.delta}
-            else:
-                # Recorded too, durably BEFORE training: from this entry on the site's epsilon is
-                # infinite, for good (`privacy show`), and its cap refuses every later private round.
-                ledger.record_non_private(
-                    q,
-                    steps,
-                    epsilon_cap=site.privacy.max_epsilon,
-                    **_ledger_binding(plan, content, run_id, train_sha256),
-                )
+        r = _prepare_round(content, site, plan, backbone, run_id, timings)
+        privacy = _reserve_budget(r, content, run_id, timings)
     except (Refused, InputError, LedgerError, PrivacyBudgetExceeded) as exc:
         category = _category(exc)
         log.warning("%s refuses round [%s]: %s", hospital, category, log_detail(exc, site))  # the detail stays here
         return refusal(hospital, category)
 
-    device = resolve_device(site.device)
-    with _timed(timings, "build"):
-        model = build_model(backbone, plan.prompt_config(), arrays_to_state(content.array_records[ARRAYS]))
-    with _timed(timings, "train"):  # (frozen features included: computed once per prompt and process)
-        if class_sums_round(plan):
-            features = cached_features(model, encoded.dataset, device)
-            if records.patients is not None:
-                features = group_by_patient(features, list(records.patients))
-            with torch.no_grad():
-                model.head.weight.copy_(noisy_class_sums(features, len(plan.labels), sigma or 0.0, run.declared_size))
-            done = "released its class sums once"
-        else:
-            result = local_update(
-                model,
-                encoded.dataset,
-                plan,
-                run.sampling,
-                sigma,
-                device,
-                max_physical_batch_size=site.max_physical_batch_size,
-                progress=progress,
-                progress_label=f"{hospital} r{plan.round}",
-                patients=records.patients,
-            )
-            done = f"{result.steps} steps, loss {result.mean_loss:.4f}"
+    model, done = _train(r, content, hospital, progress, timings)
     try:  # the update that leaves, bound to this round's entry durably BEFORE the reply (else nothing is sent)
         with _timed(timings, "privacy"):
-            ledger.complete(state_sha256(model.trainable_state()))
+            r.ledger.complete(state_sha256(model.trainable_state()))
     except LedgerError as exc:
         log.warning("%s refuses round [%s]: %s", hospital, _category(exc), exc)  # the round stays counted
         return refusal(hospital, _category(exc))
-    # Loss, record count, truncation, steps, sigma and q: the hospital's log only, never the reply.
-    eps = (
-        f"sigma {sigma:.4g}, q {q:.4g}, eps {privacy['epsilon_spent']:.3f}/{site.privacy.max_epsilon:g}"
-        if sigma is not None
-        else "NON-PRIVATE"
-    )
-    unit = "" if records.patients is None else f" of {units} patients (patient-level DP)"
-    log.info(
-        "%s round %d (local log, not sent): %d records%s (%d truncated at %d tokens), %s, %s",
-        hospital,
-        plan.round,
-        len(encoded.dataset),
-        unit,
-        encoded.truncated,
-        plan.max_length,
-        done,
-        eps,
-    )
+    _log_round(r, hospital, privacy, done)
     with _timed(timings, "reply"):
         return TrainReply(
             status=Status.ok(hospital),
             # The FedAvg weight is the size the site declares, never len(records) (docs/deployment.md 5).
-            metrics=TrainMetrics(num_examples=run.declared_size, private=int(plan.private), **privacy),
-            ledger=LedgerChain(chain=run_chain(ledger, plan.run_name)),
-            evaluation=shared,
+            metrics=TrainMetrics(num_examples=r.run.declared_size, private=int(plan.private), **privacy),
+            ledger=LedgerChain(chain=run_chain(r.ledger, plan.run_name)),
+            evaluation=r.shared,
         ).to_content(state_to_arrays(model.trainable_state()))
 
 
