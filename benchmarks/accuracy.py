@@ -288,6 +288,7 @@ def run(ctx: Context) -> dict:
         results[f"federated_dp_eps{eps:g}"] = seeded(f"federated_dp_eps{eps:g}", sites, plan, eps)
     # the prompt recipe under DP (issue 21): round 1 the class sums, then DP-SGD on a prefix before the
     # encoder's last layer and the head, beside the head-only recipe at the same epsilon
+    prompt_rounds = 2 if ctx.quick else PROMPT_DP_ROUNDS
     prompt_plan = plan.replaced(
         train_prompt=True, prompt_layer=int(bb.model.config.num_hidden_layers) - 1, prompt_style="prefix"
     )
@@ -296,8 +297,8 @@ def run(ctx: Context) -> dict:
         sites,
         prompt_plan,
         ALONE_EPSILON,
-        f"class sums, then {PROMPT_DP_ROUNDS - 1} DP-SGD round(s) on a prefix before the last layer and the head",
-        rounds=PROMPT_DP_ROUNDS,
+        f"class sums, then {prompt_rounds - 1} DP-SGD round(s) on a prefix before the last layer and the head",
+        rounds=prompt_rounds,
     )
 
     # 4. prompt tuning, non-private references: centralised (epochs) and federated (rounds of one local epoch)
