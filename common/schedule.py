@@ -16,10 +16,11 @@ A run has up to two phases:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from .accounting import History, calibrate_noise
+from .accounting import History, calibrate_noise, compute_epsilon
 from .plan import RoundPlan
 
 # An honest site holds at most this many DP units per unit of declared size; it checks so itself
@@ -223,16 +224,22 @@ def prompt_decision(plan: RoundPlan) -> tuple[bool, str]:
         return False, "the run has no DP-SGD round (round 1 is the class-sums release; a prompt trains by SGD)"
     if not plan.private:  # the reference mode: its prompt rounds lost to the head's (BENCHMARKS.md "prompt")
         return False, "a non-private run (its SGD rounds lost less with the head alone on the public corpus)"
-    size = plan.min_expected_batch / plan.sample_rate
-    s = sampling(plan, size)
-    sigma = calibrate_run(plan, s, plan.target_epsilon, plan.delta or DEFAULT_DELTA, "prv").sgd
-    assert sigma is not None  # sgd_rounds >= 1
-    ratio = sigma * math.sqrt(plan.n_virtual_tokens * plan.hidden_size) / s.expected_batch
-    verdict = ratio <= PROMPT_NOISE_LIMIT
+    # The largest noise at which a prompt step is quiet enough, and what the run's SGD steps would cost
+    # at it: RDP (an upper bound on PRV's epsilon, and one closed form whatever the steps, so a plan of a
+    # million rounds costs no more to judge), against the share of the target the SGD rounds get.
+    s = sampling(plan, plan.min_expected_batch / plan.sample_rate)
+    values = plan.n_virtual_tokens * plan.hidden_size
+    quiet = PROMPT_NOISE_LIMIT * s.expected_batch / math.sqrt(values)
+    steps = s.steps_per_round * sgd_rounds(plan)
+    budget = plan.target_epsilon * (1 - plan.class_sums_share)
+    with warnings.catch_warnings():  # the accountant's notes on its own tightness: not about this plan
+        warnings.filterwarnings("ignore", message="Optimal order is the")
+        cost = compute_epsilon("rdp", [(quiet, s.sample_rate, steps)], plan.delta or DEFAULT_DELTA)
+    verdict = cost <= budget
     return verdict, (
-        f"a prompt step's noise is {ratio:.2f} x its largest signal at epsilon {plan.target_epsilon:g} (sigma "
-        f"{sigma:.2f}, expected batch {s.expected_batch:g}, {plan.n_virtual_tokens * plan.hidden_size} prompt "
-        f"values): {'at most' if verdict else 'above'} the limit {PROMPT_NOISE_LIMIT:g}"
+        f"a prompt step is worth its noise at sigma <= {quiet:.3g} ({PROMPT_NOISE_LIMIT:g} x clip x expected batch "
+        f"{s.expected_batch:g} / sqrt({values} prompt values)); the run's {steps} DP-SGD steps would cost epsilon "
+        f"{cost:.3g} at it, {'within' if verdict else 'above'} the {budget:.3g} the SGD rounds get"
     )
 
 

@@ -51,7 +51,10 @@ def test_simulate_console_holds_only_fedprompt_lines(tmp_path, tiny_dir):
     )
     shown = r.stdout + r.stderr
     assert r.returncode == 0, shown[-4000:]
-    assert r.stderr == "", r.stderr[-4000:]
+    # Ray's C++ core writes its own lines to the process' stderr (one at shutdown since hospital actors
+    # are restartable: "task_manager.cc: Failed to push error to driver"); nothing else may reach it.
+    raylet = re.compile(r"^\[[^\]]+\] \w+\.cc:\d+: ")
+    assert [line for line in r.stderr.splitlines() if line and not raylet.match(line)] == [], r.stderr[-4000:]
     lines = [line for line in r.stdout.splitlines() if line]
     summary = lines.index("[fedprompt] run 'quiet' finished: 2 round(s), differential privacy at every hospital")
     assert all(line.startswith("[fedprompt] ") for line in lines[:summary]), shown

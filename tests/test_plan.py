@@ -131,7 +131,7 @@ def test_the_plan_says_whether_the_run_trains_the_prompt_and_why(tmp_path, tiny_
     ws = _workspace(tmp_path, tiny_dir)  # train_prompt: auto (the default), 3 rounds at epsilon 8
     assert main(["plan", "--workspace", str(ws), "--backbone", str(tiny_dir)]) == 0
     text = capsys.readouterr().out
-    assert "no prompt: a prompt step's noise is" in text and "above the limit" in text
+    assert "no prompt: a prompt step is worth its noise at sigma <=" in text and "above the" in text
     main(["plan", "--workspace", str(ws), "--backbone", str(tiny_dir), "--json", "--non-private"])  # sites refuse it
     report = json.loads(capsys.readouterr().out)
     assert report["train_prompt"] is False and report["train_prompt_why"].startswith("a non-private run")
