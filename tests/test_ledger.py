@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import FAST
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from fedprompt.client import ledger as ledger_mod
@@ -900,15 +901,6 @@ def tiny(tmp_path_factory) -> Path:
     from tinybert import make_tiny_backbone
 
     return make_tiny_backbone(tmp_path_factory.mktemp("tinybert"))
-
-
-FAST = {
-    "rounds": 3,
-    "min_hospitals": 1,
-    "model": {"n_virtual_tokens": 4, "max_length": 32},
-    "training": {"local_epochs": 1, "batch_size": 8, "lr": 0.05},
-    "privacy": {"target_epsilon": 2.0},
-}
 
 
 def tiny_workspace(root: Path, tiny: Path, *, hospitals: int = 1) -> Path:
