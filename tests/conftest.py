@@ -1,6 +1,6 @@
 """Helpers the test modules share. Fixtures: a tiny backbone per session (`tiny_backbone`, `tiny_dir`,
 `other_dir`) and the CLI with a few commands registered (`cli_with`, `data_cli`). Functions, imported
-(`from conftest import ...`): FAST, `make_workspace`, `edit_yaml`. Markers (pyproject.toml):
+(`from conftest import ...`): FAST, `make_workspace`, `edit_yaml`, `tiny_roberta`. Markers (pyproject.toml):
 `simulation` and `subprocess` for tests that start a federation or another process (both in the
 default run)."""
 
@@ -113,3 +113,24 @@ def cli_with(monkeypatch) -> Callable[..., Callable[..., int]]:
 def data_cli(cli_with):
     """`fedprompt.cli.main` with only the `data` command registered."""
     return cli_with("data")
+
+
+def tiny_roberta(directory: Path, tokenizer, layers: int, positions: int) -> Path:
+    """A RoBERTa-style encoder (positions from padding_idx + 1 = 2) with `positions` positions, on the
+    tiny BERT's tokenizer: the other BERT-family layout the late prompt supports."""
+    import torch
+    from transformers import RobertaConfig, RobertaModel
+
+    tokenizer.save_pretrained(directory)
+    torch.manual_seed(1)
+    config = RobertaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=positions,
+        pad_token_id=1,
+    )
+    RobertaModel(config).save_pretrained(directory)
+    return directory

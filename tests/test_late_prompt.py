@@ -8,9 +8,9 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import tiny_roberta
 from opacus import GradSampleModule
 from torch import nn
-from transformers import RobertaConfig, RobertaModel
 
 from fedprompt.client.selftest import FEATURE_TOLERANCE, _loop_gradients
 from fedprompt.client.trainer import TrainSettings, train
@@ -54,19 +54,7 @@ def bert(tmp_path_factory):
 def roberta(tmp_path_factory, bert):
     """A RoBERTa-style encoder (positions from padding_idx + 1 = 2) with exactly max_length + 2 positions."""
     directory = tmp_path_factory.mktemp("roberta")
-    bert.tokenizer.save_pretrained(directory)
-    torch.manual_seed(1)
-    config = RobertaConfig(
-        vocab_size=len(bert.tokenizer),
-        hidden_size=32,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=MAX_LENGTH + 2,
-        pad_token_id=1,
-    )
-    RobertaModel(config).save_pretrained(directory)
-    return load_backbone(directory)
+    return load_backbone(tiny_roberta(directory, bert.tokenizer, LAYERS, MAX_LENGTH + 2))
 
 
 def _config(bb, k: int, **kw) -> PromptConfig:

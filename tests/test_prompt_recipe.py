@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_roberta
 from opacus import GradSampleModule
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -52,23 +53,8 @@ def bert(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def roberta(tmp_path_factory, bert):
-    """A RoBERTa-style encoder (another BERT-family layout; positions from padding_idx + 1)."""
-    from transformers import RobertaConfig, RobertaModel
-
-    directory = tmp_path_factory.mktemp("roberta")
-    bert.tokenizer.save_pretrained(directory)
-    torch.manual_seed(1)
-    config = RobertaConfig(
-        vocab_size=len(bert.tokenizer),
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=MAX_LENGTH + 2,
-        pad_token_id=1,
-    )
-    RobertaModel(config).save_pretrained(directory)
-    return load_backbone(directory)
+    """A RoBERTa-style encoder: another BERT-family layout (positions from padding_idx + 1)."""
+    return load_backbone(tiny_roberta(tmp_path_factory.mktemp("roberta"), bert.tokenizer, 3, MAX_LENGTH + 2))
 
 
 def _config(bb, k: int = 3, style: str = "prefix") -> PromptConfig:
