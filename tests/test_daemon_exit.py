@@ -142,7 +142,13 @@ def test_supernode_killed_idle_daemon_exits_1_and_restarts_at_once(topo):
     proc.send_signal(signal.SIGTERM)
     rc2, stopped = ended_within(proc, SIGTERM_S, t2, topo.procs.log(name))
     assert rc2 == 0 and wait_for(lambda: gone(pids), 5, "the daemon's children to end"), topo.procs.log(name)
-    assert all("Failed to activate" not in topo.procs.log(f"daemon-{i}") for i in range(1, STARTS[0] + 1))
+    # No restart waited out an old session. (The first start may be refused for a few seconds: the proxy
+    # re-reads the registered keys at most every keys_miss_interval, and the key was registered just now.)
+    refused = {
+        f"daemon-{i}": [line for line in topo.procs.log(f"daemon-{i}").splitlines() if "Failed to activate" in line]
+        for i in range(STARTS[0] - 1, STARTS[0] + 1)
+    }
+    assert not any(refused.values()), refused
     print(
         f"\n[daemon] idle SuperNode kill: exit {rc} after {took:.1f}s; restart active after {restarted:.1f}s; after a "
         f"whole-daemon kill: {restarted_whole:.1f}s; SIGTERM: exit 0 after {stopped:.1f}s"
