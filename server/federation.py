@@ -141,87 +141,112 @@ def execute(grid: Grid, run: PreparedRun) -> dict:
     remaining = fed.rounds - run.done
     if run.spec.stop_after is not None:
         remaining = min(remaining, run.spec.stop_after)
-    in_train = fed.evaluation == "in_train"
-    strategy = ValidatedStrategy(
+    strategy = guarded_strategy(run)
+    plan = RoundPlan.for_run(fed, run.prompt).to_config_record()
+    if remaining <= 0:
+        return finish(run)
+    # before anything that could charge a site (round 0's shared evaluation included)
+    run.preflight, strategy.declined = ask_preflight(grid, run, state_to_arrays(run.state), plan, strategy.names)
+    log.info("%s", preflight_line(run.preflight, fed.rounds), extra=CONSOLE)
+    if run.preflight.confirmed < fed.min_hospitals:
+        return finish(run)
+    recorder = RoundRecorder(run, strategy)  # the first round's clock starts here (round 0 included)
+    if recorder.start_at_zero and not strategy.evaluate_in_train:
+        evaluate_round_zero(grid, run, strategy, plan)
+    try:
+        strategy.start(
+            grid,
+            state_to_arrays(run.state),
+            num_rounds=remaining,
+            timeout=fed.round_timeout,
+            train_config=plan,
+            evaluate_config=plan,
+            evaluate_fn=recorder,
+        )
+    finally:
+        recorder.live.wait()  # the final report (finish) never races the last round's
+    return finish(run)
+
+
+def guarded_strategy(run: PreparedRun) -> ValidatedStrategy:
+    """The federation's strategy behind the guard, numbering rounds on from the run's last."""
+    fed = run.spec.federation
+    return ValidatedStrategy(
         build_strategy(fed, run.spec.expected_hospitals),
         run.prompt,
         norm_bound=fed.strategy.update_norm_bound,
         min_hospitals=fed.min_hospitals,
         round_offset=run.done,
-        evaluate_in_train=in_train,
+        evaluate_in_train=fed.evaluation == "in_train",
         label_prototypes=label_prototypes(run.backbone, run.prompt, fed.label_texts),
         label_prior=fed.training.label_prior,
         logit_scale=fed.model.logit_scale,
         witnessed=witnessed(run.history),
     )
-    plan = RoundPlan.for_run(fed, run.prompt).to_config_record()
-    if remaining > 0:  # before anything that could charge a site (round 0's shared evaluation included)
-        run.preflight, strategy.declined = ask_preflight(grid, run, state_to_arrays(run.state), plan, strategy.names)
-        log.info("%s", preflight_line(run.preflight, fed.rounds), extra=CONSOLE)
-        if run.preflight.confirmed < fed.min_hospitals:
-            return finish(run)
-    t_round = [time.perf_counter(), time.time()]
-    start_at_zero = not any(h["round"] == 0 for h in run.history)  # a resumed run has its round 0 already
-    live = LiveReport(run.spec.out_dir)
 
-    def after_round(server_round: int, arrays) -> MetricRecord | None:
-        if server_round == 0 and not start_at_zero:
+
+def evaluate_round_zero(grid: Grid, run: PreparedRun, strategy: ValidatedStrategy, plan: ConfigRecord) -> None:
+    """Round 0: the hospitals validate the initial (zero-shot) model before anyone trains, each in
+    its own log; only sites with `share_evaluation: noised` send (noised) counts back. (With
+    `evaluation: in_train` they do so inside round 1's train message.)"""
+    messages = strategy.configure_evaluate(0, state_to_arrays(run.state), plan, grid)
+    replies = grid.send_and_receive(
+        [m for m in messages if m.metadata.dst_node_id not in strategy.declined],
+        timeout=run.spec.federation.round_timeout,
+    )
+    strategy.aggregate_evaluate(0, replies)
+
+
+class RoundRecorder:
+    """The strategy's evaluate_fn, called after each round (round 0 too): the round's record in the
+    history, the checkpoint, the operator's line and the live report. Returns the test metrics."""
+
+    def __init__(self, run: PreparedRun, strategy: ValidatedStrategy):
+        self.run, self.strategy = run, strategy
+        self.start_at_zero = not any(h["round"] == 0 for h in run.history)  # a resumed run has its round 0 already
+        self.live = LiveReport(run.spec.out_dir)
+        self._started = (time.perf_counter(), time.time())  # this round's start: monotonic, and epoch for "timing"
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0 and not self.start_at_zero:
             return None
-        r = strategy.global_round(server_round)
+        run, fed = self.run, self.run.spec.federation
         state = arrays_to_state(arrays)
-        hospitals = strategy.outcomes_json(server_round)
-        record = {
-            "round": r,
-            "seconds": round(time.perf_counter() - t_round[0], 3),
-            "aggregate_seconds": strategy.aggregate_seconds.get(server_round),
-            "aggregate_cpu_seconds": strategy.aggregate_cpu_seconds.get(server_round),
-            # null unless some site shares noised counts; its `model_round` is the model they validated
-            # (with `evaluation: in_train`, the one this round started from)
-            "evaluate": strategy.eval_results.get(server_round),
-            "test": _test_metrics(run, state),
-            "hospitals": hospitals,
-            "aggregated": strategy.aggregated.get(server_round, False),  # the global model changed this round
-            "upload_bytes": sum(h["upload_bytes"] for h in hospitals.values()),
-            # Wall-clock (epoch) phase boundaries: round start, instructions sent, replies in, round end.
-            "timing": {"start": t_round[1], **strategy.timing.get(server_round, {}), "end": time.time()},
-        }
-        if broke := refused_after_preflight(run.preflight, hospitals):
+        record = self.record(server_round, state)
+        r = record["round"]
+        if broke := refused_after_preflight(run.preflight, record["hospitals"]):
             record["refused_after_preflight"] = broke
             for hospital, category in sorted(broke.items()):
                 log.warning("round %d: %s refused after confirming in pre-flight: %s", r, hospital, category)
-        t_round[:] = [time.perf_counter(), time.time()]
+        self._started = (time.perf_counter(), time.time())
         run.history.append(record)
         run.state, run.done = state, r
         save_checkpoint(
             run.checkpoint_dir, Checkpoint(r, state, run.history, run.prompt.backbone_fingerprint, fed.name)
         )
         log.info("%s", round_line(record, fed.rounds), extra=PROGRESS)
-        live.submit(run_metrics(run, RUNNING))
+        self.live.submit(run_metrics(run, RUNNING))
         return MetricRecord({f"test-{k}": float(v) for k, v in record["test"].items()}) if record["test"] else None
 
-    if start_at_zero and remaining > 0 and not in_train:
-        # Round 0: the hospitals validate the initial (zero-shot) model before anyone trains, each
-        # in its own log; only sites with `share_evaluation: noised` send (noised) counts back.
-        # (With `evaluation: in_train` they do so inside round 1's train message.)
-        messages = strategy.configure_evaluate(0, state_to_arrays(run.state), plan, grid)
-        replies = grid.send_and_receive(
-            [m for m in messages if m.metadata.dst_node_id not in strategy.declined], timeout=fed.round_timeout
-        )
-        strategy.aggregate_evaluate(0, replies)
-    if remaining > 0:
-        try:
-            strategy.start(
-                grid,
-                state_to_arrays(run.state),
-                num_rounds=remaining,
-                timeout=fed.round_timeout,
-                train_config=plan,
-                evaluate_config=plan,
-                evaluate_fn=after_round,
-            )
-        finally:
-            live.wait()  # the final report (finish) never races the last round's
-    return finish(run)
+    def record(self, server_round: int, state: dict[str, torch.Tensor]) -> dict:
+        """The round's entry in metrics.json's history (a RoundRecord), less its pre-flight breaches."""
+        strategy = self.strategy
+        hospitals = strategy.outcomes_json(server_round)
+        return {
+            "round": strategy.global_round(server_round),
+            "seconds": round(time.perf_counter() - self._started[0], 3),
+            "aggregate_seconds": strategy.aggregate_seconds.get(server_round),
+            "aggregate_cpu_seconds": strategy.aggregate_cpu_seconds.get(server_round),
+            # null unless some site shares noised counts; its `model_round` is the model they validated
+            # (with `evaluation: in_train`, the one this round started from)
+            "evaluate": strategy.eval_results.get(server_round),
+            "test": _test_metrics(self.run, state),
+            "hospitals": hospitals,
+            "aggregated": strategy.aggregated.get(server_round, False),  # the global model changed this round
+            "upload_bytes": sum(h["upload_bytes"] for h in hospitals.values()),
+            # Wall-clock (epoch) phase boundaries: round start, instructions sent, replies in, round end.
+            "timing": {"start": self._started[1], **strategy.timing.get(server_round, {}), "end": time.time()},
+        }
 
 
 def ask_preflight(

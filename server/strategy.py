@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+from fedprompt.common.config import ModelSettings
 from fedprompt.common.metrics import ClassCounts
 from fedprompt.common.model import HEAD_WEIGHT_KEY, PromptConfig
 from fedprompt.common.plan import PREFIX as PLAN_PREFIX
@@ -138,7 +139,7 @@ class ValidatedStrategy(Strategy):
         evaluate_in_train: bool = False,
         label_prototypes: torch.Tensor | None = None,
         label_prior: float = 0.0,
-        logit_scale: float = 10.0,
+        logit_scale: float = ModelSettings.model_fields["logit_scale"].default,  # federation.yaml's model.logit_scale
         witnessed: dict[str, Witness] | None = None,
     ):
         self.inner = inner

@@ -2,7 +2,7 @@
 aggregator's code (server/) never reaches into the hospital's (client/), and the hospital's never into
 the aggregator's, not even lazily inside a function, and none starts the other's module by name
 (`-m fedprompt.client...`). Code both sides need lives in common/; code that runs both sides in one
-process (the simulation, the CLI) lives in fedprompt/."""
+process (the simulation, the CLI) lives in fedprompt/. Outside benchmarks/, no function runs over 80 lines."""
 
 from __future__ import annotations
 
@@ -95,3 +95,40 @@ def test_the_check_sees_every_form_of_import(tmp_path):
         "fedprompt.server.history",
         "fedprompt.client",
     ]
+
+
+# Every function outside benchmarks/ reads in one screen or two: a longer one is split into named steps.
+MAX_FUNCTION_LINES = 80
+PRODUCT = ("common", "client", "server", "fedprompt", "docker")
+
+
+def _long_functions(path: Path, root: Path) -> list[str]:
+    """`file:line: name (N lines)` of each function or method (nested ones too) over MAX_FUNCTION_LINES,
+    counted from its `def` to its last line."""
+    return [
+        f"{path.relative_to(root)}:{node.lineno}: {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path)))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno is not None
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
+
+
+def test_no_function_outside_benchmarks_is_over_80_lines():
+    # fedprompt/ links to the three layers: each file is read once, by its real path
+    files = sorted({path.resolve() for folder in PRODUCT for path in (ROOT / folder).rglob("*.py")})
+    assert len(files) > 50
+    assert [hit for path in files for hit in _long_functions(path, ROOT)] == []
+
+
+def test_the_length_check_counts_from_def_to_last_line(tmp_path):
+    lines = [f"x{i} = {i}" for i in range(MAX_FUNCTION_LINES - 1)]  # under the def: 80 lines in all
+    module = tmp_path / "server" / "m.py"
+    module.parent.mkdir()
+    module.write_text(
+        "def fits():\n"
+        + "".join(f"    {line}\n" for line in lines)
+        + "\n\nclass C:\n    def over(self):\n"
+        + "".join(f"        {line}\n" for line in [*lines, "return x0"])
+    )
+    assert _long_functions(module, tmp_path) == ["server/m.py:84: over (81 lines)"]
