@@ -1,7 +1,8 @@
 """Accuracy on real medical abstracts, every mode on the same global test set, with the PRODUCT's
 defaults: the federation is `FederationConfig`'s defaults (model, training recipe, rounds,
-privacy), each site runs the functions a round calls (run_federation below), with the noise the site would
-calibrate (common/schedule.calibrate_run, PRV, the site's delta from `client/workspace.site_delta`).
+privacy), each site runs the functions a round calls (run_federation below), with the noise the site
+calibrates (client/hospital.site_run: PRV, its retry margin, the delta and declared size a workspace's
+site.yaml gives it); a site that refuses the plan (too few records for it) sits the run out.
 
 Split A (client/partition.py, seed 0): a stratified 30% global test set; the other 70% over 3
 hospitals with Dirichlet(0.5) label skew. Modes on it: zero-shot (round 0, no training),
@@ -22,15 +23,30 @@ regimes suite (benchmarks/regimes.py) runs the product's apps on the same split.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.utils.data import TensorDataset
 
 from .common import Context, load_corpus, md_table
+
+if TYPE_CHECKING:
+    from flwr.app import RecordDict
+
+    from fedprompt.client.hospital import SiteRun
+    from fedprompt.client.partition import Partition
+    from fedprompt.common.backbone import Backbone
+    from fedprompt.common.config import FederationConfig
+    from fedprompt.common.model import PromptConfig
+    from fedprompt.common.plan import RoundPlan
+    from fedprompt.common.records import Records
+    from fedprompt.server.strategy import ClassMeansHead
 
 HOSPITALS = 3
 ALPHA = 0.5
@@ -69,174 +85,178 @@ def _settled(curve: list[dict], last: int = 3) -> float:
     return statistics.fmean(p["macro_f1"] for p in curve[-last:])
 
 
-def run_federation(
-    bb, config, state0: dict, site_sets: dict, round_plan, eps: float | None, rounds: int, seed: int, score
-) -> tuple[list[dict], dict, dict]:
-    """The product's rounds in-process, with the functions a round calls: each site's schedule from its
-    declared size (common/schedule: sampling, calibrate_run at the site's delta), round 1's one-shot
-    class-sums release (client/class_sums.noisy_class_sums; the aggregator's head from it,
-    server/class_means) where the plan has one, DP-SGD through `client/trainer.local_update`, and
-    Flower's FedAvg (`aggregate_arrayrecords`, weights = declared sizes). The regimes suite runs the
-    apps themselves (fedprompt/local_engine.py). Returns the per-round `score(state)` curve (round 0
-    first), the final state and each site's privacy figures."""
-    from flwr.app import MetricRecord, RecordDict
-    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
-
-    from fedprompt.client.class_sums import noisy_class_sums
-    from fedprompt.client.trainer import local_update
+def site_runs(site_sets: dict, plan: RoundPlan, eps: float | None) -> tuple[dict[str, SiteRun], dict[str, dict]]:
+    """Each site's run as the product calibrates it (client/hospital.site_run, public values only: the
+    site's declared size, its sampling, the noise of both phases with its retry margin) for a site that
+    grants `eps`, with the delta and declared size a workspace's site.yaml gives it (client/workspace.py),
+    and each site's privacy figures. A site that refuses the plan sits the run out, as in pre-flight."""
+    from fedprompt.client.hospital import Refused, site_run
     from fedprompt.client.workspace import declared_weight, site_delta
     from fedprompt.common.accounting import compute_epsilon
-    from fedprompt.common.config import TrainingSettings
-    from fedprompt.common.features import cached_features
-    from fedprompt.common.model import HEAD_WEIGHT_KEY, build_model
-    from fedprompt.common.schedule import DEFAULT_DELTA, calibrate_run, class_sums_sigma, sampling
-    from fedprompt.common.wire import arrays_to_state, state_to_arrays
-    from fedprompt.common.zeroshot import label_prototypes
-    from fedprompt.server.class_means import head_from_class_sums, label_weight
+    from fedprompt.common.config import PrivacyCap, SiteConfig
+    from fedprompt.common.schedule import grouped, sgd_rounds
 
-    cpu = torch.device("cpu")
-    plan = round_plan.replaced(total_rounds=rounds, private=eps is not None, target_epsilon=eps or 1.0)
-    privacy, runs = {}, {}
+    runs, privacy = {}, {}
     for h, ds in site_sets.items():
-        size = declared_weight(len(ds))  # what a workspace's site.yaml declares (client/workspace.py)
-        s, delta = sampling(plan, size), site_delta(len(ds))
-        noise = calibrate_run(plan, s, eps, delta, "prv") if eps is not None else None
-        runs[h] = (size, s, noise)
+        site = SiteConfig(
+            hospital_id=f"hospital-{h}",
+            train=Path("train.csv"),
+            ledger=Path("ledger/privacy-ledger.json"),  # never read: no ledger is passed to site_run
+            privacy=PrivacyCap(max_epsilon=eps or plan.target_epsilon, delta=site_delta(len(ds))),
+            weight=declared_weight(len(ds)),
+        )
+        try:
+            runs[h] = run = site_run(site, plan, len(ds))
+        except Refused as exc:
+            refusal = {"refused": exc.category, "refusal": str(exc)}
+            privacy[h] = {"sigma": None, "delta": site.privacy.delta, "n_train": len(ds), **refusal}
+            continue
+        noise = run.noise
         privacy[h] = {
             "sigma": None if noise is None else noise.sgd,
             "class_sums_sigma": None if noise is None else noise.class_sums,
-            "sample_rate": s.sample_rate,
-            "steps": s.steps_per_round * rounds,
-            "delta": delta,
+            "sample_rate": run.sampling.sample_rate,
+            "steps": run.sampling.steps_per_round * sgd_rounds(plan),  # DP-SGD steps (the class sums are one release)
+            "delta": run.delta,
             "n_train": len(ds),
+            # what the site's ledger holds after the run's rounds (its retry margin unspent)
             "epsilon_spent": None
             if noise is None
-            else compute_epsilon("prv", noise.history(s, rounds - (plan.class_sums_share > 0)), delta),
+            else compute_epsilon(site.privacy.accountant, grouped(run.releases(plan.replaced(round=1))), run.delta),
         }
-    protos = label_prototypes(bb, config, list(config.labels))
+    return runs, privacy
+
+
+def _site_update(bb: Backbone, state: dict, ds: TensorDataset, plan: RoundPlan, run: SiteRun, seed: int) -> RecordDict:
+    """One site's reply to round `plan.round`, through the functions client/hospital.py's round calls: the
+    one-shot class sums (client/class_sums.noisy_class_sums) or DP-SGD (client/trainer.local_update)."""
+    from flwr.app import MetricRecord, RecordDict
+
+    from fedprompt.client.class_sums import noisy_class_sums
+    from fedprompt.client.trainer import local_update
+    from fedprompt.common.features import cached_features
+    from fedprompt.common.model import build_model
+    from fedprompt.common.schedule import class_sums_round
+    from fedprompt.common.wire import state_to_arrays
+
+    cpu = torch.device("cpu")
+    model = build_model(bb, plan.prompt_config(), state)
+    gens = _generators(seed)
+    sigma = run.mechanism(plan)[0]
+    if class_sums_round(plan):
+        features = cached_features(model, ds, cpu)
+        with torch.no_grad():
+            model.head.weight.copy_(
+                noisy_class_sums(features, len(plan.labels), sigma or 0.0, run.declared_size, gens["noise_generator"])
+            )
+    else:
+        local_update(model, ds, plan, run.sampling, sigma, cpu, **gens)
+    return RecordDict(
+        {"arrays": state_to_arrays(model.trainable_state()), "metrics": MetricRecord({"w": run.declared_size})}
+    )
+
+
+def run_federation(
+    bb, class_means: ClassMeansHead, state0: dict, site_sets: dict, round_plan, eps, rounds: int, seed: int, score
+) -> tuple[list[dict], dict, dict]:
+    """The product's rounds in-process: each site's run as it calibrates it (site_runs), its reply each
+    round (_site_update), Flower's FedAvg over the replies (`aggregate_arrayrecords`, weights = declared
+    sizes), and in the class-sums round the aggregator's head from the sums (server/strategy.ClassMeansHead).
+    The regimes suite runs the apps themselves (fedprompt/local_engine.py). Returns the per-round
+    `score(state)` curve (round 0 first), the final state and each site's privacy figures."""
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    from fedprompt.common.schedule import class_sums_round
+    from fedprompt.common.wire import arrays_to_state
+
+    plan = round_plan.replaced(total_rounds=rounds, private=eps is not None, target_epsilon=eps or 1.0)
+    runs, privacy = site_runs(site_sets, plan, eps)
     state, curve = {k: v.clone() for k, v in state0.items()}, [score(state0)]
     for r in range(1, rounds + 1):
         this = plan.replaced(round=r)
-        replies = []
-        for h, ds in site_sets.items():
-            size, s, noise = runs[h]
-            model = build_model(bb, config, state)
-            gens = _generators(seed * 1000 + 10 * r + int(h))
-            if plan.class_sums_share > 0 and r == 1:
-                sigma = 0.0 if noise is None or noise.class_sums is None else noise.class_sums
-                feats = cached_features(model, ds, cpu)
-                with torch.no_grad():
-                    model.head.weight.copy_(
-                        noisy_class_sums(feats, len(config.labels), sigma, size, gens["noise_generator"])
-                    )
-            else:
-                local_update(model, ds, this, s, None if noise is None else noise.sgd, cpu, **gens)
-            replies.append(
-                RecordDict({"arrays": state_to_arrays(model.trainable_state()), "metrics": MetricRecord({"w": size})})
-            )
-        merged = arrays_to_state(aggregate_arrayrecords(replies, "w"))
-        if plan.class_sums_share > 0 and r == 1:
-            total = sum(runs[h][0] for h in site_sets)
-            sigma_a = class_sums_sigma(plan, plan.delta or DEFAULT_DELTA) if eps is not None else 0.0
-            prior = label_weight(TrainingSettings().label_prior, sigma_a, len(site_sets))
-            merged[HEAD_WEIGHT_KEY] = head_from_class_sums(merged[HEAD_WEIGHT_KEY], total, protos, prior, 10.0)
-        state = merged
+        replies = [
+            _site_update(bb, state, site_sets[h], this, run, seed * 1000 + 10 * r + int(h)) for h, run in runs.items()
+        ]
+        if replies:  # else every site refused: the global model stays as it is
+            state = arrays_to_state(aggregate_arrayrecords(replies, "w"))
+            if class_sums_round(this):
+                state = class_means.apply(state, sum(run.declared_size for run in runs.values()), len(replies), this)
         curve.append(score(state))
     return curve, state, privacy
 
 
-def run(ctx: Context) -> dict:
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")  # RDP side of calibration
-    from fedprompt.client.partition import partition, stratified_subset
-    from fedprompt.client.personalize import (
-        DEFAULT_PENALTY,
-        GLOBAL,
-        OWN,
-        own_model_features,
-        personalize_features,
-        scores,
-    )
-    from fedprompt.client.trainer import local_update
-    from fedprompt.common.backbone import load_backbone
-    from fedprompt.common.config import FederationConfig
-    from fedprompt.common.encoding import encode
-    from fedprompt.common.features import cached_features
-    from fedprompt.common.metrics import evaluate
-    from fedprompt.common.model import build_model
-    from fedprompt.common.plan import RoundPlan, initial_global_state_for, prompt_config
-    from fedprompt.common.schedule import sampling
+@dataclass
+class Setup:
+    """What every mode shares: split A of the corpus, encoded, and the product's federation over it."""
 
-    rows = int(ctx.knob("acc_rows", 10**9, 240))
-    seeds = int(ctx.knob("acc_seeds", 3, 1))
-    prompt_epochs = int(ctx.knob("acc_prompt_epochs", 3, 1))
-    cpu = torch.device("cpu")
-    torch.manual_seed(ctx.seed)
+    ctx: Context
+    bb: Backbone
+    fed: FederationConfig
+    config: PromptConfig
+    plan: RoundPlan
+    state0: dict
+    class_means: ClassMeansHead
+    rows_in_file: int
+    subset: Records
+    part: Partition
+    test: TensorDataset
+    sites: dict[str, TensorDataset]
+    pooled: TensorDataset
+    seeds: int
+    prompt_epochs: int
+    timing: dict[str, float] = field(default_factory=dict)
 
-    records, labels = load_corpus(ctx.data)
-    subset = stratified_subset(records, rows, ctx.seed)
-    bb = load_backbone(ctx.backbone)
-    fed = FederationConfig(name="benchmark", labels=labels)  # the product's defaults, nothing else
-    if ctx.overrides.get("acc_rounds"):
-        fed = fed.replaced(rounds=int(ctx.overrides["acc_rounds"]))
-    elif ctx.quick:
-        fed = fed.replaced(rounds=3)
-    if ctx.overrides.get("max_length"):
-        fed = fed.replaced(model=fed.model.replaced(max_length=int(ctx.overrides["max_length"])))
-    config = prompt_config(fed, bb)
-    plan = RoundPlan.for_run(fed, config)
-    state0 = initial_global_state_for(fed, bb)
-    index = {name: i for i, name in enumerate(labels)}
+    @property
+    def labels(self) -> list[str]:
+        return self.fed.label_names
 
-    def encoded(rows_):
-        return encode(bb.tokenizer, [t for t, _ in rows_], [index[y] for _, y in rows_], config.max_length).dataset
+    def encoded(self, rows: list) -> TensorDataset:
+        return _encoded(self.bb, self.labels, self.config.max_length, rows)
 
-    part = partition(
-        subset, labels, hospitals=HOSPITALS, alpha=ALPHA, test_frac=TEST_FRAC, val_frac=0.0, seed=ctx.seed, min_train=8
-    )
-    test = encoded(part.test)
-    sites = {h: encoded(tr) for h, (tr, _val) in part.hospitals.items()}
-    pooled = encoded([r for h in part.hospitals for r in part.hospitals[h][0]])
-    site_counts = {h: [sum(1 for _, y in part.hospitals[h][0] if y == name) for name in labels] for h in part.hospitals}
-    ctx.log(
-        f"accuracy: {len(subset)} rows -> test {len(test)}, hospitals {[len(d) for d in sites.values()]}, "
-        f"{fed.rounds} rounds, {seeds} seed(s)"
-    )
-    results: dict[str, dict] = {}
-    timing: dict[str, float] = {}
+    def score(self, state: dict, on: TensorDataset | None = None, model_config: PromptConfig | None = None) -> dict:
+        from fedprompt.common.metrics import evaluate
+        from fedprompt.common.model import build_model
 
-    def score(state: dict, on=test, model_config=config) -> dict:
-        return _brief(evaluate(build_model(bb, model_config, state), on, len(labels), cpu).summary())
+        model = build_model(self.bb, model_config or self.config, state)
+        return _brief(evaluate(model, self.test if on is None else on, len(self.labels), torch.device("cpu")).summary())
 
-    def features(ds):
-        # the initial prompt: what head-only training sees
-        return cached_features(build_model(bb, config, state0), ds, cpu)
+    def features(self, ds: TensorDataset) -> TensorDataset:
+        """The initial prompt's features: what head-only training sees."""
+        from fedprompt.common.features import cached_features
+        from fedprompt.common.model import build_model
 
-    def federate(site_sets: dict, round_plan: RoundPlan, eps: float | None, rounds: int, seed: int, on=test):
+        return cached_features(build_model(self.bb, self.config, self.state0), ds, torch.device("cpu"))
+
+    def federate(self, site_sets: dict, round_plan: RoundPlan, eps: float | None, rounds: int, seed: int):
+        model_config = round_plan.prompt_config()
         return run_federation(
-            bb,
-            round_plan.prompt_config(),
-            state0,
+            self.bb,
+            self.class_means,
+            self.state0,
             site_sets,
             round_plan,
             eps,
             rounds,
             seed,
-            lambda s: score(s, on, round_plan.prompt_config()),
+            lambda s: self.score(s, self.test, model_config),
         )
 
     def seeded(
-        key: str, site_sets: dict, round_plan: RoundPlan, eps: float | None, note: str = "", rounds: int = fed.rounds
+        self, key: str, site_sets: dict, round_plan: RoundPlan, eps: float | None, note: str = "", rounds: int = 0
     ) -> dict:
+        """A federated mode over the seeds (one seed without noise): the first seed's curve, every seed's
+        final and last-3 macro-F1. `rounds`: 0 for the federation's."""
         t = time.perf_counter()
         runs = []
-        for s in range(seeds if eps is not None else 1):
-            curve, _state, privacy = federate(site_sets, round_plan, eps, rounds, ctx.seed + s)
+        for s in range(self.seeds if eps is not None else 1):
+            curve, _state, privacy = self.federate(
+                site_sets, round_plan, eps, rounds or self.fed.rounds, self.ctx.seed + s
+            )
             runs.append({"curve": curve, "final": curve[-1]["macro_f1"], "last3": _settled(curve), "privacy": privacy})
-            ctx.log(
+            self.ctx.log(
                 f"accuracy: {key} seed {s}: final {curve[-1]['macro_f1']:.4f}, mean of last 3 {runs[-1]['last3']:.4f}"
             )
-        timing[key] = time.perf_counter() - t
+        self.timing[key] = time.perf_counter() - t
         first = runs[0]
         return {
             **first["curve"][-1],
@@ -250,147 +270,254 @@ def run(ctx: Context) -> dict:
             **({"note": note} if note else {}),
         }
 
-    # 0. zero-shot: the initial global model, no record seen
-    results["zero_shot"] = {**score(state0), "note": "round 0 of every federation: label texts' embeddings as the head"}
-    ctx.log(f"accuracy: zero-shot {results['zero_shot']['macro_f1']:.4f}")
 
-    # 1. linear probe, centralised, non-private (logistic regression on the same features)
+def _encoded(bb: Backbone, labels: list[str], max_length: int, rows: list) -> TensorDataset:
+    from fedprompt.common.encoding import encode
+
+    index = {name: i for i, name in enumerate(labels)}
+    return encode(bb.tokenizer, [t for t, _ in rows], [index[y] for _, y in rows], max_length).dataset
+
+
+def load(ctx: Context) -> Setup:
+    """The corpus, its stratified subset, split A (client/partition.py) encoded, and the federation:
+    FederationConfig's defaults (rounds and max_length as the run's knobs say)."""
+    from fedprompt.client.partition import partition, stratified_subset
+    from fedprompt.common.backbone import load_backbone
+    from fedprompt.common.config import FederationConfig
+    from fedprompt.common.plan import RoundPlan, initial_global_state_for, prompt_config
+    from fedprompt.server.strategy import ClassMeansHead
+
+    rows = int(ctx.knob("acc_rows", 10**9, 240))
+    torch.manual_seed(ctx.seed)
+    records, labels = load_corpus(ctx.data)
+    subset = stratified_subset(records, rows, ctx.seed)
+    bb = load_backbone(ctx.backbone)
+    fed = FederationConfig(name="benchmark", labels=labels)  # the product's defaults, nothing else
+    if ctx.overrides.get("acc_rounds"):
+        fed = fed.replaced(rounds=int(ctx.overrides["acc_rounds"]))
+    elif ctx.quick:
+        fed = fed.replaced(rounds=3)
+    if ctx.overrides.get("max_length"):
+        fed = fed.replaced(model=fed.model.replaced(max_length=int(ctx.overrides["max_length"])))
+    config = prompt_config(fed, bb)
+    plan, state0 = RoundPlan.for_run(fed, config), initial_global_state_for(fed, bb)
+    part = partition(
+        subset, labels, hospitals=HOSPITALS, alpha=ALPHA, test_frac=TEST_FRAC, val_frac=0.0, seed=ctx.seed, min_train=8
+    )
+    encoded = functools.partial(_encoded, bb, labels, config.max_length)
+    s = Setup(
+        ctx=ctx,
+        bb=bb,
+        fed=fed,
+        config=config,
+        plan=plan,
+        state0=state0,
+        class_means=ClassMeansHead.for_run(fed, bb, config),
+        rows_in_file=len(records),
+        subset=subset,
+        part=part,
+        test=encoded(part.test),
+        sites={h: encoded(tr) for h, (tr, _val) in part.hospitals.items()},
+        pooled=encoded([r for h in part.hospitals for r in part.hospitals[h][0]]),
+        seeds=int(ctx.knob("acc_seeds", 3, 1)),
+        prompt_epochs=int(ctx.knob("acc_prompt_epochs", 3, 1)),
+    )
+    ctx.log(
+        f"accuracy: {len(subset)} rows -> test {len(s.test)}, hospitals {[len(d) for d in s.sites.values()]}, "
+        f"{fed.rounds} rounds, {s.seeds} seed(s)"
+    )
+    return s
+
+
+def references(s: Setup) -> dict[str, dict]:
+    """The reference probes: zero-shot (round 0, no record seen), the centralised linear probe, and each
+    hospital alone, non-private (its own logistic regression) and DP eps 8 (the product recipe, no federation)."""
+    from fedprompt.client.personalize import DEFAULT_PENALTY, own_model_features, scores
+
+    results: dict[str, dict] = {}
+    results["zero_shot"] = {
+        **s.score(s.state0),
+        "note": "round 0 of every federation: label texts' embeddings as the head",
+    }
+    s.ctx.log(f"accuracy: zero-shot {results['zero_shot']['macro_f1']:.4f}")
+    n = len(s.labels)
+    # linear probe, centralised, non-private (logistic regression on the same features)
     t = time.perf_counter()
-    head = own_model_features(features(pooled), len(labels))
-    results["linear_probe"] = {**_brief(scores(head, features(test), len(labels))), "penalty": DEFAULT_PENALTY}
-    timing["linear_probe"] = time.perf_counter() - t
-
-    # 2. each hospital alone: non-private (its own logistic regression) and DP eps 8 (the product recipe, no federation)
+    head = own_model_features(s.features(s.pooled), n)
+    results["linear_probe"] = {**_brief(scores(head, s.features(s.test), n)), "penalty": DEFAULT_PENALTY}
+    s.timing["linear_probe"] = time.perf_counter() - t
     alone_np, alone_dp = {}, {}
     t = time.perf_counter()
-    for h, ds in sites.items():
-        head = own_model_features(features(ds), len(labels))
-        alone_np[h] = {**_brief(scores(head, features(test), len(labels))), "n_train": len(ds)}
-        alone_dp[h] = seeded(f"hospital {h} alone DP", {h: ds}, plan, ALONE_EPSILON)
-    timing["hospitals_alone"] = time.perf_counter() - t
+    for h, ds in s.sites.items():
+        head = own_model_features(s.features(ds), n)
+        alone_np[h] = {**_brief(scores(head, s.features(s.test), n)), "n_train": len(ds)}
+        alone_dp[h] = s.seeded(f"hospital {h} alone DP", {h: ds}, s.plan, ALONE_EPSILON)
+    s.timing["hospitals_alone"] = time.perf_counter() - t
     for key, per in (("hospitals_alone_nonprivate", alone_np), ("hospitals_alone_dp", alone_dp)):
         results[key] = {
             "accuracy": statistics.fmean(a["accuracy"] for a in per.values()),
             "macro_f1": statistics.fmean(a["macro_f1"] for a in per.values()),
             "best_macro_f1": max(a["macro_f1"] for a in per.values()),
             "worst_macro_f1": min(a["macro_f1"] for a in per.values()),
-            "num_examples": len(test),
+            "num_examples": len(s.test),
             "per_hospital": per,
             "note": "each hospital's own model on the global test set; accuracy/macro_f1 are the means over hospitals",
         }
+    return results
 
-    # 3. federated: the product recipe without noise, then DP at each epsilon
-    non_private = plan.replaced(private=False)
-    results["federated_nonprivate"] = seeded(
-        "federated_nonprivate", sites, non_private, None, "the product recipe without noise (head on frozen features)"
-    )
+
+def federated(s: Setup) -> dict[str, dict]:
+    """The federated modes: the product recipe without noise, then DP at each epsilon, and the prompt
+    recipe under DP (issue 21: round 1 the class sums, then DP-SGD on a prefix before the encoder's last
+    layer and the head), beside the head-only recipe at the same epsilon."""
+    results = {
+        "federated_nonprivate": s.seeded(
+            "federated_nonprivate",
+            s.sites,
+            s.plan.replaced(private=False),
+            None,
+            "the product recipe without noise (head on frozen features)",
+        )
+    }
     for eps in EPSILONS:
-        results[f"federated_dp_eps{eps:g}"] = seeded(f"federated_dp_eps{eps:g}", sites, plan, eps)
-    # the prompt recipe under DP (issue 21): round 1 the class sums, then DP-SGD on a prefix before the
-    # encoder's last layer and the head, beside the head-only recipe at the same epsilon
-    prompt_rounds = 2 if ctx.quick else PROMPT_DP_ROUNDS
-    prompt_plan = plan.replaced(
-        train_prompt=True, prompt_layer=int(bb.model.config.num_hidden_layers) - 1, prompt_style="prefix"
+        results[f"federated_dp_eps{eps:g}"] = s.seeded(f"federated_dp_eps{eps:g}", s.sites, s.plan, eps)
+    prompt_rounds = 2 if s.ctx.quick else PROMPT_DP_ROUNDS
+    prompt_plan = s.plan.replaced(
+        train_prompt=True, prompt_layer=int(s.bb.model.config.num_hidden_layers) - 1, prompt_style="prefix"
     )
-    results[f"federated_prompt_dp_eps{ALONE_EPSILON:g}"] = seeded(
+    results[f"federated_prompt_dp_eps{ALONE_EPSILON:g}"] = s.seeded(
         f"federated_prompt_dp_eps{ALONE_EPSILON:g}",
-        sites,
+        s.sites,
         prompt_plan,
         ALONE_EPSILON,
         f"class sums, then {prompt_rounds - 1} DP-SGD round(s) on a prefix before the last layer and the head",
         rounds=prompt_rounds,
     )
+    return results
 
-    # 4. prompt tuning, non-private references: centralised (epochs) and federated (rounds of one local epoch)
-    tuning = non_private.replaced(**PROMPT_TUNING)
+
+def prompt_tuning(s: Setup, zero_shot: dict) -> dict[str, dict]:
+    """Prompt tuning, non-private references: centralised (epochs over the pooled records, through
+    client/trainer.local_update) and federated (rounds of one local epoch), from the zero-shot start."""
+    from fedprompt.client.trainer import local_update
+    from fedprompt.common.model import build_model
+    from fedprompt.common.schedule import sampling
+
+    tuning = s.plan.replaced(private=False).replaced(**PROMPT_TUNING)
+    results = {}
     t = time.perf_counter()
-    model, curve = build_model(bb, tuning.prompt_config(), state0), [results["zero_shot"]]
-    for epoch in range(prompt_epochs):
-        local_update(model, pooled, tuning, sampling(tuning, len(pooled)), None, cpu, **_generators(ctx.seed + epoch))
-        curve.append(score(model.trainable_state(), test, tuning.prompt_config()))
-        ctx.log(f"accuracy: central prompt tuning epoch {epoch + 1}: {curve[-1]['macro_f1']:.4f}")
+    model, curve = build_model(s.bb, tuning.prompt_config(), s.state0), [zero_shot]
+    for epoch in range(s.prompt_epochs):
+        gens = _generators(s.ctx.seed + epoch)
+        local_update(model, s.pooled, tuning, sampling(tuning, len(s.pooled)), None, torch.device("cpu"), **gens)
+        curve.append(s.score(model.trainable_state(), s.test, tuning.prompt_config()))
+        s.ctx.log(f"accuracy: central prompt tuning epoch {epoch + 1}: {curve[-1]['macro_f1']:.4f}")
     results["central_prompt_nonprivate"] = {**curve[-1], "per_round": curve, "macro_f1_last3": _settled(curve)}
-    timing["central_prompt_nonprivate"] = time.perf_counter() - t
+    s.timing["central_prompt_nonprivate"] = time.perf_counter() - t
     t = time.perf_counter()
-    curve, _, _ = federate(sites, tuning, None, prompt_epochs, ctx.seed)
+    curve, _, _ = s.federate(s.sites, tuning, None, s.prompt_epochs, s.ctx.seed)
     results["federated_prompt_nonprivate"] = {**curve[-1], "per_round": curve, "macro_f1_last3": _settled(curve)}
-    timing["federated_prompt_nonprivate"] = time.perf_counter() - t
+    s.timing["federated_prompt_nonprivate"] = time.perf_counter() - t
+    return results
 
-    # 5. personalisation (split B): federated DP eps 8 on each site's train part, then each site adapts it
+
+def personalization(s: Setup) -> dict:
+    """Split B: federated DP eps 8 on each site's train part, then each site adapts the global model
+    (client/personalize.py); every model scored on the site's local test split."""
+    from fedprompt.client.partition import partition
+    from fedprompt.client.personalize import GLOBAL, OWN, personalize_features, scores
+
     t = time.perf_counter()
     part_b = partition(
-        subset,
-        labels,
+        s.subset,
+        s.labels,
         hospitals=HOSPITALS,
         alpha=ALPHA,
         test_frac=TEST_FRAC,
         val_frac=PERSONAL_VAL_FRAC,
         local_test_frac=PERSONAL_TEST_FRAC,
-        seed=ctx.seed,
+        seed=s.ctx.seed,
         min_train=8,
     )
-    train_b = {h: encoded(tr) for h, (tr, _val) in part_b.hospitals.items()}
-    _, global_b, privacy_b = federate(train_b, plan, ALONE_EPSILON, fed.rounds, ctx.seed)
-    personal: dict[str, dict[str, Any]] = {}
+    train_b = {h: s.encoded(tr) for h, (tr, _val) in part_b.hospitals.items()}
+    _, global_b, privacy_b = s.federate(train_b, s.plan, ALONE_EPSILON, s.fed.rounds, s.ctx.seed)
+    n, personal = len(s.labels), dict[str, dict[str, Any]]()
     for h, (_tr, val_rows) in part_b.hospitals.items():
-        tr_f = features(train_b[h])
-        local_f = features(encoded(part_b.local_tests[h]))
-        chosen = personalize_features(global_b, config, tr_f)  # chosen by cross-validation on tr_f
+        tr_f = s.features(train_b[h])
+        local_f = s.features(s.encoded(part_b.local_tests[h]))
+        chosen = personalize_features(global_b, s.config, tr_f)  # chosen by cross-validation on tr_f
         own = chosen.heads[OWN]  # the site alone, its penalty cross-validated like every candidate's
         personal[h] = {
             "n_train": len(train_b[h]),
             "n_validation": len(val_rows),
             "n_local_test": len(local_f),
             "method": chosen.method,
-            "own_nonprivate": _brief(scores(own, local_f, len(labels))),
-            "global_dp": _brief(scores(chosen.heads[GLOBAL], local_f, len(labels))),
-            "personalized": _brief(scores(chosen.heads[chosen.method], local_f, len(labels))),
+            "own_nonprivate": _brief(scores(own, local_f, n)),
+            "global_dp": _brief(scores(chosen.heads[GLOBAL], local_f, n)),
+            "personalized": _brief(scores(chosen.heads[chosen.method], local_f, n)),
         }
-        ctx.log(
-            f"accuracy: hospital {h} local test: own {personal[h]['own_nonprivate']['macro_f1']:.3f}, global "
-            f"{personal[h]['global_dp']['macro_f1']:.3f}, personalised ({chosen.method}) "
-            f"{personal[h]['personalized']['macro_f1']:.3f}"
+        p = personal[h]
+        s.ctx.log(
+            f"accuracy: hospital {h} local test: own {p['own_nonprivate']['macro_f1']:.3f}, global "
+            f"{p['global_dp']['macro_f1']:.3f}, personalised ({chosen.method}) {p['personalized']['macro_f1']:.3f}"
         )
-    results["personalized"] = {
+    s.timing["personalized"] = time.perf_counter() - t
+    return {
         "per_hospital": personal,
         "federation_privacy": privacy_b,
         "note": "split B: each hospital's rows 70/10/20 train/validation/local test; scored on the local test split",
     }
-    timing["personalized"] = time.perf_counter() - t
 
+
+def _config(s: Setup) -> dict:
+    """results.json's `config`: the split, the federation's settings, the modes' own."""
+    part, fed = s.part, s.fed
     return {
-        "config": {
-            "rows_used": len(subset),
-            "rows_in_file": len(records),
-            "labels": labels,
-            "hospitals": HOSPITALS,
-            "alpha": ALPHA,
-            "test_frac": TEST_FRAC,
-            "test_rows": len(test),
-            "hospital_train_rows": {h: len(d) for h, d in sites.items()},
-            "hospital_label_counts": site_counts,
-            "model": vars(fed.model),
-            "training": vars(fed.training),
-            "rounds": fed.rounds,
-            "max_grad_norm": fed.privacy.max_grad_norm,
-            "prompt_tuning": PROMPT_TUNING,
-            "prompt_epochs": prompt_epochs,
-            "epsilons": list(EPSILONS),
-            "alone_epsilon": ALONE_EPSILON,
-            "accountant": "prv",
-            "seeds": seeds,
-            "seed": ctx.seed,
-            "federation": (
-                "in-process FedAvg over client/trainer.local_update (the daemon's training call), not Flower transport"
-            ),
-            "linear_probe": (
-                "client/personalize.own_model_features (L-BFGS logistic regression, L2 1/C = 1) on the model's features"
-            ),
+        "rows_used": len(s.subset),
+        "rows_in_file": s.rows_in_file,
+        "labels": s.labels,
+        "hospitals": HOSPITALS,
+        "alpha": ALPHA,
+        "test_frac": TEST_FRAC,
+        "test_rows": len(s.test),
+        "hospital_train_rows": {h: len(d) for h, d in s.sites.items()},
+        "hospital_label_counts": {
+            h: [sum(1 for _, y in part.hospitals[h][0] if y == name) for name in s.labels] for h in part.hospitals
         },
+        "model": vars(fed.model),
+        "training": vars(fed.training),
+        "rounds": fed.rounds,
+        "max_grad_norm": fed.privacy.max_grad_norm,
+        "prompt_tuning": PROMPT_TUNING,
+        "prompt_epochs": s.prompt_epochs,
+        "epsilons": list(EPSILONS),
+        "alone_epsilon": ALONE_EPSILON,
+        "accountant": "prv",
+        "seeds": s.seeds,
+        "seed": s.ctx.seed,
+        "federation": (
+            "in-process FedAvg over client/trainer.local_update (the daemon's training call), not Flower transport"
+        ),
+        "linear_probe": (
+            "client/personalize.own_model_features (L-BFGS logistic regression, L2 1/C = 1) on the model's features"
+        ),
+    }
+
+
+def run(ctx: Context) -> dict:
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")  # RDP side of calibration
+    s = load(ctx)
+    results = references(s)
+    results.update(federated(s))
+    results.update(prompt_tuning(s, results["zero_shot"]))
+    results["personalized"] = personalization(s)
+    return {
+        "config": _config(s),
         "results": results,
         "targets": _targets(results),
         "readme_linear_probe_reference": README_PROBE,
-        "seconds_per_mode": timing,
+        "seconds_per_mode": s.timing,
     }
 
 
@@ -496,7 +623,9 @@ def markdown(r: dict) -> str:
     privacy = []
     for k, v in res.items():
         for h, p in v.get("per_hospital_privacy", {}).items():
-            if p["sigma"] is not None:
+            if p.get("refused"):  # the site sat the run out: nothing trained, nothing spent
+                privacy.append([NAMES.get(k, k), h, p["n_train"], f"refused ({p['refused']})", "", "", p["delta"], 0.0])
+            elif p["sigma"] is not None:
                 privacy.append(
                     [
                         NAMES.get(k, k),

@@ -51,6 +51,7 @@ def run(ctx: Context) -> dict:
     from fedprompt.common.metrics import evaluate
     from fedprompt.common.model import build_model
     from fedprompt.common.plan import RoundPlan, initial_global_state_for, prompt_config
+    from fedprompt.server.strategy import ClassMeansHead
 
     rows = int(ctx.knob("acc_rows", 10**9, 240))
     seeds = int(ctx.knob("acc_seeds", 3, 1))
@@ -74,6 +75,7 @@ def run(ctx: Context) -> dict:
         )
         config = prompt_config(fed, bb)
         state0 = initial_global_state_for(fed, bb)
+        class_means = ClassMeansHead.for_run(fed, bb, config)
 
         def encoded(rows_):  # called in this iteration only: the loop variables are the current ones
             texts, ys = [t for t, _ in rows_], [index[y] for _, y in rows_]
@@ -96,7 +98,7 @@ def run(ctx: Context) -> dict:
                 **training, max_grad_norm=point.get("max_grad_norm", fed.privacy.max_grad_norm)
             )
             runs = [
-                run_federation(bb, config, state0, sites, plan, point["epsilon"], rounds, ctx.seed + s, score)[0]
+                run_federation(bb, class_means, state0, sites, plan, point["epsilon"], rounds, ctx.seed + s, score)[0]
                 for s in range(seeds)
             ]
             settled = [_settled(c) for c in runs]

@@ -43,7 +43,6 @@ from fedprompt.common.wire import (
     arrays_to_state,
     state_to_arrays,
 )
-from fedprompt.common.zeroshot import label_prototypes
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .export import export_model
@@ -51,7 +50,7 @@ from .history import Preflight, PreflightAnswer, RunMetrics
 from .live_report import LiveReport
 from .outcome import NOTHING_TRAINED, RUNNING, Outcome, preflight_shortfall, run_outcome
 from .report import write_report
-from .strategy import ValidatedStrategy, build_strategy, identity, judge_unanswered, witnessed
+from .strategy import ClassMeansHead, ValidatedStrategy, build_strategy, identity, judge_unanswered, witnessed
 
 log = logging.getLogger("fedprompt.server")
 
@@ -178,9 +177,7 @@ def guarded_strategy(run: PreparedRun) -> ValidatedStrategy:
         min_hospitals=fed.min_hospitals,
         round_offset=run.done,
         evaluate_in_train=fed.evaluation == "in_train",
-        label_prototypes=label_prototypes(run.backbone, run.prompt, fed.label_texts),
-        label_prior=fed.training.label_prior,
-        logit_scale=fed.model.logit_scale,
+        class_means=ClassMeansHead.for_run(fed, run.backbone, run.prompt),
         witnessed=witnessed(run.history),
     )
 

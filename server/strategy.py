@@ -23,7 +23,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from fedprompt.common.config import ModelSettings
+from fedprompt.common.backbone import Backbone
+from fedprompt.common.config import FederationConfig
 from fedprompt.common.metrics import ClassCounts
 from fedprompt.common.model import HEAD_WEIGHT_KEY, PromptConfig
 from fedprompt.common.plan import PREFIX as PLAN_PREFIX
@@ -43,6 +44,7 @@ from fedprompt.common.wire import (
     payload_bytes,
     state_to_arrays,
 )
+from fedprompt.common.zeroshot import label_prototypes
 
 from .class_means import head_from_class_sums, label_weight
 from .history import HospitalOutcome
@@ -127,6 +129,33 @@ def identity(msg: Message, node_id: int, taken: set[str], known: dict[int, str])
     return name if name not in taken else f"{name}@{node}"
 
 
+@dataclass(frozen=True)
+class ClassMeansHead:
+    """How the class-sums round's replies become the global head (server/class_means.py): against the label
+    texts' prototypes, with federation.yaml's `training.label_prior` and `model.logit_scale`."""
+
+    label_prototypes: torch.Tensor
+    label_prior: float
+    logit_scale: float
+
+    @classmethod
+    def for_run(cls, fed: FederationConfig, backbone: Backbone, prompt: PromptConfig) -> ClassMeansHead:
+        return cls(label_prototypes(backbone, prompt, fed.label_texts), fed.training.label_prior, fed.model.logit_scale)
+
+    def apply(
+        self, merged: dict[str, torch.Tensor], total_weight: float, sites: int, plan: RoundPlan
+    ) -> dict[str, torch.Tensor]:
+        """`merged` (the weighted mean of `sites` replies: each site's noisy sums over its declared size,
+        weighted by that size, sum(S) / sum(w)) with its head made from those sums. Whatever robust
+        strategy runs the other rounds, this one is a mean: the sums are meant to be added."""
+        sigma = class_sums_sigma(plan, plan.delta or DEFAULT_DELTA) if plan.private else 0.0
+        prior = label_weight(self.label_prior, sigma, sites)
+        head = head_from_class_sums(
+            merged[HEAD_WEIGHT_KEY], total_weight, self.label_prototypes, prior, self.logit_scale
+        )
+        return {**merged, HEAD_WEIGHT_KEY: head}
+
+
 class ValidatedStrategy(Strategy):
     def __init__(
         self,
@@ -137,18 +166,14 @@ class ValidatedStrategy(Strategy):
         min_hospitals: int,
         round_offset: int = 0,
         evaluate_in_train: bool = False,
-        label_prototypes: torch.Tensor | None = None,
-        label_prior: float = 0.0,
-        logit_scale: float = ModelSettings.model_fields["logit_scale"].default,  # federation.yaml's model.logit_scale
+        class_means: ClassMeansHead | None = None,
         witnessed: dict[str, Witness] | None = None,
     ):
         self.inner = inner
         # Each hospital's ledger head and epsilon as its last accepted reply showed them (rollback witness).
         self.witnessed: dict[str, Witness] = dict(witnessed or {})
-        # The class-sums round builds the head from the released sums and these (server/class_means.py).
-        self.label_prototypes = label_prototypes
-        self.label_prior = label_prior
-        self.logit_scale = logit_scale
+        # The class-sums round builds the head from the released sums with it (None: no class-sums round).
+        self.class_means = class_means
         self._plan: RoundPlan | None = None  # this round's, as sent
         # Each node's hospital id, from the replies that named it: a silent or failed node is then
         # reported by name, not as node-<id>.
@@ -280,20 +305,12 @@ class ValidatedStrategy(Strategy):
         return arrays, MetricRecord({"hospitals-ok": len(accepted), "weight": float(total)})
 
     def _class_means_head(self, accepted: list[Message]) -> ArrayRecord:
-        """The class-sums round: the weighted mean of the replies (each site's noisy sums over its
-        declared size, weighted by that size: sum(S) / sum(w)) made into the head. Whatever robust
-        strategy runs the other rounds, this one is a mean: the sums are meant to be added."""
-        assert self._global is not None and self.label_prototypes is not None
-        weights = [_number(m.content.metric_records[METRICS]["num-examples"]) for m in accepted]
-        merged = aggregate_arrayrecords([m.content for m in accepted], "num-examples")
-        state = arrays_to_state(merged)
+        """The class-sums round: the weighted mean of the replies made into the head (ClassMeansHead)."""
+        assert self._global is not None and self.class_means is not None
         assert self._plan is not None  # a class-sums round is known from its plan
-        sigma = class_sums_sigma(self._plan, self._plan.delta or DEFAULT_DELTA) if self._plan.private else 0.0
-        prior = label_weight(self.label_prior, sigma, len(accepted))
-        state[HEAD_WEIGHT_KEY] = head_from_class_sums(
-            state[HEAD_WEIGHT_KEY], sum(weights), self.label_prototypes, prior, self.logit_scale
-        )
-        return state_to_arrays(state)
+        weights = [_number(m.content.metric_records[METRICS]["num-examples"]) for m in accepted]
+        merged = arrays_to_state(aggregate_arrayrecords([m.content for m in accepted], "num-examples"))
+        return state_to_arrays(self.class_means.apply(merged, sum(weights), len(accepted), self._plan))
 
     def _bound(self, declared_size: float) -> float:
         """The largest update norm an honest site of this declared size sends this round."""
