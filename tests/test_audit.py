@@ -31,7 +31,7 @@ from fedprompt.client.workspace import write_workspace
 from fedprompt.common.schedule import sgd_rounds
 
 from site_isolation import watched
-from tinybert import TOY_KEYWORDS, TOY_LABELS, TOY_NEUTRAL, make_tiny_backbone
+from tinybert import TOY_KEYWORDS, TOY_LABELS, TOY_NEUTRAL
 
 LABELS, KEYWORDS, NEUTRAL = TOY_LABELS, TOY_KEYWORDS, TOY_NEUTRAL
 HIDDEN = 128  # room for 83 canaries next to 3 labels (canary_capacity)
@@ -119,14 +119,13 @@ EPSILON = 2.0  # the tests' target: a private bound far enough below the control
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    """root/tinybert; root/ws: federation.yaml (max_length 32: the tiny BERT has 256 positions; 5 rounds
-    of DP-SGD, no class-sums release: the shortest run a site's limits admit) and hospital-1 (200 train
-    records, 30 validation)."""
+def world(tmp_path_factory, tiny_backbone) -> Path:
+    """root/ws, on a tiny BERT of hidden size HIDDEN: federation.yaml (max_length 32: the tiny BERT has 256
+    positions; 5 rounds of DP-SGD, no class-sums release: the shortest run a site's limits admit) and
+    hospital-1 (200 train records, 30 validation)."""
     root = tmp_path_factory.mktemp("audit").resolve()
-    tiny = make_tiny_backbone(root / "tinybert", hidden=HIDDEN, layers=2)
     rng = random.Random(0)
-    ws = write_workspace(
+    write_workspace(
         root / "ws",
         name="t",
         labels=LABELS,
@@ -136,11 +135,8 @@ def world(tmp_path_factory) -> Path:
             "model": {"max_length": 32},
             "training": {"class_sums_share": 0.0, "train_prompt": False},
         },
+        backbone=tiny_backbone(hidden=HIDDEN),
     )
-    path = ws / "hospital-1" / "site.yaml"
-    data = yaml.safe_load(path.read_text())
-    data["backbone"] = str(tiny)
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
     return root
 
 
@@ -282,13 +278,10 @@ def test_only_the_audit_weakens_the_noise():
 
 # --- the command -----------------------------------------------------------------------------------
 @pytest.fixture
-def cli(monkeypatch):
-    from fedprompt import cli
-
-    monkeypatch.setattr(cli, "COMMANDS", ("audit", "privacy"))
+def cli(cli_with, monkeypatch):
     # the product: OS entropy
     monkeypatch.setattr(audit, "_generator", lambda seed: torch.Generator().manual_seed(1234))
-    return cli.main
+    return cli_with("audit", "privacy")
 
 
 def test_the_command_is_registered():

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import FAST
+from conftest import make_workspace
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from fedprompt.client import ledger as ledger_mod
@@ -413,12 +413,9 @@ def write_site(
 
 
 @pytest.fixture
-def cli(monkeypatch):
+def cli(cli_with):
     """`fedprompt.cli.main` with only `privacy` registered: these tests don't depend on the other commands."""
-    from fedprompt import cli
-
-    monkeypatch.setattr(cli, "COMMANDS", ("privacy",))
-    return cli.main
+    return cli_with("privacy")
 
 
 def test_cli_init_and_show(tmp_path, cli, capsys):
@@ -896,41 +893,13 @@ def test_non_private_round_is_infinite_for_good(tmp_path, cli, capsys):
 # --- at the hospital (train_round) and in `fedprompt simulate` ----------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    from tinybert import make_tiny_backbone
-
-    return make_tiny_backbone(tmp_path_factory.mktemp("tinybert"))
-
-
-def tiny_workspace(root: Path, tiny: Path, *, hospitals: int = 1) -> Path:
+def tiny_workspace(root: Path, tiny_dir: Path, *, hospitals: int = 1) -> Path:
     """Sites that allow non-private rounds, on the tiny backbone, rdp accountant; no ledgers yet."""
-    import yaml
-
-    from fedprompt.client.demo_data import generate_demo
-    from fedprompt.client.workspace import list_hospitals, write_workspace
-
-    demo = generate_demo(hospitals=hospitals, per_hospital=20, test_size=10, seed=1)
-    ws = write_workspace(
-        root / "ws",
-        name="t",
-        labels=demo.labels,
-        hospitals=demo.hospitals,
-        test_rows=demo.test,
-        federation_overrides=FAST,
-        epsilon_cap=10.0,
-        allow_non_private=True,
-    )
-    for site in list_hospitals(ws):
-        doc = yaml.safe_load(site.read_text())
-        doc["backbone"] = str(tiny)
-        doc["privacy"]["accountant"] = "rdp"
-        site.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return ws
+    return make_workspace(root, tiny_dir, hospitals=hospitals, per_hospital=20, test_size=10, accountant="rdp")
 
 
 @pytest.fixture
-def one_hospital(tmp_path, tiny, monkeypatch):
+def one_hospital(tmp_path, tiny_dir, monkeypatch):
     """(site.yaml, SiteConfig, run, content(round, private), sigmas DP-SGD was called with: round 1 is
     the one-shot class-sums release, which does not call it)."""
     from flwr.app import RecordDict
@@ -942,10 +911,10 @@ def one_hospital(tmp_path, tiny, monkeypatch):
     from fedprompt.server.federation import RunSpec, prepare_run
     from fedprompt.simulation import ensure_ledgers
 
-    ws = tiny_workspace(tmp_path, tiny)
+    ws = tiny_workspace(tmp_path, tiny_dir)
     assert ensure_ledgers(ws) == ["hospital-1"]
     fed, (site,), _ = load_workspace(ws)
-    run = prepare_run(RunSpec(fed, tmp_path / "out", None, tiny))
+    run = prepare_run(RunSpec(fed, tmp_path / "out", None, tiny_dir))
     trained: list = []
     real = hospital.local_update
     monkeypatch.setattr(hospital, "local_update", lambda *a, **k: trained.append(a[4]) or real(*a, **k))  # a[4]: sigma
@@ -1020,11 +989,9 @@ class _EngineReached(Exception):
 
 
 @pytest.fixture
-def sim_cli(monkeypatch):
+def sim_cli(monkeypatch, cli_with):
     """`fedprompt.cli.main` with `simulate` and `privacy`; the simulation engine stops the command when reached."""
     import flwr.simulation
-
-    from fedprompt import cli
 
     reached: list[int] = []
 
@@ -1033,22 +1000,21 @@ def sim_cli(monkeypatch):
         raise _EngineReached
 
     monkeypatch.setattr(flwr.simulation, "run_simulation", engine)
-    monkeypatch.setattr(cli, "COMMANDS", ("simulate", "privacy"))
-    return cli.main, reached
+    return cli_with("simulate", "privacy"), reached
 
 
-def test_simulate_refuses_a_site_without_its_ledger(tmp_path, tiny, sim_cli, capsys):
+def test_simulate_refuses_a_site_without_its_ledger(tmp_path, tiny_dir, sim_cli, capsys):
     from fedprompt.client.workspace import list_hospitals
 
     main, reached = sim_cli
-    ws = tiny_workspace(tmp_path, tiny, hospitals=2)
+    ws = tiny_workspace(tmp_path, tiny_dir, hospitals=2)
     site1, site2 = list_hospitals(ws)
     assert main(["privacy", "init", "--site", str(site1)]) == 0
     ledger1 = ws / "hospital-1" / "ledger" / "privacy-ledger.json"
     before = ledger1.read_bytes()
     capsys.readouterr()
     out = tmp_path / "run"
-    assert main(["simulate", "--workspace", str(ws), "--out", str(out), "--backbone", str(tiny)]) == 2
+    assert main(["simulate", "--workspace", str(ws), "--out", str(out), "--backbone", str(tiny_dir)]) == 2
     err = capsys.readouterr().err
     missing = ws / "hospital-2" / "ledger" / "privacy-ledger.json"
     assert err.startswith(f"error: {missing}: ledger: hospital hospital-2 has no privacy ledger"), err
@@ -1057,11 +1023,11 @@ def test_simulate_refuses_a_site_without_its_ledger(tmp_path, tiny, sim_cli, cap
     assert not missing.parent.exists() and ledger1.read_bytes() == before  # nothing created, nothing changed
 
 
-def test_simulate_creates_ledgers_only_for_the_demo_it_writes(tmp_path, tiny, sim_cli, capsys):
+def test_simulate_creates_ledgers_only_for_the_demo_it_writes(tmp_path, tiny_dir, sim_cli, capsys):
     main, reached = sim_cli
     out = tmp_path / "run"
     with pytest.raises(_EngineReached):
-        main(["simulate", "--out", str(out), "--backbone", str(tiny), "--rounds", "1"])
+        main(["simulate", "--out", str(out), "--backbone", str(tiny_dir), "--rounds", "1"])
     printed = capsys.readouterr().out
     ws = out / "workspace"
     for i in (1, 2, 3):
@@ -1073,6 +1039,6 @@ def test_simulate_creates_ledgers_only_for_the_demo_it_writes(tmp_path, tiny, si
     # The same workspace named with --workspace is not fresh: a lost ledger stops it; none is re-created.
     lost = ws / "hospital-2" / "ledger" / "privacy-ledger.json"
     lost.unlink()
-    assert main(["simulate", "--workspace", str(ws), "--out", str(tmp_path / "run2"), "--backbone", str(tiny)]) == 2
+    assert main(["simulate", "--workspace", str(ws), "--out", str(tmp_path / "run2"), "--backbone", str(tiny_dir)]) == 2
     assert "hospital hospital-2 has no privacy ledger" in capsys.readouterr().err
     assert reached == [1] and not lost.exists() and not (tmp_path / "run2").exists()

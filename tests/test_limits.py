@@ -11,13 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
+from conftest import edit_yaml, make_workspace
 from flwr.app import Array, ArrayRecord, RecordDict
 
 from fedprompt.cli import main
-from fedprompt.client.demo_data import generate_demo
 from fedprompt.client.hospital import evaluate_round, train_round
-from fedprompt.client.workspace import list_hospitals, load_workspace, write_workspace
+from fedprompt.client.workspace import list_hospitals, load_workspace
 from fedprompt.common.config import FederationConfig, SiteConfig, SiteLimits
 from fedprompt.common.model import HEAD_BIAS_KEY, HEAD_WEIGHT_KEY, PROMPT_KEY
 from fedprompt.common.plan import RoundPlan
@@ -25,41 +24,26 @@ from fedprompt.common.wire import ARRAYS, STATUS, state_to_arrays
 from fedprompt.server.federation import RunSpec, prepare_run
 from fedprompt.simulation import ensure_ledgers
 
-from tinybert import make_tiny_backbone
-
 ROUNDS = 5  # the default limits.min_total_rounds: the workspace's own plan is within every default
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return make_tiny_backbone(tmp_path_factory.mktemp("tinybert").resolve(), hidden=32, layers=2)
-
-
 @pytest.fixture
-def site(tmp_path, tiny):
+def site(tmp_path, tiny_dir):
     """(the aggregator's prepared run, site.yaml) of a one-hospital workspace with its ledger."""
-    demo = generate_demo(hospitals=1, per_hospital=20, test_size=10, seed=1)
-    ws = write_workspace(
-        tmp_path / "ws",
+    ws = make_workspace(
+        tmp_path,
+        tiny_dir,
+        hospitals=1,
+        per_hospital=20,
+        test_size=10,
+        overrides={"rounds": ROUNDS, "model": {"n_virtual_tokens": 2, "max_length": 16}},
+        allow_non_private=False,
+        accountant="rdp",  # PRV costs seconds on a shared host
         name="limits",
-        labels=demo.labels,
-        hospitals=demo.hospitals,
-        test_rows=demo.test,
-        federation_overrides={"rounds": ROUNDS, "model": {"n_virtual_tokens": 2, "max_length": 16}},
-        epsilon_cap=10.0,
-        backbone=tiny,
     )
-    site_yaml = list_hospitals(ws)[0]
-    _edit(site_yaml, lambda d: d["privacy"].update(accountant="rdp"))  # PRV costs seconds on a shared host
     ensure_ledgers(ws)
     fed, _, _ = load_workspace(ws)
-    return prepare_run(RunSpec(fed, tmp_path / "out", None, tiny)), site_yaml
-
-
-def _edit(path: Path, change) -> None:
-    data = yaml.safe_load(path.read_text())
-    change(data)
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return prepare_run(RunSpec(fed, tmp_path / "out", None, tiny_dir)), list_hospitals(ws)[0]
 
 
 def _content(run, arrays: ArrayRecord | None = None, **plan_changes) -> RecordDict:
@@ -109,9 +93,9 @@ def test_each_limit_refuses_before_anything_is_spent(site, caplog):
     _refused(evaluate_round, _content(run, total_rounds=1_000_000), site_yaml, caplog, "limits.max_total_rounds")
 
     # Limits the site lowers: the tensors' size and the run's epsilon (the plan asks for 8).
-    _edit(site_yaml, lambda d: d["limits"].update(max_tensor_values=100, max_run_epsilon=2.0))
+    edit_yaml(site_yaml, lambda d: d["limits"].update(max_tensor_values=100, max_run_epsilon=2.0))
     _refused(train_round, _content(run), site_yaml, caplog, "limits.max_tensor_values: the plan's prompt and head hold")
-    _edit(site_yaml, lambda d: d["limits"].update(max_tensor_values=1_000_000))
+    edit_yaml(site_yaml, lambda d: d["limits"].update(max_tensor_values=1_000_000))
     _refused(
         train_round,
         _content(run),
@@ -120,17 +104,17 @@ def test_each_limit_refuses_before_anything_is_spent(site, caplog):
         "limits.max_run_epsilon: the plan targets epsilon 8 for the run, above this site's per-run limit 2",
     )
     # A site that allows fixed batches bounds their steps by its declared size, or refuses without one.
-    _edit(site_yaml, lambda d: d["limits"].update(max_run_epsilon=None, allow_fixed_batch=True, max_steps=50))
+    edit_yaml(site_yaml, lambda d: d["limits"].update(max_run_epsilon=None, allow_fixed_batch=True, max_steps=50))
     size = SiteConfig.load(site_yaml).weight
     assert size is not None
     steps = ROUNDS * int(size)  # batch 1 of the declared size: q = 1 / size, size steps a round
     _refused(train_round, _content(run, batch_size=1), site_yaml, caplog, f"the run plans {steps:,} DP-SGD steps")
-    _edit(site_yaml, lambda d: d.update(weight=None))
+    edit_yaml(site_yaml, lambda d: d.update(weight=None))
     _refused(train_round, _content(run, batch_size=1), site_yaml, caplog, "weight: the plan fixes the expected batch")
     assert set(_ledger_folder(site_yaml)) == ledger_names  # nothing was calibrated: no noise memo appeared
 
     # Within the limits (max_run_epsilon null: the lifetime cap wins silently over a larger target), it trains.
-    _edit(site_yaml, lambda d: d["limits"].update(max_run_epsilon=None))
+    edit_yaml(site_yaml, lambda d: d["limits"].update(max_run_epsilon=None))
     before = _ledger_folder(site_yaml)
     reply = train_round(_content(run, target_epsilon=50.0), site_yaml)
     assert reply[STATUS]["status"] == "ok"
@@ -183,11 +167,11 @@ def test_a_generated_workspace_admits_its_own_plan_only():
     assert SiteLimits.admitting(FederationConfig(name="x", labels=["a", "b"])) == SiteLimits()
 
 
-def test_fedprompt_plan_refuses_a_million_rounds_without_a_traceback(site, tiny, capsys):
+def test_fedprompt_plan_refuses_a_million_rounds_without_a_traceback(site, tiny_dir, capsys):
     run, site_yaml = site
     ws = site_yaml.parent.parent
     before = _ledger_folder(site_yaml)
-    assert main(["plan", "--workspace", str(ws), "--backbone", str(tiny), "--rounds", "1000000"]) == 1
+    assert main(["plan", "--workspace", str(ws), "--backbone", str(tiny_dir), "--rounds", "1000000"]) == 1
     out, err = capsys.readouterr()
     assert "REFUSES [configuration]" in out and "Traceback" not in out + err
     assert "fedprompt plan: no hospital would train this run (1 refuse)" in err
@@ -235,7 +219,7 @@ def test_a_plan_with_another_label_space_is_refused_before_a_record_is_read(site
 def test_a_site_without_a_pinned_label_space_refuses_and_says_how_to_pin_it(site, caplog, capsys):
     run, site_yaml = site
     fed_yaml = site_yaml.parent.parent / "federation.yaml"
-    _edit(site_yaml, lambda d: d.pop("labels"))
+    edit_yaml(site_yaml, lambda d: d.pop("labels"))
     assert SiteConfig.load(site_yaml).labels is None  # an older site.yaml still loads ...
     how = "labels: not set: this site trains and evaluates only on a label space it has pinned; pin the federation's"
     how += f" with `fedprompt hospital labels --site {site_yaml} --federation federation.yaml`"
@@ -250,7 +234,7 @@ def test_a_site_without_a_pinned_label_space_refuses_and_says_how_to_pin_it(site
     assert train_round(_content(run), site_yaml)[STATUS]["status"] == "ok"
     # Pinning again is a no-op; another label space is the site's decision, made in the file.
     assert main(["hospital", "labels", "--site", str(site_yaml), "--federation", str(fed_yaml)]) == 0
-    _edit(fed_yaml, lambda d: d.update(labels=["a", "b"]))
+    edit_yaml(fed_yaml, lambda d: d.update(labels=["a", "b"]))
     assert main(["hospital", "labels", "--site", str(site_yaml), "--federation", str(fed_yaml)]) == 2
     assert "labels: already pins neoplasms" in capsys.readouterr().err
 
@@ -273,7 +257,7 @@ def test_fixed_batch_one_round_run_epsilon_and_late_rounds_are_refused_on_every_
             "limits.max_run_epsilon: the plan targets epsilon 9 for the run, above this site's per-run limit 3",
         ),
     ]
-    _edit(site_yaml, lambda d: d["limits"].update(max_run_epsilon=3.0))
+    edit_yaml(site_yaml, lambda d: d["limits"].update(max_run_epsilon=3.0))
     for changes, why in cases:
         for handler in (train_round, evaluate_round, preflight):
             _refused(handler, _content(run, **changes), site_yaml, caplog, why)

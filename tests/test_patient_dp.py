@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import edit_yaml, make_workspace
 from opacus import GradSampleModule
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -20,8 +21,6 @@ from fedprompt.common.errors import InputError
 from fedprompt.common.features import PAD_LABEL, group_by_patient
 from fedprompt.common.records import load_records
 from fedprompt.common.schedule import sampling
-
-from tinybert import make_tiny_backbone
 
 HIDDEN, CLASSES = 6, 3
 RECORDS_PER_PATIENT = [1, 3, 4, 2, 1]  # 5 patients, 11 records
@@ -183,15 +182,9 @@ def test_patient_level_dp_with_noised_evaluation_is_refused_by_the_schema(tmp_pa
 N_PATIENTS = 5
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return make_tiny_backbone(tmp_path_factory.mktemp("tinybert"), hidden=32, layers=2)
-
-
 def _patient_site(tmp_path: Path, tiny_dir: Path):
     """One hospital whose train.csv has a patient column (N_PATIENTS patients) and patient_field set."""
-    from fedprompt.client.demo_data import generate_demo
-    from fedprompt.client.workspace import list_hospitals, load_workspace, write_workspace
+    from fedprompt.client.workspace import list_hospitals, load_workspace
     from fedprompt.server.federation import RunSpec, prepare_run
     from fedprompt.simulation import ensure_ledgers
 
@@ -201,20 +194,11 @@ def _patient_site(tmp_path: Path, tiny_dir: Path):
         "training": {"local_epochs": 1, "sample_rate": 0.5, "lr": 0.05},
         "privacy": {"target_epsilon": 8.0},
     }
-    demo = generate_demo(hospitals=1, per_hospital=20, test_size=10, seed=1)
-    ws = write_workspace(
-        tmp_path / "ws",
-        name="t",
-        labels=demo.labels,
-        hospitals=demo.hospitals,
-        test_rows=demo.test,
-        federation_overrides=overrides,
-        epsilon_cap=10.0,
+    ws = make_workspace(
+        tmp_path, tiny_dir, hospitals=1, per_hospital=20, test_size=10, overrides=overrides, allow_non_private=False
     )
     site_yaml = list_hospitals(ws)[0]
-    data = yaml.safe_load(site_yaml.read_text())
-    data.update(backbone=str(tiny_dir), patient_field="patient", privacy={**data["privacy"], "delta": 1e-3})
-    site_yaml.write_text(yaml.safe_dump(data, sort_keys=False))
+    edit_yaml(site_yaml, lambda d: d.update(patient_field="patient", privacy={**d["privacy"], "delta": 1e-3}))
     train_csv = site_yaml.parent / "train.csv"
     rows = list(csv.reader(train_csv.open(newline="")))
     with train_csv.open("w", newline="") as f:
@@ -305,9 +289,7 @@ def test_data_check_validates_patient_field(tmp_path, data_cli, capsys):
         tmp_path / "ws", name="t", labels=labels, hospitals={"1": ([("x", "a"), ("y", "b")] * 10, [("z", "a")])}
     )
     site = ws / "hospital-1"
-    data = yaml.safe_load((site / "site.yaml").read_text())
-    data.update(patient_field="patient", privacy={**data["privacy"], "delta": 0.01})
-    (site / "site.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    edit_yaml(site / "site.yaml", lambda d: d.update(patient_field="patient", privacy={**d["privacy"], "delta": 0.01}))
     rows = "".join(f"note {i},{'ab'[i % 2]},p{i % 4}\n" for i in range(20))
     (site / "train.csv").write_text("text,label,patient\n" + rows + "late,a,\n")
     assert data_cli(["data", "check", "--site", str(site / "site.yaml")]) == 2
@@ -316,7 +298,6 @@ def test_data_check_validates_patient_field(tmp_path, data_cli, capsys):
     (site / "train.csv").write_text("text,label,patient\n" + rows)
     assert data_cli(["data", "check", "--site", str(site / "site.yaml")]) == 0
     assert "4" in capsys.readouterr().out.split("patients")[-1]
-    data["privacy"]["delta"] = 0.3  # checked against 1/4 patients, not 1/20 records
-    (site / "site.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    edit_yaml(site / "site.yaml", lambda d: d["privacy"].update(delta=0.3))  # against 1/4 patients, not 1/20 records
     assert data_cli(["data", "check", "--site", str(site / "site.yaml")]) == 2
     assert "privacy.delta: 0.3 is not below 1/n = 1/4 patients" in capsys.readouterr().err

@@ -275,22 +275,20 @@ def test_check_opens_the_ledger_as_the_daemon_does(workspace, data_cli, capsys):
     assert data_cli(["data", "check", "--site", str(site)]) == 0
     assert "privacy-ledger.json: 0 round(s) recorded; lifetime cap epsilon 8" in capsys.readouterr().out
     # A ledger that belongs to another hospital's site.yaml is bad input, named with its file.
-    site.write_text(
-        site.read_text(encoding="utf-8").replace("hospital_id: hospital-1", "hospital_id: hospital-9"), encoding="utf-8"
-    )
+    edit_yaml(site, lambda d: d.update(hospital_id="hospital-9"))
     assert data_cli(["data", "check", "--site", str(site)]) == 2
     assert "belongs to hospital 'hospital-1', not 'hospital-9'" in capsys.readouterr().err
 
 
 def test_check_refuses_a_delta_too_large_for_the_site(workspace, data_cli, capsys):
     site = workspace / "hospital-1" / "site.yaml"
-    site.write_text(site.read_text(encoding="utf-8").replace("delta: 1.0e-05", "delta: 0.1"), encoding="utf-8")
+    edit_yaml(site, lambda d: d["privacy"].update(delta=0.1))
     assert data_cli(["data", "check", "--site", str(site)]) == 2
     assert "privacy.delta: 0.1 is not below 1/n = 1/20" in capsys.readouterr().err
 
 
 def test_check_bad_site_yaml(workspace, data_cli, capsys):
     site = workspace / "hospital-1" / "site.yaml"
-    site.write_text(site.read_text(encoding="utf-8").replace("text_field: text", "text_feild: text"), encoding="utf-8")
+    edit_yaml(site, lambda d: d.update(text_feild=d.pop("text_field")))
     assert data_cli(["data", "check", "--site", str(site)]) == 2
     assert "text_feild: unknown key" in capsys.readouterr().err

@@ -16,17 +16,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
+from conftest import edit_yaml, make_workspace
 
 from fedprompt.cli import main
-from fedprompt.client.demo_data import generate_demo
 from fedprompt.client.ledger import PrivacyLedger
-from fedprompt.client.workspace import list_hospitals, write_workspace
+from fedprompt.client.workspace import list_hospitals
 from fedprompt.common.exit_codes import ExitCode
 from fedprompt.server.outcome import NOTHING_TRAINED, PARTLY_TRAINED, TRAINED, exit_code, run_outcome
 from fedprompt.simulation import ensure_ledgers
-
-from tinybert import make_tiny_backbone
 
 
 def _site(status: str, reason: str = "") -> dict:
@@ -118,33 +115,34 @@ def test_accepted_updates_below_min_hospitals_did_not_train():
 
 
 @pytest.fixture(scope="module")
-def nothing_trained(tmp_path_factory):
+def nothing_trained(tmp_path_factory, tiny_dir):
     """`fedprompt simulate` (tiny BERT, 2 hospitals, 2 rounds) where both hospitals' budgets are spent."""
     root = tmp_path_factory.mktemp("spent")
-    tiny = make_tiny_backbone(root / "tinybert", hidden=32, layers=2)
-    demo = generate_demo(hospitals=2, per_hospital=30, test_size=20, seed=1)
-    ws = write_workspace(
-        root / "ws",
+    overrides = {"rounds": 2, "model": {"n_virtual_tokens": 4, "max_length": 32}}
+    ws = make_workspace(
+        root,
+        tiny_dir,
+        hospitals=2,
+        per_hospital=30,
+        test_size=20,
+        overrides=overrides,
+        cap=8.0,
+        allow_non_private=False,
         name="spent",
-        labels=demo.labels,
-        hospitals=demo.hospitals,
-        test_rows=demo.test,
-        federation_overrides={"rounds": 2, "model": {"n_virtual_tokens": 4, "max_length": 32}},
     )
     ensure_ledgers(ws)
     ledgers = {}
     for site in list_hospitals(ws):
-        doc = yaml.safe_load(site.read_text())
-        doc["backbone"] = str(tiny)
         ledger_path = ws / site.parent.name / "ledger" / "privacy-ledger.json"
         # An earlier run spent the budget; the site's cap is now what it spent: any round is refused.
         spent = PrivacyLedger.open(ledger_path).record(1.0, 0.2, 30, epsilon_cap=10.0, run_id="earlier", round=1)
-        doc["privacy"]["max_epsilon"] = round(spent + 0.01, 3)
-        site.write_text(yaml.safe_dump(doc, sort_keys=False))
+        cap = round(spent + 0.01, 3)
+        edit_yaml(site, lambda d, cap=cap: d["privacy"].update(max_epsilon=cap))
         ledgers[ledger_path] = ledger_path.read_bytes()
-    return root, ws, tiny, ledgers
+    return root, ws, tiny_dir, ledgers
 
 
+@pytest.mark.simulation
 def test_simulate_with_every_budget_spent_writes_why_and_no_export(nothing_trained, monkeypatch, capsys):
     from fedprompt import simulation as sim
 

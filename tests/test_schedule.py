@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import make_workspace
 from torch.utils.data import TensorDataset
 
 from fedprompt.client.class_sums import noisy_class_sums, unit_contributions
@@ -164,18 +165,10 @@ def test_head_from_class_sums_falls_back_to_the_label_for_an_empty_class():
 
 
 # --- on the product's path: the aggregator's start and a site's round ---------------------------------
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from tests.tinybert import make_tiny_backbone
-
-    return make_tiny_backbone(tmp_path_factory.mktemp("tinybert"), hidden=32, layers=2)
-
-
 def test_a_fixed_norm_bound_below_an_honest_update_is_refused_at_start(tmp_path, tiny_dir):
     from fedprompt.client.workspace import load_workspace
     from fedprompt.common.errors import InputError
     from fedprompt.server.federation import RunSpec, prepare_run
-    from tests.test_federation import make_workspace
 
     overrides = {"rounds": 5, "model": {"max_length": 32}, "strategy": {"update_norm_bound": 100.0}}
     ws = make_workspace(tmp_path, tiny_dir, hospitals=1, per_hospital=20, overrides=overrides)
@@ -198,7 +191,6 @@ def test_a_site_whose_update_would_be_mostly_noise_refuses_before_spending(tmp_p
     from fedprompt.common.wire import ARRAYS, STATUS, state_to_arrays
     from fedprompt.server.federation import RunSpec, prepare_run
     from fedprompt.simulation import ensure_ledgers
-    from tests.test_federation import make_workspace
 
     ws = make_workspace(
         tmp_path, tiny_dir, hospitals=1, per_hospital=20, overrides={"rounds": 20, "model": {"max_length": 32}}

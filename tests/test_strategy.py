@@ -11,6 +11,7 @@ from typing import get_args
 import numpy as np
 import pytest
 import torch
+from conftest import edit_yaml, make_workspace
 from flwr.app import Array, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 
@@ -37,8 +38,6 @@ from fedprompt.common.wire import (
 )
 from fedprompt.server.strategies import REGISTRY, build_strategy
 from fedprompt.server.strategy import ValidatedStrategy, Witness, witnessed
-
-from tinybert import make_tiny_backbone
 
 PROMPT = PromptConfig(labels=["a", "b", "c"], hidden_size=4, backbone_fingerprint="f" * 64, n_virtual_tokens=2)
 GLOBAL = {"prompt.weight": torch.zeros(2, 4), "head.weight": torch.zeros(3, 4), "head.bias": torch.zeros(3)}
@@ -297,13 +296,11 @@ def test_a_federation_too_small_for_the_rule_is_refused_at_start(tmp_path, strat
 
 
 def test_the_simulate_command_refuses_krum_with_too_few_hospitals_before_anything_runs(tmp_path, capsys):
-    from test_federation import make_workspace
-
     from fedprompt import cli
 
     ws = make_workspace(tmp_path, None, hospitals=3, per_hospital=10, test_size=10)
     fed_yaml = ws / "federation.yaml"
-    fed_yaml.write_text(fed_yaml.read_text().replace("name: fedavg", "name: krum"))
+    edit_yaml(fed_yaml, lambda d: d["strategy"].update(name="krum"))
     out = tmp_path / "out"
     assert cli.main(["simulate", "--workspace", str(ws), "--out", str(out), "--engine", "local"]) == 2
     err = capsys.readouterr().err
@@ -311,12 +308,8 @@ def test_the_simulate_command_refuses_krum_with_too_few_hospitals_before_anythin
     assert not out.exists()
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return make_tiny_backbone(tmp_path_factory.mktemp("tinybert"), hidden=32, layers=2)
-
-
 @pytest.mark.slow
+@pytest.mark.simulation
 @pytest.mark.parametrize(
     "strategy, hospitals",
     [
@@ -329,8 +322,6 @@ def tiny_dir(tmp_path_factory):
 def test_byzantine_robust_strategies_run_a_real_round(tmp_path, tiny_dir, strategy, hospitals):
     """One DP-SGD round (no class-sums release: that round is a mean whatever the strategy) of the
     product's apps on the in-process engine, aggregated by Flower's Krum / MultiKrum / Bulyan."""
-    from test_federation import make_workspace
-
     from fedprompt.simulation import LOG_NAME, ensure_ledgers, simulate
 
     overrides = {
