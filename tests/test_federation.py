@@ -47,7 +47,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    """The product's main path on the real default backbone (all-MiniLM-L6-v2), DP at eps 8.
+    """The product's main path on the real default backbone (all-MiniLM-L6-v2), DP at eps 8, on the
+    in-process engine (Ray's startup and three actor processes cost half a minute; the README example
+    in test_api runs on Ray).
 
     (A tiny random BERT gives features too weak for any learning signal to survive DP noise.)
     The training recipe is the product's default (head on frozen features, sample rate 0.25, SGD
@@ -61,7 +63,7 @@ def finished_run(tmp_path_factory):
     overrides = {"rounds": 10, "model": {"max_length": 128}, "privacy": {"target_epsilon": 8.0}}
     ws = make_workspace(root, None, per_hospital=600, test_size=300, overrides=overrides)
     ensure_ledgers(ws)  # a workspace written just now (simulate never creates ledgers on its own)
-    metrics = simulate(ws, root / "out")
+    metrics = simulate(ws, root / "out", engine="local")  # the same model as on Ray (test_local_engine)
     return ws, root / "out", metrics
 
 
@@ -128,11 +130,12 @@ def test_predict_cli_on_the_export(finished_run, other_dir, capsys):
 def test_resume_continues_round_numbering_and_history(tmp_path, tiny_dir):
     ws = make_workspace(tmp_path, tiny_dir)
     ensure_ledgers(ws)
-    first = simulate(ws, tmp_path / "out", backbone=tiny_dir, stop_after=2)
+    # the in-process engine: the checkpoint and resume are the ServerApp's (test_local_engine: same model as Ray)
+    first = simulate(ws, tmp_path / "out", backbone=tiny_dir, stop_after=2, engine="local")
     assert [r["round"] for r in first["rounds"]] == [0, 1, 2]
     with pytest.raises(Exception, match="--resume"):
         prepare_run(RunSpec(FederationConfig.load(ws / "federation.yaml"), tmp_path / "out", backbone=tiny_dir))
-    resumed = simulate(ws, tmp_path / "out", backbone=tiny_dir, resume=True)
+    resumed = simulate(ws, tmp_path / "out", backbone=tiny_dir, resume=True, engine="local")
     assert [r["round"] for r in resumed["rounds"]] == [0, 1, 2, 3]  # round 0 once: not re-evaluated on resume
     assert resumed["rounds"][:3] == first["rounds"]
     ledger = json.loads((ws / "hospital-1" / "ledger" / "privacy-ledger.json").read_text())
@@ -490,7 +493,7 @@ def test_partitioned_real_corpus_trains(tmp_path, tiny_dir):
 
         edit_yaml(site, local)
     ensure_ledgers(ws)
-    metrics = simulate(ws, tmp_path / "out", backbone=tiny_dir)
+    metrics = simulate(ws, tmp_path / "out", backbone=tiny_dir, engine="local")  # as on Ray (test_local_engine)
     start, r = metrics["rounds"]
     assert start["round"] == 0 and {o["status"] for o in r["hospitals"].values()} == {"ok"}
     fed_cfg, sites, _ = load_workspace(ws)

@@ -155,7 +155,8 @@ def test_simulate_with_every_budget_spent_writes_why_and_no_export(nothing_train
         return returned[-1]
 
     monkeypatch.setattr(sim, "simulate", recording)  # the command imports it when it runs
-    rc = main(["simulate", "--workspace", str(ws), "--out", str(out), "--backbone", str(tiny)])
+    # the in-process engine: the pre-flight and the outcome are the ServerApp's, on either engine
+    rc = main(["simulate", "--workspace", str(ws), "--out", str(out), "--backbone", str(tiny), "--engine", "local"])
     captured = capsys.readouterr()
     assert rc == ExitCode.NOTHING_TRAINED, captured.out[-3000:] + captured.err[-3000:]
     # Both sites refuse the run in its pre-flight (server/federation.py): it never starts.
