@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
+from conftest import FAST, edit_yaml, make_workspace
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from test_federation import FAST, _message, make_workspace, wire_bytes
+from test_federation import _message, wire_bytes
 from test_worker import _bundle
 
 from fedprompt.cli import main
@@ -33,23 +33,14 @@ from fedprompt.server.outcome import NOTHING_TRAINED, TRAINED
 from fedprompt.server.server_app import make_server_app
 from fedprompt.simulation import ensure_ledgers
 
-from tinybert import make_tiny_backbone
-
 pytestmark = pytest.mark.slow
 
 # Fast settings; no fixed batch_size (a site's default limits refuse one: its epsilon would reveal its size).
 QUICK = {**FAST, "training": {"local_epochs": 1, "lr": 0.05}}
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return make_tiny_backbone(tmp_path_factory.mktemp("tinybert"), hidden=32, layers=2)
-
-
 def _set_cap(site_yaml: Path, cap: float) -> None:
-    doc = yaml.safe_load(site_yaml.read_text())
-    doc["privacy"]["max_epsilon"] = cap
-    site_yaml.write_text(yaml.safe_dump(doc, sort_keys=False))
+    edit_yaml(site_yaml, lambda d: d["privacy"].update(max_epsilon=cap))
 
 
 def _ledger_files(ws: Path) -> dict[Path, bytes]:

@@ -12,12 +12,12 @@ import threading
 import time
 
 import pytest
-import yaml
+from conftest import edit_yaml
 from flwr.app import Message, Metadata, RecordDict
 
 from fedprompt.client.reply_timing import coarse_stamp, hold
 
-from tinybert import TOY_KEYWORDS, TOY_LABELS, TOY_NEUTRAL, make_tiny_backbone
+from tinybert import TOY_KEYWORDS, TOY_LABELS, TOY_NEUTRAL
 
 
 def test_hold_waits_for_the_grid_point():
@@ -63,7 +63,7 @@ GRID_S = 30.0  # above the larger site's first round on a loaded 2-core host (te
 
 
 @pytest.fixture(scope="module")
-def sites(tmp_path_factory):
+def sites(tmp_path_factory, tiny_dir):
     """A small (20 records) and a large (800) site on one tiny BERT, reply_after_s GRID_S: their
     round-1 content and site.yaml paths."""
     from fedprompt.client.workspace import list_hospitals, load_workspace, write_workspace
@@ -73,7 +73,6 @@ def sites(tmp_path_factory):
     from fedprompt.simulation import ensure_ledgers
 
     root = tmp_path_factory.mktemp("timing")
-    tiny = make_tiny_backbone(root / "tinybert")
     rng = random.Random(0)
 
     def rows(n: int) -> list[tuple[str, str]]:
@@ -94,21 +93,21 @@ def sites(tmp_path_factory):
             "training": {"train_prompt": False},
         },
         epsilon_cap=10.0,
+        backbone=tiny_dir,
     )
     paths = list_hospitals(ws)
     for path in paths:
-        data = yaml.safe_load(path.read_text())
-        data.update(backbone=str(tiny), reply_after_s=GRID_S)
-        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        edit_yaml(path, lambda d: d.update(reply_after_s=GRID_S))
     ensure_ledgers(ws)
     fed, _, _ = load_workspace(ws)
-    backbone = load_backbone(tiny)
+    backbone = load_backbone(tiny_dir)
     plan = RoundPlan.for_run(fed, prompt_config(fed, backbone), round=1)
     state = initial_global_state_for(fed, backbone)
     return RecordDict({ARRAYS: state_to_arrays(state), "config": plan.to_config_record()}), paths
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_sites_of_very_different_size_reply_at_the_same_padded_time(sites, tmp_path):
     from test_worker import _bundle
 

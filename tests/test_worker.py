@@ -20,11 +20,9 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
+from conftest import make_workspace
 from flwr.app import Message, Metadata, RecordDict
 from flwr.cli.build import build_fab_from_disk
-
-from tinybert import make_tiny_backbone
 
 INSTALLED = (
     '[tool.flwr.app.components]\nserverapp = "fedprompt.server.server_app:app"\nclientapp = '
@@ -67,15 +65,13 @@ def test_only_code_free_bundles_of_the_installed_components_are_accepted(tmp_pat
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
+def site(tmp_path_factory, tiny_dir):
     """One demo hospital on the tiny BERT, its ledger created; returns (run, site.yaml)."""
-    from fedprompt.client.demo_data import generate_demo
-    from fedprompt.client.workspace import list_hospitals, load_workspace, write_workspace
+    from fedprompt.client.workspace import list_hospitals, load_workspace
     from fedprompt.server.federation import RunSpec, prepare_run
     from fedprompt.simulation import ensure_ledgers
 
     root = tmp_path_factory.mktemp("worker")
-    tiny = make_tiny_backbone(root / "tinybert")
     # 300 local epochs (full-batch steps on this small site): a DP-SGD round long enough to be killed mid-way
     overrides = {
         "rounds": 3,
@@ -83,23 +79,20 @@ def site(tmp_path_factory):
         "model": {"n_virtual_tokens": 2, "max_length": 16},
         "training": {"local_epochs": 300},
     }
-    demo = generate_demo(hospitals=1, per_hospital=24, test_size=10, seed=3)
-    ws = write_workspace(
-        root / "ws",
+    ws = make_workspace(
+        root,
+        tiny_dir,
+        hospitals=1,
+        per_hospital=24,
+        test_size=10,
+        overrides=overrides,
+        allow_non_private=False,
         name="w",
-        labels=demo.labels,
-        hospitals=demo.hospitals,
-        test_rows=demo.test,
-        federation_overrides=overrides,
-        epsilon_cap=10.0,
+        seed=3,
     )
-    site_yaml = list_hospitals(ws)[0]
-    data = yaml.safe_load(site_yaml.read_text())
-    data["backbone"] = str(tiny)
-    site_yaml.write_text(yaml.safe_dump(data, sort_keys=False))
     ensure_ledgers(ws)
     fed, _, _ = load_workspace(ws)
-    return prepare_run(RunSpec(fed, root / "out", None, tiny)), site_yaml
+    return prepare_run(RunSpec(fed, root / "out", None, tiny_dir)), list_hospitals(ws)[0]
 
 
 def _train_content(run, round_: int) -> RecordDict:
@@ -116,6 +109,7 @@ def _status(content: RecordDict) -> tuple[str, str]:
     return content[STATUS]["status"], content[STATUS]["reason"]
 
 
+@pytest.mark.subprocess
 def test_worker_crash_mid_round_refuses_restarts_and_keeps_the_ledger_whole(site):
     from fedprompt.client.executor import WorkerHandle, WorkerUnavailable
     from fedprompt.client.ledger import PrivacyLedger
@@ -151,6 +145,7 @@ def test_worker_crash_mid_round_refuses_restarts_and_keeps_the_ledger_whole(site
     assert len(ledger.completions) == 2 and ledger.epsilon_spent() > 0  # rounds 1 and 3 sent an update
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(not Path("/proc/self/limits").exists(), reason="reads /proc/<pid>/limits (Linux)")
 def test_the_worker_can_write_no_core_file(site):
     """A real worker, once warm: its core-file size limit is 0, soft and hard (so nothing in it can
@@ -170,6 +165,7 @@ def test_the_worker_can_write_no_core_file(site):
     assert info["dumpable"] == 0, info
 
 
+@pytest.mark.subprocess
 def test_hung_worker_is_replaced_before_the_deadline(site):
     from fedprompt.client.executor import WorkerHandle, WorkerUnavailable
 
@@ -203,6 +199,7 @@ def _message(content: RecordDict) -> Message:
     return Message(metadata=md, content=content)
 
 
+@pytest.mark.subprocess
 def test_a_stopped_worker_is_answered_worker_unavailable_before_the_round_timeout(site, tmp_path):
     """The executor's own answer path, deadline from the plan's round timeout on the monotonic clock
     (it once compared time.time() with time.monotonic(): the early answer never came, and a site
