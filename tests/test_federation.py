@@ -179,8 +179,7 @@ def rogue_client_app(site_paths, rogue_index: int):
 
 @pytest.mark.simulation
 def test_rogue_updates_rejected_and_capped_hospital_refused(tmp_path, tiny_dir):
-    from flwr.simulation import run_simulation
-
+    from fedprompt.local_engine import run_local
     from fedprompt.server.server_app import make_server_app
 
     ws = make_workspace(tmp_path, tiny_dir, hospitals=4, per_hospital=40, overrides={**FAST, "min_hospitals": 2})
@@ -195,12 +194,8 @@ def test_rogue_updates_rejected_and_capped_hospital_refused(tmp_path, tiny_dir):
     edit_yaml(site4, lambda d: d["privacy"].update(max_epsilon=round(spent + 0.01, 3)))
     fed, sites, test = load_workspace(ws)
     run = prepare_run(RunSpec(fed, tmp_path / "out", test, tiny_dir, expected_hospitals=4))
-    run_simulation(
-        server_app=make_server_app(run),
-        client_app=rogue_client_app(list_hospitals(ws), rogue_index=2),
-        num_supernodes=4,
-        backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}},
-    )
+    # in-process: what the aggregator accepts is the ServerApp's, on either engine (test_local_engine)
+    run_local(make_server_app(run), rogue_client_app(list_hospitals(ws), rogue_index=2), 4)
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2, 3]
     reasons = [r["hospitals"]["hospital-3"] for r in metrics["rounds"][1:]]
