@@ -29,8 +29,6 @@ from fedprompt.common.model import (
 )
 from fedprompt.common.zeroshot import label_prototypes
 
-from tinybert import make_tiny_backbone
-
 CPU = torch.device("cpu")
 LAYERS = 4
 MAX_LENGTH = 24
@@ -46,8 +44,8 @@ LABELS = [0, 1, 2, 1, 0, 2]  # records of different lengths: padding is exercise
 
 
 @pytest.fixture(scope="module")
-def bert(tmp_path_factory):
-    return load_backbone(make_tiny_backbone(tmp_path_factory.mktemp("bert"), layers=LAYERS))
+def bert(tiny_backbone):
+    return load_backbone(tiny_backbone(layers=LAYERS))
 
 
 @pytest.fixture(scope="module")
@@ -263,7 +261,7 @@ def test_dp_training_on_cached_states_moves_prompt_and_head_only(bert):
 
 
 # --- the layer-state cache ----------------------------------------------------------------------
-def test_layer_cache_reuses_and_is_invalidated_by_records_backbone_and_layer(bert, tmp_path):
+def test_layer_cache_reuses_and_is_invalidated_by_records_backbone_and_layer(bert, tiny_backbone):
     feats._layer_cache.clear()
     model = _model(bert, 2)
     data = _data(bert)
@@ -282,7 +280,7 @@ def test_layer_cache_reuses_and_is_invalidated_by_records_backbone_and_layer(ber
     deeper = feats.cached_layer_states(_model(bert, 3), data)
     assert deeper is not first and not torch.equal(deeper.tensors[0], first.tensors[0])
     # the backbone changes (same architecture and tokenizer, other weights)
-    other = load_backbone(make_tiny_backbone(tmp_path / "other", seed=5, layers=LAYERS))
+    other = load_backbone(tiny_backbone(seed=5, layers=LAYERS))
     elsewhere = feats.cached_layer_states(_model(other, 2), data)
     assert elsewhere is not first and not torch.equal(elsewhere.tensors[0], first.tensors[0])
     assert feats.cached_layer_states(model, data) is first  # still held (LRU)
@@ -304,7 +302,7 @@ def test_bf16_layer_cache_halves_memory_within_the_feature_tolerance(bert):
 
 
 # --- the cost benchmark (benchmarks/late_prompt.py), micro-sized: well-formed, not timed -----------
-def test_micro_benchmark_reports_every_mode_and_the_cache_bytes(tmp_path):
+def test_micro_benchmark_reports_every_mode_and_the_cache_bytes(tmp_path, tiny_backbone):
     import csv
     import sys
     from pathlib import Path
@@ -323,7 +321,7 @@ def test_micro_benchmark_reports_every_mode_and_the_cache_bytes(tmp_path):
         )
     with (tmp_path / "medical_tc_labels.csv").open("w", newline="") as f:
         csv.writer(f).writerows([["condition_label", "condition_name"], [1, "neoplasms"], [2, "digestive"]])
-    backbone = make_tiny_backbone(tmp_path / "tiny", layers=6)
+    backbone = tiny_backbone(layers=6)
     knobs = {"batch": 4, "max_length": MAX_LENGTH, "n_batches": 2, "pairs": 2, "warmup": 0}
     ctx = Context(out=tmp_path, backbone=str(backbone), data=tmp_path / "medical_tc_test.csv", overrides=knobs)
     r = late_prompt.run(ctx)

@@ -30,8 +30,6 @@ from fedprompt.common.model import (
 from fedprompt.common.plan import RoundPlan, prompt_config
 from fedprompt.common.schedule import sampling
 
-from tinybert import make_tiny_backbone
-
 CPU = torch.device("cpu")
 MAX_LENGTH = 24
 TEXTS = [
@@ -47,8 +45,8 @@ PATIENTS = ["p1", "p2", "p1", "p3", "p2", "p1"]  # 3 patients of 3, 2 and 1 reco
 
 
 @pytest.fixture(scope="module")
-def bert(tmp_path_factory):
-    return load_backbone(make_tiny_backbone(tmp_path_factory.mktemp("bert"), layers=4))
+def bert(tiny_backbone):
+    return load_backbone(tiny_backbone(layers=4))
 
 
 @pytest.fixture(scope="module")
