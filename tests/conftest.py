@@ -1,8 +1,8 @@
 """Helpers the test modules share. Fixtures: a tiny backbone per session (`tiny_backbone`, `tiny_dir`,
 `other_dir`) and the CLI with a few commands registered (`cli_with`, `data_cli`). Functions, imported
-(`from conftest import ...`): FAST, `make_workspace`, `edit_yaml`, `tiny_roberta`. Markers (pyproject.toml):
-`simulation` and `subprocess` for tests that start a federation or another process (both in the
-default run)."""
+(`from conftest import ...`): FAST, `make_workspace`, `edit_yaml`, `cli_main` (`cli_with` for module
+fixtures), `tiny_roberta`. Markers (pyproject.toml): `simulation` and `subprocess` for tests that
+start a federation or another process (both in the default run)."""
 
 from __future__ import annotations
 
@@ -96,17 +96,19 @@ def other_dir(tiny_backbone) -> Path:
     return tiny_backbone(seed=7)
 
 
-@pytest.fixture
-def cli_with(monkeypatch) -> Callable[..., Callable[..., int]]:
-    """`cli_with("data", ...)`: `fedprompt.cli.main` with only these commands registered: the real CLI's
+def cli_main(patch: pytest.MonkeyPatch, *commands: str) -> Callable[..., int]:
+    """`fedprompt.cli.main` with only `commands` registered (until `patch` is undone): the real CLI's
     argument and error handling, without importing the other (heavier) commands."""
     from fedprompt import cli
 
-    def main_with(*commands: str) -> Callable[..., int]:
-        monkeypatch.setattr(cli, "COMMANDS", commands)
-        return cli.main
+    patch.setattr(cli, "COMMANDS", commands)
+    return cli.main
 
-    return main_with
+
+@pytest.fixture
+def cli_with(monkeypatch) -> Callable[..., Callable[..., int]]:
+    """`cli_with("data", ...)`: `cli_main` for one test."""
+    return lambda *commands: cli_main(monkeypatch, *commands)
 
 
 @pytest.fixture

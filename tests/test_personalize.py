@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import edit_yaml
+from conftest import cli_main, edit_yaml
 from torch.utils.data import TensorDataset
 
 from fedprompt.client.personalize import (
@@ -118,16 +118,11 @@ def cli(cli_with):
 def personalized(world) -> dict:
     """One `fedprompt personalize` of hospital-1, run with sockets forbidden and every opened file
     recorded: what it opened, tried to connect, printed, and changed under the world's root."""
-    from fedprompt import cli
-
-    patch = pytest.MonkeyPatch()
-    patch.setattr(cli, "COMMANDS", ("personalize",))
     site, out = world / "ws" / "hospital-1" / "site.yaml", world / "out"
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        main = cli_main(patch, "personalize")
         with watched(world) as watch:
-            code = cli.main(["personalize", "--site", str(site), "--model", str(world / "export"), "--out", str(out)])
-    finally:
-        patch.undo()
+            code = main(["personalize", "--site", str(site), "--model", str(world / "export"), "--out", str(out)])
     return {
         "code": code,
         "out": out,
