@@ -66,6 +66,7 @@ def test_fab_of_the_default_app_is_code_free_and_names_the_installed_components(
     assert set(config["tool"]["flwr"]["app"]["config"]) == {"workspace", "out", "rounds", "backbone", "resume"}
 
 
+@pytest.mark.subprocess
 def test_wheel_install_resolves_the_default_app_from_package_data(tmp_path):
     """Build the wheel from a copy of the sources (no build/ left in the working tree), install it
     into a folder, and ask that installed copy for its default app."""

@@ -41,6 +41,7 @@ def _positive_finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.subprocess
 def test_runner_comm_and_micro_dp(tmp_path, tiny_dir):
     backbone = tiny_dir
     data = _corpus(tmp_path / "data")

@@ -128,6 +128,7 @@ def test_dockerfiles():
     assert "whl/cu" in (ROOT / "docker" / "Dockerfile.cuda").read_text()
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("profile", [None, "gpu", "run"])
 def test_docker_compose_config_is_valid(profile):
     exe = shutil.which("docker-compose")

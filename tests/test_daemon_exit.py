@@ -29,7 +29,7 @@ from test_faults_processes import Topology, cmdline, descendants
 
 from deploy_topology import wait_for
 
-pytestmark = [pytest.mark.deployment, pytest.mark.faults]
+pytestmark = [pytest.mark.deployment, pytest.mark.faults, pytest.mark.subprocess]
 
 EXIT_S = 30.0  # issue 23's target: the daemon ends within 30 s of its SuperNode's death
 SIGTERM_S = 10.0  # "within a few seconds" on a loaded shared host

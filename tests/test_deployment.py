@@ -51,7 +51,7 @@ from deploy_topology import (
     wait_for,
 )
 
-pytestmark = pytest.mark.deployment
+pytestmark = [pytest.mark.deployment, pytest.mark.subprocess]
 
 RUN_TIMEOUT = 900.0  # the 2-round run, from submission to metrics.json (a generous bound: 2 cores shared)
 # How Flower 1.42 words a daemon it declared gone (SuperNode or ClientApp heartbeat missed).

@@ -58,7 +58,7 @@ from deploy_topology import (
     wait_for,
 )
 
-pytestmark = pytest.mark.deployment
+pytestmark = [pytest.mark.deployment, pytest.mark.subprocess]
 
 FLEET = b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\nContent-Type: application/protobuf\r\n"
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ")

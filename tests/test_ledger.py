@@ -176,6 +176,7 @@ def _record_many(path: str, me: int, n: int, start: Any) -> None:
         time.sleep(0.005)  # a round's work: lets the other process take the lock in between
 
 
+@pytest.mark.subprocess
 def test_crash_right_after_record_still_counts(tmp_path):
     ledger = new_ledger(tmp_path, "rdp")
     child = subprocess.run(
@@ -188,6 +189,7 @@ def test_crash_right_after_record_still_counts(tmp_path):
     assert after.epsilon_spent() == pytest.approx(opacus_epsilon("rdp", [(1.0, 0.01, 100)]), abs=1e-9)
 
 
+@pytest.mark.subprocess
 def test_concurrent_records_all_survive(tmp_path):
     ledger = new_ledger(tmp_path, "rdp")
     n = 25
@@ -627,6 +629,7 @@ print("recorded")
 """
 
 
+@pytest.mark.subprocess
 def test_rollback_is_detected_and_refused_in_another_process(tmp_path, cli, capsys):
     (tmp_path / "other-volume").mkdir()
     site = write_site(tmp_path, accountant="rdp", anchor="other-volume/ledger.anchor")

@@ -7,6 +7,8 @@ import re
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -69,6 +71,7 @@ def test_connection_file_is_toml_whatever_the_path(tmp_path):
     }
 
 
+@pytest.mark.subprocess
 def test_flower_telemetry_is_off_in_every_fedprompt_process():
     """Flower sends usage events to Flower Labs unless FLWR_TELEMETRY_ENABLED=0 when it is first
     imported; importing fedprompt first (every command, daemon, worker and the API do) turns it off."""

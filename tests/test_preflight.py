@@ -62,6 +62,7 @@ def _little_left(ws: Path, tiny_dir: Path, hospital: str) -> tuple[float, float,
     return spent, cap, first
 
 
+@pytest.mark.simulation
 def test_run_that_not_enough_sites_can_afford_never_starts_and_charges_nothing(tmp_path, tiny_dir, capsys):
     ws = make_workspace(tmp_path, tiny_dir, hospitals=3, per_hospital=40, overrides={**QUICK, "min_hospitals": 3})
     ensure_ledgers(ws)
@@ -118,6 +119,7 @@ def _flaky_app(site_paths: list[Path], flaky: str, in_round: int) -> ClientApp:
     return app
 
 
+@pytest.mark.simulation
 def test_sites_that_decline_get_no_train_message_and_a_broken_promise_is_reported(tmp_path, tiny_dir):
     ws = make_workspace(tmp_path, tiny_dir, hospitals=4, per_hospital=40, overrides={**QUICK, "min_hospitals": 3})
     ensure_ledgers(ws)
@@ -185,6 +187,7 @@ def test_preflight_reply_is_the_status_record_alone_and_writes_nothing(tmp_path,
     assert _ledger_files(ws) == before
 
 
+@pytest.mark.simulation
 def test_malformed_preflight_answer_does_not_confirm(tmp_path, tiny_dir):
     """A reply carrying anything but the status record is rejected, and counts as a no."""
     ws = make_workspace(tmp_path, tiny_dir, hospitals=2, per_hospital=20, overrides={**QUICK, "min_hospitals": 2})
@@ -209,6 +212,7 @@ def test_malformed_preflight_answer_does_not_confirm(tmp_path, tiny_dir):
     assert metrics["outcome_reason"].startswith("pre-flight: only 1 of min_hospitals 2 sites can train the run: ")
 
 
+@pytest.mark.subprocess
 def test_the_warm_worker_answers_the_preflight(tmp_path, tiny_dir):
     """A deployed daemon: its executor hands the "query" message to the warm worker (the same
     handler as the ClientApp), which answers with the status record alone and charges nothing."""

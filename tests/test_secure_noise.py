@@ -41,6 +41,7 @@ def _first_values(out) -> None:
     out.put((os.getpid(), gaussian((1000,), 1.0).tolist()))
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("method", ["spawn", "fork"])
 def test_two_processes_never_share_a_stream(method):
     """Two processes draw their first 1,000 values each: no value in common (a forked child would
