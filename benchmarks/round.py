@@ -1,6 +1,6 @@
 """Round overhead of the real deployment: round wall time minus the slowest hospital's training.
 
-The topology is tests/deploy_topology.py's, on 127.0.0.1 only: PKI, `fedprompt aggregator start`
+The topology is benchmarks/deploy_topology.py's, on 127.0.0.1 only: PKI, `fedprompt aggregator start`
 (SuperLink with TLS + node auth + Fleet-only proxy), 3 registered hospital keys, 3 `fedprompt
 hospital start` daemons (SuperNode + executor + warm worker, client/daemon.py), then `fedprompt
 aggregator run` of the packaged code-free app. Hospitals use the default backbone unless
@@ -26,7 +26,8 @@ from pathlib import Path
 
 import yaml
 
-from .common import PROJECT_ROOT, Context, describe, md_table, tree_rss_mb
+from . import deploy_topology as topo
+from .common import Context, describe, md_table, tree_rss_mb
 
 HOSPITALS = 3
 PER_HOSPITAL = 40
@@ -58,13 +59,6 @@ SEGMENTS = (
 )
 
 
-def _topology():
-    sys.path.insert(0, str(PROJECT_ROOT / "tests"))  # the deployment helpers the tests use
-    import deploy_topology
-
-    return deploy_topology
-
-
 def _workspace(root: Path, backbone: str | None, rounds: int) -> Path:
     from fedprompt.client.demo_data import generate_demo, write_demo_workspace
     from fedprompt.simulation import ensure_ledgers
@@ -87,7 +81,6 @@ def _workspace(root: Path, backbone: str | None, rounds: int) -> Path:
 
 def _deploy(ctx: Context, root: Path, rounds: int) -> tuple[dict, list[dict], dict]:
     """Runs the topology; returns (metrics.json, executor timing lines, facts about the run)."""
-    topo = _topology()
     logs = root / "logs"
     logs.mkdir()
     procs = topo.Processes(logs)

@@ -1,4 +1,4 @@
-"""The hospital daemon always ends, with real processes on loopback (tests/deploy_topology.py: PKI,
+"""The hospital daemon always ends, with real processes on loopback (benchmarks/deploy_topology.py: PKI,
 SuperLink with TLS + node auth + SQLite, the Fleet-only proxy, `fedprompt hospital start`).
 
 - Its SuperNode SIGKILLed while idle: the daemon exits 1 within 30 s (worker gone too), and
@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from test_faults_processes import Topology, cmdline, descendants
 
-from deploy_topology import wait_for
+from benchmarks.deploy_topology import wait_for
 
 pytestmark = [pytest.mark.deployment, pytest.mark.faults, pytest.mark.subprocess]
 

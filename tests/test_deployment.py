@@ -32,9 +32,7 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
 
-from fedprompt.server.proxy_auth import signed_headers
-
-from deploy_topology import (
+from benchmarks.deploy_topology import (
     APP,
     FEDPROMPT,
     Processes,
@@ -50,6 +48,7 @@ from deploy_topology import (
     start_hospital,
     wait_for,
 )
+from fedprompt.server.proxy_auth import signed_headers
 
 pytestmark = [pytest.mark.deployment, pytest.mark.subprocess]
 

@@ -1,7 +1,7 @@
 """Fault scenarios 1, 2, 3 and 8 of docs/reliability.md with real processes on loopback
 (markers `faults` and `heavy`: not in the default run; `python -m pytest -m heavy`).
 
-Each test starts its own topology (tests/deploy_topology.py: PKI, SuperLink with TLS + node auth +
+Each test starts its own topology (benchmarks/deploy_topology.py: PKI, SuperLink with TLS + node auth +
 SQLite, the Fleet-only proxy, hospital daemons) and submits a run with `fedprompt aggregator run`,
 then injects its fault:
 
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy_topology import (
+from benchmarks.deploy_topology import (
     FEDPROMPT,
     Processes,
     copy_app,

@@ -43,11 +43,7 @@ from flwr.proto.control_pb2 import ListNodesResponse
 from flwr.proto.node_pb2 import NodeInfo
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes, sign_message
 
-from fedprompt.server.fleet_proxy import FleetProxy, ProxyConfig, allowed
-from fedprompt.server.proxy_auth import signed_headers
-from fedprompt.server.proxy_limits import source_group
-
-from deploy_topology import (
+from benchmarks.deploy_topology import (
     FEDPROMPT,
     Processes,
     can_connect,
@@ -57,6 +53,9 @@ from deploy_topology import (
     register_hospital,
     wait_for,
 )
+from fedprompt.server.fleet_proxy import FleetProxy, ProxyConfig, allowed
+from fedprompt.server.proxy_auth import signed_headers
+from fedprompt.server.proxy_limits import source_group
 
 pytestmark = [pytest.mark.deployment, pytest.mark.subprocess]
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 from conftest import edit_yaml
 
-from deploy_topology import Processes, can_connect, deploy_env, free_port, wait_for
+from benchmarks.deploy_topology import Processes, can_connect, deploy_env, free_port, wait_for
 
 pytestmark = pytest.mark.deployment
 

@@ -1,5 +1,5 @@
-"""Helpers that start the real deployment topology on loopback, shared by tests/test_deployment.py
-and tests/test_faults_processes.py (not a test module itself).
+"""Helpers that start the real deployment topology on loopback, shared by the deployment tests
+(tests/test_deployment.py, test_faults_processes.py, ...) and benchmarks/round.py.
 
     init_pki                  fedprompt pki init / pki hospital (CA + server certificate, SuperNode keys)
     start_aggregator          fedprompt aggregator start: flower-superlink (TLS, node auth, SQLite) + Fleet-only proxy
@@ -118,11 +118,9 @@ def make_workspace(
     max_length: int = 32,
     max_epsilon: float | None = None,
 ) -> Path:
+    from benchmarks.tiny_backbone import make_tiny_backbone
     from fedprompt.client.demo_data import generate_demo, write_demo_workspace
     from fedprompt.simulation import ensure_ledgers
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from tinybert import make_tiny_backbone
 
     ws = write_demo_workspace(
         root / "workspace", generate_demo(hospitals=hospitals, per_hospital=per_hospital, test_size=test_size)
