@@ -802,77 +802,73 @@ def _positive(kind: type) -> Callable[[str], int | float]:
     return parse
 
 
+# The limits --help offers: (flag, ProxyConfig field, parser, metavar, meaning). Each flag's default,
+# shown in --help, is the field's; config_from_args passes each back to its field.
+_LIMITS: tuple[tuple[str, str, Callable[[str], int | float], str, str], ...] = (
+    (
+        "--max-body",
+        "max_body",
+        _positive(int),
+        "BYTES",
+        "largest push-object body (other Fleet methods: 64 KiB, push-messages 1 MiB); more: 413",
+    ),
+    (
+        "--max-inflight",
+        "max_inflight",
+        _positive(int),
+        "BYTES",
+        "body bytes being sent to the SuperLink at once, all requests together",
+    ),
+    ("--max-connections", "max_connections", _positive(int), "N", "open connections in all"),
+    (
+        "--reserved-connections",
+        "reserved_connections",
+        int,
+        "N",
+        "of those, kept for connections and addresses that authenticated as a registered SuperNode",
+    ),
+    (
+        "--max-connections-per-source",
+        "max_connections_per_source",
+        _positive(int),
+        "N",
+        "connections not authenticated yet from one source network, /24 (IPv4) or /64 (IPv6)",
+    ),
+    (
+        "--stranger-rate",
+        "stranger_rate",
+        _positive(float),
+        "N",
+        "new connections a second from addresses that have not authenticated, all together; more are "
+        "closed before the TLS handshake",
+    ),
+    (
+        "--min-body-rate",
+        "min_body_rate",
+        _positive(float),
+        "BYTES_PER_S",
+        "a request body must keep up this rate after --body-grace seconds; slower: 408",
+    ),
+    *(
+        (flag, field, _positive(float), "SECONDS", f"seconds {what}")
+        for flag, field, what in [
+            ("--handshake-timeout", "handshake_timeout", "to complete the TLS handshake"),
+            ("--head-timeout", "head_timeout", "from a request's first byte to its whole head"),
+            ("--idle-timeout", "idle_timeout", "a kept-alive connection may wait for its next request"),
+            ("--body-timeout", "body_timeout", "of silence while a request body arrives (then 408)"),
+            ("--body-grace", "body_grace", "before --min-body-rate applies to a request body"),
+            ("--upstream-timeout", "io_timeout", "for the SuperLink's answer (then 504)"),
+        ]
+    ),
+)
+
+
 def _add_limits(g: argparse._ArgumentGroup) -> None:
     d = ProxyConfig("", 0, "", 0)  # its defaults, shown in --help
-    g.add_argument(
-        "--max-body",
-        type=_positive(int),
-        default=d.max_body,
-        metavar="BYTES",
-        help=f"largest push-object body (other Fleet methods: 64 KiB, push-messages 1 MiB); more: 413 "
-        f"(default {d.max_body})",
-    )
-    g.add_argument(
-        "--max-inflight",
-        type=_positive(int),
-        default=d.max_inflight,
-        metavar="BYTES",
-        help=f"body bytes being sent to the SuperLink at once, all requests together (default {d.max_inflight})",
-    )
-    g.add_argument(
-        "--max-connections",
-        type=_positive(int),
-        default=d.max_connections,
-        metavar="N",
-        help=f"open connections in all (default {d.max_connections})",
-    )
-    g.add_argument(
-        "--reserved-connections",
-        type=int,
-        default=d.reserved_connections,
-        metavar="N",
-        help="of those, kept for connections and addresses that authenticated as a registered SuperNode "
-        f"(default {d.reserved_connections})",
-    )
-    g.add_argument(
-        "--max-connections-per-source",
-        type=_positive(int),
-        default=d.max_connections_per_source,
-        metavar="N",
-        help="connections not authenticated yet from one source network, /24 (IPv4) or /64 (IPv6) "
-        f"(default {d.max_connections_per_source})",
-    )
-    g.add_argument(
-        "--stranger-rate",
-        type=_positive(float),
-        default=d.stranger_rate,
-        metavar="N",
-        help="new connections a second from addresses that have not authenticated, all together; more are "
-        f"closed before the TLS handshake (default {d.stranger_rate:g})",
-    )
-    g.add_argument(
-        "--min-body-rate",
-        type=_positive(float),
-        default=d.min_body_rate,
-        metavar="BYTES_PER_S",
-        help=f"a request body must keep up this rate after --body-grace seconds; slower: 408 "
-        f"(default {d.min_body_rate:g})",
-    )
-    for flag, field, what in [
-        ("--handshake-timeout", "handshake_timeout", "to complete the TLS handshake"),
-        ("--head-timeout", "head_timeout", "from a request's first byte to its whole head"),
-        ("--idle-timeout", "idle_timeout", "a kept-alive connection may wait for its next request"),
-        ("--body-timeout", "body_timeout", "of silence while a request body arrives (then 408)"),
-        ("--body-grace", "body_grace", "before --min-body-rate applies to a request body"),
-        ("--upstream-timeout", "io_timeout", "for the SuperLink's answer (then 504)"),
-    ]:
-        g.add_argument(
-            flag,
-            type=_positive(float),
-            default=getattr(d, field),
-            metavar="SECONDS",
-            help=f"seconds {what} (default {getattr(d, field):g})",
-        )
+    for flag, field, parse, metavar, what in _LIMITS:
+        default = getattr(d, field)
+        shown = f"{default:g}" if parse.__name__ == "float" else default  # _positive keeps the kind's name
+        g.add_argument(flag, type=parse, default=default, dest=field, metavar=metavar, help=f"{what} (default {shown})")
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -917,19 +913,7 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         server_ssl=None if args.insecure else server_context(cert, key),
         upstream_ssl=None if args.upstream_insecure else upstream_context(ca),
         upstream_server_name=args.upstream_name,
-        max_body=args.max_body,
-        max_connections=args.max_connections,
-        max_connections_per_source=args.max_connections_per_source,
-        reserved_connections=args.reserved_connections,
-        stranger_rate=args.stranger_rate,
-        max_inflight=args.max_inflight,
-        min_body_rate=args.min_body_rate,
-        body_grace=args.body_grace,
-        handshake_timeout=args.handshake_timeout,
-        head_timeout=args.head_timeout,
-        idle_timeout=args.idle_timeout,
-        body_timeout=args.body_timeout,
-        io_timeout=args.upstream_timeout,
+        **{field: getattr(args, field) for _, field, *_ in _LIMITS},
     )
 
 
