@@ -23,6 +23,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -419,3 +420,27 @@ def test_proxy_stops_cleanly_with_connections_open(tmp_path):
         c.close()
     assert proc.returncode == 0, out
     assert "Traceback" not in out and "fleet proxy stopped" in out, out
+
+
+@pytest.mark.parametrize("proxy", [False, True], ids=["no-fleet-proxy", "with-proxy"])
+def test_aggregator_stops_on_sigterm_within_seconds(tmp_path, proxy):
+    """`aggregator start` passes SIGTERM to its SuperLink and exits 0 once it ended: with
+    --no-fleet-proxy it used to stop the SuperLink from inside the signal handler, blocked on the wait
+    lock its own main thread held, and killed it 15 s later (exit 247)."""
+    env = deploy_env(tmp_path)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    pki, _ = init_pki(tmp_path, env, keys=1)
+    port = free_port()
+    argv = [*FEDPROMPT, "aggregator", "start", "--pki", str(pki), "--state", str(tmp_path / "state")]
+    argv += ["--port", str(port), "--fleet-port", str(free_port())] + ([] if proxy else ["--no-fleet-proxy"])
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: can_connect(port), 180, "the SuperLink")
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)  # the aggregator only, not its process group
+        out, _ = proc.communicate(timeout=30)
+        took = time.monotonic() - t0
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and took < 10, (proc.returncode, took, out[-3000:])
+    assert "Traceback" not in out, out[-3000:]

@@ -291,11 +291,14 @@ def run_start(args: argparse.Namespace) -> int:
         return link.wait()
 
     if args.no_fleet_proxy:
-        signal.signal(signal.SIGTERM, lambda *_: stop_link())
+        # SIGTERM as Ctrl-C: it interrupts link.wait() below. (Stopping the SuperLink inside the handler
+        # waited on the same Popen the main thread was blocked in: its wait lock held, the full 15 s,
+        # then SIGKILL.)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             return link.wait()
         except KeyboardInterrupt:
-            return stop_link()
+            return max(stop_link(), 0)  # the SuperLink ended by the signal we passed on: a clean stop
         finally:
             stop_link()
 
