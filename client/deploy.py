@@ -52,6 +52,16 @@ def check_hospital(site_path: Path, key: Path, root_certificates: Path) -> Hospi
                 problems.append(Problem(str(site.ledger), None, "ledger", str(exc)))
             except InputError as exc:
                 problems += exc.problems
+        if site.labels is None:  # the daemon would refuse every message (client/hospital.py)
+            problems.append(
+                Problem(
+                    str(site_path),
+                    None,
+                    "labels",
+                    f"the label space is not pinned: run `fedprompt hospital labels --site {site_path} --federation "
+                    "FEDERATION.yaml` (the aggregator's federation.yaml) before starting the daemon",
+                )
+            )
         for name in ("train", "validation"):
             p = getattr(site, name)
             if p is not None and not Path(p).is_file():

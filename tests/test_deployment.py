@@ -225,6 +225,15 @@ def test_hospital_start_validates_before_starting(deployment, tmp_path):
     bad_site.write_text(yaml.safe_dump(site))
     r = cli(*base, "--site", str(bad_site), "--key", str(keys / "hospital-2.key"), env=deployment["env"])
     assert r.returncode == 2 and "fedprompt privacy init --site" in r.stderr, r.stderr
+    # No label space pinned (a daemon that would refuse every message): exit 2, and how to pin it.
+    site = yaml.safe_load((ws / "hospital-2" / "site.yaml").read_text())
+    for key in ("train", "validation", "ledger"):
+        site[key] = str(ws / "hospital-2" / site[key])
+    del site["labels"]
+    bad_site.write_text(yaml.safe_dump(site))
+    r = cli(*base, "--site", str(bad_site), "--key", str(keys / "hospital-2.key"), env=deployment["env"])
+    assert r.returncode == 2 and "labels: the label space is not pinned" in r.stderr, r.stderr
+    assert "fedprompt hospital labels --site" in r.stderr, r.stderr
     # A key that is not an OpenSSH EC private key (here: the public key): exit 2.
     r = cli(
         *base,

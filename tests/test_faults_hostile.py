@@ -44,7 +44,7 @@ from fedprompt.common.metrics import evaluate
 from fedprompt.common.model import build_model, initial_state
 from fedprompt.common.plan import RoundPlan, prompt_config
 from fedprompt.common.wire import ARRAYS, CONFIG, arrays_to_state, state_to_arrays
-from fedprompt.server.strategy import ValidatedStrategy, build_strategy
+from fedprompt.server.strategy import ClassMeansHead, ValidatedStrategy, build_strategy
 from fedprompt.simulation import ensure_ledgers
 
 from test_strategy import instruction, reply
@@ -171,6 +171,7 @@ def run_federation(
         prompt,
         norm_bound=norm_bound,
         min_hospitals=HOSPITALS - 1,
+        class_means=ClassMeansHead.for_run(fed, backbone, prompt),  # round 1 is the class-sums release
     )
     state = initial_state(backbone, prompt)
     out: dict = {"strategy": strategy, "attack": attack or "none", "norm_bound": norm_bound, "rounds": []}

@@ -232,18 +232,26 @@ def test_check_bad_records_exits_2_and_writes_nothing(workspace, data_cli, capsy
 
 def test_check_without_a_federation_checks_the_site_alone(workspace, data_cli, capsys, tmp_path):
     """A hospital holds its site.yaml, not the aggregator's federation.yaml: `data check` checks
-    what the site can alone and says what it could not (the labels against the label space)."""
+    what the site can alone (the labels against the space pinned in site.yaml, if pinned) and says
+    what it could not."""
     (workspace / "federation.yaml").rename(tmp_path / "federation.yaml")
     site = workspace / "hospital-1"
     assert data_cli(["data", "check", "--site", str(site / "site.yaml")]) == 0
     out = capsys.readouterr().out
-    assert "not checked: the labels above against the federation's label space: pass --federation" in out
+    assert f"labels checked against the label space pinned in {site / 'site.yaml'}" in out
+    assert "not checked" not in out
     assert "neoplasms" in out and "ledger: not created yet" in out and out.rstrip().endswith("ok")
-    # A label outside the label space passes alone (it is listed), and is caught with --federation.
+    # A label outside the label space: caught against the pinned space; an unpinned site passes alone
+    # (the label is listed, the check named as not done) and is caught with --federation.
     with (site / "train.csv").open("a", encoding="utf-8") as f:
         f.write("x,cancer\n")
+    assert data_cli(["data", "check", "--site", str(site / "site.yaml")]) == 2
+    assert f"{site / 'train.csv'}:22: label: unknown label 'cancer'" in capsys.readouterr().err
+    edit_yaml(site / "site.yaml", lambda d: d.pop("labels"))
     assert data_cli(["data", "check", "--site", str(site / "site.yaml")]) == 0
-    assert "cancer" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "cancer" in out
+    assert "not checked: the labels above against the federation's label space: pass --federation" in out
     assert (
         data_cli(
             ["data", "check", "--site", str(site / "site.yaml"), "--federation", str(tmp_path / "federation.yaml")]
@@ -251,6 +259,13 @@ def test_check_without_a_federation_checks_the_site_alone(workspace, data_cli, c
         == 2
     )
     assert f"{site / 'train.csv'}:22: label: unknown label 'cancer'" in capsys.readouterr().err
+    # Pinned to another label space than the federation's: refused, naming both.
+    edit_yaml(site / "site.yaml", lambda d: d.update(labels=["a", "b"]))
+    argv = ["data", "check", "--site", str(site / "site.yaml"), "--federation", str(tmp_path / "federation.yaml")]
+    assert data_cli(argv) == 2
+    err = capsys.readouterr().err
+    assert "labels: pinned ['a', 'b'], but" in err and "every plan of that federation would be refused" in err
+    edit_yaml(site / "site.yaml", lambda d: d.pop("labels"))
     # What the site can check alone is still checked: columns, empty texts, delta, backbone, ledger.
     (site / "val.csv").write_text("text,diagnosis\nx,neoplasms\n", encoding="utf-8")
     edit_yaml(site / "site.yaml", lambda d: d.update(privacy={**d["privacy"], "delta": 0.1}, backbone=str(tmp_path)))

@@ -176,9 +176,9 @@ def run_download(args: argparse.Namespace) -> int:
 
 
 def _load_splits(
-    site: SiteConfig, federation: FederationConfig | None, problems: list[Problem]
+    site: SiteConfig, space: list[str] | None, problems: list[Problem]
 ) -> tuple[dict[str, Records], dict[str, list[str]]]:
-    """The site's record files that load, and each split's label names (the federation's, or else
+    """The site's record files that load, and each split's label names (the label space, or else
     those the file holds); each file's problems appended."""
     loaded: dict[str, Records] = {}
     names: dict[str, list[str]] = {}
@@ -187,17 +187,17 @@ def _load_splits(
             # The patient field is what training reads: checked on the training records.
             patient_field = site.patient_field if split == "train" else None
             try:
-                if federation is None:
+                if space is None:
                     loaded[split], names[split] = load_labelled(
                         path, text_field=site.text_field, label_field=site.label_field, patient_field=patient_field
                     )
                 else:
-                    names[split] = federation.label_names
+                    names[split] = space
                     loaded[split] = load_records(
                         path,
                         text_field=site.text_field,
                         label_field=site.label_field,
-                        labels=federation.label_names,
+                        labels=space,
                         patient_field=patient_field,
                     )
             except InputError as exc:
@@ -206,14 +206,10 @@ def _load_splits(
 
 
 def _print_counts(
-    site: SiteConfig, loaded: dict[str, Records], names: dict[str, list[str]], federation: FederationConfig | None
+    site: SiteConfig, loaded: dict[str, Records], names: dict[str, list[str]], space: list[str] | None
 ) -> None:
     """The records per label and split, a total last."""
-    labels = (
-        federation.label_names
-        if federation is not None
-        else sorted({n for v in names.values() for n in v}, key=natural_key)
-    )
+    labels = space if space is not None else sorted({n for v in names.values() for n in v}, key=natural_key)
     counts = {s: dict(zip(names[s], r.counts(len(names[s])), strict=True)) for s, r in loaded.items()}
     width = max(map(len, [*labels, "total"]))
     print(f"{site.hospital_id}: {site.source}")
@@ -232,7 +228,19 @@ def run_check(args: argparse.Namespace) -> int:
         federation_path = beside if beside.is_file() else None
     federation = None if federation_path is None else FederationConfig.load(federation_path)
     problems: list[Problem] = []
-    loaded, names = _load_splits(site, federation, problems)
+    # The label space: the federation's, else the one pinned in site.yaml (what a plan must match).
+    space = federation.label_names if federation is not None else site.labels
+    if federation is not None and site.labels is not None and site.labels != federation.label_names:
+        problems.append(
+            Problem(
+                str(site.source),
+                None,
+                "labels",
+                f"pinned {site.labels}, but {federation.source} has the label space {federation.label_names}: "
+                "every plan of that federation would be refused (pin it with `fedprompt hospital labels`)",
+            )
+        )
+    loaded, names = _load_splits(site, space, problems)
     n_train = len(loaded["train"]) if "train" in loaded else None
     unit = "training records"
     if n_train and loaded["train"].patients is not None:  # patient-level DP: the patient is the unit
@@ -274,19 +282,22 @@ def run_check(args: argparse.Namespace) -> int:
     if "train" in loaded:
         train = loaded["train"].path
         warnings += duplicates.leak_report([train], [r.path for r, _ in files if r.path != train])
-    _print_counts(site, loaded, names, federation)
+    _print_counts(site, loaded, names, space)
     if unit == "patients":
         print(f"patients (train, the DP unit: {site.patient_field})  {n_train}")
     print(ledger)
-    if federation is None:
-        unchecked = "the labels above against the federation's label space"
-        if site.patient_field is not None:
-            unchecked += ", and patient_field against the federation's recipe (a trained input prompt)"
-        print(
-            f"not checked: {unchecked}: pass --federation FILE (the aggregator's federation.yaml; it holds no secrets)"
-        )
-    else:
+    if federation is not None:
         print(f"labels checked against the label space of {federation.source}")
+    elif site.labels is not None:
+        print(f"labels checked against the label space pinned in {site.source}")
+    unchecked = [] if space is not None else ["the labels above against the federation's label space"]
+    if federation is None and site.patient_field is not None:
+        unchecked.append("patient_field against the federation's recipe (a trained input prompt)")
+    if unchecked:
+        print(
+            f"not checked: {', and '.join(unchecked)}: pass --federation FILE (the aggregator's federation.yaml; it "
+            "holds no secrets)"
+        )
     for line in warnings:
         print(line)
     print("ok")  # warnings are not errors: the records are valid, and the data manager decides
