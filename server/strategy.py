@@ -21,6 +21,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.fedopt import FedOpt
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedprompt.common.backbone import Backbone
@@ -146,8 +147,8 @@ class ClassMeansHead:
         self, merged: dict[str, torch.Tensor], total_weight: float, sites: int, plan: RoundPlan
     ) -> dict[str, torch.Tensor]:
         """`merged` (the weighted mean of `sites` replies: each site's noisy sums over its declared size,
-        weighted by that size, sum(S) / sum(w)) with its head made from those sums. Whatever robust
-        strategy runs the other rounds, this one is a mean: the sums are meant to be added."""
+        weighted by that size, sum(S) / sum(w); or a robust strategy's estimate of it) with its head made
+        from those sums."""
         sigma = class_sums_sigma(plan, plan.delta or DEFAULT_DELTA) if plan.private else 0.0
         prior = label_weight(self.label_prior, sigma, sites)
         head = head_from_class_sums(
@@ -293,7 +294,7 @@ class ValidatedStrategy(Strategy):
         untouched = self._untouched(accepted)  # before the inner strategy, which may consume the replies
         arrays: ArrayRecord | None
         if self._plan is not None and class_sums_round(self._plan):
-            arrays = self._class_means_head(accepted)
+            arrays = self._class_means_head(server_round, accepted)
         else:
             arrays, _ = self.inner.aggregate_train(server_round, accepted)
         self.aggregated[server_round] = arrays is not None
@@ -304,13 +305,22 @@ class ValidatedStrategy(Strategy):
         total = sum(o.weight for o in outcomes.values() if o.status == "ok")
         return arrays, MetricRecord({"hospitals-ok": len(accepted), "weight": float(total)})
 
-    def _class_means_head(self, accepted: list[Message]) -> ArrayRecord:
-        """The class-sums round: the weighted mean of the replies made into the head (ClassMeansHead)."""
-        assert self._global is not None and self.class_means is not None
-        assert self._plan is not None  # a class-sums round is known from its plan
-        weights = [_number(m.content.metric_records[METRICS]["num-examples"]) for m in accepted]
-        merged = arrays_to_state(aggregate_arrayrecords([m.content for m in accepted], "num-examples"))
-        return state_to_arrays(self.class_means.apply(merged, sum(weights), len(accepted), self._plan))
+    def _class_means_head(self, server_round: int, accepted: list[Message]) -> ArrayRecord | None:
+        """The class-sums round: the replies (each site's noisy sums over its declared size) aggregated, made
+        into the head (ClassMeansHead). By the run's strategy where it is an aggregator: FedAvg (weights =
+        declared sizes) adds the sums, sum(S) / sum(w); a robust one gives a robust estimate of that
+        per-record mass, which one hostile site inside the norm bound cannot drag as it drags a sum
+        (tests/test_faults_hostile.py). A server optimiser (FedOpt: FedAdam) steps from the global model
+        instead of aggregating, so its round is the plain weighted mean (and its moments stay untouched)."""
+        assert self.class_means is not None and self._plan is not None  # a class-sums round is known from its plan
+        weight = sum(_number(m.content.metric_records[METRICS]["num-examples"]) for m in accepted)
+        if isinstance(self.inner, FedOpt):
+            merged: ArrayRecord | None = aggregate_arrayrecords([m.content for m in accepted], "num-examples")
+        else:
+            merged, _ = self.inner.aggregate_train(server_round, accepted)
+        if merged is None:
+            return None
+        return state_to_arrays(self.class_means.apply(arrays_to_state(merged), weight, len(accepted), self._plan))
 
     def _bound(self, declared_size: float) -> float:
         """The largest update norm an honest site of this declared size sends this round."""

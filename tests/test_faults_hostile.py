@@ -9,7 +9,7 @@ FedTrimmedAvg, FedMedian), on Flower Messages; only the transport is left out (t
 covered by the deployment and process tests; robustness is decided by aggregation).
 
 The backbone is the real default one (all-MiniLM-L6-v2; a tiny random BERT does not learn this
-task in a few rounds), on 1,500 abstracts (450 held out for the test) cut to 64 tokens, with mild
+task in a few rounds), on 1,500 abstracts (431 held out for the test) cut to 64 tokens, with mild
 label skew (Dirichlet alpha 10). Training is NON-PRIVATE so that five rounds learn something
 measurable (DP noise is orthogonal to what the aggregator does with an outlier), with a small
 learning rate so that the clean runs climb smoothly instead of swinging by 10-30 points between
@@ -176,10 +176,11 @@ def run_federation(
     state = initial_state(backbone, prompt)
     out: dict = {"strategy": strategy, "attack": attack or "none", "norm_bound": norm_bound, "rounds": []}
     for rnd in range(1, rounds + 1):
-        content = RecordDict(
-            {ARRAYS: state_to_arrays(state), CONFIG: RoundPlan.for_run(fed, prompt, round=rnd).to_config_record()}
-        )
+        plan = RoundPlan.for_run(fed, prompt, round=rnd)
+        content = RecordDict({ARRAYS: state_to_arrays(state), CONFIG: plan.to_config_record()})
+        # What configure_train records: the model, the messages and the plan it sent.
         guard._global, guard._sent[rnd] = state, [instruction(n) for n in range(1, HOSPITALS + 1)]
+        guard._plan = plan
         replies: list[Message] = []
         honest_norms = []
         for node, site in enumerate(fx["sites"], start=1):
@@ -280,12 +281,8 @@ def test_robust_strategies_and_norm_bound_hold_against_a_hostile_hospital(federa
         assert runs[f"{strategy}/scaled"]["final_state_sha256"] == runs[f"{strategy}/absent"]["final_state_sha256"]
         # (d): the noise passes the bound (it is plausible), and is accepted into the aggregate.
         assert all(r["hostile_status"] == "ok" for r in runs[f"{strategy}/noise"]["rounds"])
-    # Plain FedAvg without the bound: the scaled update dominates the average. Its test loss
-    # explodes (the global model is hospital-5's own update, magnified: confidently wrong).
-    clean_loss = runs["fedavg/none"]["rounds"][1]["loss"]
-    assert runs["fedavg-unbounded/scaled"]["final"]["loss"] > 10 * clean_loss, (
-        runs["fedavg-unbounded/scaled"]["final"],
-        clean_loss,
-    )
+    # Plain FedAvg without the bound: the scaled update dominates the average and wrecks the model
+    # (round 1's head is rebuilt from the sums at the logit scale, so it is the accuracy that falls).
+    assert settled["fedavg-unbounded/scaled"] < settled["fedavg/none"] - 0.2, settled
     # Robust strategies + bound: within 2 macro-F1 points of the clean run on the same data.
     assert all(abs(v) <= TOLERANCE for v in drift.values()), drift

@@ -509,8 +509,8 @@ def test_partitioned_real_corpus_trains(tmp_path, tiny_dir):
     # every record in exactly one split, but the 231 rows of the 113 texts under conflicting labels
     assert held + r["test"]["num_examples"] == 2888 - 231
     # no record count left any site: each declared the default weight, and validated locally
-    declared = [s.weight for s in load_workspace(ws)[1]]  # what each site.yaml declares, not a count
-    assert [o["weight"] for o in r["hospitals"].values()] == declared and r["evaluate"] is None
+    declared = {s.hospital_id: s.weight for s in load_workspace(ws)[1]}  # what each site.yaml declares
+    assert {name: o["weight"] for name, o in r["hospitals"].items()} == declared and r["evaluate"] is None
     # every hospital with a local test split gets the comparison the demo prints
     assert [row["hospital"] for row in metrics["hospital_comparison"]] == ["hospital-1", "hospital-2", "hospital-3"]
 

@@ -18,6 +18,7 @@ from flwr.serverapp.strategy import Strategy
 from fedprompt.common.config import FederationConfig, StrategyName, StrategySettings
 from fedprompt.common.errors import InputError
 from fedprompt.common.model import PromptConfig
+from fedprompt.common.plan import RoundPlan
 from fedprompt.common.wire import (
     ARRAYS,
     EVALUATION,
@@ -37,7 +38,7 @@ from fedprompt.common.wire import (
     state_to_arrays,
 )
 from fedprompt.server.strategies import REGISTRY, build_strategy
-from fedprompt.server.strategy import ValidatedStrategy, Witness, witnessed
+from fedprompt.server.strategy import ClassMeansHead, ValidatedStrategy, Witness, witnessed
 
 PROMPT = PromptConfig(labels=["a", "b", "c"], hidden_size=4, backbone_fingerprint="f" * 64, n_virtual_tokens=2)
 GLOBAL = {"prompt.weight": torch.zeros(2, 4), "head.weight": torch.zeros(3, 4), "head.bias": torch.zeros(3)}
@@ -194,6 +195,29 @@ def test_robust_strategies_resist_an_outlier_within_the_norm_bound(name, params,
     ]
     arrays, _ = s.aggregate_train(1, replies)
     np.testing.assert_allclose(arrays["head.bias"].numpy(), expected, rtol=1e-6)
+
+
+def _class_sums_head(name: str, outlier: float | None) -> np.ndarray:
+    """The head a class-sums round (round 1 of a 2-round plan) makes of four sites' equal sums, and a
+    fifth site's (`outlier`; None: it sent nothing)."""
+    s = guarded(name, min_hospitals=4)
+    s.class_means = ClassMeansHead(torch.eye(3, 4), label_prior=0.0, logit_scale=10.0)
+    s._plan = RoundPlan.for_run(FederationConfig(name="t", labels=PROMPT.labels, rounds=2), PROMPT, round=1)
+    s.inner.current_arrays = {k: v.numpy() for k, v in GLOBAL.items()}  # fedadam's, set by configure_train
+    sums = [update(1.0 + i / 10, hospital=f"h{i}") for i in range(1, 5)]
+    if outlier is not None:
+        sums.append(update(outlier, hospital="outlier"))
+    arrays, _ = s.aggregate_train(1, [reply(i, u) for i, u in enumerate(sums, 1)])
+    return arrays["head.weight"].numpy()
+
+
+def test_the_class_sums_round_is_aggregated_by_the_strategy():
+    """A robust rule protects the class-sums round (the default run's only round): one site's sums inside
+    the bound move FedAvg's head and not the median's; FedAdam, a server optimiser, takes the plain mean
+    there (its step from the global model would not be a sum of class sums)."""
+    assert np.array_equal(_class_sums_head("fedmedian", 15.0), _class_sums_head("fedmedian", 1.3))
+    assert not np.allclose(_class_sums_head("fedavg", 15.0), _class_sums_head("fedavg", None), atol=1e-3)
+    np.testing.assert_allclose(_class_sums_head("fedadam", 15.0), _class_sums_head("fedavg", 15.0), rtol=1e-6)
 
 
 def test_fedprox_and_fedadam_build_and_aggregate():
