@@ -230,16 +230,7 @@ def run_check(args: argparse.Namespace) -> int:
     problems: list[Problem] = []
     # The label space: the federation's, else the one pinned in site.yaml (what a plan must match).
     space = federation.label_names if federation is not None else site.labels
-    if federation is not None and site.labels is not None and site.labels != federation.label_names:
-        problems.append(
-            Problem(
-                str(site.source),
-                None,
-                "labels",
-                f"pinned {site.labels}, but {federation.source} has the label space {federation.label_names}: "
-                "every plan of that federation would be refused (pin it with `fedprompt hospital labels`)",
-            )
-        )
+    problems += _pin_problems(site, federation)
     loaded, names = _load_splits(site, space, problems)
     n_train = len(loaded["train"]) if "train" in loaded else None
     unit = "training records"
@@ -286,18 +277,7 @@ def run_check(args: argparse.Namespace) -> int:
     if unit == "patients":
         print(f"patients (train, the DP unit: {site.patient_field})  {n_train}")
     print(ledger)
-    if federation is not None:
-        print(f"labels checked against the label space of {federation.source}")
-    elif site.labels is not None:
-        print(f"labels checked against the label space pinned in {site.source}")
-    unchecked = [] if space is not None else ["the labels above against the federation's label space"]
-    if federation is None and site.patient_field is not None:
-        unchecked.append("patient_field against the federation's recipe (a trained input prompt)")
-    if unchecked:
-        print(
-            f"not checked: {', and '.join(unchecked)}: pass --federation FILE (the aggregator's federation.yaml; it "
-            "holds no secrets)"
-        )
+    _print_checked(site, federation)
     for line in warnings:
         print(line)
     print("ok")  # warnings are not errors: the records are valid, and the data manager decides
@@ -323,6 +303,39 @@ def _check_ledger(site: SiteConfig, problems: list[Problem]) -> str:
         problems += exc.problems
         return ""
     return f"ledger: {site.ledger}: {entries} round(s) recorded; lifetime cap epsilon {site.privacy.max_epsilon:g}"
+
+
+def _pin_problems(site: SiteConfig, federation: FederationConfig | None) -> list[Problem]:
+    """A label space pinned in site.yaml that is not the federation's: its every plan would be refused."""
+    if federation is None or site.labels is None or site.labels == federation.label_names:
+        return []
+    return [
+        Problem(
+            str(site.source),
+            None,
+            "labels",
+            f"pinned {site.labels}, but {federation.source} has the label space {federation.label_names}: "
+            "every plan of that federation would be refused (pin it with `fedprompt hospital labels`)",
+        )
+    ]
+
+
+def _print_checked(site: SiteConfig, federation: FederationConfig | None) -> None:
+    """Which label space the labels were checked against, and what could not be checked without one."""
+    if federation is not None:
+        print(f"labels checked against the label space of {federation.source}")
+    elif site.labels is not None:
+        print(f"labels checked against the label space pinned in {site.source}")
+    unchecked = []
+    if federation is None and site.labels is None:
+        unchecked.append("the labels above against the federation's label space")
+    if federation is None and site.patient_field is not None:
+        unchecked.append("patient_field against the federation's recipe (a trained input prompt)")
+    if unchecked:
+        print(
+            f"not checked: {', and '.join(unchecked)}: pass --federation FILE (the aggregator's federation.yaml; it "
+            "holds no secrets)"
+        )
 
 
 def _input_prompt_trained(federation: FederationConfig) -> bool:
