@@ -1,8 +1,9 @@
 """Helpers the test modules share. Fixtures: a tiny backbone per session (`tiny_backbone`, `tiny_dir`,
-`other_dir`) and the CLI with a few commands registered (`cli_with`, `data_cli`). Functions, imported
-(`from conftest import ...`): FAST, `make_workspace`, `edit_yaml`, `cli_main` (`cli_with` for module
-fixtures), `tiny_roberta`. Markers (pyproject.toml): `simulation` and `subprocess` for tests that
-start a federation or another process (both in the default run)."""
+`other_dir`), the late-prompt modules' encoders (`bert`, `roberta`) and the CLI with a few commands
+registered (`cli_with`, `data_cli`). Imported (`from conftest import ...`): FAST, `make_workspace`,
+`edit_yaml`, `cli_main` (`cli_with` for module fixtures), the late-prompt records (PROMPT_*). Markers
+(pyproject.toml): `simulation` and `subprocess` for tests that start a federation or another process
+(both in the default run)."""
 
 from __future__ import annotations
 
@@ -117,22 +118,49 @@ def data_cli(cli_with):
     return cli_with("data")
 
 
-def tiny_roberta(directory: Path, tokenizer, layers: int, positions: int) -> Path:
-    """A RoBERTa-style encoder (positions from padding_idx + 1 = 2) with `positions` positions, on the
-    tiny BERT's tokenizer: the other BERT-family layout the late prompt supports."""
+# The late-prompt modules' encoders and records (tests/test_late_prompt.py, test_prompt_recipe.py):
+# records of different lengths, so that padding is exercised.
+PROMPT_LAYERS = 4
+PROMPT_MAX_LENGTH = 24
+PROMPT_TEXTS = [
+    "chest pain heart blood pressure",
+    "brain seizure nerve headache with no fever and a normal exam of the patient",
+    "tumor mass",
+    "stomach liver bowel gastric colon history",
+    "the patient denies pain",
+    "carcinoma neoplasm of the colon with infection and inflammation",
+]
+PROMPT_LABELS = [0, 1, 2, 1, 0, 2]
+
+
+@pytest.fixture(scope="session")
+def bert(tiny_backbone):
+    """The tiny BERT with PROMPT_LAYERS layers, loaded."""
+    from fedprompt.common.backbone import load_backbone
+
+    return load_backbone(tiny_backbone(layers=PROMPT_LAYERS))
+
+
+@pytest.fixture(scope="session")
+def roberta(tmp_path_factory, bert):
+    """A RoBERTa-style encoder (positions from padding_idx + 1 = 2) with exactly PROMPT_MAX_LENGTH + 2
+    positions, on the tiny BERT's tokenizer: the other BERT-family layout the late prompt supports."""
     import torch
     from transformers import RobertaConfig, RobertaModel
 
-    tokenizer.save_pretrained(directory)
+    from fedprompt.common.backbone import load_backbone
+
+    directory = tmp_path_factory.mktemp("roberta")
+    bert.tokenizer.save_pretrained(directory)
     torch.manual_seed(1)
     config = RobertaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=len(bert.tokenizer),
         hidden_size=32,
-        num_hidden_layers=layers,
+        num_hidden_layers=PROMPT_LAYERS,
         num_attention_heads=2,
         intermediate_size=64,
-        max_position_embeddings=positions,
+        max_position_embeddings=PROMPT_MAX_LENGTH + 2,
         pad_token_id=1,
     )
     RobertaModel(config).save_pretrained(directory)
-    return directory
+    return load_backbone(directory)

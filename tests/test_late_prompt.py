@@ -8,7 +8,10 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import tiny_roberta
+from conftest import PROMPT_LABELS as LABELS
+from conftest import PROMPT_LAYERS as LAYERS
+from conftest import PROMPT_MAX_LENGTH as MAX_LENGTH
+from conftest import PROMPT_TEXTS as TEXTS
 from opacus import GradSampleModule
 from torch import nn
 
@@ -30,29 +33,6 @@ from fedprompt.common.model import (
 from fedprompt.common.zeroshot import label_prototypes
 
 CPU = torch.device("cpu")
-LAYERS = 4
-MAX_LENGTH = 24
-TEXTS = [
-    "chest pain heart blood pressure",
-    "brain seizure nerve headache with no fever and a normal exam of the patient",
-    "tumor mass",
-    "stomach liver bowel gastric colon history",
-    "the patient denies pain",
-    "carcinoma neoplasm of the colon with infection and inflammation",
-]
-LABELS = [0, 1, 2, 1, 0, 2]  # records of different lengths: padding is exercised
-
-
-@pytest.fixture(scope="module")
-def bert(tiny_backbone):
-    return load_backbone(tiny_backbone(layers=LAYERS))
-
-
-@pytest.fixture(scope="module")
-def roberta(tmp_path_factory, bert):
-    """A RoBERTa-style encoder (positions from padding_idx + 1 = 2) with exactly max_length + 2 positions."""
-    directory = tmp_path_factory.mktemp("roberta")
-    return load_backbone(tiny_roberta(directory, bert.tokenizer, LAYERS, MAX_LENGTH + 2))
 
 
 def _config(bb, k: int, **kw) -> PromptConfig:

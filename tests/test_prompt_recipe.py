@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_roberta
+from conftest import PROMPT_LABELS as LABELS
+from conftest import PROMPT_MAX_LENGTH as MAX_LENGTH
+from conftest import PROMPT_TEXTS as TEXTS
 from opacus import GradSampleModule
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from fedprompt.client.trainer import local_update, patient_loss, trained_rows
 from fedprompt.common import features as feats
-from fedprompt.common.backbone import load_backbone
 from fedprompt.common.config import FederationConfig
 from fedprompt.common.encoding import encode
 from fedprompt.common.model import (
@@ -31,28 +32,7 @@ from fedprompt.common.plan import RoundPlan, prompt_config
 from fedprompt.common.schedule import sampling
 
 CPU = torch.device("cpu")
-MAX_LENGTH = 24
-TEXTS = [
-    "chest pain heart blood pressure",
-    "brain seizure nerve headache with no fever and a normal exam of the patient",
-    "tumor mass",
-    "stomach liver bowel gastric colon history",
-    "the patient denies pain",
-    "carcinoma neoplasm of the colon with infection and inflammation",
-]
-LABELS = [0, 1, 2, 1, 0, 2]
 PATIENTS = ["p1", "p2", "p1", "p3", "p2", "p1"]  # 3 patients of 3, 2 and 1 records
-
-
-@pytest.fixture(scope="module")
-def bert(tiny_backbone):
-    return load_backbone(tiny_backbone(layers=4))
-
-
-@pytest.fixture(scope="module")
-def roberta(tmp_path_factory, bert):
-    """A RoBERTa-style encoder: another BERT-family layout (positions from padding_idx + 1)."""
-    return load_backbone(tiny_roberta(tmp_path_factory.mktemp("roberta"), bert.tokenizer, 3, MAX_LENGTH + 2))
 
 
 def _config(bb, k: int = 3, style: str = "prefix") -> PromptConfig:
