@@ -180,6 +180,7 @@ def test_simulate_with_every_budget_spent_writes_why_and_no_export(nothing_train
     assert all(path.read_bytes() == before for path, before in ledgers.items())  # refused before spending anything
 
 
+@pytest.mark.simulation  # reads the metrics.json the simulation above wrote
 @pytest.mark.parametrize("outcome", [NOTHING_TRAINED, PARTLY_TRAINED, TRAINED])
 def test_aggregator_run_exit_status_follows_the_outcome(nothing_trained, outcome, tmp_path, monkeypatch, capsys):
     """`aggregator run` against a stand-in `flwr`: the SuperLink reports the run completed and the
